@@ -1,0 +1,79 @@
+"""The one interpreter shim: in-kernel helpers whose GPU and interpreter forms differ.
+
+Decided at trace time from ``TRITON_INTERPRET`` (``INTERPRETING`` is a constexpr), so the GPU
+build contains only the native path. Facts behind each branch: ``../shared/TRITON_NOTES.md``.
+
+- ``dot``: the interpreter multiplies raw bits for bf16 ``tl.dot`` (triton issue 11584), so bf16
+  operands go through fp32 there; fp32 operands always use IEEE dots (never TF32).
+- ``rint``: round half to even. libdevice is unavailable when interpreting; the magic-number
+  form ``(x + 1.5*2^23) - 1.5*2^23`` is RNE in fp32 for ``|x| < 2^22``, and callers only pass
+  values already clamped far below that.
+- ``to_fp8_e4m3``: the interpreter's fp32 -> e4m3fn cast is not RNE at ties and wrong for
+  subnormals and out-of-range values, so there the value is first rounded onto the e4m3 grid
+  exactly (the cast of a representable value is then exact). Saturates to +-448 on both paths.
+- ``tanh``: libdevice on the GPU; ``2*sigmoid(2x) - 1`` when interpreting.
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+_RNE_MAGIC = 12582912.0  # 1.5 * 2**23
+FP8_E4M3_MAX = tl.constexpr(448.0)
+
+if not INTERPRETING:
+    from triton.language.extra import libdevice as _libdevice
+else:  # the name must exist for the untaken branch; it is never traced
+    _libdevice = None
+
+
+@triton.jit
+def dot(a, b, acc):
+    """acc += a @ b with fp32 accumulation; IEEE for fp32, bf16 routed via fp32 when interpreting."""
+    if INTERPRETING:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+        if b.dtype == tl.bfloat16:
+            b = b.to(tl.float32)
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def rint(x):
+    """Round half to even, fp32 in and out. Valid for |x| < 2**22."""
+    return (x + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def tanh(x):
+    if INTERPRETING:
+        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    else:
+        return _libdevice.tanh(x)
+
+
+@triton.jit
+def to_fp8_e4m3(x):
+    """Saturating RNE cast of fp32 to float8_e4m3fn (x must be finite)."""
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    if INTERPRETING:
+        # Round onto the e4m3 grid by hand: 3 mantissa bits, exponent floor -6 (subnormal step 2^-9).
+        bits = x.to(tl.int32, bitcast=True)
+        exp = ((bits >> 23) & 0xFF) - 127
+        exp = tl.maximum(exp, -6)
+        step = ((exp - 3 + 127) << 23).to(tl.float32, bitcast=True)
+        x = rint(x / step) * step
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def to_int8(x):
+    """Saturating RNE cast of fp32 to int8."""
+    x = tl.minimum(tl.maximum(rint(x), -127.0), 127.0)
+    return x.to(tl.int8)
