@@ -1,0 +1,377 @@
+"""The fused-experts pipeline of SPEC.md, one stage per function, in float64.
+
+Read it next to SPEC.md, "Pipeline": each function names its step. Routes are handled in the
+flat order ``r = m*topk + j``; tensors indexed by route are [M, topk, ...] and hold exact zeros
+for invalid routes. Every GEMM loops over local experts and multiplies the gathered rows of
+that expert with one matmul (float64), which is both plain and fast enough for GPU suites.
+
+Two precisions:
+
+- ``"exact"``: float64 everywhere after the quantizations the scheme specifies (of x for GEMM1
+  and of the activation output for GEMM2). No other rounding.
+- ``"mirror"``: additionally rounds to the storage dtype S exactly where the pipeline stores
+  (steps 3, 6 to 10): the router-weighted input, c1 (after bias), c1 after the LoRA add, c2
+  (except on the fused silu + fp8_block128 path), c3, c3 after the LoRA add and the output. The
+  activation and the router-weighted input are computed in fp32 as the kernels do, and the
+  final top-k sum accumulates in fp32 in slot order. A kernel and the mirror then differ only by
+  fp32 accumulation order and the rounding flips it causes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from moe_validate.checks import CallShape, validate_call, validate_index_values
+from moe_validate.spec import Activation, LoRASpec, QuantConfig, QuantScheme
+
+from reference.activations import apply_activation
+from reference.quant import dequantize_activation, dequantize_weights, quantize_activation_codes
+
+__all__ = [
+    "PRECISIONS",
+    "STAGE_KEYS",
+    "route",
+    "prepare_input",
+    "gemm1",
+    "lora_w13",
+    "activation_stage",
+    "requantize",
+    "gemm2",
+    "lora_w2",
+    "combine",
+    "run_stages",
+    "fused_experts",
+]
+
+PRECISIONS = ("exact", "mirror")
+STAGE_KEYS = ("x", "route_valid", "route_expert", "w1", "w2", "c1", "c2", "c2_in", "c3", "out")
+
+F64 = torch.float64
+RoundFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def storage_rounder(S: torch.dtype, precision: str) -> RoundFn:
+    """round_S for mirror mode (t -> S -> float64); the identity for exact mode."""
+    if precision == "exact":
+        return _identity
+
+    def round_S(t: torch.Tensor) -> torch.Tensor:
+        return t.to(S).to(F64)
+
+    return round_S
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 2: routing.
+# ---------------------------------------------------------------------------------------------
+def route(topk_ids: torch.Tensor, E: int, global_num_experts: int,
+          expert_map: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(valid bool [M, topk], local expert int64 [M, topk] or -1).
+
+    A route is valid iff ``0 <= id < global_num_experts`` and, with an expert map,
+    ``expert_map[id] >= 0``. Ids are bound-checked before any indexing, so huge positive ids in
+    padded rows are harmless. Raises ValueError if the map names a local expert outside [0, E).
+    """
+    ids = topk_ids.to(torch.int64)
+    in_range = (ids >= 0) & (ids < global_num_experts)
+    safe_ids = torch.where(in_range, ids, torch.zeros_like(ids))
+    if expert_map is None:
+        local = torch.where(in_range, ids, torch.full_like(ids, -1))
+    else:
+        validate_index_values(E, expert_map=expert_map)
+        emap = expert_map.to(torch.int64)
+        local = torch.where(in_range, emap[safe_ids], torch.full_like(ids, -1))
+    valid = local >= 0
+    return valid, torch.where(valid, local, torch.full_like(local, -1))
+
+
+def _routes_of_expert(valid: torch.Tensor, local: torch.Tensor, e: int) -> torch.Tensor:
+    """Flat route indices r (ascending) routed to local expert e."""
+    return torch.nonzero((valid & (local == e)).reshape(-1), as_tuple=False).reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps 3-4: router weight on input, input quantization.
+# ---------------------------------------------------------------------------------------------
+def prepare_input(hidden_states: torch.Tensor, topk_weights: torch.Tensor, shape: CallShape, *,
+                  apply_router_weight_on_input: bool, a1q_scale: Optional[torch.Tensor],
+                  precision: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x as GEMM1 uses it, x unquantized for LoRA), both float64 [M, K].
+
+    Step 3: ``x = round_S(x * w[m])`` (product in fp32 in mirror mode, as the kernels do; float64
+    in exact mode). Step 4: quantize->dequantize per the scheme's activation key; pre-quantized
+    input (fp8/int8 with ``a1q_scale``) is only dequantized.
+    """
+    scheme = shape.scheme
+    if hidden_states.dtype in (torch.float8_e4m3fn, torch.int8):
+        x_used = dequantize_activation(hidden_states.to(torch.float32), a1q_scale)
+        return x_used, x_used
+    if apply_router_weight_on_input:
+        if precision == "mirror":
+            scaled = (hidden_states.to(torch.float32) * topk_weights[:, :1].to(torch.float32))
+            x_unq = scaled.to(shape.storage_dtype).to(F64)
+        else:
+            x_unq = hidden_states.to(F64) * topk_weights[:, :1].to(F64)
+    else:
+        x_unq = hidden_states.to(F64)
+    if scheme.act_granularity is None:
+        return x_unq, x_unq
+    codes, scale = quantize_activation_codes(x_unq, scheme, static_scale=shape.quant.a1_scale)
+    return dequantize_activation(codes, scale), x_unq
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps 6 and 9: the two grouped GEMMs.
+# ---------------------------------------------------------------------------------------------
+def gemm1(x: torch.Tensor, w1: torch.Tensor, w1_bias: Optional[torch.Tensor], valid: torch.Tensor,
+          local: torch.Tensor, round_S: RoundFn) -> torch.Tensor:
+    """c1 [M, topk, N]: ``round_S(x[m] . w1[e] + b1[e])`` per valid route, zeros elsewhere."""
+    M, topk = valid.shape
+    E, N, _ = w1.shape
+    c1 = torch.zeros(M * topk, N, dtype=F64, device=x.device)
+    for e in range(E):
+        routes = _routes_of_expert(valid, local, e)
+        if routes.numel() == 0:
+            continue
+        acc = x[routes // topk] @ w1[e].T
+        if w1_bias is not None:
+            acc = acc + w1_bias[e]
+        c1[routes] = round_S(acc)
+    return c1.reshape(M, topk, N)
+
+
+def gemm2(c2_in: torch.Tensor, w2: torch.Tensor, w2_bias: Optional[torch.Tensor], topk_weights: torch.Tensor,
+          valid: torch.Tensor, local: torch.Tensor, round_S: RoundFn, *,
+          apply_router_weight_on_input: bool) -> torch.Tensor:
+    """c3 [M, topk, K]: ``round_S((c2_in[r] . w2[e] + b2[e]) * w[r])`` per valid route.
+
+    No ``* w[r]`` when the router weight was applied on the input.
+    """
+    M, topk = valid.shape
+    E, K, _ = w2.shape
+    flat_in = c2_in.reshape(M * topk, c2_in.shape[2])
+    flat_w = topk_weights.to(F64).reshape(M * topk)
+    c3 = torch.zeros(M * topk, K, dtype=F64, device=c2_in.device)
+    for e in range(E):
+        routes = _routes_of_expert(valid, local, e)
+        if routes.numel() == 0:
+            continue
+        acc = flat_in[routes] @ w2[e].T
+        if w2_bias is not None:
+            acc = acc + w2_bias[e]
+        if not apply_router_weight_on_input:
+            acc = acc * flat_w[routes].unsqueeze(1)
+        c3[routes] = round_S(acc)
+    return c3.reshape(M, topk, K)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps 7 and 9: LoRA deltas.
+# ---------------------------------------------------------------------------------------------
+def _active_adapter(lora: LoRASpec, valid: torch.Tensor) -> torch.Tensor:
+    """Adapter index per route (int64 [M, topk]), -1 where none applies (no id, disabled, invalid)."""
+    validate_index_values(lora.w2_a.shape[1], lora=lora)
+    ids = lora.token_lora_ids.to(torch.int64)
+    enabled = lora.enabled_mask()
+    has_adapter = ids >= 0
+    active = has_adapter & enabled[torch.where(has_adapter, ids, torch.zeros_like(ids))]
+    per_token = torch.where(active, ids, torch.full_like(ids, -1))
+    return torch.where(valid, per_token.unsqueeze(1).expand_as(valid), torch.full_like(valid, -1, dtype=torch.int64))
+
+
+def _lora_groups(adapter: torch.Tensor, local: torch.Tensor, E: int, L: int):
+    """Yield (l, e, flat routes) for every (adapter, expert) pair that has routes."""
+    flat_adapter, flat_local = adapter.reshape(-1), local.reshape(-1)
+    for l in range(L):
+        for e in range(E):
+            routes = torch.nonzero((flat_adapter == l) & (flat_local == e), as_tuple=False).reshape(-1)
+            if routes.numel():
+                yield l, e, routes
+
+
+def lora_w13(c1: torch.Tensor, x_unq: torch.Tensor, lora: Optional[LoRASpec], valid: torch.Tensor,
+             local: torch.Tensor, activation: Activation, round_S: RoundFn) -> torch.Tensor:
+    """c1 with the LoRA w13 delta added: ``round_S(c1 + round_S((x_unq . A^T) . B^T))``.
+
+    Two slices (gate, up) land on rows [0, N/2) and [N/2, N), or on even and odd rows for
+    swigluoai. Routes without an active adapter keep c1 bit for bit.
+    """
+    if lora is None:
+        return c1
+    M, topk, N = c1.shape
+    E = lora.w2_a.shape[1]
+    adapter = _active_adapter(lora, valid)
+    out = c1.reshape(M * topk, N).clone()
+    slices = lora.w13_slices
+    for l, e, routes in _lora_groups(adapter, local, E, lora.num_adapters):
+        x_rows = x_unq[routes // topk]
+        deltas = [(x_rows @ a[l, e].to(F64).T) @ b[l, e].to(F64).T for a, b in slices]
+        if len(deltas) == 1:
+            d13 = deltas[0]
+        elif activation.is_interleaved:
+            d13 = torch.empty(routes.numel(), N, dtype=F64, device=c1.device)
+            d13[:, 0::2], d13[:, 1::2] = deltas[0], deltas[1]
+        else:
+            d13 = torch.cat(deltas, dim=1)
+        out[routes] = round_S(out[routes] + round_S(d13))
+    return out.reshape(M, topk, N)
+
+
+def lora_w2(c3: torch.Tensor, c2_unq: torch.Tensor, lora: Optional[LoRASpec], topk_weights: torch.Tensor,
+            valid: torch.Tensor, local: torch.Tensor, round_S: RoundFn, *,
+            apply_router_weight_on_input: bool) -> torch.Tensor:
+    """c3 with ``round_S(c3 + round_S((c2 . A^T) . B^T * w[r]))`` added (no ``* w[r]`` on input)."""
+    if lora is None:
+        return c3
+    M, topk, K = c3.shape
+    E = lora.w2_a.shape[1]
+    adapter = _active_adapter(lora, valid)
+    out = c3.reshape(M * topk, K).clone()
+    flat_c2 = c2_unq.reshape(M * topk, c2_unq.shape[2])
+    flat_w = topk_weights.to(F64).reshape(M * topk)
+    for l, e, routes in _lora_groups(adapter, local, E, lora.num_adapters):
+        d2 = (flat_c2[routes] @ lora.w2_a[l, e].to(F64).T) @ lora.w2_b[l, e].to(F64).T
+        if not apply_router_weight_on_input:
+            d2 = d2 * flat_w[routes].unsqueeze(1)
+        out[routes] = round_S(out[routes] + round_S(d2))
+    return out.reshape(M, topk, K)
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 8: activation and requantization.
+# ---------------------------------------------------------------------------------------------
+def uses_fused_silu_quant(shape: CallShape, lora: Optional[LoRASpec]) -> bool:
+    """SPEC step 8: silu + fp8_block128 + no clamp + no LoRA quantizes the fp32 activation directly."""
+    return (shape.activation is Activation.SILU and shape.scheme is QuantScheme.FP8_BLOCK128
+            and shape.quant.gemm1_clamp_limit is None and lora is None)
+
+
+def activation_stage(c1: torch.Tensor, valid: torch.Tensor, activation: Activation,
+                     clamp_limit: Optional[float], round_S: RoundFn, *, precision: str,
+                     fused: bool) -> torch.Tensor:
+    """c2 [M, topk, I]: the activation in fp32 (mirror) or float64 (exact), one rounding to S
+    in mirror mode unless ``fused``; zeros for invalid routes."""
+    compute_dtype = torch.float32 if precision == "mirror" else F64
+    c2 = apply_activation(c1.to(compute_dtype), activation, clamp_limit).to(F64)
+    if not fused:
+        c2 = round_S(c2)
+    return torch.where(valid.unsqueeze(2), c2, torch.zeros_like(c2))
+
+
+def requantize(c2: torch.Tensor, valid: torch.Tensor, scheme: QuantScheme,
+               a2_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """c2_in [M, topk, I]: the GEMM2 input, quantize->dequantize per the scheme (float64).
+
+    Only valid routes' rows are quantized; a dynamic per-tensor scale spans all of them (never
+    per expert).
+    """
+    if scheme.act_granularity is None:
+        return c2
+    M, topk, I = c2.shape
+    flat = c2.reshape(M * topk, I)
+    rows = torch.nonzero(valid.reshape(-1), as_tuple=False).reshape(-1)
+    c2_in = torch.zeros_like(flat)
+    if rows.numel():
+        codes, scale = quantize_activation_codes(flat[rows], scheme, static_scale=a2_scale)
+        c2_in[rows] = dequantize_activation(codes, scale)
+    return c2_in.reshape(M, topk, I)
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 10: the top-k sum.
+# ---------------------------------------------------------------------------------------------
+def combine(c3: torch.Tensor, valid: torch.Tensor, storage_dtype: torch.dtype, *, precision: str) -> torch.Tensor:
+    """out [M, K] = round_S(sum over valid slots j, in slot order, of c3[m, j]).
+
+    Mirror mode accumulates in fp32 (``float(c3)``) and rounds once to S; exact mode sums in
+    float64. A token without a valid route gets exact zeros.
+    """
+    M, topk, K = c3.shape
+    acc_dtype = torch.float32 if precision == "mirror" else F64
+    acc = torch.zeros(M, K, dtype=acc_dtype, device=c3.device)
+    for j in range(topk):
+        term = c3[:, j].to(acc_dtype)
+        acc = acc + torch.where(valid[:, j:j + 1], term, torch.zeros_like(term))
+    if precision == "mirror":
+        return acc.to(storage_dtype).to(F64)
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole call.
+# ---------------------------------------------------------------------------------------------
+def _dequantized_weights(shape: CallShape, w1: torch.Tensor, w2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    q = shape.quant
+    w1_f = dequantize_weights(w1, q.w1_scale, shape.scheme, zp=q.w1_zp, group_size=q.group_size)
+    w2_f = dequantize_weights(w2, q.w2_scale, shape.scheme, zp=q.w2_zp, group_size=q.group_size)
+    return w1_f, w2_f
+
+
+def _bias(b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Biases are used in fp32 (SPEC.md): any float dtype -> fp32 -> float64."""
+    return None if b is None else b.to(torch.float32).to(F64)
+
+
+def run_stages(hidden_states, w1, w2, topk_weights, topk_ids, *, activation="silu",
+               quant: Optional[QuantConfig] = None, expert_map=None, global_num_experts: int = -1,
+               apply_router_weight_on_input: bool = False, lora: Optional[LoRASpec] = None,
+               a1q_scale=None, precision: str = "exact", out_dtype=None) -> Dict[str, torch.Tensor]:
+    """Every named intermediate of one call (SPEC.md, Pipeline), float64 unless noted.
+
+    Keys: ``x`` [M, K] GEMM1 input as used; ``route_valid`` bool [M, topk]; ``route_expert``
+    int64 [M, topk] (local expert or -1); ``w1`` [E, N, K] and ``w2`` [E, K, I] dequantized;
+    ``c1`` [M, topk, N] after bias and LoRA; ``c2`` [M, topk, I] activation output before
+    requantization; ``c2_in`` [M, topk, I] GEMM2 input as used; ``c3`` [M, topk, K] after bias,
+    router weight and LoRA; ``out`` [M, K]. Rows of invalid routes are zeros. ``out_dtype`` is
+    accepted (and ignored) so that the keyword arguments of ``fused_experts`` pass through.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+    shape = validate_call(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation, quant=quant,
+                          expert_map=expert_map, global_num_experts=global_num_experts,
+                          apply_router_weight_on_input=apply_router_weight_on_input, lora=lora,
+                          a1q_scale=a1q_scale)
+    q = shape.quant
+    round_S = storage_rounder(shape.storage_dtype, precision)
+
+    valid, local = route(topk_ids, shape.E, shape.global_num_experts, expert_map)
+    x, x_unq = prepare_input(hidden_states, topk_weights, shape,
+                             apply_router_weight_on_input=apply_router_weight_on_input,
+                             a1q_scale=a1q_scale, precision=precision)
+    w1_f, w2_f = _dequantized_weights(shape, w1, w2)
+
+    c1 = gemm1(x, w1_f, _bias(q.w1_bias), valid, local, round_S)
+    c1 = lora_w13(c1, x_unq, lora, valid, local, shape.activation, round_S)
+    fused = uses_fused_silu_quant(shape, lora)
+    c2 = activation_stage(c1, valid, shape.activation, q.gemm1_clamp_limit, round_S,
+                          precision=precision, fused=fused)
+    c2_in = requantize(c2, valid, shape.scheme, q.a2_scale)
+    c3 = gemm2(c2_in, w2_f, _bias(q.w2_bias), topk_weights, valid, local, round_S,
+               apply_router_weight_on_input=apply_router_weight_on_input)
+    c3 = lora_w2(c3, c2, lora, topk_weights, valid, local, round_S,
+                 apply_router_weight_on_input=apply_router_weight_on_input)
+    out = combine(c3, valid, shape.storage_dtype, precision=precision)
+    return {"x": x, "route_valid": valid, "route_expert": local, "w1": w1_f, "w2": w2_f,
+            "c1": c1, "c2": c2, "c2_in": c2_in, "c3": c3, "out": out}
+
+
+def fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, *, activation="silu",
+                  quant: Optional[QuantConfig] = None, expert_map=None, global_num_experts: int = -1,
+                  apply_router_weight_on_input: bool = False, lora: Optional[LoRASpec] = None,
+                  a1q_scale=None, precision: str = "exact", out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The reference output [M, K]: ``run_stages(...)["out"]`` cast to ``out_dtype``.
+
+    In mirror mode the values are representable in the storage dtype S, so casting to S is
+    exact. Inputs are never modified; computation stays on the inputs' device.
+    """
+    stages = run_stages(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation, quant=quant,
+                        expert_map=expert_map, global_num_experts=global_num_experts,
+                        apply_router_weight_on_input=apply_router_weight_on_input, lora=lora,
+                        a1q_scale=a1q_scale, precision=precision)
+    return stages["out"].to(out_dtype)
