@@ -12,6 +12,9 @@ build contains only the native path. Facts behind each branch: ``../shared/TRITO
   subnormals and out-of-range values, so there the value is first rounded onto the e4m3 grid
   exactly (the cast of a representable value is then exact). Saturates to +-448 on both paths.
 - ``tanh``: libdevice on the GPU; ``2*sigmoid(2x) - 1`` when interpreting.
+- ``to_storage`` / ``to_fp32``: the interpreter's fp32 -> bf16 cast truncates (about a third of
+  random values land one ulp low) and mangles bf16 subnormals both ways, so there bf16 is rounded
+  (RNE) and widened on the bits; on the GPU the native casts are already RNE and exact.
 """
 
 import os
@@ -31,13 +34,42 @@ else:  # the name must exist for the untaken branch; it is never traced
 
 
 @triton.jit
+def to_fp32(x):
+    """Exact widening of fp16/bf16/fp32 to fp32."""
+    if INTERPRETING:
+        if x.dtype == tl.bfloat16:
+            y = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        else:
+            y = x.to(tl.float32)
+    else:
+        y = x.to(tl.float32)
+    return y
+
+
+@triton.jit
+def to_storage(x, dtype: tl.constexpr):
+    """One round-half-even rounding of fp32 to the storage dtype (fp32/fp16/bf16); NaN stays NaN."""
+    if INTERPRETING:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            ties_to_even = 0x7FFF + ((bits >> 16) & 1)
+            upper = tl.where(x != x, bits | 0x400000, bits + ties_to_even) >> 16
+            y = upper.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            y = x.to(dtype)
+    else:
+        y = x.to(dtype)
+    return y
+
+
+@triton.jit
 def dot(a, b, acc):
     """acc += a @ b with fp32 accumulation; IEEE for fp32, bf16 routed via fp32 when interpreting."""
     if INTERPRETING:
         if a.dtype == tl.bfloat16:
-            a = a.to(tl.float32)
+            a = to_fp32(a)
         if b.dtype == tl.bfloat16:
-            b = b.to(tl.float32)
+            b = to_fp32(b)
     if a.dtype == tl.float32:
         return tl.dot(a, b, acc, input_precision="ieee")
     else:
@@ -68,7 +100,10 @@ def to_fp8_e4m3(x):
         exp = ((bits >> 23) & 0xFF) - 127
         exp = tl.maximum(exp, -6)
         step = ((exp - 3 + 127) << 23).to(tl.float32, bitcast=True)
-        x = rint(x / step) * step
+        rounded = tl.abs(rint(x / step) * step)
+        # the magic-number rint loses the sign of values that round to zero: restore it from the
+        # sign bit, so -0.0 and tiny negatives give code 0x80 as torch's cast does
+        x = tl.where(bits < 0, -rounded, rounded)
     return x.to(tl.float8e4nv)
 
 

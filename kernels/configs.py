@@ -1,0 +1,187 @@
+"""Launch configs for the grouped GEMMs: data, one lookup, one place.
+
+A ``KernelConfig`` is the tile shape and schedule of ``kernels.grouped_gemm`` (both GEMMs of a
+call share it, because they share the routing alignment, which is padded to ``BLOCK_M``).
+
+Lookup order in ``select_config``:
+  1. a tuned JSON file in ``kernels/configs/`` keyed by (E, N, device name, dtype, block shape)
+     whose top-level keys are token counts M; the entry with the nearest M wins;
+  2. otherwise a default from the shape (``_default_config``).
+Callers override with ``config=`` (tests, the harness' fixed-config cases) and get one fixed,
+M-independent config in batch-invariant mode (``batch_invariant_config``).
+
+Every config is checked against the scheme's static facts (``check_config``): fp8/int8 dots
+need ``BLOCK_K >= 32`` on the GPU, a K tile must not straddle a 128-wide fp8 scale block or an
+int4 scale group, and ``tl.dot`` needs tiles of at least 16 on the GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Dict, Optional
+
+import torch
+
+from moe_validate.spec import FP8_BLOCK, QuantScheme
+
+__all__ = ["KernelConfig", "select_config", "batch_invariant_config", "check_config", "config_file_name"]
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile shape and schedule of one grouped-GEMM launch."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    GROUP_M: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def to_dict(self) -> Dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, int]) -> "KernelConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"config has unknown keys {sorted(unknown)}; expected a subset of {sorted(names)}")
+        missing = {"BLOCK_M", "BLOCK_N", "BLOCK_K"} - set(d)
+        if missing:
+            raise ValueError(f"config must give {sorted(missing)}; got {d}")
+        return cls(**{k: int(v) for k, v in d.items()})
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _is_pow2(v: int) -> bool:
+    return v > 0 and (v & (v - 1)) == 0
+
+
+def check_config(config: KernelConfig, scheme: QuantScheme, group_size: Optional[int] = None,
+                 on_gpu: Optional[bool] = None) -> None:
+    """Raise ValueError when ``config`` cannot run ``scheme`` (the rule is in the message)."""
+    if on_gpu is None:
+        on_gpu = not _interpreting()
+    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        v = getattr(config, name)
+        if not _is_pow2(v):
+            raise ValueError(f"config.{name} must be a power of two; got {v}")
+        if on_gpu and v < 16:
+            raise ValueError(f"config.{name} must be >= 16 on the GPU (tl.dot minimum); got {v}")
+    if config.GROUP_M < 1 or config.num_warps < 1 or config.num_stages < 1:
+        raise ValueError(f"config.GROUP_M, num_warps, num_stages must be >= 1; got {config}")
+    if scheme.act_dtype is not None and on_gpu and config.BLOCK_K < 32:
+        raise ValueError(f"config.BLOCK_K must be >= 32 for {scheme.value} on the GPU (fp8/int8 dots); got {config.BLOCK_K}")
+    if scheme.block_shape is not None and FP8_BLOCK % config.BLOCK_K != 0:
+        raise ValueError(f"config.BLOCK_K must divide {FP8_BLOCK} for {scheme.value} (a K tile must not straddle "
+                         f"a scale block); got {config.BLOCK_K}")
+    if scheme is QuantScheme.INT4_W4A16:
+        g = group_size or FP8_BLOCK
+        if g % config.BLOCK_K != 0:
+            raise ValueError(f"config.BLOCK_K must divide the int4 group size {g}; got {config.BLOCK_K}")
+
+
+def _fit_to_scheme(config: KernelConfig, scheme: QuantScheme, group_size: Optional[int]) -> KernelConfig:
+    """Shrink BLOCK_K so that a K tile stays inside one scale block/group (defaults only)."""
+    bk = config.BLOCK_K
+    if scheme.block_shape is not None:
+        bk = min(bk, FP8_BLOCK)
+    if scheme is QuantScheme.INT4_W4A16:
+        bk = min(bk, group_size or FP8_BLOCK)
+    if bk == config.BLOCK_K:
+        return config
+    return KernelConfig(**{**config.to_dict(), "BLOCK_K": bk})
+
+
+def _default_config(M: int, E: int, N: int, K: int, topk: int, dtype: torch.dtype,
+                    scheme: QuantScheme) -> KernelConfig:
+    if _interpreting():
+        # The interpreter's cost is dominated by the number of programs (each is a Python loop
+        # iteration over numpy ops), while tile size costs little: larger N/K tiles, and a small
+        # BLOCK_M because padding each expert's run to BLOCK_M multiplies wasted rows.
+        return KernelConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=1)
+    # GPU defaults follow the shape of vLLM's untuned defaults (small BLOCK_M when each expert
+    # sees few routes, larger for prefill); the large-batch rows were measured on an H100 (Triton
+    # 3.6, bf16, E=8 topk=2 K=4096 I=14336, 2026-11-24, a 9-config sweep): at 256 routes per
+    # expert 128x256x64 / 8 warps reached 397-451 TFLOP/s against 330-342 for 64x128x64, and
+    # at 32 routes per expert 64x128x64 / 8 warps beat 32x64x64 by 7%. fp32 operands take half
+    # the K tile and fewer stages (shared-memory budget).
+    routes_per_expert = max(1, M * topk // max(E, 1))
+    if scheme.block_shape is not None:
+        bm = 16 if routes_per_expert <= 16 else 64
+        return KernelConfig(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, GROUP_M=1 if bm == 16 else 32,
+                            num_warps=4, num_stages=3)
+    if dtype == torch.float32:
+        bm = 16 if routes_per_expert <= 16 else 64
+        return KernelConfig(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=32, GROUP_M=1 if bm == 16 else 8,
+                            num_warps=4, num_stages=2)
+    if routes_per_expert <= 16:
+        return KernelConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3)
+    if routes_per_expert <= 64:
+        return KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, num_warps=8, num_stages=4)
+    return KernelConfig(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def batch_invariant_config(dtype: torch.dtype, scheme: QuantScheme,
+                           group_size: Optional[int] = None) -> KernelConfig:
+    """One config independent of M, so a token's row never depends on the batch around it.
+
+    The accumulation order of a row depends on BLOCK_K (the K split) and, on the GPU, on the
+    MMA layout chosen from BLOCK_M/BLOCK_N/num_warps: all of them are fixed here.
+    """
+    bk = 32 if dtype == torch.float32 else 64
+    cfg = KernelConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=bk, GROUP_M=1, num_warps=4,
+                       num_stages=1 if _interpreting() else 2)
+    return _fit_to_scheme(cfg, scheme, group_size)
+
+
+def _dtype_tag(dtype: torch.dtype, scheme: QuantScheme) -> str:
+    return scheme.value if scheme.is_quantized else str(dtype).replace("torch.", "")
+
+
+def config_file_name(E: int, N: int, device_name: str, dtype: torch.dtype, scheme: QuantScheme) -> str:
+    """File name of the tuned table for (E, N, device, dtype, block shape)."""
+    device = device_name.replace(" ", "_")
+    name = f"E={E},N={N},device_name={device},dtype={_dtype_tag(dtype, scheme)}"
+    if scheme.block_shape is not None:
+        name += f",block_shape=[{scheme.block_shape[0]},{scheme.block_shape[1]}]"
+    return name + ".json"
+
+
+@functools.lru_cache(maxsize=64)
+def _load_table(path: str) -> Optional[Dict[int, KernelConfig]]:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        raw = json.load(f)
+    return {int(m): KernelConfig.from_dict(c) for m, c in raw.items() if not m.startswith("_")}
+
+
+def _current_device_name() -> Optional[str]:
+    if torch.cuda.is_available() and not _interpreting():
+        return torch.cuda.get_device_name()
+    return None
+
+
+def select_config(M: int, E: int, N: int, K: int, topk: int, dtype: torch.dtype,
+                  scheme=QuantScheme.NONE, device_name: Optional[str] = None, *,
+                  group_size: Optional[int] = None, config_dir: Optional[str] = None) -> KernelConfig:
+    """The launch config for one call: tuned table (nearest M) if one exists, else a default."""
+    scheme = QuantScheme.parse(scheme)
+    device_name = device_name or _current_device_name()
+    if device_name is not None:
+        path = os.path.join(config_dir or CONFIG_DIR, config_file_name(E, N, device_name, dtype, scheme))
+        table = _load_table(path)
+        if table:
+            nearest = min(table, key=lambda m: (abs(m - M), m))
+            return table[nearest]
+    return _fit_to_scheme(_default_config(M, E, N, K, topk, dtype, scheme), scheme, group_size)

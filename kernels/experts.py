@@ -1,0 +1,269 @@
+"""TritonExperts: the fused-experts pipeline of SPEC.md ("Pipeline") on Triton kernels.
+
+    out[m] = round_S( sum_{valid j} round_S( (W2[e] . act(round_S(W1[e] . x[m] + b1)) + b2) * w[m, j] ) )
+
+Stages (each its own kernel, all on the caller's stream, no host synchronisation):
+  route experts (+ counts) -> align (or the tiny-M naive path) -> [quantize x] -> GEMM1 into the
+  route-major c1 [R, N] (+ LoRA w13) -> activation into c2 [R, I] -> [requantize c2] (or the
+  fused silu+fp8-group quant) -> GEMM2 into the route-major c3 [R, K] (+ LoRA w2) -> moe_sum.
+c1 and c3 share ``workspace13`` (c1 is dead once the activation has read it); c2 lives in
+``workspace2``. Only rows of valid routes are ever written or read, so NaN-poisoned workspaces
+and outputs are harmless; tokens without a valid route get exact zeros from ``moe_sum``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from kernels.activation import apply_activation
+from kernels.align import align_routes, route_experts
+from kernels.configs import KernelConfig, batch_invariant_config, check_config, select_config
+from kernels.grouped_gemm import invoke_grouped_gemm
+from kernels.lora import apply_lora_w13, apply_lora_w2
+from kernels.moe_sum import moe_sum
+from kernels.quantize import quantize_activation, silu_and_mul_quant_fp8_group
+from moe_validate.checks import validate_call
+from moe_validate.spec import Activation, QuantConfig, QuantScheme
+
+__all__ = ["TritonExperts", "fused_experts"]
+
+# vLLM's heuristic for the tiny-M path: one route per tile pays off when there are several
+# experts per route (alignment would then produce one mostly-padding tile per route anyway and
+# costs two extra launches).
+_NAIVE_SPARSITY = 4
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _tensors_of(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors_of(v)
+
+
+def _check_devices(hidden_states: torch.Tensor, named) -> None:
+    """Every tensor on hidden_states' device, and a device Triton can run on."""
+    device = hidden_states.device
+    for name, value in named:
+        for t in _tensors_of(value):
+            if t.device != device:
+                raise ValueError(f"{name} must be on the device of hidden_states ({device}); got {t.device}")
+    if device.type == "cpu" and not _interpreting():
+        raise ValueError("hidden_states is a CPU tensor: the Triton kernels run on CPU only through the "
+                         "interpreter; set TRITON_INTERPRET=1 before importing triton, or move the tensors to CUDA")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"hidden_states must be on a CUDA device (or CPU with TRITON_INTERPRET=1); got {device}")
+
+
+def _device_capability(device: torch.device) -> Optional[Tuple[int, int]]:
+    if device.type == "cuda" and not _interpreting():
+        return torch.cuda.get_device_capability(device)
+    return None
+
+
+def _scheme_supported(scheme: QuantScheme, capability: Optional[Tuple[int, int]]) -> bool:
+    need = scheme.min_capability
+    return need is None or capability is None or tuple(capability) >= need
+
+
+def _resolve_config(config, M, E, N, K, topk, dtype, scheme, group_size, batch_invariant) -> KernelConfig:
+    if config is not None:
+        if isinstance(config, dict):
+            config = KernelConfig.from_dict(config)
+        if not isinstance(config, KernelConfig):
+            raise TypeError(f"config must be a kernels.KernelConfig or a dict; got {type(config).__name__}")
+    elif batch_invariant:
+        config = batch_invariant_config(dtype, scheme, group_size)
+    else:
+        config = select_config(M, E, N, K, topk, dtype, scheme, group_size=group_size)
+    check_config(config, scheme, group_size)
+    return config
+
+
+def _flat_view(workspace: torch.Tensor, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    if workspace.dtype != dtype:
+        raise TypeError(f"{name} must have the storage dtype {dtype}; got {workspace.dtype}")
+    if not workspace.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (it is reinterpreted as [{rows}, {cols}])")
+    if workspace.numel() < rows * cols:
+        raise ValueError(f"{name} must hold at least {rows}*{cols} elements (see workspace_shapes); "
+                         f"got shape {tuple(workspace.shape)}")
+    return workspace.view(-1)[: rows * cols].view(rows, cols)
+
+
+class TritonExperts:
+    """The modular experts object (mirrors vLLM's TritonExperts): workspaces + apply."""
+
+    def __init__(self, quant_config: Optional[QuantConfig] = None, *, assignment: str = "auto"):
+        if quant_config is None:
+            quant_config = QuantConfig()
+        if not isinstance(quant_config, QuantConfig):
+            raise TypeError(f"quant_config must be a moe_validate.spec.QuantConfig or None; "
+                            f"got {type(quant_config).__name__}")
+        if assignment not in ("auto", "naive", "aligned"):
+            raise ValueError(f"assignment must be 'auto', 'naive' or 'aligned'; got {assignment!r}")
+        self.quant_config = quant_config
+        self.assignment = assignment
+        self.last_config: Optional[KernelConfig] = None
+        self.last_assignment: Optional[str] = None
+
+    # --- capabilities -----------------------------------------------------------------------
+    def supports_quant_scheme(self, weight_key, act_key) -> bool:
+        """Whether (weight key, activation key) of the seed's table runs on this device."""
+        for scheme in QuantScheme:
+            if scheme.quant_keys == (weight_key, act_key):
+                capability = None
+                if torch.cuda.is_available() and not _interpreting():
+                    capability = torch.cuda.get_device_capability()
+                return _scheme_supported(scheme, capability)
+        return False
+
+    def supports_activation(self, activation) -> bool:
+        try:
+            Activation.parse(activation)
+        except ValueError:
+            return False
+        return True
+
+    # --- workspaces -------------------------------------------------------------------------
+    def workspace_shapes(self, M, N, K, topk, global_num_experts, local_num_experts,
+                         expert_tokens_meta, activation):
+        """(workspace13, workspace2, output) shapes: c1 [R, N] then c3 [R, K] share the first,
+        c2 [R, I] is the second (I = N/2 for gated activations, N otherwise)."""
+        activation = Activation.parse(activation)
+        R = M * topk
+        I = N // 2 if activation.is_gated else N
+        return (R, max(N, K)), (R, I), (M, K)
+
+    def finalize(self, *args, **kwargs) -> None:
+        return None
+
+    # --- the pipeline -----------------------------------------------------------------------
+    def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
+              global_num_experts, expert_map, a1q_scale, a2_scale, workspace13, workspace2,
+              expert_tokens_meta, apply_router_weight_on_input, lora=None, config=None,
+              batch_invariant=False) -> None:
+        quant = self.quant_config
+        if a2_scale is not None and quant.a2_scale is None and QuantScheme.parse(quant.scheme).needs_static_act_scales:
+            quant = QuantConfig(**{**quant.__dict__, "a2_scale": a2_scale})
+        shape = validate_call(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation,
+                              quant=quant, expert_map=expert_map, global_num_experts=global_num_experts,
+                              apply_router_weight_on_input=apply_router_weight_on_input, lora=lora,
+                              a1q_scale=a1q_scale)
+        if expert_tokens_meta is not None:
+            raise ValueError("expert_tokens_meta must be None: TritonExperts takes standard (token-major) "
+                             "inputs, not batched per-expert ones")
+        scheme, S = shape.scheme, shape.storage_dtype
+        M, K, N, I, E, topk = shape.M, shape.K, shape.N, shape.I, shape.E, shape.topk
+        R = M * topk
+        _check_devices(hidden_states, [("output", output), ("workspace13", workspace13),
+                                       ("workspace2", workspace2), ("a2_scale", a2_scale),
+                                       ("quant", [v for v in quant.__dict__.values()]),
+                                       ("lora", None if lora is None else list(lora.__dict__.values()))])
+        capability = _device_capability(hidden_states.device)
+        if not _scheme_supported(scheme, capability):
+            raise ValueError(f"quant.scheme {scheme.value} needs compute capability >= {scheme.min_capability}; "
+                             f"this device has {capability}")
+        if not isinstance(output, torch.Tensor) or tuple(output.shape) != (M, K) or output.dtype != S:
+            raise ValueError(f"output must be a [M, K] = {(M, K)} tensor of the storage dtype {S}; got "
+                             f"{getattr(output, 'dtype', None)} {tuple(getattr(output, 'shape', ()))}")
+        config = _resolve_config(config, M, E, N, K, topk, S, scheme, quant.group_size, batch_invariant)
+        self.last_config = config
+        if M == 0:
+            return
+        c1 = _flat_view(workspace13, "workspace13", R, N, S)
+        c3 = _flat_view(workspace13, "workspace13", R, K, S)
+        c2 = _flat_view(workspace2, "workspace2", R, I, S)
+
+        # Routing: local expert per route (+ counts), then alignment unless the tiny-M path runs.
+        if self.assignment == "auto":
+            naive = R * _NAIVE_SPARSITY <= E
+        else:
+            naive = self.assignment == "naive"
+        self.last_assignment = "naive" if naive else "aligned"
+        counts = None if naive else torch.zeros(E, dtype=torch.int32, device=hidden_states.device)
+        route_expert = route_experts(topk_ids, shape.global_num_experts, E, expert_map, counts=counts)
+        if naive:
+            sorted_ids = expert_ids = num_post_padded = None
+        else:
+            sorted_ids, expert_ids, num_post_padded = align_routes(route_expert, counts, config.BLOCK_M, E)
+        route_valid = route_expert >= 0
+        routing = dict(scheme=scheme, config=config, num_routes=R, sorted_route_ids=sorted_ids,
+                       expert_ids=expert_ids, num_post_padded=num_post_padded,
+                       route_expert=route_expert, naive=naive)
+
+        # Router weight on the input (topk = 1): x = round_S(x * w[m]), the product in fp32 like
+        # every other epilogue of the pipeline (the reference's mirror does the same).
+        x = hidden_states
+        if apply_router_weight_on_input:
+            x = (x.float() * topk_weights[:, :1].float()).to(S)
+
+        # GEMM1 input quantization.
+        a1, a1_scale = x, None
+        if scheme.act_dtype is not None:
+            if a1q_scale is not None:
+                a1_scale = a1q_scale
+            else:
+                a1, a1_scale = quantize_activation(x, scheme, static_scale=quant.a1_scale)
+
+        def gemm1() -> None:
+            invoke_grouped_gemm(a1, w1, c1, top_k_div=topk, bias=quant.w1_bias, a_scale=a1_scale,
+                                b_scale=quant.w1_scale, b_zp=quant.w1_zp, group_size=quant.group_size,
+                                **routing)
+
+        # apply_lora_w13 calls gemm1 itself (single or dual stream); without LoRA it just calls it.
+        apply_lora_w13(c1, x, route_expert, lora, shape.activation, topk=topk, base_gemm=gemm1)
+
+        # Activation (+ requantization), or the fused silu + fp8 group quantization.
+        clamp = quant.gemm1_clamp_limit
+        fused = (shape.activation is Activation.SILU and scheme is QuantScheme.FP8_BLOCK128
+                 and clamp is None and lora is None)
+        a2, a2_used_scale = c2, None
+        if fused:
+            a2, a2_used_scale = silu_and_mul_quant_fp8_group(c1, row_valid=route_valid)
+        else:
+            apply_activation(c1, c2, route_expert, shape.activation, clamp)
+            if scheme.act_dtype is not None:
+                a2, a2_used_scale = quantize_activation(c2, scheme, static_scale=quant.a2_scale,
+                                                        row_valid=route_valid)
+
+        # GEMM2 (route-major in and out) with the router weight, then LoRA w2.
+        route_weight = None if apply_router_weight_on_input else topk_weights.reshape(-1).contiguous()
+
+        def gemm2() -> None:
+            invoke_grouped_gemm(a2, w2, c3, top_k_div=1, bias=quant.w2_bias, a_scale=a2_used_scale,
+                                b_scale=quant.w2_scale, b_zp=quant.w2_zp, group_size=quant.group_size,
+                                route_weight=route_weight, **routing)
+
+        apply_lora_w2(c3, c2, route_expert, route_weight, lora, topk=topk, base_gemm=gemm2)
+
+        # Combine in slot order; tokens without a valid route get exact zeros.
+        moe_sum(c3.view(M, topk, K), route_expert.view(M, topk), output)
+
+
+def fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, *, activation="silu", quant=None,
+                  expert_map=None, global_num_experts=-1, apply_router_weight_on_input=False, lora=None,
+                  a1q_scale=None, config=None, batch_invariant=False) -> torch.Tensor:
+    """The [M, K] output in the storage dtype S (SPEC.md, Pipeline)."""
+    experts = TritonExperts(quant)
+    shape = validate_call(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation, quant=quant,
+                          expert_map=expert_map, global_num_experts=global_num_experts,
+                          apply_router_weight_on_input=apply_router_weight_on_input, lora=lora,
+                          a1q_scale=a1q_scale)
+    ws13_shape, ws2_shape, out_shape = experts.workspace_shapes(
+        shape.M, shape.N, shape.K, shape.topk, shape.global_num_experts, shape.E, None, shape.activation)
+    device, S = hidden_states.device, shape.storage_dtype
+    output = torch.empty(out_shape, dtype=S, device=device)
+    workspace13 = torch.empty(ws13_shape, dtype=S, device=device)
+    workspace2 = torch.empty(ws2_shape, dtype=S, device=device)
+    experts.apply(output, hidden_states, w1, w2, topk_weights, topk_ids, shape.activation,
+                  shape.global_num_experts, expert_map, a1q_scale, None, workspace13, workspace2, None,
+                  apply_router_weight_on_input, lora=lora, config=config, batch_invariant=batch_invariant)
+    return output

@@ -1,0 +1,285 @@
+"""The grouped expert GEMM: one kernel for GEMM1 (w13) and GEMM2 (w2), every scheme.
+
+    C[r, n] = round_S( (dequant(sum_k A[row(r), k] * B[e(r), n, k]) + bias[e(r), n]) * w[r] )
+
+for every valid route r of a tile, where row(r) = r // topk for GEMM1 (A = the token-major
+input x) and r for GEMM2 (A = the route-major activation c2), and C is route-major [R, N].
+
+Tile decomposition: the aligned route list (``kernels.align``) is cut into BLOCK_M tiles that
+each belong to one expert; program (pid_m, pid_n) computes the BLOCK_M x BLOCK_N tile of C for
+those routes and output columns [pid_n*BLOCK_N, +BLOCK_N), looping over K in BLOCK_K steps and
+accumulating in fp32 (int32 for int8 x int8). GROUP_M swizzles pid_m so that consecutive
+programs reuse the same B columns. In the tiny-M path (``NAIVE``) tile pid_m holds route pid_m
+alone (row 0), its expert read from ``route_expert``; padding rows carry the sentinel R.
+
+Dequantization:
+  weights/acts fp8 or int8, 128x128 block scales: per K tile, acc += dot * a_s[row, kb] * b_s[e, nb, kb]
+  channel [E, N] / tensor [E] weight scales and token [rows, 1] / tensor [1] act scales: after
+      the K loop, on the whole accumulator;
+  int8_w8a16: int8 weights converted (exactly) to S, per-channel scale after the K loop;
+  int4_w4a16: nibble (low = even k) minus zero point (default 8) converted (exactly) to S, dot,
+      then scaled per (column, group) per K tile (a K tile never straddles a group).
+Tiles with expert -1 write nothing; padding rows are masked: every valid route's row is
+written exactly once and no other row is touched.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import _interp
+
+__all__ = ["invoke_grouped_gemm"]
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    # pointers
+    a_ptr, b_ptr, c_ptr, bias_ptr, a_scale_ptr, b_scale_ptr, b_zp_ptr, route_weight_ptr,
+    sorted_route_ids_ptr, expert_ids_ptr, num_post_padded_ptr, route_expert_ptr,
+    # sizes
+    N, K, num_routes,
+    # strides
+    stride_am, stride_ak,
+    stride_be, stride_bn, stride_bk,
+    stride_cm, stride_cn,
+    stride_biase, stride_biasn,
+    stride_asm, stride_ask,
+    stride_bse, stride_bsn, stride_bsk,
+    stride_bze, stride_bzn, stride_bzk,
+    # MoE facts
+    A_ROW_DIV: tl.constexpr,  # topk for GEMM1 (A is token-major), 1 for GEMM2
+    NAIVE: tl.constexpr,  # one route per tile, no alignment
+    MUL_ROUTE_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    # precision flags
+    WEIGHT_FORMAT: tl.constexpr,  # "float" | "fp8" | "int8" (w8a8) | "int8_w8a16" | "int4"
+    A_SCALE: tl.constexpr,  # "none" | "row" | "tensor" | "row_group"
+    B_SCALE: tl.constexpr,  # "none" | "channel" | "tensor" | "block" | "group"
+    HAS_ZP: tl.constexpr,
+    GROUP_K: tl.constexpr,  # K extent of one scale block/group (block and group scales)
+    GROUP_N: tl.constexpr,  # N extent of one weight scale block (block scales)
+    # tile constexprs
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    if B_SCALE == "block" or B_SCALE == "group":
+        tl.static_assert(GROUP_K % BLOCK_K == 0, "BLOCK_K must divide the scale group: a K tile must not straddle it")
+    if WEIGHT_FORMAT == "int4":
+        tl.static_assert(BLOCK_K % 2 == 0, "int4 packs two k per byte: BLOCK_K must be even")
+
+    # Stage 1: program id -> (route tile, column tile), GROUP_M swizzled.
+    pid = tl.program_id(0)
+    num_pid_m = tl.num_programs(0) // tl.cdiv(N, BLOCK_N)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = tl.arange(0, BLOCK_M)
+    if NAIVE:
+        expert = tl.load(route_expert_ptr + pid_m).to(tl.int64)
+        routes = tl.where(offs_m == 0, pid_m, num_routes).to(tl.int64)
+    else:
+        if pid_m * BLOCK_M >= tl.load(num_post_padded_ptr):
+            return
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        routes = tl.load(sorted_route_ids_ptr + pid_m * BLOCK_M + offs_m).to(tl.int64)
+    if expert < 0:
+        return  # padding tile or invalid route: its rows are never read
+    row_mask = routes < num_routes
+    a_rows = tl.where(row_mask, routes // A_ROW_DIV, 0)
+
+    # Stage 2: pointers (int64 offsets: rows * stride can exceed 2^31).
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_base = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn
+    if WEIGHT_FORMAT == "int4":
+        b_ptrs = b_base + (offs_k[:, None] // 2) * stride_bk
+        b_shift = (offs_k[:, None] % 2) * 4
+    else:
+        b_ptrs = b_base + offs_k[:, None] * stride_bk
+
+    # Stage 3: K loop, fp32 accumulation (int32 for int8 x int8).
+    if WEIGHT_FORMAT == "int8":
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        k_start = kt * BLOCK_K
+        k_mask = offs_k < K - k_start
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if WEIGHT_FORMAT == "int4":
+            packed = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0)
+            q = ((packed.to(tl.int32) >> b_shift) & 0xF)
+            group = k_start // GROUP_K
+            if HAS_ZP:
+                zp = tl.load(b_zp_ptr + expert * stride_bze + offs_n.to(tl.int64) * stride_bzn + group * stride_bzk,
+                             mask=n_mask, other=0).to(tl.int32)
+                q = q - zp[None, :]
+            else:
+                q = q - 8
+            q = tl.where(k_mask[:, None], q, 0)
+            # via fp32: the interpreter turns int -> bf16 casts into NaN; |q| <= 15 is exact in S.
+            partial = _interp.dot(a, q.to(tl.float32).to(a.dtype), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
+            b_s = tl.load(b_scale_ptr + expert * stride_bse + offs_n.to(tl.int64) * stride_bsn + group * stride_bsk,
+                          mask=n_mask, other=0.0)
+            acc += partial * b_s[None, :]
+        else:
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if WEIGHT_FORMAT == "int8":
+                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            elif WEIGHT_FORMAT == "fp8":
+                if B_SCALE == "block":
+                    group = k_start // GROUP_K
+                    a_s = tl.load(a_scale_ptr + a_rows * stride_asm + group * stride_ask, mask=row_mask, other=0.0)
+                    b_s = tl.load(b_scale_ptr + expert * stride_bse + (offs_n // GROUP_N).to(tl.int64) * stride_bsn
+                                  + group * stride_bsk, mask=n_mask, other=0.0)
+                    partial = tl.dot(a, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
+                    acc += partial * a_s[:, None] * b_s[None, :]
+                else:
+                    acc = tl.dot(a, b, acc)
+            elif WEIGHT_FORMAT == "int8_w8a16":
+                acc = _interp.dot(a, b.to(tl.float32).to(a.dtype), acc)  # via fp32, as for int4
+            else:
+                acc = _interp.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        if WEIGHT_FORMAT == "int4":
+            b_ptrs += (BLOCK_K // 2) * stride_bk
+        else:
+            b_ptrs += BLOCK_K * stride_bk
+
+    # Stage 4: epilogue in fp32: dequantize, + bias, * router weight, one cast to S.
+    acc = acc.to(tl.float32)
+    if A_SCALE == "row":
+        a_s = tl.load(a_scale_ptr + a_rows * stride_asm, mask=row_mask, other=0.0)
+        acc = acc * a_s[:, None]
+    elif A_SCALE == "tensor":
+        acc = acc * tl.load(a_scale_ptr)
+    if B_SCALE == "channel":
+        b_s = tl.load(b_scale_ptr + expert * stride_bse + offs_n.to(tl.int64) * stride_bsn, mask=n_mask, other=0.0)
+        acc = acc * b_s[None, :]
+    elif B_SCALE == "tensor":
+        acc = acc * tl.load(b_scale_ptr + expert * stride_bse)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + expert * stride_biase + offs_n.to(tl.int64) * stride_biasn, mask=n_mask, other=0.0)
+        acc = acc + _interp.to_fp32(bias)[None, :]
+    if MUL_ROUTE_WEIGHT:
+        w = tl.load(route_weight_ptr + routes, mask=row_mask, other=0.0)
+        acc = acc * w[:, None]
+    c = _interp.to_storage(acc, c_ptr.dtype.element_ty)
+
+    # Stage 5: masked store by route id.
+    c_ptrs = c_ptr + routes[:, None] * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn
+    tl.store(c_ptrs, c, mask=row_mask[:, None] & n_mask[None, :])
+
+
+def _weight_format(b: torch.Tensor, a: torch.Tensor, scheme) -> str:
+    if scheme.value == "int4_w4a16":
+        return "int4"
+    if scheme.value == "int8_w8a16":
+        return "int8_w8a16"
+    if b.dtype == torch.float8_e4m3fn:
+        return "fp8"
+    if b.dtype == torch.int8:
+        return "int8"
+    return "float"
+
+
+def _strides(t: Optional[torch.Tensor], n: int):
+    if t is None:
+        return (0,) * n
+    # Leading dims are the indexed ones ([E, N] channel scales index (e, n); [R, 1] token scales
+    # index r); missing trailing dims are never indexed.
+    s = tuple(t.stride())[:n]
+    return s + (0,) * (n - len(s))
+
+
+def invoke_grouped_gemm(
+    a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
+    scheme, config, top_k_div: int, num_routes: int,
+    sorted_route_ids: Optional[torch.Tensor], expert_ids: Optional[torch.Tensor],
+    num_post_padded: Optional[torch.Tensor], route_expert: torch.Tensor,
+    naive: bool,
+    bias: Optional[torch.Tensor] = None,
+    a_scale: Optional[torch.Tensor] = None, b_scale: Optional[torch.Tensor] = None,
+    b_zp: Optional[torch.Tensor] = None, group_size: Optional[int] = None,
+    route_weight: Optional[torch.Tensor] = None,
+) -> None:
+    """Launch one grouped GEMM writing c[r, :N] for every valid route r (route-major c).
+
+    ``a`` [rows, K] (x for GEMM1, c2 for GEMM2, possibly quantized); ``b`` [E, N, K] (int4:
+    [E, N, K/2] uint8); ``c`` [R, N] in S. Scales follow SPEC.md's shapes; the caller has
+    validated them. ``top_k_div`` maps a route to its A row (topk for GEMM1, 1 for GEMM2).
+    """
+    if a.dim() != 2 or b.dim() != 3 or c.dim() != 2:
+        raise ValueError(f"grouped GEMM needs a [rows, K], b [E, N, K], c [R, N]; got {tuple(a.shape)}, "
+                         f"{tuple(b.shape)}, {tuple(c.shape)}")
+    N, K = b.shape[1], a.shape[1]
+    if num_routes == 0 or N == 0:
+        return
+    fmt = _weight_format(b, a, scheme)
+    act_gran = scheme.act_granularity
+    if a_scale is None:
+        a_mode = "none"
+    elif act_gran == "token_group":
+        a_mode = "row_group"
+    elif act_gran == "token":
+        a_mode = "row"
+    else:
+        a_mode = "tensor"
+    w_gran = scheme.weight_granularity
+    b_mode = {None: "none", "block": "block", "channel": "channel", "tensor": "tensor", "group": "group"}[w_gran]
+    if b_mode == "tensor":
+        b_scale = b_scale.reshape(-1)
+    if fmt == "float":
+        a_mode, b_mode = "none", "none"
+    group_k = 128
+    if b_mode == "group":
+        group_k = group_size
+    if naive:
+        num_tiles = num_routes
+    else:
+        num_tiles = sorted_route_ids.numel() // config.BLOCK_M
+    grid = (num_tiles * triton.cdiv(N, config.BLOCK_N),)
+    dummy = c
+    _grouped_gemm_kernel[grid](
+        a, b, c,
+        bias if bias is not None else dummy,
+        a_scale if a_scale is not None else dummy,
+        b_scale if b_scale is not None else dummy,
+        b_zp if b_zp is not None else dummy,
+        route_weight if route_weight is not None else dummy,
+        sorted_route_ids if sorted_route_ids is not None else route_expert,
+        expert_ids if expert_ids is not None else route_expert,
+        num_post_padded if num_post_padded is not None else route_expert,
+        route_expert,
+        N, K, num_routes,
+        a.stride(0), a.stride(1),
+        b.stride(0), b.stride(1), b.stride(2),
+        c.stride(0), c.stride(1),
+        *_strides(bias, 2),
+        *_strides(a_scale, 2),
+        *_strides(b_scale, 3),
+        *_strides(b_zp, 3),
+        A_ROW_DIV=top_k_div,
+        NAIVE=naive,
+        MUL_ROUTE_WEIGHT=route_weight is not None,
+        HAS_BIAS=bias is not None,
+        WEIGHT_FORMAT=fmt,
+        A_SCALE=a_mode,
+        B_SCALE=b_mode,
+        HAS_ZP=b_zp is not None,
+        GROUP_K=group_k,
+        GROUP_N=128,
+        BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K, GROUP_M=config.GROUP_M,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )

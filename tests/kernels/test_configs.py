@@ -1,0 +1,80 @@
+"""kernels.configs: tuned-table lookup, defaults, overrides, batch-invariant config, static rules."""
+
+import json
+
+import pytest
+import torch
+
+from kernels import KernelConfig, select_config
+from kernels.configs import batch_invariant_config, check_config, config_file_name
+from moe_validate.spec import QuantScheme
+
+
+def test_round_trip_dict():
+    c = KernelConfig(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    assert KernelConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="unknown keys"):
+        KernelConfig.from_dict({**c.to_dict(), "BLOCK_Q": 1})
+
+
+def test_tuned_table_nearest_m_wins(tmp_path):
+    table = {"1": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64), "64": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64),
+             "1024": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)}
+    name = config_file_name(8, 256, "NVIDIA H100", torch.bfloat16, QuantScheme.FP8_BLOCK128)
+    assert name == "E=8,N=256,device_name=NVIDIA_H100,dtype=fp8_block128,block_shape=[128,128].json"
+    (tmp_path / name).write_text(json.dumps(table))
+    pick = lambda M: select_config(M, 8, 256, 128, 2, torch.bfloat16, "fp8_block128", "NVIDIA H100",
+                                   config_dir=str(tmp_path))
+    assert pick(2).BLOCK_M == 16
+    assert pick(40).BLOCK_M == 32
+    assert pick(5000).BLOCK_M == 64
+    # another device or dtype: no table, defaults
+    other = select_config(40, 8, 256, 128, 2, torch.bfloat16, "none", "NVIDIA H100", config_dir=str(tmp_path))
+    assert isinstance(other, KernelConfig)
+
+
+def test_defaults_respect_scheme_rules():
+    for scheme in QuantScheme:
+        gs = 32 if scheme is QuantScheme.INT4_W4A16 else None
+        for M in (1, 64, 4096):
+            c = select_config(M, 8, 256, 512, 2, torch.bfloat16, scheme, group_size=gs)
+            check_config(c, scheme, gs)
+
+
+def test_batch_invariant_config_is_independent_of_m():
+    a = batch_invariant_config(torch.bfloat16, QuantScheme.NONE)
+    assert a == batch_invariant_config(torch.bfloat16, QuantScheme.NONE)
+    assert batch_invariant_config(torch.bfloat16, QuantScheme.FP8_BLOCK128).BLOCK_K <= 128
+
+
+def test_static_rules():
+    with pytest.raises(ValueError, match="BLOCK_K must be >= 32"):
+        check_config(KernelConfig(16, 32, 16), QuantScheme.FP8_CHANNEL_TOKEN, on_gpu=True)
+    check_config(KernelConfig(16, 32, 16), QuantScheme.FP8_CHANNEL_TOKEN, on_gpu=False)
+    with pytest.raises(ValueError, match="must not straddle"):
+        check_config(KernelConfig(16, 32, 256), QuantScheme.FP8_BLOCK128, on_gpu=True)
+    with pytest.raises(ValueError, match="group size"):
+        check_config(KernelConfig(16, 32, 64), QuantScheme.INT4_W4A16, group_size=32, on_gpu=True)
+    with pytest.raises(ValueError, match="power of two"):
+        check_config(KernelConfig(24, 32, 32), QuantScheme.NONE, on_gpu=False)
+    with pytest.raises(ValueError, match=">= 16 on the GPU"):
+        check_config(KernelConfig(8, 32, 32), QuantScheme.NONE, on_gpu=True)
+
+
+def test_shipped_tables_are_valid_and_found():
+    """Every JSON table in kernels/configs parses, passes the static rules and is looked up."""
+    import glob
+    import os
+
+    from kernels.configs import CONFIG_DIR
+
+    paths = glob.glob(os.path.join(CONFIG_DIR, "*.json"))
+    assert paths, "no tuned table shipped"
+    for path in paths:
+        raw = json.loads(open(path).read())
+        assert "_provenance" in raw, f"{path} must say how it was measured"
+        for m, cfg in raw.items():
+            if not m.startswith("_"):
+                check_config(KernelConfig.from_dict(cfg), QuantScheme.NONE, on_gpu=True)
+    c = select_config(1000, 8, 28672, 4096, 2, torch.bfloat16, "none", "NVIDIA H100 80GB HBM3")
+    assert c == KernelConfig(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)

@@ -1,0 +1,106 @@
+"""Pins the facts kernels/_interp.py relies on (TRITON_NOTES.md): the casts are bit-exact against
+torch on every fp8 code, every midpoint between codes (ties), signed zeros, subnormals and
+out-of-range values, on the interpreter and natively on a GPU; dots are IEEE for fp32 and correct
+for bf16 (the interpreter's raw-bit bf16 product is routed through fp32)."""
+
+import os
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from kernels._interp import dot, tanh, to_fp32, to_fp8_e4m3, to_int8, to_storage
+
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+@triton.jit
+def _cast_kernel(x_ptr, fp8_ptr, int8_ptr, tanh_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask)
+    tl.store(fp8_ptr + offs, to_fp8_e4m3(x), mask=mask)
+    tl.store(int8_ptr + offs, to_int8(x), mask=mask)
+    tl.store(tanh_ptr + offs, tanh(x * 0.01), mask=mask)
+
+
+@triton.jit
+def _dot_kernel(a_ptr, b_ptr, c_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a = tl.load(a_ptr + offs_m[:, None] * BLOCK_K + offs_k[None, :])
+    b = tl.load(b_ptr + offs_k[:, None] * BLOCK_N + offs_n[None, :])
+    acc = dot(a, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
+    tl.store(c_ptr + offs_m[:, None] * BLOCK_N + offs_n[None, :], acc)
+
+
+def _cast_inputs() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    codes = codes[torch.isfinite(codes)].sort().values
+    midpoints = (codes[1:] + codes[:-1]) / 2  # exact ties: round-half-even decides
+    special = torch.tensor([-0.0, 0.0, -1e-6, 1e-6, -2.0**-10, 2.0**-10, 448.5, 464.0, 500.0, -1e4, 126.5, -127.5])
+    return torch.cat([codes, midpoints, special, torch.randn(20000, generator=gen) * 100,
+                      torch.randn(2000, generator=gen) * 1e-3])
+
+
+def test_fp8_and_int8_casts_are_bit_exact_against_torch():
+    x = _cast_inputs().to(DEVICE)
+    fp8 = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=DEVICE)
+    int8 = torch.empty(x.shape, dtype=torch.int8, device=DEVICE)
+    th = torch.empty_like(x)
+    _cast_kernel[(triton.cdiv(x.numel(), 1024),)](x, fp8, int8, th, x.numel(), BLOCK=1024)
+    expected_fp8 = x.clamp(-448, 448).to(torch.float8_e4m3fn)
+    bad = (fp8.view(torch.uint8) != expected_fp8.view(torch.uint8)).nonzero().flatten()
+    assert bad.numel() == 0, f"{bad.numel()} fp8 codes differ, first inputs {x[bad[:5]].tolist()}"
+    expected_int8 = torch.round(x).clamp(-127, 127).to(torch.int8)  # torch.round is half-to-even
+    assert torch.equal(int8, expected_int8)
+    # tanh: libdevice on GPU, 2*sigmoid(2x)-1 when interpreting; both within a few fp32 ulps
+    torch.testing.assert_close(th, torch.tanh(x * 0.01), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dot_is_accurate_for_every_storage_dtype(dtype):
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(32, 64, generator=gen).to(dtype).to(DEVICE)
+    b = torch.randn(64, 32, generator=gen).to(dtype).to(DEVICE)
+    c = torch.empty(32, 32, device=DEVICE)
+    _dot_kernel[(1,)](a, b, c, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64)
+    ref = a.double() @ b.double()
+    rel = float((c.double() - ref).norm() / ref.norm())
+    # exact products of S-valued operands accumulated in fp32 over K=64: relF ~ sqrt(K) * 2^-24 ~ 5e-7;
+    # TF32 would give ~1e-3 and the interpreter's raw-bit bf16 product ~1e9, so 1e-5 separates them
+    assert rel < 1e-5, rel
+
+
+@triton.jit
+def _storage_kernel(x_ptr, y_ptr, back_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask)
+    y = to_storage(x, y_ptr.dtype.element_ty)
+    tl.store(y_ptr + offs, y, mask=mask)
+    tl.store(back_ptr + offs, to_fp32(tl.load(y_ptr + offs, mask=mask)), mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_storage_rounding_and_widening_match_torch(dtype):
+    gen = torch.Generator().manual_seed(2)
+    info = torch.finfo(dtype)
+    # random values, exact ties between neighbours, subnormals, overflow to inf, signed zeros, NaN
+    grid = torch.randn(4096, generator=gen).to(dtype)
+    ties = (grid.float() + grid.float().nextafter(torch.tensor(float("inf"))).to(dtype).float()) / 2
+    special = torch.tensor([0.0, -0.0, info.tiny / 3, -info.tiny / 5, info.tiny * 0.75, info.max * 1.001,
+                            -info.max * 2, float("inf"), float("nan")])
+    x = torch.cat([torch.randn(20000, generator=gen) * 3, ties, special]).float().to(DEVICE)
+    y = torch.empty(x.shape, dtype=dtype, device=DEVICE)
+    back = torch.empty_like(x)
+    _storage_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, back, x.numel(), BLOCK=1024)
+    expected = x.to(dtype)
+    same = (y.view(torch.int16) == expected.view(torch.int16)) | (y.isnan() & expected.isnan())
+    assert bool(same.all()), f"{int((~same).sum())} roundings differ, e.g. {x[~same][:4].tolist()}"
+    assert torch.equal(back.isnan(), expected.isnan())
+    finite = ~back.isnan()
+    assert torch.equal(back[finite], expected.float()[finite])
