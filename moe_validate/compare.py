@@ -1,0 +1,342 @@
+"""The comparison engine: metric panels, a pass/fail policy, and failure anatomy.
+
+``evaluate(case, inputs, out)`` runs the reference itself (``mirror`` and ``exact``, on the
+inputs' device), derives the per-element bounds (``tolerance.derive``), and returns an
+``Evaluation``: data for the results file, never an exception for a numerical failure. Callers
+decide whether to raise (``Evaluation.message()`` has PyTorch's anatomy: headline with the case
+id; mismatched elements k / n (p%); greatest absolute and relative difference at an index with
+what was allowed; NaN/Inf listed apart; the first few coordinates with both values).
+
+A panel (results.py schema) holds: ``max_abs``, ``max_normalized`` (max |d| / allowed: the
+deciding metric, allowed 1), ``rel_frobenius``, ``cosine``, ``norm_ratio``, ``z_rms`` and
+``z_max`` (d / sigma, sigma the modelled standard deviation), ``ulp`` (max ULP distance in the
+storage dtype S), each ``{"value", "allowed", "margin"}``; plus ``worst``, ``nan_inf``,
+``exceed_count`` and ``exceed_fraction``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from moe_validate import tolerance as _tol
+from moe_validate.spec import MoEInputs, storage_dtype
+
+__all__ = ["Evaluation", "evaluate", "metric_panel", "passes", "TILE", "WORST_COUNT"]
+
+F64 = torch.float64
+TILE = (16, 32)  # nominal (token, column) tile used to name where an element lives
+WORST_COUNT = 8
+HEATMAP_MAX_CELLS = 64
+_MESSAGE_COORDS = 5
+
+
+def _m(value, allowed=None) -> dict:
+    value = float(value)
+    margin = None
+    if allowed is not None:
+        allowed = float(allowed)
+        margin = value / allowed if allowed > 0 else (0.0 if value == 0 else math.inf)
+    return {"value": value, "allowed": allowed, "margin": margin}
+
+
+def _expert_grid(expert_of: Optional[torch.Tensor], shape) -> Optional[torch.Tensor]:
+    if expert_of is None:
+        return None
+    e = expert_of.to("cpu").long()
+    if e.dim() == 1:
+        e = e[:, None].expand(shape)
+    return e
+
+
+def metric_panel(kernel: torch.Tensor, ref: torch.Tensor, allowed: torch.Tensor, sigma: torch.Tensor,
+                 storage: torch.dtype, token_expert: Optional[torch.Tensor] = None,
+                 tile: Tuple[int, int] = TILE) -> dict:
+    """The full metric panel of ``kernel`` against one oracle ``ref`` with per-element bounds.
+
+    ``token_expert``: [M] or [M, K] local expert id to name in worst elements (-1 = none).
+    """
+    if kernel.shape != ref.shape or allowed.shape != ref.shape:
+        raise ValueError(f"kernel, ref and allowed must have one shape; got {tuple(kernel.shape)}, "
+                         f"{tuple(ref.shape)}, {tuple(allowed.shape)}")
+    k = kernel.detach().to("cpu", F64)
+    r = ref.detach().to("cpu", F64)
+    a = allowed.detach().to("cpu", F64)
+    sg = sigma.detach().to("cpu", F64).clamp_min(1e-300)
+    n = r.numel()
+    k_nan, k_inf = torch.isnan(k), torch.isinf(k)
+    r_nan, r_inf = torch.isnan(r), torch.isinf(r)
+    r_fin = ~(r_nan | r_inf)
+    both = r_fin & torch.isfinite(k)
+    bad_special = r_fin & ~torch.isfinite(k)  # kernel NaN/Inf where the reference is finite
+    d = torch.where(both, (k - r).abs(), torch.zeros_like(r))
+    norm = torch.where(both, d / a.clamp_min(1e-300), torch.zeros_like(r))
+    norm = torch.where(both & (d == 0), torch.zeros_like(norm), norm)
+    norm = torch.where(bad_special, torch.full_like(norm, math.inf), norm)
+    exceed = (both & (d > a)) | bad_special
+    panel: dict = {}
+    if n and both.any():
+        i_abs = int(torch.argmax(torch.where(both, d, torch.full_like(d, -1.0))))
+        panel["max_abs"] = _m(d.view(-1)[i_abs], a.view(-1)[i_abs])
+    else:
+        panel["max_abs"] = _m(0.0, 0.0)
+    panel["max_normalized"] = _m(norm.max() if n else 0.0, 1.0)
+    kf, rf = torch.where(both, k, 0.0), torch.where(both, r, 0.0)
+    rn, kn = float(rf.norm()), float(kf.norm())
+    dn = float((kf - rf).norm())
+    an = float(torch.where(both, a, 0.0).norm())
+    panel["rel_frobenius"] = _m(dn / rn if rn else (0.0 if dn == 0 else math.inf), an / rn if rn else None)
+    panel["cosine"] = _m(float((kf * rf).sum()) / (kn * rn) if kn and rn else (1.0 if kn == rn else 0.0))
+    panel["norm_ratio"] = _m(kn / rn if rn else (1.0 if kn == 0 else math.inf))
+    z = torch.where(both, d / sg, torch.zeros_like(d))
+    cnt = int(both.sum())
+    panel["z_rms"] = _m(float((z ** 2).sum() / cnt) ** 0.5 if cnt else 0.0)
+    panel["z_max"] = _m(z.max() if n else 0.0)
+    # ULP distance in S against the oracle rounded to S (meaningful for a floating S)
+    r_s = r.to(storage).to(F64)
+    ulps = torch.where(both, (k - r_s).abs() / _tol.ulp(r_s, storage), torch.zeros_like(d))
+    panel["ulp"] = _m(ulps.max() if n else 0.0)
+    panel["nan_inf"] = {"kernel_nan": int(k_nan.sum()), "kernel_inf": int(k_inf.sum()),
+                        "ref_nan": int(r_nan.sum()), "ref_inf": int(r_inf.sum())}
+    panel["nan_where_ref_finite"] = int(bad_special.sum())
+    panel["exceed_count"] = int(exceed.sum())
+    panel["exceed_fraction"] = float(exceed.sum()) / n if n else 0.0
+    # worst elements: by normalized error (NaN/Inf where finite first, as inf)
+    eg = _expert_grid(token_expert, r.shape)
+    worst = []
+    if n:
+        order = torch.argsort(norm.view(-1), descending=True)[:WORST_COUNT]
+        for idx in order.tolist():
+            m_, c_ = divmod(idx, r.shape[1])
+            if norm.view(-1)[idx] == 0 and worst:
+                break
+            worst.append({
+                "token": m_, "column": c_,
+                "expert": int(eg[m_, c_]) if eg is not None else None,
+                "tile": f"r{m_ // tile[0]}c{c_ // tile[1]}",
+                "kernel": float(k[m_, c_]), "reference": float(r[m_, c_]),
+                "diff": float(d[m_, c_]) if both[m_, c_] else float("nan"),
+                "allowed": float(a[m_, c_]),
+                "normalized": float(norm[m_, c_]),
+                "ulp": float(ulps[m_, c_]),
+            })
+    panel["worst"] = worst
+    return panel
+
+
+def passes(panel: dict) -> Tuple[bool, Optional[str]]:
+    """The policy: (True, None) or (False, the failing metric with observed vs allowed).
+
+    A kernel NaN/Inf where the reference is finite always fails; otherwise every element must
+    be within its bound (``max_normalized`` <= 1).
+    """
+    bad = panel.get("nan_where_ref_finite", 0)
+    if bad:
+        ni = panel["nan_inf"]
+        return False, (f"kernel NaN/Inf where the reference is finite at {bad} element(s) "
+                       f"(kernel NaN {ni['kernel_nan']}, Inf {ni['kernel_inf']})")
+    mn = panel["max_normalized"]
+    if mn["value"] > 1.0:
+        w = panel["worst"][0] if panel["worst"] else {}
+        return False, (f"max_normalized {mn['value']:.3g} > 1: |diff| {w.get('diff', float('nan')):.3g} at "
+                       f"(token {w.get('token')}, column {w.get('column')}) vs allowed {w.get('allowed', float('nan')):.3g}; "
+                       f"{panel['exceed_count']} element(s) over")
+    return True, None
+
+
+@dataclass
+class Evaluation:
+    passed: bool
+    reason: Optional[str]
+    tolerance: dict
+    metrics: dict
+    detail: Optional[dict]
+    worst_margin: Optional[float]
+    case_id: str = ""
+    _anatomy: dict = field(default_factory=dict, repr=False)
+
+    # --- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_arrays(cls, case, kernel: torch.Tensor, oracles: Dict[str, tuple], tolerance: Optional[dict] = None,
+                    expert_of: Optional[torch.Tensor] = None, num_experts: Optional[int] = None,
+                    storage: Optional[torch.dtype] = None, always_detail: bool = False) -> "Evaluation":
+        """``oracles``: {"mirror": (ref, allowed, sigma), "exact": (ref, allowed, sigma)}."""
+        storage = storage or storage_dtype(kernel.dtype)
+        panels = {name: metric_panel(kernel, ref, allowed, sigma, storage, expert_of)
+                  for name, (ref, allowed, sigma) in oracles.items()}
+        verdicts = {name: passes(p) for name, p in panels.items()}
+        label = {"mirror": "gate (mirror)", "exact": "budget (exact)"}
+        passed = all(ok for ok, _ in verdicts.values())
+        reason = None
+        failing = None
+        for name in ("mirror", "exact"):
+            if name in verdicts and not verdicts[name][0]:
+                failing = name
+                reason = f"{label[name]}: {verdicts[name][1]}"
+                break
+        gate = panels.get("mirror") or next(iter(panels.values()))
+        worst_margin = gate["max_normalized"]["margin"]
+        ev = cls(passed=passed, reason=reason, tolerance=tolerance or {}, metrics=panels, detail=None,
+                 worst_margin=worst_margin, case_id=getattr(case, "id", str(case)))
+        which = failing or "mirror"
+        ref, allowed, _ = oracles[which]
+        ev._anatomy = _anatomy(kernel, ref, allowed, which, label.get(which, which))
+        if not passed or always_detail:
+            ref, allowed, _ = oracles[which]
+            ev.detail = _detail(kernel, ref, allowed, storage, expert_of, num_experts)
+        return ev
+
+    # --- output -----------------------------------------------------------------------------
+    def record(self) -> dict:
+        """The case-record fields this evaluation fills (results.py schema)."""
+        return {"tolerance": self.tolerance, "metrics": self.metrics, "detail": self.detail,
+                "worst_margin": self.worst_margin, "reason": self.reason}
+
+    def message(self) -> str:
+        a = self._anatomy
+        head = f"{self.case_id}: {'PASS' if self.passed else 'FAIL'}"
+        if self.reason:
+            head += f": {self.reason}"
+        if not a:
+            return head
+        lines = [head,
+                 f"Mismatched elements: {a['mismatched']} / {a['total']} ({a['pct']:.1f}%) against {a['oracle']}"]
+        if a.get("abs") is not None:
+            lines.append(f"Greatest absolute difference: {a['abs'][0]:.6g} at index {a['abs'][1]} "
+                         f"(up to {a['abs'][2]:.6g} allowed)")
+            lines.append(f"Greatest relative difference: {a['rel'][0]:.6g} at index {a['rel'][1]} "
+                         f"(up to {a['rel'][2]:.6g} allowed)")
+        if a["nan_where_finite"]:
+            lines.append(f"NaN/Inf: kernel NaN at {a['kernel_nan']} element(s) where the reference is finite, "
+                         f"Inf at {a['kernel_inf']}; first at {a['first_special']}")
+        if a["coords"]:
+            lines.append("First mismatches (index: kernel, reference, allowed):")
+            for idx, kv, rv, av in a["coords"]:
+                lines.append(f"  {idx}: kernel {kv:.6g}, reference {rv:.6g} (allowed {av:.3g})")
+        return "\n".join(lines)
+
+
+def _anatomy(kernel, ref, allowed, which, label) -> dict:
+    k = kernel.detach().to("cpu", F64)
+    r = ref.detach().to("cpu", F64)
+    a = allowed.detach().to("cpu", F64)
+    n = r.numel()
+    fin = torch.isfinite(r) & torch.isfinite(k)
+    special = torch.isfinite(r) & ~torch.isfinite(k)
+    d = torch.where(fin, (k - r).abs(), torch.zeros_like(r))
+    mism = (fin & (d > a)) | special
+    out = {"oracle": label, "total": n, "mismatched": int(mism.sum()),
+           "pct": 100.0 * float(mism.sum()) / n if n else 0.0,
+           "nan_where_finite": int(special.sum()),
+           "kernel_nan": int((torch.isnan(k) & torch.isfinite(r)).sum()),
+           "kernel_inf": int((torch.isinf(k) & torch.isfinite(r)).sum()),
+           "abs": None, "rel": None, "coords": [], "first_special": None}
+
+    def idx_of(flat):
+        return tuple(int(v) for v in divmod(flat, r.shape[1])) if r.dim() == 2 else (flat,)
+
+    if n and fin.any():
+        ia = int(torch.argmax(torch.where(fin, d, torch.full_like(d, -1.0))))
+        out["abs"] = (float(d.view(-1)[ia]), idx_of(ia), float(a.view(-1)[ia]))
+        rel = torch.where(fin & (r != 0), d / r.abs(), torch.where(fin & (d > 0), torch.full_like(d, math.inf), torch.zeros_like(d)))
+        ir = int(torch.argmax(torch.where(fin, rel, torch.full_like(rel, -1.0))))
+        ra = float(a.view(-1)[ir] / r.view(-1)[ir].abs()) if r.view(-1)[ir] != 0 else math.inf
+        out["rel"] = (float(rel.view(-1)[ir]), idx_of(ir), ra)
+    if special.any():
+        out["first_special"] = idx_of(int(torch.nonzero(special.view(-1))[0]))
+    for flat in torch.nonzero(mism.view(-1)).view(-1)[:_MESSAGE_COORDS].tolist():
+        out["coords"].append((idx_of(flat), float(k.view(-1)[flat]), float(r.view(-1)[flat]), float(a.view(-1)[flat])))
+    return out
+
+
+def _histogram(values: torch.Tensor, edges: List[float]) -> dict:
+    v = values[torch.isfinite(values)]
+    counts = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        counts.append(int(((v >= lo) & (v < hi)).sum()))
+    counts[-1] += int((v >= edges[-1]).sum())  # the last bin is open to the right
+    counts.append(int(torch.isinf(values).sum()))
+    return {"edges": edges, "counts": counts, "last_count_is": "non-finite (NaN/Inf where the reference is finite)"}
+
+
+def _detail(kernel, ref, allowed, storage, expert_of, num_experts) -> dict:
+    k = kernel.detach().to("cpu", F64)
+    r = ref.detach().to("cpu", F64)
+    a = allowed.detach().to("cpu", F64).clamp_min(1e-300)
+    fin = torch.isfinite(k) & torch.isfinite(r)
+    special = torch.isfinite(r) & ~torch.isfinite(k)
+    d = torch.where(fin, (k - r).abs(), torch.zeros_like(r))
+    norm = torch.where(fin, torch.where(d == 0, torch.zeros_like(d), d / a), torch.zeros_like(d))
+    norm = torch.where(special, torch.full_like(norm, math.inf), norm)
+    M, K = r.shape if r.dim() == 2 else (r.numel(), 1)
+    rt = TILE[0] * max(1, math.ceil(M / (TILE[0] * HEATMAP_MAX_CELLS)))
+    ct = TILE[1] * max(1, math.ceil(K / (TILE[1] * HEATMAP_MAX_CELLS)))
+    heat = []
+    for i in range(0, M, rt):
+        row = []
+        for j in range(0, K, ct):
+            blk = norm[i:i + rt, j:j + ct]
+            row.append(float(blk.max()) if blk.numel() else 0.0)
+        heat.append(row)
+    per_expert = []
+    eg = _expert_grid(expert_of, r.shape)
+    if eg is not None:
+        E = num_experts if num_experts is not None else int(eg.max()) + 1 if eg.numel() else 0
+        for e in range(max(E, 0)):
+            sel = eg == e
+            per_expert.append(float(norm[sel].max()) if sel.any() else 0.0)
+    r_s = r.to(storage).to(F64)
+    ulps = torch.where(fin, (k - r_s).abs() / _tol.ulp(r_s, storage), torch.zeros_like(d))
+    ulps = torch.where(special, torch.full_like(ulps, math.inf), ulps)
+    norm_edges = [0.0, 1e-3, 1e-2, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 16.0, 256.0]
+    ulp_edges = [0.0, 0.5, 1.5, 2.5, 4.5, 8.5, 16.5, 64.5, 1024.5]
+    return {
+        "heatmap": {"row_tile": rt, "col_tile": ct, "values": heat, "metric": "max |diff| / allowed"},
+        "per_expert": per_expert,
+        "histograms": {"normalized_error": _histogram(norm.view(-1), norm_edges),
+                       "ulp_distance": _histogram(ulps.view(-1), ulp_edges)},
+    }
+
+
+def _expert_of_element(stages: dict) -> torch.Tensor:
+    """[M, K]: of each token's valid routes, the local expert contributing most to column k."""
+    c3 = stages["c3"].abs()
+    valid = stages["route_valid"].to(torch.bool)
+    if c3.shape[1] == 0 or c3.shape[0] == 0:
+        return torch.full(stages["out"].shape, -1, dtype=torch.long)
+    c3 = torch.where(valid[..., None], c3, torch.full_like(c3, -1.0))
+    j = c3.argmax(1)  # [M, K]
+    ex = torch.gather(stages["route_expert"].long(), 1, j)
+    anyv = valid.any(1, keepdim=True).expand_as(ex)
+    return torch.where(anyv, ex, torch.full_like(ex, -1)).cpu()
+
+
+def evaluate(case, inputs: MoEInputs, out: torch.Tensor) -> Evaluation:
+    """Runs the reference (mirror and exact) and judges ``out`` (the kernel's [M, K] output)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor; got {type(out).__name__}")
+    M, K = inputs.hidden_states.shape
+    if tuple(out.shape) != (M, K):
+        raise ValueError(f"out must be [M, K] = [{M}, {K}]; got {tuple(out.shape)}")
+    import reference  # lazily: the comparison needs it, importing the harness must not
+
+    from moe_validate.env import interpreting
+
+    dev = inputs.hidden_states.device
+    mirror = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="mirror")
+    exact = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="exact")
+    native_gpu = out.is_cuda and not interpreting()
+    bounds = _tol.derive(case, inputs, mirror, native_gpu=native_gpu)
+    S = storage_dtype(inputs.hidden_states.dtype)
+    oracles = {
+        "mirror": (mirror["out"].to(F64), bounds["gate"].allowed, bounds["gate"].sigma),
+        "exact": (exact["out"].to(F64), bounds["budget"].allowed, bounds["budget"].sigma),
+    }
+    num_experts = inputs.w1.shape[0]
+    ev = Evaluation.from_arrays(case, out.to(dev), oracles,
+                                tolerance={k: b.to_dict() for k, b in bounds.items()},
+                                expert_of=_expert_of_element(mirror), num_experts=num_experts, storage=S)
+    return ev

@@ -1,0 +1,683 @@
+"""The case matrix: what one validation case is, which cases are valid, and the four suites.
+
+A ``Case`` is a frozen value: shape (M, N, K, E, topk), storage dtype, quant scheme, activation,
+LoRA mode, launch config, expert map, router-weight placement, bias, clamp, routing, data
+distribution, int4 group size and seed. Its ``id`` is readable and stable and parses back with
+``Case.from_id``; the CLI and the pytest plugin speak ids.
+
+Suites are data: a few orthogonal axes crossed by small generators (one-value-at-a-time for
+``smoke``/``premerge``, greedy all-pairs for ``nightly``) plus curated edge cases, each group under
+a comment that says what it exercises. ``Case.is_valid`` decides which combinations exist at all
+(SPEC.md); ``Case.device_skip_reason`` decides which of those the current device can run.
+
+``E`` is the GLOBAL number of experts (``global_num_experts``); with ``expert_map="half"`` the
+rank owns ``E // 2`` local experts, so ``w1`` is ``[E // 2, N, K]``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import re
+from dataclasses import dataclass, fields, replace
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from moe_validate.spec import Activation, QuantScheme
+
+__all__ = [
+    "Case",
+    "AXES",
+    "SUITES",
+    "suite_cases",
+    "default_suite",
+    "filter_cases",
+    "pairwise_cases",
+    "feasible_pairs",
+    "case_pairs",
+    "interpreter_cost",
+]
+
+DTYPES = ("fp32", "fp16", "bf16")
+LORA_MODES = ("none", "single", "dual")
+EXPERT_MAPS = ("none", "half")
+# routing distributions (inputs.py builds them):
+#   uniform        every token picks topk distinct experts uniformly at random
+#   skewed         a few hot experts take most routes (Zipf-like draw without replacement)
+#   one_expert     every token's first slot is the same expert (one very long expert run)
+#   empty_experts  routes land on a subset of experts only; the rest receive no token
+#   ties           equal router weights for every slot of a token (ids still distinct)
+#   invalid_ids    some slots carry -1, E or huge ids (padded rows): they must contribute zero
+ROUTINGS = ("uniform", "skewed", "one_expert", "empty_experts", "ties", "invalid_ids")
+# data distributions of hidden states (inputs.py):
+#   randn        standard normal
+#   outliers     normal plus a few entries x64 (stresses per-token / per-tensor scales)
+#   zero_blocks  a whole token row and a whole column group are zero (scale floor QUANT_EPS)
+#   positive     |normal| (no cancellation; the output has a large mean)
+DATAS = ("randn", "outliers", "zero_blocks", "positive")
+INT4_GROUP_SIZES = (32, 64, 128)
+# An explicit launch config, spelled as in ``moe_validate.backends.parse_config_token``.
+_CONFIG_RE = re.compile(r"^BM(\d+)BN(\d+)BK(\d+)GM(\d+)W(\d+)S(\d+)$")
+CONFIG_KINDS = ("auto", "inv")
+EXPLICIT_CONFIGS = ("BM16BN32BK32GM1W4S2", "BM64BN64BK64GM8W4S3")
+
+SUITES: Tuple[str, ...] = ("smoke", "premerge", "nightly", "bringup")
+
+
+def _fmt_float(v: float) -> str:
+    """A clamp limit in an id: ``7.0`` -> ``7``. Validity keeps limits in [0.01, 1e4], where
+    ``{:g}`` needs neither a '-' (the id separator) nor an exponent."""
+    return f"{v:g}"
+
+
+@dataclass(frozen=True)
+class Case:
+    M: int
+    N: int  # rows of w1[e]: 2*I for gated activations, I for *_no_mul
+    K: int
+    E: int  # global number of experts
+    topk: int
+    dtype: str = "bf16"
+    scheme: str = "none"
+    activation: str = "silu"
+    lora: str = "none"
+    config: str = "auto"
+    expert_map: str = "none"
+    router_on_input: bool = False
+    bias: bool = False
+    clamp: Optional[float] = None
+    routing: str = "uniform"
+    group_size: Optional[int] = None
+    seed: int = 0
+    # Contract addition (defaulted, so every contract-conforming constructor call still works):
+    # the hidden-state distribution the task asks for ("outliers, zero blocks").
+    data: str = "randn"
+
+    # --- derived facts --------------------------------------------------------------------
+    @property
+    def act(self) -> Activation:
+        return Activation.parse(self.activation)
+
+    @property
+    def quant(self) -> QuantScheme:
+        return QuantScheme.parse(self.scheme)
+
+    @property
+    def I(self) -> int:  # noqa: E743 - the SPEC's name for the intermediate size
+        return self.N // 2 if self.act.is_gated else self.N
+
+    @property
+    def local_experts(self) -> int:
+        return self.E // 2 if self.expert_map == "half" else self.E
+
+    # --- id ---------------------------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        parts = [self.dtype, self.scheme, self.activation]
+        if self.lora != "none":
+            parts.append(f"lora_{self.lora}")
+        parts.append(f"M{self.M}N{self.N}K{self.K}E{self.E}k{self.topk}")
+        if self.config != "auto":
+            parts.append(f"cfg_{self.config}")
+        if self.expert_map != "none":
+            parts.append(f"map_{self.expert_map}")
+        if self.router_on_input:
+            parts.append("rwin")
+        if self.bias:
+            parts.append("bias")
+        if self.clamp is not None:
+            parts.append(f"clamp{_fmt_float(self.clamp)}")
+        if self.routing != "uniform":
+            parts.append(f"rt_{self.routing}")
+        if self.data != "randn":
+            parts.append(f"d_{self.data}")
+        if self.group_size is not None:
+            parts.append(f"g{self.group_size}")
+        parts.append(f"s{self.seed}")
+        return "-".join(parts)
+
+    def __str__(self) -> str:
+        return self.id
+
+    _SHAPE_RE = re.compile(r"^M(\d+)N(\d+)K(\d+)E(\d+)k(\d+)$")
+
+    @classmethod
+    def from_id(cls, case_id: str) -> "Case":
+        """Parses ``Case.id`` back; ValueError naming the bad token otherwise."""
+        if not isinstance(case_id, str) or not case_id:
+            raise ValueError(f"case id must be a non-empty string; got {case_id!r}")
+        expect = "dtype-scheme-activation[-lora_X]-M<M>N<N>K<K>E<E>k<topk>[-extras]-s<seed>"
+        tokens = case_id.split("-")
+        if len(tokens) < 5:
+            raise ValueError(f"case id {case_id!r} must look like {expect}")
+        kw: Dict[str, object] = {}
+        dtype, scheme, activation = tokens[:3]
+        if dtype not in DTYPES:
+            raise ValueError(f"case id {case_id!r}: dtype token must be one of {', '.join(DTYPES)}; got {dtype!r}")
+        try:
+            QuantScheme.parse(scheme, name="case id scheme token")
+            Activation.parse(activation, name="case id activation token")
+        except ValueError as exc:
+            raise ValueError(f"case id {case_id!r}: {exc}") from None
+        kw.update(dtype=dtype, scheme=scheme, activation=activation)
+        rest = tokens[3:]
+        if rest and rest[0].startswith("lora_"):
+            kw["lora"] = rest.pop(0)[len("lora_"):]
+        if not rest:
+            raise ValueError(f"case id {case_id!r} lacks the shape token M..N..K..E..k..")
+        m = cls._SHAPE_RE.match(rest.pop(0))
+        if not m:
+            raise ValueError(f"case id {case_id!r}: shape token must be M<M>N<N>K<K>E<E>k<topk>")
+        kw.update(zip(("M", "N", "K", "E", "topk"), map(int, m.groups())))
+        if not rest or not re.fullmatch(r"s\d+", rest[-1]):
+            raise ValueError(f"case id {case_id!r} must end with the seed token s<seed>")
+        kw["seed"] = int(rest.pop()[1:])
+        for tok in rest:
+            if tok.startswith("cfg_"):
+                kw["config"] = tok[4:]
+            elif tok.startswith("map_"):
+                kw["expert_map"] = tok[4:]
+            elif tok == "rwin":
+                kw["router_on_input"] = True
+            elif tok == "bias":
+                kw["bias"] = True
+            elif tok.startswith("clamp"):
+                try:
+                    kw["clamp"] = float(tok[5:])
+                except ValueError:
+                    raise ValueError(f"case id {case_id!r}: clamp token must be clamp<float>; got {tok!r}") from None
+            elif tok.startswith("rt_"):
+                kw["routing"] = tok[3:]
+            elif tok.startswith("d_"):
+                kw["data"] = tok[2:]
+            elif re.fullmatch(r"g\d+", tok):
+                kw["group_size"] = int(tok[1:])
+            else:
+                raise ValueError(f"case id {case_id!r}: unknown token {tok!r} (expected {expect})")
+        case = cls(**kw)  # type: ignore[arg-type]
+        if case.id != case_id:
+            raise ValueError(f"case id {case_id!r} is not canonical (it reads back as {case.id!r})")
+        return case
+
+    # --- data -------------------------------------------------------------------------------
+    def params(self) -> Dict[str, object]:
+        """Axis -> value, JSON scalars only (the results file's ``params``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    # --- validity ---------------------------------------------------------------------------
+    def is_valid(self) -> Tuple[bool, str]:
+        """(True, "") or (False, the rule it breaks). Invalid cases are never collected."""
+        reason = self._invalid_reason()
+        return (reason is None, reason or "")
+
+    def _invalid_reason(self) -> Optional[str]:  # noqa: C901 - one rule per line reads best
+        for name in ("M", "N", "K", "E", "topk", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                return f"{name} must be an int; got {v!r}"
+        if self.M < 0:
+            return f"M must be >= 0; got {self.M}"
+        for name in ("N", "K", "E", "topk"):
+            if getattr(self, name) < 1:
+                return f"{name} must be >= 1; got {getattr(self, name)}"
+        if self.seed < 0:
+            return f"seed must be >= 0; got {self.seed}"
+        if self.dtype not in DTYPES:
+            return f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}"
+        try:
+            scheme, act = self.quant, self.act
+        except ValueError as exc:
+            return str(exc)
+        if self.lora not in LORA_MODES:
+            return f"lora must be one of {', '.join(LORA_MODES)}; got {self.lora!r}"
+        if self.expert_map not in EXPERT_MAPS:
+            return f"expert_map must be one of {', '.join(EXPERT_MAPS)}; got {self.expert_map!r}"
+        if self.routing not in ROUTINGS:
+            return f"routing must be one of {', '.join(ROUTINGS)}; got {self.routing!r}"
+        if self.data not in DATAS:
+            return f"data must be one of {', '.join(DATAS)}; got {self.data!r}"
+        cfg = self.explicit_config()
+        if self.config not in CONFIG_KINDS and cfg is None:
+            return f"config must be auto, inv or like BM16BN32BK32GM1W4S2; got {self.config!r}"
+        # SPEC "Shapes": a gated activation reads gate and up halves (or even/odd rows) of c1.
+        if act.is_gated and self.N % 2:
+            return f"gated activation {act} needs an even N (N = 2I); got N={self.N}"
+        # topk distinct experts per token out of the global E.
+        if self.topk > self.E:
+            return f"topk must be <= E; got topk={self.topk}, E={self.E}"
+        # SPEC "Pipeline" 3: the router weight can only be folded into x with one route per token.
+        if self.router_on_input and self.topk != 1:
+            return f"router_on_input needs topk=1 (SPEC pipeline step 3); got topk={self.topk}"
+        # SPEC "Activations": the clamp limit applies to silu only.
+        if self.clamp is not None:
+            if act is not Activation.SILU:
+                return f"clamp applies to silu only (SPEC Activations); got activation={act}"
+            if not (0.01 <= float(self.clamp) <= 1e4):
+                return f"clamp must be in [0.01, 1e4] (a positive limit spelled without exponent); got {self.clamp}"
+        # SPEC "Quantization schemes": fp32 storage appears only in the `none` row; w8a16/w4a16
+        # take fp16/bf16 activations; fp8/int8 activation schemes quantize the input anyway, so an
+        # fp32 S would only change intermediate roundings nobody deploys (vLLM runs them in bf16/fp16).
+        if self.dtype == "fp32" and scheme is not QuantScheme.NONE:
+            return f"fp32 storage is specified for scheme none only (SPEC quant table); got scheme={scheme}"
+        # int4_w4a16: group scales [E, N, K/g] and [E, K, I/g] need g | K and g | I, g in {32,64,128}.
+        if scheme is QuantScheme.INT4_W4A16:
+            if self.group_size not in INT4_GROUP_SIZES:
+                return f"int4_w4a16 needs group_size in {INT4_GROUP_SIZES}; got {self.group_size}"
+            if self.K % self.group_size or self.I % self.group_size:
+                return f"int4_w4a16 group_size {self.group_size} must divide K={self.K} and I={self.I}"
+        elif self.group_size is not None:
+            return f"group_size applies to int4_w4a16 only; got scheme={scheme}"
+        # LoRA is allowed with every scheme, activation and dtype: SPEC "LoRA" feeds the adapters
+        # the UNQUANTIZED activations and adds the deltas to c1/c3 in S, so the scheme never
+        # reaches the LoRA arithmetic (it only disables the fused silu+fp8 path, SPEC step 8).
+        if self.expert_map == "half" and (self.E < 2 or self.E % 2):
+            return f"expert_map=half needs an even E >= 2; got E={self.E}"
+        if self.routing == "empty_experts" and self.E < 2 * self.topk:
+            return f"routing=empty_experts routes to E//2 experts, so it needs E >= 2*topk; got E={self.E}, topk={self.topk}"
+        if self.routing == "one_expert" and self.E < 2:
+            return "routing=one_expert needs E >= 2 (with E=1 every routing is one expert)"
+        if cfg is not None:
+            bm, bn, bk, gm, w, s = (cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"))
+            for name, v in (("BLOCK_M", bm), ("BLOCK_N", bn), ("BLOCK_K", bk)):
+                if v < 16 or v & (v - 1):
+                    return f"config {name} must be a power of two >= 16 (tl.dot tile); got {v}"
+            if w not in (1, 2, 4, 8, 16) or s < 1 or gm < 1:
+                return f"config must have num_warps in 1..16 (power of two), num_stages >= 1, GROUP_M >= 1; got {self.config}"
+            # SPEC "Quantization schemes": a K tile must not straddle a 128 scale group.
+            if scheme is QuantScheme.FP8_BLOCK128 and 128 % bk:
+                return f"fp8_block128 needs BLOCK_K dividing 128 (no K tile across a scale group); got {bk}"
+            # int4: one K tile reads one group scale, so BLOCK_K must divide the group size
+            # (kernels/configs.check_config enforces the same rule at launch)
+            if scheme is QuantScheme.INT4_W4A16 and self.group_size % bk:
+                return f"int4_w4a16 needs BLOCK_K dividing group_size {self.group_size}; got BLOCK_K={bk}"
+        return None
+
+    def explicit_config(self) -> Optional[Dict[str, int]]:
+        m = _CONFIG_RE.match(self.config)
+        if not m:
+            return None
+        keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+        return dict(zip(keys, map(int, m.groups())))
+
+    # --- device -----------------------------------------------------------------------------
+    def device_skip_reason(self, capability: Optional[Tuple[int, int]], interpreting: bool) -> Optional[str]:
+        """Why this device cannot run the case (None = it can)."""
+        if interpreting:
+            # The interpreter runs every scheme (fp8 casts are made exact by kernels/_interp.py),
+            # but it executes each program in Python: cost grows with the work per program
+            # count. Beyond this budget one case takes minutes on a CI core.
+            cost = interpreter_cost(self)
+            if cost > INTERPRETER_COST_LIMIT:
+                return (f"too slow under the Triton interpreter: ~{cost:.2e} MACs > "
+                        f"{INTERPRETER_COST_LIMIT:.0e} (run it on a GPU)")
+            return None
+        if capability is None:
+            return "needs a CUDA GPU or TRITON_INTERPRET=1 (no device to run Triton on)"
+        need = self.quant.min_capability
+        if need is not None and tuple(capability) < need:
+            return (f"{self.scheme} needs compute capability sm{need[0]}{need[1]}+ "
+                    f"(SPEC quant table); this GPU is sm{capability[0]}{capability[1]}")
+        cfg = self.explicit_config()
+        if cfg is not None and self.quant.is_fp8 and cfg["BLOCK_K"] < 32:
+            return "fp8 tl.dot needs BLOCK_K >= 32 on the GPU (TRITON_NOTES.md); config has BLOCK_K < 32"
+        return None
+
+
+# MACs of both GEMMs plus LoRA, the interpreter's cost proxy (its time is ~linear in the work
+# for a fixed tile shape). 2e7 MACs is a few seconds per case on one CI core with the tiles the
+# kernels pick for tiny shapes; smoke cases stay far below.
+INTERPRETER_COST_LIMIT = 2e7
+
+
+def interpreter_cost(case: Case) -> float:
+    routes = case.M * case.topk
+    gemm = routes * (case.N * case.K + case.K * case.I)
+    lora = routes * 8 * (case.K + case.N + case.I + case.K) if case.lora != "none" else 0
+    return float(gemm + lora)
+
+
+# =================================================================================================
+# Axes and generators
+# =================================================================================================
+# The orthogonal axes every suite draws from (values in their natural order; the first value is
+# the default used when an axis is not being varied).
+AXES: Dict[str, Tuple] = {
+    "dtype": ("bf16", "fp16", "fp32"),
+    "scheme": tuple(s.value for s in QuantScheme),
+    "activation": tuple(a.value for a in Activation),
+    "lora": LORA_MODES,
+    "config": ("auto", "inv") + EXPLICIT_CONFIGS,
+    "expert_map": EXPERT_MAPS,
+    "router_on_input": (False, True),
+    "bias": (False, True),
+    "clamp": (None, 7.0),
+    "routing": ROUTINGS,
+    "data": DATAS,
+    "group_size": (None,) + INT4_GROUP_SIZES,
+}
+
+
+def _repair(case: Case) -> Case:
+    """Adjusts dependent fields so that a generated case is valid when it can be.
+
+    Only fields that a rule ties to another are touched (topk for router_on_input, group_size
+    for int4); the axis values a generator chose are kept, so an impossible pair stays invalid.
+    """
+    kw = {}
+    if case.router_on_input and case.topk != 1:
+        kw["topk"] = 1
+    if case.scheme == "int4_w4a16":
+        if case.group_size is None:
+            fitting = [g for g in INT4_GROUP_SIZES if case.K % g == 0 and case.I % g == 0]
+            if fitting:
+                kw["group_size"] = fitting[-1]
+    if case.routing == "empty_experts" and case.E < 2 * (kw.get("topk", case.topk)):
+        kw["topk"] = max(1, case.E // 2)
+    return replace(case, **kw) if kw else case
+
+
+def _one_at_a_time(base: Case, axes: Dict[str, Sequence], seed0: int, skip_values: Dict[str, set] = None) -> List[Case]:
+    """Every value of every axis at least once, each varied alone from ``base`` (then repaired)."""
+    out: List[Case] = []
+    seed = seed0
+    for axis, values in axes.items():
+        for v in values:
+            if skip_values and v in skip_values.get(axis, ()):
+                continue
+            kw = {axis: v, "seed": seed}
+            # partner values that a rule requires (recorded here rather than hidden in repair):
+            if axis == "clamp" and v is not None:
+                kw["activation"] = "silu"
+            if axis == "dtype" and v == "fp32":
+                kw["scheme"] = "none"
+            if axis == "group_size" and v is not None:
+                kw["scheme"] = "int4_w4a16"
+            c = _repair(replace(base, **kw))
+            seed += 1
+            if c.is_valid()[0]:
+                out.append(c)
+    return out
+
+
+def case_pairs(case: Case, axes: Dict[str, Sequence] = None) -> set:
+    """The set of ((axis, value), (axis, value)) pairs a case covers."""
+    axes = axes or AXES
+    items = [(a, getattr(case, a)) for a in axes]
+    return {tuple(sorted(p, key=str)) for p in itertools.combinations(items, 2)}
+
+
+def _pair_case(base: Case, a: str, va, b: str, vb) -> Optional[Case]:
+    """The base case with the two values imposed and dependents repaired, or None if impossible."""
+    kw = {a: va, b: vb}
+    c = replace(base, **kw)
+    # partners the rules demand, chosen without touching a or b
+    fixes = []
+    if c.clamp is not None and "activation" not in kw:
+        fixes.append(("activation", "silu"))
+    if c.dtype == "fp32" and "scheme" not in kw:
+        fixes.append(("scheme", "none"))
+    if c.group_size is not None and "scheme" not in kw:
+        fixes.append(("scheme", "int4_w4a16"))
+    if c.scheme != "int4_w4a16" and c.group_size is not None and "group_size" not in kw:
+        fixes.append(("group_size", None))
+    if c.scheme != "none" and c.dtype == "fp32" and "dtype" not in kw:
+        fixes.append(("dtype", "bf16"))
+    if c.activation != "silu" and c.clamp is not None and "clamp" not in kw:
+        fixes.append(("clamp", None))
+    if fixes:
+        c = replace(c, **dict(fixes))
+    c = _repair(c)
+    if getattr(c, a) != va or getattr(c, b) != vb:  # a rule forced one of the pair away
+        return None
+    return c if c.is_valid()[0] else None
+
+
+def feasible_pairs(base: Case, axes: Dict[str, Sequence] = None) -> Tuple[set, Dict[tuple, str]]:
+    """(pairs some valid case on base's shape can cover, {impossible pair: the rule it breaks})."""
+    axes = axes or AXES
+    ok, impossible = set(), {}
+    names = list(axes)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            for va in axes[a]:
+                for vb in axes[b]:
+                    pair = tuple(sorted(((a, va), (b, vb)), key=str))
+                    c = _pair_case(base, a, va, b, vb)
+                    if c is None:
+                        raw = replace(base, **{a: va, b: vb})
+                        impossible[pair] = raw.is_valid()[1] or "a rule forces another value (e.g. int4 needs a group_size)"
+                    else:
+                        ok.add(pair)
+    return ok, impossible
+
+
+def pairwise_cases(base: Case, axes: Dict[str, Sequence] = None, seed0: int = 0) -> List[Case]:
+    """A greedy all-pairs cover: every feasible pair of axis values in at least one valid case.
+
+    Greedy in the AETG style: for each still-uncovered pair, start a case from that pair and
+    fill the other axes one by one with the value that covers most uncovered pairs (ties by
+    the axis' value order, so the result is deterministic), keeping the case valid.
+    """
+    axes = axes or AXES
+    todo, _ = feasible_pairs(base, axes)
+    names = list(axes)
+    cases: List[Case] = []
+    seed = seed0
+    while todo:
+        first = min(todo, key=lambda p: (str(p[0][0]), str(p[0][1]), str(p[1][0]), str(p[1][1])))
+        (a, va), (b, vb) = first
+        cur = _pair_case(base, a, va, b, vb)
+        fixed = {a, b}
+        for axis in names:
+            if axis in fixed:
+                continue
+            best, best_gain = None, -1
+            for v in axes[axis]:
+                cand = _repair(replace(cur, **{axis: v}))
+                if not cand.is_valid()[0]:
+                    continue
+                # the axes already fixed must keep their values (repair may move topk only)
+                if any(getattr(cand, f) != getattr(cur, f) for f in fixed):
+                    continue
+                gain = len(case_pairs(cand, axes) & todo)
+                if gain > best_gain:
+                    best, best_gain = cand, gain
+            if best is not None:
+                cur = best
+            fixed.add(axis)
+        cur = replace(cur, seed=seed)
+        seed += 1
+        covered = case_pairs(cur, axes) & todo
+        assert first in covered, f"pairwise generator lost its seed pair {first} in {cur.id}"
+        todo -= covered
+        cases.append(cur)
+    return cases
+
+
+# =================================================================================================
+# Suites
+# =================================================================================================
+def _smoke() -> List[Case]:
+    # Tiny shapes for the CPU interpreter: M <= 9, N <= 64, K <= 64, E <= 4 (one case K=128 for
+    # int4 g128, which needs K and I divisible by 128). Every axis value appears at least once.
+    base = Case(M=7, N=64, K=64, E=4, topk=2)
+    axes = dict(AXES)
+    axes.pop("group_size")
+    cases = _one_at_a_time(base, axes, seed0=0)
+    # int4 group sizes: g32 fits I=32 (gated N=64); g64 needs I=64 (no_mul N=64);
+    # g128 needs K and I of 128: the single larger smoke case.
+    cases += [
+        Case(M=5, N=64, K=64, E=4, topk=2, scheme="int4_w4a16", group_size=32, seed=100),
+        Case(M=5, N=64, K=64, E=4, topk=2, scheme="int4_w4a16", activation="silu_no_mul", group_size=64, seed=101),
+        Case(M=3, N=128, K=128, E=2, topk=1, scheme="int4_w4a16", activation="gelu_no_mul", group_size=128, seed=102),
+    ]
+    # every quant scheme with bias, with LoRA and with fp16 (the schemes are the riskiest axis)
+    for i, s in enumerate(AXES["scheme"]):
+        g = 32 if s == "int4_w4a16" else None
+        cases.append(Case(M=9, N=64, K=64, E=4, topk=2, scheme=s, bias=True, group_size=g, dtype="fp16", seed=110 + i))
+        cases.append(Case(M=6, N=64, K=64, E=3, topk=2, scheme=s, lora="dual", group_size=g,
+                          activation="swigluoai" if i % 2 else "gelu_tanh", seed=130 + i))
+    # every activation with an fp8 scheme (requantization of the activation output)
+    for i, a in enumerate(AXES["activation"]):
+        cases.append(Case(M=5, N=64, K=64, E=4, topk=2, scheme="fp8_block128" if i % 2 else "int8_channel_token",
+                          activation=a, seed=150 + i))
+    # edges: no tokens; one token; one expert; topk = E; odd K (masks); E not a power of two;
+    # router weight on input with an expert map; all routes invalid but the first
+    cases += [
+        Case(M=0, N=64, K=64, E=4, topk=2, seed=170),
+        Case(M=1, N=64, K=64, E=4, topk=2, seed=171),
+        Case(M=4, N=32, K=32, E=1, topk=1, seed=172),
+        Case(M=5, N=32, K=32, E=3, topk=3, seed=173),
+        Case(M=6, N=64, K=63, E=4, topk=2, seed=174),
+        Case(M=6, N=48, K=40, E=3, topk=2, scheme="fp8_channel_token", seed=175),
+        Case(M=8, N=64, K=64, E=4, topk=1, router_on_input=True, expert_map="half", seed=176),
+        Case(M=9, N=64, K=64, E=4, topk=2, routing="invalid_ids", lora="single", bias=True, seed=177),
+    ]
+    return _dedupe(cases)
+
+
+def _premerge() -> List[Case]:
+    # One GPU, < 2 minutes: mid-size shapes, every axis value once, plus every scheme crossed
+    # with a gated activation on a shape with several K tiles and partial N tiles.
+    base = Case(M=100, N=512, K=256, E=8, topk=2)
+    axes = dict(AXES)
+    axes.pop("group_size")
+    cases = _one_at_a_time(base, axes, seed0=1000)
+    cases += [Case(M=64, N=512, K=256, E=8, topk=2, scheme="int4_w4a16", group_size=g, seed=1100 + i)
+              for i, g in enumerate(INT4_GROUP_SIZES)]
+    for i, s in enumerate(AXES["scheme"]):
+        g = 64 if s == "int4_w4a16" else None
+        cases.append(Case(M=33, N=384, K=320, E=6, topk=3, scheme=s, group_size=g, bias=True, seed=1120 + i))
+    # shapes that stress masks and sorting: M=1 decode, odd K, E=1, topk=E, many experts
+    cases += [
+        Case(M=1, N=256, K=128, E=8, topk=2, seed=1140),
+        Case(M=17, N=256, K=200, E=4, topk=2, scheme="fp8_block128", seed=1141),
+        Case(M=64, N=256, K=128, E=1, topk=1, seed=1142),
+        Case(M=31, N=128, K=128, E=4, topk=4, seed=1143),
+        Case(M=256, N=256, K=256, E=64, topk=8, seed=1144),
+        Case(M=0, N=256, K=128, E=8, topk=2, seed=1145),
+    ]
+    return _dedupe(cases)
+
+
+def _nightly() -> List[Case]:
+    # All-pairs over every axis on one mid shape, the premerge cases, and shapes where
+    # tiling changes (partial tiles on every dimension, large E, large M).
+    base = Case(M=80, N=512, K=384, E=16, topk=2)
+    cases = pairwise_cases(base, AXES, seed0=2000)
+    cases += _premerge()
+    cases += [
+        Case(M=257, N=1024, K=512, E=32, topk=4, scheme=s, group_size=(128 if s == "int4_w4a16" else None), seed=2500 + i)
+        for i, s in enumerate(AXES["scheme"])
+    ]
+    cases += [
+        Case(M=129, N=2 * 352, K=448, E=10, topk=3, activation=a, seed=2520 + i)
+        for i, a in enumerate(AXES["activation"])
+    ]
+    return _dedupe(cases)
+
+
+def _bringup() -> List[Case]:
+    # Everything in nightly, plus stress and edge shapes.
+    cases = _nightly()
+    edge_shapes = [
+        # (M, N, K, E, topk): what it exercises
+        (1, 256, 511, 8, 2),      # K=511: odd K, partial last K tile everywhere
+        (64, 256, 512, 33, 3),    # E not a multiple of 32 (expert-id tiling)
+        (64, 256, 256, 1, 1),     # E=1
+        (32, 256, 256, 6, 6),     # topk = E: every token visits every expert
+        (0, 256, 256, 8, 2),      # M=0: nothing to do, must not launch or crash
+        (1, 4096, 2048, 64, 8),   # M=1 decode on a large layer
+        (8192, 1024, 1024, 8, 2), # huge M: thousands of routes per expert
+        (333, 768, 640, 128, 8),  # many experts, most with few tokens
+    ]
+    for i, (M, N, K, E, k) in enumerate(edge_shapes):
+        for j, s in enumerate(("none", "fp8_block128", "int8_channel_token", "int8_w8a16")):
+            cases.append(Case(M=M, N=N, K=K, E=E, topk=k, scheme=s, seed=3000 + 10 * i + j))
+    # stress data and routing on the large shape: outliers with per-tensor scales, all tokens to
+    # one expert, invalid ids with LoRA
+    cases += [
+        Case(M=4096, N=1024, K=1024, E=16, topk=2, scheme="fp8_tensor_dynamic", data="outliers", seed=3100),
+        Case(M=4096, N=1024, K=1024, E=16, topk=2, scheme="fp8_block128", routing="one_expert", seed=3101),
+        Case(M=2048, N=1024, K=1024, E=16, topk=2, lora="dual", routing="invalid_ids", seed=3102),
+        Case(M=2048, N=1024, K=1024, E=16, topk=2, scheme="int4_w4a16", group_size=128, data="zero_blocks", seed=3103),
+    ]
+    # every scheme under the batch-invariant config and an explicit config, on odd shapes
+    for i, s in enumerate(AXES["scheme"]):
+        g = 32 if s == "int4_w4a16" else None
+        cases.append(Case(M=77, N=320, K=480, E=12, topk=2, scheme=s, group_size=g, config="inv", seed=3200 + i))
+        # (int4 g32 needs BLOCK_K | 32, so it gets the small explicit config)
+        cfg = EXPLICIT_CONFIGS[0] if s == "int4_w4a16" else EXPLICIT_CONFIGS[1]
+        cases.append(Case(M=77, N=320, K=480, E=12, topk=2, scheme=s, group_size=g, config=cfg, seed=3220 + i))
+    return _dedupe(cases)
+
+
+def _dedupe(cases: Iterable[Case]) -> List[Case]:
+    seen, out = set(), []
+    for c in cases:
+        ok, why = c.is_valid()
+        if not ok:  # a generator bug: suites hold valid cases only
+            raise AssertionError(f"suite generator produced invalid case {c.id}: {why}")
+        if c.id not in seen:
+            seen.add(c.id)
+            out.append(c)
+    return out
+
+
+_SUITE_BUILDERS = {"smoke": _smoke, "premerge": _premerge, "nightly": _nightly, "bringup": _bringup}
+_CACHE: Dict[str, List[Case]] = {}
+
+
+def suite_cases(name: str) -> List[Case]:
+    """The cases of suite ``name`` (a fresh list; the Case objects are immutable)."""
+    if name not in _SUITE_BUILDERS:
+        raise ValueError(f"suite must be one of {', '.join(SUITES)}; got {name!r}")
+    if name not in _CACHE:
+        _CACHE[name] = _SUITE_BUILDERS[name]()
+    return list(_CACHE[name])
+
+
+def default_suite(has_cuda: bool) -> str:
+    return "premerge" if has_cuda else "smoke"
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(Case))
+
+
+def _value_matches(actual, text: str) -> bool:
+    if isinstance(actual, bool):
+        return text.lower() in (("true", "1", "yes") if actual else ("false", "0", "no"))
+    if actual is None:
+        return text.lower() in ("none", "null", "")
+    if isinstance(actual, float):
+        try:
+            return float(text) == actual
+        except ValueError:
+            return False
+    if isinstance(actual, int):
+        try:
+            return int(text) == actual
+        except ValueError:
+            return False
+    return fnmatch.fnmatchcase(str(actual), text)
+
+
+def filter_cases(cases: Iterable[Case], expr: str) -> List[Case]:
+    """Cases matching every comma-separated term of ``expr``.
+
+    A term is ``axis=value`` (value may be a glob for string axes, e.g. ``scheme=fp8_*``) or a
+    glob on the case id (``*lora_dual*``). An empty ``expr`` keeps everything.
+    """
+    if not isinstance(expr, str):
+        raise TypeError(f"filter expression must be a str; got {type(expr).__name__}")
+    terms = [t.strip() for t in expr.split(",") if t.strip()]
+    preds = []
+    for term in terms:
+        if "=" in term:
+            axis, value = (s.strip() for s in term.split("=", 1))
+            if axis not in _FIELD_NAMES:
+                raise ValueError(f"filter axis must be one of {', '.join(_FIELD_NAMES)}; got {axis!r} in {term!r}")
+            preds.append(lambda c, a=axis, v=value: _value_matches(getattr(c, a), v))
+        else:
+            pattern = term if any(ch in term for ch in "*?[") else f"*{term}*"
+            preds.append(lambda c, p=pattern: fnmatch.fnmatchcase(c.id, p))
+    return [c for c in cases if all(p(c) for p in preds)]

@@ -1,0 +1,428 @@
+"""Per-case, per-element error bounds derived from the arithmetic (SPEC.md "Tolerances").
+
+Two oracles, two bounds:
+
+- ``gate`` (kernel vs the reference's ``mirror``): both apply the same quantizers and round at
+  the same places, so they differ only by (a) fp32 (or Hopper fp8-MMA) accumulation order in
+  the GEMMs and fp32-vs-float64 activation math, and (b) the rounding *flips* that (a) causes at
+  each store (c1, c2, the requantization of c2, c3, out). (a) is a small continuous error,
+  modelled as a standard deviation; (b) is discrete: a few flip events per route, each moving
+  one c2_in element by at most one step (an S ulp, or one requantization step), which GEMM2
+  carries to the output times |w2| and the router weight.
+- ``budget`` (kernel vs ``exact``: float64 after input quantization only): every rounding stage
+  of the pipeline (c1, c2, requantization, c3, out) contributes a uniform rounding error; they
+  propagate through the activation and GEMM2 as independent zero-mean errors, so the output
+  error's standard deviation uses the scale ``sqrt(sum_i a_i^2 b_i^2)`` (never ``|ref|``, which
+  cancellation can make arbitrarily small).
+
+Both are per output element: ``allowed[m, k] = hard[m, k] + Z * sigma[m, k]``. ``Bound`` keeps the
+tensors for the comparison and serializes to the results schema (``atol``, ``rtol``,
+``derivation`` lines and the named terms).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from moe_validate.spec import FP8_DTYPE, Activation, MoEInputs, QuantScheme, storage_dtype
+
+__all__ = ["Bound", "derive", "unit_roundoff", "ulp", "PRECISION_BITS", "Z_GATE", "Z_BUDGET"]
+
+F64 = torch.float64
+
+# Significand precision p (bits, implicit bit included): the unit roundoff is u = 2^-p and one
+# ulp at 1.0 is 2^(1-p). bf16 u = 2^-8, fp16 2^-11, fp32 2^-24, fp8 e4m3 2^-4 (SPEC "Tolerances").
+PRECISION_BITS = {torch.float32: 24, torch.float16: 11, torch.bfloat16: 8, FP8_DTYPE: 4}
+# Smallest exponent of a normal number (the ulp stays 2^(EMIN+1-p) below it: subnormals).
+_EMIN = {torch.float32: -126, torch.float16: -14, torch.bfloat16: -126, FP8_DTYPE: -6}
+
+# Z: how many standard deviations of the continuous (random-like) error part are allowed. The
+# largest of n ~ 1e6 independent Gaussian errors exceeds 5 sigma with probability ~0.6; 6 sigma
+# ~1e-3 per million elements. The rounding errors modelled here are bounded (uniform), so their
+# tails are lighter than Gaussian.
+Z_GATE = 6.0
+Z_BUDGET = 6.0
+# Flip-probability factor: a rounding whose input moves by delta flips with probability
+# <= |delta| / ulp; with delta ~ N(0, sigma^2), E|delta| = 0.8 sigma; 2 sigma / ulp is a safe cap.
+FLIP_SIGMAS = 2.0
+# Poisson tail for the number of flip events: ceil(lambda + 4 sqrt(lambda)) holds with
+# probability > 1 - 1e-4 for every lambda (for lambda -> 0 it is one event, exceeded with
+# probability ~lambda^2 / 2). The mirror quantizes with the kernels' fp32 formulas, so the input
+# quantization and the dynamic scales agree exactly and add no events.
+# |d activation|: every activation has |f'(g)| <= 1.13 (gelu's maximum; silu 1.1), |f(g)| <= |g|,
+# so a change (dg, du) moves f(g)*u by at most 1.13 * (|u| dg + |g| du) (relu2: 2|g| dg).
+ACT_LIPSCHITZ = 1.13
+# Activation math in fp32 vs float64: a handful of fp32 operations (exp, division, product):
+# at most ~4 units of fp32 roundoff relative to the result.
+ACT_FP32_ULPS = 4.0
+U32 = 2.0 ** -24
+# Hopper fp8 MMA does not accumulate in full fp32 (TRITON_NOTES: relF 7e-5 at K=64 on random
+# data, i.e. an effective unit ~1.6e-5 = 2^-16 under the model below); 2^-14 gives 4x headroom.
+# The interpreter's fp8 dot is exact, and int8 dots accumulate exactly in int32.
+U_ACC_FP8_NATIVE = 2.0 ** -14
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    try:
+        return 2.0 ** -PRECISION_BITS[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {list(PRECISION_BITS)}; got {dtype}") from None
+
+
+def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` at |values| (float64 out; 0 -> the smallest subnormal spacing)."""
+    p, emin = PRECISION_BITS[dtype], _EMIN[dtype]
+    v = values.to(F64).abs()
+    _, e = torch.frexp(v)  # v = m * 2^e with m in [0.5, 1): the binade's ulp is 2^(e-1+1-p)
+    e = torch.where(v == 0, torch.full_like(v, emin), torch.clamp(e.to(F64) - 1, min=emin))
+    return torch.exp2(e + 1 - p)
+
+
+def _acc_growth(n: int) -> float:
+    """Std of recursive fp32 summation of n products, in units of u * s (s = sqrt(sum a^2 b^2)).
+
+    Each partial sum S_k (|S_k| ~ sqrt(k) sigma_term) is rounded with an error ~ u |S_k| / sqrt(3);
+    summing the variances gives ~ u^2 n^2 sigma_term^2 / 6 = u^2 n s^2 / 6; plus one rounding
+    of each product (u s / sqrt(3) < u s). Blocked/tensor-core sums are smaller; this is the
+    sequential worst case.
+    """
+    return 1.0 + math.sqrt(max(n, 1) / 6.0)
+
+
+@dataclass
+class Bound:
+    """One oracle's per-element bound and how it was derived."""
+
+    name: str
+    allowed: torch.Tensor  # [M, K] float64: |kernel - oracle| <= allowed
+    sigma: torch.Tensor  # [M, K] float64: modelled std of the continuous part (for z-scores)
+    atol: float
+    rtol: float
+    z: float
+    derivation: List[str] = field(default_factory=list)
+    terms: Dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        a = self.allowed[torch.isfinite(self.allowed)]
+        out = {
+            "name": self.name, "atol": self.atol, "rtol": self.rtol, "z": self.z,
+            "derivation": list(self.derivation),
+            "allowed_max": float(a.max()) if a.numel() else 0.0,
+            "allowed_median": float(a.median()) if a.numel() else 0.0,
+        }
+        out.update({k: float(v) for k, v in self.terms.items()})
+        return out
+
+
+# =================================================================================================
+# Helpers over route stages
+# =================================================================================================
+def _gate_up(c1: torch.Tensor, act: Activation) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    if not act.is_gated:
+        return c1, None
+    if act.is_interleaved:
+        return c1[..., 0::2], c1[..., 1::2]
+    half = c1.shape[-1] // 2
+    return c1[..., :half], c1[..., half:]
+
+
+def _act_sensitivity(c1, dc1, act):
+    """Bound on |delta c2| given per-element |delta c1| (same layout as c1)."""
+    g, u = _gate_up(c1.abs(), act)
+    dg, du = _gate_up(dc1, act)
+    if act is Activation.RELU2_NO_MUL:
+        return 2.0 * g * dg  # d(g^2) = 2 g dg
+    if u is None:
+        return ACT_LIPSCHITZ * dg
+    if act is Activation.SWIGLUOAI:
+        u = u + 1.0  # (u + 1) multiplies the gate term
+    return ACT_LIPSCHITZ * (u * dg + g * du)
+
+
+def _requant_step(c2_in: torch.Tensor, valid: torch.Tensor, scheme: QuantScheme, inputs: MoEInputs) -> Optional[torch.Tensor]:
+    """Per-element size of one requantization step of c2 (in the dequantized domain), or None.
+
+    The step is the quantized format's ulp at the value times the scale: fp8 e4m3 has 3
+    mantissa bits (ulp = 2^(e-3), subnormal floor 2^-9) and int8 a uniform step of 1. The group
+    absmax is bounded by the row absmax (per-token groups) or the global absmax (per tensor).
+    """
+    gran = scheme.act_granularity
+    if gran is None:
+        return None
+    v = c2_in.abs()
+    if gran in ("token", "token_group"):
+        amax = v.amax(-1, keepdim=True)
+    elif gran == "tensor_dynamic":
+        amax = v[valid].max() if valid.any() else torch.zeros((), dtype=F64, device=v.device)
+    else:
+        amax = None
+    if gran == "tensor_static":
+        scale = inputs.quant.a2_scale.to(F64).reshape(()).to(v.device)
+    else:
+        scale = amax.clamp_min(1e-10) / scheme.act_qmax
+    if scheme.act_dtype == FP8_DTYPE:
+        return ulp(v / scale, FP8_DTYPE) * scale
+    return torch.ones_like(v) * scale
+
+
+def _per_expert_gemm_scales(a, w, route_expert, valid, power: int = 2):
+    """For every valid route r (token m, slot j) with expert e:
+    sq[r, n] = sum_k |a[r, k]|^p |w[e, n, k]|^p (p = ``power``)  and  wmax[r, n] = max_k |w[e, n, k]|.
+
+    a: [M, topk, K_in], w: [E, N_out, K_in]; loops over experts so memory stays O(routes x N).
+    """
+    M, T = a.shape[0], a.shape[1]
+    N = w.shape[1]
+    sq = torch.zeros(M, T, N, dtype=F64, device=a.device)
+    wmax = torch.zeros(M, T, N, dtype=F64, device=a.device)
+    for e in range(w.shape[0]):
+        sel = valid & (route_expert == e)
+        if not sel.any():
+            continue
+        we = w[e].to(F64)
+        sq[sel] = (a[sel].abs() ** power) @ (we.abs() ** power).T
+        wmax[sel] = we.abs().amax(-1).expand(int(sel.sum()), N)
+    return sq, wmax
+
+
+_LN_1E6 = math.log(1e6)
+_JUMP_CHUNK_ELEMENTS = 1 << 24  # routes x K x I elements materialized at once
+
+
+def _flip_jumps(p: torch.Tensor, jump: torch.Tensor, w2: torch.Tensor, route_expert, valid, wts) -> torch.Tensor:
+    """[M, K]: sum over a token's routes of ceil(lam + 4 sqrt(lam)) * J * w (see the caller)."""
+    M, T, I = p.shape
+    K = w2.shape[1]
+    out = torch.zeros(M, K, dtype=F64, device=p.device)
+    if M == 0 or I == 0:
+        return out
+    for e in range(w2.shape[0]):
+        sel = valid & (route_expert == e)
+        if not sel.any():
+            continue
+        m_idx, j_idx = torch.nonzero(sel, as_tuple=True)
+        aw = w2[e].to(F64).abs()  # [K, I]
+        chunk = max(1, _JUMP_CHUNK_ELEMENTS // max(1, K * I))
+        for c0 in range(0, m_idx.numel(), chunk):
+            mi, ji = m_idx[c0:c0 + chunk], j_idx[c0:c0 + chunk]
+            jumps = jump[mi, ji][:, None, :] * aw[None]  # [R, K, I]
+            J = jumps.amax(-1)
+            pr = p[mi, ji][:, None, :]
+            lam = (pr * jumps).sum(-1) / J.clamp_min(1e-300)
+            poisson = torch.ceil(lam + 4.0 * lam.sqrt()) * J  # all jumps of one sign
+            # jumps of random sign (a flip goes up or down with equal odds): Bernstein at 1e-6,
+            # sqrt(2 V ln 1e6) + J ln(1e6) / 3 with V = sum_i p_i jump_i^2
+            var = (pr * jumps ** 2).sum(-1)
+            bernstein = (2.0 * var * _LN_1E6).sqrt() + J * _LN_1E6 / 3.0
+            out.index_put_((mi,), torch.minimum(poisson, bernstein) * wts[mi, ji][:, None], accumulate=True)
+    return out
+
+
+# =================================================================================================
+# The derivation
+# =================================================================================================
+def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu: bool) -> Dict[str, Bound]:
+    """{"gate": Bound, "budget": Bound} for ``case`` from the MIRROR stages of its inputs.
+
+    ``native_gpu``: the kernel ran compiled on a GPU (not the interpreter); only then is the
+    Hopper fp8-MMA accumulation unit used. The CPU interpreter needs no widening: its fp8 casts
+    are exact (kernels/_interp.to_fp8_e4m3), so it gets the same gate as an exact GPU.
+    """
+    act = Activation.parse(inputs.activation)
+    scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None)
+    S = storage_dtype(inputs.hidden_states.dtype)
+    uS = unit_roundoff(S)
+    M, K = stages["out"].shape
+    dev = stages["out"].device
+    valid = stages["route_valid"].to(torch.bool)
+    rexp = stages["route_expert"].long()
+    x, w1, w2 = stages["x"].to(F64), stages["w1"].to(F64), stages["w2"].to(F64)
+    c1, c2, c2_in, c3 = (stages[k].to(F64) for k in ("c1", "c2", "c2_in", "c3"))
+    out = stages["out"].to(F64)
+    T = valid.shape[1] if valid.dim() == 2 else 1
+    N, I = c1.shape[-1], c2.shape[-1]
+    vmask = valid[..., None].to(F64)
+    wts = inputs.topk_weights.to(F64).to(dev).abs()
+    if inputs.apply_router_weight_on_input:
+        wts = torch.ones_like(wts)  # GEMM2 does not multiply by the router weight
+    has_lora = inputs.lora is not None
+    # roundings per stored element: c1 = round(round(acc + b) + round(d13)) with LoRA, else one
+    n_round_c1 = 3 if has_lora else 1
+    n_round_c3 = 3 if has_lora else 1
+
+    # --- accumulation units ------------------------------------------------------------------
+    if scheme.act_dtype == torch.int8:
+        u_acc = U32  # int8 x int8 -> int32 is exact; only the fp32 dequant multiply rounds
+        growth1 = growth2 = 1.0
+        acc_note = "int8 dots accumulate exactly in int32: only the fp32 dequantization rounds (1 u32)"
+    else:
+        u_acc = U_ACC_FP8_NATIVE if (scheme.is_fp8 and native_gpu) else U32
+        growth1, growth2 = _acc_growth(K), _acc_growth(I)
+        acc_note = (f"accumulation unit {u_acc:.3g} ("
+                    + ("Hopper fp8 MMA, TRITON_NOTES" if u_acc != U32 else "fp32") + f"); growth 1+sqrt(n/6): "
+                    f"GEMM1 n=K={K} -> {growth1:.3g}, GEMM2 n=I={I} -> {growth2:.3g}")
+
+    # --- GEMM scales s = sqrt(sum a^2 b^2) per route element ----------------------------------
+    xr = x[:, None, :].expand(M, T, K) if T else x[:, None, :]
+    s1_sq, _ = _per_expert_gemm_scales(xr, w1, rexp, valid)
+    s1 = s1_sq.sqrt()
+    s2_sq, w2max = _per_expert_gemm_scales(c2_in, w2, rexp, valid)
+    s2 = s2_sq.sqrt() * wts[..., None]
+    w2max = w2max * wts[..., None]
+
+    # ===================== gate: kernel vs mirror =============================================
+    sigma_c1 = u_acc * growth1 * s1  # continuous c1 discrepancy before rounding
+    ulp_c1 = ulp(c1, S)
+    ulp_c2 = ulp(c2, S)
+    sigma_c2_pre = ACT_FP32_ULPS * U32 * c2.abs() + _act_sensitivity(c1, sigma_c1, act)
+    p_c1 = torch.clamp(n_round_c1 * FLIP_SIGMAS * sigma_c1 / ulp_c1, max=1.0)
+    p_c2 = torch.clamp(FLIP_SIGMAS * sigma_c2_pre / ulp_c2, max=1.0)
+    step = _requant_step(c2_in, valid, scheme, inputs)
+    # The mirror follows the fused silu+fp8_block128 rule of SPEC step 8 (no round_S before the
+    # requantization), so a kernel that takes that path matches it; no extra flips are budgeted.
+    fused_ok = (act is Activation.SILU and scheme is QuantScheme.FP8_BLOCK128 and not has_lora
+                and (inputs.quant is None or inputs.quant.gemm1_clamp_limit is None))
+    if step is not None:
+        p_q = torch.clamp(FLIP_SIGMAS * sigma_c2_pre / step.clamp_min(1e-300), max=1.0)
+    else:
+        p_q = torch.zeros_like(c2)
+        step = torch.zeros_like(c2)
+    # one flip event moves one c2_in element i by at most delta_i: an S ulp of c2, the
+    # activation's image of an S ulp of c1, and (quantized activations) one requantization step
+    delta = ulp_c2 + _act_sensitivity(c1, ulp_c1, act) + step
+    delta_max = delta.amax(-1) if I else torch.zeros(c2.shape[:-1], dtype=F64, device=dev)
+    # c1 flips map onto the c2 element they feed (gate and up rows)
+    pg, pu = _gate_up(p_c1, act)
+    p_events = torch.clamp(pg + (pu if pu is not None else 0.0) + p_c2 + p_q, max=1.0)
+    # Flip events are rare jumps of different sizes: bound their sum per route and output column
+    # with the same Poisson/Bernstein rule as the budget (``_flip_jumps``): J = max_i delta_i
+    # |w2[e,k,i]|, lambda = sum_i p_i delta_i |w2[e,k,i]| / J.
+    flip_term = _flip_jumps(p_events, delta, w2, rexp, valid, wts)  # [M, K]
+    lam = (p_events * vmask).sum(-1)  # expected events per route (reported)
+    flips = torch.ceil(lam + 4.0 * lam.sqrt())
+
+    # continuous part through GEMM2: sum_i w2^2 sigma_i^2 (the mirror's c2_in carries no
+    # continuous error when requantized; then only flips matter)
+    cont_in = sigma_c2_pre if scheme.act_granularity is None else torch.zeros_like(sigma_c2_pre)
+    prop_sq, _ = _per_expert_gemm_scales(cont_in, w2, rexp, valid)
+    var_gate = ((prop_sq * wts[..., None] ** 2 + (u_acc * growth2 * s2) ** 2) * vmask).sum(1)
+    sigma_gate = var_gate.sqrt()
+    c3_ulps = (ulp(c3, S) * (c3 != 0) * vmask).sum(1) * n_round_c3
+    out_ulp = ulp(out, S) * (out != 0)
+    sum_err = (T - 1) * U32 * (c3.abs() * vmask).sum(1)  # fp32 sum of topk S values
+    hard_gate = out_ulp + c3_ulps + sum_err + flip_term
+    allowed_gate = hard_gate + Z_GATE * sigma_gate
+
+    gate = Bound(
+        name="gate", allowed=allowed_gate, sigma=sigma_gate.clamp_min(1e-300), atol=0.0,
+        rtol=2.0 * uS, z=Z_GATE,
+        derivation=[
+            "gate = kernel vs mirror: same quantizers and stores, differ by accumulation order and the flips it causes",
+            f"S = {str(S).replace('torch.', '')}, u_S = 2^-{PRECISION_BITS[S]}; {acc_note}",
+            f"out: 1 ulp_S(|mirror|) (final rounding may flip) + (topk-1) u32 sum|c3| (fp32 sum of {T} slots)",
+            f"c3: {n_round_c3} ulp_S(|c3|) per slot ({'base, LoRA delta and sum roundings' if has_lora else 'one store'})",
+            f"continuous: Z={Z_GATE} x sqrt(sum_slots w^2 sum_i w2^2 sigma_c2^2 + (u_acc g(I) s2)^2), "
+            "s2 = sqrt(sum_i c2_in^2 w2^2)",
+            "flip events: p = min(1, "
+            f"{FLIP_SIGMAS} sigma_pre / step) for each c1, c2 and requantization rounding",
+            "one flip moves one c2_in element i by <= delta_i = ulp_S(c2) + 1.13(|u| ulp(g) + |g| ulp(u))"
+            + (" + one requantization step" if scheme.act_granularity else ""),
+            "per route and column: J = max_i delta_i |w2[e,k,i]|, lambda = sum_i p_i delta_i |w2| / J; allow "
+            "min(ceil(lambda + 4 sqrt(lambda)) J [Poisson tail < 1e-4], sqrt(2 V ln 1e6) + J ln(1e6)/3 "
+            "[random signs, Bernstein]) x w",
+        ] + (["fused silu+fp8_block128: the mirror skips round_S(c2) as the kernel does (SPEC step 8)"]
+             if fused_ok else []),
+        terms={
+            "u_S": uS, "u_acc": u_acc, "growth_gemm1": growth1, "growth_gemm2": growth2,
+            "flips_per_route_max": float(flips.max()) if flips.numel() else 0.0,
+            "flip_lambda_mean": float(lam[valid].mean()) if valid.any() else 0.0,
+            "flip_term_max": float(flip_term.max()) if flip_term.numel() else 0.0,
+            "sigma_max": float(sigma_gate.max()) if sigma_gate.numel() else 0.0,
+            "n_round_c1": n_round_c1, "n_round_c3": n_round_c3,
+        },
+    )
+
+    # ===================== budget: kernel vs exact ==============================================
+    # Each rounding to nearest leaves a uniform error of std ulp/sqrt(12).
+    r12 = 1.0 / math.sqrt(12.0)
+    var_c1 = n_round_c1 * (ulp_c1 * r12) ** 2 + sigma_c1 ** 2
+    if inputs.apply_router_weight_on_input:
+        # the kernel (and mirror) round x * w to S; exact does not: that error crosses GEMM1
+        xa = x.abs()
+        var_x = (2.0 * uS * xa) ** 2 / 12.0
+        if scheme.act_granularity is not None:
+            # ... and then it can flip an input quantization code (p = 0.8 sigma / step, jump =
+            # step): variance p * step^2 = 0.8 sigma step, step <= 2^-3 |x| (fp8) or amax/127 (int8)
+            step_x = (xa * 2.0 ** -3 if scheme.act_dtype == FP8_DTYPE
+                      else xa.amax(-1, keepdim=True).expand_as(xa) / 127.0)
+            var_x = 0.8 * var_x.sqrt() * step_x
+        vx = var_x.sqrt()[:, None, :].expand(M, T, K)
+        var_c1 = var_c1 + _per_expert_gemm_scales(vx, w1, rexp, valid)[0]
+    var_c2 = (ulp_c2 * r12) ** 2 + _act_sensitivity(c1, var_c1.sqrt(), act) ** 2 + (ACT_FP32_ULPS * U32 * c2) ** 2
+    hard_b = torch.zeros_like(out)
+    gran = scheme.act_granularity
+    if gran is not None:
+        # exact requantizes its own c2 too. Two effects remain:
+        # (1) a dynamic scale is max|c2| / QMAX over the group, and the kernel's c2 carries errors,
+        #     so its scale differs by rel <= Z sigma(argmax) / amax: every dequantized element of
+        #     the group moves by rel * |c2_in| in the SAME direction (correlated, so a hard term:
+        #     rel * w * sum_i |c2_in| |w2|);
+        # (2) a code flips where the c2 error or that shift carries a value across a midpoint:
+        #     probability p = (E|dc2| + rel |c2|) / step (E|d| = 0.8 sigma), jump one step:
+        #     variance p * step^2.
+        sig_pre = var_c2.sqrt()
+        amax = c2.abs().amax(-1)
+        if gran in ("token", "token_group"):
+            rel = Z_BUDGET * sig_pre.amax(-1) / amax.clamp_min(1e-300)
+        elif gran == "tensor_dynamic" and valid.any():
+            rel = (Z_BUDGET * sig_pre[valid].max() / amax[valid].max().clamp_min(1e-300)).expand_as(amax)
+        else:  # a static scale does not move
+            rel = torch.zeros_like(amax)
+        rel = torch.clamp(rel, max=1.0)
+        mass, _ = _per_expert_gemm_scales(c2_in, w2, rexp, valid, power=1)
+        hard_b = (rel[..., None] * wts[..., None] * mass * vmask).sum(1)
+        p_b = torch.clamp((0.8 * sig_pre + rel[..., None] * c2.abs()) / step.clamp_min(1e-300), max=1.0)
+        # Flips are rare, large jumps (a big element's step can be 100x the median): a Gaussian
+        # Z sigma misses them. Count them as a Poisson number of jumps instead: per route and
+        # column, J = max_i step_i |w2[e,k,i]| and lambda = sum_i p_i step_i |w2[e,k,i]| / J
+        # (each event worth <= one J); allow ceil(lambda + 4 sqrt(lambda)) jumps of J.
+        hard_b = hard_b + _flip_jumps(p_b, step, w2, rexp, valid, wts)
+        var_flip = p_b * step ** 2  # kept for the z-scores only (the hard term bounds the flips)
+        var_c2 = torch.zeros_like(var_c2)
+    else:
+        var_flip = torch.zeros_like(var_c2)
+    prop_sq_b, _ = _per_expert_gemm_scales(var_c2.sqrt(), w2, rexp, valid)
+    var_b = ((prop_sq_b * wts[..., None] ** 2 + (u_acc * growth2 * s2) ** 2
+              + n_round_c3 * (ulp(c3, S) * r12) ** 2) * vmask).sum(1)
+    var_b = var_b + (ulp(out, S) * (out != 0) * r12) ** 2 + (sum_err * r12) ** 2
+    sigma_b = var_b.sqrt()
+    allowed_b = hard_b + Z_BUDGET * sigma_b
+    flip_sq, _ = _per_expert_gemm_scales(var_flip.sqrt(), w2, rexp, valid)
+    sigma_z = (var_b + (flip_sq * wts[..., None] ** 2 * vmask).sum(1)).sqrt()
+    q_note = {None: "none"}.get(scheme.act_granularity, f"{scheme.act_dtype} step (ulp at the value x scale)".replace("torch.", ""))
+    budget = Bound(
+        name="budget", allowed=allowed_b, sigma=sigma_z.clamp_min(1e-300), atol=0.0, rtol=uS, z=Z_BUDGET,
+        derivation=[
+            "budget = kernel vs exact (float64 after input quantization): every rounding stage is an error source",
+            f"rounding stages: c1 x{n_round_c1}, c2, c3 x{n_round_c3}, out"
+            + (", x * w (router weight on input)" if inputs.apply_router_weight_on_input else "")
+            + "; each uniform with std ulp/sqrt(12)",
+            f"requantization ({q_note}): exact requantizes too; a dynamic scale shifts by rel = Z sigma(argmax)/amax "
+            "(hard: rel w sum_i |c2_in||w2|), and codes flip with p = (0.8 sigma_c2 + rel |c2|) / step",
+            "flips are rare large jumps: per route and column J = max_i step_i |w2|, lambda = sum_i p_i step_i |w2| / J, "
+            "allow min(ceil(lambda + 4 sqrt(lambda)) J [one-signed, Poisson tail < 1e-4], "
+            "sqrt(2 V ln 1e6) + J ln(1e6)/3 [random signs, Bernstein], V = sum p step^2 |w2|^2) x w",
+            "c1 errors reach c2 through |f'| <= 1.13 (|u| dg + |g| du); relu2: 2|g| dg",
+            "GEMM2 propagates independent c2_in errors as sqrt(sum_i w2^2 sigma_i^2) (the s_ij scale, not |ref|)",
+            f"{acc_note}",
+            f"allowed = scale-shift term + Z={Z_BUDGET} x sigma (sigma is the modelled standard deviation: "
+            "z-scores d/sigma should have std ~1)",
+        ],
+        terms={"u_S": uS, "u_acc": u_acc, "sigma_max": float(sigma_b.max()) if sigma_b.numel() else 0.0,
+               "scale_shift_max": float(hard_b.max()) if hard_b.numel() else 0.0},
+    )
+    return {"gate": gate, "budget": budget}

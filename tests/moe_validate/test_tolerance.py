@@ -1,0 +1,155 @@
+"""Tolerance derivation: format units, ulps, per-element bounds and their recorded derivations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_validate.matrix import AXES, Case
+from moe_validate.spec import FP8_DTYPE, storage_dtype
+from moe_validate.tolerance import Bound, derive, ulp, unit_roundoff
+
+reference = pytest.importorskip("reference", reason="bounds are derived from the reference's stages")
+
+from moe_validate.inputs import make_inputs  # noqa: E402
+
+F64 = torch.float64
+
+
+def test_unit_roundoffs_match_spec():
+    # SPEC "Tolerances": bf16 u = 2^-8, fp16 2^-11, fp8 e4m3 2^-4 (and fp32 2^-24)
+    assert unit_roundoff(torch.bfloat16) == 2.0 ** -8
+    assert unit_roundoff(torch.float16) == 2.0 ** -11
+    assert unit_roundoff(FP8_DTYPE) == 2.0 ** -4
+    assert unit_roundoff(torch.float32) == 2.0 ** -24
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        unit_roundoff(torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, FP8_DTYPE])
+def test_ulp_is_the_spacing_of_the_format(dtype):
+    vals = torch.tensor([1.0, 1.5, 3.0, 0.3, 200.0, -7.0], dtype=F64).to(dtype).to(F64)
+    u = ulp(vals, dtype)
+    if dtype is FP8_DTYPE:
+        # next representable value above |v| by a cast of the midpoint-plus
+        up = (vals.abs() + u).to(dtype).to(F64)
+        assert torch.equal(up, vals.abs() + u)
+        assert torch.equal((vals.abs() + 0.49 * u).to(dtype).to(F64), vals.abs())
+    else:
+        assert torch.equal(torch.nextafter(vals.abs().to(dtype).float(), torch.tensor(float("inf"))).to(dtype).to(F64)
+                           if dtype is torch.float32 else (vals.abs() + u).to(dtype).to(F64), vals.abs() + u)
+    assert float(ulp(torch.tensor([1.0]), dtype)) == 2.0 * unit_roundoff(dtype)
+
+
+def test_ulp_subnormal_floor():
+    assert float(ulp(torch.tensor([0.0]), FP8_DTYPE)) == 2.0 ** -9
+    assert float(ulp(torch.tensor([1e-30]), torch.float16)) == 2.0 ** -24
+    assert float(ulp(torch.tensor([0.0]), torch.bfloat16)) == 2.0 ** -133
+
+
+def _bounds(case, native_gpu=False):
+    x = make_inputs(case)
+    st = reference.run_stages(*x.args(), **x.kwargs(), precision="mirror")
+    return x, st, derive(case, x, st, native_gpu=native_gpu)
+
+
+@pytest.mark.parametrize("scheme", AXES["scheme"])
+def test_every_scheme_records_a_derivation(scheme):
+    case = Case(M=5, N=64, K=64, E=3, topk=2, scheme=scheme, group_size=32 if scheme == "int4_w4a16" else None)
+    x, st, b = _bounds(case)
+    assert set(b) == {"gate", "budget"}
+    for name, bound in b.items():
+        assert isinstance(bound, Bound)
+        d = bound.to_dict()
+        for key in ("atol", "rtol", "derivation", "allowed_max", "u_S", "u_acc"):
+            assert key in d, (name, key)
+        assert len(d["derivation"]) >= 4 and all(isinstance(s, str) and s for s in d["derivation"])
+        assert bound.allowed.shape == (case.M, case.K) and bool((bound.allowed >= 0).all())
+    text = "\n".join(b["gate"].derivation)
+    assert "flip" in text and "Z=" in text
+    btext = "\n".join(b["budget"].derivation)
+    assert "sqrt(sum_i w2^2" in btext  # the s_ij scale, not |ref|
+    if case.quant.act_granularity is not None:
+        assert "requantization step" in text and "requantization" in btext
+
+
+def test_tokens_without_a_valid_route_must_be_exact_zeros():
+    case = Case(M=12, N=64, K=64, E=4, topk=2, routing="invalid_ids", seed=3)
+    x, st, b = _bounds(case)
+    dead = ~st["route_valid"].any(1)
+    assert dead.any()
+    assert float(b["gate"].allowed[dead].abs().max()) == 0.0
+    assert float(b["budget"].allowed[dead].abs().max()) == 0.0
+
+
+def test_bound_uses_the_gemm_scale_not_the_reference_magnitude():
+    # Under cancellation |ref| can be ~0 while the arithmetic error is not: the allowed error at
+    # the smallest outputs stays comparable to the median (it is not proportional to |ref|).
+    case = Case(M=64, N=128, K=128, E=4, topk=2, seed=9)
+    x, st, b = _bounds(case)
+    out = st["out"].abs()
+    small = out < out.median() / 100
+    assert small.any()
+    allowed = b["budget"].allowed
+    assert float(allowed[small].median()) > 0.1 * float(allowed.median())
+
+
+def test_gate_is_tighter_than_budget():
+    for scheme in ("none", "fp8_block128", "int8_channel_token"):
+        case = Case(M=32, N=128, K=128, E=4, topk=2, scheme=scheme, seed=4)
+        _, _, b = _bounds(case)
+        assert float(b["gate"].allowed.median()) < float(b["budget"].allowed.median()), scheme
+
+
+def test_hopper_fp8_accumulation_widens_only_native_fp8():
+    fp8 = Case(M=16, N=128, K=128, E=4, topk=2, scheme="fp8_channel_token", seed=2)
+    _, _, interp = _bounds(fp8, native_gpu=False)
+    _, _, native = _bounds(fp8, native_gpu=True)
+    assert interp["gate"].terms["u_acc"] == 2.0 ** -24 and native["gate"].terms["u_acc"] == 2.0 ** -14
+    assert bool((native["gate"].allowed >= interp["gate"].allowed).all())
+    bf16 = Case(M=16, N=128, K=128, E=4, topk=2, seed=2)
+    _, _, a = _bounds(bf16, native_gpu=False)
+    _, _, c = _bounds(bf16, native_gpu=True)
+    assert torch.equal(a["gate"].allowed, c["gate"].allowed)  # no CPU/GPU difference without fp8 MMA
+    i8 = Case(M=16, N=128, K=128, E=4, topk=2, scheme="int8_channel_token", seed=2)
+    _, _, i = _bounds(i8, native_gpu=True)
+    assert i["gate"].terms["growth_gemm1"] == 1.0  # int8 dots are exact in int32
+
+
+def test_bound_grows_with_reduction_length():
+    small = Case(M=32, N=64, K=64, E=2, topk=1, dtype="fp32", seed=1)
+    large = Case(M=32, N=64, K=1024, E=2, topk=1, dtype="fp32", seed=1)
+    _, _, bs = _bounds(small)
+    _, _, bl = _bounds(large)
+    assert bl["gate"].terms["growth_gemm1"] > bs["gate"].terms["growth_gemm1"]
+
+
+def test_mirror_itself_passes_with_zero_margin():
+    # the reference backend's output (mirror cast to S) is what the gate is centred on
+    from moe_validate.compare import evaluate
+
+    for scheme in ("none", "fp8_tensor_dynamic", "int4_w4a16"):
+        case = Case(M=7, N=64, K=64, E=3, topk=2, scheme=scheme, group_size=32 if scheme == "int4_w4a16" else None)
+        x = make_inputs(case)
+        out = reference.fused_experts(*x.args(), **x.kwargs(), precision="mirror").to(storage_dtype(x.hidden_states.dtype))
+        ev = evaluate(case, x, out)
+        assert ev.passed and ev.worst_margin == 0.0, ev.message()
+
+
+def test_budget_z_scores_are_calibrated_on_unquantized_cases():
+    # Calibration (SPEC "Tolerances"): d / sigma of the mirror against exact over many seeds has
+    # a spread near 1. The model is deliberately a little conservative (worst-case ulp per
+    # binade, sqrt(n/6) sequential growth): observed 0.4 - 0.8. A drift outside [0.2, 1.5]
+    # means the model or the reference changed.
+    zs = []
+    for seed in range(4):
+        case = Case(M=32, N=128, K=128, E=4, topk=2, seed=seed)
+        x = make_inputs(case)
+        mirror = reference.run_stages(*x.args(), **x.kwargs(), precision="mirror")
+        exact = reference.run_stages(*x.args(), **x.kwargs(), precision="exact")
+        b = derive(case, x, mirror, native_gpu=False)["budget"]
+        live = b.sigma > 1e-200
+        zs.append(((mirror["out"] - exact["out"])[live] / b.sigma[live]))
+    z = torch.cat(zs)
+    rms = float(z.pow(2).mean().sqrt())
+    assert 0.2 < rms < 1.5, rms
