@@ -1,0 +1,279 @@
+"""Backends: the one interface through which the harness reaches an experts implementation.
+
+A backend turns one call's ``MoEInputs`` into the ``[M, K]`` output and says which cases it
+can run. Built in:
+
+- ``triton``: ``kernels.TritonExperts`` through its modular ``apply`` (output and workspaces
+  allocated from ``workspace_shapes`` and poisoned with NaN before every call, so a kernel
+  that leaves a row unwritten, or reads a workspace row it never wrote, shows up as NaN).
+- ``reference``: the float64 reference in ``mirror`` mode, cast to the storage dtype: a sanity
+  backend that must pass every case (if it does not, the tolerance model or the comparison is
+  wrong, not a kernel).
+
+Anything else is loaded by ``get_backend("package.module:attr")`` or by name from the
+entry-point group ``moe_validate.backends``. ``attr`` may be a Backend instance, a class (called
+with no arguments) or a factory function returning one.
+
+``kernels``, ``reference`` and torch are imported inside the functions that use them, so that
+the CLI and the pytest plugin start fast and work where one of them is missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import TYPE_CHECKING, Any, Dict, Optional, Protocol, Tuple, runtime_checkable
+
+from moe_validate.env import interpreting
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from moe_validate.matrix import Case
+    from moe_validate.spec import MoEInputs
+
+__all__ = [
+    "Backend",
+    "TritonBackend",
+    "ReferenceBackend",
+    "get_backend",
+    "builtin_backend_names",
+    "device_capability",
+    "ENTRY_POINT_GROUP",
+]
+
+ENTRY_POINT_GROUP = "moe_validate.backends"
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the runner needs from an implementation under test."""
+
+    name: str
+    last_config: Optional[dict]  # the launch config of the last ``run``, or None
+
+    def run(self, inputs: "MoEInputs", case: Optional["Case"] = None) -> "torch.Tensor":
+        """The ``[M, K]`` output for ``inputs`` (``case`` gives the launch-config choice)."""
+        ...
+
+    def supports(self, case: "Case") -> Tuple[bool, str]:
+        """(True, "") or (False, why): a False becomes a SKIP row with that reason."""
+        ...
+
+
+def device_capability() -> Optional[Tuple[int, int]]:
+    """CUDA compute capability of the current device, or None without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability())
+
+
+def _config_to_dict(config: Any) -> Optional[dict]:
+    if config is None:
+        return None
+    if isinstance(config, dict):
+        return dict(config)
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    raise TypeError(f"a backend's last_config must be a dict or have to_dict(); got {type(config).__name__}")
+
+
+def _storage_dtype(inputs: "MoEInputs"):
+    from moe_validate.spec import storage_dtype
+
+    return storage_dtype(inputs.hidden_states.dtype)
+
+
+class TritonBackend:
+    """``kernels.TritonExperts`` through its modular ``workspace_shapes`` + ``apply`` API."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        self.last_config: Optional[dict] = None
+
+    def supports(self, case: "Case") -> Tuple[bool, str]:
+        reason = case.device_skip_reason(device_capability(), interpreting())
+        if reason:
+            return False, reason
+        import kernels
+        from moe_validate.spec import Activation, QuantConfig, QuantScheme
+
+        scheme = QuantScheme.parse(case.scheme)
+        experts = kernels.TritonExperts(QuantConfig(scheme=scheme, group_size=case.group_size))
+        weight_key, act_key = scheme.quant_keys
+        if not experts.supports_quant_scheme(weight_key, act_key):
+            return False, f"TritonExperts does not support {scheme.value} ({weight_key}, {act_key}) on this device"
+        activation = Activation.parse(case.activation)
+        if hasattr(experts, "supports_activation") and not experts.supports_activation(activation):
+            return False, f"TritonExperts does not support activation {activation.value} on this device"
+        return True, ""
+
+    def run(self, inputs: "MoEInputs", case: Optional["Case"] = None) -> "torch.Tensor":
+        import torch
+
+        import kernels
+        from moe_validate.spec import Activation, QuantConfig
+
+        quant = inputs.quant if inputs.quant is not None else QuantConfig()
+        activation = Activation.parse(inputs.activation)
+        hidden = inputs.hidden_states
+        M, K = hidden.shape
+        E, N, _ = inputs.w1.shape
+        topk = inputs.topk_ids.shape[1]
+        global_num_experts = inputs.global_num_experts if inputs.global_num_experts > 0 else E
+
+        # Case.config: "auto" = the kernels' own per-M choice, "inv" = the batch-invariant fixed
+        # config, anything else an explicit tile config ("BM16BN32BK32GM1W4S2").
+        config, batch_invariant = None, False
+        if case is not None and case.config == "inv":
+            batch_invariant = True
+        elif case is not None and case.config != "auto":
+            explicit = case.explicit_config()
+            if explicit is None:
+                raise ValueError(f"case.config must be 'auto', 'inv' or like 'BM16BN32BK32GM1W4S2'; got {case.config!r}")
+            config = kernels.KernelConfig.from_dict(explicit)
+
+        experts = kernels.TritonExperts(quant)
+        ws13_shape, ws2_shape, out_shape = experts.workspace_shapes(
+            M, N, K, topk, global_num_experts, E, None, activation
+        )
+        dtype = _storage_dtype(inputs)
+        # NaN poison: every element the kernel should write is overwritten; anything left (or
+        # read back before being written) propagates as NaN into the output and fails the case.
+        output = torch.full(tuple(out_shape), math.nan, dtype=dtype, device=hidden.device)
+        workspace13 = torch.full(tuple(ws13_shape), math.nan, dtype=dtype, device=hidden.device)
+        workspace2 = torch.full(tuple(ws2_shape), math.nan, dtype=dtype, device=hidden.device)
+        self.last_config = None
+        try:
+            experts.apply(
+                output,
+                hidden,
+                inputs.w1,
+                inputs.w2,
+                inputs.topk_weights,
+                inputs.topk_ids,
+                activation,
+                global_num_experts,
+                inputs.expert_map,
+                None,  # a1q_scale: hidden_states arrive unquantized; apply quantizes them per the scheme
+                quant.a2_scale,
+                workspace13,
+                workspace2,
+                None,  # expert_tokens_meta: only for batched (pre-grouped) inputs, which we do not use
+                inputs.apply_router_weight_on_input,
+                lora=inputs.lora,
+                config=config,
+                batch_invariant=batch_invariant,
+            )
+        finally:
+            # Also when the launch fails: a COMPILE_ERROR record should name the config that failed.
+            self.last_config = _config_to_dict(getattr(experts, "last_config", None))
+        return output
+
+
+class ReferenceBackend:
+    """The float64 reference in ``mirror`` mode, cast to the storage dtype ``S``.
+
+    Mirror mode rounds to ``S`` where the pipeline stores, including the final output, so the
+    cast of its float64 result to ``S`` is exact; this backend must pass every case.
+    """
+
+    name = "reference"
+
+    def __init__(self, precision: str = "mirror") -> None:
+        self.precision = precision
+        self.last_config: Optional[dict] = None
+
+    def supports(self, case: "Case") -> Tuple[bool, str]:
+        return True, ""  # float64 on any device; no capability needed
+
+    def run(self, inputs: "MoEInputs", case: Optional["Case"] = None) -> "torch.Tensor":
+        import torch
+
+        import reference
+
+        out = reference.fused_experts(
+            *inputs.args(), **inputs.kwargs(), precision=self.precision, out_dtype=torch.float64
+        )
+        return out.to(_storage_dtype(inputs))
+
+
+_BUILTIN = {"triton": TritonBackend, "reference": ReferenceBackend}
+
+
+def builtin_backend_names() -> Tuple[str, ...]:
+    return tuple(_BUILTIN)
+
+
+def _entry_point(name: str):
+    from importlib.metadata import entry_points
+
+    try:
+        eps = entry_points(group=ENTRY_POINT_GROUP)
+    except TypeError:  # Python < 3.10 style API
+        eps = entry_points().get(ENTRY_POINT_GROUP, [])
+    for ep in eps:
+        if ep.name == name:
+            return ep
+    return None
+
+
+def _as_backend(obj: Any, spec: str) -> Backend:
+    """Instance, class or factory -> a Backend instance (validated)."""
+    if isinstance(obj, type):
+        obj = obj()
+    elif callable(obj) and not (hasattr(obj, "run") and hasattr(obj, "supports")):
+        obj = obj()
+    missing = [m for m in ("run", "supports") if not callable(getattr(obj, m, None))]
+    if missing:
+        raise TypeError(
+            f"backend {spec!r} must provide run(inputs, case=None) and supports(case); "
+            f"{type(obj).__name__} lacks {', '.join(missing)}"
+        )
+    if not getattr(obj, "name", None):
+        try:
+            obj.name = spec
+        except AttributeError:
+            pass
+    if not hasattr(obj, "last_config"):
+        try:
+            obj.last_config = None
+        except AttributeError:
+            pass
+    return obj
+
+
+def get_backend(spec: str) -> Backend:
+    """A backend from ``"triton"``, ``"reference"``, ``"module:attr"`` or an entry-point name.
+
+    Raises ValueError for a spec that names nothing loadable (the message lists what is known).
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"backend must be a non-empty string; got {spec!r}")
+    if spec in _BUILTIN:
+        return _BUILTIN[spec]()
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        if not module_name or not attr:
+            raise ValueError(f"backend {spec!r} must look like 'package.module:attr'")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ValueError(f"backend {spec!r}: cannot import module {module_name!r} ({exc})") from None
+        obj = module
+        for part in attr.split("."):
+            try:
+                obj = getattr(obj, part)
+            except AttributeError:
+                raise ValueError(f"backend {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
+        return _as_backend(obj, spec)
+    ep = _entry_point(spec)
+    if ep is not None:
+        return _as_backend(ep.load(), spec)
+    raise ValueError(
+        f"backend must be one of {', '.join(_BUILTIN)}, 'module:attr' or a name registered in the "
+        f"{ENTRY_POINT_GROUP!r} entry-point group; got {spec!r}"
+    )

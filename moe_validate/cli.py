@@ -1,0 +1,291 @@
+"""``moe-validate``: run, list, repro, report, compare, env.
+
+A thin shell over ``moe_validate.runner``. Exit codes: 0 = everything passed or was skipped;
+1 = a case failed (run, repro) or a regression was found (compare); 2 = bad input (unknown
+suite, malformed case id or filter, unreadable results file), always as one line on stderr.
+
+Heavy modules (torch, triton, the report renderer) are imported by the subcommands that need
+them, so ``moe-validate --help`` and ``list`` start quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+__all__ = ["main", "build_parser", "UsageError"]
+
+PROG = "moe-validate"
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's default prints usage and a message on two lines
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _select_cases(suite: Optional[str], expr: Optional[str]):
+    """(suite name, valid cases of the suite matching ``expr``); bad names -> UsageError."""
+    from moe_validate import matrix
+
+    name = suite or matrix.default_suite(_has_cuda())
+    try:
+        cases = matrix.suite_cases(name)
+        if expr:
+            cases = matrix.filter_cases(cases, expr)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+    # suite_cases never yields invalid cases; the check keeps that promise visible here.
+    return name, [c for c in cases if c.is_valid()[0]]
+
+
+def _backend_or_usage(spec: str):
+    from moe_validate.backends import get_backend
+
+    try:
+        return get_backend(spec)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _load(paths):
+    from moe_validate.results import ResultsError, load_results
+
+    try:
+        results = load_results(paths)
+    except ResultsError as exc:
+        raise UsageError(str(exc)) from None
+    for problem in results.problems:
+        print(f"{PROG}: warning: {problem}", file=sys.stderr)
+    return results
+
+
+def _render(results, out_path: Path, *, baseline=None, title: Optional[str] = None) -> Optional[Path]:
+    """The HTML report, or None (with a note on stderr) where the renderer is unavailable."""
+    try:
+        from moe_validate.report import render_report
+    except ImportError as exc:
+        print(f"{PROG}: report.html not written: moe_validate.report is unavailable ({exc})", file=sys.stderr)
+        return None
+    return render_report(results, out_path, baseline=baseline, title=title)
+
+
+def _summary_line(counts) -> str:
+    total = sum(counts.values())
+    parts = ", ".join(f"{n} {o}" for o, n in counts.items() if n)
+    return f"{total} cases: {parts or 'none'}"
+
+
+# ---------------------------------------------------------------------------------------------
+# subcommands
+# ---------------------------------------------------------------------------------------------
+def cmd_run(args) -> int:
+    from moe_validate import runner
+
+    suite, cases = _select_cases(args.suite, args.filter)
+    if args.filter and not cases:
+        raise UsageError(f"--filter {args.filter!r} matches no case of suite {suite!r}")
+    try:
+        shard = runner.parse_shard(args.shard)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    cases = runner.select_shard(cases, shard)
+    _backend_or_usage(args.backend)
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be >= 0; got {args.workers}")
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError(f"--timeout must be positive; got {args.timeout}")
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out_dir = Path(args.out) if args.out else Path("reports") / f"{suite}-{stamp}"
+    summary = runner.run_cases(
+        cases, args.backend, out_dir, workers=args.workers, timeout_s=args.timeout, suite=suite,
+        shard=args.shard, argv=[PROG] + list(args.argv), progress=sys.stderr,
+    )
+    print(f"results: {summary.results_path}")
+    if not args.no_report:
+        report = _render(_load([summary.results_path]), out_dir / "report.html",
+                         title=f"{suite} / {args.backend}" + (f" / shard {args.shard}" if args.shard else ""))
+        if report is not None:
+            print(f"report:  {report}")
+    print(summary.format())
+    if summary.bad_cases:
+        shown = summary.bad_cases[:10]
+        print("not passing: " + ", ".join(shown) + (" ..." if len(summary.bad_cases) > 10 else ""))
+    return summary.exit_code
+
+
+def cmd_list(args) -> int:
+    suite, cases = _select_cases(args.suite, args.filter)
+    for case in cases:
+        print(case.id)
+    # The count goes to stderr so that stdout stays a clean list of ids for scripts.
+    print(f"{len(cases)} cases in suite {suite}" + (f" matching {args.filter!r}" if args.filter else ""),
+          file=sys.stderr)
+    return 0
+
+
+def cmd_repro(args) -> int:
+    from moe_validate.matrix import Case
+    from moe_validate.runner import run_case_inprocess
+
+    try:
+        case = Case.from_id(args.case_id)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+    valid, why = case.is_valid()
+    if not valid:
+        raise UsageError(f"case {args.case_id!r} is not a valid case: {why}")
+    backend = _backend_or_usage(args.backend)
+    result = run_case_inprocess(case, backend, backend_name=args.backend)
+    print(result.message())
+    rec = result.record
+    if rec.get("config"):
+        print(f"config: {json.dumps(rec['config'], sort_keys=True)}")
+    print(f"{rec['outcome']} in {rec['duration_s']:.2f}s")
+    return 1 if result.outcome.is_bad else 0
+
+
+def cmd_report(args) -> int:
+    results = _load(args.results)
+    baseline = _load([args.baseline]) if args.baseline else None
+    out = Path(args.out) if args.out else Path(args.results[0]).with_name("report.html")
+    report = _render(results, out, baseline=baseline)
+    if report is not None:
+        print(f"report: {report}")
+    print(_summary_line(results.counts()) + ("" if results.complete else " (incomplete: a run or shard was cut short)"))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    old, new = _load([args.old]), _load([args.new])
+    try:
+        from moe_validate.report import diff_runs, format_diff
+    except ImportError as exc:
+        raise UsageError(f"compare needs moe_validate.report, which is unavailable ({exc})") from None
+    diff = diff_runs(old, new)
+    print(format_diff(diff))
+    return 1 if diff.has_regressions else 0
+
+
+def cmd_env(args) -> int:
+    from moe_validate.env import capture_env, format_env
+
+    env = capture_env()
+    print(json.dumps(env, indent=2, sort_keys=True) if args.json else format_env(env))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+# ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Validate fused-MoE expert kernels against the float64 reference.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def suite_args(p):
+        p.add_argument("--suite", help="smoke | premerge | nightly | bringup (default: smoke on CPU, premerge on a GPU)")
+        p.add_argument("--filter", help="comma-separated terms, all must match: axis=value (scheme=fp8_block128) "
+                                        "or a glob on the case id")
+
+    p = sub.add_parser("run", help="run a suite and write results.jsonl and report.html")
+    suite_args(p)
+    p.add_argument("--backend", default="triton", help="triton | reference | module:attr | entry-point name")
+    p.add_argument("--shard", help="i/n: run the i-th of n disjoint shares of the cases (1 <= i <= n)")
+    p.add_argument("--out", help="output directory (default: reports/<suite>-<UTC timestamp>/)")
+    p.add_argument("--workers", type=int, help="worker processes (default: one per visible GPU, 1 on CPU; "
+                                               "0 = in this process, no isolation and no timeout)")
+    p.add_argument("--timeout", type=float, default=600.0, help="per-case limit in seconds (default 600)")
+    p.add_argument("--no-report", action="store_true", help="write results.jsonl only")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("list", help="print the case ids of a suite, one per line")
+    suite_args(p)
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("repro", help="run one case in this process and print its evaluation")
+    p.add_argument("case_id")
+    p.add_argument("--backend", default="triton")
+    p.set_defaults(func=cmd_repro)
+
+    p = sub.add_parser("report", help="merge results files (shards) and render one HTML report")
+    p.add_argument("results", nargs="+", metavar="RESULTS.jsonl")
+    p.add_argument("--out", help="report file (default: report.html beside the first results file)")
+    p.add_argument("--baseline", metavar="OLD.jsonl", help="results to diff against in the report")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="text diff of two runs: new failures, fixes, drift (exit 1 on regressions)")
+    p.add_argument("old", metavar="OLD.jsonl")
+    p.add_argument("new", metavar="NEW.jsonl")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("env", help="print the environment a run would record")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_env)
+    # selftest owns its options (moe_validate/selftest.py); main() hands it the rest of the
+    # command line, so that building this parser never imports it (it pulls in torch).
+    sub.add_parser("selftest", add_help=False,
+                   help="plant known bugs in a copy of the kernels and check that the suite catches each "
+                        "(moe-validate selftest --help)")
+    # Reserved for later: bench, tune (each adds its own sub-parser here).
+    return parser
+
+
+def _interpreter_without_gpu() -> None:
+    """README: with no GPU the kernels run through the Triton interpreter, set up here.
+
+    Must happen before the first ``import triton`` (kernels/_interp.py decides at import time);
+    spawned workers inherit it. An explicit ``TRITON_INTERPRET`` in the environment is kept.
+    """
+    if "TRITON_INTERPRET" in os.environ:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        if argv[:1] == ["selftest"]:
+            _interpreter_without_gpu()
+            from moe_validate.selftest import main as selftest_main
+
+            return selftest_main(argv[1:])
+        args = parser.parse_args(argv)
+        args.argv = argv
+        if args.command in ("run", "repro", "list", "env"):
+            _interpreter_without_gpu()
+        return args.func(args)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `moe-validate list | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""pytest plugin: the validation cases as pytest items.
+
+Loaded by every pytest run through the ``pytest11`` entry point, so this module imports only
+the standard library and pytest at import time; torch, the case matrix and the backends are
+imported when a test actually asks for ``moe_case``. A run that does not use the fixture is
+untouched (five options and two fixtures are all that it adds).
+
+- ``moe_case`` is parametrized over the suite's case ids (``--moe-suite``, default: ``smoke``
+  on CPU, ``premerge`` on a GPU; ``--moe-filter`` as in ``moe-validate run``), so ``-k`` works on
+  ids, and each item carries one marker per axis value (``scheme_fp8_block128``, ``act_silu``,
+  ``lora_dual``, ``dtype_bf16``, ``config_inv``, ``map_half``, ``routing_skewed``, ``data_randn``,
+  plus ``bias``, ``router_on_input``, ``clamp`` where set) for ``-m``.
+- ``moe_run(case)`` runs a case in this process through ``runner.run_case_inprocess`` with
+  ``--moe-backend``; a device skip becomes ``pytest.skip(reason)``, anything but PASS a failure
+  with the evaluation's message.
+- With ``--moe-results DIR`` (or ``--moe-report FILE``) every process appends its finished cases
+  to ``DIR/results-<worker>.jsonl`` (one file per xdist worker, so no two processes share a
+  file); at the end the controller merges them and renders one report (``--moe-report``, default
+  ``DIR/report.html``). Without ``--moe-results`` the results go to ``<FILE stem>.results/``.
+- Under pytest-xdist on a machine with several GPUs, worker ``gwN`` runs on GPU ``N % count``.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+# Case axes that become "<prefix>_<value>" markers, and boolean-ish axes that become a bare marker.
+_VALUE_MARKERS = (
+    ("dtype", "dtype"),
+    ("scheme", "scheme"),
+    ("activation", "act"),
+    ("lora", "lora"),
+    ("config", "config"),
+    ("expert_map", "map"),
+    ("routing", "routing"),
+    ("data", "data"),
+)
+_FLAG_MARKERS = ("bias", "router_on_input", "clamp")  # present when truthy / not None
+
+_STATE = pytest.StashKey()
+
+
+def pytest_addoption(parser) -> None:
+    group = parser.getgroup("moe-validate", "moe-validate cases as pytest items")
+    group.addoption("--moe-suite", default=None,
+                    help="suite for the moe_case fixture: smoke | premerge | nightly | bringup "
+                         "(default: smoke on CPU, premerge on a GPU)")
+    group.addoption("--moe-filter", default=None,
+                    help="comma-separated terms, all must match: axis=value or a glob on the case id")
+    group.addoption("--moe-backend", default="triton",
+                    help="backend under test: triton | reference | module:attr | entry-point name")
+    group.addoption("--moe-results", default=None, metavar="DIR",
+                    help="append each finished case to DIR/results-<worker>.jsonl")
+    group.addoption("--moe-report", default=None, metavar="FILE",
+                    help="render one HTML report of the session's cases to FILE")
+
+
+class _State:
+    """Per-process plugin state: the cases, the backend and this process's results writer."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+        opt = config.option
+        # The xdist worker id from this session's own config (an environment variable would be
+        # inherited by a nested pytest run, e.g. pytester inside an xdist worker).
+        workerinput = getattr(config, "workerinput", None)
+        self.worker = workerinput["workerid"] if workerinput else "main"
+        self.is_controller = workerinput is None
+        self.report_path = Path(opt.moe_report).resolve() if opt.moe_report else None
+        if opt.moe_results:
+            self.results_dir: Optional[Path] = Path(opt.moe_results).resolve()
+        elif self.report_path is not None:
+            self.results_dir = self.report_path.with_name(self.report_path.stem + ".results")
+        else:
+            self.results_dir = None
+        if self.results_dir is not None and self.report_path is None:
+            self.report_path = self.results_dir / "report.html"
+        self.suite: Optional[str] = None
+        self._cases = None
+        self._backend = None
+        self._writer = None
+        self.counts: Dict[str, int] = {}
+        self.rendered: Optional[Path] = None
+        self.registered_markers: set = set()
+        self.started = time.monotonic()
+
+    # --- cases --------------------------------------------------------------------------------
+    def cases(self):
+        if self._cases is None:
+            import torch
+
+            from moe_validate import matrix
+
+            opt = self.config.option
+            self.suite = opt.moe_suite or matrix.default_suite(torch.cuda.is_available())
+            try:
+                cases = matrix.suite_cases(self.suite)
+                if opt.moe_filter:
+                    cases = matrix.filter_cases(cases, opt.moe_filter)
+            except (ValueError, TypeError) as exc:
+                raise pytest.UsageError(f"moe-validate: {exc}") from None
+            self._cases = [c for c in cases if c.is_valid()[0]]
+        return self._cases
+
+    def backend(self):
+        if self._backend is None:
+            from moe_validate.backends import get_backend
+
+            try:
+                self._backend = get_backend(self.config.option.moe_backend)
+            except (ValueError, TypeError) as exc:
+                raise pytest.UsageError(f"moe-validate: --moe-backend: {exc}") from None
+        return self._backend
+
+    def device(self) -> Optional[str]:
+        """``cuda:N % count`` for xdist worker gwN on a multi-GPU host; None = the default device."""
+        match = re.fullmatch(r"gw(\d+)", self.worker)
+        if match is None:
+            return None
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return f"cuda:{int(match.group(1)) % count}" if count > 1 else None
+
+    # --- results ------------------------------------------------------------------------------
+    def record(self, record: Dict) -> None:
+        self.counts[record["outcome"]] = self.counts.get(record["outcome"], 0) + 1
+        if self.results_dir is None:
+            return
+        if self._writer is None:
+            from moe_validate.results import ResultsWriter
+            from moe_validate.runner import header_record
+
+            self._writer = ResultsWriter(self.results_dir / f"results-{self.worker}.jsonl")
+            self._writer.write(header_record(suite=self.suite, backend=self.config.option.moe_backend, shard=None,
+                                             argv=["pytest"] + list(self.config.invocation_params.args),
+                                             worker=self.worker))
+        self._writer.write(record)
+
+    def close(self, duration_s: float) -> None:
+        """Footer and close, at the end of this process's session (a killed worker leaves none)."""
+        if self._writer is not None:
+            from moe_validate.runner import footer_record
+
+            self._writer.write(footer_record(duration_s, self.counts))
+            self._writer.close()
+            self._writer = None
+
+    def result_files(self) -> List[Path]:
+        return sorted(self.results_dir.glob("results-*.jsonl")) if self.results_dir else []
+
+
+def _ident(value) -> str:
+    """A marker-safe spelling of an axis value (``-m`` expressions need identifiers)."""
+    return re.sub(r"\W", "_", str(value))
+
+
+def case_markers(params: Dict) -> List[str]:
+    """Marker names for a case's ``params()``: one per axis value, in a fixed order."""
+    names = [f"{prefix}_{_ident(params[axis])}" for axis, prefix in _VALUE_MARKERS
+             if params.get(axis) is not None]
+    names += [flag for flag in _FLAG_MARKERS if params.get(flag) not in (None, False)]
+    return names
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "moe_case: a moe-validate case item (parametrized moe_case fixture)")
+    state = _State(config)
+    config.stash[_STATE] = state
+    opt = config.option
+    if opt.moe_suite is not None or opt.moe_filter:
+        # Bad names are a usage error of this command line, caught before collection (the matrix
+        # is imported only when an option asks for it).
+        from moe_validate import matrix
+
+        try:
+            if opt.moe_suite is not None and opt.moe_suite not in matrix.SUITES:
+                matrix.suite_cases(opt.moe_suite)  # raises with the list of known suites
+            if opt.moe_filter:
+                matrix.filter_cases([], opt.moe_filter)  # parses every term
+        except (ValueError, TypeError) as exc:
+            raise pytest.UsageError(f"moe-validate: {exc}") from None
+    if opt.moe_backend != "triton":
+        state.backend()  # load a third-party backend now: a bad spec is a usage error, not N failures
+    if state.is_controller and state.results_dir is not None:
+        # The directory holds one session's files: a stale worker file would be merged otherwise.
+        state.results_dir.mkdir(parents=True, exist_ok=True)
+        for stale in state.result_files():
+            stale.unlink()
+
+
+def pytest_generate_tests(metafunc) -> None:
+    if "moe_case" not in metafunc.fixturenames:
+        return
+    state: _State = metafunc.config.stash[_STATE]
+    params = []
+    for case in state.cases():
+        names = case_markers(case.params())
+        for name in names:
+            if name not in state.registered_markers:  # registered before use: --strict-markers holds
+                metafunc.config.addinivalue_line("markers", f"{name}: moe-validate case axis value")
+                state.registered_markers.add(name)
+        marks = [pytest.mark.moe_case] + [getattr(pytest.mark, n) for n in names]
+        params.append(pytest.param(case, id=case.id, marks=marks))
+    metafunc.parametrize("moe_case", params, indirect=True)
+
+
+@pytest.fixture
+def moe_case(request):
+    """The Case of this item (parametrized by the plugin over ``--moe-suite``/``--moe-filter``)."""
+    if not hasattr(request, "param"):
+        pytest.fail("moe_case is parametrized by the moe_validate plugin; request it from a test function",
+                    pytrace=False)
+    return request.param
+
+
+@pytest.fixture
+def moe_run(request):
+    """``moe_run(case)``: run the case in-process, record it, skip or fail per its outcome."""
+    state: _State = request.config.stash[_STATE]
+
+    def run(case):
+        from moe_validate.runner import run_case_inprocess
+
+        result = run_case_inprocess(case, state.backend(), device=state.device(),
+                                    backend_name=request.config.option.moe_backend)
+        state.record(result.record)
+        rec = result.record
+        request.node.user_properties.append(("moe_outcome", rec["outcome"]))
+        request.node.user_properties.append(("moe_repro", rec["repro"]))
+        if rec.get("worst_margin") is not None:
+            request.node.user_properties.append(("moe_worst_margin", rec["worst_margin"]))
+        if rec["outcome"] == "SKIP":
+            pytest.skip(rec["reason"] or "not supported")
+        if result.outcome.is_bad:
+            pytest.fail(f"{result.message()}\nrepro: {rec['repro']}", pytrace=False)
+        return result
+
+    return run
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    state: Optional[_State] = session.config.stash.get(_STATE, None)
+    if state is None:
+        return
+    state.close(time.monotonic() - state.started)
+    if not state.is_controller or state.report_path is None:
+        return
+    files = state.result_files()
+    if not files:
+        return
+    from moe_validate.results import load_results
+
+    try:
+        from moe_validate.report import render_report
+    except ImportError as exc:
+        sys.stderr.write(f"moe-validate: report not written: moe_validate.report is unavailable ({exc})\n")
+        return
+    state.rendered = render_report(load_results(files), state.report_path,
+                                   title=f"pytest {state.suite or ''} / {session.config.option.moe_backend}")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    state: Optional[_State] = config.stash.get(_STATE, None)
+    if state is None or not state.is_controller or state.results_dir is None or not state.result_files():
+        return
+    terminalreporter.write_line(f"moe-validate results: {state.results_dir}")
+    if state.rendered is not None:
+        terminalreporter.write_line(f"moe-validate report:  {state.rendered}")

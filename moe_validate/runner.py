@@ -1,0 +1,620 @@
+"""Runs cases against a backend and records every outcome, one JSONL line per finished case.
+
+Two ways to run:
+
+- ``run_case_inprocess(case, backend)``: one case in this process (the pytest plugin,
+  ``moe-validate repro`` and ``--workers 0`` use it). Exceptions become outcomes: CUDA OOM ->
+  OOM, a Triton compilation (or out-of-resources) error -> COMPILE_ERROR, anything else -> CRASH.
+- ``run_cases(cases, backend, out_dir)``: many cases, each in a worker process started with
+  ``multiprocessing`` 'spawn' (one worker per visible GPU by default). A worker that dies
+  (segfault, ``os._exit``) or whose CUDA context is poisoned is replaced and the case is recorded
+  as CRASH with its exit signal and the tail of the worker's log (faulthandler writes the
+  Python stack there); a case that outlives ``timeout_s`` is recorded as TIMEOUT, its worker
+  killed and replaced. Every record is appended to ``<out_dir>/results.jsonl`` the moment the
+  case finishes, so a run killed at any point keeps all finished cases.
+
+Cases are duck-typed: the runner uses ``case.id`` and ``case.params()`` and hands the case to
+the backend, ``moe_validate.inputs.make_inputs`` and ``moe_validate.compare.evaluate``.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as _dt
+import faulthandler
+import multiprocessing
+import multiprocessing.connection
+import os
+import shlex
+import signal
+import sys
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+from moe_validate.backends import Backend, get_backend
+from moe_validate.env import capture_env, interpreting
+from moe_validate.results import Outcome, ResultsWriter
+
+__all__ = [
+    "CaseResult",
+    "RunSummary",
+    "run_case_inprocess",
+    "run_cases",
+    "parse_shard",
+    "select_shard",
+    "default_workers",
+    "visible_gpus",
+    "repro_command",
+    "classify_exception",
+    "header_record",
+    "footer_record",
+    "DEFAULT_TIMEOUT_S",
+]
+
+# A generous per-case limit: the largest bring-up cases compile several Triton kernels (tens of
+# seconds each on a cold cache) and the CPU interpreter runs a smoke case in seconds.
+DEFAULT_TIMEOUT_S = 600.0
+# Time a fresh worker may take to import torch/triton and reach its first case (not counted
+# against the per-case limit).
+_STARTUP_ALLOWANCE_S = 120.0
+# How much of a dead worker's log goes into the CRASH record.
+_LOG_TAIL_CHARS = 20_000
+_CASE_MARKER = "=== moe-validate case "
+# Substrings of CUDA errors after which the context is unusable: the worker must be replaced.
+_POISONED_CUDA = (
+    "illegal memory access",
+    "device-side assert",
+    "unspecified launch failure",
+    "misaligned address",
+    "CUDA error",
+    "CUDA_ERROR",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# One case, in this process
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class CaseResult:
+    """A finished case: the JSON-ready ``record`` and, when the comparison ran, the Evaluation."""
+
+    record: Dict[str, Any]
+    evaluation: Any = None
+    retire_worker: bool = False  # the CUDA context is poisoned; this process must not run more
+
+    @property
+    def outcome(self) -> Outcome:
+        return Outcome(self.record["outcome"])
+
+    def message(self) -> str:
+        """What a person needs first: the evaluation's message for FAIL, the reason otherwise."""
+        rec = self.record
+        if self.evaluation is not None and not getattr(self.evaluation, "passed", True):
+            msg = getattr(self.evaluation, "message", None)
+            if callable(msg):
+                return msg()
+        head = f"{rec['case_id']}: {rec['outcome']}"
+        if rec.get("reason"):
+            head += f" ({rec['reason']})"
+        if rec.get("error") and self.outcome.is_bad:
+            head += "\n" + rec["error"].rstrip()
+        return head
+
+
+def repro_command(case_id: str, backend: str) -> str:
+    """One shell line that re-runs just this case (with the interpreter flag when it applies)."""
+    prefix = "TRITON_INTERPRET=1 " if interpreting() else ""
+    return f"{prefix}moe-validate repro {shlex.quote(case_id)} --backend {shlex.quote(backend)}"
+
+
+def _exception_chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def classify_exception(exc: BaseException) -> Outcome:
+    """OOM, COMPILE_ERROR or CRASH for an exception raised while running a case.
+
+    Looks through ``__cause__``/``__context__`` so that a launcher wrapping a Triton error in its
+    own exception is still classified by the root cause. Only modules already imported are
+    consulted: classifying must not import torch or triton.
+    """
+    torch = sys.modules.get("torch")
+    oom_types: Tuple[type, ...] = ()
+    if torch is not None:
+        oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                      getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)) if t)
+    compile_types: List[type] = []
+    errors_mod = sys.modules.get("triton.compiler.errors")
+    if errors_mod is not None:
+        compile_types.append(errors_mod.CompilationError)
+    runtime_errors = sys.modules.get("triton.runtime.errors")
+    if runtime_errors is not None and hasattr(runtime_errors, "OutOfResources"):
+        # Shared memory or registers exceeded by a launch config: a build failure of that config.
+        compile_types.append(runtime_errors.OutOfResources)
+    for link in _exception_chain(exc):
+        if oom_types and isinstance(link, oom_types):
+            return Outcome.OOM
+        if compile_types and isinstance(link, tuple(compile_types)):
+            return Outcome.COMPILE_ERROR
+    return Outcome.CRASH
+
+
+def _cuda_poisoned(exc: BaseException) -> bool:
+    text = "".join(str(link) for link in _exception_chain(exc))
+    return any(s in text for s in _POISONED_CUDA)
+
+
+def _base_record(case, backend_name: str) -> Dict[str, Any]:
+    return {
+        "kind": "case",
+        "case_id": case.id,
+        "params": case.params(),
+        "outcome": None,
+        "reason": None,
+        "duration_s": 0.0,
+        "backend": backend_name,
+        "config": None,
+        "repro": repro_command(case.id, backend_name),
+        "tolerance": None,
+        "metrics": None,
+        "detail": None,
+        "error": None,
+        "worst_margin": None,
+    }
+
+
+def _one_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first if len(first) <= 300 else first[:297] + "..."
+
+
+def _device_context(device: str):
+    """``torch.cuda.device(i)`` for "cuda:i" so that Triton launches on the inputs' device."""
+    import contextlib
+
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.device(torch.device(device))
+    return contextlib.nullcontext()
+
+
+def default_device() -> str:
+    """The GPU when there is one, except under the interpreter, which runs on CPU tensors."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+
+
+def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[str] = None,
+                       backend_name: Optional[str] = None) -> CaseResult:
+    """Runs one case here and returns its result; never raises for a failure of the case itself.
+
+    ``backend`` is a Backend or a spec for ``get_backend``; ``backend_name`` (default: the spec,
+    or the backend's ``name``) is what the record and its repro line name.
+    """
+    if isinstance(backend, str):
+        backend_name = backend_name or backend
+        backend = get_backend(backend)
+    backend_name = backend_name or getattr(backend, "name", "?")
+    record = _base_record(case, backend_name)
+    evaluation = None
+    retire = False
+    start = time.perf_counter()
+    try:
+        supported, why = backend.supports(case)
+        if not supported:
+            record["outcome"], record["reason"] = Outcome.SKIP.value, why or "not supported by this backend"
+            return CaseResult(record)
+        from moe_validate.compare import evaluate
+        from moe_validate.inputs import make_inputs
+
+        device = device or default_device()
+        with _device_context(device):
+            inputs = make_inputs(case, device=device)
+            out = backend.run(inputs, case)
+            if device.startswith("cuda"):
+                import torch
+
+                torch.cuda.synchronize()  # an asynchronous kernel fault must surface here, not later
+            record["config"] = getattr(backend, "last_config", None)
+            evaluation = evaluate(case, inputs, out)
+        record["outcome"] = (Outcome.PASS if evaluation.passed else Outcome.FAIL).value
+        record["reason"] = evaluation.reason
+        record["tolerance"] = evaluation.tolerance
+        record["metrics"] = evaluation.metrics
+        record["detail"] = evaluation.detail
+        record["worst_margin"] = evaluation.worst_margin
+    except Exception as exc:  # every failure of the case is a recorded outcome
+        record["outcome"] = classify_exception(exc).value
+        record["reason"] = _one_line(exc)
+        record["error"] = traceback.format_exc()
+        if record["config"] is None:
+            record["config"] = getattr(backend, "last_config", None)
+        # After a device fault the CUDA context is unusable: the worker must not run more cases.
+        retire = _cuda_poisoned(exc)
+        if retire and record["outcome"] == Outcome.CRASH.value:
+            record["reason"] = "CUDA context poisoned: " + record["reason"]
+    finally:
+        record["duration_s"] = round(time.perf_counter() - start, 6)
+    return CaseResult(record, evaluation, retire)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding, workers, devices
+# ---------------------------------------------------------------------------------------------
+def parse_shard(text: Optional[str]) -> Optional[Tuple[int, int]]:
+    """``"i/n"`` with 1 <= i <= n -> (i, n); None -> None."""
+    if text is None:
+        return None
+    parts = str(text).split("/")
+    try:
+        index, count = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"shard must be 'i/n' with integers 1 <= i <= n (e.g. 2/4); got {text!r}") from None
+    if not (count >= 1 and 1 <= index <= count):
+        raise ValueError(f"shard must be 'i/n' with 1 <= i <= n (e.g. 2/4); got {text!r}")
+    return index, count
+
+
+def select_shard(cases: Sequence, shard: Optional[Union[str, Tuple[int, int]]]) -> List:
+    """The cases of shard i/n: position i-1 (mod n) in the sorted list of case ids.
+
+    Depends only on the set of case ids, so every job of a CI matrix that builds the same suite
+    picks a disjoint share and the shares cover every case once. Cases keep their given order.
+    """
+    if isinstance(shard, str) or shard is None:
+        shard = parse_shard(shard)
+    if shard is None:
+        return list(cases)
+    index, count = shard
+    ids = sorted({c.id for c in cases})
+    mine = {cid for pos, cid in enumerate(ids) if pos % count == index - 1}
+    return [c for c in cases if c.id in mine]
+
+
+def visible_gpus() -> List[str]:
+    """The CUDA_VISIBLE_DEVICES entries (or indices) a worker can be pinned to; [] on CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    count = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed:
+        names = [d.strip() for d in listed.split(",") if d.strip()]
+        return names[:count]
+    return [str(i) for i in range(count)]
+
+
+def default_workers() -> int:
+    """One worker per visible GPU; one on a CPU machine (the interpreter is single-threaded)."""
+    return max(1, len(visible_gpus()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker processes
+# ---------------------------------------------------------------------------------------------
+def _worker_main(conn, backend_spec: str, gpu: Optional[str], log_path: str, timeout_s: Optional[float]) -> None:
+    """Entry point of a spawned worker: receive cases, send records, until told to stop."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before the first CUDA call of this process
+    log = open(log_path, "a", buffering=1, encoding="utf-8")
+    os.dup2(log.fileno(), 2)  # C-level messages (CUDA, segfault notes) land in the log too
+    sys.stderr = log
+    faulthandler.enable(file=log)
+    try:
+        backend = get_backend(backend_spec)
+    except Exception:
+        backend = None
+        backend_error = traceback.format_exc()
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return  # the parent is gone
+        if message[0] == "stop":
+            return
+        case = message[1]
+        print(f"{_CASE_MARKER}{case.id}", file=log, flush=True)
+        conn.send(("started", case.id))  # the parent's per-case clock starts now, not at spawn
+        if timeout_s:
+            # Dump every thread's stack shortly before the parent kills us, for the TIMEOUT record.
+            faulthandler.dump_traceback_later(max(0.9 * timeout_s, timeout_s - 5.0), exit=False, file=log)
+        if backend is None:
+            record = _base_record(case, backend_spec)
+            record["outcome"], record["reason"] = Outcome.CRASH.value, "backend failed to load in the worker"
+            record["error"] = backend_error
+            result = CaseResult(record)
+        else:
+            result = run_case_inprocess(case, backend, backend_name=backend_spec)
+        if timeout_s:
+            faulthandler.cancel_dump_traceback_later()
+        conn.send(("result", result.record, result.retire_worker))
+        if result.retire_worker:
+            return
+
+
+class _Worker:
+    def __init__(self, ctx, slot: int, backend_spec: str, gpu: Optional[str], log_dir: Path,
+                 timeout_s: Optional[float]):
+        self.slot = slot
+        self.gpu = gpu
+        self.log_path = log_dir / f"worker-{slot}-{uuid.uuid4().hex[:8]}.log"
+        self.conn, child_conn = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=_worker_main,
+            args=(child_conn, backend_spec, gpu, str(self.log_path), timeout_s),
+            name=f"moe-validate-worker-{slot}",
+            daemon=True,
+        )
+        self.proc.start()
+        child_conn.close()
+        self.case = None
+        self.deadline: Optional[float] = None
+        self.started = 0.0
+
+    def assign(self, case, timeout_s: Optional[float]) -> None:
+        self.case = case
+        self.started = time.monotonic()
+        # Until the worker says it started the case, allow for its start-up (imports, CUDA init).
+        self.deadline = self.started + timeout_s + _STARTUP_ALLOWANCE_S if timeout_s else None
+        self.conn.send(("case", case))
+
+    def case_started(self, timeout_s: Optional[float]) -> None:
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout_s if timeout_s else None
+
+    def log_tail(self) -> str:
+        """The log written since this worker's current case began."""
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        marker = f"{_CASE_MARKER}{self.case.id}" if self.case is not None else None
+        if marker and marker in text:
+            text = text[text.rindex(marker) + len(marker):].lstrip("\n")
+        return text[-_LOG_TAIL_CHARS:]
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(10)
+        self.conn.close()
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(("stop",))
+        except (OSError, ValueError):
+            pass
+        self.proc.join(10)
+        self.kill()
+
+
+def _exit_description(exitcode: Optional[int]) -> str:
+    if exitcode is None:
+        return "an unknown status"
+    if exitcode < 0:
+        try:
+            return f"signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole run
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class RunSummary:
+    results_path: Path
+    counts: Dict[str, int]
+    duration_s: float
+    bad_cases: List[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every case passed or was skipped, 1 otherwise."""
+        return 1 if self.bad_cases else 0
+
+    def format(self) -> str:
+        parts = [f"{n} {o}" for o, n in self.counts.items() if n]
+        total = sum(self.counts.values())
+        return f"{total} cases in {self.duration_s:.1f}s: " + (", ".join(parts) if parts else "nothing run")
+
+
+class _Progress:
+    """A tqdm bar on a terminal for long runs; otherwise one plain line per finished case."""
+
+    BAR_MIN_CASES = 20
+
+    def __init__(self, total: int, stream):
+        self.total, self.done, self.stream = total, 0, stream
+        self.bar = None
+        if stream is not None and total >= self.BAR_MIN_CASES and getattr(stream, "isatty", lambda: False)():
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, file=stream, unit="case", dynamic_ncols=True)
+            except ImportError:
+                self.bar = None
+
+    def update(self, record: Dict[str, Any]) -> None:
+        self.done += 1
+        if self.stream is None:
+            return
+        outcome = record["outcome"]
+        line = f"[{self.done}/{self.total}] {outcome:<13} {record['case_id']}  {record['duration_s']:.2f}s"
+        if outcome != Outcome.PASS.value and record.get("reason"):
+            line += f"  {record['reason']}"
+        if self.bar is not None:
+            if outcome != Outcome.PASS.value:
+                self.bar.write(line, file=self.stream)
+            self.bar.update(1)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def header_record(*, suite: Optional[str], backend: str, shard: Optional[str], argv: List[str],
+                  **extra: Any) -> Dict[str, Any]:
+    """The results-file header (results.py schema) for a run, a shard or a pytest worker."""
+    return {"kind": "header", "run_id": uuid.uuid4().hex, "started": now_iso(), "suite": suite,
+            "backend": backend, "shard": shard, "argv": list(argv), "env": capture_env(), **extra}
+
+
+def footer_record(duration_s: float, counts: Dict[str, int]) -> Dict[str, Any]:
+    return {"kind": "footer", "finished": now_iso(), "duration_s": round(duration_s, 3), "counts": dict(counts)}
+
+
+def run_cases(
+    cases: Sequence,
+    backend: str,
+    out_dir: Union[str, Path],
+    *,
+    workers: Optional[int] = None,
+    timeout_s: Optional[float] = DEFAULT_TIMEOUT_S,
+    suite: Optional[str] = None,
+    shard: Optional[str] = None,
+    argv: Optional[List[str]] = None,
+    progress=sys.stderr,
+) -> RunSummary:
+    """Runs ``cases`` (already sharded) against the backend spec ``backend``.
+
+    ``workers``: None = ``default_workers()``; 0 = in this process (no isolation, no timeout);
+    N = N spawned workers, round-robin over the visible GPUs. Writes ``<out_dir>/results.jsonl``
+    (header, one line per case, footer at a clean end) and returns the summary. Raises
+    ValueError for a backend spec that cannot be loaded, before any case runs.
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a spec string (workers rebuild it); got {type(backend).__name__}")
+    if workers is not None and workers < 0:
+        raise ValueError(f"workers must be >= 0; got {workers}")
+    if timeout_s is not None and timeout_s <= 0:
+        raise ValueError(f"timeout_s must be positive or None; got {timeout_s}")
+    backend_obj = get_backend(backend)  # fail fast on a bad spec
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_path = out_dir / "results.jsonl"
+    if workers is None:
+        workers = default_workers()
+    cases = list(cases)
+    start = time.monotonic()
+    counts = {o.value: 0 for o in Outcome}
+    bad: List[str] = []
+    bar = _Progress(len(cases), progress)
+
+    with ResultsWriter(results_path) as writer:
+        writer.write(header_record(suite=suite, backend=backend, shard=shard,
+                                   argv=argv if argv is not None else sys.argv,
+                                   case_count=len(cases), workers=workers, timeout_s=timeout_s))
+
+        def finish(record: Dict[str, Any]) -> None:
+            writer.write(record)
+            counts[record["outcome"]] = counts.get(record["outcome"], 0) + 1
+            if Outcome(record["outcome"]).is_bad:
+                bad.append(record["case_id"])
+            bar.update(record)
+
+        try:
+            if workers == 0:
+                for case in cases:
+                    finish(run_case_inprocess(case, backend_obj, backend_name=backend).record)
+            else:
+                _run_pool(cases, backend, workers, timeout_s, out_dir / "logs", finish)
+        finally:
+            bar.close()
+        duration = time.monotonic() - start
+        writer.write(footer_record(duration, counts))
+    return RunSummary(results_path, counts, duration, bad)
+
+
+def _run_pool(cases, backend_spec: str, workers: int, timeout_s: Optional[float], log_dir: Path, finish) -> None:
+    if not cases:
+        return
+    log_dir.mkdir(parents=True, exist_ok=True)
+    ctx = multiprocessing.get_context("spawn")
+    gpus = visible_gpus()
+    count = min(workers, len(cases))
+    pool = [_Worker(ctx, slot, backend_spec, gpus[slot % len(gpus)] if gpus else None, log_dir, timeout_s)
+            for slot in range(count)]
+    pending = collections.deque(cases)
+
+    def replace(worker: _Worker) -> None:
+        worker.kill()
+        pool[worker.slot] = _Worker(ctx, worker.slot, backend_spec, worker.gpu, log_dir, timeout_s)
+
+    def lost_case_record(worker: _Worker, outcome: Outcome, reason: str) -> Dict[str, Any]:
+        record = _base_record(worker.case, backend_spec)
+        record.update(outcome=outcome.value, reason=reason, error=worker.log_tail() or None,
+                      duration_s=round(time.monotonic() - worker.started, 6))
+        return record
+
+    clean_end = False
+    try:
+        while True:
+            for worker in pool:
+                if worker.case is None and pending:
+                    worker.assign(pending.popleft(), timeout_s)
+            busy = [w for w in pool if w.case is not None]
+            if not busy:
+                break
+            deadlines = [w.deadline for w in busy if w.deadline is not None]
+            wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            handles = [w.conn for w in busy] + [w.proc.sentinel for w in busy]
+            ready = set(multiprocessing.connection.wait(handles, timeout=wait_s))
+            for worker in busy:
+                if worker.conn not in ready and worker.proc.sentinel not in ready:
+                    continue
+                message = None
+                try:
+                    if worker.conn.poll():
+                        message = worker.conn.recv()
+                except (EOFError, OSError):
+                    message = None
+                if message is not None and message[0] == "started":
+                    worker.case_started(timeout_s)
+                    continue
+                if message is not None:
+                    _, record, retire = message
+                    worker.case = None
+                    finish(record)
+                    if retire or not worker.proc.is_alive():
+                        replace(worker)
+                    continue
+                worker.proc.join(5)
+                finish(lost_case_record(
+                    worker, Outcome.CRASH,
+                    f"worker process died with {_exit_description(worker.proc.exitcode)}; worker replaced"))
+                replace(worker)
+            now = time.monotonic()
+            for worker in list(pool):
+                if worker.case is not None and worker.deadline is not None and now >= worker.deadline:
+                    worker.proc.kill()
+                    worker.proc.join(10)
+                    finish(lost_case_record(
+                        worker, Outcome.TIMEOUT,
+                        f"exceeded the {timeout_s:g}s per-case limit; worker killed and replaced"))
+                    replace(worker)
+        clean_end = True
+    finally:
+        for worker in pool:
+            # After an interrupt or an internal error, do not wait for cases in flight.
+            worker.stop() if clean_end else worker.kill()
+

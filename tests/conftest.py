@@ -1,0 +1,26 @@
+"""Test-session setup shared by every test directory (kept deliberately small)."""
+
+import os
+
+import pytest
+
+# README: on a machine without a GPU the kernels run through the Triton interpreter. The flag
+# must be set before the first `import triton` (kernels/_interp.py decides at import time).
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+# pytester drives the moe_validate pytest plugin in tests/moe_validate/test_plugin.py.
+pytest_plugins = ["pytester"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow` tests are opt-in (pyproject: "opt-in with -m slow"): skipped unless -m names them."""
+    if "slow" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: opt-in with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

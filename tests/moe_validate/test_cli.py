@@ -1,0 +1,164 @@
+"""moe-validate: each subcommand, and bad input as one line on stderr with exit status 2."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moe_validate import runner
+from moe_validate.cli import main
+from moe_validate.matrix import filter_cases, suite_cases
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+CASES = [c for c in suite_cases("smoke") if c.seed in (0, 1, 2)]
+SEED1 = next(c.id for c in CASES if c.seed == 1)
+
+
+@pytest.fixture(autouse=True)
+def _fakes_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two finished runs of the same cases: all passing, then with a planted crash on seed 1."""
+    base = tmp_path_factory.mktemp("runs")
+    good = runner.run_cases(CASES, "fake_backends:Pass", base / "good", workers=0, progress=None)
+    bad = runner.run_cases(CASES, "fake_backends:Raise", base / "bad", workers=0, progress=None)
+    return good.results_path, bad.results_path
+
+
+def _one_line_error(capsys, argv, needle):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("moe-validate: error: "), err
+    assert "Traceback" not in err and needle in err, err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["list", "--suite", "weekly"], "suite must be one of smoke, premerge, nightly, bringup"),
+    (["list", "--filter", "flavour=spicy"], "filter axis must be one of"),
+    (["run", "--suite", "smoke", "--filter", "scheme=no_such_scheme"], "matches no case of suite"),
+    (["run", "--shard", "3/2"], "shard must be 'i/n'"),
+    (["run", "--suite", "smoke", "--workers", "-1", "--filter", "seed=0"], "--workers must be >= 0"),
+    (["run", "--workers", "two"], "invalid int value: 'two'"),
+    (["run", "--suite", "smoke", "--backend", "no_such_module_xyz:B", "--filter", "seed=0"], "cannot import module"),
+    (["repro", "not-a-case-id"], "case id 'not-a-case-id'"),
+    (["repro", "bf16-none-silu-M7N64K64E4k9-s0"], "is not a valid case"),
+    (["report", "/nonexistent/results.jsonl"], "does not exist"),
+    (["compare", "/nonexistent/a.jsonl", "/nonexistent/b.jsonl"], "does not exist"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ([], "required: COMMAND"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, needle):
+    _one_line_error(capsys, argv, needle)
+
+
+def test_unreadable_results_files(tmp_path, capsys, runs):
+    good, _ = runs
+    lines = good.read_text().splitlines(keepends=True)
+    torn_middle = tmp_path / "torn.jsonl"
+    torn_middle.write_text(lines[0] + lines[1][: len(lines[1]) // 2] + "\n" + "".join(lines[2:]))
+    _one_line_error(capsys, ["report", str(torn_middle)], "torn.jsonl:2: not a JSON record")
+    _one_line_error(capsys, ["report", str(tmp_path)], "is a directory")
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    _one_line_error(capsys, ["report", str(binary)], "cannot read results file")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    _one_line_error(capsys, ["report", str(empty)], "no records")
+
+
+def test_list_prints_ids_and_a_count(capsys):
+    assert main(["list", "--suite", "smoke", "--filter", "scheme=fp8_block128"]) == 0
+    captured = capsys.readouterr()
+    expected = [c.id for c in filter_cases(suite_cases("smoke"), "scheme=fp8_block128")]
+    assert captured.out.split() == expected and expected
+    assert captured.err.strip() == f"{len(expected)} cases in suite smoke matching 'scheme=fp8_block128'"
+
+
+def test_list_default_suite_is_the_machines(capsys):
+    import torch
+
+    from moe_validate.matrix import default_suite
+
+    name = default_suite(torch.cuda.is_available())  # smoke on CPU, premerge on a GPU
+    assert main(["list"]) == 0
+    assert capsys.readouterr().err.startswith(f"{len(suite_cases(name))} cases in suite {name}")
+
+
+def test_repro_pass_and_fail(capsys):
+    assert main(["repro", CASES[0].id, "--backend", "reference"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{CASES[0].id}: PASS") and "PASS in" in out
+    assert main(["repro", CASES[0].id, "--backend", "fake_backends:Wrong"]) == 1
+    out = capsys.readouterr().out
+    assert f"{CASES[0].id}: FAIL" in out and "Mismatched elements" in out
+
+
+def test_report_merges_shards_and_renders(tmp_path, capsys, runs):
+    good, bad = runs
+    out = tmp_path / "merged.html"
+    assert main(["report", str(good), str(bad), "--out", str(out), "--baseline", str(good)]) == 0
+    stdout = capsys.readouterr().out
+    assert f"report: {out}" in stdout and out.stat().st_size > 0
+    # The same three case ids in both files: the later file's records win (results.py contract).
+    assert "3 cases: 2 PASS, 1 CRASH" in stdout
+
+
+def test_compare_reports_regressions_with_exit_1(capsys, runs):
+    good, bad = runs
+    assert main(["compare", str(good), str(bad)]) == 1
+    assert SEED1 in capsys.readouterr().out
+    assert main(["compare", str(bad), str(good)]) == 0  # a fix is not a regression
+    assert SEED1 in capsys.readouterr().out
+
+
+def test_env_json(capsys):
+    import json
+
+    assert main(["env", "--json"]) == 0
+    env = json.loads(capsys.readouterr().out)
+    assert {"gpu", "capability", "torch", "triton", "interpreter", "commit"} <= set(env) and env["torch"]
+
+
+def test_run_writes_results_and_report(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["run", "--suite", "smoke", "--filter", "seed=1", "--backend", "reference", "--workers", "0", "--out", str(out)])
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout
+    assert f"results: {out / 'results.jsonl'}" in stdout and f"report:  {out / 'report.html'}" in stdout
+    assert "1 cases in" in stdout and "1 PASS" in stdout
+    assert (out / "report.html").stat().st_size > 0
+
+
+def test_run_exit_code_on_failure(tmp_path, capsys):
+    code = main(["run", "--suite", "smoke", "--filter", "seed=1", "--backend", "fake_backends:Wrong", "--workers", "0",
+                 "--out", str(tmp_path), "--no-report"])
+    stdout = capsys.readouterr().out
+    assert code == 1 and f"not passing: {SEED1}" in stdout
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_console_script_end_to_end(tmp_path):
+    """The installed entry point, a shard of a filtered suite, through one spawned worker."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(HERE)]), TRITON_INTERPRET="1")
+    exe = Path(sys.executable).with_name("moe-validate")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "moe_validate.cli"]
+    done = subprocess.run(cmd + ["run", "--suite", "smoke", "--filter", "*-M7N64K64E4k2-s[0-2]", "--shard", "1/2",
+                                 "--backend", "reference", "--out", str(tmp_path), "--no-report"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "2 cases in" in done.stdout and "2 PASS" in done.stdout
+    assert "[2/2] PASS" in done.stderr  # plain progress lines when stderr is not a TTY
+
+
+def test_selftest_is_delegated(capsys):
+    from moe_validate.mutants import MUTANTS
+
+    assert main(["selftest", "--list-mutants"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == [m.name for m in MUTANTS]

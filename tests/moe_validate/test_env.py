@@ -1,0 +1,52 @@
+"""The environment record: complete and JSON-ready on a CPU machine, never failing."""
+
+import json
+import re
+
+from moe_validate import env as env_mod
+from moe_validate.env import capture_env, format_env
+
+RESULTS_KEYS = {"gpu", "capability", "driver", "cuda", "torch", "triton", "interpreter", "commit", "host", "python"}
+
+
+def test_capture_env_on_cpu(monkeypatch):
+    import torch
+    import triton
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    env = capture_env()
+    assert RESULTS_KEYS <= set(env)  # every key moe_validate/results.py promises in a header
+    assert env["gpu"] is None and env["capability"] is None and env["driver"] is None and env["gpu_count"] == 0
+    assert env["torch"] == torch.__version__ and env["triton"] == triton.__version__
+    assert env["interpreter"] is True and env["cpu_count"] >= 1 and env["python"].count(".") == 2
+    assert env["commit"] is None or re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", env["commit"])
+    json.dumps(env)  # goes into the results header as is
+
+
+def test_interpreter_flag_follows_the_environment(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert capture_env()["interpreter"] is False
+
+
+def test_missing_git_leaves_commit_empty(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert env_mod._git_commit(env_mod._REPO_ROOT) is None
+    assert capture_env()["commit"] is None
+
+
+def test_broken_cuda_query_is_recorded_not_raised(monkeypatch):
+    import torch
+
+    def boom():
+        raise RuntimeError("driver too old")
+
+    monkeypatch.setattr(torch.cuda, "is_available", boom)
+    env = capture_env()
+    assert env["gpu"] is None and "driver too old" in env["torch_error"]
+
+
+def test_format_env_one_line_per_key():
+    env = {"gpu": None, "torch": "2.13", "interpreter": True}
+    lines = format_env(env).splitlines()
+    assert len(lines) == 3 and lines[0].split() == ["gpu", "-"] and lines[2].split() == ["interpreter", "True"]
