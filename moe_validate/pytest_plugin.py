@@ -17,11 +17,18 @@ untouched (five options and two fixtures are all that it adds).
   to ``DIR/results-<worker>.jsonl`` (one file per xdist worker, so no two processes share a
   file); at the end the controller merges them and renders one report (``--moe-report``, default
   ``DIR/report.html``). Without ``--moe-results`` the results go to ``<FILE stem>.results/``.
-- Under pytest-xdist on a machine with several GPUs, worker ``gwN`` runs on GPU ``N % count``.
+- Under pytest-xdist with GPUs, worker ``gwN`` runs on visible GPU ``N % count``: the controller
+  publishes its visible GPUs (the ``CUDA_VISIBLE_DEVICES`` entries, UUIDs and MIG ids included)
+  in ``MOE_VALIDATE_XDIST_GPUS`` before it starts the workers, and each worker sets its own
+  ``CUDA_VISIBLE_DEVICES`` to its entry in ``pytest_load_initial_conftests``, before any conftest
+  (which may import torch and query CUDA) is loaded. ``-n auto`` means one worker per GPU
+  (times ``--moe-workers-per-gpu``, default 1; 0 leaves ``auto`` to xdist, i.e. one per CPU);
+  without GPUs, or under ``TRITON_INTERPRET=1`` (cases run on CPU), ``auto`` is xdist's.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -44,6 +51,7 @@ _VALUE_MARKERS = (
 _FLAG_MARKERS = ("bias", "router_on_input", "clamp")  # present when truthy / not None
 
 _STATE = pytest.StashKey()
+_PUBLISHED = pytest.StashKey()  # the controller's previous MOE_VALIDATE_XDIST_GPUS, restored at the end
 
 
 def pytest_addoption(parser) -> None:
@@ -59,6 +67,71 @@ def pytest_addoption(parser) -> None:
                     help="append each finished case to DIR/results-<worker>.jsonl")
     group.addoption("--moe-report", default=None, metavar="FILE",
                     help="render one HTML report of the session's cases to FILE")
+    group.addoption("--moe-workers-per-gpu", default=1, type=_non_negative_int, metavar="N",
+                    help="with pytest-xdist on GPUs: '-n auto' starts N workers per visible GPU "
+                         "(default 1; 0 = xdist's own auto, one per CPU)")
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise pytest.UsageError(f"moe-validate: --moe-workers-per-gpu must be an integer >= 0; got {text!r}") from None
+    if value < 0:
+        raise pytest.UsageError(f"moe-validate: --moe-workers-per-gpu must be an integer >= 0; got {text!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# One GPU per xdist worker
+# ---------------------------------------------------------------------------------------------
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _controller_gpus() -> List[str]:
+    """The controller's visible GPU entries ([] without CUDA or under the interpreter)."""
+    if _interpreting():
+        return []
+    from moe_validate import devices
+
+    return [g.entry for g in devices.detect_gpus(memory=False)]
+
+
+def pin_xdist_worker(environ=None) -> Optional[str]:
+    """Sets ``CUDA_VISIBLE_DEVICES`` of xdist worker ``gwN`` to the controller's GPU ``N % count``.
+
+    Reads ``PYTEST_XDIST_WORKER`` (set by xdist before the worker parses its configuration) and
+    the list the controller published; returns the entry it pinned to, or None where either is
+    missing (not an xdist worker, or no GPUs). ``environ`` defaults to ``os.environ``.
+    """
+    from moe_validate.devices import XDIST_GPUS_ENV
+
+    env = os.environ if environ is None else environ
+    match = re.fullmatch(r"gw(\d+)", env.get("PYTEST_XDIST_WORKER", ""))
+    entries = [e.strip() for e in env.get(XDIST_GPUS_ENV, "").split(",") if e.strip()]
+    if match is None or not entries:
+        return None
+    entry = entries[int(match.group(1)) % len(entries)]
+    env["CUDA_VISIBLE_DEVICES"] = entry
+    return entry
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config, parser, args) -> None:
+    # The earliest hook a -p / entry-point plugin gets in a worker: before conftests, which may
+    # import torch and initialise CUDA (tests/conftest.py does), after which the variable is read.
+    pin_xdist_worker()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config) -> Optional[int]:
+    """``-n auto``: one worker per visible GPU (x --moe-workers-per-gpu); None = xdist decides."""
+    per_gpu = config.getoption("moe_workers_per_gpu", 1)
+    if not per_gpu:
+        return None
+    gpus = _controller_gpus()
+    return len(gpus) * per_gpu if gpus else None
 
 
 class _State:
@@ -119,7 +192,8 @@ class _State:
         return self._backend
 
     def device(self) -> Optional[str]:
-        """``cuda:N % count`` for xdist worker gwN on a multi-GPU host; None = the default device."""
+        """None (the default device) for a pinned worker, which sees one GPU; a fallback where a
+        worker still sees several (pinning came too late): ``cuda:N % count`` for worker gwN."""
         match = re.fullmatch(r"gw(\d+)", self.worker)
         if match is None:
             return None
@@ -169,10 +243,38 @@ def case_markers(params: Dict) -> List[str]:
     return names
 
 
+def _publish_gpus_for_workers(config) -> None:
+    """Controller of an xdist run: tell the workers (started after this) which GPUs exist."""
+    from moe_validate.devices import XDIST_GPUS_ENV
+
+    if getattr(config, "workerinput", None) is not None:
+        return
+    if getattr(config.option, "dist", "no") == "no" and not getattr(config.option, "numprocesses", None):
+        return
+    gpus = _controller_gpus()
+    config.stash[_PUBLISHED] = os.environ.get(XDIST_GPUS_ENV)
+    if gpus:
+        os.environ[XDIST_GPUS_ENV] = ",".join(gpus)
+    else:  # a value inherited from an outer run names GPUs this session does not have
+        os.environ.pop(XDIST_GPUS_ENV, None)
+
+
+def pytest_unconfigure(config) -> None:
+    from moe_validate.devices import XDIST_GPUS_ENV
+
+    if _PUBLISHED in config.stash:
+        before = config.stash[_PUBLISHED]
+        if before is None:
+            os.environ.pop(XDIST_GPUS_ENV, None)
+        else:
+            os.environ[XDIST_GPUS_ENV] = before
+
+
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "moe_case: a moe-validate case item (parametrized moe_case fixture)")
     state = _State(config)
     config.stash[_STATE] = state
+    _publish_gpus_for_workers(config)
     opt = config.option
     if opt.moe_suite is not None or opt.moe_filter:
         # Bad names are a usage error of this command line, caught before collection (the matrix

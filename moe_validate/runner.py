@@ -6,7 +6,10 @@ Two ways to run:
   ``moe-validate repro`` and ``--workers 0`` use it). Exceptions become outcomes: CUDA OOM ->
   OOM, a Triton compilation (or out-of-resources) error -> COMPILE_ERROR, anything else -> CRASH.
 - ``run_cases(cases, backend, out_dir)``: many cases, each in a worker process started with
-  ``multiprocessing`` 'spawn' (one worker per visible GPU by default). A worker that dies
+  ``multiprocessing`` 'spawn' (one worker per visible GPU by default). Worker i is born with
+  ``CUDA_VISIBLE_DEVICES`` set to the i-th visible entry (mod the GPU count; an outer selection,
+  UUIDs and MIG ids pass through). Where workers share a GPU, ``devices.GpuScheduler`` places
+  cases so that their estimated memory fits it; a case too big to share runs alone. A worker that dies
   (segfault, ``os._exit``) or whose CUDA context is poisoned is replaced and the case is recorded
   as CRASH with its exit signal and the tail of the worker's log (faulthandler writes the
   Python stack there); a case that outlives ``timeout_s`` is recorded as TIMEOUT, its worker
@@ -19,7 +22,7 @@ the backend, ``moe_validate.inputs.make_inputs`` and ``moe_validate.compare.eval
 
 from __future__ import annotations
 
-import collections
+import contextlib
 import datetime as _dt
 import faulthandler
 import multiprocessing
@@ -36,6 +39,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from moe_validate.backends import Backend, get_backend
+from moe_validate.devices import (GpuInfo, GpuScheduler, detect_gpus, gpu_budget_bytes, visible_entries,
+                                  worker_gpus)
 from moe_validate.env import capture_env, interpreting
 from moe_validate.results import Outcome, ResultsWriter
 
@@ -283,22 +288,26 @@ def select_shard(cases: Sequence, shard: Optional[Union[str, Tuple[int, int]]]) 
 
 
 def visible_gpus() -> List[str]:
-    """The CUDA_VISIBLE_DEVICES entries (or indices) a worker can be pinned to; [] on CPU."""
+    """The ``CUDA_VISIBLE_DEVICES`` entries a worker can be pinned to, in order; [] on CPU.
+
+    Respects an outer ``CUDA_VISIBLE_DEVICES`` (indices, ``GPU-<uuid>``, ``MIG-<uuid>``): worker
+    i of GPU i is given exactly the i-th entry (``devices.visible_entries``).
+    """
     import torch
 
     if not torch.cuda.is_available():
         return []
-    count = torch.cuda.device_count()
-    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if listed:
-        names = [d.strip() for d in listed.split(",") if d.strip()]
-        return names[:count]
-    return [str(i) for i in range(count)]
+    return visible_entries(os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
 
 
-def default_workers() -> int:
-    """One worker per visible GPU; one on a CPU machine (the interpreter is single-threaded)."""
-    return max(1, len(visible_gpus()))
+def default_workers(gpus: Optional[Sequence[GpuInfo]] = None) -> int:
+    """One worker per visible GPU (``gpus``, default: detected); one on a CPU machine.
+
+    Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors whatever GPUs exist, so one.
+    """
+    if gpus is None:
+        gpus = [] if interpreting() else detect_gpus(memory=False)
+    return max(1, len(gpus))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,6 +321,8 @@ def _worker_main(conn, backend_spec: str, gpu: Optional[str], log_path: str, tim
     os.dup2(log.fileno(), 2)  # C-level messages (CUDA, segfault notes) land in the log too
     sys.stderr = log
     faulthandler.enable(file=log)
+    print(f"moe-validate worker pid {os.getpid()}: CUDA_VISIBLE_DEVICES="
+          f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}", file=log, flush=True)
     try:
         backend = get_backend(backend_spec)
     except Exception:
@@ -344,7 +355,31 @@ def _worker_main(conn, backend_spec: str, gpu: Optional[str], log_path: str, tim
             return
 
 
+@contextlib.contextmanager
+def _pinned_environment(gpu: Optional[str]):
+    """``CUDA_VISIBLE_DEVICES=gpu`` while a child is spawned, so that it is born pinned.
+
+    The spawned interpreter imports this module (and with it torch) before ``_worker_main`` runs;
+    having the variable in its environment from the start means no import can initialise CUDA
+    with every GPU visible. ``_worker_main`` sets it again (harmless) for other start methods.
+    """
+    if gpu is None:
+        yield
+        return
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
+
+
 class _Worker:
+    gpu_index = 0  # the scheduler's index of this worker's GPU
+
     def __init__(self, ctx, slot: int, backend_spec: str, gpu: Optional[str], log_dir: Path,
                  timeout_s: Optional[float]):
         self.slot = slot
@@ -357,7 +392,8 @@ class _Worker:
             name=f"moe-validate-worker-{slot}",
             daemon=True,
         )
-        self.proc.start()
+        with _pinned_environment(gpu):
+            self.proc.start()
         child_conn.close()
         self.case = None
         self.deadline: Optional[float] = None
@@ -494,11 +530,17 @@ def run_cases(
     shard: Optional[str] = None,
     argv: Optional[List[str]] = None,
     progress=sys.stderr,
+    gpus: Optional[Sequence[GpuInfo]] = None,
 ) -> RunSummary:
     """Runs ``cases`` (already sharded) against the backend spec ``backend``.
 
-    ``workers``: None = ``default_workers()``; 0 = in this process (no isolation, no timeout);
-    N = N spawned workers, round-robin over the visible GPUs. Writes ``<out_dir>/results.jsonl``
+    ``workers``: None = ``default_workers()`` (one per visible GPU); 0 = in this process (no
+    isolation, no timeout); N = N spawned workers, worker i pinned to GPU i mod len(gpus) through
+    its own ``CUDA_VISIBLE_DEVICES``. ``gpus``: the GPUs to place workers on (default: detected;
+    [] under the interpreter or without CUDA; tests pass simulated ones). Where several workers
+    share a GPU of known size, cases are placed so that their estimated memory
+    (``devices.case_memory_bytes``) fits it, and a case too big to share runs alone
+    (``devices.GpuScheduler``). Writes ``<out_dir>/results.jsonl``
     (header, one line per case, footer at a clean end) and returns the summary. Raises
     ValueError for a backend spec that cannot be loaded, before any case runs.
     """
@@ -512,8 +554,18 @@ def run_cases(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "results.jsonl"
+    if gpus is None:
+        gpus = [] if interpreting() else detect_gpus(memory=False)
+        if workers is not None and workers > len(gpus) > 0:
+            # GPUs will be shared: their sizes are needed for memory planning (reading them sets
+            # up torch's CUDA state in this process, which one worker per GPU does not need).
+            gpus = detect_gpus(memory=True)
+    gpus = list(gpus)
+    for gpu in gpus:
+        if not isinstance(gpu, GpuInfo):
+            raise TypeError(f"gpus must hold devices.GpuInfo; got {type(gpu).__name__}")
     if workers is None:
-        workers = default_workers()
+        workers = default_workers(gpus)
     cases = list(cases)
     start = time.monotonic()
     counts = {o.value: 0 for o in Outcome}
@@ -523,7 +575,8 @@ def run_cases(
     with ResultsWriter(results_path) as writer:
         writer.write(header_record(suite=suite, backend=backend, shard=shard,
                                    argv=argv if argv is not None else sys.argv,
-                                   case_count=len(cases), workers=workers, timeout_s=timeout_s))
+                                   case_count=len(cases), workers=workers, timeout_s=timeout_s,
+                                   gpus=[g.entry for g in gpus] if workers else []))
 
         def finish(record: Dict[str, Any]) -> None:
             writer.write(record)
@@ -537,7 +590,7 @@ def run_cases(
                 for case in cases:
                     finish(run_case_inprocess(case, backend_obj, backend_name=backend).record)
             else:
-                _run_pool(cases, backend, workers, timeout_s, out_dir / "logs", finish)
+                _run_pool(cases, backend, workers, timeout_s, out_dir / "logs", finish, gpus)
         finally:
             bar.close()
         duration = time.monotonic() - start
@@ -545,20 +598,38 @@ def run_cases(
     return RunSummary(results_path, counts, duration, bad)
 
 
-def _run_pool(cases, backend_spec: str, workers: int, timeout_s: Optional[float], log_dir: Path, finish) -> None:
+def _run_pool(cases, backend_spec: str, workers: int, timeout_s: Optional[float], log_dir: Path, finish,
+              gpus: Sequence[GpuInfo] = ()) -> None:
     if not cases:
         return
     log_dir.mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
-    gpus = visible_gpus()
     count = min(workers, len(cases))
-    pool = [_Worker(ctx, slot, backend_spec, gpus[slot % len(gpus)] if gpus else None, log_dir, timeout_s)
-            for slot in range(count)]
-    pending = collections.deque(cases)
+    # Worker slot -> GPU slot mod len(gpus). Only GPUs that get a worker are scheduled on (with
+    # fewer workers than GPUs the rest stay idle); on CPU there is one unplanned pseudo-GPU.
+    gpu_of_slot = [0 if g is None else g for g in worker_gpus(count, len(gpus))]
+    used_gpus = sorted(set(gpu_of_slot))
+    if gpus:
+        budgets = [gpu_budget_bytes(gpus[g], gpu_of_slot.count(g)) for g in used_gpus]
+    else:
+        budgets = [None]
+    scheduler = GpuScheduler(cases, budgets)
+    sched_index = {g: i for i, g in enumerate(used_gpus)}
+
+    def spawn(slot: int) -> _Worker:
+        entry = gpus[gpu_of_slot[slot]].entry if gpus else None
+        worker = _Worker(ctx, slot, backend_spec, entry, log_dir, timeout_s)
+        worker.gpu_index = sched_index[gpu_of_slot[slot]]
+        return worker
+
+    pool = [spawn(slot) for slot in range(count)]
 
     def replace(worker: _Worker) -> None:
         worker.kill()
-        pool[worker.slot] = _Worker(ctx, worker.slot, backend_spec, worker.gpu, log_dir, timeout_s)
+        pool[worker.slot] = spawn(worker.slot)
+
+    def release(worker: _Worker) -> None:
+        scheduler.finish(worker.gpu_index, worker.case)
 
     def lost_case_record(worker: _Worker, outcome: Outcome, reason: str) -> Dict[str, Any]:
         record = _base_record(worker.case, backend_spec)
@@ -570,10 +641,14 @@ def _run_pool(cases, backend_spec: str, workers: int, timeout_s: Optional[float]
     try:
         while True:
             for worker in pool:
-                if worker.case is None and pending:
-                    worker.assign(pending.popleft(), timeout_s)
+                if worker.case is None and scheduler.pending:
+                    case = scheduler.take(worker.gpu_index)
+                    if case is not None:
+                        worker.assign(case, timeout_s)
             busy = [w for w in pool if w.case is not None]
             if not busy:
+                if scheduler.pending:  # an idle GPU takes any case (GpuScheduler rule 1)
+                    raise RuntimeError(f"internal: {scheduler.pending} cases left but no worker took one")
                 break
             deadlines = [w.deadline for w in busy if w.deadline is not None]
             wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
@@ -593,12 +668,14 @@ def _run_pool(cases, backend_spec: str, workers: int, timeout_s: Optional[float]
                     continue
                 if message is not None:
                     _, record, retire = message
+                    release(worker)
                     worker.case = None
                     finish(record)
                     if retire or not worker.proc.is_alive():
                         replace(worker)
                     continue
                 worker.proc.join(5)
+                release(worker)
                 finish(lost_case_record(
                     worker, Outcome.CRASH,
                     f"worker process died with {_exit_description(worker.proc.exitcode)}; worker replaced"))
@@ -608,6 +685,7 @@ def _run_pool(cases, backend_spec: str, workers: int, timeout_s: Optional[float]
                 if worker.case is not None and worker.deadline is not None and now >= worker.deadline:
                     worker.proc.kill()
                     worker.proc.join(10)
+                    release(worker)
                     finish(lost_case_record(
                         worker, Outcome.TIMEOUT,
                         f"exceeded the {timeout_s:g}s per-case limit; worker killed and replaced"))

@@ -37,6 +37,8 @@ def suite(pytester, monkeypatch):
     monkeypatch.syspath_prepend(str(HERE))  # fake_backends, for in-process runs
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), str(HERE)]))  # and for subprocesses
     pytester.makepyfile(test_suite=SUITE_TEST)
+    # loads the plugin where the package is not installed (PYTHONPATH only, as on the GPU image)
+    pytester.makeconftest('pytest_plugins = ["moe_validate.pytest_plugin"]')
     return pytester
 
 
@@ -125,6 +127,7 @@ def test_xdist_workers_write_their_own_files_and_one_report_is_merged(suite, tmp
     (["--moe-suite", "weekly"], "moe-validate: suite must be one of smoke, premerge, nightly, bringup*"),
     (["--moe-filter", "flavour=spicy"], "moe-validate: filter axis must be one of*"),
     (["--moe-backend", "no_such_module_xyz:B"], "moe-validate: --moe-backend: *cannot import module*"),
+    (["--moe-workers-per-gpu", "-1"], "moe-validate: --moe-workers-per-gpu must be an integer >= 0*"),
 ])
 def test_bad_options_are_usage_errors(suite, args, message):
     result = suite.runpytest(*SMOKE, *args)
