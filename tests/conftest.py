@@ -12,8 +12,9 @@ if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
-# pytester drives the moe_validate pytest plugin in tests/moe_validate/test_plugin.py.
-pytest_plugins = ["pytester"]
+# pytester drives the moe_validate pytest plugin in tests/moe_validate/test_plugin.py. The plugin
+# is named here too, so the suite-as-items run where the package is only on PYTHONPATH (GPU image).
+pytest_plugins = ["pytester", "moe_validate.pytest_plugin"]
 
 
 def pytest_collection_modifyitems(config, items):
