@@ -150,6 +150,7 @@ def _dtype_tag(dtype: torch.dtype, scheme: QuantScheme) -> str:
 
 def config_file_name(E: int, N: int, device_name: str, dtype: torch.dtype, scheme: QuantScheme) -> str:
     """File name of the tuned table for (E, N, device, dtype, block shape)."""
+    scheme = QuantScheme.parse(scheme, "scheme")
     device = device_name.replace(" ", "_")
     name = f"E={E},N={N},device_name={device},dtype={_dtype_tag(dtype, scheme)}"
     if scheme.block_shape is not None:

@@ -201,7 +201,12 @@ class ReferenceBackend:
         return out.to(_storage_dtype(inputs))
 
 
-_BUILTIN = {"triton": TritonBackend, "reference": ReferenceBackend}
+_BUILTIN = {
+    "triton": TritonBackend,
+    "reference": ReferenceBackend,
+    # The benchmark peer (moe_validate/peers.py), imported on first use: it needs torch.
+    "torch-grouped": lambda: importlib.import_module("moe_validate.peers").TorchGroupedBackend(),
+}
 
 
 def builtin_backend_names() -> Tuple[str, ...]:

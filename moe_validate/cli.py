@@ -1,8 +1,10 @@
-"""``moe-validate``: run, list, repro, report, compare, env.
+"""``moe-validate``: run, list, repro, report, compare, env, bench, tune.
 
 A thin shell over ``moe_validate.runner``. Exit codes: 0 = everything passed or was skipped;
-1 = a case failed (run, repro) or a regression was found (compare); 2 = bad input (unknown
-suite, malformed case id or filter, unreadable results file), always as one line on stderr.
+1 = a case failed (run, repro) or a regression was found (compare), or bench could not time
+anything (no GPU; bench.json still records why); 2 = bad input (unknown suite, malformed case id
+or filter, unreadable results file, bad bench/tune option, tune without a GPU), always as one
+line on stderr.
 
 Heavy modules (torch, triton, the report renderer) are imported by the subcommands that need
 them, so ``moe-validate --help`` and ``list`` start quickly.
@@ -184,6 +186,62 @@ def cmd_compare(args) -> int:
     return 1 if diff.has_regressions else 0
 
 
+def cmd_bench(args) -> int:
+    from moe_validate import bench
+
+    try:
+        models = bench.parse_models(args.models)
+        schemes = bench.parse_schemes(args.schemes)
+        m_list = bench.parse_m_list(args.m, quick=args.quick)
+        peers = bench.parse_peers(args.peers)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise UsageError(f"--time-budget must be positive seconds; got {args.time_budget}")
+    if args.reference_max_m < 0:
+        raise UsageError(f"--reference-max-m must be >= 0; got {args.reference_max_m}")
+    settings = {"reference_max_m": args.reference_max_m}
+    if args.quick:
+        settings.update(target_ms=60.0, max_reps=60, routing_sets=4)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out_dir = Path(args.out) if args.out else Path("reports") / f"bench-{stamp}"
+    doc = bench.run_bench(models, schemes, m_list, peers, argv=[PROG] + list(args.argv),
+                          time_budget_s=args.time_budget or float("inf"), settings=settings)
+    json_path, html_path = bench.write_bench(doc, out_dir)
+    print(f"bench:   {json_path}")
+    if html_path is not None:
+        print(f"html:    {html_path}")
+    print(bench.format_table(doc))
+    if doc.get("error"):
+        print(f"{PROG}: bench did not run: {doc['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from moe_validate import bench
+
+    try:
+        model = bench.parse_model_spec(args.model)
+        schemes = bench.parse_schemes(args.scheme)
+        m_list = bench.parse_m_list(args.m) if args.m else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if len(schemes) != 1:
+        raise UsageError(f"--scheme must name one scheme; got {args.scheme!r}")
+    if not _has_cuda() or os.environ.get("TRITON_INTERPRET") == "1":
+        raise UsageError("tune needs a CUDA GPU with native Triton (unset TRITON_INTERPRET): timings under the "
+                         "interpreter mean nothing")
+    from moe_validate.tune import DEFAULT_TUNE_M, tune
+
+    result = tune(model, schemes[0], m_list or list(DEFAULT_TUNE_M), out_dir=args.out,
+                  command=" ".join([PROG] + list(args.argv)), log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(f"config:  {result['path']}")
+    for m, cfg in sorted(result["table"].items()):
+        print(f"M={m}: {json.dumps(cfg, sort_keys=True)}")
+    return 0
+
+
 def cmd_env(args) -> int:
     from moe_validate.env import capture_env, format_env
 
@@ -244,7 +302,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("selftest", add_help=False,
                    help="plant known bugs in a copy of the kernels and check that the suite catches each "
                         "(moe-validate selftest --help)")
-    # Reserved for later: bench, tune (each adds its own sub-parser here).
+
+    p = sub.add_parser("bench", help="time our experts against peers on model shapes (GPU); bench.json + bench.html")
+    p.add_argument("--models", help="comma-separated: mixtral-8x7b, qwen3-30b-a3b, deepseek-v3, deepseek-v3-tp8, "
+                                    "gpt-oss-120b (default: all)")
+    p.add_argument("--schemes", help="comma-separated: bf16, fp8_tensor (= fp8_tensor_token), fp8_block "
+                                     "(= fp8_block128) or scheme values (default: all three)")
+    p.add_argument("--m", help="comma-separated token counts (default 1,2,4,...,16384; --quick: 1,16,128,1024,4096,16384)")
+    p.add_argument("--peers", help="comma-separated: reference, torch-grouped, or none (default: both)")
+    p.add_argument("--out", help="output directory (default: reports/bench-<UTC timestamp>/)")
+    p.add_argument("--quick", action="store_true", help="fewer M values, repetitions and routing sets")
+    p.add_argument("--time-budget", type=float, help="seconds; rows after it are recorded as skipped")
+    p.add_argument("--reference-max-m", type=int, default=16, help="largest M timed for the reference (default 16)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("tune", help="search launch configs per M bucket (GPU) and write the kernels' JSON table")
+    p.add_argument("--model", required=True, help="a bench model name or E=..,topk=..,K=..,I=..[,act=..]")
+    p.add_argument("--scheme", required=True, help="bf16, fp8_tensor, fp8_block or a scheme value")
+    p.add_argument("--m", help="comma-separated M buckets (default 1,16,64,256,1024,4096,16384)")
+    p.add_argument("--out", help="directory for the JSON table (default: kernels/configs/)")
+    p.set_defaults(func=cmd_tune)
     return parser
 
 

@@ -30,7 +30,8 @@ def _fakes_importable(monkeypatch):
 def test_builtins():
     assert isinstance(get_backend("triton"), TritonBackend)
     assert isinstance(get_backend("reference"), ReferenceBackend)
-    assert set(backends.builtin_backend_names()) == {"triton", "reference"}
+    # DESIGN.md: the built-ins are the kernels, the reference and the torch._grouped_mm peer
+    assert set(backends.builtin_backend_names()) == {"triton", "reference", "torch-grouped"}
     assert isinstance(get_backend("triton"), Backend)  # satisfies the runtime-checkable protocol
 
 

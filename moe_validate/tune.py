@@ -1,0 +1,240 @@
+"""``moe-validate tune``: pick a launch config per M bucket and write the table kernels read.
+
+For one model shape and scheme: every candidate ``KernelConfig`` of a small grid that passes
+the scheme's static rules (``kernels.configs.check_config``: fp8 BLOCK_K >= 32 on the GPU,
+fp8_block128 BLOCK_K dividing 128, tiles >= 16) is first CHECKED for correctness: one case of
+the validation suite (same N and K, ``CHECK_E`` experts, top-``CHECK_TOPK``, ``check_m`` tokens,
+the config forced) runs through the Triton backend against the float64 reference with the
+suite's own tolerance model. Only candidates that pass are timed, per M bucket, with the bench
+timer (CUDA graph replays over rotated routing, median). The winner of each bucket goes into a
+JSON file named and laid out exactly as ``kernels/configs.py`` reads it
+(``config_file_name(E, N, device, dtype, scheme)``, top-level keys = M, plus ``_provenance``).
+
+Everything is injectable for tests: ``timer(config, M) -> ms`` and ``check(config) -> (ok, why)``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+__all__ = ["candidate_grid", "tune", "DEFAULT_TUNE_M", "CHECK_E", "CHECK_TOPK"]
+
+DEFAULT_TUNE_M: Tuple[int, ...] = (1, 16, 64, 256, 1024, 4096, 16384)
+CHECK_E = 4  # experts in the correctness case: enough for several groups, cheap for the reference
+CHECK_TOPK = 2
+CHECK_M_GPU = 48  # ~24 routes per expert: partial tiles for BLOCK_M 16 .. 128
+
+
+def candidate_grid(scheme, *, on_gpu: bool = True, small: bool = True) -> List[Any]:
+    """KernelConfigs to try, filtered by the scheme's static rules (``check_config``)."""
+    from kernels.configs import KernelConfig, check_config
+    from moe_validate.spec import QuantScheme
+
+    s = QuantScheme.parse(scheme)
+    if small:
+        shapes = [(16, 64, 64, 1, 4, 3), (16, 128, 128, 1, 4, 3), (32, 64, 128, 1, 4, 3), (64, 128, 64, 1, 8, 4),
+                  (64, 128, 128, 8, 4, 3), (128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3)]
+    else:
+        shapes = [(bm, bn, bk, gm, w, st) for bm in (16, 32, 64, 128) for bn in (64, 128, 256) for bk in (64, 128)
+                  for gm in (1, 8) for w in (4, 8) for st in (3, 4)]
+    out = []
+    for bm, bn, bk, gm, w, st in shapes:
+        cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w, num_stages=st)
+        try:
+            check_config(cfg, s, on_gpu=on_gpu)
+        except ValueError:
+            continue
+        out.append(cfg)
+    return out
+
+
+def _config_token(cfg) -> str:
+    return f"BM{cfg.BLOCK_M}BN{cfg.BLOCK_N}BK{cfg.BLOCK_K}GM{cfg.GROUP_M}W{cfg.num_warps}S{cfg.num_stages}"
+
+
+def check_candidate(model, scheme: str, cfg, *, check_m: int = CHECK_M_GPU, seed: int = 0,
+                    _cache: Optional[Dict[str, Any]] = None) -> Tuple[bool, str]:
+    """Run one validation case with ``cfg`` forced through the Triton backend and judge it with
+    the suite's evaluation (reference mirror gate + exact budget); (passed, outcome and reason).
+
+    ``_cache`` (a dict) keeps the generated inputs between candidates: they depend on the case
+    without its config, and generating full-size weights on the host costs seconds.
+    """
+    from moe_validate.backends import TritonBackend
+    from moe_validate.compare import evaluate
+    from moe_validate.inputs import make_inputs
+    from moe_validate.matrix import Case
+    from moe_validate.runner import default_device
+
+    case = Case(M=check_m, N=model.N, K=model.K, E=min(model.E, CHECK_E), topk=min(model.topk, CHECK_TOPK),
+                dtype="bf16", scheme=scheme, activation=model.activation, config=_config_token(cfg), seed=seed)
+    ok, why = case.is_valid()
+    if not ok:
+        return False, f"check case invalid: {why}"
+    backend = TritonBackend()
+    ok, why = backend.supports(case)
+    if not ok:
+        return False, f"SKIP {case.id}: {why}"
+    cache = _cache if _cache is not None else {}
+    key = f"{case.M},{case.N},{case.K},{case.E},{case.topk},{scheme},{case.activation},{seed}"
+    if cache.get("key") != key:
+        cache.clear()
+        cache["key"], cache["inputs"] = key, make_inputs(case, device=default_device())
+    inputs = cache["inputs"]
+    try:
+        out = backend.run(inputs, case)
+        if out.is_cuda:
+            import torch
+
+            torch.cuda.synchronize()  # an asynchronous fault belongs to this candidate
+        ev = evaluate(case, inputs, out)
+    except Exception as exc:
+        return False, f"CRASH {case.id}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    return ev.passed, f"{'PASS' if ev.passed else 'FAIL'} {case.id}" + (f": {ev.reason}" if ev.reason else "")
+
+
+def gpu_timer(model, scheme: str, *, routing_sets: int = 8, target_ms: float = 100.0, min_reps: int = 10,
+              max_reps: int = 100, device: str = "cuda") -> Callable[[Any, int], float]:
+    """A timer(config, M) -> median ms of ``kernels.fused_experts`` with the config forced
+    (CUDA graph replays, routing rotated between replays; the bench's method)."""
+    import torch
+
+    import kernels
+    from moe_validate.bench import _Timed, make_bench_weights, make_routing_sets
+
+    w1, w2, quant = make_bench_weights(model, scheme, device)
+    cache: Dict[int, Any] = {}
+
+    def timer(cfg, M: int) -> float:
+        if M not in cache:
+            sets = make_routing_sets(M, model, routing_sets, device, seed=M)
+            x = torch.randn(M, model.K, dtype=torch.bfloat16, device=device)
+            cache.clear()
+            cache[M] = (sets, x, sets[0][0].clone(), sets[0][1].clone())
+        sets, x, ids, w = cache[M]
+
+        def call():
+            return kernels.fused_experts(x, w1, w2, w, ids, activation=model.activation, quant=quant, config=cfg)
+
+        t = _Timed("triton", call, ids, w, sets, use_graph=device != "cpu")
+        t.timed(2)
+        est = max(min(t.times), 1e-3)
+        t.times.clear()
+        t.timed(int(max(min_reps, min(max_reps, target_ms / est))))
+        return statistics.median(t.times)
+
+    return timer
+
+
+def tune(model, scheme: str, m_list: Sequence[int] = DEFAULT_TUNE_M, *, out_dir: Optional[str] = None,
+         device_name: Optional[str] = None, timer: Optional[Callable[[Any, int], float]] = None,
+         check: Optional[Callable[[Any], Tuple[bool, str]]] = None, candidates: Optional[List[Any]] = None,
+         command: str = "", check_m: Optional[int] = None,
+         log: Callable[[str], None] = lambda s: None) -> Dict[str, Any]:
+    """Tune and write the table; returns {"path", "table", "provenance"}.
+
+    Merges into an existing file of the same name in ``out_dir`` (buckets not tuned now are
+    kept). Raises ValueError for bad arguments and RuntimeError when no candidate passes the
+    correctness check.
+    """
+    import torch
+
+    from kernels.configs import CONFIG_DIR, config_file_name
+    from moe_validate.env import capture_env, interpreting
+    from moe_validate.spec import QuantScheme
+
+    s = QuantScheme.parse(scheme, name="--scheme")
+    if not m_list or any((not isinstance(m, int)) or m < 1 for m in m_list):
+        raise ValueError(f"m_list must be positive integers; got {list(m_list)}")
+    on_gpu = torch.cuda.is_available() and not interpreting()
+    if device_name is None:
+        if not on_gpu:
+            raise ValueError("device_name is required without a CUDA GPU (the table is keyed by the device name)")
+        device_name = torch.cuda.get_device_name()
+    if timer is None:
+        if not on_gpu:
+            raise ValueError("timer is required without a CUDA GPU (timings under the interpreter mean nothing)")
+        timer = gpu_timer(model, s.value)
+    if check is None:
+        cm = check_m if check_m is not None else CHECK_M_GPU
+        inputs_cache: Dict[str, Any] = {}
+
+        def check(cfg):
+            return check_candidate(model, s.value, cfg, check_m=cm, _cache=inputs_cache)
+
+    cands = list(candidates) if candidates is not None else candidate_grid(s, on_gpu=on_gpu)
+    if not cands:
+        raise ValueError(f"no candidate config satisfies the rules of scheme {s.value}")
+
+    checked: Dict[str, Tuple[bool, str]] = {}
+    results: Dict[str, Any] = {}
+    table: Dict[int, Dict[str, int]] = {}
+    for M in m_list:
+        timings: List[Tuple[float, Any]] = []
+        errors: Dict[str, str] = {}
+        for cfg in cands:
+            tok = _config_token(cfg)
+            if tok not in checked:  # correctness does not depend on M: check once, before the first timing
+                try:
+                    checked[tok] = check(cfg)
+                except Exception as exc:
+                    checked[tok] = (False, f"check raised {type(exc).__name__}: {exc}")
+                log(f"check {tok}: {'ok' if checked[tok][0] else 'REJECTED'} ({checked[tok][1]})")
+            if not checked[tok][0]:
+                continue
+            try:
+                ms = float(timer(cfg, M))
+            except Exception as exc:  # a config that fails to compile or launch is skipped, not fatal
+                errors[tok] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                continue
+            timings.append((ms, cfg))
+            log(f"M={M} {tok}: {ms:.4f} ms")
+        if not timings:
+            results[str(M)] = {"error": "no candidate passed the check and ran", "errors": errors}
+            continue
+        timings.sort(key=lambda t: t[0])
+        best_ms, best = timings[0]
+        table[M] = best.to_dict()
+        results[str(M)] = {"best": _config_token(best), "best_ms": best_ms,
+                           "timed": {_config_token(c): t for t, c in timings}, "errors": errors}
+    if not table:
+        raise RuntimeError(f"tune found no usable config: checks {checked}; results {results}")
+
+    env = capture_env()
+    provenance = {
+        "device": device_name,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "torch": env.get("torch"), "triton": env.get("triton"), "commit": env.get("commit"),
+        "shape": {"E": model.E, "N": model.N, "K": model.K, "I": model.I, "topk": model.topk,
+                  "activation": model.activation, "scheme": s.value},
+        "method": "each candidate checked once against the float64 reference (validation-suite case, config "
+                  "forced), then timed per M: median of CUDA-graph replays over rotated routing sets",
+        "rejected": {k: v[1] for k, v in checked.items() if not v[0]},
+        "results": results,
+    }
+    directory = Path(out_dir) if out_dir else Path(CONFIG_DIR)
+    directory.mkdir(parents=True, exist_ok=True)
+    dtype = torch.bfloat16  # the storage dtype S the kernels look the table up with
+    path = directory / config_file_name(model.E, model.N, device_name, dtype, s)
+    merged: Dict[str, Any] = {}
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+            merged.update({k: v for k, v in old.items() if not k.startswith("_")})
+            if "_provenance" in old:
+                provenance["previous_provenance"] = old["_provenance"]
+        except (OSError, ValueError):
+            pass
+    merged.update({str(m): cfg for m, cfg in table.items()})
+    ordered = {"_provenance": provenance}
+    ordered.update({k: merged[k] for k in sorted(merged, key=int)})
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(ordered, indent=1) + "\n")
+    os.replace(tmp, path)
+    return {"path": str(path), "table": table, "provenance": provenance}
