@@ -41,7 +41,7 @@ run_suite() {  # name, limit_s, [env assignments...]
   local t0 t1 rc
   t0=$(date +%s.%N)
   # SIGINT: the runner stops its workers and keeps every finished case (a partial result set).
-  env "$@" TRITON_CACHE_DIR="$out/triton-cache-$name" \
+  env "$@" TRITON_CACHE_DIR="/tmp/triton-cache-$name" \
     timeout -s INT -k 30 "$limit" python3 -m moe_validate.cli run --suite "$suite" "${filter[@]}" --out "$out/$name" \
     > "$out/$name.log" 2>&1
   rc=$?
@@ -119,7 +119,7 @@ if [ "$with_pytest" -eq 1 ] && [ "$(remaining)" -gt 30 ]; then
   plugin=(-p moe_validate.pytest_plugin)
   python3 -c "import importlib.metadata as m, sys; sys.exit(0 if any(e.value == 'moe_validate.pytest_plugin'
       for e in m.entry_points(group='pytest11')) else 1)" 2>/dev/null && plugin=()
-  TRITON_CACHE_DIR="$out/triton-cache-multi" timeout -s INT -k 20 "$(cap 90)" \
+  TRITON_CACHE_DIR="/tmp/triton-cache-multi" timeout -s INT -k 20 "$(cap 90)" \
     python3 -m pytest tests/test_validation_suite.py "${plugin[@]}" -p no:cacheprovider -q \
     -n auto --moe-suite premerge --moe-filter scheme=fp8_block128 --moe-results "$out/pytest-results" \
     > "$out/pytest.log" 2>&1
