@@ -300,9 +300,12 @@
     var cw = Math.max(4, Math.min(32, Math.floor(560 / Math.max(cols, 1)))), ch = Math.max(4, Math.min(32, Math.floor(360 / Math.max(rows, 1))));
     var W = cols * cw + 40, H = rows * ch + 24;
     var s = svg("svg", { width: W, height: H, viewBox: "0 0 " + W + " " + H, "class": "heatmap", "data-rows": rows, "data-cols": cols });
+    var nonFinite = 0; // h.max/h.min cover the finite cells only: say how many cells they leave out
     h.values.forEach(function (row, r) {
       row.forEach(function (v, c) {
-        var x = num(v), fill = (typeof x !== "number" || isNaN(x) || !isFinite(x)) ? "#ff00ff" : colour(vmax > 0 ? x / vmax : 0);
+        var x = num(v), bad = typeof x === "number" && (isNaN(x) || !isFinite(x));
+        if (bad) nonFinite++;
+        var fill = (typeof x !== "number" || bad) ? "#ff00ff" : colour(vmax > 0 ? x / vmax : 0);
         var rect = svg("rect", { x: 36 + c * cw, y: r * ch, width: cw, height: ch, fill: fill });
         var title = svg("title", {}); title.textContent = "token tile " + r + ", column tile " + c + ": " + fmt(v);
         rect.appendChild(title); s.appendChild(rect);
@@ -310,7 +313,8 @@
     });
     var lab = svg("text", { x: 0, y: H - 6, "font-size": 10 }); lab.textContent = "tok\\col"; s.appendChild(lab);
     return el("figure", {}, [s, el("figcaption", { text: (h.metric ? h.metric + " " : "error ") + "by (token tile of " + fmt(h.row_tile) + " rows) x (column tile of " + fmt(h.col_tile) +
-      " columns); max " + fmt(h.max) + ", min " + fmt(h.min) + "; magenta = NaN/Inf" +
+      " columns); " + (nonFinite ? "finite cells: " : "") + "max " + fmt(h.max) + ", min " + fmt(h.min) +
+      (nonFinite ? "; " + nonFinite + " NaN/Inf cell" + (nonFinite > 1 ? "s" : "") + " in magenta" : "; magenta = NaN/Inf") +
       (h.pooled[0] > 1 || h.pooled[1] > 1 ? "; max-pooled " + h.pooled[0] + "x" + h.pooled[1] + " from " + h.source_shape[0] + "x" + h.source_shape[1] + " tiles" : "") })]);
   }
   function barsFigure(values, labels, caption, cls, titles) {
