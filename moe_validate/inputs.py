@@ -63,7 +63,9 @@ def _hidden_states(case: Case, g: torch.Generator) -> torch.Tensor:
         x[:, int(torch.randint(K, (1,), generator=g))] *= OUTLIER_FACTOR / 4
     elif case.data == "zero_blocks" and M * K:
         x[int(torch.randint(M, (1,), generator=g))] = 0.0  # a zero token: scale floor QUANT_EPS
-        width = min(128, K)  # one activation scale group (fp8_block128 groups are 128 wide)
+        # one activation scale group (fp8_block128 groups are 128 wide), but never the whole row:
+        # a fully zeroed input would make every output zero and every case trivially pass
+        width = min(128, K // 2)
         start = int(torch.randint(max(1, K - width + 1), (1,), generator=g))
         x[:, start:start + width] = 0.0
     elif case.data == "positive":

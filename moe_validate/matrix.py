@@ -532,6 +532,17 @@ def _smoke() -> List[Case]:
         Case(M=8, N=64, K=64, E=4, topk=1, router_on_input=True, expert_map="half", seed=176),
         Case(M=9, N=64, K=64, E=4, topk=2, routing="invalid_ids", lora="single", bias=True, seed=177),
     ]
+    # planted-bug coverage (moe-validate selftest kill matrix): an activation constant changed in
+    # the 4th digit moves outputs ~1e-4..1e-3 relative, inside bf16's gate, so fp32 cases; a clamp
+    # limit that randn gate values actually exceed (clamp 7 is never reached on N(0, 1) data); fp8
+    # block scales with more than one 128-block per expert along both N and K, so a transposed or
+    # shifted block-scale index reads a different scale
+    cases += [
+        Case(M=5, N=64, K=64, E=4, topk=2, dtype="fp32", activation="gelu_tanh_no_mul", seed=19),
+        Case(M=5, N=64, K=64, E=4, topk=2, dtype="fp32", activation="swigluoai", seed=15),
+        Case(M=7, N=64, K=64, E=4, topk=2, clamp=1.0, seed=35),
+        Case(M=5, N=320, K=256, E=4, topk=2, scheme="fp8_block128", seed=4),
+    ]
     return _dedupe(cases)
 
 
