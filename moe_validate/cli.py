@@ -1,8 +1,9 @@
-"""``moe-validate``: run, list, repro, report, compare, env, bench, tune.
+"""``moe-validate``: run, list, repro, report, compare, env, bench, tune, calibrate.
 
 A thin shell over ``moe_validate.runner``. Exit codes: 0 = everything passed or was skipped;
-1 = a case failed (run, repro) or a regression was found (compare), or bench could not time
-anything (no GPU; bench.json still records why); 2 = bad input (unknown suite, malformed case id
+1 = a case failed (run, repro, calibrate; with ``calibrate --strict`` also a calibration row
+outside its band) or a regression was found (compare), or bench could not time anything (no
+GPU; bench.json still records why); 2 = bad input (unknown suite, malformed case id
 or filter, unreadable results file, bad bench/tune option, tune without a GPU), always as one
 line on stderr.
 
@@ -98,6 +99,35 @@ def _summary_line(counts) -> str:
 # ---------------------------------------------------------------------------------------------
 # subcommands
 # ---------------------------------------------------------------------------------------------
+def _repeated(cases, repeat: int, fresh_seeds: bool):
+    """``runner.repeat_cases`` with bad options as UsageError."""
+    from moe_validate import runner
+
+    if repeat < 1:
+        raise UsageError(f"--repeat must be >= 1; got {repeat}")
+    try:
+        return runner.repeat_cases(cases, repeat, fresh_seeds=fresh_seeds)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc).replace("fresh_seeds (--fresh-seeds)", "--fresh-seeds")) from None
+
+
+def _repetition_lines(bad_cases, repeat: int) -> List[str]:
+    """One line per repetition with its not-passing cases, then the stability verdict."""
+    from moe_validate.runner import failures_per_repetition
+
+    groups = failures_per_repetition(bad_cases, repeat)
+    lines = []
+    for rep, ids in enumerate(groups):
+        line = f"repetition {rep}: {len(ids)} not passing"
+        if ids:
+            line += ": " + ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else "")
+        lines.append(line)
+    total = sum(len(g) for g in groups)
+    lines.append(f"stability: {total} not passing over {repeat} repetitions"
+                 + (" (stable)" if total == 0 else f" in {sum(1 for g in groups if g)} of them"))
+    return lines
+
+
 def cmd_run(args) -> int:
     from moe_validate import runner
 
@@ -108,7 +138,8 @@ def cmd_run(args) -> int:
         shard = runner.parse_shard(args.shard)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    cases = runner.select_shard(cases, shard)
+    # The shard is taken before repeating, so each CI job repeats its own share.
+    cases = _repeated(runner.select_shard(cases, shard), args.repeat, args.fresh_seeds)
     _backend_or_usage(args.backend)
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be >= 0; got {args.workers}")
@@ -116,21 +147,62 @@ def cmd_run(args) -> int:
         raise UsageError(f"--timeout must be positive; got {args.timeout}")
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out_dir = Path(args.out) if args.out else Path("reports") / f"{suite}-{stamp}"
+    repeat_fields = {"repeat": args.repeat, "fresh_seeds": args.fresh_seeds} if (args.repeat > 1 or args.fresh_seeds) else {}
     summary = runner.run_cases(
         cases, args.backend, out_dir, workers=args.workers, timeout_s=args.timeout, suite=suite,
-        shard=args.shard, argv=[PROG] + list(args.argv), progress=sys.stderr,
+        shard=args.shard, argv=[PROG] + list(args.argv), progress=sys.stderr, header_extra=repeat_fields,
     )
     print(f"results: {summary.results_path}")
     if not args.no_report:
         report = _render(_load([summary.results_path]), out_dir / "report.html",
-                         title=f"{suite} / {args.backend}" + (f" / shard {args.shard}" if args.shard else ""))
+                         title=f"{suite} / {args.backend}" + (f" / shard {args.shard}" if args.shard else "")
+                         + (f" / {args.repeat} repetitions" if args.repeat > 1 else ""))
         if report is not None:
             print(f"report:  {report}")
     print(summary.format())
     if summary.bad_cases:
         shown = summary.bad_cases[:10]
         print("not passing: " + ", ".join(shown) + (" ..." if len(summary.bad_cases) > 10 else ""))
+    if args.repeat > 1 or args.fresh_seeds:
+        print("\n".join(_repetition_lines(summary.bad_cases, args.repeat)))
     return summary.exit_code
+
+
+def cmd_calibrate(args) -> int:
+    from moe_validate import runner
+    from moe_validate.calibration import calibrate
+
+    suite, cases = _select_cases(args.suite, args.filter)
+    if args.filter and not cases:
+        raise UsageError(f"--filter {args.filter!r} matches no case of suite {suite!r}")
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1; got {args.seeds}")
+    cases = _repeated(cases, args.seeds, True)
+    _backend_or_usage(args.backend)
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be >= 0; got {args.workers}")
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError(f"--timeout must be positive; got {args.timeout}")
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out_dir = Path(args.out) if args.out else Path("reports") / f"calibrate-{suite}-{stamp}"
+    summary = runner.run_cases(
+        cases, args.backend, out_dir, workers=args.workers, timeout_s=args.timeout, suite=suite,
+        argv=[PROG] + list(args.argv), progress=sys.stderr,
+        header_extra={"repeat": args.seeds, "fresh_seeds": True, "calibration": True},
+    )
+    results = _load([summary.results_path])
+    table = calibrate(results)
+    print(f"results: {summary.results_path}")
+    if not args.no_report:
+        report = _render(results, out_dir / "report.html", title=f"calibration: {suite} x {args.seeds} seeds / {args.backend}")
+        if report is not None:
+            print(f"report:  {report}")
+    print(summary.format())
+    print("\n".join(_repetition_lines(summary.bad_cases, args.seeds)))
+    print(table.format())
+    if summary.bad_cases:
+        return 1
+    return 1 if (args.strict and table.flagged) else 0
 
 
 def cmd_list(args) -> int:
@@ -272,7 +344,25 @@ def build_parser() -> argparse.ArgumentParser:
                                                "0 = in this process, no isolation and no timeout)")
     p.add_argument("--timeout", type=float, default=600.0, help="per-case limit in seconds (default 600)")
     p.add_argument("--no-report", action="store_true", help="write results.jsonl only")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run the selected cases N times into one results.jsonl (N > 1 needs --fresh-seeds)")
+    p.add_argument("--fresh-seeds", action="store_true",
+                   help="repetition r runs each case with seed + r * 1000000 (repetition 0: the case's own seed); "
+                        "ids name the seed used, so repro re-runs one repetition")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("calibrate", help="run a suite over fresh seeds and print the normalized-error (z) "
+                                         "calibration table per scheme and dtype")
+    suite_args(p)
+    p.add_argument("--seeds", type=int, default=5, metavar="N", help="fresh seeds per case (default 5)")
+    p.add_argument("--backend", default="triton", help="triton | reference | module:attr | entry-point name")
+    p.add_argument("--out", help="output directory (default: reports/calibrate-<suite>-<UTC timestamp>/)")
+    p.add_argument("--workers", type=int, help="worker processes (as for run)")
+    p.add_argument("--timeout", type=float, default=600.0, help="per-case limit in seconds (default 600)")
+    p.add_argument("--no-report", action="store_true", help="write results.jsonl only")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 when a row's RMS leaves the band (default: the flag is printed only)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("list", help="print the case ids of a suite, one per line")
     suite_args(p)
@@ -350,7 +440,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return selftest_main(argv[1:])
         args = parser.parse_args(argv)
         args.argv = argv
-        if args.command in ("run", "repro", "list", "env"):
+        if args.command in ("run", "repro", "list", "env", "calibrate"):
             _interpreter_without_gpu()
         return args.func(args)
     except UsageError as exc:

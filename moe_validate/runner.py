@@ -58,6 +58,11 @@ __all__ = [
     "header_record",
     "footer_record",
     "DEFAULT_TIMEOUT_S",
+    "REPEAT_SEED_STRIDE",
+    "fresh_seed",
+    "repetition_of_seed",
+    "repeat_cases",
+    "failures_per_repetition",
 ]
 
 # A generous per-case limit: the largest bring-up cases compile several Triton kernels (tens of
@@ -311,6 +316,82 @@ def default_workers(gpus: Optional[Sequence[GpuInfo]] = None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# Repetitions (``moe-validate run --repeat N --fresh-seeds``, ``moe-validate calibrate``)
+# ---------------------------------------------------------------------------------------------
+# Repetition r of a case with seed s runs with seed s + r * REPEAT_SEED_STRIDE. Every suite seed is
+# far below the stride (the largest is in the 3000s), so the map (s, r) -> seed is one-to-one over
+# a suite: no two repetitions, and no two cases, share an id. The stride is even, so a fresh seed
+# keeps the parity that inputs.py reads (odd int4 seeds carry an explicit zero point, even gated
+# seeds split w1 in two slices): a curated case keeps exercising what it was written for. The
+# repetition stays readable in the id: s3000007 is repetition 3 of seed 7. Repetition 0 keeps the
+# case's own seed, so ``--repeat 1 --fresh-seeds`` is the plain run.
+REPEAT_SEED_STRIDE = 1_000_000
+
+
+def fresh_seed(seed: int, repetition: int) -> int:
+    """The seed of repetition ``repetition`` (0-based) of a case whose own seed is ``seed``."""
+    for name, value in (("seed", seed), ("repetition", repetition)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+    if not 0 <= seed < REPEAT_SEED_STRIDE:
+        raise ValueError(f"seed must be in [0, {REPEAT_SEED_STRIDE}) to be re-seeded per repetition; got {seed}")
+    if repetition < 0:
+        raise ValueError(f"repetition must be >= 0; got {repetition}")
+    return seed + repetition * REPEAT_SEED_STRIDE
+
+
+def repetition_of_seed(seed: int) -> int:
+    """The repetition index a (possibly re-seeded) case seed belongs to: ``fresh_seed``'s inverse."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0; got {seed!r}")
+    return seed // REPEAT_SEED_STRIDE
+
+
+def repeat_cases(cases: Sequence, repeat: int, *, fresh_seeds: bool) -> List:
+    """``cases`` ``repeat`` times, repetition-major (all of repetition 0, then all of 1, ...).
+
+    With ``fresh_seeds`` every case of repetition r is ``dataclasses.replace(case,
+    seed=fresh_seed(case.seed, r))``: its id names the seed it ran with, so ``moe-validate repro``
+    re-runs exactly that repetition. Without ``fresh_seeds`` only ``repeat == 1`` is accepted:
+    a results file keys cases by id (the last record of an id wins when it is read), so N
+    identical ids would keep one repetition and silently drop the others.
+    """
+    import dataclasses
+
+    if not isinstance(repeat, int) or isinstance(repeat, bool):
+        raise TypeError(f"repeat must be an int; got {type(repeat).__name__}")
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1; got {repeat}")
+    cases = list(cases)
+    if repeat == 1 and not fresh_seeds:
+        return cases
+    if not fresh_seeds:
+        raise ValueError(f"repeat {repeat} > 1 needs fresh_seeds (--fresh-seeds): repetitions with one case id "
+                         "collapse to the last one in results.jsonl; for identical inputs run into separate --out "
+                         "directories")
+    return [dataclasses.replace(case, seed=fresh_seed(case.seed, rep)) for rep in range(repeat) for case in cases]
+
+
+def failures_per_repetition(bad_case_ids: Sequence[str], repeat: int) -> List[List[str]]:
+    """The not-passing case ids grouped by repetition (index r holds repetition r's ids).
+
+    A repetition is read back from the id's seed token (``-s<seed>``, the last token of every id).
+    """
+    if not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"repeat must be an int >= 1; got {repeat!r}")
+    groups: List[List[str]] = [[] for _ in range(repeat)]
+    for case_id in bad_case_ids:
+        token = str(case_id).rsplit("-", 1)[-1]
+        if not (token.startswith("s") and token[1:].isdigit()):
+            raise ValueError(f"case id {case_id!r} must end with the seed token s<seed>")
+        rep = repetition_of_seed(int(token[1:]))
+        if rep >= repeat:
+            raise ValueError(f"case id {case_id!r} is repetition {rep}, beyond the {repeat} run")
+        groups[rep].append(case_id)
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
 # Worker processes
 # ---------------------------------------------------------------------------------------------
 def _worker_main(conn, backend_spec: str, gpu: Optional[str], log_path: str, timeout_s: Optional[float]) -> None:
@@ -531,6 +612,7 @@ def run_cases(
     argv: Optional[List[str]] = None,
     progress=sys.stderr,
     gpus: Optional[Sequence[GpuInfo]] = None,
+    header_extra: Optional[Dict[str, Any]] = None,
 ) -> RunSummary:
     """Runs ``cases`` (already sharded) against the backend spec ``backend``.
 
@@ -540,7 +622,8 @@ def run_cases(
     [] under the interpreter or without CUDA; tests pass simulated ones). Where several workers
     share a GPU of known size, cases are placed so that their estimated memory
     (``devices.case_memory_bytes``) fits it, and a case too big to share runs alone
-    (``devices.GpuScheduler``). Writes ``<out_dir>/results.jsonl``
+    (``devices.GpuScheduler``). ``header_extra``: more header fields (``--repeat`` records
+    ``repeat`` and ``fresh_seeds`` there). Writes ``<out_dir>/results.jsonl``
     (header, one line per case, footer at a clean end) and returns the summary. Raises
     ValueError for a backend spec that cannot be loaded, before any case runs.
     """
@@ -576,7 +659,7 @@ def run_cases(
         writer.write(header_record(suite=suite, backend=backend, shard=shard,
                                    argv=argv if argv is not None else sys.argv,
                                    case_count=len(cases), workers=workers, timeout_s=timeout_s,
-                                   gpus=[g.entry for g in gpus] if workers else []))
+                                   gpus=[g.entry for g in gpus] if workers else [], **(header_extra or {})))
 
         def finish(record: Dict[str, Any]) -> None:
             writer.write(record)

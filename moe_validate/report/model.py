@@ -2,7 +2,8 @@
 
 The template and the page script only lay out what this module produced: the summary (counts,
 environment, duration, worst margins), the pivots over every pair of low-cardinality axes, the
-compact column-wise case table, the details of non-passing cases and the baseline section.
+compact column-wise case table, the details of non-passing cases, the baseline section and the
+calibration table (``moe_validate.calibration``: normalized-error RMS per scheme and dtype).
 
 Size rules (a 10,000-case report must stay small and fast): case data is embedded once, column
 by column, with axis values and reasons dictionary-encoded; margins for every case are rounded to
@@ -22,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from moe_validate.report.diff import RunDiff, merged_env
 from moe_validate.results import Outcome, ResultSet
 
-__all__ = ["ReportModel", "build_model", "pivot", "axis_values", "worst_cases", "PIVOT_MAX_VALUES",
+__all__ = ["ReportModel", "CalibrationView", "build_model", "pivot", "axis_values", "worst_cases", "PIVOT_MAX_VALUES",
            "DEFAULT_PIVOT", "OUTCOMES"]
 
 OUTCOMES: Tuple[str, ...] = tuple(o.value for o in Outcome)
@@ -560,6 +561,40 @@ class BaselineView:
 
 
 @dataclass
+class CalibrationView:
+    """The calibration section: ``calibration.calibrate`` of the cases, formatted for the page."""
+
+    band: Tuple[float, float]
+    rows: List[Dict[str, Any]]  # scheme, dtype, failed, seeds, budget/gate {cases, elements, rms, max, flag}
+    ignored: int
+
+    @property
+    def flagged(self) -> int:
+        return sum(1 for r in self.rows for o in ("budget", "gate") if r[o]["flag"])
+
+
+def _calibration_view(cases) -> Optional[CalibrationView]:
+    """None when no case was evaluated (a run of skips and crashes has nothing to calibrate)."""
+    from moe_validate.calibration import calibrate
+
+    table = calibrate(cases)
+    if not table.rows:
+        return None
+    data = table.to_dict()
+    rows = []
+    for r in data["rows"]:
+        row = {k: r[k] for k in ("scheme", "dtype", "failed", "seeds")}
+        for oracle in ("budget", "gate"):
+            o = r[oracle]
+            row[oracle] = {"cases": o["cases"], "elements": o["elements"], "rms": _fmt(o["z_rms"]),
+                           "identical": o["identical"],
+                           "max": _fmt(o["z_max"]) if o["cases"] else "-", "flag": o["flag"],
+                           "side": (None if not o["flag"] else ("high" if o["z_rms"] > table.band[1] else "low"))}
+        rows.append(row)
+    return CalibrationView(band=table.band, rows=rows, ignored=table.ignored)
+
+
+@dataclass
 class ReportModel:
     title: str
     generated: str
@@ -568,6 +603,7 @@ class ReportModel:
     payload: Dict[str, Any]  # the JSON the page script reads
     baseline: Optional[BaselineView] = None
     counts_order: Tuple[str, ...] = OUTCOMES
+    calibration: Optional[CalibrationView] = None
 
     def margin_text(self, x: Optional[float]) -> str:
         return _fmt(x)
@@ -612,4 +648,4 @@ def build_model(results: ResultSet, *, baseline: Optional[ResultSet] = None, tit
     }
     generated = (now or _dt.datetime.now(_dt.timezone.utc)).strftime("%Y-%m-%d %H:%M:%S UTC")
     return ReportModel(title=title, generated=generated, summary=summary, axes=axes, payload=payload,
-                       baseline=baseline_view)
+                       baseline=baseline_view, calibration=_calibration_view(cases))

@@ -1,0 +1,281 @@
+"""Calibration of the error model: how large the normalized errors really are, per scheme and dtype.
+
+``tolerance.derive`` models, per output element, the standard deviation ``sigma`` of the
+kernel's error against each oracle; ``compare.metric_panel`` records for every evaluated case
+``z_rms`` (the root mean square of ``z = |kernel - oracle| / sigma`` over the finite elements)
+and ``z_max``. SPEC.md ("Tolerances"): over many seeds ``z`` should have standard deviation near
+1; a drift means the model or the kernel changed. This module pools those per-case numbers from
+a ``ResultSet`` (no new record fields are needed) into one row per (quant scheme, storage dtype)
+and per oracle: ``budget`` (kernel vs ``exact``) and ``gate`` (kernel vs ``mirror``).
+
+Pooling. Case i contributes ``n_i`` elements with mean square ``z_rms_i^2``; the pooled RMS is
+``sqrt(sum_i n_i z_rms_i^2 / sum_i n_i)``, i.e. exactly the RMS over every element of every case
+(a large case weighs more, as its elements are more samples). ``n_i`` is the number of elements
+the panel averaged over: the output is ``[M, K]`` (``params``), minus the elements where the
+reference is not finite (``nan_inf.ref_nan + ref_inf``) and those where only the kernel is not
+finite (``nan_where_ref_finite``); the two sets are disjoint, so the count is exact. Cases
+without metrics (SKIP, CRASH, ...) and empty outputs (M = 0) add nothing.
+
+RMS, not standard deviation: ``z`` is built from ``|d|``, so the records cannot give the mean
+of the signed error. RMS^2 = std^2 + mean^2 >= std^2: the RMS is the larger, conservative figure;
+for a zero-mean error (what the model assumes) the two are equal.
+
+The band. A row is flagged when its pooled RMS leaves ``DEFAULT_BAND`` = [0.2, 1.5]:
+
+- above 1.5: the model underestimates the error. Bounds are ``Z = 6`` modelled sigmas
+  (``tolerance.Z_GATE``/``Z_BUDGET``); at RMS 1.5 that is 6 / 1.5 = 4 true standard deviations,
+  which a Gaussian error exceeds with probability 6.3e-5 per element, i.e. several elements of
+  every nightly-sized case (257 x 512 = 1.3e5 outputs): the suite would fail at random. (Between
+  1 and 1.5 the bounded, uniform rounding errors have lighter tails than a Gaussian, so the
+  margin is thin but not yet flaky.)
+- below 0.2: the model is more than 5x conservative, so a bound admits errors of 6 / 0.2 = 30
+  true standard deviations and loses sensitivity to real bugs. The model is conservative on
+  purpose, by known factors: the flip probability is capped at 2 sigma / step where the mean
+  is 0.8 sigma / step (2.5x on flip-dominated terms), the fp32 accumulation growth
+  ``1 + sqrt(n / 6)`` is the sequential worst case where blocked / tensor-core sums are smaller,
+  and the Hopper fp8 MMA unit is taken with 4x headroom. RMS values around 0.3 to 0.7 are
+  therefore expected and not alarming (about 0.5 was reported for the budget on an H100; a
+  ``moe-validate calibrate`` there gives the current figure); below 0.2 the gap is larger than
+  those factors explain. Under the CPU interpreter
+  the fp8 and int8 dots are exact, so quantized rows read lower there than on a GPU: compare
+  rows only between runs of one environment.
+
+The gate's ``sigma`` is the continuous part only (fp32 accumulation order, activation math):
+its rounding flips, discrete jumps of one output or requantization step, are bounded by the
+hard term of ``allowed`` and are not in ``sigma`` (the budget's z-scores include the flip
+variance, ``tolerance.derive``'s ``sigma_z``). So a gate RMS far above 1 on a GPU means flips
+dominate the gate error, not that the gate fails at random (its worst margin says that); the
+band is applied to both oracles all the same, and the numbers are shown as they are.
+
+A row whose every element equals its oracle (z_max = 0: the ``reference`` backend against
+``mirror``, or the interpreter's exact fp8 dots) has nothing to calibrate and is marked
+identical instead of flagged.
+
+The flag is information for a person (printed and shown in the report), not a verdict:
+``moe-validate calibrate --strict`` turns it into exit status 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+from moe_validate.results import ResultSet
+
+__all__ = ["DEFAULT_BAND", "ORACLES", "OracleStats", "CalibrationRow", "CalibrationTable", "calibrate",
+           "case_element_count"]
+
+DEFAULT_BAND: Tuple[float, float] = (0.2, 1.5)
+# Oracle label -> the metrics key of its panel (results.py: metrics {"mirror": ..., "exact": ...}).
+ORACLES: Tuple[Tuple[str, str], ...] = (("budget", "exact"), ("gate", "mirror"))
+# Row order: SPEC vocabulary order (this module must not import moe_validate.spec, which pulls in
+# torch: the report imports it); unknown values sort after, alphabetically.
+_SCHEME_ORDER = ("none", "fp8_block128", "fp8_channel_token", "fp8_tensor_token", "fp8_tensor_static",
+                 "fp8_tensor_dynamic", "int8_channel_token", "int8_w8a16", "int4_w4a16")
+_DTYPE_ORDER = ("fp32", "fp16", "bf16")
+
+
+def _order(value: str, known: Sequence[str]) -> tuple:
+    return (known.index(value), "") if value in known else (len(known), value)
+
+
+def _finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def case_element_count(record: Dict[str, Any], panel: Dict[str, Any]) -> int:
+    """How many elements ``panel``'s ``z_rms`` averaged over (see the module docstring)."""
+    params = record.get("params") or {}
+    m, k = params.get("M"), params.get("K")
+    if not (isinstance(m, int) and isinstance(k, int)):
+        raise ValueError(f"case {record.get('case_id')!r}: params must hold integer M and K to weigh its z_rms; "
+                         f"got M={m!r}, K={k!r}")
+    census = panel.get("nan_inf") or {}
+    excluded = int(census.get("ref_nan", 0)) + int(census.get("ref_inf", 0)) + int(panel.get("nan_where_ref_finite", 0))
+    return max(0, m * k - excluded)
+
+
+@dataclass
+class OracleStats:
+    """One oracle's pooled normalized error over the cases of a row."""
+
+    oracle: str = "budget"  # "budget" or "gate": what an RMS above the band means differs
+    cases: int = 0  # cases that contributed at least one element
+    elements: int = 0
+    sum_sq: float = 0.0  # sum over cases of n_i * z_rms_i^2
+    z_max: float = 0.0
+    case_rms_min: Optional[float] = None
+    case_rms_max: Optional[float] = None
+
+    @property
+    def z_rms(self) -> Optional[float]:
+        return math.sqrt(self.sum_sq / self.elements) if self.elements else None
+
+    def add(self, n: int, z_rms: float, z_max: float) -> None:
+        if n <= 0:
+            return
+        self.cases += 1
+        self.elements += n
+        self.sum_sq += n * z_rms * z_rms
+        self.z_max = max(self.z_max, z_max)
+        self.case_rms_min = z_rms if self.case_rms_min is None else min(self.case_rms_min, z_rms)
+        self.case_rms_max = z_rms if self.case_rms_max is None else max(self.case_rms_max, z_rms)
+
+    @property
+    def identical(self) -> bool:
+        """Every pooled element equals the oracle (z = 0): a backend that is the oracle (the
+        ``reference`` backend against ``mirror``), or the interpreter's exact dots. Nothing to
+        calibrate, so no band flag."""
+        return self.cases > 0 and self.z_max == 0.0
+
+    def flag(self, band: Tuple[float, float]) -> Optional[str]:
+        """None inside the band (or when identical to the oracle); otherwise which side and what it means."""
+        rms = self.z_rms
+        if rms is None or self.identical:
+            return None
+        if rms > band[1] and self.oracle == "gate":
+            return (f"RMS {rms:.3g} > {band[1]:g}: errors beyond the gate's continuous model, i.e. rounding flips "
+                    "(bounded apart by the hard term; the worst margin tells whether the gate holds)")
+        if rms > band[1]:
+            return f"RMS {rms:.3g} > {band[1]:g}: the model underestimates the error (bounds too tight, flaky)"
+        if rms < band[0]:
+            return f"RMS {rms:.3g} < {band[0]:g}: the model is over {1 / band[0]:g}x conservative (bounds lose sensitivity)"
+        return None
+
+    def to_dict(self, band: Tuple[float, float]) -> Dict[str, Any]:
+        return {"cases": self.cases, "elements": self.elements, "z_rms": self.z_rms, "z_max": self.z_max,
+                "case_rms_min": self.case_rms_min, "case_rms_max": self.case_rms_max, "identical": self.identical,
+                "flag": self.flag(band)}
+
+
+@dataclass
+class CalibrationRow:
+    scheme: str
+    dtype: str
+    oracles: Dict[str, OracleStats] = field(default_factory=lambda: {name: OracleStats(name) for name, _ in ORACLES})
+    failed: int = 0  # FAIL cases among those pooled (their errors are in the numbers)
+    seeds: set = field(default_factory=set)
+
+    def flags(self, band: Tuple[float, float]) -> List[str]:
+        return [f"{name}: {f}" for name, _ in ORACLES if (f := self.oracles[name].flag(band))]
+
+
+@dataclass
+class CalibrationTable:
+    rows: List[CalibrationRow]
+    band: Tuple[float, float] = DEFAULT_BAND
+    ignored: int = 0  # case records without a usable metric panel (SKIP, CRASH, ...)
+
+    @property
+    def flagged(self) -> List[Tuple[CalibrationRow, str]]:
+        return [(row, f) for row in self.rows for f in row.flags(self.band)]
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready: what the report embeds."""
+        return {
+            "band": list(self.band), "ignored": self.ignored,
+            "rows": [{"scheme": r.scheme, "dtype": r.dtype, "failed": r.failed, "seeds": len(r.seeds),
+                      **{name: r.oracles[name].to_dict(self.band) for name, _ in ORACLES}} for r in self.rows],
+        }
+
+    def format(self) -> str:
+        """A plain-text table: one line per (scheme, dtype), both oracles side by side."""
+        def num(x: Optional[float]) -> str:
+            return "-" if x is None else f"{x:.3g}"
+
+        head = (f"{'scheme':<20} {'dtype':<5} {'cases':>5} {'elements':>9} | {'budget RMS':>10} {'max':>8} | "
+                f"{'gate RMS':>8} {'max':>8} | flag")
+        lines = [f"normalized error z = |kernel - oracle| / sigma, pooled over cases and seeds; "
+                 f"band for the RMS: [{self.band[0]:g}, {self.band[1]:g}] (SPEC: near 1; "
+                 "see moe_validate/calibration.py for why)", head, "-" * len(head)]
+        for r in self.rows:
+            b, g = r.oracles["budget"], r.oracles["gate"]
+            notes = []
+            for name, _ in ORACLES:
+                stats = r.oracles[name]
+                if stats.flag(self.band):
+                    notes.append(f"{name} {'HIGH' if stats.z_rms > self.band[1] else 'LOW'}")
+                elif stats.identical:
+                    notes.append(f"{name} = oracle")
+            flag = "; ".join(notes)
+            if r.failed:
+                flag = (flag + "; " if flag else "") + f"{r.failed} FAIL included"
+            lines.append(f"{r.scheme:<20} {r.dtype:<5} {b.cases:>5} {b.elements:>9} | {num(b.z_rms):>10} "
+                         f"{num(b.z_max):>8} | {num(g.z_rms):>8} {num(g.z_max):>8} | {flag or 'ok'}")
+        if not self.rows:
+            lines.append("(no evaluated case: nothing to calibrate)")
+        if self.ignored:
+            lines.append(f"{self.ignored} case record(s) without metrics (skipped, crashed, ...) are not pooled")
+        return "\n".join(lines)
+
+
+def _z_value(panel: Dict[str, Any], metric: str) -> Optional[float]:
+    entry = panel.get(metric)
+    value = entry.get("value") if isinstance(entry, dict) else None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value) or value < 0:
+        return None
+    return float(value)
+
+
+def _observations(rec: Dict[str, Any]) -> Optional[Dict[str, Tuple[int, float, float]]]:
+    """{oracle: (elements, z_rms, z_max)} of a poolable record, else None."""
+    if rec.get("outcome") not in ("PASS", "FAIL"):
+        return None
+    params, metrics = rec.get("params"), rec.get("metrics")
+    if not isinstance(params, dict) or not isinstance(metrics, dict):
+        return None
+    if not all(isinstance(params.get(k), int) and not isinstance(params.get(k), bool) for k in ("M", "K")):
+        return None
+    out = {}
+    for name, key in ORACLES:
+        panel = metrics.get(key)
+        if not isinstance(panel, dict):
+            return None
+        z_rms, z_max = _z_value(panel, "z_rms"), _z_value(panel, "z_max")
+        if z_rms is None or z_max is None:
+            return None
+        out[name] = (case_element_count(rec, panel), z_rms, z_max)
+    return out
+
+
+def calibrate(results: Union[ResultSet, Iterable[Dict[str, Any]]], *,
+              band: Tuple[float, float] = DEFAULT_BAND) -> CalibrationTable:
+    """The calibration table of a result set (or of an iterable of case records).
+
+    Rows are (scheme, dtype) from each record's ``params``, in SPEC order. PASS and FAIL records
+    whose two panels carry ``z_rms`` and ``z_max`` (numbers, not NaN) and whose params carry
+    integer ``M`` and ``K`` are pooled (a FAIL's errors are real observations; the row counts
+    them so that a reader can tell a broken kernel from a drifting model); every other record
+    (SKIP, CRASH, a panel from an older schema) is counted in ``ignored``, so that a report never
+    fails over this table. An infinite z (an error where the model's sigma is zero) is pooled
+    as it is: the row reads RMS inf and is flagged. Raises ValueError for a band that is not
+    0 < low < high, TypeError for something that is not a ResultSet or records.
+    """
+    if not (isinstance(band, (tuple, list)) and len(band) == 2 and all(_finite_number(b) for b in band)
+            and 0 < band[0] < band[1]):
+        raise ValueError(f"band must be (low, high) with 0 < low < high; got {band!r}")
+    band = (float(band[0]), float(band[1]))
+    records = results.cases if isinstance(results, ResultSet) else results
+    if isinstance(records, (str, bytes, dict)) or not hasattr(records, "__iter__"):
+        raise TypeError(f"results must be a ResultSet or an iterable of case records; got {type(results).__name__}")
+    rows: Dict[Tuple[str, str], CalibrationRow] = {}
+    ignored = 0
+    for rec in records:
+        if not isinstance(rec, dict):
+            raise TypeError(f"case records must be dicts; got {type(rec).__name__}")
+        observed = _observations(rec)
+        if observed is None:
+            ignored += 1
+            continue
+        params = rec["params"]
+        key = (str(params.get("scheme", "none")), str(params.get("dtype", "?")))
+        row = rows.setdefault(key, CalibrationRow(*key))
+        if rec["outcome"] == "FAIL":
+            row.failed += 1
+        if "seed" in params and any(n > 0 for n, _, _ in observed.values()):
+            row.seeds.add(params["seed"])
+        for name, (n, z_rms, z_max) in observed.items():
+            row.oracles[name].add(n, z_rms, z_max)
+    ordered = sorted(rows.values(), key=lambda r: (_order(r.scheme, _SCHEME_ORDER), _order(r.dtype, _DTYPE_ORDER)))
+    return CalibrationTable(rows=ordered, band=band, ignored=ignored)
