@@ -112,7 +112,10 @@ def test_xdist_workers_write_their_own_files_and_one_report_is_merged(suite, tmp
     results_dir = tmp_path / "res"
     (results_dir).mkdir()
     (results_dir / "results-gw9.jsonl").write_text("stale file from an earlier session\n")
-    result = suite.runpytest_subprocess(*SMOKE, "-n", "2", "--moe-filter", THREE,
+    # -p: a subprocess parses its options before the test folder's conftest is read, and pytest 8
+    # (GPU image) then takes option values for paths and never loads that conftest; naming the plugin
+    # works whether or not the package is installed (the entry point has the same name)
+    result = suite.runpytest_subprocess("-p", "moe_validate.pytest_plugin", *SMOKE, "-n", "2", "--moe-filter", THREE,
                                         "--moe-backend", "reference", "--moe-results", str(results_dir))
     result.assert_outcomes(passed=3)
     files = sorted(p.name for p in results_dir.glob("results-*.jsonl"))
