@@ -36,7 +36,7 @@ FAKES_DIR = HERE.parent / "moe_validate"  # fake_backends.py lives there; plante
 # The M5N64K64E4k2 family is the cheapest of the smoke suite that still spans quant schemes and
 # activations (seeds 100, 101, 150-158: fp8_block128, int8_channel_token, int4_w4a16 x all 9
 # activations). One glob, because --filter terms are AND-ed.
-SMOKE_FILTER = "*-M5N64K64E4k2-*"
+SMOKE_FILTER = "bf16-*-M5N64K64E4k2-*"  # bf16 only: the fp32 cases of this shape exist for selftest kills
 # Seeds 0-3 of the M7 family: the Raise fake crashes on seed 1 and answers the rest correctly
 # (from the reference, so no interpreter cost).
 CRASH_FILTER = "*-M7N64K64E4k2-s[0-3]"
