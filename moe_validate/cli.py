@@ -128,6 +128,22 @@ def _repetition_lines(bad_cases, repeat: int) -> List[str]:
     return lines
 
 
+def _check_worker_options(args) -> None:
+    """--workers and --timeout, shared by every command that runs cases."""
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be >= 0; got {args.workers}")
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError(f"--timeout must be positive; got {args.timeout}")
+
+
+def _out_dir(args, name: str) -> Path:
+    """--out, or reports/<name>-<UTC timestamp>/."""
+    if args.out:
+        return Path(args.out)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return Path("reports") / f"{name}-{stamp}"
+
+
 def cmd_run(args) -> int:
     from moe_validate import runner
 
@@ -141,12 +157,8 @@ def cmd_run(args) -> int:
     # The shard is taken before repeating, so each CI job repeats its own share.
     cases = _repeated(runner.select_shard(cases, shard), args.repeat, args.fresh_seeds)
     _backend_or_usage(args.backend)
-    if args.workers is not None and args.workers < 0:
-        raise UsageError(f"--workers must be >= 0; got {args.workers}")
-    if args.timeout is not None and args.timeout <= 0:
-        raise UsageError(f"--timeout must be positive; got {args.timeout}")
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out_dir = Path(args.out) if args.out else Path("reports") / f"{suite}-{stamp}"
+    _check_worker_options(args)
+    out_dir = _out_dir(args, suite)
     repeat_fields = {"repeat": args.repeat, "fresh_seeds": args.fresh_seeds} if (args.repeat > 1 or args.fresh_seeds) else {}
     summary = runner.run_cases(
         cases, args.backend, out_dir, workers=args.workers, timeout_s=args.timeout, suite=suite,
@@ -179,12 +191,8 @@ def cmd_calibrate(args) -> int:
         raise UsageError(f"--seeds must be >= 1; got {args.seeds}")
     cases = _repeated(cases, args.seeds, True)
     _backend_or_usage(args.backend)
-    if args.workers is not None and args.workers < 0:
-        raise UsageError(f"--workers must be >= 0; got {args.workers}")
-    if args.timeout is not None and args.timeout <= 0:
-        raise UsageError(f"--timeout must be positive; got {args.timeout}")
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out_dir = Path(args.out) if args.out else Path("reports") / f"calibrate-{suite}-{stamp}"
+    _check_worker_options(args)
+    out_dir = _out_dir(args, f"calibrate-{suite}")
     summary = runner.run_cases(
         cases, args.backend, out_dir, workers=args.workers, timeout_s=args.timeout, suite=suite,
         argv=[PROG] + list(args.argv), progress=sys.stderr,
@@ -275,8 +283,7 @@ def cmd_bench(args) -> int:
     settings = {"reference_max_m": args.reference_max_m}
     if args.quick:
         settings.update(target_ms=60.0, max_reps=60, routing_sets=4)
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out_dir = Path(args.out) if args.out else Path("reports") / f"bench-{stamp}"
+    out_dir = _out_dir(args, "bench")
     doc = bench.run_bench(models, schemes, m_list, peers, argv=[PROG] + list(args.argv),
                           time_budget_s=args.time_budget or float("inf"), settings=settings)
     json_path, html_path = bench.write_bench(doc, out_dir)
