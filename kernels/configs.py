@@ -27,7 +27,7 @@ import torch
 
 from moe_validate.spec import FP8_BLOCK, QuantScheme
 
-__all__ = ["KernelConfig", "select_config", "batch_invariant_config", "check_config", "config_file_name"]
+__all__ = ["KernelConfig", "select_config", "untuned_config", "batch_invariant_config", "check_config", "config_file_name"]
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -185,4 +185,11 @@ def select_config(M: int, E: int, N: int, K: int, topk: int, dtype: torch.dtype,
         if table:
             nearest = min(table, key=lambda m: (abs(m - M), m))
             return table[nearest]
+    return untuned_config(M, E, N, K, topk, dtype, scheme, group_size=group_size)
+
+
+def untuned_config(M: int, E: int, N: int, K: int, topk: int, dtype: torch.dtype,
+                   scheme=QuantScheme.NONE, *, group_size: Optional[int] = None) -> KernelConfig:
+    """The config ``select_config`` falls back to when no tuned table exists (tune's baseline)."""
+    scheme = QuantScheme.parse(scheme)
     return _fit_to_scheme(_default_config(M, E, N, K, topk, dtype, scheme), scheme, group_size)

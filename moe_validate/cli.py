@@ -301,24 +301,36 @@ def cmd_tune(args) -> int:
     from moe_validate import bench
 
     try:
-        model = bench.parse_model_spec(args.model)
+        # A custom shape is itself comma-separated (E=..,topk=..): then it is the only model.
+        models = [bench.parse_model_spec(args.model)] if "=" in args.model else bench.parse_models(args.model)
         schemes = bench.parse_schemes(args.scheme)
         m_list = bench.parse_m_list(args.m) if args.m else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if len(schemes) != 1:
-        raise UsageError(f"--scheme must name one scheme; got {args.scheme!r}")
+    # Every (model, scheme) pair the model is benchmarked in (DeepSeek-V3 ships fp8 only).
+    pairs = [(m, s) for m in models for s in schemes if s in m.schemes]
+    if not pairs:
+        raise UsageError(f"--scheme {args.scheme!r} is not a scheme of --model {args.model!r} "
+                         f"(schemes per model: {'; '.join(f'{m.name}: {list(m.schemes)}' for m in models)})")
     if not _has_cuda() or os.environ.get("TRITON_INTERPRET") == "1":
         raise UsageError("tune needs a CUDA GPU with native Triton (unset TRITON_INTERPRET): timings under the "
                          "interpreter mean nothing")
     from moe_validate.tune import DEFAULT_TUNE_M, tune
 
-    result = tune(model, schemes[0], m_list or list(DEFAULT_TUNE_M), out_dir=args.out,
-                  command=" ".join([PROG] + list(args.argv)), log=lambda s: print(s, file=sys.stderr, flush=True))
-    print(f"config:  {result['path']}")
-    for m, cfg in sorted(result["table"].items()):
-        print(f"M={m}: {json.dumps(cfg, sort_keys=True)}")
-    return 0
+    failed = 0
+    for model, scheme in pairs:
+        try:
+            result = tune(model, scheme, m_list or list(DEFAULT_TUNE_M), out_dir=args.out,
+                          command=" ".join([PROG] + list(args.argv)),
+                          log=lambda s: print(s, file=sys.stderr, flush=True))
+        except RuntimeError as exc:  # no usable config for this pair: say so, tune the others
+            print(f"{PROG}: tune {model.name} {scheme}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{model.name} {scheme}: {result['path']}")
+        for m, cfg in sorted(result["table"].items()):
+            print(f"  M={m}: {json.dumps(cfg, sort_keys=True)}", flush=True)
+    return 1 if failed else 0
 
 
 def cmd_env(args) -> int:
@@ -414,8 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("tune", help="search launch configs per M bucket (GPU) and write the kernels' JSON table")
-    p.add_argument("--model", required=True, help="a bench model name or E=..,topk=..,K=..,I=..[,act=..]")
-    p.add_argument("--scheme", required=True, help="bf16, fp8_tensor, fp8_block or a scheme value")
+    p.add_argument("--model", required=True,
+                   help="comma-separated bench model names or E=..,topk=..,K=..,I=..[,act=..] shapes")
+    p.add_argument("--scheme", required=True,
+                   help="comma-separated bf16, fp8_tensor, fp8_block or scheme values; each model is tuned in "
+                        "the listed schemes it is benchmarked in")
     p.add_argument("--m", help="comma-separated M buckets (default 1,16,64,256,1024,4096,16384)")
     p.add_argument("--out", help="directory for the JSON table (default: kernels/configs/)")
     p.set_defaults(func=cmd_tune)

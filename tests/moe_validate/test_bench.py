@@ -378,9 +378,10 @@ def test_html_section_is_self_contained_with_roofline(tmp_path):
 # tune -> JSON table -> select_config
 # ---------------------------------------------------------------------------------------------
 def test_tune_writes_a_table_select_config_picks_up(tmp_path):
-    """Real correctness checks (interpreter, tiny case), a fake timer that prefers one config per
-    bucket, one candidate rejected by a failing check: the table has the winners and the
-    provenance, and select_config finds it by name."""
+    """Real correctness checks (interpreter, tiny case) of the winners only, a fake timer that
+    prefers one config per bucket, and a candidate that would win everywhere but fails its
+    check: it is checked once, rejected, never written and never timed again; the table has
+    the checked winners and the provenance, and select_config finds it by name."""
     from kernels.configs import KernelConfig, config_file_name, select_config
     from moe_validate.spec import QuantScheme
     from moe_validate.tune import check_candidate, tune
@@ -389,7 +390,7 @@ def test_tune_writes_a_table_select_config_picks_up(tmp_path):
     a = KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=1)
     b = KernelConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16 * 2, GROUP_M=1, num_warps=4, num_stages=1)
     rejected = KernelConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=1)
-    checked = []
+    checked, timed = [], []
 
     def check(cfg):
         checked.append(cfg)
@@ -397,14 +398,15 @@ def test_tune_writes_a_table_select_config_picks_up(tmp_path):
             return False, "planted failure"
         return check_candidate(tiny, "none", cfg, check_m=6)
 
-    def fake_timer(cfg, M):  # a wins small M, b wins large M; the rejected one would win all
-        if cfg == rejected:
-            raise AssertionError("a rejected candidate must never be timed")
-        return {(a, True): 1.0, (a, False): 3.0, (b, True): 2.0, (b, False): 1.5}[(cfg, M < 100)]
+    def fake_timer(cfg, M):  # a wins small M, b wins large M; the rejected one is fastest everywhere
+        timed.append((cfg, M))
+        return {(a, True): 1.0, (a, False): 3.0, (b, True): 2.0, (b, False): 1.5,
+                (rejected, True): 0.5, (rejected, False): 0.5}[(cfg, M < 100)]
 
     result = tune(tiny, "none", [1, 16, 1024], out_dir=str(tmp_path), device_name="Fake GPU 80GB",
                   timer=fake_timer, check=check, candidates=[a, b, rejected], command="moe-validate tune test")
-    assert checked == [a, b, rejected]  # each candidate checked exactly once, before any timing of it
+    assert checked == [rejected, a, b]  # fastest first, each config checked at most once
+    assert (rejected, 16) not in timed and (rejected, 1024) not in timed  # rejected once: never timed again
     path = Path(result["path"])
     assert path.name == config_file_name(4, 32, "Fake GPU 80GB", torch.bfloat16, QuantScheme.NONE)
     raw = json.loads(path.read_text())
@@ -412,20 +414,38 @@ def test_tune_writes_a_table_select_config_picks_up(tmp_path):
     assert prov["device"] == "Fake GPU 80GB" and prov["command"] == "moe-validate tune test" and prov["date"]
     assert "planted failure" in json.dumps(prov["rejected"])
     assert sorted(k for k in raw if not k.startswith("_")) == ["1", "1024", "16"]
+    assert prov["results"]["1024"]["best"] == "BM32BN32BK32GM1W4S1"
     kw = dict(device_name="Fake GPU 80GB", config_dir=str(tmp_path))
     assert select_config(1, 4, 32, 32, 2, torch.bfloat16, "none", **kw) == a
     assert select_config(20, 4, 32, 32, 2, torch.bfloat16, "none", **kw) == a  # nearest bucket 16
     assert select_config(5000, 4, 32, 32, 2, torch.bfloat16, "none", **kw) == b
 
 
-def test_candidate_grid_respects_scheme_rules():
-    from moe_validate.tune import candidate_grid
+def test_tune_default_candidates_are_per_regime_and_include_the_untuned_default(tmp_path):
+    """Without explicit candidates each bucket times its regime's grid plus the config the
+    kernels would use untuned, so a tuned bucket can never be slower than no table."""
+    from kernels.configs import untuned_config
+    from moe_validate.tune import regime_candidates, regime_of, tune
 
-    for cfg in candidate_grid("fp8_block128", on_gpu=True):
-        assert cfg.BLOCK_K >= 32 and 128 % cfg.BLOCK_K == 0
-    assert candidate_grid("none", on_gpu=True)
-    full = candidate_grid("fp8_tensor_token", on_gpu=True, small=False)
-    assert full and all(c.BLOCK_K >= 32 for c in full)
+    model = ModelShape("q", E=128, topk=8, K=2048, I=768)
+    assert [regime_of(m, 128, 8) for m in (1, 64, 256, 4096)] == ["decode", "decode", "small", "middle"]
+    assert regime_of(16384, 128, 8) == "prefill"
+    timed = {}
+
+    def timer(cfg, M):
+        timed.setdefault(M, []).append(cfg)
+        return 1.0
+
+    tune(model, "fp8_block128", [1, 16384], out_dir=str(tmp_path), device_name="Fake", timer=timer,
+         check=lambda cfg: (True, "ok"))
+    for M in (1, 16384):
+        want = regime_candidates("fp8_block128", regime_of(M, 128, 8))
+        default = untuned_config(M, 128, 1536, 2048, 8, torch.bfloat16, "fp8_block128")
+        assert timed[M][:len(want)] == want and default in timed[M]
+        assert all(128 % c.BLOCK_K == 0 for c in timed[M])  # the scheme's rule filters every grid
+    assert timed[1] != timed[16384]
+    with pytest.raises(ValueError, match="regime"):
+        regime_candidates("none", "lunch")
 
 
 def test_tune_bad_input(tmp_path):
@@ -451,7 +471,7 @@ def test_tune_bad_input(tmp_path):
     (["bench", "--peers", "vllm"], "--peers"),
     (["bench", "--time-budget", "-1"], "--time-budget"),
     (["tune", "--model", "mixtral-8x7b"], "--scheme"),
-    (["tune", "--model", "mixtral-8x7b", "--scheme", "bf16,fp8_block"], "one scheme"),
+    (["tune", "--model", "deepseek-v3", "--scheme", "bf16"], "not a scheme of"),
     (["tune", "--model", "nope", "--scheme", "bf16"], "--model"),
 ])
 def test_cli_bad_input(argv, needle, capsys):
