@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # One-H100 benchmark run for the lead (~6 minutes wall): `moe-validate bench` on every model at a
-# reduced M list and the three schemes with both peers, then a short `moe-validate tune` of one
-# shape (Mixtral bf16, three M buckets). Everything lands under $OUT; the compact table is
-# printed last.
+# reduced M list and the three schemes with both peers (tuning: scripts/gpu_tune.sh). Everything
+# lands under $OUT; the compact table is printed last.
 #
 #   OUT=/tmp/out bash scripts/gpu_bench.sh
 #
@@ -28,20 +27,6 @@ timeout 330 "$PY" -m moe_validate.cli bench --quick \
     > "$OUT/bench_stdout.txt" 2> "$OUT/bench.log"
 echo "bench exit status $?"
 tail -n 5 "$OUT/bench.log"
-
-echo "== tune mixtral-8x7b bf16 (M 16, 256, 4096; log in $OUT/tune.log)"
-timeout 100 "$PY" -m moe_validate.cli tune --model mixtral-8x7b --scheme bf16 --m 16,256,4096 \
-    --out "$OUT/tuned" > "$OUT/tune_stdout.txt" 2> "$OUT/tune.log"
-echo "tune exit status $?"
-cat "$OUT/tune_stdout.txt"
-# The table's real name (E=..,N=..,device_name=..,dtype=...json) has characters a file transfer
-# may refuse; keep a plainly named copy beside it and print the mapping.
-for f in "$OUT"/tuned/*.json; do
-    [ -e "$f" ] || continue
-    plain="$OUT/tuned_$(basename "$f" | tr -c 'A-Za-z0-9._\n-' '_')"
-    cp "$f" "$plain" && echo "copied $(basename "$f") -> $(basename "$plain")"
-done
-grep -E "REJECTED|Error|error" "$OUT/tune.log" | head -n 5
 
 echo "== table"
 if [ -f "$OUT/bench.json" ]; then
