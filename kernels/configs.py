@@ -34,7 +34,14 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile shape and schedule of one grouped-GEMM launch."""
+    """Tile shape and schedule of one grouped-GEMM launch.
+
+    BLOCK_N counts weight rows (B columns) per program in both GEMMs. When GEMM1 applies a gated
+    activation in its epilogue (``TritonExperts(fuse_activation=...)``) those rows are BLOCK_N // 2
+    (gate, up) pairs, so a program writes BLOCK_N // 2 columns of c2: the dot shape, registers and
+    shared memory stay those of the unfused GEMM1, and the rules of ``check_config`` (which are about
+    the dot) are unchanged; the pairs only need BLOCK_N >= 2, which every GPU config has.
+    """
 
     BLOCK_M: int
     BLOCK_N: int
