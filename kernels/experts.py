@@ -226,7 +226,6 @@ class TritonExperts:
             sorted_ids = expert_ids = num_post_padded = None
         else:
             sorted_ids, expert_ids, num_post_padded = align_routes(route_expert, counts, config.BLOCK_M, E)
-        route_valid = route_expert >= 0
         routing = dict(scheme=scheme, config=config, num_routes=R, sorted_route_ids=sorted_ids,
                        expert_ids=expert_ids, num_post_padded=num_post_padded,
                        route_expert=route_expert, naive=naive)
@@ -259,6 +258,8 @@ class TritonExperts:
 
         # Activation (unless fused above) + requantization, or the fused silu + fp8 group quantization.
         a2, a2_used_scale = c2, None
+        # (a torch launch: computed only where a quantizer needs it, never on the unquantized path)
+        route_valid = route_expert >= 0 if fused_silu_quant or scheme.act_dtype is not None else None
         if fused_silu_quant:
             a2, a2_used_scale = silu_and_mul_quant_fp8_group(c1, row_valid=route_valid)
         else:
