@@ -273,9 +273,10 @@ class TritonExperts:
         route_weight = None if apply_router_weight_on_input else topk_weights.reshape(-1).contiguous()
 
         def gemm2() -> None:
+            # GEMM2's own tiles where the config has them (same BLOCK_M: same alignment)
             invoke_grouped_gemm(a2, w2, c3, top_k_div=1, bias=quant.w2_bias, a_scale=a2_used_scale,
                                 b_scale=quant.w2_scale, b_zp=quant.w2_zp, group_size=quant.group_size,
-                                route_weight=route_weight, **routing)
+                                route_weight=route_weight, **{**routing, "config": config.for_gemm2()})
 
         apply_lora_w2(c3, c2, route_expert, route_weight, lora, topk=topk, base_gemm=gemm2)
 

@@ -86,7 +86,8 @@ def _grouped_gemm_kernel(
     if WEIGHT_FORMAT == "int4":
         tl.static_assert(BLOCK_K % 2 == 0, "int4 packs two k per byte: BLOCK_K must be even")
     if GATE_UP != "none":
-        tl.static_assert(ACTIVATION != "" and not MUL_ROUTE_WEIGHT, "gate/up pairs exist only in a fused GEMM1")
+        tl.static_assert(ACTIVATION != "", "gate/up pairs exist only with a fused activation")
+        tl.static_assert(not MUL_ROUTE_WEIGHT, "the activation fuses into GEMM1, which has no router weight")
         tl.static_assert(BLOCK_N >= 2, "a fused gated activation needs BLOCK_N >= 2 (BLOCK_N // 2 gate/up pairs)")
 
     # Stage 1: program id -> (route tile, column tile), GROUP_M swizzled. A column tile of C is

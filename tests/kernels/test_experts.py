@@ -323,3 +323,26 @@ def test_gpu_int64_offsets_route_times_n_over_2_31(fuse_activation):
     for m in (0, M - 1):  # the last token's routes live at the highest c1/c2 offsets
         ref = reference.fused_experts(x[m:m + 1], w1, w2, tw[m:m + 1], ids[m:m + 1], precision="mirror")
         assert (out[m].double() - ref[0]).abs().max() <= 0.05 * ref.abs().max() + 1e-3
+
+
+def test_gemm2_runs_its_own_tiles(monkeypatch):
+    """A config with ``gemm2`` tiles: GEMM1 launches the base tiles, GEMM2 its own (same BLOCK_M)."""
+    from kernels import experts as experts_module
+    from kernels.configs import Gemm2Tiles
+
+    launched = []
+    real = experts_module.invoke_grouped_gemm
+
+    def spy(a, b, c, **kw):
+        launched.append((tuple(b.shape), kw["config"]))
+        return real(a, b, c, **kw)
+
+    monkeypatch.setattr(experts_module, "invoke_grouped_gemm", spy)
+    p = make_problem(seed=36, dtype=torch.bfloat16, bias=True, **SMALL)
+    cfg = kernels.KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, gemm2=Gemm2Tiles(BLOCK_N=16, BLOCK_K=16))
+    out = run_kernel(p, config=cfg)
+    (w1_shape, c1_cfg), (w2_shape, c2_cfg) = launched
+    assert w1_shape == tuple(p.w1.shape) and w2_shape == tuple(p.w2.shape)
+    assert (c1_cfg.BLOCK_N, c1_cfg.BLOCK_K) == (32, 32)
+    assert (c2_cfg.BLOCK_M, c2_cfg.BLOCK_N, c2_cfg.BLOCK_K) == (16, 16, 16)
+    assert_close_to_reference(p, out)
