@@ -25,7 +25,7 @@ import triton.language as tl
 from kernels import _interp
 from moe_validate.spec import SWIGLU_LIMIT, Activation
 
-__all__ = ["apply_activation"]
+__all__ = ["apply_activation", "activation_fp32"]
 
 
 @triton.jit
@@ -45,40 +45,13 @@ def _gelu_tanh(x):
 
 
 @triton.jit
-def _activation_kernel(
-    # pointers
-    c1_ptr, c2_ptr, route_expert_ptr,
-    # sizes
-    num_routes, I,
-    # strides
-    stride_c1m, stride_c1n, stride_c2m, stride_c2n,
-    # precision flags
-    clamp_limit,
-    ACTIVATION: tl.constexpr, HAS_CLAMP: tl.constexpr, SWIGLU_LIMIT: tl.constexpr,
-    # tile constexprs
-    BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
-):
-    # Stage 1: rows of valid routes, columns of this tile.
-    pid_r = tl.program_id(0)
-    pid_i = tl.program_id(1)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    r_in = offs_r < num_routes
-    valid = r_in & (tl.load(route_expert_ptr + offs_r, mask=r_in, other=-1) >= 0)
-    mask = valid[:, None] & (offs_i < I)[None, :]
-    rows = offs_r.to(tl.int64)[:, None] * stride_c1m
-    # Stage 2: gate (and up) values in fp32.
-    if ACTIVATION == "swigluoai":
-        gate_col = 2 * offs_i
-        up_col = 2 * offs_i + 1
-    else:
-        gate_col = offs_i
-        up_col = I + offs_i
-    x = _interp.to_fp32(tl.load(c1_ptr + rows + gate_col[None, :] * stride_c1n, mask=mask, other=0.0))
-    if ACTIVATION == "silu" or ACTIVATION == "gelu" or ACTIVATION == "gelu_tanh" \
-            or ACTIVATION == "swigluoai" or ACTIVATION == "swiglustep":
-        u = _interp.to_fp32(tl.load(c1_ptr + rows + up_col[None, :] * stride_c1n, mask=mask, other=0.0))
-    # Stage 3: the activation.
+def activation_fp32(x, u, clamp_limit,
+                    ACTIVATION: tl.constexpr, HAS_CLAMP: tl.constexpr, SWIGLU_LIMIT: tl.constexpr):
+    """act(x, u) in fp32 on a tile (x = gate, u = up; u is ignored by the ``*_no_mul`` forms).
+
+    The one copy of the activation math: the activation kernel below and the fused GEMM1
+    epilogue (``kernels.grouped_gemm``) both call it, so the two paths give the same bits.
+    """
     if ACTIVATION == "silu":
         if HAS_CLAMP:
             y = _silu(tl.minimum(x, clamp_limit)) * tl.minimum(tl.maximum(u, -clamp_limit), clamp_limit)
@@ -104,6 +77,46 @@ def _activation_kernel(
         tl.static_assert(ACTIVATION == "relu2_no_mul", "unknown activation")
         r = tl.maximum(x, 0.0)
         y = r * r
+    return y
+
+
+@triton.jit
+def _activation_kernel(
+    # pointers
+    c1_ptr, c2_ptr, route_expert_ptr,
+    # sizes
+    num_routes, I,
+    # strides
+    stride_c1m, stride_c1n, stride_c2m, stride_c2n,
+    # precision flags
+    clamp_limit,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_CLAMP: tl.constexpr, SWIGLU_LIMIT: tl.constexpr,
+    # tile constexprs
+    BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    # Stage 1: rows of valid routes, columns of this tile.
+    pid_r = tl.program_id(0)
+    pid_i = tl.program_id(1)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    r_in = offs_r < num_routes
+    valid = r_in & (tl.load(route_expert_ptr + offs_r, mask=r_in, other=-1) >= 0)
+    mask = valid[:, None] & (offs_i < I)[None, :]
+    rows = offs_r.to(tl.int64)[:, None] * stride_c1m
+    # Stage 2: gate (and up) values in fp32.
+    if ACTIVATION == "swigluoai":
+        gate_col = 2 * offs_i
+        up_col = 2 * offs_i + 1
+    else:
+        gate_col = offs_i
+        up_col = I + offs_i
+    x = _interp.to_fp32(tl.load(c1_ptr + rows + gate_col[None, :] * stride_c1n, mask=mask, other=0.0))
+    if GATED:
+        u = _interp.to_fp32(tl.load(c1_ptr + rows + up_col[None, :] * stride_c1n, mask=mask, other=0.0))
+    else:
+        u = x  # ignored by the *_no_mul forms
+    # Stage 3: the activation (shared with the fused GEMM1 epilogue).
+    y = activation_fp32(x, u, clamp_limit, ACTIVATION, HAS_CLAMP, SWIGLU_LIMIT)
     # Stage 4: one rounding to S, masked store.
     c2_ptrs = c2_ptr + offs_r.to(tl.int64)[:, None] * stride_c2m + offs_i[None, :] * stride_c2n
     tl.store(c2_ptrs, _interp.to_storage(y, c2_ptr.dtype.element_ty), mask=mask)
@@ -130,6 +143,6 @@ def apply_activation(c1: torch.Tensor, c2: torch.Tensor, route_expert: torch.Ten
         R, I,
         c1.stride(0), c1.stride(1), c2.stride(0), c2.stride(1),
         float(clamp_limit) if clamp_limit is not None else 0.0,
-        ACTIVATION=activation.value, HAS_CLAMP=clamp_limit is not None, SWIGLU_LIMIT=SWIGLU_LIMIT,
+        ACTIVATION=activation.value, GATED=activation.is_gated, HAS_CLAMP=clamp_limit is not None, SWIGLU_LIMIT=SWIGLU_LIMIT,
         BLOCK_R=block_r, BLOCK_I=block_i,
     )

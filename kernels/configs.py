@@ -1,7 +1,11 @@
 """Launch configs for the grouped GEMMs: data, one lookup, one place.
 
-A ``KernelConfig`` is the tile shape and schedule of ``kernels.grouped_gemm`` (both GEMMs of a
-call share it, because they share the routing alignment, which is padded to ``BLOCK_M``).
+A ``KernelConfig`` is the tile shape and schedule of ``kernels.grouped_gemm``. Both GEMMs of a
+call share ``BLOCK_M``, because they share the routing alignment (padded to ``BLOCK_M``); GEMM2
+(N = hidden size, K = I: a different shape from GEMM1's) may carry its own ``BLOCK_N``,
+``BLOCK_K``, ``GROUP_M``, ``num_warps`` and ``num_stages`` in the optional ``gemm2`` field
+(``Gemm2Tiles``; in a tuned JSON entry: ``"gemm2": {"BLOCK_N": ..., ...}``). Without it GEMM2
+runs GEMM1's config, as before.
 
 Lookup order in ``select_config``:
   1. a tuned JSON file in ``kernels/configs/`` keyed by (E, N, device name, dtype, block shape)
@@ -20,21 +24,53 @@ from __future__ import annotations
 import functools
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Dict, Optional
 
 import torch
 
 from moe_validate.spec import FP8_BLOCK, QuantScheme
 
-__all__ = ["KernelConfig", "select_config", "untuned_config", "batch_invariant_config", "check_config", "config_file_name"]
+__all__ = ["KernelConfig", "Gemm2Tiles", "select_config", "untuned_config", "batch_invariant_config", "check_config",
+           "config_file_name"]
+
+
+def _from_dict(cls, d, what: str, required):
+    if not isinstance(d, dict):
+        raise TypeError(f"{what} must be a dict; got {type(d).__name__}")
+    names = {f.name for f in fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"{what} has unknown keys {sorted(unknown)}; expected a subset of {sorted(names)}")
+    missing = set(required) - set(d)
+    if missing:
+        raise ValueError(f"{what} must give {sorted(missing)}; got {d}")
+    return {k: int(v) for k, v in d.items()}
+
+
+@dataclass(frozen=True)
+class Gemm2Tiles:
+    """GEMM2's own tile shape and schedule (``KernelConfig.gemm2``); BLOCK_M is GEMM1's."""
+
+    BLOCK_N: int
+    BLOCK_K: int
+    GROUP_M: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile shape and schedule of one grouped-GEMM launch."""
+    """Tile shape and schedule of one grouped-GEMM launch.
+
+    BLOCK_N counts weight rows (B columns) per program in both GEMMs. When GEMM1 applies a gated
+    activation in its epilogue (``TritonExperts(fuse_activation=...)``) those rows are BLOCK_N // 2
+    (gate, up) pairs, so a program writes BLOCK_N // 2 columns of c2: the dot shape, registers and
+    shared memory stay those of the unfused GEMM1, and the rules of ``check_config`` (which are about
+    the dot) are unchanged; the pairs only need BLOCK_N >= 2, which every GPU config has.
+    """
 
     BLOCK_M: int
     BLOCK_N: int
@@ -42,20 +78,31 @@ class KernelConfig:
     GROUP_M: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    gemm2: Optional[Gemm2Tiles] = None  # GEMM2's own tiles; None: GEMM2 runs this config too
 
-    def to_dict(self) -> Dict[str, int]:
-        return asdict(self)
+    def to_dict(self) -> Dict:
+        """Plain ints; ``gemm2`` appears (as a nested dict) only when set."""
+        d = asdict(self)
+        if self.gemm2 is None:
+            del d["gemm2"]
+        return d
 
     @classmethod
-    def from_dict(cls, d: Dict[str, int]) -> "KernelConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"config has unknown keys {sorted(unknown)}; expected a subset of {sorted(names)}")
-        missing = {"BLOCK_M", "BLOCK_N", "BLOCK_K"} - set(d)
-        if missing:
-            raise ValueError(f"config must give {sorted(missing)}; got {d}")
-        return cls(**{k: int(v) for k, v in d.items()})
+    def from_dict(cls, d: Dict) -> "KernelConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"config must be a dict; got {type(d).__name__}")
+        gemm2 = d.get("gemm2")
+        base = {k: v for k, v in d.items() if k != "gemm2"}
+        cfg = _from_dict(cls, base, "config", ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        if gemm2 is not None:
+            cfg["gemm2"] = Gemm2Tiles(**_from_dict(Gemm2Tiles, gemm2, "config.gemm2", ("BLOCK_N", "BLOCK_K")))
+        return cls(**cfg)
+
+    def for_gemm2(self) -> "KernelConfig":
+        """The config GEMM2 launches with: ``gemm2``'s tiles with this BLOCK_M, or this config."""
+        if self.gemm2 is None:
+            return self
+        return KernelConfig(BLOCK_M=self.BLOCK_M, **asdict(self.gemm2))
 
 
 def _interpreting() -> bool:
@@ -68,26 +115,36 @@ def _is_pow2(v: int) -> bool:
 
 def check_config(config: KernelConfig, scheme: QuantScheme, group_size: Optional[int] = None,
                  on_gpu: Optional[bool] = None) -> None:
-    """Raise ValueError when ``config`` cannot run ``scheme`` (the rule is in the message)."""
+    """Raise ValueError when ``config`` (and its ``gemm2`` tiles) cannot run ``scheme`` (the rule is
+    in the message). GEMM2's K tile obeys the same scale-block and group rules as GEMM1's."""
     if on_gpu is None:
         on_gpu = not _interpreting()
+    if config.gemm2 is not None and not isinstance(config.gemm2, Gemm2Tiles):
+        raise TypeError(f"config.gemm2 must be a kernels.configs.Gemm2Tiles or None; got {type(config.gemm2).__name__}")
+    _check_tiles(config, "config", scheme, group_size, on_gpu)
+    if config.gemm2 is not None:
+        _check_tiles(config.for_gemm2(), "config.gemm2", scheme, group_size, on_gpu)
+
+
+def _check_tiles(config: KernelConfig, prefix: str, scheme: QuantScheme, group_size: Optional[int],
+                 on_gpu: bool) -> None:
     for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
         v = getattr(config, name)
         if not _is_pow2(v):
-            raise ValueError(f"config.{name} must be a power of two; got {v}")
+            raise ValueError(f"{prefix}.{name} must be a power of two; got {v}")
         if on_gpu and v < 16:
-            raise ValueError(f"config.{name} must be >= 16 on the GPU (tl.dot minimum); got {v}")
+            raise ValueError(f"{prefix}.{name} must be >= 16 on the GPU (tl.dot minimum); got {v}")
     if config.GROUP_M < 1 or config.num_warps < 1 or config.num_stages < 1:
-        raise ValueError(f"config.GROUP_M, num_warps, num_stages must be >= 1; got {config}")
+        raise ValueError(f"{prefix}.GROUP_M, num_warps, num_stages must be >= 1; got {config}")
     if scheme.act_dtype is not None and on_gpu and config.BLOCK_K < 32:
-        raise ValueError(f"config.BLOCK_K must be >= 32 for {scheme.value} on the GPU (fp8/int8 dots); got {config.BLOCK_K}")
+        raise ValueError(f"{prefix}.BLOCK_K must be >= 32 for {scheme.value} on the GPU (fp8/int8 dots); got {config.BLOCK_K}")
     if scheme.block_shape is not None and FP8_BLOCK % config.BLOCK_K != 0:
-        raise ValueError(f"config.BLOCK_K must divide {FP8_BLOCK} for {scheme.value} (a K tile must not straddle "
+        raise ValueError(f"{prefix}.BLOCK_K must divide {FP8_BLOCK} for {scheme.value} (a K tile must not straddle "
                          f"a scale block); got {config.BLOCK_K}")
     if scheme is QuantScheme.INT4_W4A16:
         g = group_size or FP8_BLOCK
         if g % config.BLOCK_K != 0:
-            raise ValueError(f"config.BLOCK_K must divide the int4 group size {g}; got {config.BLOCK_K}")
+            raise ValueError(f"{prefix}.BLOCK_K must divide the int4 group size {g}; got {config.BLOCK_K}")
 
 
 def _fit_to_scheme(config: KernelConfig, scheme: QuantScheme, group_size: Optional[int]) -> KernelConfig:
@@ -99,7 +156,7 @@ def _fit_to_scheme(config: KernelConfig, scheme: QuantScheme, group_size: Option
         bk = min(bk, group_size or FP8_BLOCK)
     if bk == config.BLOCK_K:
         return config
-    return KernelConfig(**{**config.to_dict(), "BLOCK_K": bk})
+    return replace(config, BLOCK_K=bk)
 
 
 def _default_config(M: int, E: int, N: int, K: int, topk: int, dtype: torch.dtype,

@@ -6,8 +6,11 @@ Stages (each its own kernel, all on the caller's stream, no host synchronisation
   route experts (+ counts) -> align (or the tiny-M naive path) -> [quantize x] -> GEMM1 into the
   route-major c1 [R, N] (+ LoRA w13) -> activation into c2 [R, I] -> [requantize c2] (or the
   fused silu+fp8-group quant) -> GEMM2 into the route-major c3 [R, K] (+ LoRA w2) -> moe_sum.
+Without LoRA (which adds into c1 before the activation) and outside the fused silu+fp8-group
+quant path, GEMM1 applies the activation in its epilogue and writes c2 directly (one launch and
+the c1 round trip saved; bitwise the same, see ``kernels.grouped_gemm``): ``fuse_activation``.
 c1 and c3 share ``workspace13`` (c1 is dead once the activation has read it); c2 lives in
-``workspace2``. Only rows of valid routes are ever written or read, so NaN-poisoned workspaces
+``workspace2``. The workspace shapes do not depend on the fusion (c1 is then simply unused). Only rows of valid routes are ever written or read, so NaN-poisoned workspaces
 and outputs are harmless; tokens without a valid route get exact zeros from ``moe_sum``.
 """
 
@@ -101,7 +104,13 @@ def _flat_view(workspace: torch.Tensor, name: str, rows: int, cols: int, dtype: 
 class TritonExperts:
     """The modular experts object (mirrors vLLM's TritonExperts): workspaces + apply."""
 
-    def __init__(self, quant_config: Optional[QuantConfig] = None, *, assignment: str = "auto"):
+    def __init__(self, quant_config: Optional[QuantConfig] = None, *, assignment: str = "auto",
+                 fuse_activation="auto"):
+        """``assignment``: "auto" | "naive" | "aligned" (route-to-tile path; auto by sparsity).
+        ``fuse_activation``: "auto" (fuse the activation into GEMM1 wherever it can be: no LoRA,
+        not the fused silu+fp8-group quant path), True (the same, and a call that cannot be fused
+        raises ValueError) or False (always GEMM1 -> c1 -> activation kernel). Both paths give
+        the same bits; the switch exists for tests and measurements."""
         if quant_config is None:
             quant_config = QuantConfig()
         if not isinstance(quant_config, QuantConfig):
@@ -109,10 +118,14 @@ class TritonExperts:
                             f"got {type(quant_config).__name__}")
         if assignment not in ("auto", "naive", "aligned"):
             raise ValueError(f"assignment must be 'auto', 'naive' or 'aligned'; got {assignment!r}")
+        if not (fuse_activation == "auto" or fuse_activation is True or fuse_activation is False):
+            raise ValueError(f"fuse_activation must be 'auto', True or False; got {fuse_activation!r}")
         self.quant_config = quant_config
         self.assignment = assignment
+        self.fuse_activation = fuse_activation
         self.last_config: Optional[KernelConfig] = None
         self.last_assignment: Optional[str] = None
+        self.last_fused_activation: Optional[bool] = None
 
     # --- capabilities -----------------------------------------------------------------------
     def supports_quant_scheme(self, weight_key, act_key) -> bool:
@@ -146,6 +159,20 @@ class TritonExperts:
         return None
 
     # --- the pipeline -----------------------------------------------------------------------
+    def _fuse_activation(self, lora, fused_silu_quant: bool, activation: Activation, config: KernelConfig) -> bool:
+        """Whether GEMM1 applies the activation in its epilogue (see ``fuse_activation``)."""
+        blockers = []
+        if lora is not None:
+            blockers.append("LoRA adds its w13 delta into c1 before the activation")
+        if fused_silu_quant:
+            blockers.append("silu + fp8_block128 takes the fused silu+fp8-group quantizer, which reads c1")
+        if activation.is_gated and config.BLOCK_N < 2:
+            blockers.append(f"a gated activation needs config.BLOCK_N >= 2 (gate/up pairs); got {config.BLOCK_N}")
+        if self.fuse_activation is True and blockers:
+            raise ValueError("fuse_activation=True but this call cannot fuse the activation into GEMM1: "
+                             + "; ".join(blockers))
+        return self.fuse_activation is not False and not blockers
+
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
               global_num_experts, expert_map, a1q_scale, a2_scale, workspace13, workspace2,
               expert_tokens_meta, apply_router_weight_on_input, lora=None, config=None,
@@ -176,6 +203,11 @@ class TritonExperts:
                              f"{getattr(output, 'dtype', None)} {tuple(getattr(output, 'shape', ()))}")
         config = _resolve_config(config, M, E, N, K, topk, S, scheme, quant.group_size, batch_invariant)
         self.last_config = config
+        clamp = quant.gemm1_clamp_limit
+        fused_silu_quant = (shape.activation is Activation.SILU and scheme is QuantScheme.FP8_BLOCK128
+                            and clamp is None and lora is None)
+        fuse_act = self._fuse_activation(lora, fused_silu_quant, shape.activation, config)
+        self.last_fused_activation = fuse_act
         if M == 0:
             return
         c1 = _flat_view(workspace13, "workspace13", R, N, S)
@@ -194,7 +226,6 @@ class TritonExperts:
             sorted_ids = expert_ids = num_post_padded = None
         else:
             sorted_ids, expert_ids, num_post_padded = align_routes(route_expert, counts, config.BLOCK_M, E)
-        route_valid = route_expert >= 0
         routing = dict(scheme=scheme, config=config, num_routes=R, sorted_route_ids=sorted_ids,
                        expert_ids=expert_ids, num_post_padded=num_post_padded,
                        route_expert=route_expert, naive=naive)
@@ -213,23 +244,27 @@ class TritonExperts:
             else:
                 a1, a1_scale = quantize_activation(x, scheme, static_scale=quant.a1_scale)
 
-        def gemm1() -> None:
-            invoke_grouped_gemm(a1, w1, c1, top_k_div=topk, bias=quant.w1_bias, a_scale=a1_scale,
-                                b_scale=quant.w1_scale, b_zp=quant.w1_zp, group_size=quant.group_size,
-                                **routing)
+        gemm1_kw = dict(top_k_div=topk, bias=quant.w1_bias, a_scale=a1_scale, b_scale=quant.w1_scale,
+                        b_zp=quant.w1_zp, group_size=quant.group_size, **routing)
+        if fuse_act:
+            # GEMM1 with the activation in its epilogue: c2 directly, c1 never written.
+            invoke_grouped_gemm(a1, w1, c2, activation=shape.activation, clamp_limit=clamp, **gemm1_kw)
+        else:
+            def gemm1() -> None:
+                invoke_grouped_gemm(a1, w1, c1, **gemm1_kw)
 
-        # apply_lora_w13 calls gemm1 itself (single or dual stream); without LoRA it just calls it.
-        apply_lora_w13(c1, x, route_expert, lora, shape.activation, topk=topk, base_gemm=gemm1)
+            # apply_lora_w13 calls gemm1 itself (single or dual stream); without LoRA it just calls it.
+            apply_lora_w13(c1, x, route_expert, lora, shape.activation, topk=topk, base_gemm=gemm1)
 
-        # Activation (+ requantization), or the fused silu + fp8 group quantization.
-        clamp = quant.gemm1_clamp_limit
-        fused = (shape.activation is Activation.SILU and scheme is QuantScheme.FP8_BLOCK128
-                 and clamp is None and lora is None)
+        # Activation (unless fused above) + requantization, or the fused silu + fp8 group quantization.
         a2, a2_used_scale = c2, None
-        if fused:
+        # (a torch launch: computed only where a quantizer needs it, never on the unquantized path)
+        route_valid = route_expert >= 0 if fused_silu_quant or scheme.act_dtype is not None else None
+        if fused_silu_quant:
             a2, a2_used_scale = silu_and_mul_quant_fp8_group(c1, row_valid=route_valid)
         else:
-            apply_activation(c1, c2, route_expert, shape.activation, clamp)
+            if not fuse_act:
+                apply_activation(c1, c2, route_expert, shape.activation, clamp)
             if scheme.act_dtype is not None:
                 a2, a2_used_scale = quantize_activation(c2, scheme, static_scale=quant.a2_scale,
                                                         row_valid=route_valid)
@@ -238,9 +273,10 @@ class TritonExperts:
         route_weight = None if apply_router_weight_on_input else topk_weights.reshape(-1).contiguous()
 
         def gemm2() -> None:
+            # GEMM2's own tiles where the config has them (same BLOCK_M: same alignment)
             invoke_grouped_gemm(a2, w2, c3, top_k_div=1, bias=quant.w2_bias, a_scale=a2_used_scale,
                                 b_scale=quant.w2_scale, b_zp=quant.w2_zp, group_size=quant.group_size,
-                                route_weight=route_weight, **routing)
+                                route_weight=route_weight, **{**routing, "config": config.for_gemm2()})
 
         apply_lora_w2(c3, c2, route_expert, route_weight, lora, topk=topk, base_gemm=gemm2)
 
@@ -250,9 +286,10 @@ class TritonExperts:
 
 def fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, *, activation="silu", quant=None,
                   expert_map=None, global_num_experts=-1, apply_router_weight_on_input=False, lora=None,
-                  a1q_scale=None, config=None, batch_invariant=False) -> torch.Tensor:
-    """The [M, K] output in the storage dtype S (SPEC.md, Pipeline)."""
-    experts = TritonExperts(quant)
+                  a1q_scale=None, config=None, batch_invariant=False, fuse_activation="auto") -> torch.Tensor:
+    """The [M, K] output in the storage dtype S (SPEC.md, Pipeline). ``fuse_activation``: see
+    ``TritonExperts``."""
+    experts = TritonExperts(quant, fuse_activation=fuse_activation)
     shape = validate_call(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation, quant=quant,
                           expert_map=expert_map, global_num_experts=global_num_experts,
                           apply_router_weight_on_input=apply_router_weight_on_input, lora=lora,

@@ -21,6 +21,15 @@ Dequantization:
       then scaled per (column, group) per K tile (a K tile never straddles a group).
 Tiles with expert -1 write nothing; padding rows are masked: every valid route's row is
 written exactly once and no other row is touched.
+
+Fused activation (GEMM1 without LoRA, ``activation=``): the epilogue rounds the tile to S as c1
+would be stored, widens it again, applies ``kernels.activation.activation_fp32`` (the activation
+kernel's own math) and stores c2 [R, I] instead: c1 is never written. For a gated activation a
+program's BLOCK_N weight rows are BLOCK_N // 2 (gate, up) pairs placed side by side (tile column
+2j = gate row of c2 column j, 2j + 1 = its up row; rows j and I + j, or 2j and 2j + 1 for the
+interleaved swigluoai), so one dot of the usual shape feeds both and ``tl.split`` of the
+reshaped accumulator separates them; each product sees exactly the operands, K order and
+dequantization of the unfused GEMM1, hence the same bits.
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ import triton
 import triton.language as tl
 
 from kernels import _interp
+from kernels.activation import activation_fp32
+from moe_validate.spec import SWIGLU_LIMIT, Activation
 
 __all__ = ["invoke_grouped_gemm"]
 
@@ -57,12 +68,16 @@ def _grouped_gemm_kernel(
     MUL_ROUTE_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     # precision flags
+    clamp_limit,  # silu's gemm1_clamp_limit (fused activation with HAS_CLAMP only)
     WEIGHT_FORMAT: tl.constexpr,  # "float" | "fp8" | "int8" (w8a8) | "int8_w8a16" | "int4"
     A_SCALE: tl.constexpr,  # "none" | "row" | "tensor" | "row_group"
     B_SCALE: tl.constexpr,  # "none" | "channel" | "tensor" | "block" | "group"
     HAS_ZP: tl.constexpr,
     GROUP_K: tl.constexpr,  # K extent of one scale block/group (block and group scales)
     GROUP_N: tl.constexpr,  # N extent of one weight scale block (block scales)
+    ACTIVATION: tl.constexpr,  # "" (store C) or the activation fused into the epilogue (GEMM1)
+    GATE_UP: tl.constexpr,  # fused gated activation: "split" (gate rows [0, N), up [N, 2N)) | "interleaved"; else "none"
+    HAS_CLAMP: tl.constexpr, SWIGLU_LIMIT: tl.constexpr,
     # tile constexprs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -70,11 +85,19 @@ def _grouped_gemm_kernel(
         tl.static_assert(GROUP_K % BLOCK_K == 0, "BLOCK_K must divide the scale group: a K tile must not straddle it")
     if WEIGHT_FORMAT == "int4":
         tl.static_assert(BLOCK_K % 2 == 0, "int4 packs two k per byte: BLOCK_K must be even")
+    if GATE_UP != "none":
+        tl.static_assert(ACTIVATION != "", "gate/up pairs exist only with a fused activation")
+        tl.static_assert(not MUL_ROUTE_WEIGHT, "the activation fuses into GEMM1, which has no router weight")
+        tl.static_assert(BLOCK_N >= 2, "a fused gated activation needs BLOCK_N >= 2 (BLOCK_N // 2 gate/up pairs)")
 
-    # Stage 1: program id -> (route tile, column tile), GROUP_M swizzled.
+    # Stage 1: program id -> (route tile, column tile), GROUP_M swizzled. A column tile of C is
+    # BLOCK_N wide, or BLOCK_N // 2 (gate/up pairs) with a fused gated activation.
     pid = tl.program_id(0)
-    num_pid_m = tl.num_programs(0) // tl.cdiv(N, BLOCK_N)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    if GATE_UP == "none":
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+    else:
+        num_pid_n = tl.cdiv(N, BLOCK_N // 2)
+    num_pid_m = tl.num_programs(0) // num_pid_n
     num_pid_in_group = GROUP_M * num_pid_n
     group_id = pid // num_pid_in_group
     first_pid_m = group_id * GROUP_M
@@ -96,9 +119,21 @@ def _grouped_gemm_kernel(
     row_mask = routes < num_routes
     a_rows = tl.where(row_mask, routes // A_ROW_DIV, 0)
 
-    # Stage 2: pointers (int64 offsets: rows * stride can exceed 2^31).
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
+    # Stage 2: pointers (int64 offsets: rows * stride can exceed 2^31). offs_n are the weight
+    # rows (B columns) of the tile; everything up to the epilogue's rounding indexes by them.
+    if GATE_UP == "none":
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+    else:
+        # Tile column 2j + h holds C column pid_n * BLOCK_N/2 + j: its gate row (h = 0) and its
+        # up row (h = 1) side by side, so the accumulator splits into (gate, up) in registers.
+        offs_pair = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) // 2
+        is_up = tl.arange(0, BLOCK_N) % 2
+        if GATE_UP == "interleaved":
+            offs_n = 2 * offs_pair + is_up
+        else:
+            offs_n = offs_pair + is_up * N
+        n_mask = offs_pair < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_base = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn
@@ -176,10 +211,24 @@ def _grouped_gemm_kernel(
         w = tl.load(route_weight_ptr + routes, mask=row_mask, other=0.0)
         acc = acc * w[:, None]
     c = _interp.to_storage(acc, c_ptr.dtype.element_ty)
+    offs_cn = offs_n
 
-    # Stage 5: masked store by route id.
-    c_ptrs = c_ptr + routes[:, None] * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn
-    tl.store(c_ptrs, c, mask=row_mask[:, None] & n_mask[None, :])
+    # Stage 5 (fused GEMM1 only): the activation on c1 exactly as stored (rounded to S, widened),
+    # in fp32 by the activation kernel's own helper, one more rounding to S: c2 bit for bit.
+    if ACTIVATION != "":
+        c1 = _interp.to_fp32(c)
+        if GATE_UP == "none":
+            y = activation_fp32(c1, c1, clamp_limit, ACTIVATION, HAS_CLAMP, SWIGLU_LIMIT)
+        else:
+            gate, up = tl.split(tl.reshape(c1, (BLOCK_M, BLOCK_N // 2, 2)))
+            y = activation_fp32(gate, up, clamp_limit, ACTIVATION, HAS_CLAMP, SWIGLU_LIMIT)
+            offs_cn = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        c = _interp.to_storage(y, c_ptr.dtype.element_ty)
+
+    # Stage 6: masked store by route id.
+    cn_mask = offs_cn < N
+    c_ptrs = c_ptr + routes[:, None] * stride_cm + offs_cn[None, :].to(tl.int64) * stride_cn
+    tl.store(c_ptrs, c, mask=row_mask[:, None] & cn_mask[None, :])
 
 
 def _weight_format(b: torch.Tensor, a: torch.Tensor, scheme) -> str:
@@ -213,17 +262,41 @@ def invoke_grouped_gemm(
     a_scale: Optional[torch.Tensor] = None, b_scale: Optional[torch.Tensor] = None,
     b_zp: Optional[torch.Tensor] = None, group_size: Optional[int] = None,
     route_weight: Optional[torch.Tensor] = None,
+    activation=None, clamp_limit: Optional[float] = None,
 ) -> None:
-    """Launch one grouped GEMM writing c[r, :N] for every valid route r (route-major c).
+    """Launch one grouped GEMM writing c[r, :] for every valid route r (route-major c).
 
     ``a`` [rows, K] (x for GEMM1, c2 for GEMM2, possibly quantized); ``b`` [E, N, K] (int4:
     [E, N, K/2] uint8); ``c`` [R, N] in S. Scales follow SPEC.md's shapes; the caller has
     validated them. ``top_k_div`` maps a route to its A row (topk for GEMM1, 1 for GEMM2).
+
+    With ``activation`` (GEMM1 only) the epilogue applies it and ``c`` is c2 [R, I] (I = N/2 for
+    gated activations, N otherwise): bit for bit what storing c1 and running
+    ``kernels.activation.apply_activation`` gives. ``config.BLOCK_N`` is then still the number
+    of weight rows per program, i.e. BLOCK_N // 2 gate/up pairs (c2 columns) for gated ones.
     """
     if a.dim() != 2 or b.dim() != 3 or c.dim() != 2:
         raise ValueError(f"grouped GEMM needs a [rows, K], b [E, N, K], c [R, N]; got {tuple(a.shape)}, "
                          f"{tuple(b.shape)}, {tuple(c.shape)}")
     N, K = b.shape[1], a.shape[1]
+    gate_up = "none"
+    if activation is not None:
+        activation = Activation.parse(activation)
+        if route_weight is not None:
+            raise ValueError("a fused activation belongs to GEMM1, which takes no route_weight")
+        if clamp_limit is not None and activation is not Activation.SILU:
+            raise ValueError(f"gemm1_clamp_limit applies to silu only; got activation {activation.value}")
+        if activation.is_gated:
+            gate_up = "interleaved" if activation.is_interleaved else "split"
+            if N % 2 or config.BLOCK_N < 2:
+                raise ValueError(f"a fused gated activation needs an even w1 row count N and config.BLOCK_N >= 2 "
+                                 f"(BLOCK_N // 2 gate/up pairs per program); got N={N}, BLOCK_N={config.BLOCK_N}")
+            N //= 2  # from here on N counts columns of C (= c2)
+    elif clamp_limit is not None:
+        raise ValueError("clamp_limit is only meaningful with a fused activation")
+    if c.shape[1] != N:
+        raise ValueError(f"c must have {N} columns ({'c2' if activation is not None else 'the w rows'}); "
+                         f"got {tuple(c.shape)}")
     if num_routes == 0 or N == 0:
         return
     fmt = _weight_format(b, a, scheme)
@@ -249,7 +322,8 @@ def invoke_grouped_gemm(
         num_tiles = num_routes
     else:
         num_tiles = sorted_route_ids.numel() // config.BLOCK_M
-    grid = (num_tiles * triton.cdiv(N, config.BLOCK_N),)
+    cols_per_tile = config.BLOCK_N // 2 if gate_up != "none" else config.BLOCK_N
+    grid = (num_tiles * triton.cdiv(N, cols_per_tile),)
     dummy = c
     _grouped_gemm_kernel[grid](
         a, b, c,
@@ -274,12 +348,17 @@ def invoke_grouped_gemm(
         NAIVE=naive,
         MUL_ROUTE_WEIGHT=route_weight is not None,
         HAS_BIAS=bias is not None,
+        clamp_limit=float(clamp_limit) if clamp_limit is not None else 0.0,
         WEIGHT_FORMAT=fmt,
         A_SCALE=a_mode,
         B_SCALE=b_mode,
         HAS_ZP=b_zp is not None,
         GROUP_K=group_k,
         GROUP_N=128,
+        ACTIVATION=activation.value if activation is not None else "",
+        GATE_UP=gate_up,
+        HAS_CLAMP=clamp_limit is not None,
+        SWIGLU_LIMIT=SWIGLU_LIMIT,
         BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K, GROUP_M=config.GROUP_M,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -91,11 +91,24 @@ def _bias_weighted(case: Case) -> bool:
 
 
 def _gated_split(case: Case) -> bool:
-    """Gate/up read from the two halves of c1 by the activation kernel (not the fused path)."""
+    """Gate/up taken from the two halves of w1's rows: by the activation kernel from c1, or by the
+    fused GEMM1 epilogue's row map (not the fused silu+fp8 quantizer, which has its own copy)."""
     act = case.act
-    fused = (case.activation == "silu" and case.scheme == "fp8_block128" and case.clamp is None
-             and case.lora == "none")
-    return case.M > 0 and act.is_gated and not act.is_interleaved and not fused
+    return case.M > 0 and act.is_gated and not act.is_interleaved and not _fused_silu_quant(case)
+
+
+def _activation_in_gemm1(case: Case) -> bool:
+    """GEMM1 applies the activation in its epilogue (kernels/experts.py, fuse_activation="auto"):
+    no LoRA (it adds into c1 first) and not the fused silu+fp8 quantizer (it reads c1)."""
+    return case.M > 0 and case.lora == "none" and not _fused_silu_quant(case)
+
+
+def _gated_in_gemm1(case: Case) -> bool:
+    return _activation_in_gemm1(case) and case.act.is_gated
+
+
+def _clamp_in_gemm1(case: Case) -> bool:
+    return _activation_in_gemm1(case) and case.clamp is not None
 
 
 def _activation(*names: str) -> Callable[[Case], bool]:
@@ -121,19 +134,28 @@ def _k_tail(case: Case) -> bool:
 
 
 def _n_tail_spill_inside_workspace(case: Case) -> bool:
-    """A partial last column tile (BLOCK_N = 64 under the interpreter) in GEMM1 (width N) or GEMM2
-    (width K) whose spill stays inside workspace13 ([R, max(N, K)], c1 and c3 both view it).
+    """A partial last column tile in a GEMM store whose spill stays inside its workspace.
 
-    An unmasked store spills 64 - width % 64 columns past each route's row, i.e. into the next
-    route's row; the last route's spill goes past the view. Where that passes the end of
-    workspace13 it corrupts the heap (the process aborts): a crash, not a measurement, so those
-    cases are left out.
+    The stores (BLOCK_N = 64 under the interpreter): GEMM2 writes c3 (width K, tiles of 64) into
+    workspace13 [R, max(N, K)]; GEMM1 writes c1 (width N, tiles of 64) there too, or, with the
+    activation fused into it, c2 into workspace2 [R, I] (width I = N/2 in tiles of 32 gate/up
+    pairs for gated activations, width N in tiles of 64 otherwise). An unmasked store spills
+    tile - width % tile columns past each route's row, i.e. into the next route's row; the last
+    route's spill goes past the view. Where that passes the end of the workspace it corrupts the
+    heap (the process aborts): a crash, not a measurement, so those cases are left out.
     """
     if case.M <= 0:
         return False
-    R, ws = case.M * case.topk, max(case.N, case.K)
-    tails = [w for w in (case.N, case.K) if w % 64]
-    return bool(tails) and all(R * w + (64 - w % 64) <= R * ws for w in tails)
+    R, ws13 = case.M * case.topk, case.M * case.topk * max(case.N, case.K)
+    if _activation_in_gemm1(case):
+        gated = case.act.is_gated
+        width = case.N // 2 if gated else case.N
+        gemm1 = (width, 32 if gated else 64, R * width)
+    else:
+        gemm1 = (case.N, 64, ws13)
+    stores = [gemm1, (case.K, 64, ws13)]
+    tails = [(w, tile, room) for w, tile, room in stores if w % tile]
+    return bool(tails) and all(R * w + (tile - w % tile) <= room for w, tile, room in tails)
 
 
 def _scheme(*names: str) -> Callable[[Case], bool]:
@@ -256,10 +278,13 @@ MUTANTS: Tuple[Mutant, ...] = (
         _bias_weighted, "bias cases with router weights < 1 applied in GEMM2"),
     # --- activation -----------------------------------------------------------------------------
     Mutant(
-        "gate_up_swapped", "the activation reads gate from the up half of c1 and up from the gate half",
+        "gate_up_swapped", "the activation takes gate from the up half of w1's rows and up from the gate half",
         (Hunk(_ACT, "        gate_col = offs_i\n        up_col = I + offs_i\n",
-              "        gate_col = I + offs_i  # MUTANT\n        up_col = offs_i\n"),),
-        _gated_split, "gated, non-interleaved activations outside the fused silu+fp8 path"),
+              "        gate_col = I + offs_i  # MUTANT\n        up_col = offs_i\n"),
+         Hunk(_GG, "            offs_n = offs_pair + is_up * N\n",
+              "            offs_n = offs_pair + (1 - is_up) * N  # MUTANT\n")),
+        _gated_split, "gated, non-interleaved activations outside the fused silu+fp8 path (activation kernel "
+        "with LoRA, the fused GEMM1 epilogue without)"),
     Mutant(
         "gelu_tanh_constant", "gelu_tanh uses 0.0447 instead of 0.044715",
         (Hunk(_ACT, "0.044715 * x * x * x", "0.0447 * x * x * x"),),
@@ -272,7 +297,9 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant(
         "swigluoai_deinterleaved", "swigluoai reads gate/up from the two halves instead of even/odd rows",
         (Hunk(_ACT, "        gate_col = 2 * offs_i\n        up_col = 2 * offs_i + 1\n",
-              "        gate_col = offs_i  # MUTANT\n        up_col = I + offs_i\n"),),
+              "        gate_col = offs_i  # MUTANT\n        up_col = I + offs_i\n"),
+         Hunk(_GG, "            offs_n = 2 * offs_pair + is_up\n",
+              "            offs_n = offs_pair + is_up * N  # MUTANT\n")),
         _activation("swigluoai"), "swigluoai cases"),
     Mutant(
         "clamp_ignored", "silu ignores gemm1_clamp_limit",
@@ -289,6 +316,25 @@ MUTANTS: Tuple[Mutant, ...] = (
         (Hunk(_QUANT, "    act = tl.div_rn(gate, 1.0 + tl.exp(-gate)) * up\n",
               "    act = tl.div_rn(up, 1.0 + tl.exp(-up)) * gate  # MUTANT\n"),),
         _fused_silu_quant, "silu + fp8_block128 without clamp or LoRA (the fused path)"),
+    # --- the activation fused into the GEMM1 epilogue (no LoRA, not the fused silu+fp8 quantizer) --
+    Mutant(
+        "fused_epilogue_gate_up_swapped", "the fused GEMM1 epilogue splits its accumulator into (up, gate)",
+        (Hunk(_GG, "            gate, up = tl.split(", "            up, gate = tl.split("),),
+        _gated_in_gemm1, "gated activations (both layouts) without LoRA, outside the fused silu+fp8 path"),
+    Mutant(
+        "fused_epilogue_clamp_dropped", "the fused GEMM1 launch drops gemm1_clamp_limit (the activation kernel still clamps)",
+        (Hunk(_GG, "        HAS_CLAMP=clamp_limit is not None,\n", "        HAS_CLAMP=False,  # MUTANT\n"),),
+        _clamp_in_gemm1, "clamp cases without LoRA", prefer=_clamp_reached),
+    Mutant(
+        "fused_epilogue_on_unrounded_c1", "the fused GEMM1 epilogue applies the activation to the fp32 "
+        "accumulator instead of c1 rounded to S",
+        (Hunk(_GG, "        c1 = _interp.to_fp32(c)\n", "        c1 = acc  # MUTANT: one rounding skipped\n"),),
+        lambda case: _activation_in_gemm1(case) and case.dtype != "fp32",
+        "fp16/bf16 storage without LoRA, outside the fused silu+fp8 path (fp32 storage: the rounding is exact)",
+        catch="none",
+        why="the reference comparison cannot see it: skipping one rounding of c1 moves c2 by less than an ulp "
+            "of S, as an fp32 accumulation-order flip does, which the mirror gate must allow; "
+            "tests/kernels/test_fused_activation.py catches it bitwise (fused vs unfused c2)"),
     # --- masks, tails, tiles --------------------------------------------------------------------
     Mutant(
         "k_mask_off_by_one", "the K-tail mask admits one element past K (reads the next row)",
@@ -300,11 +346,12 @@ MUTANTS: Tuple[Mutant, ...] = (
         _any, "every case with tokens"),
     Mutant(
         "n_tail_unmasked", "the GEMM store ignores the N mask (a partial last column tile spills into the next row)",
-        (Hunk(_GG, "    tl.store(c_ptrs, c, mask=row_mask[:, None] & n_mask[None, :])\n",
+        (Hunk(_GG, "    tl.store(c_ptrs, c, mask=row_mask[:, None] & cn_mask[None, :])\n",
               "    tl.store(c_ptrs, c, mask=row_mask[:, None])  # MUTANT\n"),),
         _n_tail_spill_inside_workspace,
-        "a GEMM output width (N, or K for GEMM2) that 64 (the interpreter's BLOCK_N) does not divide, "
-        "with the spill inside workspace13 (past it the heap is corrupted: a crash, not a measurement)"),
+        "a GEMM output width (c1: N, fused c2: I, c3: K) that its column tile (64, or 32 gate/up pairs under "
+        "the interpreter) does not divide, with the spill inside its workspace (past it the heap is "
+        "corrupted: a crash, not a measurement)"),
     Mutant(
         "output_tile_unwritten", "moe_sum never stores the first output tile",
         (Hunk(_SUM, "mask=t_mask[:, None] & k_mask[None, :])\n",

@@ -113,11 +113,15 @@ def run_kernel(p: Problem, **extra) -> torch.Tensor:
     return kernels.fused_experts(*p.args(), **p.kwargs, **extra)
 
 
-def run_apply(p: Problem, *, assignment="auto", poison=True, config=None, batch_invariant=False):
-    """TritonExperts.apply with NaN-poisoned output and workspaces (the harness' protocol)."""
+def run_apply(p: Problem, *, assignment="auto", poison=True, config=None, batch_invariant=False,
+              fuse_activation="auto", workspaces=None):
+    """TritonExperts.apply with NaN-poisoned output and workspaces (the harness' protocol).
+
+    ``workspaces``: a list that receives (workspace13, workspace2) after the call, for tests
+    that look at the intermediates (c2 lives in workspace2 on every path)."""
     quant = p.kwargs.get("quant") or QuantConfig()
     act = Activation.parse(p.kwargs.get("activation", "silu"))
-    experts = kernels.TritonExperts(quant, assignment=assignment)
+    experts = kernels.TritonExperts(quant, assignment=assignment, fuse_activation=fuse_activation)
     M, K = p.x.shape
     E, N, _ = p.w1.shape
     topk = p.topk_ids.shape[1]
@@ -131,6 +135,8 @@ def run_apply(p: Problem, *, assignment="auto", poison=True, config=None, batch_
     experts.apply(out, *p.args(), act, gne, p.kwargs.get("expert_map"), None,
                   quant.a2_scale, a, b, None, p.kwargs.get("apply_router_weight_on_input", False),
                   config=config, batch_invariant=batch_invariant)
+    if workspaces is not None:
+        workspaces.extend([a, b])
     return out, experts
 
 

@@ -78,3 +78,43 @@ def test_shipped_tables_are_valid_and_found():
                 check_config(KernelConfig.from_dict(cfg), QuantScheme.NONE, on_gpu=True)
     c = select_config(1000, 8, 28672, 4096, 2, torch.bfloat16, "none", "NVIDIA H100 80GB HBM3")
     assert c == KernelConfig(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMM2's own tiles (KernelConfig.gemm2): BLOCK_M shared, the rest per GEMM.
+# ---------------------------------------------------------------------------------------------
+def test_gemm2_tiles_round_trip_and_resolve():
+    from kernels.configs import Gemm2Tiles
+
+    c = KernelConfig(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3,
+                     gemm2=Gemm2Tiles(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4))
+    d = c.to_dict()
+    assert d["gemm2"] == dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+    assert KernelConfig.from_dict(json.loads(json.dumps(d))) == c
+    assert c.for_gemm2() == KernelConfig(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+    plain = KernelConfig(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64)
+    assert "gemm2" not in plain.to_dict(), "records of configs without GEMM2 tiles keep their old shape"
+    assert plain.for_gemm2() is plain
+    with pytest.raises(ValueError, match="config.gemm2 has unknown keys \\['BLOCK_M'\\]"):
+        KernelConfig.from_dict({**d, "gemm2": {**d["gemm2"], "BLOCK_M": 64}})
+    with pytest.raises(ValueError, match="config.gemm2 must give \\['BLOCK_K'\\]"):
+        KernelConfig.from_dict({**d, "gemm2": {"BLOCK_N": 64}})
+
+
+def test_gemm2_tiles_obey_the_static_rules():
+    from kernels.configs import Gemm2Tiles
+
+    bad_k = KernelConfig(16, 64, 64, gemm2=Gemm2Tiles(BLOCK_N=64, BLOCK_K=256))
+    with pytest.raises(ValueError, match="config.gemm2.BLOCK_K must divide 128"):
+        check_config(bad_k, QuantScheme.FP8_BLOCK128, on_gpu=True)
+    check_config(bad_k, QuantScheme.NONE, on_gpu=True)
+    with pytest.raises(ValueError, match="config.gemm2.BLOCK_N must be >= 16 on the GPU"):
+        check_config(KernelConfig(16, 64, 64, gemm2=Gemm2Tiles(BLOCK_N=8, BLOCK_K=64)), QuantScheme.NONE, on_gpu=True)
+
+
+def test_tuned_entry_with_gemm2_tiles(tmp_path):
+    entry = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, gemm2=dict(BLOCK_N=256, BLOCK_K=64, num_warps=8))
+    name = config_file_name(8, 256, "NVIDIA H100", torch.bfloat16, QuantScheme.NONE)
+    (tmp_path / name).write_text(json.dumps({"_provenance": "test", "64": entry}))
+    c = select_config(64, 8, 256, 128, 2, torch.bfloat16, "none", "NVIDIA H100", config_dir=str(tmp_path))
+    assert c.BLOCK_N == 128 and c.for_gemm2().BLOCK_N == 256 and c.for_gemm2().BLOCK_M == 64

@@ -305,19 +305,44 @@ def test_gpu_realistic_shapes(scheme, extra, M):
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_int64_offsets_route_times_n_over_2_31():
-    """M*topk*N > 2^31: c1 offsets need 64-bit arithmetic; the run must not crash or corrupt."""
-    M, topk, K, I, E = 16384, 8, 256, 8448, 8  # R*N = 131072 * 16896 > 2^31
-    assert M * topk * 2 * I > 2 ** 31
+@pytest.mark.parametrize("fuse_activation", [False, True], ids=["c1_stored", "fused_c2"])
+def test_gpu_int64_offsets_route_times_n_over_2_31(fuse_activation):
+    """M*topk*I > 2^31: c1 [R, 2I] (unfused) and c2 [R, I] (written by the fused GEMM1) offsets
+    need 64-bit arithmetic; the run must not crash or corrupt."""
+    M, topk, K, I, E = 16384, 8, 256, 16896, 8  # R*I = 131072 * 16896 > 2^31
+    assert M * topk * I > 2 ** 31
     g = torch.Generator(device="cuda").manual_seed(52)
     x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
     w1 = (torch.randn(E, 2 * I, K, device="cuda", generator=g) / 16).bfloat16()
-    w2 = (torch.randn(E, K, I, device="cuda", generator=g) / 92).bfloat16()
+    w2 = (torch.randn(E, K, I, device="cuda", generator=g) / 130).bfloat16()  # ~1/sqrt(I)
     ids = torch.randint(0, E, (M, topk), device="cuda", generator=g, dtype=torch.int32)
     tw = torch.rand(M, topk, device="cuda", generator=g)
-    out = kernels.fused_experts(x, w1, w2, tw, ids)
+    out = kernels.fused_experts(x, w1, w2, tw, ids, fuse_activation=fuse_activation)
     torch.cuda.synchronize()
     assert torch.isfinite(out).all()
-    for m in (0, M - 1):  # the last token's routes live at the highest c1 offsets
+    for m in (0, M - 1):  # the last token's routes live at the highest c1/c2 offsets
         ref = reference.fused_experts(x[m:m + 1], w1, w2, tw[m:m + 1], ids[m:m + 1], precision="mirror")
         assert (out[m].double() - ref[0]).abs().max() <= 0.05 * ref.abs().max() + 1e-3
+
+
+def test_gemm2_runs_its_own_tiles(monkeypatch):
+    """A config with ``gemm2`` tiles: GEMM1 launches the base tiles, GEMM2 its own (same BLOCK_M)."""
+    from kernels import experts as experts_module
+    from kernels.configs import Gemm2Tiles
+
+    launched = []
+    real = experts_module.invoke_grouped_gemm
+
+    def spy(a, b, c, **kw):
+        launched.append((tuple(b.shape), kw["config"]))
+        return real(a, b, c, **kw)
+
+    monkeypatch.setattr(experts_module, "invoke_grouped_gemm", spy)
+    p = make_problem(seed=36, dtype=torch.bfloat16, bias=True, **SMALL)
+    cfg = kernels.KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, gemm2=Gemm2Tiles(BLOCK_N=16, BLOCK_K=16))
+    out = run_kernel(p, config=cfg)
+    (w1_shape, c1_cfg), (w2_shape, c2_cfg) = launched
+    assert w1_shape == tuple(p.w1.shape) and w2_shape == tuple(p.w2.shape)
+    assert (c1_cfg.BLOCK_N, c1_cfg.BLOCK_K) == (32, 32)
+    assert (c2_cfg.BLOCK_M, c2_cfg.BLOCK_N, c2_cfg.BLOCK_K) == (16, 16, 16)
+    assert_close_to_reference(p, out)
