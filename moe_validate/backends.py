@@ -91,7 +91,10 @@ class TritonBackend:
 
     name = "triton"
 
-    def __init__(self) -> None:
+    def __init__(self, config=None) -> None:
+        # ``config``: a kernels.KernelConfig forced on every run whatever the case says (tune checks
+        # candidates, per-GEMM tiles included, that no case-id spelling can express).
+        self.forced_config = config
         self.last_config: Optional[dict] = None
 
     def supports(self, case: "Case") -> Tuple[bool, str]:
@@ -135,6 +138,8 @@ class TritonBackend:
             if explicit is None:
                 raise ValueError(f"case.config must be 'auto', 'inv' or like 'BM16BN32BK32GM1W4S2'; got {case.config!r}")
             config = kernels.KernelConfig.from_dict(explicit)
+        if self.forced_config is not None:
+            config, batch_invariant = self.forced_config, False
 
         experts = kernels.TritonExperts(quant)
         ws13_shape, ws2_shape, out_shape = experts.workspace_shapes(

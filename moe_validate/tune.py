@@ -5,7 +5,9 @@ regime (routes per expert = M*topk/E: decode, small, middle, prefill; ``regime_c
 plus the config the kernels would pick without a table (so a tuned bucket never loses to the
 default), filtered by the scheme's static rules (``kernels.configs.check_config``). Each is timed
 with the bench timer (CUDA graph replays over rotated routing, median); a config that fails to
-compile or launch is recorded and skipped. The fastest is then CHECKED for correctness: one case
+compile or launch is recorded and skipped. Then GEMM2 gets its own tiles: the fastest shared
+config is timed again with each other schedule of the regime grid for GEMM2 alone
+(``KernelConfig.gemm2``; BLOCK_M stays shared). The fastest of all is then CHECKED for correctness: one case
 of the validation suite (same N and K, ``CHECK_E`` experts, top-``CHECK_TOPK``, ``check_m``
 tokens, the config forced) through the Triton backend against the float64 reference with the
 suite's own tolerance model; a candidate that fails is rejected and the next fastest is
@@ -99,7 +101,38 @@ def candidate_grid(scheme, *, on_gpu: bool = True, small: bool = True) -> List[A
 
 
 def _config_token(cfg) -> str:
-    return f"BM{cfg.BLOCK_M}BN{cfg.BLOCK_N}BK{cfg.BLOCK_K}GM{cfg.GROUP_M}W{cfg.num_warps}S{cfg.num_stages}"
+    tok = f"BM{cfg.BLOCK_M}BN{cfg.BLOCK_N}BK{cfg.BLOCK_K}GM{cfg.GROUP_M}W{cfg.num_warps}S{cfg.num_stages}"
+    g2 = getattr(cfg, "gemm2", None)
+    if g2 is not None:
+        tok += f"+g2BN{g2.BLOCK_N}BK{g2.BLOCK_K}GM{g2.GROUP_M}W{g2.num_warps}S{g2.num_stages}"
+    return tok
+
+
+def gemm2_variants(best, scheme, regime: str, *, on_gpu: bool = True) -> List[Any]:
+    """``best`` with GEMM2 given each other tile schedule of the regime's grid (BLOCK_M stays
+    ``best``'s: both GEMMs share the alignment). GEMM2's N is the hidden size and its K is I,
+    a different shape from GEMM1's, so its best tiles often differ."""
+    from dataclasses import replace
+
+    from kernels.configs import Gemm2Tiles, check_config
+    from moe_validate.spec import QuantScheme
+
+    s = QuantScheme.parse(scheme)
+    out = []
+    for cfg in regime_candidates(s, regime, on_gpu=on_gpu):
+        tiles = Gemm2Tiles(BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if (tiles.BLOCK_N, tiles.BLOCK_K, tiles.GROUP_M, tiles.num_warps, tiles.num_stages) == (
+                best.BLOCK_N, best.BLOCK_K, best.GROUP_M, best.num_warps, best.num_stages):
+            continue  # that is ``best`` itself
+        variant = replace(best, gemm2=tiles)
+        try:
+            check_config(variant, s, on_gpu=on_gpu)
+        except ValueError:
+            continue
+        if variant not in out:
+            out.append(variant)
+    return out
 
 
 def check_candidate(model, scheme: str, cfg, *, check_m: int = CHECK_M_GPU, seed: int = 0,
@@ -117,11 +150,11 @@ def check_candidate(model, scheme: str, cfg, *, check_m: int = CHECK_M_GPU, seed
     from moe_validate.runner import default_device
 
     case = Case(M=check_m, N=model.N, K=model.K, E=min(model.E, CHECK_E), topk=min(model.topk, CHECK_TOPK),
-                dtype="bf16", scheme=scheme, activation=model.activation, config=_config_token(cfg), seed=seed)
+                dtype="bf16", scheme=scheme, activation=model.activation, seed=seed)
     ok, why = case.is_valid()
     if not ok:
         return False, f"check case invalid: {why}"
-    backend = TritonBackend()
+    backend = TritonBackend(config=cfg)  # forced: per-GEMM tiles have no case-id spelling
     ok, why = backend.supports(case)
     if not ok:
         return False, f"SKIP {case.id}: {why}"
@@ -140,7 +173,8 @@ def check_candidate(model, scheme: str, cfg, *, check_m: int = CHECK_M_GPU, seed
         ev = evaluate(case, inputs, out)
     except Exception as exc:
         return False, f"CRASH {case.id}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-    return ev.passed, f"{'PASS' if ev.passed else 'FAIL'} {case.id}" + (f": {ev.reason}" if ev.reason else "")
+    label = f"{case.id} with config {_config_token(cfg)}"
+    return ev.passed, f"{'PASS' if ev.passed else 'FAIL'} {label}" + (f": {ev.reason}" if ev.reason else "")
 
 
 def gpu_timer(model, scheme: str, *, routing_sets: int = 8, target_ms: float = 40.0, min_reps: int = 8,
@@ -179,7 +213,7 @@ def gpu_timer(model, scheme: str, *, routing_sets: int = 8, target_ms: float = 4
 def tune(model, scheme: str, m_list: Sequence[int] = DEFAULT_TUNE_M, *, out_dir: Optional[str] = None,
          device_name: Optional[str] = None, timer: Optional[Callable[[Any, int], float]] = None,
          check: Optional[Callable[[Any], Tuple[bool, str]]] = None, candidates: Optional[List[Any]] = None,
-         command: str = "", check_m: Optional[int] = None,
+         command: str = "", check_m: Optional[int] = None, gemm2: Optional[bool] = None,
          log: Callable[[str], None] = lambda s: None) -> Dict[str, Any]:
     """Tune and write the table; returns {"path", "table", "provenance"}.
 
@@ -241,6 +275,23 @@ def tune(model, scheme: str, m_list: Sequence[int] = DEFAULT_TUNE_M, *, out_dir:
             timings.append((ms, i, cfg))
             log(f"M={M} {tok}: {ms:.4f} ms")
         timings.sort(key=lambda t: (t[0], t[1]))
+        # Stage 2: GEMM2's own tiles around the fastest shared config (default: when the
+        # candidates are the regime grids; explicit candidates are timed as given).
+        if timings and (gemm2 if gemm2 is not None else candidates is None):
+            base_ms, base = timings[0][0], timings[0][2]
+            for j, cfg in enumerate(gemm2_variants(base, s, regime_of(M, model.E, model.topk), on_gpu=on_gpu)):
+                tok = _config_token(cfg)
+                if tok in checked and not checked[tok][0]:
+                    continue
+                try:
+                    ms = float(timer(cfg, M))
+                except Exception as exc:
+                    errors[tok] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                    log(f"M={M} {tok}: failed ({errors[tok]})")
+                    continue
+                timings.append((ms, len(cands) + j, cfg))
+                log(f"M={M} {tok}: {ms:.4f} ms (shared config {base_ms:.4f} ms)")
+            timings.sort(key=lambda t: (t[0], t[1]))
         best = None
         for ms, _, cfg in timings:  # fastest first; correctness does not depend on M: check once
             tok = _config_token(cfg)

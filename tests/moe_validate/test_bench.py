@@ -448,6 +448,44 @@ def test_tune_default_candidates_are_per_regime_and_include_the_untuned_default(
         regime_candidates("none", "lunch")
 
 
+def test_tune_gives_gemm2_its_own_tiles_when_faster(tmp_path):
+    """Stage 2 times the fastest shared config with each other GEMM2 schedule of the regime; a
+    faster variant wins, is checked for real (interpreter, forced config through the backend),
+    lands in the table with its "gemm2" entry and select_config returns it."""
+    from kernels.configs import Gemm2Tiles, KernelConfig, select_config
+    from moe_validate.tune import check_candidate, gemm2_variants, tune
+
+    tiny = ModelShape("tiny", E=4, topk=2, K=32, I=16)
+    base = KernelConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+    variants = gemm2_variants(base, "none", "decode", on_gpu=True)
+    assert variants and all(v.BLOCK_M == 16 and v.gemm2 is not None for v in variants)
+    assert all((v.gemm2.BLOCK_N, v.gemm2.BLOCK_K) != (64, 128) or v.gemm2.num_stages != 4 for v in variants)
+    winner = KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=1,
+                          gemm2=Gemm2Tiles(BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=1))
+    shared = KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=1)
+    import moe_validate.tune as tune_mod
+
+    orig = tune_mod.gemm2_variants
+    tune_mod.gemm2_variants = lambda best, scheme, regime, on_gpu=True: [winner] if best == shared else []
+    try:
+        checked = []
+
+        def check(cfg):
+            checked.append(cfg)
+            return check_candidate(tiny, "none", cfg, check_m=6)
+
+        result = tune(tiny, "none", [4], out_dir=str(tmp_path), device_name="Fake GPU", gemm2=True,
+                      timer=lambda cfg, M: 0.5 if cfg == winner else 1.0, check=check, candidates=[shared])
+    finally:
+        tune_mod.gemm2_variants = orig
+    assert checked == [winner]
+    raw = json.loads(Path(result["path"]).read_text())
+    assert raw["4"]["gemm2"] == {"BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 1, "num_warps": 4, "num_stages": 1}
+    assert "+g2BN16BK16" in raw["_provenance"]["results"]["4"]["best"]
+    got = select_config(4, 4, 32, 32, 2, torch.bfloat16, "none", device_name="Fake GPU", config_dir=str(tmp_path))
+    assert got == winner and got.for_gemm2().BLOCK_N == 16
+
+
 def test_tune_bad_input(tmp_path):
     from moe_validate.tune import tune
 
