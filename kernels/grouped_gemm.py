@@ -52,7 +52,7 @@ def _grouped_gemm_kernel(
     # pointers
     a_ptr, b_ptr, c_ptr, bias_ptr, a_scale_ptr, b_scale_ptr, b_zp_ptr, route_weight_ptr,
     sorted_route_ids_ptr, expert_ids_ptr, num_post_padded_ptr, route_expert_ptr,
-    # sizes
+    # sizes (N = columns of C: the weight rows, or I with a fused gated activation, B then has 2N rows)
     N, K, num_routes,
     # strides
     stride_am, stride_ak,
