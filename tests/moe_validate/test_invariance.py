@@ -360,3 +360,27 @@ def test_sampling_refuses_a_batch_wide_dynamic_scale():
     out = ReferenceBackend().run(inputs, case)
     with pytest.raises(ValueError, match="batch-wide dynamic scale"):
         evaluate(case, inputs, out, rows=torch.tensor([0, 7]))
+
+
+class WrongLastRow(ReferenceBackend):
+    """The reference's answer with the last token's row off by 1 (where int32 offsets wrap)."""
+
+    def run(self, inputs, case=None):
+        out = super().run(inputs, case).clone()
+        out[-1] += 1.0
+        return out
+
+
+def test_runner_records_the_sample_of_a_case_too_big_for_the_full_reference(monkeypatch):
+    # Stand-in for the int32-overflow case at a CPU size: the 8 GiB limit lowered to nothing.
+    monkeypatch.setattr(matrix, "REFERENCE_FULL_LIMIT_BYTES", 0)
+    case = Case(M=300, N=32, K=32, E=4, topk=2, seed=5)
+    assert matrix.reference_is_sampled(case)
+    ok = run_case_inprocess(case, ReferenceBackend(), backend_name="reference")
+    assert ok.record["outcome"] == "PASS"
+    assert ok.record["compared_rows"]["compared"] == matrix.REFERENCE_SAMPLE_ROWS
+    assert ok.record["compared_rows"]["rows"][-SAMPLE_TAIL_ROWS:] == list(range(300 - SAMPLE_TAIL_ROWS, 300))
+    assert ok.record["reason"].startswith("compared rows: 256 of 300, sampled")
+    bad = run_case_inprocess(case, WrongLastRow(), backend_name="wrong-last-row")
+    assert bad.record["outcome"] == "FAIL"
+    assert "(token 299, column" in bad.record["reason"] and "compared rows: 256 of 300" in bad.record["reason"]
