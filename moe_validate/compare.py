@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from moe_validate import tolerance as _tol
-from moe_validate.spec import MoEInputs, storage_dtype
+from moe_validate.spec import MoEInputs, QuantScheme, storage_dtype
 
 __all__ = ["Evaluation", "evaluate", "metric_panel", "passes", "sampled_rows", "TILE", "WORST_COUNT",
            "SAMPLE_HEAD_ROWS", "SAMPLE_TAIL_ROWS"]
@@ -400,12 +400,10 @@ def evaluate(case, inputs: MoEInputs, out: torch.Tensor, rows: Optional[torch.Te
         from moe_validate.inputs import select_tokens
 
         rows = torch.as_tensor(rows, dtype=torch.int64).cpu()
-        scheme = inputs.quant.scheme if inputs.quant is not None else None
-        from moe_validate.spec import QuantScheme
-
-        if QuantScheme.parse(scheme).has_dynamic_tensor_scale:
+        scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None)
+        if scheme.has_dynamic_tensor_scale:
             raise ValueError("a row-sampled reference needs every output row to depend on its own token "
-                             f"only; {QuantScheme.parse(scheme).value} has a batch-wide dynamic scale")
+                             f"only; {scheme.value} has a batch-wide dynamic scale")
         tokens = rows.tolist()
         ev = _evaluate_rows(case, select_tokens(inputs, rows), out[rows.to(out.device)], tokens)
         _note_sampled_rows(ev, tokens, M)
