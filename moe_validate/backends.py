@@ -10,6 +10,16 @@ can run. Built in:
   backend that must pass every case (if it does not, the tolerance model or the comparison is
   wrong, not a kernel).
 
+Two optional methods let the harness check more than the output (``moe_validate/invariance.py``):
+
+- ``supports_invariance(name, case) -> (bool, reason)`` for the bitwise invariance checks a case
+  asks for (``Case.invariance``: ``rerun``, ``perm``, ``sub``). ``sub`` needs batch-invariant mode,
+  which the harness requests by passing a case whose ``config`` is ``"inv"``. Without the method,
+  ``rerun`` and ``perm`` are checked and ``sub`` is SKIPPED with that reason.
+- ``routing_stages(inputs, case) -> dict or None``: the alignment of the last run's routes
+  (``sorted_route_ids``, ``expert_ids``, ``num_post_padded``, ``block_m``), checked exactly against
+  SPEC's alignment contract (``moe_validate/routing_contract.py``).
+
 Anything else is loaded by ``get_backend("package.module:attr")`` or by name from the
 entry-point group ``moe_validate.backends``. ``attr`` may be a Backend instance, a class (called
 with no arguments) or a factory function returning one.
@@ -178,6 +188,29 @@ class TritonBackend:
             self.last_config = _config_to_dict(getattr(experts, "last_config", None))
         return output
 
+    def supports_invariance(self, name: str, case: "Case") -> Tuple[bool, str]:
+        """Every SPEC invariance: ``config="inv"`` selects ``batch_invariant=True`` in ``run``."""
+        return True, ""
+
+    def routing_stages(self, inputs: "MoEInputs", case: Optional["Case"] = None) -> Optional[dict]:
+        """The alignment of ``inputs``' routes at the BLOCK_M of the last run's launch config.
+
+        Computed by ``kernels.moe_align_block_size``, the stages ``apply`` runs (route experts,
+        expert offsets, scatter), on the same ids, expert map and block size. Also where ``apply``
+        took the tiny-M naive path: the contract is the align stages' own. None before any run.
+        """
+        import kernels
+
+        if not self.last_config or "BLOCK_M" not in self.last_config:
+            return None
+        block_m = int(self.last_config["BLOCK_M"])
+        E = inputs.w1.shape[0]
+        G = inputs.global_num_experts if inputs.global_num_experts > 0 else E
+        sorted_ids, expert_ids, num_post_padded = kernels.moe_align_block_size(
+            inputs.topk_ids, block_m, G, inputs.expert_map, num_local_experts=E)
+        return {"sorted_route_ids": sorted_ids, "expert_ids": expert_ids,
+                "num_post_padded": num_post_padded, "block_m": block_m}
+
 
 class ReferenceBackend:
     """The float64 reference in ``mirror`` mode, cast to the storage dtype ``S``.
@@ -194,6 +227,15 @@ class ReferenceBackend:
 
     def supports(self, case: "Case") -> Tuple[bool, str]:
         return True, ""  # float64 on any device; no capability needed
+
+    def supports_invariance(self, name: str, case: "Case") -> Tuple[bool, str]:
+        """Run-to-run only: the reference computes each expert's routes as one float64 matmul,
+        and nothing promises that a BLAS gives a row the same bits in a batch of another size or
+        order (a float64 difference would have to cross an S rounding to show, but can)."""
+        if name == "rerun":
+            return True, ""
+        return False, ("the float64 reference promises no bitwise invariance across batches "
+                       "(its matmuls may block by batch size); it is a sanity backend, not a subject")
 
     def run(self, inputs: "MoEInputs", case: Optional["Case"] = None) -> "torch.Tensor":
         import torch

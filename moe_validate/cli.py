@@ -240,6 +240,8 @@ def cmd_repro(args) -> int:
     rec = result.record
     if rec.get("config"):
         print(f"config: {json.dumps(rec['config'], sort_keys=True)}")
+    if rec.get("checks"):
+        print("checks: " + ", ".join(f"{c['name']} {c['outcome']}" for c in rec["checks"]))
     print(f"{rec['outcome']} in {rec['duration_s']:.2f}s")
     return 1 if result.outcome.is_bad else 0
 

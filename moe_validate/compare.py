@@ -23,9 +23,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from moe_validate import tolerance as _tol
-from moe_validate.spec import MoEInputs, storage_dtype
+from moe_validate.spec import MoEInputs, QuantScheme, storage_dtype
 
-__all__ = ["Evaluation", "evaluate", "metric_panel", "passes", "TILE", "WORST_COUNT"]
+__all__ = ["Evaluation", "evaluate", "metric_panel", "passes", "sampled_rows", "TILE", "WORST_COUNT",
+           "SAMPLE_HEAD_ROWS", "SAMPLE_TAIL_ROWS"]
 
 F64 = torch.float64
 TILE = (16, 32)  # nominal (token, column) tile used to name where an element lives
@@ -156,17 +157,29 @@ class Evaluation:
     detail: Optional[dict]
     worst_margin: Optional[float]
     case_id: str = ""
+    # None: every token row was compared; else {"compared", "of", "mode", "rows"} (a row sample)
+    compared_rows: Optional[dict] = None
     _anatomy: dict = field(default_factory=dict, repr=False)
 
     # --- construction -----------------------------------------------------------------------
     @classmethod
     def from_arrays(cls, case, kernel: torch.Tensor, oracles: Dict[str, tuple], tolerance: Optional[dict] = None,
                     expert_of: Optional[torch.Tensor] = None, num_experts: Optional[int] = None,
-                    storage: Optional[torch.dtype] = None, always_detail: bool = False) -> "Evaluation":
-        """``oracles``: {"mirror": (ref, allowed, sigma), "exact": (ref, allowed, sigma)}."""
+                    storage: Optional[torch.dtype] = None, always_detail: bool = False,
+                    token_of_row: Optional[List[int]] = None) -> "Evaluation":
+        """``oracles``: {"mirror": (ref, allowed, sigma), "exact": (ref, allowed, sigma)}.
+
+        ``token_of_row``: for a comparison of selected rows, the token (row of the whole batch)
+        each compared row is; reasons, worst elements and messages then name those tokens.
+        """
         storage = storage or storage_dtype(kernel.dtype)
         panels = {name: metric_panel(kernel, ref, allowed, sigma, storage, expert_of)
                   for name, (ref, allowed, sigma) in oracles.items()}
+        if token_of_row is not None:
+            for panel in panels.values():
+                for w in panel["worst"]:
+                    w["token"] = token_of_row[w["token"]]
+                    w["tile"] = f"r{w['token'] // TILE[0]}c{w['column'] // TILE[1]}"
         verdicts = {name: passes(p) for name, p in panels.items()}
         label = {"mirror": "gate (mirror)", "exact": "budget (exact)"}
         passed = all(ok for ok, _ in verdicts.values())
@@ -183,17 +196,26 @@ class Evaluation:
                  worst_margin=worst_margin, case_id=getattr(case, "id", str(case)))
         which = failing or "mirror"
         ref, allowed, _ = oracles[which]
-        ev._anatomy = _anatomy(kernel, ref, allowed, which, label.get(which, which))
+        ev._anatomy = _anatomy(kernel, ref, allowed, which, label.get(which, which), token_of_row)
         if not passed or always_detail:
             ref, allowed, _ = oracles[which]
             ev.detail = _detail(kernel, ref, allowed, storage, expert_of, num_experts)
+            if token_of_row is not None:
+                ev.detail["heatmap"]["rows"] = "the compared token rows in order (not contiguous tokens)"
         return ev
 
     # --- output -----------------------------------------------------------------------------
     def record(self) -> dict:
         """The case-record fields this evaluation fills (results.py schema)."""
         return {"tolerance": self.tolerance, "metrics": self.metrics, "detail": self.detail,
-                "worst_margin": self.worst_margin, "reason": self.reason}
+                "worst_margin": self.worst_margin, "reason": self.reason, "compared_rows": self.compared_rows}
+
+    def rows_note(self) -> Optional[str]:
+        """"compared rows: 256 of 16512, sampled (...)" for a row-sampled comparison, else None."""
+        c = self.compared_rows
+        if not c:
+            return None
+        return f"compared rows: {c['compared']} of {c['of']}, {c['mode']} ({c['how']})"
 
     def message(self) -> str:
         a = self._anatomy
@@ -202,8 +224,8 @@ class Evaluation:
             head += f": {self.reason}"
         if not a:
             return head
-        lines = [head,
-                 f"Mismatched elements: {a['mismatched']} / {a['total']} ({a['pct']:.1f}%) against {a['oracle']}"]
+        lines = [head]  # a row-sampled comparison says so in its reason, hence in the head
+        lines.append(f"Mismatched elements: {a['mismatched']} / {a['total']} ({a['pct']:.1f}%) against {a['oracle']}")
         if a.get("abs") is not None:
             lines.append(f"Greatest absolute difference: {a['abs'][0]:.6g} at index {a['abs'][1]} "
                          f"(up to {a['abs'][2]:.6g} allowed)")
@@ -219,7 +241,7 @@ class Evaluation:
         return "\n".join(lines)
 
 
-def _anatomy(kernel, ref, allowed, which, label) -> dict:
+def _anatomy(kernel, ref, allowed, which, label, token_of_row: Optional[List[int]] = None) -> dict:
     k = kernel.detach().to("cpu", F64)
     r = ref.detach().to("cpu", F64)
     a = allowed.detach().to("cpu", F64)
@@ -236,7 +258,10 @@ def _anatomy(kernel, ref, allowed, which, label) -> dict:
            "abs": None, "rel": None, "coords": [], "first_special": None}
 
     def idx_of(flat):
-        return tuple(int(v) for v in divmod(flat, r.shape[1])) if r.dim() == 2 else (flat,)
+        if r.dim() != 2:
+            return (flat,)
+        row, col = divmod(flat, r.shape[1])
+        return (token_of_row[row] if token_of_row is not None else int(row), int(col))
 
     if n and fin.any():
         ia = int(torch.argmax(torch.where(fin, d, torch.full_like(d, -1.0))))
@@ -314,13 +339,79 @@ def _expert_of_element(stages: dict) -> torch.Tensor:
     return torch.where(anyv, ex, torch.full_like(ex, -1)).cpu()
 
 
-def evaluate(case, inputs: MoEInputs, out: torch.Tensor) -> Evaluation:
-    """Runs the reference (mirror and exact) and judges ``out`` (the kernel's [M, K] output)."""
+# Row sample of a huge case (matrix.reference_is_sampled): the first rows, the LAST rows (the
+# highest route ids, where offsets that outgrow int32 wrap and where a tail tile ends) and a
+# seeded draw from the rows between.
+SAMPLE_HEAD_ROWS = 32
+SAMPLE_TAIL_ROWS = 128
+
+
+def sampled_rows(M: int, count: int, seed: int) -> torch.Tensor:
+    """Sorted distinct token rows (int64, CPU): the first SAMPLE_HEAD_ROWS, the last
+    SAMPLE_TAIL_ROWS and ``count`` minus those drawn from the middle with ``seed``; all M rows
+    when ``count >= M``."""
+    if M < 0 or count < 1:
+        raise ValueError(f"sampled_rows needs M >= 0 and count >= 1; got M={M}, count={count}")
+    if count >= M:
+        return torch.arange(M)
+    head = torch.arange(min(SAMPLE_HEAD_ROWS, count, M))
+    tail_n = min(SAMPLE_TAIL_ROWS, count - head.numel())
+    tail = torch.arange(M - tail_n, M)
+    lo, hi = head.numel(), M - tail_n
+    middle_n = max(0, min(count - head.numel() - tail_n, hi - lo))
+    g = torch.Generator().manual_seed(seed)
+    middle = lo + torch.randperm(hi - lo, generator=g)[:middle_n]
+    return torch.unique(torch.cat([head, middle, tail]))  # unique() also sorts
+
+
+def _note_sampled_rows(ev: Evaluation, rows: List[int], M: int) -> None:
+    ev.compared_rows = {"compared": len(rows), "of": M, "mode": "sampled",
+                        "how": f"first {SAMPLE_HEAD_ROWS}, last {SAMPLE_TAIL_ROWS}, the rest seeded",
+                        "rows": rows}
+    note = ev.rows_note()
+    ev.reason = f"{ev.reason} [{note}]" if ev.reason else note
+
+
+def _default_rows(case, M: int) -> Optional[torch.Tensor]:
+    from moe_validate import matrix
+
+    if isinstance(case, matrix.Case) and matrix.reference_is_sampled(case):
+        return sampled_rows(M, matrix.REFERENCE_SAMPLE_ROWS, case.seed)
+    return None
+
+
+def evaluate(case, inputs: MoEInputs, out: torch.Tensor, rows: Optional[torch.Tensor] = None) -> Evaluation:
+    """Runs the reference (mirror and exact) and judges ``out`` (the kernel's [M, K] output).
+
+    ``rows`` (1-D token indices): run the reference on those tokens only and compare those rows
+    of ``out``; sound where each output row depends on its own token alone (no batch-wide
+    dynamic scale). Default: all rows, except for a case ``matrix.reference_is_sampled`` marks
+    (its full float64 reference would not fit), which is compared on ``sampled_rows``. A sampled
+    evaluation says so in ``compared_rows``, its reason and its message.
+    """
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor; got {type(out).__name__}")
     M, K = inputs.hidden_states.shape
     if tuple(out.shape) != (M, K):
         raise ValueError(f"out must be [M, K] = [{M}, {K}]; got {tuple(out.shape)}")
+    if rows is None:
+        rows = _default_rows(case, M)
+    if rows is not None:
+        from moe_validate.inputs import select_tokens
+
+        rows = torch.as_tensor(rows, dtype=torch.int64).cpu()
+        scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None)
+        if scheme.has_dynamic_tensor_scale:
+            raise ValueError("a row-sampled reference needs every output row to depend on its own token "
+                             f"only; {scheme.value} has a batch-wide dynamic scale")
+        tokens = rows.tolist()
+        ev = _evaluate_rows(case, select_tokens(inputs, rows), out[rows.to(out.device)], tokens)
+        _note_sampled_rows(ev, tokens, M)
+        return ev
+    return _evaluate_rows(case, inputs, out)
+
+
+def _evaluate_rows(case, inputs: MoEInputs, out: torch.Tensor, token_of_row: Optional[List[int]] = None) -> Evaluation:
     import reference  # lazily: the comparison needs it, importing the harness must not
 
     from moe_validate.env import interpreting
@@ -338,5 +429,6 @@ def evaluate(case, inputs: MoEInputs, out: torch.Tensor) -> Evaluation:
     num_experts = inputs.w1.shape[0]
     ev = Evaluation.from_arrays(case, out.to(dev), oracles,
                                 tolerance={k: b.to_dict() for k, b in bounds.items()},
-                                expert_of=_expert_of_element(mirror), num_experts=num_experts, storage=S)
+                                expert_of=_expert_of_element(mirror), num_experts=num_experts, storage=S,
+                                token_of_row=token_of_row)
     return ev

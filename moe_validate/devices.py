@@ -158,6 +158,9 @@ def case_memory_bytes(case) -> int:
     - reference, for each of the two precisions: float64 dequantized weights, x, and the stages
       per route (c1 [M*topk, N], act [M*topk, I], c2 [M*topk, K]) plus the output [M, K];
     - comparison: a handful (8) of float64 [M, K] temporaries.
+
+    For a case whose reference is row-sampled (``matrix.reference_is_sampled``) the reference and
+    comparison terms count the sampled rows instead of M.
     """
     try:
         M, N, K, topk = int(case.M), int(case.N), int(case.K), int(case.topk)
@@ -188,9 +191,19 @@ def case_memory_bytes(case) -> int:
     kernel += routes * max(K, I) * 1
     kernel += (routes + E_local * _SORT_BLOCK_M_BOUND) * 4 * 3
 
-    per_precision = weights * 8 + M * K * 8 + routes * (N + I + K) * 8 + M * K * 8
+    # Invariance checks keep the first output while re-running (its workspaces are freed between).
+    kernel += len(getattr(case, "invariances", ())) * M * K * s
+
+    # A huge case's reference runs on a row sample (matrix.reference_is_sampled): its stages and
+    # the comparison temporaries scale with the sampled rows, not M.
+    from moe_validate import matrix
+
+    ref_rows = M
+    if isinstance(case, matrix.Case) and matrix.reference_is_sampled(case):
+        ref_rows = matrix.REFERENCE_SAMPLE_ROWS
+    per_precision = weights * 8 + ref_rows * K * 8 + ref_rows * topk * (N + I + K) * 8 + ref_rows * K * 8
     reference = 2 * per_precision
-    comparison = 8 * M * K * 8
+    comparison = 8 * ref_rows * K * 8
     return int(math.ceil((inputs + kernel + reference + comparison) * ALLOCATOR_SLACK))
 
 

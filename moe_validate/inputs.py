@@ -14,6 +14,7 @@ purpose: a kernel that drops the router weight then differs by an O(1) factor.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional, Tuple
 
@@ -28,7 +29,7 @@ from moe_validate.spec import (
     QuantScheme,
 )
 
-__all__ = ["make_inputs", "torch_dtype", "LORA_RANK", "LORA_ADAPTERS", "OUTLIER_FACTOR", "STATIC_SCALE_HEADROOM"]
+__all__ = ["make_inputs", "select_tokens", "torch_dtype", "LORA_RANK", "LORA_ADAPTERS", "OUTLIER_FACTOR", "STATIC_SCALE_HEADROOM"]
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LORA_RANK = 5  # SPEC LoRA: ranks need not be powers of two, so the default is not one
@@ -240,3 +241,31 @@ def _calibrate_static_scales(inputs: MoEInputs) -> None:
     c2 = stages["c2"][stages["route_valid"]]
     amax2 = float(c2.abs().max()) if c2.numel() else 1.0
     q.a2_scale = torch.tensor([max(amax2, 1e-10) * STATIC_SCALE_HEADROOM / FP8_MAX], dtype=torch.float32)
+
+
+def select_tokens(inputs: MoEInputs, index: torch.Tensor) -> MoEInputs:
+    """The call restricted to the token rows ``index`` (1-D int64, any order, on any device).
+
+    Every per-token tensor is indexed (hidden states, router ids and weights, LoRA adapter ids);
+    weights, scales, biases and the expert map are shared. Row i of the new call is token
+    ``index[i]`` of the old one, so for an implementation whose output row depends on its own
+    token only, ``out(select_tokens(inputs, idx)) == out(inputs)[idx]`` (SPEC "Invariances").
+    """
+    if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"index must be a 1-D int32/int64 tensor of token rows; got "
+                         f"{getattr(index, 'dtype', type(index).__name__)} {tuple(getattr(index, 'shape', ()))}")
+    M = inputs.hidden_states.shape[0]
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= M):
+        raise ValueError(f"index must hold token rows in [0, {M}); got range "
+                         f"[{int(index.min())}, {int(index.max())}]")
+    idx = index.to(device=inputs.hidden_states.device, dtype=torch.int64)
+    lora = inputs.lora
+    if lora is not None:
+        lora = dataclasses.replace(lora, token_lora_ids=lora.token_lora_ids[idx.to(lora.token_lora_ids.device)].contiguous())
+    return dataclasses.replace(
+        inputs,
+        hidden_states=inputs.hidden_states[idx].contiguous(),
+        topk_weights=inputs.topk_weights[idx].contiguous(),
+        topk_ids=inputs.topk_ids[idx].contiguous(),
+        lora=lora,
+    )

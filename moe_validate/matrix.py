@@ -35,6 +35,9 @@ __all__ = [
     "feasible_pairs",
     "case_pairs",
     "interpreter_cost",
+    "backend_runs",
+    "reference_is_sampled",
+    "INVARIANCES",
 ]
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -61,6 +64,12 @@ CONFIG_KINDS = ("auto", "inv")
 EXPLICIT_CONFIGS = ("BM16BN32BK32GM1W4S2", "BM64BN64BK64GM8W4S3")
 
 SUITES: Tuple[str, ...] = ("smoke", "premerge", "nightly", "bringup")
+# Bitwise invariance checks a case can ask for (SPEC "Invariances"; moe_validate/invariance.py):
+#   rerun  the same inputs again give the same bits
+#   perm   permuted token rows give the permuted output rows
+#   sub    with batch_invariant=True, a batch without one token gives the other tokens' rows
+#          unchanged (the dropped token changes M's parity and shifts the rows after it)
+INVARIANCES = ("rerun", "perm", "sub")
 
 
 def _fmt_float(v: float) -> str:
@@ -91,6 +100,9 @@ class Case:
     # Contract addition (defaulted, so every contract-conforming constructor call still works):
     # the hidden-state distribution the task asks for ("outliers, zero blocks").
     data: str = "randn"
+    # Bitwise invariance checks run after the comparison (moe_validate/invariance.py): "none" or
+    # a '+'-joined subset of INVARIANCES in that order, e.g. "perm+sub".
+    invariance: str = "none"
 
     # --- derived facts --------------------------------------------------------------------
     @property
@@ -132,6 +144,8 @@ class Case:
             parts.append(f"d_{self.data}")
         if self.group_size is not None:
             parts.append(f"g{self.group_size}")
+        if self.invariance != "none":
+            parts.append(f"invar_{self.invariance}")
         parts.append(f"s{self.seed}")
         return "-".join(parts)
 
@@ -145,7 +159,7 @@ class Case:
         """Parses ``Case.id`` back; ValueError naming the bad token otherwise."""
         if not isinstance(case_id, str) or not case_id:
             raise ValueError(f"case id must be a non-empty string; got {case_id!r}")
-        expect = "dtype-scheme-activation[-lora_X]-M<M>N<N>K<K>E<E>k<topk>[-extras]-s<seed>"
+        expect = "dtype-scheme-activation[-lora_X]-M<M>N<N>K<K>E<E>k<topk>[-extras][-invar_X]-s<seed>"
         tokens = case_id.split("-")
         if len(tokens) < 5:
             raise ValueError(f"case id {case_id!r} must look like {expect}")
@@ -191,6 +205,8 @@ class Case:
                 kw["data"] = tok[2:]
             elif re.fullmatch(r"g\d+", tok):
                 kw["group_size"] = int(tok[1:])
+            elif tok.startswith("invar_"):
+                kw["invariance"] = tok[len("invar_"):]
             else:
                 raise ValueError(f"case id {case_id!r}: unknown token {tok!r} (expected {expect})")
         case = cls(**kw)  # type: ignore[arg-type]
@@ -235,6 +251,9 @@ class Case:
             return f"routing must be one of {', '.join(ROUTINGS)}; got {self.routing!r}"
         if self.data not in DATAS:
             return f"data must be one of {', '.join(DATAS)}; got {self.data!r}"
+        reason = self._invariance_invalid_reason(scheme)
+        if reason:
+            return reason
         cfg = self.explicit_config()
         if self.config not in CONFIG_KINDS and cfg is None:
             return f"config must be auto, inv or like BM16BN32BK32GM1W4S2; got {self.config!r}"
@@ -291,6 +310,32 @@ class Case:
                 return f"int4_w4a16 needs BLOCK_K dividing group_size {self.group_size}; got BLOCK_K={bk}"
         return None
 
+    @property
+    def invariances(self) -> Tuple[str, ...]:
+        """The invariance checks this case asks for, in INVARIANCES order (() for "none")."""
+        return () if self.invariance == "none" else tuple(self.invariance.split("+"))
+
+    def _invariance_invalid_reason(self, scheme: QuantScheme) -> Optional[str]:
+        if not isinstance(self.invariance, str):
+            return f"invariance must be a str; got {self.invariance!r}"
+        if self.invariance == "none":
+            return None
+        names = self.invariance.split("+")
+        expect = f"'none' or a '+'-joined subset of {'+'.join(INVARIANCES)} in that order"
+        if any(n not in INVARIANCES for n in names) or len(set(names)) != len(names) \
+                or names != sorted(names, key=INVARIANCES.index):
+            return f"invariance must be {expect}; got {self.invariance!r}"
+        # Permuting or dropping tokens needs two tokens to say anything.
+        if ("perm" in names or "sub" in names) and self.M < 2:
+            return f"invariance perm/sub need M >= 2; got M={self.M}"
+        # SPEC "Invariances": batch invariance holds only without a batch-wide dynamic scale (the
+        # fp8_tensor_dynamic scale is a max over every route of the batch, so dropping a token
+        # legitimately changes every other token's quantization).
+        if "sub" in names and scheme.has_dynamic_tensor_scale:
+            return (f"invariance sub (batch invariance) does not hold for {scheme.value}: its dynamic "
+                    f"per-tensor scale spans the whole batch (SPEC Invariances)")
+        return None
+
     def explicit_config(self) -> Optional[Dict[str, int]]:
         m = _CONFIG_RE.match(self.config)
         if not m:
@@ -332,7 +377,40 @@ def interpreter_cost(case: Case) -> float:
     routes = case.M * case.topk
     gemm = routes * (case.N * case.K + case.K * case.I)
     lora = routes * 8 * (case.K + case.N + case.I + case.K) if case.lora != "none" else 0
-    return float(gemm + lora)
+    return float(gemm + lora) * backend_runs(case)
+
+
+def backend_runs(case: Case) -> int:
+    """How many times the backend runs for this case: once, plus its invariance checks (the
+    sub-batch check runs the full batch again in batch-invariant mode unless the case already
+    fixes its config)."""
+    runs = 1
+    for name in case.invariances:
+        runs += 1
+        if name == "sub" and case.config == "auto":
+            runs += 1
+    return runs
+
+
+# The float64 reference keeps, per precision (mirror and exact), c1 [M*topk, N], the activation
+# [M*topk, I] and c3 [M*topk, K]. Past REFERENCE_FULL_LIMIT_BYTES (8 GiB: a tenth of an 80 GB
+# GPU, and 12x the largest curated bring-up case, M=8192 N=K=1024 topk=2 at 0.67 GB) it runs on a
+# sample of REFERENCE_SAMPLE_ROWS token rows (compare.sampled_rows) and only those rows are
+# compared. Sound only where every output row depends on its own token alone: not for schemes
+# with a batch-wide dynamic scale (those keep the full reference, and an OOM is an outcome).
+REFERENCE_FULL_LIMIT_BYTES = 8 * 2 ** 30
+REFERENCE_SAMPLE_ROWS = 256
+
+
+def reference_full_bytes(case: Case) -> int:
+    """float64 bytes of the full reference's per-route stages, both precisions."""
+    return 2 * 8 * case.M * case.topk * (case.N + case.I + case.K)
+
+
+def reference_is_sampled(case: Case) -> bool:
+    """Whether ``compare.evaluate`` runs the reference on sampled token rows for this case."""
+    return (case.M > REFERENCE_SAMPLE_ROWS and reference_full_bytes(case) > REFERENCE_FULL_LIMIT_BYTES
+            and not case.quant.has_dynamic_tensor_scale)
 
 
 # =================================================================================================
@@ -543,6 +621,19 @@ def _smoke() -> List[Case]:
         Case(M=7, N=64, K=64, E=4, topk=2, clamp=1.0, seed=35),
         Case(M=5, N=320, K=256, E=4, topk=2, scheme="fp8_block128", seed=4),
     ]
+    # bitwise invariances (SPEC "Invariances", moe_validate/invariance.py). topk >= 3 so that the
+    # slot order of the combine matters; fp32 storage, where a reordered fp32 sum shows in the
+    # output bits (bf16 rounds one fp32 ulp away almost always); the aligned path (M*topk*4 > E)
+    # and the tiny-M naive path (M*topk*4 <= E, also after dropping a token); an fp8 per-token-
+    # group scheme (the quantizer must not look across tokens), LoRA (per-token adapter ids
+    # travel with their rows), and fp8_tensor_dynamic, whose batch-wide scale allows only perm.
+    cases += [
+        Case(M=7, N=64, K=64, E=4, topk=3, dtype="fp32", invariance="rerun+perm+sub", seed=190),
+        Case(M=3, N=32, K=32, E=40, topk=3, dtype="fp32", invariance="perm+sub", seed=191),
+        Case(M=6, N=64, K=64, E=4, topk=3, scheme="fp8_block128", invariance="perm+sub", seed=192),
+        Case(M=4, N=64, K=64, E=4, topk=2, lora="single", invariance="perm+sub", seed=193),
+        Case(M=5, N=64, K=64, E=4, topk=3, scheme="fp8_tensor_dynamic", invariance="rerun+perm", seed=194),
+    ]
     return _dedupe(cases)
 
 
@@ -566,6 +657,14 @@ def _premerge() -> List[Case]:
         Case(M=31, N=128, K=128, E=4, topk=4, seed=1143),
         Case(M=256, N=256, K=256, E=64, topk=8, seed=1144),
         Case(M=0, N=256, K=128, E=8, topk=2, seed=1145),
+    ]
+    # bitwise invariances on GPU tiles (see _smoke): aligned fp32, the naive path, an fp8 scheme
+    # with several K tiles, and the batch-invariant config itself
+    cases += [
+        Case(M=100, N=512, K=256, E=8, topk=3, dtype="fp32", invariance="rerun+perm+sub", seed=1150),
+        Case(M=3, N=256, K=128, E=64, topk=3, dtype="fp32", invariance="perm+sub", seed=1151),
+        Case(M=65, N=384, K=320, E=6, topk=4, scheme="fp8_block128", invariance="rerun+perm+sub", seed=1152),
+        Case(M=77, N=320, K=480, E=12, topk=3, config="inv", invariance="perm+sub", seed=1153),
     ]
     return _dedupe(cases)
 

@@ -9,7 +9,8 @@ untouched (five options and two fixtures are all that it adds).
   on CPU, ``premerge`` on a GPU; ``--moe-filter`` as in ``moe-validate run``), so ``-k`` works on
   ids, and each item carries one marker per axis value (``scheme_fp8_block128``, ``act_silu``,
   ``lora_dual``, ``dtype_bf16``, ``config_inv``, ``map_half``, ``routing_skewed``, ``data_randn``,
-  plus ``bias``, ``router_on_input``, ``clamp`` where set) for ``-m``.
+  plus ``bias``, ``router_on_input``, ``clamp`` where set, and ``invar_perm`` etc. per invariance
+  check) for ``-m``.
 - ``moe_run(case)`` runs a case in this process through ``runner.run_case_inprocess`` with
   ``--moe-backend``; a device skip becomes ``pytest.skip(reason)``, anything but PASS a failure
   with the evaluation's message.
@@ -240,6 +241,10 @@ def case_markers(params: Dict) -> List[str]:
     names = [f"{prefix}_{_ident(params[axis])}" for axis, prefix in _VALUE_MARKERS
              if params.get(axis) is not None]
     names += [flag for flag in _FLAG_MARKERS if params.get(flag) not in (None, False)]
+    # one marker per invariance check the case asks for ("perm+sub" -> invar_perm, invar_sub)
+    invariance = params.get("invariance")
+    if invariance and invariance != "none":
+        names += [f"invar_{_ident(name)}" for name in str(invariance).split("+")]
     return names
 
 

@@ -30,6 +30,12 @@ at any moment loses only the case in flight. Three record kinds:
                        {name: {"edges": [float], "counts": [int]}}
       ``error``        str or null: traceback text for CRASH / COMPILE_ERROR / OOM / TIMEOUT
       ``worst_margin`` float or null: max over gate metrics of observed / allowed
+      ``checks``       list or null: checks after the comparison (moe_validate/invariance.py), each
+                       {"name" ("alignment_contract", "invariance:perm", ...), "outcome" (PASS,
+                       FAIL, SKIP), "reason"}; a FAIL makes the case FAIL, a SKIP is named in
+                       ``reason``
+      ``compared_rows`` dict or null: set when only some token rows were compared (a huge case's
+                       row-sampled reference): {"compared", "of", "mode", "how", "rows"}
 ``{"kind": "footer", ...}``
     at a clean end of a run: ``finished``, ``duration_s``, ``counts`` {outcome: n}.
 

@@ -106,7 +106,8 @@ class CaseResult:
         if self.evaluation is not None and not getattr(self.evaluation, "passed", True):
             msg = getattr(self.evaluation, "message", None)
             if callable(msg):
-                return msg()
+                failed_checks = [c["reason"] for c in rec.get("checks") or () if c["outcome"] == "FAIL"]
+                return "\n".join([msg()] + failed_checks)
         head = f"{rec['case_id']}: {rec['outcome']}"
         if rec.get("reason"):
             head += f" ({rec['reason']})"
@@ -178,6 +179,8 @@ def _base_record(case, backend_name: str) -> Dict[str, Any]:
         "detail": None,
         "error": None,
         "worst_margin": None,
+        "checks": None,
+        "compared_rows": None,
     }
 
 
@@ -238,12 +241,28 @@ def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[s
                 torch.cuda.synchronize()  # an asynchronous kernel fault must surface here, not later
             record["config"] = getattr(backend, "last_config", None)
             evaluation = evaluate(case, inputs, out)
-        record["outcome"] = (Outcome.PASS if evaluation.passed else Outcome.FAIL).value
-        record["reason"] = evaluation.reason
+            # The alignment contract and the case's bitwise invariances (re-runs of the backend),
+            # right after the run whose launch config routing_stages describes.
+            from moe_validate.invariance import run_checks
+
+            checks = run_checks(case, inputs, out, backend)
+            if device.startswith("cuda"):
+                import torch
+
+                torch.cuda.synchronize()
+        failed = [c for c in checks if c["outcome"] == "FAIL"]
+        skipped = [c for c in checks if c["outcome"] == "SKIP"]
+        record["outcome"] = (Outcome.PASS if evaluation.passed and not failed else Outcome.FAIL).value
+        reasons = [evaluation.reason] if evaluation.reason else []
+        # A failing check leads when the comparison passed; a skipped one is said, never hidden.
+        reasons += [c["reason"] for c in failed] + [f"SKIPPED {c['reason']}" for c in skipped]
+        record["reason"] = "; ".join(reasons) or None
         record["tolerance"] = evaluation.tolerance
         record["metrics"] = evaluation.metrics
         record["detail"] = evaluation.detail
         record["worst_margin"] = evaluation.worst_margin
+        record["checks"] = checks or None
+        record["compared_rows"] = evaluation.compared_rows
     except Exception as exc:  # every failure of the case is a recorded outcome
         record["outcome"] = classify_exception(exc).value
         record["reason"] = _one_line(exc)

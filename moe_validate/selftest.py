@@ -219,7 +219,8 @@ class CaseRun:
 
 
 def _caught_by(record: dict) -> Optional[str]:
-    """Which metric turned the case bad: ``<oracle>:nan_inf`` / ``<oracle>:max_normalized``, or the outcome."""
+    """Which metric turned the case bad: ``<oracle>:nan_inf`` / ``<oracle>:max_normalized``, a check
+    after the comparison (``check:alignment_contract``, ``check:invariance:sub``), or the outcome."""
     outcome = record.get("outcome")
     if outcome not in BAD_OUTCOMES:
         return None
@@ -234,6 +235,9 @@ def _caught_by(record: dict) -> Optional[str]:
             return f"{oracle}:nan_inf"
         if panel.get("max_normalized", {}).get("value", 0.0) > 1.0:
             return f"{oracle}:max_normalized"
+    for check in record.get("checks") or ():  # the comparison passed: a check failed the case
+        if check.get("outcome") == "FAIL":
+            return f"check:{check['name']}"
     return "fail"
 
 

@@ -449,6 +449,13 @@ def _details_view(case: Dict[str, Any]) -> Dict[str, Any]:
         "config": case.get("config") if isinstance(case.get("config"), dict) else None,
         "error": case.get("error"),
     }
+    # Checks after the comparison (alignment contract, bitwise invariances): name, outcome, reason.
+    checks = case.get("checks") if isinstance(case.get("checks"), list) else []
+    view["checks"] = [[str(c.get("name")), str(c.get("outcome")), c.get("reason") or ""]
+                      for c in checks if isinstance(c, dict)]
+    rows = case.get("compared_rows") if isinstance(case.get("compared_rows"), dict) else None
+    view["compared_rows"] = (f"compared rows: {rows.get('compared')} of {rows.get('of')}, {rows.get('mode')}"
+                             + (f" ({rows['how']})" if rows.get("how") else "")) if rows else None
     tolerance = case.get("tolerance") if isinstance(case.get("tolerance"), dict) else {}
     view["tolerance"] = {name: _bound_view(tolerance.get(name)) for name in ("gate", "budget") if tolerance.get(name)}
     metrics = case.get("metrics") if isinstance(case.get("metrics"), dict) else {}

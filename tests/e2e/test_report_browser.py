@@ -258,3 +258,22 @@ def test_degenerate_reports_load_clean(probe, run_dir):
     probe.page.click('#case-body tr[data-case="bare"] a.case-link')
     probe.page.locator('tr.detail-row[data-detail-for="bare"]').wait_for()
     assert probe.errors == []
+
+
+def test_failed_check_and_row_sample_are_shown(probe, run_dir):
+    violated = "alignment contract (SPEC pipeline step 5) violated: tile 3, past the padded total 48 (block_m 16), has expert 0; expected -1"
+    cid = "bf16-none-silu-M5N32K32E3k3-s173"
+    case = {"kind": "case", "case_id": cid, "outcome": "FAIL", "reason": violated, "worst_margin": 0.3,
+            "params": {"scheme": "none", "activation": "silu"}, "repro": f"moe-validate repro {cid}",
+            "checks": [{"name": "alignment_contract", "outcome": "FAIL", "reason": violated},
+                       {"name": "invariance:sub", "outcome": "SKIP", "reason": "invariance sub: not declared"}],
+            "compared_rows": {"compared": 256, "of": 16512, "mode": "sampled", "how": "first 32, last 128, the rest seeded"}}
+    report = render_report(ResultSet(headers=[{"kind": "header", "env": {}}], cases=[case]), run_dir / "checks.html")
+    probe.open(report, "#case=" + urllib.parse.quote(cid))
+    detail = probe.page.locator("tr.detail-row")
+    detail.wait_for()
+    assert detail.locator('table.checks tr[data-check="alignment_contract"] td.outcome-FAIL').inner_text() == "FAIL"
+    assert violated in detail.locator('table.checks tr[data-check="alignment_contract"]').inner_text()
+    assert detail.locator('table.checks tr[data-check="invariance:sub"] td.outcome-SKIP').count() == 1
+    assert detail.locator(".compared-rows").inner_text().startswith("compared rows: 256 of 16512, sampled")
+    assert probe.errors == []

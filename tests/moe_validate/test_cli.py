@@ -162,3 +162,12 @@ def test_selftest_is_delegated(capsys):
     assert main(["selftest", "--list-mutants"]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert listed == [m.name for m in MUTANTS]
+
+
+def test_repro_lists_the_checks_after_the_comparison(capsys):
+    # The reference backend declares run-to-run only: perm and sub are shown as SKIP, not hidden.
+    case_id = "fp32-none-silu-M7N64K64E4k3-invar_rerun+perm+sub-s190"
+    assert main(["repro", case_id, "--backend", "reference"]) == 0
+    out = capsys.readouterr().out
+    assert "checks: invariance:rerun PASS, invariance:perm SKIP, invariance:sub SKIP" in out
+    assert "SKIPPED invariance perm" in out

@@ -64,6 +64,7 @@ def test_k_selects_on_case_ids(suite):
     ("scheme_int4_w4a16 and act_silu", lambda c: c.scheme == "int4_w4a16" and c.activation == "silu"),
     ("dtype_fp16 and bias", lambda c: c.dtype == "fp16" and c.bias),
     ("config_inv", lambda c: c.config == "inv"),
+    ("invar_sub and dtype_fp32", lambda c: "sub" in c.invariances and c.dtype == "fp32"),
 ])
 def test_markers_per_axis_value(suite, marker, predicate):
     result = suite.runpytest(*SMOKE, "--collect-only", "-q", "--strict-markers", "-m", marker)

@@ -374,3 +374,21 @@ def test_header_only_and_minimal_records_render(tmp_path):
     payload = _payload(render_report(bare, tmp_path / "bare.html").read_text())
     assert payload["details"]["0"]["panels"] == {} and payload["details"]["0"]["heatmap"] is None
     assert any("no header record" in p for p in build_model(bare).summary.problems)
+
+
+def test_check_failures_and_row_samples_reach_the_details(tmp_path):
+    """A case failed by a check after the comparison shows every check with its outcome and
+    reason; a row-sampled comparison says how many rows it compared."""
+    violated = ("invariance sub (batch invariance, one token dropped) violated: token 0, column 2: "
+                "0.14335531 in the batch of 3 vs 0.143355295 in the batch of 2 (token 1 dropped)")
+    case = _case("fp32-none-silu-M3N32K32E40k3-invar_perm+sub-s191", "FAIL", 0.2, reason=violated, dtype="fp32")
+    case["checks"] = [{"name": "alignment_contract", "outcome": "PASS", "reason": None},
+                      {"name": "invariance:perm", "outcome": "SKIP", "reason": "invariance perm: not declared"},
+                      {"name": "invariance:sub", "outcome": "FAIL", "reason": violated}]
+    case["compared_rows"] = {"compared": 256, "of": 16512, "mode": "sampled", "how": "first 32, last 128, the rest seeded"}
+    payload = _payload(render_report(_result_set([case]), tmp_path / "checks.html").read_text())
+    det = payload["details"]["0"]
+    assert det["checks"] == [["alignment_contract", "PASS", ""], ["invariance:perm", "SKIP", "invariance perm: not declared"],
+                             ["invariance:sub", "FAIL", violated]]
+    assert det["compared_rows"] == "compared rows: 256 of 16512, sampled (first 32, last 128, the rest seeded)"
+    assert payload["table"]["reasons"] == [violated]

@@ -279,9 +279,12 @@ def test_cli_end_to_end_writes_the_kill_matrix(tmp_path):
     assert by_name["router_weight_dropped"]["verdict"] == "killed"
     killed_cell = next(iter(by_name["router_weight_dropped"]["cases"].values()))
     assert killed_cell["cell"] == "killed" and killed_cell["caught_by"].startswith("mirror:")
-    # the equivalent mutant survives and is reported, without failing the run
-    assert by_name["padding_blocks_expert0"]["verdict"] == "survived"
-    assert not by_name["padding_blocks_expert0"]["expected_here"]
+    # no output changes under this one: only the alignment-contract check after the comparison sees it
+    assert by_name["padding_blocks_expert0"]["verdict"] == "killed"
+    assert by_name["padding_blocks_expert0"]["expected_here"]
+    contract_cell = next(iter(by_name["padding_blocks_expert0"]["cases"].values()))
+    assert contract_cell["caught_by"] == "check:alignment_contract"
+    assert "past the padded total" in contract_cell["reason"] and "expected -1" in contract_cell["reason"]
     assert "router_weight_dropped" in (out / "kill_matrix.txt").read_text()
 
 

@@ -367,6 +367,13 @@
       var pr = det.params.slice(); if (det.backend) pr.push(["backend", det.backend]);
       if (det.config) pr.push(["config", JSON.stringify(det.config)]);
       parts.push(paramList(pr));
+      if (det.compared_rows) parts.push(el("div", { cls: "compared-rows", text: det.compared_rows }));
+      if (det.checks && det.checks.length) {
+        parts.push(el("h4", { text: "checks after the comparison" }));
+        parts.push(el("table", { cls: "small checks" }, det.checks.map(function (c) {
+          return el("tr", { "data-check": c[0] }, [el("th", { text: c[0] }), el("td", { cls: "outcome-" + c[1], text: c[1] }), el("td", { text: c[2] })]);
+        })));
+      }
       var bounds = Object.keys(det.tolerance);
       if (bounds.length) parts.push(el("div", { cls: "panels" }, bounds.map(function (k) { return boundBlock(k, det.tolerance[k]); })));
       var panels = Object.keys(det.panels);
