@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from typing import TYPE_CHECKING, Any, Dict, Optional, Protocol, Tuple, runtime_checkable
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Protocol, Tuple, runtime_checkable
 
 from moe_validate.env import interpreting
 
@@ -124,7 +124,10 @@ class TritonBackend:
             return False, f"TritonExperts does not support activation {activation.value} on this device"
         return True, ""
 
-    def run(self, inputs: "MoEInputs", case: Optional["Case"] = None) -> "torch.Tensor":
+    def run(self, inputs: "MoEInputs", case: Optional["Case"] = None, *, assignment: str = "auto",
+            fuse_activation="auto") -> "torch.Tensor":
+        """``assignment`` and ``fuse_activation`` pick TritonExperts' internal paths (the ``paths``
+        invariance re-runs with the ones not taken); the defaults let the kernels choose."""
         import torch
 
         import kernels
@@ -151,7 +154,7 @@ class TritonBackend:
         if self.forced_config is not None:
             config, batch_invariant = self.forced_config, False
 
-        experts = kernels.TritonExperts(quant)
+        experts = kernels.TritonExperts(quant, assignment=assignment, fuse_activation=fuse_activation)
         ws13_shape, ws2_shape, out_shape = experts.workspace_shapes(
             M, N, K, topk, global_num_experts, E, None, activation
         )
@@ -186,11 +189,35 @@ class TritonBackend:
         finally:
             # Also when the launch fails: a COMPILE_ERROR record should name the config that failed.
             self.last_config = _config_to_dict(getattr(experts, "last_config", None))
+        self.last_paths = {"assignment": experts.last_assignment,
+                           "fused_activation": getattr(experts, "last_fused_activation", None)}
         return output
 
     def supports_invariance(self, name: str, case: "Case") -> Tuple[bool, str]:
         """Every SPEC invariance: ``config="inv"`` selects ``batch_invariant=True`` in ``run``."""
         return True, ""
+
+    def run_paths(self, inputs: "MoEInputs", case: Optional["Case"] = None) -> List[Tuple[str, "torch.Tensor"]]:
+        """The same call through each internal path the kernels did not take by themselves:
+        the other route-to-tile assignment (naive <-> aligned, SPEC "Invariances") and the other
+        activation placement (unfused <-> fused into GEMM1's epilogue, where the call allows
+        it). Every one must give the bits of the default path."""
+        self.run(inputs, case)  # which paths the kernels choose for this call
+        taken = dict(self.last_paths)
+        variants: List[Tuple[str, "torch.Tensor"]] = []
+        other = "naive" if taken["assignment"] == "aligned" else "aligned"
+        variants.append((f"assignment={other} (default {taken['assignment']})",
+                         self.run(inputs, case, assignment=other)))
+        if taken["fused_activation"]:
+            variants.append(("activation unfused (default fused into GEMM1)",
+                             self.run(inputs, case, fuse_activation=False)))
+        else:
+            try:
+                variants.append(("activation fused into GEMM1 (default unfused)",
+                                 self.run(inputs, case, fuse_activation=True)))
+            except ValueError:
+                pass  # this call cannot fuse (LoRA, the fused silu+fp8 quantizer): no such path
+        return variants
 
     def routing_stages(self, inputs: "MoEInputs", case: Optional["Case"] = None) -> Optional[dict]:
         """The alignment of ``inputs``' routes at the BLOCK_M of the last run's launch config.

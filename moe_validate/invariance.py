@@ -9,6 +9,8 @@ bitwise, so they are checked bitwise, by re-running the backend on transformed i
   ``perm``   token rows permuted (seeded, not identity)  -> row i is the original row perm[i]
   ``sub``    one token dropped (the middle one: M's parity changes and the rows after it shift),
              both runs in batch-invariant mode           -> every other row unchanged
+  ``paths``  the backend's other internal paths for the same call (``run_paths``: for Triton,
+             naive vs aligned assignment, activation fused into GEMM1 or not) -> the same bits
 
 A case asks for them with ``Case.invariance`` (``"perm+sub"``). ``sub`` needs batch-invariant
 mode: the harness asks for it by handing the backend the case with ``config="inv"`` (a case with
@@ -47,6 +49,7 @@ _DESCRIPTION = {
     "rerun": "run-to-run",
     "perm": "token-row permutation",
     "sub": "batch invariance, one token dropped",
+    "paths": "internal paths of the same call",
 }
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
              torch.float64: torch.int64}
@@ -102,6 +105,8 @@ def sub_batch_rows(M: int) -> torch.Tensor:
 
 
 def _supports(backend, name: str, case) -> Tuple[bool, str]:
+    if name == "paths" and not callable(getattr(backend, "run_paths", None)):
+        return False, f"backend {getattr(backend, 'name', '?')!r} exposes no internal paths (no run_paths method)"
     method = getattr(backend, "supports_invariance", None)
     if callable(method):
         ok, why = method(name, case)
@@ -133,6 +138,13 @@ def _check_invariance(name: str, case, inputs, out: torch.Tensor, backend) -> Di
         permuted = backend.run(select_tokens(inputs, perm.to(device)), case)
         expected = out[perm.to(out.device)]
         diff = bitwise_difference(expected, permuted, lambda r: int(perm[r]), ("in order", "permuted"))
+    elif name == "paths":
+        diff = None
+        for variant, got in backend.run_paths(inputs, case):
+            diff = bitwise_difference(out, got, lambda r: r, ("default path", variant))
+            if diff is not None:
+                diff = f"{variant}: {diff}"
+                break
     else:  # sub
         inv_case = _batch_invariant_case(case)
         full = out if inv_case is case else backend.run(inputs, inv_case)

@@ -69,7 +69,7 @@ SUITES: Tuple[str, ...] = ("smoke", "premerge", "nightly", "bringup")
 #   perm   permuted token rows give the permuted output rows
 #   sub    with batch_invariant=True, a batch without one token gives the other tokens' rows
 #          unchanged (the dropped token changes M's parity and shifts the rows after it)
-INVARIANCES = ("rerun", "perm", "sub")
+INVARIANCES = ("rerun", "perm", "sub", "paths")
 
 
 def _fmt_float(v: float) -> str:
@@ -633,6 +633,11 @@ def _smoke() -> List[Case]:
         Case(M=6, N=64, K=64, E=4, topk=3, scheme="fp8_block128", invariance="perm+sub", seed=192),
         Case(M=4, N=64, K=64, E=4, topk=2, lora="single", invariance="perm+sub", seed=193),
         Case(M=5, N=64, K=64, E=4, topk=3, scheme="fp8_tensor_dynamic", invariance="rerun+perm", seed=194),
+        # internal paths (naive vs aligned, activation fused into GEMM1 or not) in bf16, where a
+        # skipped rounding of c1 shows in the bits; gated and interleaved activations
+        Case(M=6, N=64, K=64, E=4, topk=2, invariance="paths", seed=195),
+        Case(M=5, N=64, K=64, E=4, topk=2, activation="swigluoai", invariance="paths", seed=196),
+        Case(M=7, N=64, K=64, E=4, topk=2, clamp=1.0, invariance="paths", seed=197),
     ]
     return _dedupe(cases)
 
@@ -665,6 +670,10 @@ def _premerge() -> List[Case]:
         Case(M=3, N=256, K=128, E=64, topk=3, dtype="fp32", invariance="perm+sub", seed=1151),
         Case(M=65, N=384, K=320, E=6, topk=4, scheme="fp8_block128", invariance="rerun+perm+sub", seed=1152),
         Case(M=77, N=320, K=480, E=12, topk=3, config="inv", invariance="perm+sub", seed=1153),
+        # internal paths on native MMAs: bf16 gated, interleaved swigluoai, fp8 per-token
+        Case(M=48, N=512, K=256, E=8, topk=2, invariance="paths", seed=1154),
+        Case(M=33, N=384, K=320, E=6, topk=4, activation="swigluoai", invariance="paths", seed=1155),
+        Case(M=40, N=256, K=256, E=8, topk=2, scheme="fp8_tensor_token", invariance="paths", seed=1156),
     ]
     return _dedupe(cases)
 

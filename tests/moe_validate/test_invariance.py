@@ -384,3 +384,50 @@ def test_runner_records_the_sample_of_a_case_too_big_for_the_full_reference(monk
     bad = run_case_inprocess(case, WrongLastRow(), backend_name="wrong-last-row")
     assert bad.record["outcome"] == "FAIL"
     assert "(token 299, column" in bad.record["reason"] and "compared rows: 256 of 300" in bad.record["reason"]
+
+
+# ---------------------------------------------------------------------------------------------
+# paths: the backend's other internal paths of the same call must give the same bits
+# ---------------------------------------------------------------------------------------------
+PATHS_CASE = Case(M=6, N=64, K=64, E=4, topk=2, invariance="paths", seed=195)
+
+
+class TwoPaths(_Declared):
+    """A backend with one alternative internal path, optionally one ulp off on token 2."""
+
+    def __init__(self, off: bool):
+        super().__init__()
+        self.off = off
+
+    def run_paths(self, inputs, case=None):
+        alt = super().run(inputs, case)
+        return [("path B (default A)", _nudge(alt, 2) if self.off else alt)]
+
+
+def test_paths_pass_when_every_path_agrees_and_fail_naming_the_path_and_token():
+    assert _checks(TwoPaths(off=False), PATHS_CASE)["invariance:paths"]["outcome"] == "PASS"
+    failed = _checks(TwoPaths(off=True), PATHS_CASE)["invariance:paths"]
+    assert failed["outcome"] == "FAIL"
+    assert failed["reason"].startswith("invariance paths (internal paths of the same call) violated: "
+                                       "path B (default A): token 2, column 0:")
+
+
+def test_paths_are_skipped_with_a_reason_for_a_backend_without_run_paths():
+    check = _checks(_Declared(), PATHS_CASE)["invariance:paths"]
+    assert check["outcome"] == "SKIP" and "no run_paths method" in check["reason"]
+
+
+def test_triton_backend_offers_the_paths_it_did_not_take():
+    """The kernels' own path choice is recorded; run_paths flips the assignment and the
+    activation placement (fused <-> unfused) and every variant has the default's bits."""
+    from moe_validate.backends import TritonBackend
+
+    backend = TritonBackend()
+    inputs = make_inputs(PATHS_CASE)
+    out = backend.run(inputs, PATHS_CASE)
+    assert backend.last_paths == {"assignment": "aligned", "fused_activation": True}
+    variants = backend.run_paths(inputs, PATHS_CASE)
+    assert [label for label, _ in variants] == ["assignment=naive (default aligned)",
+                                                 "activation unfused (default fused into GEMM1)"]
+    for _, got in variants:
+        assert invariance.bitwise_difference(out, got, lambda r: r, ("a", "b")) is None
