@@ -26,7 +26,7 @@ from moe_validate.compare import evaluate, sampled_rows, SAMPLE_HEAD_ROWS, SAMPL
 from moe_validate.inputs import make_inputs, select_tokens
 from moe_validate.matrix import Case
 from moe_validate.routing_contract import check_alignment
-from moe_validate.runner import run_case_inprocess
+from moe_validate.runner import default_device, run_case_inprocess
 
 reference = pytest.importorskip("reference", reason="the checks compare against the float64 reference")
 
@@ -223,7 +223,7 @@ def aligned():
     """The kernels' alignment of a 7-token, topk-3 batch over 4 experts with some invalid ids."""
     kernels = pytest.importorskip("kernels", reason="the contract is checked on the kernels' own alignment")
     ids = torch.tensor([[0, 1, 2], [3, 0, -1], [1, 1, 9], [2, 3, 0], [0, 2, 1], [3, 3, 3], [1, 0, 2]],
-                       dtype=torch.int32)
+                       dtype=torch.int32, device=default_device())  # native kernels need CUDA tensors
     s, e, n = kernels.moe_align_block_size(ids, 4, 4)
     return ids, {"sorted_route_ids": s, "expert_ids": e, "num_post_padded": n, "block_m": 4}
 
@@ -423,7 +423,7 @@ def test_triton_backend_offers_the_paths_it_did_not_take():
     from moe_validate.backends import TritonBackend
 
     backend = TritonBackend()
-    inputs = make_inputs(PATHS_CASE)
+    inputs = make_inputs(PATHS_CASE, device=default_device())
     out = backend.run(inputs, PATHS_CASE)
     assert backend.last_paths == {"assignment": "aligned", "fused_activation": True}
     variants = backend.run_paths(inputs, PATHS_CASE)
