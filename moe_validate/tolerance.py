@@ -646,60 +646,73 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     # ===================== budget: kernel vs exact ==============================================
     # Each rounding to nearest leaves a uniform error of std ulp/sqrt(12).
     r12 = 1.0 / math.sqrt(12.0)
-    var_c1 = n_round_c1 * (ulp_c1 * r12) ** 2 + sigma_c1 ** 2
-    if inputs.apply_router_weight_on_input:
-        # the kernel (and mirror) round x * w to S; exact does not: that error crosses GEMM1
-        xa = x.abs()
-        var_x = (2.0 * uS * xa) ** 2 / 12.0
-        if scheme.act_granularity is not None:
-            # ... and then it can flip an input quantization code (p = 0.8 sigma / step, jump =
-            # step): variance p * step^2 = 0.8 sigma step, step <= 2^-3 |x| (fp8) or amax/127 (int8)
-            step_x = (xa * 2.0 ** -3 if scheme.act_dtype == FP8_DTYPE
-                      else xa.amax(-1, keepdim=True).expand_as(xa) / 127.0)
-            var_x = 0.8 * var_x.sqrt() * step_x
-        vx = var_x.sqrt()[:, None, :].expand(M, T, K)
-        var_c1 = var_c1 + _per_expert_gemm_scales(vx, w1, rexp, valid)[0]
-    var_c2 = (ulp_c2 * r12) ** 2 + _act_sensitivity(c1, var_c1.sqrt(), act) ** 2 + (ACT_FP32_ULPS * U32 * c2) ** 2
-    hard_b = torch.zeros_like(out)
-    gran = scheme.act_granularity
-    if gran is not None:
-        # exact requantizes its own c2 too. Two effects remain:
-        # (1) a dynamic scale is max|c2| / QMAX over the group, and the kernel's c2 carries errors,
-        #     so its scale differs by rel <= Z sigma(argmax) / amax: every dequantized element of
-        #     the group moves by rel * |c2_in| in the SAME direction (correlated, so a hard term:
-        #     rel * w * sum_i |c2_in| |w2|);
-        # (2) a code flips where the c2 error or that shift carries a value across a midpoint:
-        #     probability p = (E|dc2| + rel |c2|) / step (E|d| = 0.8 sigma), jump one step:
-        #     variance p * step^2.
-        sig_pre = var_c2.sqrt()
-        amax = c2.abs().amax(-1)
-        if gran in ("token", "token_group"):
-            rel = Z_BUDGET * sig_pre.amax(-1) / amax.clamp_min(1e-300)
-        elif gran == "tensor_dynamic" and valid.any():
-            rel = (Z_BUDGET * sig_pre[valid].max() / amax[valid].max().clamp_min(1e-300)).expand_as(amax)
-        else:  # a static scale does not move
-            rel = torch.zeros_like(amax)
-        rel = torch.clamp(rel, max=1.0)
-        mass, _ = _per_expert_gemm_scales(c2_in, w2, rexp, valid, power=1)
-        hard_b = (rel[..., None] * wts[..., None] * mass * vmask).sum(1)
-        p_b = torch.clamp((0.8 * sig_pre + rel[..., None] * c2.abs()) / step.clamp_min(1e-300), max=1.0)
-        # Flips are rare, large jumps (a big element's step can be 100x the median): a Gaussian
-        # Z sigma misses them. Count them as a Poisson number of jumps instead: per route and
-        # column, J = max_i step_i |w2[e,k,i]| and lambda = sum_i p_i step_i |w2[e,k,i]| / J
-        # (each event worth <= one J); allow ceil(lambda + 4 sqrt(lambda)) jumps of J.
-        hard_b = hard_b + _flip_jumps(p_b, step, w2, rexp, valid, wts)
-        var_flip = p_b * step ** 2  # kept for the z-scores only (the hard term bounds the flips)
-        var_c2 = torch.zeros_like(var_c2)
-    else:
-        var_flip = torch.zeros_like(var_c2)
-    prop_sq_b, _ = _per_expert_gemm_scales(var_c2.sqrt(), w2, rexp, valid)
-    var_b = ((prop_sq_b * wts[..., None] ** 2 + (u_acc * growth2 * s2) ** 2
-              + n_round_c3 * (ulp(c3, S) * r12) ** 2) * vmask).sum(1)
-    var_b = var_b + (ulp(out, S) * (out != 0) * r12) ** 2 + (sum_err * r12) ** 2
+    def budget_terms(sig_acc1, sig_acc2, with_hard: bool):
+        """(var_b, hard_b, var_flip) for given accumulation std of GEMM1 (per c1) and GEMM2 (per c3)."""
+        var_c1 = n_round_c1 * (ulp_c1 * r12) ** 2 + sig_acc1 ** 2
+        if inputs.apply_router_weight_on_input:
+            # the kernel (and mirror) round x * w to S; exact does not: that error crosses GEMM1
+            xa = x.abs()
+            var_x = (2.0 * uS * xa) ** 2 / 12.0
+            if scheme.act_granularity is not None:
+                # ... and then it can flip an input quantization code (p = 0.8 sigma / step, jump =
+                # step): variance p * step^2 = 0.8 sigma step, step <= 2^-3 |x| (fp8) or amax/127 (int8)
+                step_x = (xa * 2.0 ** -3 if scheme.act_dtype == FP8_DTYPE
+                          else xa.amax(-1, keepdim=True).expand_as(xa) / 127.0)
+                var_x = 0.8 * var_x.sqrt() * step_x
+            vx = var_x.sqrt()[:, None, :].expand(M, T, K)
+            var_c1 = var_c1 + _per_expert_gemm_scales(vx, w1, rexp, valid)[0]
+        var_c2 = (ulp_c2 * r12) ** 2 + _act_sensitivity(c1, var_c1.sqrt(), act) ** 2 + (ACT_FP32_ULPS * U32 * c2) ** 2
+        hard_b = torch.zeros_like(out)
+        gran = scheme.act_granularity
+        if gran is not None:
+            # exact requantizes its own c2 too. Two effects remain:
+            # (1) a dynamic scale is max|c2| / QMAX over the group, and the kernel's c2 carries errors,
+            #     so its scale differs by rel <= Z sigma(argmax) / amax: every dequantized element of
+            #     the group moves by rel * |c2_in| in the SAME direction (correlated, so a hard term:
+            #     rel * w * sum_i |c2_in| |w2|);
+            # (2) a code flips where the c2 error or that shift carries a value across a midpoint:
+            #     probability p = (E|dc2| + rel |c2|) / step (E|d| = 0.8 sigma), jump one step:
+            #     variance p * step^2.
+            sig_pre = var_c2.sqrt()
+            amax = c2.abs().amax(-1)
+            if gran in ("token", "token_group"):
+                rel = Z_BUDGET * sig_pre.amax(-1) / amax.clamp_min(1e-300)
+            elif gran == "tensor_dynamic" and valid.any():
+                rel = (Z_BUDGET * sig_pre[valid].max() / amax[valid].max().clamp_min(1e-300)).expand_as(amax)
+            else:  # a static scale does not move
+                rel = torch.zeros_like(amax)
+            rel = torch.clamp(rel, max=1.0)
+            mass, _ = _per_expert_gemm_scales(c2_in, w2, rexp, valid, power=1)
+            hard_b = (rel[..., None] * wts[..., None] * mass * vmask).sum(1)
+            p_b = torch.clamp((0.8 * sig_pre + rel[..., None] * c2.abs()) / step.clamp_min(1e-300), max=1.0)
+            # Flips are rare, large jumps (a big element's step can be 100x the median): a Gaussian
+            # Z sigma misses them. Count them as a Poisson number of jumps instead: per route and
+            # column, J = max_i step_i |w2[e,k,i]| and lambda = sum_i p_i step_i |w2[e,k,i]| / J
+            # (each event worth <= one J); allow ceil(lambda + 4 sqrt(lambda)) jumps of J.
+            if with_hard:
+                hard_b = hard_b + _flip_jumps(p_b, step, w2, rexp, valid, wts)
+            var_flip = p_b * step ** 2  # kept for the z-scores only (the hard term bounds the flips)
+            var_c2 = torch.zeros_like(var_c2)
+        else:
+            var_flip = torch.zeros_like(var_c2)
+        prop_sq_b, _ = _per_expert_gemm_scales(var_c2.sqrt(), w2, rexp, valid)
+        var_b = ((prop_sq_b * wts[..., None] ** 2 + sig_acc2 ** 2
+                  + n_round_c3 * (ulp(c3, S) * r12) ** 2) * vmask).sum(1)
+        var_b = var_b + (ulp(out, S) * (out != 0) * r12) ** 2 + (sum_err * r12) ** 2
+        return var_b, hard_b, var_flip
+
+    var_b, hard_b, var_flip = budget_terms(sigma_c1, u_acc * growth2 * s2, True)
     sigma_b = var_b.sqrt()
     allowed_b = hard_b + Z_BUDGET * sigma_b
+    # z-scores: the same model at the typical accumulation error (acc_error_typical plus one fp32
+    # epilogue operation), not the sequential worst case the bound uses
+    operand = scheme.act_dtype if scheme.act_dtype is not None else S
+    native_fp8 = scheme.is_fp8 and native_gpu
+    typ1, typ2 = acc_error_typical(K, operand, native_fp8)[0], acc_error_typical(I, operand, native_fp8)[0]
+    var_bz, _, var_flip = budget_terms(((typ1 * s1) ** 2 + (EPILOGUE_OP_SIGMA * U32 * c1) ** 2).sqrt(),
+                                       ((typ2 * s2) ** 2 + (EPILOGUE_OP_SIGMA * U32 * c3) ** 2).sqrt(), False)
     flip_sq, _ = _per_expert_gemm_scales(var_flip.sqrt(), w2, rexp, valid)
-    sigma_z = (var_b + (flip_sq * wts[..., None] ** 2 * vmask).sum(1)).sqrt()
+    sigma_z = (var_bz + (flip_sq * wts[..., None] ** 2 * vmask).sum(1)).sqrt()
     q_note = {None: "none"}.get(scheme.act_granularity, f"{scheme.act_dtype} step (ulp at the value x scale)".replace("torch.", ""))
     budget = Bound(
         name="budget", allowed=allowed_b, sigma=sigma_z.clamp_min(1e-300), atol=0.0, rtol=uS, z=Z_BUDGET,
@@ -716,8 +729,9 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             "c1 errors reach c2 through |f'| <= 1.13 (|u| dg + |g| du); relu2: 2|g| dg",
             "GEMM2 propagates independent c2_in errors as sqrt(sum_i w2^2 sigma_i^2) (the s_ij scale, not |ref|)",
             f"{acc_note}",
-            f"allowed = scale-shift term + Z={Z_BUDGET} x sigma (sigma is the modelled standard deviation: "
-            "z-scores d/sigma should have std ~1)",
+            f"allowed = scale-shift term + Z={Z_BUDGET} x sigma (sigma with the sequential worst-case accumulation)",
+            "z-scores d/sigma (RMS ~1 expected) use the same model at the typical accumulation error "
+            f"({typ1 / U32:.3g} u32 s1, {typ2 / U32:.3g} u32 s2; flip_aware_sigma's constants) plus the flips' variance",
         ],
         terms={"u_S": uS, "u_acc": u_acc, "sigma_max": float(sigma_b.max()) if sigma_b.numel() else 0.0,
                "scale_shift_max": float(hard_b.max()) if hard_b.numel() else 0.0},
