@@ -15,9 +15,14 @@ Two oracles, two bounds:
   error's standard deviation uses the scale ``sqrt(sum_i a_i^2 b_i^2)`` (never ``|ref|``, which
   cancellation can make arbitrarily small).
 
-Both are per output element: ``allowed[m, k] = hard[m, k] + Z * sigma[m, k]``. ``Bound`` keeps the
-tensors for the comparison and serializes to the results schema (``atol``, ``rtol``,
-``derivation`` lines and the named terms).
+Both are per output element: ``allowed[m, k] = hard[m, k] + Z * sigma[m, k]``, from conservative
+rates (capped flip probabilities, the sequential worst case of fp32 accumulation). ``Bound.sigma``
+is what the z-scores divide by (calibration.py): the modelled standard deviation of the whole
+difference at *typical* rates, so that ``z = d / sigma`` has RMS ~1 for a correct kernel. For the
+gate that is ``flip_aware_sigma`` (the discrete flips included, propagated stage by stage); for
+the budget, its own model at the typical accumulation error. ``Bound`` keeps the tensors for the
+comparison and serializes to the results schema (``atol``, ``rtol``, ``derivation`` lines and the
+named terms).
 """
 
 from __future__ import annotations
@@ -99,7 +104,7 @@ class Bound:
 
     name: str
     allowed: torch.Tensor  # [M, K] float64: |kernel - oracle| <= allowed
-    sigma: torch.Tensor  # [M, K] float64: modelled std of the continuous part (for z-scores)
+    sigma: torch.Tensor  # [M, K] float64: modelled std of |kernel - oracle| at typical rates (z-scores)
     atol: float
     rtol: float
     z: float
@@ -256,16 +261,17 @@ def _flip_jumps(p: torch.Tensor, jump: torch.Tensor, w2: torch.Tensor, route_exp
 # - fp32 dot of length n in BLOCK_K tiles (BK = min(n, 64)): each tile is a recursive sum (error
 #   variance 0.18 u^2 |S_k|^2 per add with |S_k|^2 ~ k s^2 / n: 0.09 u^2 BK s^2 over the tiles),
 #   and the tiles are summed recursively again (0.09 u^2 (n / BK) s^2): sigma = 0.3 u s
-#   sqrt(BK + n / BK) where products round (fp16, fp32: measured 0.28-0.31). bf16 x bf16 (and
-#   fp8) products are exact with <= 16 significant bits, and an add then rounds only when the
-#   partial sum exceeds the product 2^8-fold (~10% of adds for Gaussian data): measured 0.1.
-#   Flip-driving: A = 0.09 u s sqrt(n) (rounded products) and 0.045 u s sqrt(n) (exact ones),
-#   from flip counts over 6 x 2^20 elements at n = 256, BLOCK_K = 32, where |c| >= s / 4 (the flat
-#   part; tinier results flip about half as often, but their steps are too small to matter for
-#   the variance); the interpreted kernel's GEMM1 reads 0.09-0.12 and 0.01-0.04 (few flips).
-#   fp8 x fp8 products have <= 8 significant
-#   bits, so an add rounds only past a 2^16-fold ratio: A = 0.002 u s sqrt(n) measured (sigma
-#   taken as 0.01). int8 x int8 -> int32 is exact.
+#   sqrt(BK + n / BK) where nearly every add rounds (fp16 x fp16 products carry 22 significant
+#   bits, fp32 ones round themselves: measured 0.28-0.31). A product of b significant bits is exact
+#   in fp32, and an add then rounds only when the partial sum exceeds it 2^(24-b)-fold: bf16 x bf16
+#   (b = 16) rounds in ~10% of adds for Gaussian data (sigma measured 0.1), fp8 x fp8 (b = 8)
+#   almost never. Flip-driving A, in u s sqrt(n), from flip counts where |c| >= s / 4 (the flat
+#   part: tinier results flip about half as often, but their steps are too small to matter for
+#   the variance) at n = 256, BLOCK_K = 32, 4-8 x 2^20 elements, by product bits (ACC_CLASSES):
+#   fp16 x fp16 (22) 0.09; bf16 x bf16 (16) 0.045; fp16 x int8 (18) 0.039; bf16 x int8 (15) 0.014;
+#   fp16 x int4 (15) 0.012; bf16 x int4 (12) 0.001; fp8 x fp8 (8) 0.002. The interpreted kernel's
+#   GEMM1 reads 0.09-0.12 (fp16) and 0.01-0.04 (bf16, few flips). sigma: 0.3 and 0.1 measured for
+#   the first two classes, ~2.5 A taken below them. int8 x int8 -> int32 is exact.
 #   Hopper's fp8 MMA: sigma = A / 0.8 = 2^-16 (1 + sqrt(n/6)) s (relF 7e-5 at K=64, TRITON_NOTES).
 # - fp32 epilogue operations (dequantization multiplies, bias add, router weight): sigma =
 #   0.42 u |c| each (a uniform rounding error has variance ulp^2 / 12, and E[ulp^2] = 2.16 u^2 |c|^2
@@ -273,8 +279,8 @@ def _flip_jumps(p: torch.Tensor, jump: torch.Tensor, w2: torch.Tensor, route_exp
 # - fp32 activation math, kernel vs the mirror's torch fp32, relative to (|c2| + |g| |u|) (the
 #   |g||u| term is where gelu cancels): sigma 0.25 u, A 0.06 u (0.15 u for the gelu_tanh pair,
 #   whose tanh is 2 sigmoid(2y) - 1); relu2 is one correctly rounded product on both sides: 0.
-ACC_SIGMA_KAPPA = {"fp8_products": 0.01, "exact_products": 0.1, "rounded_products": 0.3}
-ACC_FLIP_KAPPA = {"fp8_products": 0.002, "exact_products": 0.045, "rounded_products": 0.09}
+# (minimum product bits, sigma, A), first match wins
+ACC_CLASSES = ((20, 0.3, 0.09), (16, 0.1, 0.045), (13, 0.03, 0.013), (0, 0.01, 0.002))
 ACC_TILE = 64
 U_ACC_FP8_NATIVE_TYPICAL = 2.0 ** -16
 EPILOGUE_OP_SIGMA = 0.42  # x u32 |value| per fp32 operation
@@ -284,21 +290,33 @@ ACT_FLIP_DEFAULT = 0.06
 _MEAN_ABS = math.sqrt(2.0 / math.pi)  # E|C| / sigma for a Gaussian C
 
 
-def acc_error_typical(n: int, operand_dtype: Optional[torch.dtype], native_fp8: bool = False) -> Tuple[float, float]:
+def product_bits(scheme: QuantScheme, S: torch.dtype) -> Optional[int]:
+    """Significant bits of one GEMM product for ``scheme`` with storage ``S`` (None: int8 x int8,
+    accumulated exactly in int32). Weight-only int formats: int8 carries 7 magnitude bits, int4
+    minus its zero point 4."""
+    if scheme.act_dtype == torch.int8:
+        return None
+    if scheme.act_dtype == FP8_DTYPE:
+        return 2 * PRECISION_BITS[FP8_DTYPE]
+    act = PRECISION_BITS[S]
+    weight = {torch.int8: 7}.get(scheme.weight_dtype, 4 if scheme.weight_granularity == "group" else act)
+    return act + weight
+
+
+def acc_error_typical(n: int, bits: Optional[int], native_fp8: bool = False) -> Tuple[float, float]:
     """(sigma, A) of an fp32-accumulated dot of length n, in units of s = sqrt(sum a^2 b^2).
 
-    ``operand_dtype``: the dtype the dot multiplies (bf16, fp16, fp32, fp8 e4m3, int8).
+    ``bits``: significant bits of one product (``product_bits``; None = exact int32 accumulation).
     """
     n = max(int(n), 1)
-    if operand_dtype == torch.int8:
+    if bits is None:
         return 0.0, 0.0
     if native_fp8:
         sigma = U_ACC_FP8_NATIVE_TYPICAL * _acc_growth(n) / _MEAN_ABS
         return sigma, _MEAN_ABS * sigma
-    kind = ("fp8_products" if operand_dtype == FP8_DTYPE
-            else "exact_products" if operand_dtype == torch.bfloat16 else "rounded_products")
+    sigma_k, flip_k = next((sk, fk) for min_bits, sk, fk in ACC_CLASSES if bits >= min_bits)
     bk = min(n, ACC_TILE)
-    return ACC_SIGMA_KAPPA[kind] * U32 * math.sqrt(bk + n / bk), ACC_FLIP_KAPPA[kind] * U32 * math.sqrt(n)
+    return sigma_k * U32 * math.sqrt(bk + n / bk), flip_k * U32 * math.sqrt(n)
 
 
 def round_both(V: torch.Tensor, A_c: torch.Tensor, A_d: torch.Tensor, p_d: torch.Tensor, q: torch.Tensor,
@@ -377,9 +395,9 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
     clamp_limit = quant.gemm1_clamp_limit if quant is not None else None
     fused = (act is Activation.SILU and scheme is QuantScheme.FP8_BLOCK128 and inputs.lora is None
              and clamp_limit is None)
-    operand = scheme.act_dtype if scheme.act_dtype is not None else S
+    bits = product_bits(scheme, S)
     native_fp8 = scheme.is_fp8 and native_gpu
-    (k1, a1), (k2, a2) = acc_error_typical(x.shape[1], operand, native_fp8), acc_error_typical(I, operand, native_fp8)
+    (k1, a1), (k2, a2) = acc_error_typical(x.shape[1], bits, native_fp8), acc_error_typical(I, bits, native_fp8)
     n_epi1 = int(scheme.act_dtype is not None) + int(scheme.weight_dtype is not None) \
         + int(quant is not None and quant.w1_bias is not None)
     n_epi2 = int(scheme.act_dtype is not None) + int(scheme.weight_dtype is not None) \
@@ -706,9 +724,9 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     allowed_b = hard_b + Z_BUDGET * sigma_b
     # z-scores: the same model at the typical accumulation error (acc_error_typical plus one fp32
     # epilogue operation), not the sequential worst case the bound uses
-    operand = scheme.act_dtype if scheme.act_dtype is not None else S
+    bits = product_bits(scheme, S)
     native_fp8 = scheme.is_fp8 and native_gpu
-    typ1, typ2 = acc_error_typical(K, operand, native_fp8)[0], acc_error_typical(I, operand, native_fp8)[0]
+    typ1, typ2 = acc_error_typical(K, bits, native_fp8)[0], acc_error_typical(I, bits, native_fp8)[0]
     var_bz, _, var_flip = budget_terms(((typ1 * s1) ** 2 + (EPILOGUE_OP_SIGMA * U32 * c1) ** 2).sqrt(),
                                        ((typ2 * s2) ** 2 + (EPILOGUE_OP_SIGMA * U32 * c3) ** 2).sqrt(), False)
     flip_sq, _ = _per_expert_gemm_scales(var_flip.sqrt(), w2, rexp, valid)

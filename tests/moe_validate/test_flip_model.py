@@ -17,7 +17,8 @@ from moe_validate import runner
 from moe_validate import tolerance as tol
 from moe_validate.calibration import DEFAULT_BAND, MIN_FLIP_EVENTS, calibrate
 from moe_validate.matrix import Case
-from moe_validate.tolerance import U32, acc_error_typical, round_both, ulp
+from moe_validate.spec import QuantScheme
+from moe_validate.tolerance import U32, acc_error_typical, product_bits, round_both, ulp
 
 GATE_BAND = (0.5, 2.0)  # the "RMS near 1": a factor 2 either way (4x in variance)
 
@@ -65,21 +66,27 @@ def test_round_both_matches_monte_carlo(kind, size):
 # ---------------------------------------------------------------------------------------------
 # Typical accumulation error of a blocked fp32 dot (what the interpreter's tl.dot loop computes)
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_accumulation_constants_match_a_blocked_fp32_dot(dtype):
+@pytest.mark.parametrize("dtype, scheme", [(torch.bfloat16, "none"), (torch.float16, "none"),
+                                           (torch.float16, "int8_w8a16"), (torch.float16, "int4_w4a16")])
+def test_accumulation_constants_match_a_blocked_fp32_dot(dtype, scheme):
     rows, cols, n, block_k = 2048, 2048, 256, 32  # 4M elements: ~40 bf16 flips expected at |c| >= s/4
     g = torch.Generator().manual_seed(2)
     a = torch.randn(rows, n, generator=g).to(dtype).float().numpy()
-    b = (torch.randn(n, cols, generator=g) / math.sqrt(n)).to(dtype).float().numpy()
+    if scheme == "none":
+        b = (torch.randn(n, cols, generator=g) / math.sqrt(n)).to(dtype).float().numpy()
+    else:  # integer weights (their scale is applied after the K loop): int8 codes, int4 minus zero point
+        hi = 128 if scheme == "int8_w8a16" else 8
+        b = torch.randint(-hi + 1, hi, (n, cols), generator=g).float().numpy()
     acc = np.zeros((rows, cols), np.float32)
     for k0 in range(0, n, block_k):  # acc += dot(tile) in fp32, as the kernel's K loop
         acc = np.matmul(a[:, k0:k0 + block_k], b[k0:k0 + block_k], dtype=np.float32) + acc
     exact = torch.from_numpy(a.astype(np.float64) @ b.astype(np.float64))
     s = torch.from_numpy(np.sqrt((a.astype(np.float64) ** 2) @ (b.astype(np.float64) ** 2)))
     acc64 = torch.from_numpy(acc).double()
-    sigma, flip_a = acc_error_typical(n, dtype)
-    measured_sigma = float(((acc64 - exact) / s).pow(2).mean().sqrt())
-    assert measured_sigma / sigma == pytest.approx(1.0, abs=0.5), (measured_sigma / U32, sigma / U32)
+    sigma, flip_a = acc_error_typical(n, product_bits(QuantScheme.parse(scheme), dtype))
+    if scheme == "none":  # sigma is measured for these two classes (taken as ~2.5 A for the others)
+        measured_sigma = float(((acc64 - exact) / s).pow(2).mean().sqrt())
+        assert measured_sigma / sigma == pytest.approx(1.0, abs=0.5), (measured_sigma / U32, sigma / U32)
     # flips where |c| >= s / 4 (the variance-carrying elements; tinier results flip less, with tiny steps)
     q = ulp(exact, dtype)
     big = exact.abs() >= s / 4
@@ -89,13 +96,16 @@ def test_accumulation_constants_match_a_blocked_fp32_dot(dtype):
     assert 0.5 <= flips / expected <= 2.0, (flips, expected)
 
 
-def test_accumulation_kinds():
-    assert acc_error_typical(4096, torch.int8) == (0.0, 0.0)  # int32 accumulation is exact
-    bf16, fp16 = acc_error_typical(256, torch.bfloat16), acc_error_typical(256, torch.float16)
-    fp8 = acc_error_typical(256, tol.FP8_DTYPE)
-    assert fp8[1] < bf16[1] < fp16[1]  # fewer product bits, fewer adds that round
-    assert acc_error_typical(256, torch.float32) == fp16  # both round most adds
-    native = acc_error_typical(64, tol.FP8_DTYPE, native_fp8=True)
+def test_product_bits_and_accumulation_classes():
+    bits = lambda scheme, S: product_bits(QuantScheme.parse(scheme), S)  # noqa: E731
+    assert bits("int8_channel_token", torch.bfloat16) is None  # int32 accumulation
+    assert acc_error_typical(4096, None) == (0.0, 0.0)
+    assert (bits("none", torch.float32), bits("none", torch.float16), bits("none", torch.bfloat16)) == (48, 22, 16)
+    assert (bits("fp8_block128", torch.bfloat16), bits("int8_w8a16", torch.float16),
+            bits("int4_w4a16", torch.bfloat16)) == (8, 18, 12)
+    flip = [acc_error_typical(256, b)[1] for b in (8, 12, 15, 16, 22, 48)]
+    assert flip == sorted(flip) and flip[-2] == flip[-1]  # fewer product bits, fewer adds that round
+    native = acc_error_typical(64, 8, native_fp8=True)
     assert native[1] == pytest.approx(tol.U_ACC_FP8_NATIVE_TYPICAL * (1 + math.sqrt(64 / 6)))
 
 
