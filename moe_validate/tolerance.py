@@ -337,10 +337,11 @@ def _act_partials(c1: torch.Tensor, act: Activation, clamp_limit) -> Tuple[torch
     """(|df/dg|, |df/du|) per c2 element at c1 (float64 autograd of the reference activation)."""
     from reference.activations import apply_activation  # the harness may import reference
 
-    c1 = c1.detach().to(F64).clone().requires_grad_(True)
-    with torch.enable_grad():
+    # autograd even when the caller runs under no_grad or inference_mode
+    with torch.inference_mode(False), torch.enable_grad():
+        c1 = c1.detach().to(F64).clone().requires_grad_(True)
         apply_activation(c1, act, clamp_limit).sum().backward()
-    dg, du = _gate_up(c1.grad.abs(), act)
+    dg, du = _gate_up(c1.grad.detach().abs(), act)
     return dg, du
 
 

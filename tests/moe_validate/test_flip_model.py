@@ -196,3 +196,21 @@ def test_gate_and_budget_z_rms_are_calibrated_on_cpu():
         assert gate.events >= MIN_FLIP_EVENTS and not gate.few_events, table.format()
         assert GATE_BAND[0] <= gate.z_rms <= GATE_BAND[1], table.format()
         assert DEFAULT_BAND[0] <= budget.z_rms <= DEFAULT_BAND[1], table.format()
+
+
+def test_the_gate_records_its_flip_model_and_runs_under_inference_mode():
+    import reference
+    from moe_validate.inputs import make_inputs
+
+    case = Case.from_id("bf16-none-gelu-M7N64K64E4k2-s13")
+    with torch.inference_mode():  # a caller's inference mode must not break the activation's autograd
+        inputs = make_inputs(case)
+        mirror = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="mirror")
+        bounds = tol.derive(case, inputs, mirror, native_gpu=False)
+    gate = bounds["gate"].to_dict()
+    assert any(line.startswith("sigma (z-scores): flip-aware") for line in gate["derivation"])
+    assert gate["flip_events_expected"] > 0 and gate["sigma_cont_max"] > 0
+    # the z-score sigma is not the bound: flips are far larger than the continuous part it kept
+    assert float(bounds["gate"].sigma.max()) > 10 * gate["sigma_cont_max"]  # ~50x here (bf16, K=64)
+    valid_tokens = mirror["route_valid"].bool().any(1)
+    assert (bounds["gate"].sigma[valid_tokens] > 1e-200).all()
