@@ -15,9 +15,14 @@ Two oracles, two bounds:
   error's standard deviation uses the scale ``sqrt(sum_i a_i^2 b_i^2)`` (never ``|ref|``, which
   cancellation can make arbitrarily small).
 
-Both are per output element: ``allowed[m, k] = hard[m, k] + Z * sigma[m, k]``. ``Bound`` keeps the
-tensors for the comparison and serializes to the results schema (``atol``, ``rtol``,
-``derivation`` lines and the named terms).
+Both are per output element: ``allowed[m, k] = hard[m, k] + Z * sigma[m, k]``, from conservative
+rates (capped flip probabilities, the sequential worst case of fp32 accumulation). ``Bound.sigma``
+is what the z-scores divide by (calibration.py): the modelled standard deviation of the whole
+difference at *typical* rates, so that ``z = d / sigma`` has RMS ~1 for a correct kernel. For the
+gate that is ``flip_aware_sigma`` (the discrete flips included, propagated stage by stage); for
+the budget, its own model at the typical accumulation error. ``Bound`` keeps the tensors for the
+comparison and serializes to the results schema (``atol``, ``rtol``, ``derivation`` lines and the
+named terms).
 """
 
 from __future__ import annotations
@@ -99,7 +104,7 @@ class Bound:
 
     name: str
     allowed: torch.Tensor  # [M, K] float64: |kernel - oracle| <= allowed
-    sigma: torch.Tensor  # [M, K] float64: modelled std of the continuous part (for z-scores)
+    sigma: torch.Tensor  # [M, K] float64: modelled std of |kernel - oracle| at typical rates (z-scores)
     atol: float
     rtol: float
     z: float
@@ -223,6 +228,312 @@ def _flip_jumps(p: torch.Tensor, jump: torch.Tensor, w2: torch.Tensor, route_exp
 
 
 # =================================================================================================
+# The gate's flip-aware standard deviation (what the z-scores of kernel vs mirror divide by)
+# =================================================================================================
+# Kernel and mirror store the same quantities on the same grids; they differ only where the
+# kernel's fp32 arithmetic moves a value across a rounding midpoint that the float64 mirror does
+# not cross (a *flip*). The model follows the discrepancy D = kernel - mirror of every stored
+# element through the pipeline as three numbers: its variance V = E[D^2], its mean absolute value
+# A = E|D|, and the probability p that it is nonzero; a continuous fp32 error C ~ N(0, sigma^2)
+# joins before each rounding (E|C| = sqrt(2/pi) sigma = 0.8 sigma).
+#
+# Rounding both sides to a grid of spacing q (x uniform within its cell): for a fixed incoming
+# difference t q, the stored values differ by n q with n = floor(t) or floor(t) + 1, and
+# E[(stored difference)^2] = q^2 (t^2 + f (1 - f)) with f = frac(t), while E|stored difference| = t q
+# exactly. So a rounding keeps A, adds q^2 E[f (1 - f)] to V, and leaves only a discrete difference.
+# E[f (1 - f)] is t - t^2 ~ t for t << 1 (the flip: one step q with probability t) and 1/6 averaged
+# over f once differences reach q. Hence, per rounding,
+#     V' = V + q^2 h,   h = min(1/6, min(A_c / q, 1/6) + min(A_d / q, p_d / 6)),
+#     A' = A_c + A_d,   p' = min(1, min(A_c / q, 1) + min(A_d / q, p_d)),
+# with (A_c) the continuous and (A_d, p_d) the discrete parts of the incoming difference (a rare
+# discrete jump J of probability p gives h = p min(J / q, 1/6)).
+# Between roundings the differences move through the pipeline's maps: the activation's partial
+# derivatives (f'_g, f'_u, from float64 autograd at the mirror's c1), GEMM2 (a sum over i of
+# independent differences: V adds up with w2^2, A with |w2| but at most 0.8 sqrt(V), p adds up),
+# the router weight, the fp32 top-k sum (exact for equal inputs: it adds no continuous term).
+#
+# Typical (not worst-case) continuous errors. Each has a standard deviation sigma (what it adds to
+# V) and a *flip-driving* mean absolute value A (what moves a value across a midpoint: the chance
+# of a flip at a rounding to q is A / q). They differ because the kernel's last fp32 rounding
+# before a store cannot flip it: RN_S(RN_32(y)) = RN_S(y) but at double-rounding ties. Measured on
+# the CPU interpreter (2026-11-24; tests/moe_validate/test_flip_model.py re-measures each one) and
+# checked on a GPU by ``moe-validate calibrate``:
+# - fp32 dot of length n in BLOCK_K tiles (BK = min(n, 64)): each tile is a recursive sum (error
+#   variance 0.18 u^2 |S_k|^2 per add with |S_k|^2 ~ k s^2 / n: 0.09 u^2 BK s^2 over the tiles),
+#   and the tiles are summed recursively again (0.09 u^2 (n / BK) s^2): sigma = 0.3 u s
+#   sqrt(BK + n / BK) where nearly every add rounds (fp16 x fp16 products carry 22 significant
+#   bits, fp32 ones round themselves: measured 0.28-0.31). A product of b significant bits is exact
+#   in fp32, and an add then rounds only when the partial sum exceeds it 2^(24-b)-fold: bf16 x bf16
+#   (b = 16) rounds in ~10% of adds for Gaussian data (sigma measured 0.1), fp8 x fp8 (b = 8)
+#   almost never. Flip-driving A, in u s sqrt(n), from flip counts where |c| >= s / 4 (the flat
+#   part: tinier results flip about half as often, but their steps are too small to matter for
+#   the variance) at n = 256, BLOCK_K = 32, 4-8 x 2^20 elements, by product bits (ACC_CLASSES):
+#   fp16 x fp16 (22) 0.09; bf16 x bf16 (16) 0.045; fp16 x int8 (18) 0.039; bf16 x int8 (15) 0.014;
+#   fp16 x int4 (15) 0.012; bf16 x int4 (12) 0.001; fp8 x fp8 (8) 0.002. The interpreted kernel's
+#   GEMM1 reads 0.09-0.12 (fp16) and 0.01-0.04 (bf16, few flips). sigma: 0.3 and 0.1 measured for
+#   the first two classes, ~2.5 A taken below them. int8 x int8 -> int32 is exact.
+#   Hopper's fp8 MMA: sigma = A / 0.8 = 2^-16 (1 + sqrt(n/6)) s (relF 7e-5 at K=64, TRITON_NOTES).
+# - fp32 epilogue operations (dequantization multiplies, bias add, router weight): sigma =
+#   0.42 u |c| each (a uniform rounding error has variance ulp^2 / 12, and E[ulp^2] = 2.16 u^2 |c|^2
+#   over a binade), A = 0.8 sigma.
+# - fp32 activation math, kernel vs the mirror's torch fp32, relative to (|c2| + |g| |u|) (the
+#   |g||u| term is where gelu cancels): sigma 0.25 u, A 0.06 u (0.15 u for the gelu_tanh pair,
+#   whose tanh is 2 sigmoid(2y) - 1); relu2 is one correctly rounded product on both sides: 0.
+# (minimum product bits, sigma, A), first match wins
+ACC_CLASSES = ((20, 0.3, 0.09), (16, 0.1, 0.045), (13, 0.03, 0.013), (0, 0.01, 0.002))
+ACC_TILE = 64
+U_ACC_FP8_NATIVE_TYPICAL = 2.0 ** -16
+EPILOGUE_OP_SIGMA = 0.42  # x u32 |value| per fp32 operation
+ACT_SIGMA = 0.25  # x u32 (|c2| + |g| |u|)
+ACT_FLIP = {Activation.GELU_TANH: 0.15, Activation.GELU_TANH_NO_MUL: 0.15, Activation.RELU2_NO_MUL: 0.0}
+ACT_FLIP_DEFAULT = 0.06
+_MEAN_ABS = math.sqrt(2.0 / math.pi)  # E|C| / sigma for a Gaussian C
+
+
+def product_bits(scheme: QuantScheme, S: torch.dtype) -> Optional[int]:
+    """Significant bits of one GEMM product for ``scheme`` with storage ``S`` (None: int8 x int8,
+    accumulated exactly in int32). Weight-only int formats: int8 carries 7 magnitude bits, int4
+    minus its zero point 4."""
+    if scheme.act_dtype == torch.int8:
+        return None
+    if scheme.act_dtype == FP8_DTYPE:
+        return 2 * PRECISION_BITS[FP8_DTYPE]
+    act = PRECISION_BITS[S]
+    weight = {torch.int8: 7}.get(scheme.weight_dtype, 4 if scheme.weight_granularity == "group" else act)
+    return act + weight
+
+
+def acc_error_typical(n: int, bits: Optional[int], native_fp8: bool = False) -> Tuple[float, float]:
+    """(sigma, A) of an fp32-accumulated dot of length n, in units of s = sqrt(sum a^2 b^2).
+
+    ``bits``: significant bits of one product (``product_bits``; None = exact int32 accumulation).
+    """
+    n = max(int(n), 1)
+    if bits is None:
+        return 0.0, 0.0
+    if native_fp8:
+        sigma = U_ACC_FP8_NATIVE_TYPICAL * _acc_growth(n) / _MEAN_ABS
+        return sigma, _MEAN_ABS * sigma
+    sigma_k, flip_k = next((sk, fk) for min_bits, sk, fk in ACC_CLASSES if bits >= min_bits)
+    bk = min(n, ACC_TILE)
+    return sigma_k * U32 * math.sqrt(bk + n / bk), flip_k * U32 * math.sqrt(n)
+
+
+def round_both(V: torch.Tensor, A_c: torch.Tensor, A_d: torch.Tensor, p_d: torch.Tensor, q: torch.Tensor,
+               n_round: int = 1) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(V, A, p) of the difference after kernel and mirror both round to the grid ``q`` (see above).
+
+    V: incoming variance (continuous and discrete parts together); A_c: E|continuous part|;
+    A_d, p_d: E|discrete part| and the probability that it is nonzero. ``n_round`` roundings of
+    the same grid in a row (each may flip) add their h terms.
+    """
+    qs = q.clamp_min(1e-300)
+    h = torch.clamp(torch.clamp(A_c / qs, max=1.0 / 6.0) + torch.minimum(A_d / qs, p_d / 6.0), max=1.0 / 6.0)
+    p = torch.clamp(torch.clamp(A_c / qs, max=1.0) + torch.minimum(A_d / qs, p_d), max=1.0)
+    return V + n_round * q ** 2 * h, A_c + A_d, torch.clamp(n_round * p, max=1.0)
+
+
+def _act_partials(c1: torch.Tensor, act: Activation, clamp_limit) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(|df/dg|, |df/du|) per c2 element at c1 (float64 autograd of the reference activation)."""
+    from reference.activations import apply_activation  # the harness may import reference
+
+    # autograd even when the caller runs under no_grad or inference_mode
+    with torch.inference_mode(False), torch.enable_grad():
+        c1 = c1.detach().to(F64).clone().requires_grad_(True)
+        apply_activation(c1, act, clamp_limit).sum().backward()
+    dg, du = _gate_up(c1.grad.detach().abs(), act)
+    return dg, du
+
+
+def _per_expert_matmul(a, w, route_expert, valid):
+    """[M, T, N]: sum_k a[r, k] w[e(r), n, k] (signed) for valid routes, zeros elsewhere."""
+    M, T = a.shape[0], a.shape[1]
+    out = torch.zeros(M, T, w.shape[1], dtype=F64, device=a.device)
+    for e in range(w.shape[0]):
+        sel = valid & (route_expert == e)
+        if sel.any():
+            out[sel] = a[sel] @ w[e].to(F64).T
+    return out
+
+
+def _sum_over_inputs(V, A, p, w, route_expert, valid, wts):
+    """A linear map sum_i w[e, k, i] D_i (times the router weight) of independent differences D_i."""
+    var, _ = _per_expert_gemm_scales(V.clamp_min(0).sqrt(), w, route_expert, valid, power=2)
+    mass, _ = _per_expert_gemm_scales(A, w, route_expert, valid, power=1)
+    var = var * wts[..., None] ** 2
+    mean_abs = torch.minimum(mass * wts[..., None], _MEAN_ABS * var.sqrt())
+    events = torch.clamp(p.sum(-1, keepdim=True), max=1.0).expand_as(var)
+    return var, mean_abs, events
+
+
+def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, native_gpu: bool,
+                     per_stage: Optional[Dict[str, torch.Tensor]] = None,
+                     ) -> Tuple[torch.Tensor, List[str], Dict[str, float]]:
+    """[M, K] modelled std of kernel - mirror, with derivation lines and summary terms (see above).
+
+    ``per_stage``: a dict to fill with the modelled (V, p) of every stored stage (``V_c1``,
+    ``p_c1``, ... ``V_out``, ``p_out``), for tests that compare them stage by stage.
+    """
+    act = Activation.parse(inputs.activation)
+    scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None)
+    quant = inputs.quant
+    S = storage_dtype(inputs.hidden_states.dtype)
+    valid = stages["route_valid"].to(torch.bool)
+    rexp = stages["route_expert"].long()
+    x, w1, w2 = stages["x"].to(F64), stages["w1"].to(F64), stages["w2"].to(F64)
+    c1, c2, c2_in, c3 = (stages[k].to(F64) for k in ("c1", "c2", "c2_in", "c3"))
+    out = stages["out"].to(F64)
+    M, K = out.shape
+    T = valid.shape[1]
+    I = c2.shape[-1]
+    vm = valid[..., None].to(F64)
+    wts = inputs.topk_weights.to(F64).to(out.device).abs()
+    if inputs.apply_router_weight_on_input:
+        wts = torch.ones_like(wts)
+    zeros_out = torch.zeros_like(out)
+    if M == 0 or K == 0 or T == 0:
+        return zeros_out, ["no output element: nothing to model"], {"flip_events_expected": 0.0}
+    clamp_limit = quant.gemm1_clamp_limit if quant is not None else None
+    fused = (act is Activation.SILU and scheme is QuantScheme.FP8_BLOCK128 and inputs.lora is None
+             and clamp_limit is None)
+    bits = product_bits(scheme, S)
+    native_fp8 = scheme.is_fp8 and native_gpu
+    (k1, a1), (k2, a2) = acc_error_typical(x.shape[1], bits, native_fp8), acc_error_typical(I, bits, native_fp8)
+    n_epi1 = int(scheme.act_dtype is not None) + int(scheme.weight_dtype is not None) \
+        + int(quant is not None and quant.w1_bias is not None)
+    n_epi2 = int(scheme.act_dtype is not None) + int(scheme.weight_dtype is not None) \
+        + int(quant is not None and quant.w2_bias is not None) + int(not inputs.apply_router_weight_on_input)
+
+    # --- c1 = round_S(acc1): continuous fp32 error, one rounding ----------------------------------
+    xr = x[:, None, :].expand(M, T, x.shape[1])
+    s1_sq, _ = _per_expert_gemm_scales(xr, w1, rexp, valid)
+    epi1 = EPILOGUE_OP_SIGMA * U32 * c1.abs() * math.sqrt(n_epi1)
+    s1_eff = s1_sq.sqrt()
+    var_c1_pre = ((k1 * s1_eff) ** 2 + epi1 ** 2) * vm
+    A1_pre = (a1 * s1_eff + _MEAN_ABS * epi1) * vm
+    zero1 = torch.zeros_like(c1)
+    V1, A1, p1 = round_both(var_c1_pre, A1_pre, zero1, zero1, ulp(c1, S))
+
+    # --- c2 = round_S(act(c1)) (not rounded on the fused silu + fp8_block128 path) ------------
+    dg, du = _act_partials(c1, act, clamp_limit)
+    Vg, Vu = _gate_up(V1, act)
+    Ag, Au = _gate_up(A1, act)
+    pg, pu = _gate_up(p1, act)
+    g_abs, u_abs = _gate_up(c1.abs(), act)
+    V2 = dg ** 2 * Vg
+    A2d = dg * Ag
+    p2d = pg.clone()
+    if du is not None:
+        V2, A2d, p2d = V2 + du ** 2 * Vu, A2d + du * Au, p2d + pu
+        act_scale = c2.abs() + g_abs * (u_abs + (1.0 if act is Activation.SWIGLUOAI else 0.0))
+    else:
+        act_scale = c2.abs() + g_abs
+    act_flip = ACT_FLIP.get(act, ACT_FLIP_DEFAULT)
+    sig_act = (ACT_SIGMA if act_flip else 0.0) * U32 * act_scale * vm
+    V2 = V2 + sig_act ** 2
+    A2c = act_flip * U32 * act_scale * vm
+    p2d = torch.clamp(p2d, max=1.0)
+    if not fused:
+        V2, A2, p2 = round_both(V2, A2c, A2d, p2d, ulp(c2, S))
+        A2c = torch.zeros_like(A2)
+        A2d, p2d = A2, p2
+    V_c2, p_c2 = V2, p2d  # c2 as stored (before any requantization)
+    lines = [
+        "sigma (z-scores): flip-aware std of kernel - mirror; per stored element track V = E[D^2], A = E|D|, "
+        "p = P(D != 0); a rounding to grid q keeps A and adds q^2 min(1/6, A_c/q + min(A_d/q, p_d/6))",
+        f"continuous sources (typical sigma / flip-driving A): accumulation {k1 / U32:.3g} / {a1 / U32:.3g} u32 s1 "
+        f"(GEMM1, n={x.shape[1]}) and {k2 / U32:.3g} / {a2 / U32:.3g} u32 s2 (GEMM2, n={I}); epilogue "
+        f"{EPILOGUE_OP_SIGMA} / {EPILOGUE_OP_SIGMA * _MEAN_ABS:.2g} u32 |c| per fp32 op ({n_epi1} in GEMM1, {n_epi2} in GEMM2); "
+        f"activation {ACT_SIGMA if act_flip else 0} / {act_flip} u32 (|c2| + |g||u|)",
+        "propagation: c1 -> c2 by |df/dg|, |df/du| (float64 autograd at the mirror's c1); "
+        "GEMM2 sums independent c2_in differences: V w^2 sum_i w2^2 V_i, A <= min(w sum_i |w2| A_i, 0.8 sqrt(V))",
+    ]
+
+    # --- requantization of c2 (codes and, for dynamic scales, the scale itself) -----------------
+    coherent = None  # [M, T, K] variance of a group-wide scale shift, carried through GEMM2 coherently
+    coherent_out = None  # the same for a per-tensor dynamic scale: every route moves together
+    gran = scheme.act_granularity
+    if gran is not None:
+        step = _requant_step(c2_in, valid, scheme, inputs)
+        amax_src = c2.abs() * vm
+        rho_var = rho_abs = rho_p = None
+        if gran in ("token", "token_group"):
+            width = 128 if gran == "token_group" else max(I, 1)
+            coherent = torch.zeros(M, T, K, dtype=F64, device=out.device)
+            rho_var, rho_abs, rho_p = (torch.zeros_like(c2) for _ in range(3))
+            for g0 in range(0, I, width):
+                grp = slice(g0, min(I, g0 + width))
+                amax, arg = amax_src[..., grp].max(-1, keepdim=True)
+                inv = 1.0 / amax.clamp_min(1e-300)
+                rv = torch.gather(V2[..., grp], -1, arg) * inv ** 2
+                ra = torch.gather(A2d[..., grp] + A2c[..., grp], -1, arg) * inv
+                rp = torch.gather(p2d[..., grp], -1, arg)
+                rho_var[..., grp], rho_abs[..., grp], rho_p[..., grp] = rv, ra, rp  # broadcast over the group
+                part = torch.zeros_like(c2)
+                part[..., grp] = c2_in[..., grp]
+                coherent += rv * (_per_expert_matmul(part, w2, rexp, valid) * wts[..., None]) ** 2
+        elif gran == "tensor_dynamic" and valid.any():
+            flat = amax_src.reshape(-1)
+            idx = int(flat.argmax())
+            amax = flat[idx].clamp_min(1e-300)
+            rv = V2.reshape(-1)[idx] / amax ** 2
+            rho_var = torch.full_like(c2, float(rv))
+            rho_abs = torch.full_like(c2, float((A2d.reshape(-1)[idx] + A2c.reshape(-1)[idx]) / amax))
+            rho_p = torch.full_like(c2, float(p2d.reshape(-1)[idx]))
+            coherent_out = rv  # times out^2 below
+        # the scale shift also moves every code of the group toward a midpoint: one more discrete source
+        if rho_abs is not None:
+            A_scale = rho_abs * c2_in.abs()
+            A2d_q = A2d + A_scale
+            p2d_q = torch.clamp(p2d + rho_p, max=1.0)
+        else:
+            A2d_q, p2d_q = A2d, p2d
+        V2, A2, p2 = round_both(V2, A2c, A2d_q, p2d_q, step)
+        A2c = torch.zeros_like(A2)
+        lines.append(f"requantization ({gran}): a rounding to the code step; a dynamic scale moves with its "
+                     "group's amax element: relative rho = D_amax / amax shifts the group coherently "
+                     "(variance E[rho^2] (w sum_group c2_in w2)^2) and moves codes by rho |c2_in|")
+    else:
+        A2 = A2d + A2c
+
+    # --- c3 = round_S(w (c2_in . w2 + b2)) -------------------------------------------------------
+    V3, A3d, p3d = _sum_over_inputs(V2 * vm, A2 * vm, p2 * vm, w2, rexp, valid, wts)
+    s2_sq, _ = _per_expert_gemm_scales(c2_in, w2, rexp, valid)
+    epi2 = EPILOGUE_OP_SIGMA * U32 * c3.abs() * math.sqrt(n_epi2)
+    s2_eff = s2_sq.sqrt() * wts[..., None]
+    var_c3_cont = ((k2 * s2_eff) ** 2 + epi2 ** 2) * vm
+    A3c = (a2 * s2_eff + _MEAN_ABS * epi2) * vm
+    V3 = V3 + var_c3_cont
+    if coherent is not None:
+        V3 = V3 + coherent * vm
+    V3, A3, p3 = round_both(V3, A3c, A3d * vm, p3d * vm, ulp(c3, S))
+
+    # --- out = round_S(sum_j c3[m, j]) in fp32 (equal inputs give equal sums) -------------------
+    Vo = (V3 * vm).sum(1)
+    Ao = torch.minimum((A3 * vm).sum(1), _MEAN_ABS * Vo.sqrt())
+    po = torch.clamp((p3 * vm).sum(1), max=1.0)
+    if coherent_out is not None:
+        Vo = Vo + coherent_out * out ** 2
+    Vo, _, _ = round_both(Vo, torch.zeros_like(Vo), Ao, po, ulp(out, S))
+    Vo = Vo * valid.any(1, keepdim=True).to(F64)  # a token without a valid route is exactly zero
+    lines.append("out: the fp32 top-k sum of equal c3 is equal; differing c3 add up (V, A, p summed over slots), "
+                 "then the final rounding to S")
+    if inputs.lora is not None:
+        lines.append("LoRA: its deltas are small next to c1 and c3; their own fp32 noise is not modelled")
+    sig = Vo.sqrt()
+    if per_stage is not None:
+        per_stage.update(V_c1=V1, p_c1=p1, V_c2=V_c2, p_c2=p_c2, V_c2_in=V2, p_c2_in=p2, V_c3=V3, p_c3=p3,
+                         V_out=Vo, p_out=po)
+    terms = {"sigma_flip_max": float(sig.max()), "sigma_flip_median": float(sig.median()),
+             "flip_p_c1_mean": float(p1[valid].mean()) if valid.any() else 0.0,
+             "flip_p_out_mean": float(po[valid.any(1)].mean()) if valid.any() else 0.0,
+             # expected number of output elements that differ from the mirror (calibration.py
+             # trusts a pooled gate RMS only when enough of them are expected)
+             "flip_events_expected": float(po.sum())}
+    return sig, lines, terms
+
+
+# =================================================================================================
 # The derivation
 # =================================================================================================
 def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu: bool) -> Dict[str, Bound]:
@@ -317,8 +628,12 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     hard_gate = out_ulp + c3_ulps + sum_err + flip_term
     allowed_gate = hard_gate + Z_GATE * sigma_gate
 
+    # z-scores divide by the flip-aware standard deviation (the bound above covers flips by its
+    # hard terms; the continuous sigma alone would read flips as 100-1000 sigma events)
+    sigma_flip, flip_lines, flip_terms = flip_aware_sigma(inputs, stages, native_gpu=native_gpu)
+
     gate = Bound(
-        name="gate", allowed=allowed_gate, sigma=sigma_gate.clamp_min(1e-300), atol=0.0,
+        name="gate", allowed=allowed_gate, sigma=sigma_flip.clamp_min(1e-300), atol=0.0,
         rtol=2.0 * uS, z=Z_GATE,
         derivation=[
             "gate = kernel vs mirror: same quantizers and stores, differ by accumulation order and the flips it causes",
@@ -335,74 +650,88 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             "min(ceil(lambda + 4 sqrt(lambda)) J [Poisson tail < 1e-4], sqrt(2 V ln 1e6) + J ln(1e6)/3 "
             "[random signs, Bernstein]) x w",
         ] + (["fused silu+fp8_block128: the mirror skips round_S(c2) as the kernel does (SPEC step 8)"]
-             if fused_ok else []),
+             if fused_ok else []) + flip_lines,
         terms={
             "u_S": uS, "u_acc": u_acc, "growth_gemm1": growth1, "growth_gemm2": growth2,
             "flips_per_route_max": float(flips.max()) if flips.numel() else 0.0,
             "flip_lambda_mean": float(lam[valid].mean()) if valid.any() else 0.0,
             "flip_term_max": float(flip_term.max()) if flip_term.numel() else 0.0,
-            "sigma_max": float(sigma_gate.max()) if sigma_gate.numel() else 0.0,
+            "sigma_cont_max": float(sigma_gate.max()) if sigma_gate.numel() else 0.0,
             "n_round_c1": n_round_c1, "n_round_c3": n_round_c3,
+            **flip_terms,
         },
     )
 
     # ===================== budget: kernel vs exact ==============================================
     # Each rounding to nearest leaves a uniform error of std ulp/sqrt(12).
     r12 = 1.0 / math.sqrt(12.0)
-    var_c1 = n_round_c1 * (ulp_c1 * r12) ** 2 + sigma_c1 ** 2
-    if inputs.apply_router_weight_on_input:
-        # the kernel (and mirror) round x * w to S; exact does not: that error crosses GEMM1
-        xa = x.abs()
-        var_x = (2.0 * uS * xa) ** 2 / 12.0
-        if scheme.act_granularity is not None:
-            # ... and then it can flip an input quantization code (p = 0.8 sigma / step, jump =
-            # step): variance p * step^2 = 0.8 sigma step, step <= 2^-3 |x| (fp8) or amax/127 (int8)
-            step_x = (xa * 2.0 ** -3 if scheme.act_dtype == FP8_DTYPE
-                      else xa.amax(-1, keepdim=True).expand_as(xa) / 127.0)
-            var_x = 0.8 * var_x.sqrt() * step_x
-        vx = var_x.sqrt()[:, None, :].expand(M, T, K)
-        var_c1 = var_c1 + _per_expert_gemm_scales(vx, w1, rexp, valid)[0]
-    var_c2 = (ulp_c2 * r12) ** 2 + _act_sensitivity(c1, var_c1.sqrt(), act) ** 2 + (ACT_FP32_ULPS * U32 * c2) ** 2
-    hard_b = torch.zeros_like(out)
-    gran = scheme.act_granularity
-    if gran is not None:
-        # exact requantizes its own c2 too. Two effects remain:
-        # (1) a dynamic scale is max|c2| / QMAX over the group, and the kernel's c2 carries errors,
-        #     so its scale differs by rel <= Z sigma(argmax) / amax: every dequantized element of
-        #     the group moves by rel * |c2_in| in the SAME direction (correlated, so a hard term:
-        #     rel * w * sum_i |c2_in| |w2|);
-        # (2) a code flips where the c2 error or that shift carries a value across a midpoint:
-        #     probability p = (E|dc2| + rel |c2|) / step (E|d| = 0.8 sigma), jump one step:
-        #     variance p * step^2.
-        sig_pre = var_c2.sqrt()
-        amax = c2.abs().amax(-1)
-        if gran in ("token", "token_group"):
-            rel = Z_BUDGET * sig_pre.amax(-1) / amax.clamp_min(1e-300)
-        elif gran == "tensor_dynamic" and valid.any():
-            rel = (Z_BUDGET * sig_pre[valid].max() / amax[valid].max().clamp_min(1e-300)).expand_as(amax)
-        else:  # a static scale does not move
-            rel = torch.zeros_like(amax)
-        rel = torch.clamp(rel, max=1.0)
-        mass, _ = _per_expert_gemm_scales(c2_in, w2, rexp, valid, power=1)
-        hard_b = (rel[..., None] * wts[..., None] * mass * vmask).sum(1)
-        p_b = torch.clamp((0.8 * sig_pre + rel[..., None] * c2.abs()) / step.clamp_min(1e-300), max=1.0)
-        # Flips are rare, large jumps (a big element's step can be 100x the median): a Gaussian
-        # Z sigma misses them. Count them as a Poisson number of jumps instead: per route and
-        # column, J = max_i step_i |w2[e,k,i]| and lambda = sum_i p_i step_i |w2[e,k,i]| / J
-        # (each event worth <= one J); allow ceil(lambda + 4 sqrt(lambda)) jumps of J.
-        hard_b = hard_b + _flip_jumps(p_b, step, w2, rexp, valid, wts)
-        var_flip = p_b * step ** 2  # kept for the z-scores only (the hard term bounds the flips)
-        var_c2 = torch.zeros_like(var_c2)
-    else:
-        var_flip = torch.zeros_like(var_c2)
-    prop_sq_b, _ = _per_expert_gemm_scales(var_c2.sqrt(), w2, rexp, valid)
-    var_b = ((prop_sq_b * wts[..., None] ** 2 + (u_acc * growth2 * s2) ** 2
-              + n_round_c3 * (ulp(c3, S) * r12) ** 2) * vmask).sum(1)
-    var_b = var_b + (ulp(out, S) * (out != 0) * r12) ** 2 + (sum_err * r12) ** 2
+    def budget_terms(sig_acc1, sig_acc2, with_hard: bool):
+        """(var_b, hard_b, var_flip) for given accumulation std of GEMM1 (per c1) and GEMM2 (per c3)."""
+        var_c1 = n_round_c1 * (ulp_c1 * r12) ** 2 + sig_acc1 ** 2
+        if inputs.apply_router_weight_on_input:
+            # the kernel (and mirror) round x * w to S; exact does not: that error crosses GEMM1
+            xa = x.abs()
+            var_x = (2.0 * uS * xa) ** 2 / 12.0
+            if scheme.act_granularity is not None:
+                # ... and then it can flip an input quantization code (p = 0.8 sigma / step, jump =
+                # step): variance p * step^2 = 0.8 sigma step, step <= 2^-3 |x| (fp8) or amax/127 (int8)
+                step_x = (xa * 2.0 ** -3 if scheme.act_dtype == FP8_DTYPE
+                          else xa.amax(-1, keepdim=True).expand_as(xa) / 127.0)
+                var_x = 0.8 * var_x.sqrt() * step_x
+            vx = var_x.sqrt()[:, None, :].expand(M, T, K)
+            var_c1 = var_c1 + _per_expert_gemm_scales(vx, w1, rexp, valid)[0]
+        var_c2 = (ulp_c2 * r12) ** 2 + _act_sensitivity(c1, var_c1.sqrt(), act) ** 2 + (ACT_FP32_ULPS * U32 * c2) ** 2
+        hard_b = torch.zeros_like(out)
+        gran = scheme.act_granularity
+        if gran is not None:
+            # exact requantizes its own c2 too. Two effects remain:
+            # (1) a dynamic scale is max|c2| / QMAX over the group, and the kernel's c2 carries errors,
+            #     so its scale differs by rel <= Z sigma(argmax) / amax: every dequantized element of
+            #     the group moves by rel * |c2_in| in the SAME direction (correlated, so a hard term:
+            #     rel * w * sum_i |c2_in| |w2|);
+            # (2) a code flips where the c2 error or that shift carries a value across a midpoint:
+            #     probability p = (E|dc2| + rel |c2|) / step (E|d| = 0.8 sigma), jump one step:
+            #     variance p * step^2.
+            sig_pre = var_c2.sqrt()
+            amax = c2.abs().amax(-1)
+            if gran in ("token", "token_group"):
+                rel = Z_BUDGET * sig_pre.amax(-1) / amax.clamp_min(1e-300)
+            elif gran == "tensor_dynamic" and valid.any():
+                rel = (Z_BUDGET * sig_pre[valid].max() / amax[valid].max().clamp_min(1e-300)).expand_as(amax)
+            else:  # a static scale does not move
+                rel = torch.zeros_like(amax)
+            rel = torch.clamp(rel, max=1.0)
+            mass, _ = _per_expert_gemm_scales(c2_in, w2, rexp, valid, power=1)
+            hard_b = (rel[..., None] * wts[..., None] * mass * vmask).sum(1)
+            p_b = torch.clamp((0.8 * sig_pre + rel[..., None] * c2.abs()) / step.clamp_min(1e-300), max=1.0)
+            # Flips are rare, large jumps (a big element's step can be 100x the median): a Gaussian
+            # Z sigma misses them. Count them as a Poisson number of jumps instead: per route and
+            # column, J = max_i step_i |w2[e,k,i]| and lambda = sum_i p_i step_i |w2[e,k,i]| / J
+            # (each event worth <= one J); allow ceil(lambda + 4 sqrt(lambda)) jumps of J.
+            if with_hard:
+                hard_b = hard_b + _flip_jumps(p_b, step, w2, rexp, valid, wts)
+            var_flip = p_b * step ** 2  # kept for the z-scores only (the hard term bounds the flips)
+            var_c2 = torch.zeros_like(var_c2)
+        else:
+            var_flip = torch.zeros_like(var_c2)
+        prop_sq_b, _ = _per_expert_gemm_scales(var_c2.sqrt(), w2, rexp, valid)
+        var_b = ((prop_sq_b * wts[..., None] ** 2 + sig_acc2 ** 2
+                  + n_round_c3 * (ulp(c3, S) * r12) ** 2) * vmask).sum(1)
+        var_b = var_b + (ulp(out, S) * (out != 0) * r12) ** 2 + (sum_err * r12) ** 2
+        return var_b, hard_b, var_flip
+
+    var_b, hard_b, var_flip = budget_terms(sigma_c1, u_acc * growth2 * s2, True)
     sigma_b = var_b.sqrt()
     allowed_b = hard_b + Z_BUDGET * sigma_b
+    # z-scores: the same model at the typical accumulation error (acc_error_typical plus one fp32
+    # epilogue operation), not the sequential worst case the bound uses
+    bits = product_bits(scheme, S)
+    native_fp8 = scheme.is_fp8 and native_gpu
+    typ1, typ2 = acc_error_typical(K, bits, native_fp8)[0], acc_error_typical(I, bits, native_fp8)[0]
+    var_bz, _, var_flip = budget_terms(((typ1 * s1) ** 2 + (EPILOGUE_OP_SIGMA * U32 * c1) ** 2).sqrt(),
+                                       ((typ2 * s2) ** 2 + (EPILOGUE_OP_SIGMA * U32 * c3) ** 2).sqrt(), False)
     flip_sq, _ = _per_expert_gemm_scales(var_flip.sqrt(), w2, rexp, valid)
-    sigma_z = (var_b + (flip_sq * wts[..., None] ** 2 * vmask).sum(1)).sqrt()
+    sigma_z = (var_bz + (flip_sq * wts[..., None] ** 2 * vmask).sum(1)).sqrt()
     q_note = {None: "none"}.get(scheme.act_granularity, f"{scheme.act_dtype} step (ulp at the value x scale)".replace("torch.", ""))
     budget = Bound(
         name="budget", allowed=allowed_b, sigma=sigma_z.clamp_min(1e-300), atol=0.0, rtol=uS, z=Z_BUDGET,
@@ -419,8 +748,9 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             "c1 errors reach c2 through |f'| <= 1.13 (|u| dg + |g| du); relu2: 2|g| dg",
             "GEMM2 propagates independent c2_in errors as sqrt(sum_i w2^2 sigma_i^2) (the s_ij scale, not |ref|)",
             f"{acc_note}",
-            f"allowed = scale-shift term + Z={Z_BUDGET} x sigma (sigma is the modelled standard deviation: "
-            "z-scores d/sigma should have std ~1)",
+            f"allowed = scale-shift term + Z={Z_BUDGET} x sigma (sigma with the sequential worst-case accumulation)",
+            "z-scores d/sigma (RMS ~1 expected) use the same model at the typical accumulation error "
+            f"({typ1 / U32:.3g} u32 s1, {typ2 / U32:.3g} u32 s2; flip_aware_sigma's constants) plus the flips' variance",
         ],
         terms={"u_S": uS, "u_acc": u_acc, "sigma_max": float(sigma_b.max()) if sigma_b.numel() else 0.0,
                "scale_shift_max": float(hard_b.max()) if hard_b.numel() else 0.0},

@@ -572,8 +572,9 @@ class CalibrationView:
     """The calibration section: ``calibration.calibrate`` of the cases, formatted for the page."""
 
     band: Tuple[float, float]
-    rows: List[Dict[str, Any]]  # scheme, dtype, failed, seeds, budget/gate {cases, elements, rms, max, flag}
+    rows: List[Dict[str, Any]]  # scheme, dtype, failed, seeds, budget/gate {cases, elements, rms, max, events, flag}
     ignored: int
+    min_events: float  # gate rows expecting fewer differing elements are not judged
 
     @property
     def flagged(self) -> int:
@@ -582,7 +583,7 @@ class CalibrationView:
 
 def _calibration_view(cases) -> Optional[CalibrationView]:
     """None when no case was evaluated (a run of skips and crashes has nothing to calibrate)."""
-    from moe_validate.calibration import calibrate
+    from moe_validate.calibration import MIN_FLIP_EVENTS, calibrate
 
     table = calibrate(cases)
     if not table.rows:
@@ -594,11 +595,12 @@ def _calibration_view(cases) -> Optional[CalibrationView]:
         for oracle in ("budget", "gate"):
             o = r[oracle]
             row[oracle] = {"cases": o["cases"], "elements": o["elements"], "rms": _fmt(o["z_rms"]),
-                           "identical": o["identical"],
+                           "identical": o["identical"], "few_events": o["few_events"],
+                           "events": _fmt(o["events"]) if o["events"] is not None else "-",
                            "max": _fmt(o["z_max"]) if o["cases"] else "-", "flag": o["flag"],
                            "side": (None if not o["flag"] else ("high" if o["z_rms"] > table.band[1] else "low"))}
         rows.append(row)
-    return CalibrationView(band=table.band, rows=rows, ignored=table.ignored)
+    return CalibrationView(band=table.band, rows=rows, ignored=table.ignored, min_events=MIN_FLIP_EVENTS)
 
 
 @dataclass
