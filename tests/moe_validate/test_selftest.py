@@ -179,8 +179,8 @@ def test_gaps_list_only_smoke_mutants():
 # Small cases (not in the smoke suite yet) that kill the gap mutants, measured on the interpreter
 # (max |diff| / allowed of the mirror gate): gelu_tanh_constant 2.5x, swigluoai_constant 85x,
 # clamp_ignored 73x, clamp_up_only 35x. They prove the gap mutants are not equivalent: the suite,
-# not the harness, is what misses them. block_scale_index_transposed is declared premerge (smoke has
-# one scale block per expert); an fp8_block128 case with N, K > 128 kills it on CPU too (8.4x).
+# not the harness, is what misses them. block_scale_index_transposed needs more than one scale block
+# per expert along K: the fp8_block128 smoke case with N, K > 128 (now in smoke) kills it (8.4x).
 GAP_CASES = {
     "block_scale_index_transposed": "bf16-fp8_block128-silu-M5N320K256E4k2-s4",
     "gelu_tanh_constant": "fp32-none-gelu_tanh_no_mul-M5N64K64E4k2-s19",
