@@ -99,25 +99,27 @@ def _summary_line(counts) -> str:
 # ---------------------------------------------------------------------------------------------
 # subcommands
 # ---------------------------------------------------------------------------------------------
-def _repeated(cases, repeat: int, fresh_seeds: bool):
+def _repeated(cases, repeat: int, fresh_seeds: bool, first: int = 0):
     """``runner.repeat_cases`` with bad options as UsageError."""
     from moe_validate import runner
 
     if repeat < 1:
         raise UsageError(f"--repeat must be >= 1; got {repeat}")
+    if first < 0:
+        raise UsageError(f"--first-repetition must be >= 0; got {first}")
     try:
-        return runner.repeat_cases(cases, repeat, fresh_seeds=fresh_seeds)
+        return runner.repeat_cases(cases, repeat, fresh_seeds=fresh_seeds, first=first)
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc).replace("fresh_seeds (--fresh-seeds)", "--fresh-seeds")) from None
 
 
-def _repetition_lines(bad_cases, repeat: int) -> List[str]:
+def _repetition_lines(bad_cases, repeat: int, first: int = 0) -> List[str]:
     """One line per repetition with its not-passing cases, then the stability verdict."""
     from moe_validate.runner import failures_per_repetition
 
-    groups = failures_per_repetition(bad_cases, repeat)
+    groups = failures_per_repetition(bad_cases, first + repeat)[first:]
     lines = []
-    for rep, ids in enumerate(groups):
+    for rep, ids in enumerate(groups, start=first):
         line = f"repetition {rep}: {len(ids)} not passing"
         if ids:
             line += ": " + ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else "")
@@ -155,11 +157,12 @@ def cmd_run(args) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     # The shard is taken before repeating, so each CI job repeats its own share.
-    cases = _repeated(runner.select_shard(cases, shard), args.repeat, args.fresh_seeds)
+    cases = _repeated(runner.select_shard(cases, shard), args.repeat, args.fresh_seeds, args.first_repetition)
     _backend_or_usage(args.backend)
     _check_worker_options(args)
     out_dir = _out_dir(args, suite)
-    repeat_fields = {"repeat": args.repeat, "fresh_seeds": args.fresh_seeds} if (args.repeat > 1 or args.fresh_seeds) else {}
+    repeat_fields = ({"repeat": args.repeat, "fresh_seeds": args.fresh_seeds, "first_repetition": args.first_repetition}
+                     if (args.repeat > 1 or args.fresh_seeds) else {})
     summary = runner.run_cases(
         cases, args.backend, out_dir, workers=args.workers, timeout_s=args.timeout, suite=suite,
         shard=args.shard, argv=[PROG] + list(args.argv), progress=sys.stderr, header_extra=repeat_fields,
@@ -176,7 +179,7 @@ def cmd_run(args) -> int:
         shown = summary.bad_cases[:10]
         print("not passing: " + ", ".join(shown) + (" ..." if len(summary.bad_cases) > 10 else ""))
     if args.repeat > 1 or args.fresh_seeds:
-        print("\n".join(_repetition_lines(summary.bad_cases, args.repeat)))
+        print("\n".join(_repetition_lines(summary.bad_cases, args.repeat, args.first_repetition)))
     return summary.exit_code
 
 
@@ -370,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh-seeds", action="store_true",
                    help="repetition r runs each case with seed + r * 1000000 (repetition 0: the case's own seed); "
                         "ids name the seed used, so repro re-runs one repetition")
+    p.add_argument("--first-repetition", type=int, default=0, metavar="R",
+                   help="number the repetitions from R (with --fresh-seeds): continues a stability run whose "
+                        "repetitions 0..R-1 already ran, with new seeds")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("calibrate", help="run a suite over fresh seeds and print the normalized-error (z) "

@@ -366,8 +366,11 @@ def repetition_of_seed(seed: int) -> int:
     return seed // REPEAT_SEED_STRIDE
 
 
-def repeat_cases(cases: Sequence, repeat: int, *, fresh_seeds: bool) -> List:
-    """``cases`` ``repeat`` times, repetition-major (all of repetition 0, then all of 1, ...).
+def repeat_cases(cases: Sequence, repeat: int, *, fresh_seeds: bool, first: int = 0) -> List:
+    """``cases`` ``repeat`` times, repetition-major (all of repetition ``first``, then ``first + 1``, ...).
+
+    ``first`` > 0 continues an earlier stability run (repetitions 0 .. first-1 already ran) with
+    new seeds instead of repeating the ones already judged.
 
     With ``fresh_seeds`` every case of repetition r is ``dataclasses.replace(case,
     seed=fresh_seed(case.seed, r))``: its id names the seed it ran with, so ``moe-validate repro``
@@ -381,6 +384,10 @@ def repeat_cases(cases: Sequence, repeat: int, *, fresh_seeds: bool) -> List:
         raise TypeError(f"repeat must be an int; got {type(repeat).__name__}")
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1; got {repeat}")
+    if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+        raise ValueError(f"first repetition must be an int >= 0; got {first!r}")
+    if first and not fresh_seeds:
+        raise ValueError(f"first repetition {first} > 0 needs fresh_seeds (--fresh-seeds)")
     cases = list(cases)
     if repeat == 1 and not fresh_seeds:
         return cases
@@ -388,7 +395,8 @@ def repeat_cases(cases: Sequence, repeat: int, *, fresh_seeds: bool) -> List:
         raise ValueError(f"repeat {repeat} > 1 needs fresh_seeds (--fresh-seeds): repetitions with one case id "
                          "collapse to the last one in results.jsonl; for identical inputs run into separate --out "
                          "directories")
-    return [dataclasses.replace(case, seed=fresh_seed(case.seed, rep)) for rep in range(repeat) for case in cases]
+    return [dataclasses.replace(case, seed=fresh_seed(case.seed, rep))
+            for rep in range(first, first + repeat) for case in cases]
 
 
 def failures_per_repetition(bad_case_ids: Sequence[str], repeat: int) -> List[List[str]]:

@@ -299,3 +299,22 @@ def test_calibrate_strict_exits_1_on_an_out_of_band_row(tmp_path, capsys):
     assert main(argv + ["--out", str(tmp_path / "b"), "--strict"]) == 1
     assert "budget LOW" in capsys.readouterr().out
     assert not (tmp_path / "b" / "report.html").exists()
+
+
+def test_first_repetition_continues_a_stability_run_with_new_seeds(tmp_path, capsys):
+    """--first-repetition 1 --repeat 2 runs repetitions 1 and 2 (seeds +1e6, +2e6), never
+    repetition 0's seeds again, and reports the repetitions by their own numbers."""
+    assert [c.seed for c in runner.repeat_cases(TWO, 2, fresh_seeds=True, first=1)] == \
+        [c.seed + k * 1_000_000 for k in (1, 2) for c in TWO]
+    with pytest.raises(ValueError, match="needs fresh_seeds"):
+        runner.repeat_cases(TWO, 1, fresh_seeds=False, first=1)
+    out = tmp_path / "rep"
+    code = main(["run", "--suite", "smoke", "--filter", "*M7N64K64E4k2-s[01]", "--backend", "fake_backends:Raise",
+                 "--workers", "0", "--repeat", "2", "--fresh-seeds", "--first-repetition", "1", "--out", str(out),
+                 "--no-report"])
+    stdout = capsys.readouterr().out
+    assert code == 0  # Raise crashes on seed 1 only, which is repetition 0's
+    assert "repetition 1: 0 not passing" in stdout and "repetition 2: 0 not passing" in stdout
+    assert "repetition 0" not in stdout and "stability: 0 not passing over 2 repetitions (stable)" in stdout
+    assert main(["run", "--suite", "smoke", "--filter", "seed=0", "--first-repetition", "-1", "--fresh-seeds"]) == 2
+    assert "--first-repetition must be >= 0" in capsys.readouterr().err
