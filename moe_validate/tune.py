@@ -28,6 +28,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from moe_validate.bench import _first_line
+
 __all__ = ["candidate_grid", "regime_candidates", "regime_of", "tune", "DEFAULT_TUNE_M", "CHECK_E", "CHECK_TOPK"]
 
 DEFAULT_TUNE_M: Tuple[int, ...] = (1, 16, 64, 256, 1024, 4096, 16384)
@@ -61,12 +63,12 @@ def regime_of(M: int, E: int, topk: int) -> str:
     return _REGIMES[-1][0]  # pragma: no cover - the last bound is infinite
 
 
-def _configs(shapes, scheme, on_gpu: bool) -> List[Any]:
-    from kernels.configs import KernelConfig, check_config
+def _runnable(configs, scheme, on_gpu: bool) -> List[Any]:
+    """``configs`` that pass the scheme's static rules (``check_config``), first occurrences only."""
+    from kernels.configs import check_config
 
     out = []
-    for bm, bn, bk, gm, w, st in shapes:
-        cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w, num_stages=st)
+    for cfg in configs:
         try:
             check_config(cfg, scheme, on_gpu=on_gpu)
         except ValueError:
@@ -74,6 +76,13 @@ def _configs(shapes, scheme, on_gpu: bool) -> List[Any]:
         if cfg not in out:
             out.append(cfg)
     return out
+
+
+def _configs(shapes, scheme, on_gpu: bool) -> List[Any]:
+    from kernels.configs import KernelConfig
+
+    return _runnable((KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w, num_stages=st)
+                      for bm, bn, bk, gm, w, st in shapes), scheme, on_gpu)
 
 
 def regime_candidates(scheme, regime: str, *, on_gpu: bool = True) -> List[Any]:
@@ -114,25 +123,15 @@ def gemm2_variants(best, scheme, regime: str, *, on_gpu: bool = True) -> List[An
     a different shape from GEMM1's, so its best tiles often differ."""
     from dataclasses import replace
 
-    from kernels.configs import Gemm2Tiles, check_config
+    from kernels.configs import Gemm2Tiles
     from moe_validate.spec import QuantScheme
 
     s = QuantScheme.parse(scheme)
-    out = []
-    for cfg in regime_candidates(s, regime, on_gpu=on_gpu):
-        tiles = Gemm2Tiles(BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        if (tiles.BLOCK_N, tiles.BLOCK_K, tiles.GROUP_M, tiles.num_warps, tiles.num_stages) == (
-                best.BLOCK_N, best.BLOCK_K, best.GROUP_M, best.num_warps, best.num_stages):
-            continue  # that is ``best`` itself
-        variant = replace(best, gemm2=tiles)
-        try:
-            check_config(variant, s, on_gpu=on_gpu)
-        except ValueError:
-            continue
-        if variant not in out:
-            out.append(variant)
-    return out
+    variants = (replace(best, gemm2=Gemm2Tiles(BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M,
+                                               num_warps=c.num_warps, num_stages=c.num_stages))
+                for c in regime_candidates(s, regime, on_gpu=on_gpu))
+    # A variant whose GEMM2 launch equals ``best``'s own is ``best`` again: not worth a timing.
+    return _runnable((v for v in variants if v.for_gemm2() != best.for_gemm2()), s, on_gpu)
 
 
 def check_candidate(model, scheme: str, cfg, *, check_m: int = CHECK_M_GPU, seed: int = 0,
@@ -172,7 +171,7 @@ def check_candidate(model, scheme: str, cfg, *, check_m: int = CHECK_M_GPU, seed
             torch.cuda.synchronize()  # an asynchronous fault belongs to this candidate
         ev = evaluate(case, inputs, out)
     except Exception as exc:
-        return False, f"CRASH {case.id}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        return False, f"CRASH {case.id}: {_first_line(exc)}"
     label = f"{case.id} with config {_config_token(cfg)}"
     return ev.passed, f"{'PASS' if ev.passed else 'FAIL'} {label}" + (f": {ev.reason}" if ev.reason else "")
 
@@ -262,36 +261,29 @@ def tune(model, scheme: str, m_list: Sequence[int] = DEFAULT_TUNE_M, *, out_dir:
             raise ValueError(f"no candidate config satisfies the rules of scheme {s.value}")
         timings: List[Tuple[float, int, Any]] = []
         errors: Dict[str, str] = {}
-        for i, cfg in enumerate(cands):
-            tok = _config_token(cfg)
-            if tok in checked and not checked[tok][0]:
-                continue  # rejected by the correctness check at an earlier bucket
-            try:
-                ms = float(timer(cfg, M))
-            except Exception as exc:  # a config that fails to compile or launch is skipped, not fatal
-                errors[tok] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-                log(f"M={M} {tok}: failed ({errors[tok]})")
-                continue
-            timings.append((ms, i, cfg))
-            log(f"M={M} {tok}: {ms:.4f} ms")
-        timings.sort(key=lambda t: (t[0], t[1]))
+
+        def time_each(configs, note: str = "") -> None:
+            for cfg in configs:
+                tok = _config_token(cfg)
+                if tok in checked and not checked[tok][0]:
+                    continue  # rejected by the correctness check at an earlier bucket
+                try:
+                    ms = float(timer(cfg, M))
+                except Exception as exc:  # a config that fails to compile or launch is skipped, not fatal
+                    errors[tok] = _first_line(exc)
+                    log(f"M={M} {tok}: failed ({errors[tok]})")
+                    continue
+                timings.append((ms, len(timings), cfg))  # ties go to the earlier candidate
+                log(f"M={M} {tok}: {ms:.4f} ms{note}")
+            timings.sort(key=lambda t: (t[0], t[1]))
+
+        time_each(cands)
         # Stage 2: GEMM2's own tiles around the fastest shared config (default: when the
         # candidates are the regime grids; explicit candidates are timed as given).
         if timings and (gemm2 if gemm2 is not None else candidates is None):
             base_ms, base = timings[0][0], timings[0][2]
-            for j, cfg in enumerate(gemm2_variants(base, s, regime_of(M, model.E, model.topk), on_gpu=on_gpu)):
-                tok = _config_token(cfg)
-                if tok in checked and not checked[tok][0]:
-                    continue
-                try:
-                    ms = float(timer(cfg, M))
-                except Exception as exc:
-                    errors[tok] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-                    log(f"M={M} {tok}: failed ({errors[tok]})")
-                    continue
-                timings.append((ms, len(cands) + j, cfg))
-                log(f"M={M} {tok}: {ms:.4f} ms (shared config {base_ms:.4f} ms)")
-            timings.sort(key=lambda t: (t[0], t[1]))
+            time_each(gemm2_variants(base, s, regime_of(M, model.E, model.topk), on_gpu=on_gpu),
+                      f" (shared config {base_ms:.4f} ms)")
         best = None
         for ms, _, cfg in timings:  # fastest first; correctness does not depend on M: check once
             tok = _config_token(cfg)
