@@ -450,7 +450,7 @@ def test_tune_default_candidates_are_per_regime_and_include_the_untuned_default(
         regime_candidates("none", "lunch")
 
 
-def test_tune_gives_gemm2_its_own_tiles_when_faster(tmp_path):
+def test_tune_gives_gemm2_its_own_tiles_when_faster(tmp_path, monkeypatch):
     """Stage 2 times the fastest shared config with each other GEMM2 schedule of the regime; a
     faster variant wins, is checked for real (interpreter, forced config through the backend),
     lands in the table with its "gemm2" entry and select_config returns it."""
@@ -467,19 +467,16 @@ def test_tune_gives_gemm2_its_own_tiles_when_faster(tmp_path):
     shared = KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=1)
     import moe_validate.tune as tune_mod
 
-    orig = tune_mod.gemm2_variants
-    tune_mod.gemm2_variants = lambda best, scheme, regime, on_gpu=True: [winner] if best == shared else []
-    try:
-        checked = []
+    monkeypatch.setattr(tune_mod, "gemm2_variants",
+                        lambda best, scheme, regime, on_gpu=True: [winner] if best == shared else [])
+    checked = []
 
-        def check(cfg):
-            checked.append(cfg)
-            return check_candidate(tiny, "none", cfg, check_m=6)
+    def check(cfg):
+        checked.append(cfg)
+        return check_candidate(tiny, "none", cfg, check_m=6)
 
-        result = tune(tiny, "none", [4], out_dir=str(tmp_path), device_name="Fake GPU", gemm2=True,
-                      timer=lambda cfg, M: 0.5 if cfg == winner else 1.0, check=check, candidates=[shared])
-    finally:
-        tune_mod.gemm2_variants = orig
+    result = tune(tiny, "none", [4], out_dir=str(tmp_path), device_name="Fake GPU", gemm2=True,
+                  timer=lambda cfg, M: 0.5 if cfg == winner else 1.0, check=check, candidates=[shared])
     assert checked == [winner]
     raw = json.loads(Path(result["path"]).read_text())
     assert raw["4"]["gemm2"] == {"BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 1, "num_warps": 4, "num_stages": 1}
