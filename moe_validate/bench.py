@@ -387,6 +387,14 @@ def summarize(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
             vals = [r["ratio_vs_ours"] for r in rows if r["backend"] == b and r.get("ratio_vs_ours") and regime(r["M"]) == reg]
             per[reg] = {"geomean": geomean(vals), "n": len(vals)}
         out["ratio_geomean"][b] = per
+        # The most any implementation could beat this peer by: peer median / the row's floor, on
+        # the same rows as the ratio. A target ratio above it is out of reach even at the floor.
+        best = {}
+        for reg in REGIMES:
+            vals = [r["timing"]["median_ms"] / r["floor_ms"] for r in rows
+                    if r["backend"] == b and r.get("ratio_vs_ours") and r.get("floor_ms") and regime(r["M"]) == reg]
+            best[reg] = {"geomean": geomean(vals), "n": len(vals)}
+        out.setdefault("ratio_at_floor_geomean", {})[b] = best
     for reg in REGIMES:
         vals = [r["fraction_of_floor"] for r in rows if r["backend"] == OURS and r.get("fraction_of_floor") and regime(r["M"]) == reg]
         out["ours_fraction_of_floor_geomean"][reg] = {"geomean": geomean(vals), "n": len(vals)}
@@ -589,6 +597,49 @@ class _Timed:
         self.times.extend(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def _short_kernel_name(name: str) -> str:
+    """``void at::native::foo<...>(...)`` -> ``at::native::foo``; Triton names pass unchanged."""
+    name = name.strip()
+    if name.startswith("void "):
+        name = name[5:]
+    for stop in ("<", "("):
+        if stop in name:
+            name = name[: name.index(stop)]
+    return name[:80]
+
+
+def profile_kernels(t: "_Timed", reps: int = 20) -> Dict[str, Any]:
+    """Per-kernel device time of one backend's call: torch.profiler (CUPTI) over ``reps`` runs
+    (graph replays when captured; CUPTI traces the kernels inside a graph). Returns the kernels
+    by total time with microseconds and launches per call, their sum, and the timed median, so
+    the gap between the two (launch latency, tails, idle SMs between kernels) is visible."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        t.run_once()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            t.run_once()
+        torch.cuda.synchronize()
+    per: Dict[str, List[float]] = {}
+    for ev in prof.events():
+        device_type = getattr(ev, "device_type", None)
+        if device_type is not None and "CUDA" not in str(device_type):
+            continue
+        us = getattr(ev, "device_time", None)
+        if us is None:
+            us = getattr(ev, "cuda_time", 0.0)
+        if not us or ev.name.startswith(("cudaGraph", "cudaLaunch", "cudaStream", "cudaEvent", "Memcpy", "Memset")):
+            continue
+        per.setdefault(_short_kernel_name(ev.name), []).append(float(us))
+    kernels = sorted(({"name": name, "us_per_call": sum(v) / reps, "launches_per_call": len(v) / reps}
+                      for name, v in per.items()), key=lambda k: -k["us_per_call"])
+    return {"method": f"torch.profiler CUDA activity over {reps} {'graph replays' if t.graph is not None else 'eager calls'}",
+            "kernels": kernels, "kernel_sum_us": sum(k["us_per_call"] for k in kernels)}
+
+
 def _rel_fro(a, b) -> float:
     a, b = a.double(), b.double()
     den = float(b.norm())
@@ -753,6 +804,12 @@ def _bench_row_group(model, scheme, M, backends, weights, ceilings, args, log) -
     for b, t in timed.items():
         if rows[b]["status"] == "ok" and t.times:
             rows[b]["timing"] = {**timing_stats(t.times), "method": t.method, "rounds": rounds}
+            if args.get("profile") and b == OURS:
+                try:
+                    rows[b]["profile"] = profile_kernels(t)
+                except Exception as exc:  # a profiler failure costs the breakdown, not the row
+                    rows[b]["profile"] = {"error": _first_line(exc)}
+                    torch.cuda.synchronize()
         elif rows[b]["status"] == "ok":
             rows[b]["status"], rows[b]["reason"] = "error", "no timings recorded"
     for row in rows.values():
@@ -1000,6 +1057,20 @@ def format_table(doc: Dict[str, Any]) -> str:
         if chk.get("nan") or any(isinstance(v, float) and v > 0.05 for k, v in chk.items() if k.startswith("rel_fro")):
             line += f"  !check {chk}"
         lines.append(line)
+    profiled = [by[(*k, OURS)] for k in keys if (by.get((*k, OURS)) or {}).get("profile")]
+    if profiled:
+        lines.append("kernel breakdown of ours (us per call: kernels by time; sum of kernels vs median):")
+        for r in profiled:
+            prof = r["profile"]
+            head = f"  {r['model'][:15]} {(r.get('scheme_label') or r['scheme'])[:10]} M={r['M']}:"
+            if prof.get("error"):
+                lines.append(f"{head} profiler failed: {prof['error']}")
+                continue
+            parts = ", ".join(f"{k['name'].split('::')[-1][:28]} {k['us_per_call']:.1f}"
+                              + (f" x{k['launches_per_call']:.0f}" if k["launches_per_call"] > 1.5 else "")
+                              for k in prof["kernels"])
+            med_us = 1e3 * r["timing"]["median_ms"]
+            lines.append(f"{head} sum {prof['kernel_sum_us']:.1f} of {med_us:.1f} | {parts}")
     if skipped:
         lines.append("not run (model benchmarked in other schemes): " + ", ".join(f"{k} x{n}" for k, n in skipped.items()))
     errors = [r for r in rows if r["status"] == "error"]
@@ -1010,6 +1081,10 @@ def format_table(doc: Dict[str, Any]) -> str:
     for p, per in (summ.get("ratio_geomean") or {}).items():
         parts = ", ".join(f"{reg} {_f(v['geomean'], '.2f')} (n={v['n']})" for reg, v in per.items())
         lines.append(f"geomean {p} / ours: {parts}")
+        best = (summ.get("ratio_at_floor_geomean") or {}).get(p)
+        if best and any(v["n"] for v in best.values()):
+            parts = ", ".join(f"{reg} {_f(v['geomean'], '.2f')}" for reg, v in best.items())
+            lines.append(f"  best possible (at the floor) {p} / floor: {parts}")
     ff = summ.get("ours_fraction_of_floor_geomean") or {}
     if ff:
         lines.append("geomean ours floor fraction: " + ", ".join(

@@ -285,7 +285,7 @@ def cmd_bench(args) -> int:
         raise UsageError(f"--time-budget must be positive seconds; got {args.time_budget}")
     if args.reference_max_m < 0:
         raise UsageError(f"--reference-max-m must be >= 0; got {args.reference_max_m}")
-    settings = {"reference_max_m": args.reference_max_m}
+    settings = {"reference_max_m": args.reference_max_m, "profile": bool(args.profile)}
     if args.quick:
         settings.update(target_ms=60.0, max_reps=60, routing_sets=4)
     out_dir = _out_dir(args, "bench")
@@ -431,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer M values, repetitions and routing sets")
     p.add_argument("--time-budget", type=float, help="seconds; rows after it are recorded as skipped")
     p.add_argument("--reference-max-m", type=int, default=16, help="largest M timed for the reference (default 16)")
+    p.add_argument("--profile", action="store_true",
+                   help="also record our per-kernel device times (torch.profiler) per row: where the time goes")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("tune", help="search launch configs per M bucket (GPU) and write the kernels' JSON table")

@@ -129,6 +129,10 @@ def _summary_table(bench: Dict[str, Any]) -> str:
     for peer, per in (summ.get("ratio_geomean") or {}).items():
         cells = "".join(f"<td>{_num(v.get('geomean'), '.2f')} <small>(n={v.get('n')})</small></td>" for v in per.values())
         body.append(f"<tr><th>{_esc(peer)} time / ours</th>{cells}</tr>")
+        best = (summ.get("ratio_at_floor_geomean") or {}).get(peer)
+        if best and any(v.get("n") for v in best.values()):
+            cells = "".join(f"<td>{_num(v.get('geomean'), '.2f')}</td>" for v in best.values())
+            body.append(f"<tr><th>{_esc(peer)} time / floor<br><small>best ratio possible</small></th>{cells}</tr>")
     ff = summ.get("ours_fraction_of_floor_geomean") or {}
     if ff:
         cells = "".join(f"<td>{_num(v.get('geomean'), '.2f')} <small>(n={v.get('n')})</small></td>" for v in ff.values())

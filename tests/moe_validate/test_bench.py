@@ -122,6 +122,7 @@ def test_ratios_and_summary_per_regime():
     ]
     for r in rows:
         r["fraction_of_floor"] = 0.5 if r["backend"] == "triton" and r["status"] == "ok" else None
+        r["floor_ms"] = 0.5  # the same floor on every row: the best possible ratio is peer / 0.5
     bench.attach_ratios(rows)
     assert rows[1]["ratio_vs_ours"] == pytest.approx(2.0)
     assert rows[5]["ratio_vs_ours"] == pytest.approx(0.5)
@@ -132,6 +133,13 @@ def test_ratios_and_summary_per_regime():
     assert tg["middle"] == {"geomean": pytest.approx(0.5), "n": 1}
     assert tg["prefill"] == {"geomean": None, "n": 0}
     assert s["ours_fraction_of_floor_geomean"]["decode"]["geomean"] == pytest.approx(0.5)
+    # best possible ratio: over the rows that have a ratio, peer median / floor
+    best = s["ratio_at_floor_geomean"]["torch-grouped"]
+    assert best["decode"] == {"geomean": pytest.approx(8.0), "n": 2}  # sqrt(4 * 16)
+    assert best["middle"] == {"geomean": pytest.approx(2.0), "n": 1}
+    assert best["prefill"]["n"] == 0
+    assert "best possible (at the floor) torch-grouped / floor: decode 8.00, middle 2.00" in bench.format_table(
+        {"rows": [], "summary": s, "settings": {"peers": ["torch-grouped"]}})
     assert s["status_counts"]["triton"] == {"ok": 4, "error": 1}
 
 
@@ -656,3 +664,58 @@ def test_table_flags_a_wrong_result():
     ours["check"] = {"nan": False, "rel_fro_vs_reference": 0.3}
     flagged = [line for line in bench.format_table(doc).splitlines() if "!check" in line]
     assert len(flagged) == 1 and flagged[0].split()[2] == str(ours["M"])
+
+
+# ---------------------------------------------------------------------------------------------
+# --profile: per-kernel breakdown
+# ---------------------------------------------------------------------------------------------
+def test_short_kernel_name():
+    assert bench._short_kernel_name("void at::native::vectorized_elementwise_kernel<4, Foo>(int, Foo)") == \
+        "at::native::vectorized_elementwise_kernel"
+    assert bench._short_kernel_name("_grouped_gemm_kernel") == "_grouped_gemm_kernel"
+
+
+def test_profile_kernels_aggregates_per_call(monkeypatch):
+    """Device events are summed per kernel name and divided by the number of runs; host-side
+    runtime events and CPU events are dropped; kernels come out by time, largest first."""
+    import types
+
+    import torch.profiler
+
+    class Ev:
+        def __init__(self, name, us, dev="DeviceType.CUDA"):
+            self.name, self.device_time, self.device_type = name, us, dev
+
+    events = []
+    for _ in range(4):  # 4 runs: two GEMM launches of 10 and 30 us, one sum kernel, noise
+        events += [Ev("_grouped_gemm_kernel", 10.0), Ev("_grouped_gemm_kernel", 30.0), Ev("_moe_sum_kernel", 2.0),
+                   Ev("cudaGraphLaunch", 5.0), Ev("aten::copy_", 99.0, dev="DeviceType.CPU")]
+
+    class FakeProfile:
+        def __init__(self, activities):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def events(self):
+            return events
+
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    runs = []
+    t = types.SimpleNamespace(graph=object(), run_once=lambda: runs.append(1))
+    prof = bench.profile_kernels(t, reps=4)
+    assert len(runs) == 3 + 4  # warm-up, then the profiled runs
+    assert [k["name"] for k in prof["kernels"]] == ["_grouped_gemm_kernel", "_moe_sum_kernel"]
+    assert prof["kernels"][0] == {"name": "_grouped_gemm_kernel", "us_per_call": 40.0, "launches_per_call": 2.0}
+    assert prof["kernel_sum_us"] == pytest.approx(42.0)
+    assert "graph replays" in prof["method"]
+    row = {"model": "m", "scheme": "bf16", "scheme_label": "bf16", "M": 1, "backend": bench.OURS, "status": "ok",
+           "timing": {"median_ms": 0.050, "p10_ms": 0.049, "p90_ms": 0.051}, "tflops": 1.0, "gbps": 1.0,
+           "fraction_of_floor": 0.5, "check": {}, "profile": prof}
+    text = bench.format_table({"rows": [row], "settings": {"peers": []}})
+    assert "m bf16 M=1: sum 42.0 of 50.0 | _grouped_gemm_kernel 40.0 x2, _moe_sum_kernel 2.0" in text
