@@ -258,8 +258,8 @@ class TritonExperts:
 
         # Activation (unless fused above) + requantization, or the fused silu + fp8 group quantization.
         a2, a2_used_scale = c2, None
-        # (a torch launch: computed only where a quantizer needs it, never on the unquantized path)
-        route_valid = route_expert >= 0 if fused_silu_quant or scheme.act_dtype is not None else None
+        # The quantizers read route experts directly (valid = >= 0): no mask launch.
+        route_valid = route_expert if fused_silu_quant or scheme.act_dtype is not None else None
         if fused_silu_quant:
             a2, a2_used_scale = silu_and_mul_quant_fp8_group(c1, row_valid=route_valid)
         else:

@@ -26,6 +26,7 @@ def _moe_sum_kernel(
     stride_c3m, stride_c3j, stride_c3k, stride_vm, stride_vj, stride_om, stride_ok,
     # MoE facts
     TOP_K: tl.constexpr,
+    VALID_IS_EXPERT: tl.constexpr,  # valid holds route experts (valid = >= 0), else 0/1 bytes
     # tile constexprs
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -38,7 +39,11 @@ def _moe_sum_kernel(
     rows = offs_t.to(tl.int64)
     acc = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     for j in tl.static_range(TOP_K):
-        slot_valid = tl.load(valid_ptr + rows * stride_vm + j * stride_vj, mask=t_mask, other=0) != 0
+        flag = tl.load(valid_ptr + rows * stride_vm + j * stride_vj, mask=t_mask, other=0)
+        if VALID_IS_EXPERT:
+            slot_valid = t_mask & (flag >= 0)
+        else:
+            slot_valid = flag != 0
         m = slot_valid[:, None] & k_mask[None, :]
         v = _interp.to_fp32(tl.load(c3_ptr + rows[:, None] * stride_c3m + j * stride_c3j
                                     + offs_k[None, :] * stride_c3k, mask=m, other=0.0))
@@ -62,15 +67,19 @@ def moe_sum(c3: torch.Tensor, valid: torch.Tensor, out: torch.Tensor) -> None:
         raise ValueError(f"out must be [M, K] = {(M, K)}; got {tuple(out.shape)}")
     if M == 0 or K == 0:
         return
+    # No conversion launch (it would cost a kernel per call at decode): bools are read as bytes,
+    # route experts (int32) are compared in the kernel.
     if valid.dtype == torch.bool:
-        valid_i = valid.to(torch.int32)
+        valid_i, is_expert = valid.view(torch.uint8), False
+    elif valid.dtype == torch.int32:
+        valid_i, is_expert = valid, True
     else:
-        valid_i = (valid >= 0).to(torch.int32)
+        valid_i, is_expert = (valid >= 0).to(torch.int32), True
     block_t, block_k = 16, min(128, triton.next_power_of_2(K))
     grid = (triton.cdiv(M, block_t), triton.cdiv(K, block_k))
     _moe_sum_kernel[grid](
         c3, valid_i, out, M, K,
         c3.stride(0), c3.stride(1), c3.stride(2), valid_i.stride(0), valid_i.stride(1),
         out.stride(0), out.stride(1),
-        TOP_K=topk, BLOCK_T=block_t, BLOCK_K=block_k,
+        TOP_K=topk, VALID_IS_EXPERT=is_expert, BLOCK_T=block_t, BLOCK_K=block_k,
     )

@@ -65,10 +65,14 @@ _QUANT_EPS = tl.constexpr(QUANT_EPS)
 _FP32_MAX = tl.constexpr(torch.finfo(torch.float32).max)
 
 # Tile sizes. Untuned: these kernels are memory bound and small next to the GEMMs. A tile of
-# 4096 elements is 32 values per thread at 4 warps; a row group wider than 4096 columns is
-# processed in a column loop (two passes over it for the per-token absmax).
+# 4096 elements is 32 values per thread at 4 warps. A row group up to 16384 columns (every
+# model's hidden and intermediate size) is one tile of one row, at up to 16 warps (still 32
+# values per thread): one pass, one load latency. On the H100 a 14336-column row in 4096-column
+# chunks (two passes for the per-token absmax) cost ~9 us at decode, most of a fp8 call's
+# non-GEMM time. Wider groups are processed in a column loop (two passes).
 _TILE_ELEMENTS = 4096
-_MAX_BLOCK_N = 4096
+_MAX_BLOCK_N = 16384
+_VALUES_PER_THREAD = 32
 _PARTIALS_BLOCK = 1024  # partial maxima reduced per iteration by _tensor_scale_kernel
 
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -100,9 +104,14 @@ def _quantize(x, scale, QMAX: tl.constexpr, IS_FP8: tl.constexpr):
 
 @triton.jit
 def _load_row_mask(offs_m, R, row_valid_ptr, HAS_ROW_VALID: tl.constexpr):
-    """True for rows inside the tensor whose row_valid byte is nonzero."""
+    """True for rows inside the tensor that row_valid admits: HAS_ROW_VALID 0 = every row,
+    1 = a nonzero byte (bool flags), 2 = an int32 route expert >= 0 (``kernels.align.route_experts``
+    output, read as is: no conversion launch)."""
     in_bounds = offs_m < R
-    if HAS_ROW_VALID:
+    if HAS_ROW_VALID == 2:
+        flag = tl.load(row_valid_ptr + offs_m, mask=in_bounds, other=-1)
+        return in_bounds & (flag >= 0)
+    elif HAS_ROW_VALID == 1:
         flag = tl.load(row_valid_ptr + offs_m, mask=in_bounds, other=0)
         return in_bounds & (flag != 0)
     else:
@@ -303,19 +312,31 @@ def _check_rows(x: torch.Tensor, name: str) -> None:
 
 
 def _row_valid_bytes(row_valid: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
-    """row_valid as a contiguous uint8 view (Triton loads bytes, not bools), after checks."""
+    """row_valid as the kernels read it, after checks: bools as a contiguous uint8 view (Triton
+    loads bytes, not bools), int32 route experts as they are (valid = >= 0); see
+    ``_row_valid_mode`` for the kernels' HAS_ROW_VALID."""
     if row_valid is None:
         return None
     if not isinstance(row_valid, torch.Tensor):
         raise TypeError(f"row_valid must be a torch.Tensor or None; got {type(row_valid).__name__}")
-    if row_valid.dtype != torch.bool:
-        raise ValueError(f"row_valid must be a bool tensor; got {row_valid.dtype}")
+    if row_valid.dtype not in (torch.bool, torch.int32):
+        raise ValueError(f"row_valid must be a bool tensor (True = valid) or int32 route experts (valid = >= 0); "
+                         f"got {row_valid.dtype}")
     if tuple(row_valid.shape) != (x.shape[0],):
         raise ValueError(f"row_valid must have shape [{x.shape[0]}] (one flag per row); "
                          f"got {tuple(row_valid.shape)}")
     if row_valid.device != x.device:
         raise ValueError(f"row_valid must be on {x.device} like its data; got {row_valid.device}")
+    if row_valid.dtype == torch.int32:
+        return row_valid.contiguous()
     return row_valid.contiguous().view(torch.uint8)
+
+
+def _row_valid_mode(flags: Optional[torch.Tensor]) -> int:
+    """HAS_ROW_VALID of ``_load_row_mask`` for the output of ``_row_valid_bytes``."""
+    if flags is None:
+        return 0
+    return 2 if flags.dtype == torch.int32 else 1
 
 
 def _resolve_qmax(qmax: Optional[float], act_dtype: torch.dtype) -> float:
@@ -346,6 +367,11 @@ def _group_tiles(group_cols: int) -> Tuple[int, int, bool]:
     """(BLOCK_M, BLOCK_N, ONE_TILE) for row groups of group_cols columns."""
     block_n = min(triton.next_power_of_2(max(group_cols, 1)), _MAX_BLOCK_N)
     return max(1, _TILE_ELEMENTS // block_n), block_n, group_cols <= block_n
+
+
+def _warps_for(block_m: int, block_n: int) -> int:
+    """4 warps up to 4096 elements per tile, more for wider one-row tiles (32 values per thread)."""
+    return max(4, min(16, (block_m * block_n) // (32 * _VALUES_PER_THREAD)))
 
 
 def quantize_activation(
@@ -382,7 +408,7 @@ def quantize_activation(
 
     R, C = x.shape
     x_q = torch.empty((R, C), dtype=act_dtype, device=x.device)
-    has_rows = row_flags is not None
+    has_rows = _row_valid_mode(row_flags)
     flags_arg = row_flags if has_rows else x  # never dereferenced when HAS_ROW_VALID is False
 
     if granularity in ("token", "token_group"):
@@ -396,12 +422,14 @@ def quantize_activation(
                 R, C, group_cols,
                 x.stride(0), x_q.stride(0), scale.stride(0),
                 QMAX=qmax, IS_FP8=is_fp8, HAS_ROW_VALID=has_rows,
-                BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile,
+                BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile, num_warps=_warps_for(block_m, block_n),
             )
         return x_q, scale
 
     if granularity == "tensor_dynamic":
         block_m, block_n, _ = _group_tiles(C)
+        block_n = min(block_n, _TILE_ELEMENTS)  # a column loop per row block: keep its tile small
+        block_m = max(1, _TILE_ELEMENTS // block_n)
         num_partials = triton.cdiv(R, block_m) if C > 0 else 0
         partials = torch.empty((num_partials,), dtype=torch.float32, device=x.device)
         if num_partials > 0:
@@ -459,7 +487,7 @@ def silu_and_mul_quant_fp8_group(
             c1, c2_q, scale, row_flags if row_flags is not None else c1,
             R, I,
             c1.stride(0), c2_q.stride(0), scale.stride(0),
-            QMAX=qmax, HAS_ROW_VALID=row_flags is not None,
+            QMAX=qmax, HAS_ROW_VALID=_row_valid_mode(row_flags),
             BLOCK_M=block_m, GROUP_N=ACT_GROUP_SIZE,
         )
     return c2_q, scale

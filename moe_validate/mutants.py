@@ -381,14 +381,18 @@ MUTANTS: Tuple[Mutant, ...] = (
     # --- quantization scales --------------------------------------------------------------------
     Mutant(
         "block_scale_index_transposed", "fp8_block128 weight scales read as [e, k_block, n_block] instead of [e, n_block, k_block]",
-        (Hunk(_GG, "(offs_n // GROUP_N).to(tl.int64) * stride_bsn\n                                  + group * stride_bsk",
-              "group * stride_bsn\n                                  + (offs_n // GROUP_N).to(tl.int64) * stride_bsk"),),
+        (Hunk(_GG, "(offs_n // GROUP_N).to(tl.int64) * stride_bsn\n                                      + group * stride_bsk",
+              "group * stride_bsn\n                                      + (offs_n // GROUP_N).to(tl.int64) * stride_bsk"),
+         Hunk(_GG, "((pid_n * BLOCK_N) // GROUP_N).to(tl.int64)\n                                      * stride_bsn + group * stride_bsk)",
+              "group * stride_bsn\n                                      + ((pid_n * BLOCK_N) // GROUP_N).to(tl.int64) * stride_bsk)")),
         _block_multi, "fp8_block128 with N or K above 128 (more than one scale block per expert; with one "
         "K block per expert the two strides are equal and the transposed read is the same address)"),
     Mutant(
         "block_scale_expert0", "fp8_block128 weight scales always read from expert 0",
         (Hunk(_GG, "b_s = tl.load(b_scale_ptr + expert * stride_bse + (offs_n // GROUP_N)",
-              "b_s = tl.load(b_scale_ptr + (offs_n // GROUP_N)"),),
+              "b_s = tl.load(b_scale_ptr + (offs_n // GROUP_N)"),
+         Hunk(_GG, "b_s = tl.load(b_scale_ptr + expert * stride_bse + ((pid_n * BLOCK_N) // GROUP_N)",
+              "b_s = tl.load(b_scale_ptr + ((pid_n * BLOCK_N) // GROUP_N)")),
         _scheme("fp8_block128"), "fp8_block128 cases"),
     Mutant(
         "channel_scale_wrong_axis", "the per-channel weight scale is broadcast along rows (tokens) instead of columns",

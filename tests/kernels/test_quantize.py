@@ -428,8 +428,16 @@ def test_empty_inputs():
 # ---------------------------------------------------------------------------------------------
 # row_valid
 # ---------------------------------------------------------------------------------------------
+def _as_mask(valid: torch.Tensor, kind: str) -> torch.Tensor:
+    """The row mask as bools, or as the pipeline passes it: int32 route experts (-1 = invalid)."""
+    if kind == "bool":
+        return valid
+    return torch.where(valid, torch.arange(valid.numel()) % 3, -1).to(torch.int32)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "route_experts"])
 @pytest.mark.parametrize("granularity", GRANULARITIES)
-def test_invalid_rows_are_never_read(granularity):
+def test_invalid_rows_are_never_read(granularity, mask_kind):
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(6, 200, generator=gen)
     x[1] = float("nan")
@@ -439,7 +447,8 @@ def test_invalid_rows_are_never_read(granularity):
     x, valid_dev = x.to(DEVICE), valid.to(DEVICE)
     static = torch.tensor([0.05], device=DEVICE) if granularity == "tensor_static" else None
 
-    x_q, scale = quantize_scheme(x, granularity, static_scale=static, row_valid=valid_dev)
+    x_q, scale = quantize_scheme(x, granularity, static_scale=static,
+                                 row_valid=_as_mask(valid, mask_kind).to(DEVICE))
 
     want_q, want_scale = torch_quantize(x[valid_dev], granularity, static_scale=static)
     assert_codes_equal(x_q[valid_dev], want_q)
@@ -536,14 +545,16 @@ def test_fused_silu_and_mul_quant_matches_fp32_torch(dtype):
             check_fused_codes(unfused_q, unfused_scale, act, rel_err)
 
 
+@pytest.mark.parametrize("mask_kind", ["bool", "route_experts"])
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
-def test_fused_silu_invalid_rows_are_never_read():
+def test_fused_silu_invalid_rows_are_never_read(mask_kind):
     c1 = fused_input(5, 130, torch.bfloat16, seed=2)
     c1[2] = float("nan")
     c1[3, :] = float("inf")
     valid = torch.tensor([True, True, False, False, True])
-    c1, valid = c1.to(DEVICE), valid.to(DEVICE)
-    c2_q, scale = silu_and_mul_quant_fp8_group(c1, row_valid=valid)
+    c1, mask = c1.to(DEVICE), _as_mask(valid, mask_kind).to(DEVICE)
+    valid = valid.to(DEVICE)
+    c2_q, scale = silu_and_mul_quant_fp8_group(c1, row_valid=mask)
     act, rel_err = fused_reference_bounds(c1[valid])
     check_fused_codes(c2_q[valid], scale[valid], act, rel_err)
     assert torch.isfinite(scale).all()
