@@ -179,7 +179,7 @@ def check_candidate(model, scheme: str, cfg, *, check_m: int = CHECK_M_GPU, seed
 def gpu_timer(model, scheme: str, *, routing_sets: int = 8, target_ms: float = 40.0, min_reps: int = 8,
               max_reps: int = 100, device: str = "cuda") -> Callable[[Any, int], float]:
     """A timer(config, M) -> median ms of ``kernels.fused_experts`` with the config forced
-    (CUDA graph replays, routing rotated between replays; the bench's method)."""
+    (one CUDA graph per routing set, rotated between replays; the bench's method)."""
     import torch
 
     import kernels
@@ -193,13 +193,13 @@ def gpu_timer(model, scheme: str, *, routing_sets: int = 8, target_ms: float = 4
             sets = make_routing_sets(M, model, routing_sets, device, seed=M)
             x = torch.randn(M, model.K, dtype=torch.bfloat16, device=device)
             cache.clear()
-            cache[M] = (sets, x, sets[0][0].clone(), sets[0][1].clone())
-        sets, x, ids, w = cache[M]
+            cache[M] = (sets, x)
+        sets, x = cache[M]
 
-        def call():
+        def call(ids, w):
             return kernels.fused_experts(x, w1, w2, w, ids, activation=model.activation, quant=quant, config=cfg)
 
-        t = _Timed("triton", call, ids, w, sets, use_graph=device != "cpu")
+        t = _Timed("triton", call, sets, use_graph=device != "cpu")
         t.timed(2)
         est = max(min(t.times), 1e-3)
         t.times.clear()
