@@ -70,6 +70,13 @@ class KernelConfig:
     (gate, up) pairs, so a program writes BLOCK_N // 2 columns of c2: the dot shape, registers and
     shared memory stay those of the unfused GEMM1, and the rules of ``check_config`` (which are about
     the dot) are unchanged; the pairs only need BLOCK_N >= 2, which every GPU config has.
+
+    fp8_block128 with silu (no clamp, no LoRA) fuses more: GEMM1's epilogue also quantizes c2 to
+    fp8 per (row, 128 columns) and GEMM2 reads those codes and scales, c1 never written. A program
+    must then own whole 128-column scale groups of c2: ``(BLOCK_N // 2) % 128 == 0``, i.e.
+    BLOCK_N = 256 (one group) or 512. Any other BLOCK_N is still valid (``check_config`` does not
+    ask for it): that call runs GEMM1 -> c1 -> the separate silu+fp8-group quantizer instead, with
+    the same bits (``TritonExperts(fuse_activation=True)`` refuses it with the reason).
     """
 
     BLOCK_M: int

@@ -6,12 +6,17 @@ Stages (each its own kernel, all on the caller's stream, no host synchronisation
   route experts (+ counts) -> align (or the tiny-M naive path) -> [quantize x] -> GEMM1 into the
   route-major c1 [R, N] (+ LoRA w13) -> activation into c2 [R, I] -> [requantize c2] (or the
   fused silu+fp8-group quant) -> GEMM2 into the route-major c3 [R, K] (+ LoRA w2) -> moe_sum.
-Without LoRA (which adds into c1 before the activation) and outside the fused silu+fp8-group
-quant path, GEMM1 applies the activation in its epilogue and writes c2 directly (one launch and
-the c1 round trip saved; bitwise the same, see ``kernels.grouped_gemm``): ``fuse_activation``.
-c1 and c3 share ``workspace13`` (c1 is dead once the activation has read it); c2 lives in
-``workspace2``. The workspace shapes do not depend on the fusion (c1 is then simply unused). Only rows of valid routes are ever written or read, so NaN-poisoned workspaces
-and outputs are harmless; tokens without a valid route get exact zeros from ``moe_sum``.
+Without LoRA (which adds into c1 before the activation), GEMM1 applies the activation in its
+epilogue and writes c2 directly (one launch and the c1 round trip saved; bitwise the same, see
+``kernels.grouped_gemm``): ``fuse_activation``. For silu + fp8_block128 (no clamp) the epilogue
+goes on to the fused fp8 group quantization and writes c2's fp8 codes and per-(row, 128 columns)
+scales, what ``silu_and_mul_quant_fp8_group`` would make of c1; that needs GEMM1's
+``(config.BLOCK_N // 2) % 128 == 0`` (a program owns whole scale groups: BLOCK_N = 256), and
+with a narrower config the two-kernel path runs. c1 and c3 share ``workspace13`` (c1 is dead once
+the activation has read it); c2 lives in ``workspace2``. The workspace shapes do not depend on the
+fusion (c1 is then simply unused; the fp8 codes and scales get their own buffers on both paths).
+Only rows of valid routes are ever written or read, so NaN-poisoned workspaces and outputs are
+harmless; tokens without a valid route get exact zeros from ``moe_sum``.
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ import torch
 from kernels.activation import apply_activation
 from kernels.align import align_routes, route_experts
 from kernels.configs import KernelConfig, batch_invariant_config, check_config, select_config
-from kernels.grouped_gemm import invoke_grouped_gemm
+from kernels.grouped_gemm import fp8_group_quant_blocker, invoke_grouped_gemm
 from kernels.lora import apply_lora_w13, apply_lora_w2
 from kernels.moe_sum import moe_sum
-from kernels.quantize import quantize_activation, silu_and_mul_quant_fp8_group
+from kernels.quantize import fp8_group_outputs, quantize_activation, silu_and_mul_quant_fp8_group
 from moe_validate.checks import validate_call
 from moe_validate.spec import Activation, QuantConfig, QuantScheme
 
@@ -107,10 +112,12 @@ class TritonExperts:
     def __init__(self, quant_config: Optional[QuantConfig] = None, *, assignment: str = "auto",
                  fuse_activation="auto"):
         """``assignment``: "auto" | "naive" | "aligned" (route-to-tile path; auto by sparsity).
-        ``fuse_activation``: "auto" (fuse the activation into GEMM1 wherever it can be: no LoRA,
-        not the fused silu+fp8-group quant path), True (the same, and a call that cannot be fused
-        raises ValueError) or False (always GEMM1 -> c1 -> activation kernel). Both paths give
-        the same bits; the switch exists for tests and measurements."""
+        ``fuse_activation``: "auto" (fuse the activation into GEMM1 wherever it can be: no LoRA;
+        for silu + fp8_block128, where GEMM1's config has (BLOCK_N // 2) % 128 == 0, together
+        with the fp8 group quantization), True (the same, and a call that cannot be fused raises
+        ValueError with the reason) or False (always GEMM1 -> c1 -> activation kernel, or the
+        separate silu+fp8-group quantizer). Both paths give the same bits; the switch exists for
+        tests and measurements. ``last_fused_activation`` says which one the last call took."""
         if quant_config is None:
             quant_config = QuantConfig()
         if not isinstance(quant_config, QuantConfig):
@@ -165,7 +172,10 @@ class TritonExperts:
         if lora is not None:
             blockers.append("LoRA adds its w13 delta into c1 before the activation")
         if fused_silu_quant:
-            blockers.append("silu + fp8_block128 takes the fused silu+fp8-group quantizer, which reads c1")
+            why = fp8_group_quant_blocker(config)
+            if why:
+                blockers.append("silu + fp8_block128 fuses its silu+fp8-group quantizer into GEMM1 only where the "
+                                f"config allows it: {why} (otherwise the separate quantizer reads c1)")
         if activation.is_gated and config.BLOCK_N < 2:
             blockers.append(f"a gated activation needs config.BLOCK_N >= 2 (gate/up pairs); got {config.BLOCK_N}")
         if self.fuse_activation is True and blockers:
@@ -246,7 +256,14 @@ class TritonExperts:
 
         gemm1_kw = dict(top_k_div=topk, bias=quant.w1_bias, a_scale=a1_scale, b_scale=quant.w1_scale,
                         b_zp=quant.w1_zp, group_size=quant.group_size, **routing)
-        if fuse_act:
+        a2, a2_used_scale = c2, None
+        if fuse_act and fused_silu_quant:
+            # GEMM1 with silu and the fp8 group quantization in its epilogue: codes and scales
+            # directly, neither c1 nor c2 written.
+            a2, a2_used_scale = fp8_group_outputs(R, I, hidden_states.device)
+            invoke_grouped_gemm(a1, w1, a2, activation=shape.activation, c_scale=a2_used_scale, c1_dtype=S,
+                                **gemm1_kw)
+        elif fuse_act:
             # GEMM1 with the activation in its epilogue: c2 directly, c1 never written.
             invoke_grouped_gemm(a1, w1, c2, activation=shape.activation, clamp_limit=clamp, **gemm1_kw)
         else:
@@ -257,11 +274,12 @@ class TritonExperts:
             apply_lora_w13(c1, x, route_expert, lora, shape.activation, topk=topk, base_gemm=gemm1)
 
         # Activation (unless fused above) + requantization, or the fused silu + fp8 group quantization.
-        a2, a2_used_scale = c2, None
-        # The quantizers read route experts directly (valid = >= 0): no mask launch.
-        route_valid = route_expert if fused_silu_quant or scheme.act_dtype is not None else None
+        # The separate quantizers read route experts directly (valid = >= 0): no mask launch.
+        separate_quantizer = scheme.act_dtype is not None and not (fused_silu_quant and fuse_act)
+        route_valid = route_expert if separate_quantizer else None
         if fused_silu_quant:
-            a2, a2_used_scale = silu_and_mul_quant_fp8_group(c1, row_valid=route_valid)
+            if not fuse_act:
+                a2, a2_used_scale = silu_and_mul_quant_fp8_group(c1, row_valid=route_valid)
         else:
             if not fuse_act:
                 apply_activation(c1, c2, route_expert, shape.activation, clamp)

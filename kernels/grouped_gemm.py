@@ -30,6 +30,15 @@ program's BLOCK_N weight rows are BLOCK_N // 2 (gate, up) pairs placed side by s
 interleaved swigluoai), so one dot of the usual shape feeds both and ``tl.split`` of the
 reshaped accumulator separates them; each product sees exactly the operands, K order and
 dequantization of the unfused GEMM1, hence the same bits.
+
+Fused silu + fp8 group quantization (``FP8_GROUP_QUANT``; fp8_block128 with silu, no clamp, no
+LoRA): the epilogue goes on where ``kernels.quantize.silu_and_mul_quant_fp8_group`` would start.
+From c1 as stored (rounded to S, widened) it forms silu(gate) * up in fp32 by that kernel's own
+helper (``silu_and_mul_fp32``), takes per row and per 128-column group of c2 the absmax, the
+scale (``_dynamic_scale``) and the codes (``_quantize``), and stores the fp8 codes into c [R, I]
+and the fp32 scales into c_scale [R, ceil(I/128)]: the quantizer's layout, its bits, and neither
+c1 nor an S-rounded c2 is ever written. It needs whole groups per program, i.e. BLOCK_N // 2 (the
+c2 columns of a program) a multiple of 128: BLOCK_N = 256 is one group per program.
 """
 
 from __future__ import annotations
@@ -42,9 +51,10 @@ import triton.language as tl
 
 from kernels import _interp
 from kernels.activation import activation_fp32
+from kernels.quantize import ACT_GROUP_SIZE, FP8_MAX, _dynamic_scale, _quantize, silu_and_mul_fp32
 from moe_validate.spec import SWIGLU_LIMIT, Activation
 
-__all__ = ["invoke_grouped_gemm"]
+__all__ = ["invoke_grouped_gemm", "fp8_group_quant_blocker"]
 
 
 @triton.jit
@@ -52,6 +62,7 @@ def _grouped_gemm_kernel(
     # pointers
     a_ptr, b_ptr, c_ptr, bias_ptr, a_scale_ptr, b_scale_ptr, b_zp_ptr, route_weight_ptr,
     sorted_route_ids_ptr, expert_ids_ptr, num_post_padded_ptr, route_expert_ptr,
+    c_scale_ptr,  # FP8_GROUP_QUANT only: the fp32 scales of c's codes, [R, ceil(N / QUANT_GROUP)]
     # sizes (N = columns of C: the weight rows, or I with a fused gated activation, B then has 2N rows)
     N, K, num_routes,
     # strides
@@ -62,6 +73,7 @@ def _grouped_gemm_kernel(
     stride_asm, stride_ask,
     stride_bse, stride_bsn, stride_bsk,
     stride_bze, stride_bzn, stride_bzk,
+    stride_csm,
     # MoE facts
     A_ROW_DIV: tl.constexpr,  # topk for GEMM1 (A is token-major), 1 for GEMM2
     NAIVE: tl.constexpr,  # one route per tile, no alignment
@@ -78,6 +90,17 @@ def _grouped_gemm_kernel(
     ACTIVATION: tl.constexpr,  # "" (store C) or the activation fused into the epilogue (GEMM1)
     GATE_UP: tl.constexpr,  # fused gated activation: "split" (gate rows [0, N), up [N, 2N)) | "interleaved"; else "none"
     HAS_CLAMP: tl.constexpr, SWIGLU_LIMIT: tl.constexpr,
+    # S, the storage dtype c1 is rounded to; c_ptr's own dtype except with FP8_GROUP_QUANT, where c
+    # holds fp8 codes and the S-rounded c1 exists only in registers
+    C1_DTYPE: tl.constexpr,
+    # Fused silu + fp8 group quantization (fp8_block128 + silu, GEMM1): c gets the fp8 codes of
+    # silu(gate) * up and c_scale one scale per (row, QUANT_GROUP columns), exactly what the separate
+    # silu_and_mul_quant_fp8_group kernel would make of c1, which then is never written (a constexpr:
+    # the codes and scales replace the S store, and the reductions exist only in this variant)
+    FP8_GROUP_QUANT: tl.constexpr,
+    QUANT_GROUP: tl.constexpr,  # columns per activation scale group (128)
+    QUANT_GROUPS: tl.constexpr,  # groups per program: (BLOCK_N // 2) // QUANT_GROUP (a constexpr tile dim)
+    QUANT_QMAX: tl.constexpr,  # QMAX of the fp8 codes (448 for e4m3fn)
     # tile constexprs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -89,6 +112,11 @@ def _grouped_gemm_kernel(
         tl.static_assert(ACTIVATION != "", "gate/up pairs exist only with a fused activation")
         tl.static_assert(not MUL_ROUTE_WEIGHT, "the activation fuses into GEMM1, which has no router weight")
         tl.static_assert(BLOCK_N >= 2, "a fused gated activation needs BLOCK_N >= 2 (BLOCK_N // 2 gate/up pairs)")
+    if FP8_GROUP_QUANT:
+        tl.static_assert(ACTIVATION == "silu" and GATE_UP == "split" and not HAS_CLAMP,
+                         "the fused fp8 group quantization is silu (gate rows [0, N), up [N, 2N)) without clamp")
+        tl.static_assert(QUANT_GROUPS >= 1 and QUANT_GROUPS * QUANT_GROUP == BLOCK_N // 2,
+                         "the fused fp8 group quantization needs whole groups per program: (BLOCK_N // 2) % 128 == 0")
 
     # Stage 1: program id -> (route tile, column tile), GROUP_M swizzled. A column tile of C is
     # BLOCK_N wide, or BLOCK_N // 2 (gate/up pairs) with a fused gated activation.
@@ -219,20 +247,43 @@ def _grouped_gemm_kernel(
     if MUL_ROUTE_WEIGHT:
         w = tl.load(route_weight_ptr + routes, mask=row_mask, other=0.0)
         acc = acc * w[:, None]
-    c = _interp.to_storage(acc, c_ptr.dtype.element_ty)
+    c = _interp.to_storage(acc, C1_DTYPE)
     offs_cn = offs_n
 
     # Stage 5 (fused GEMM1 only): the activation on c1 exactly as stored (rounded to S, widened),
-    # in fp32 by the activation kernel's own helper, one more rounding to S: c2 bit for bit.
+    # in fp32 by the activation kernel's own helper, one more rounding to S: c2 bit for bit. With
+    # FP8_GROUP_QUANT, silu(gate) * up by the fp8 group quantizer's helper instead, then its codes.
     if ACTIVATION != "":
         c1 = _interp.to_fp32(c)
         if GATE_UP == "none":
             y = activation_fp32(c1, c1, clamp_limit, ACTIVATION, HAS_CLAMP, SWIGLU_LIMIT)
         else:
             gate, up = tl.split(tl.reshape(c1, (BLOCK_M, BLOCK_N // 2, 2)))
-            y = activation_fp32(gate, up, clamp_limit, ACTIVATION, HAS_CLAMP, SWIGLU_LIMIT)
+            if FP8_GROUP_QUANT:
+                y = silu_and_mul_fp32(gate, up)  # the separate quantizer's formula (not activation_fp32's)
+            else:
+                y = activation_fp32(gate, up, clamp_limit, ACTIVATION, HAS_CLAMP, SWIGLU_LIMIT)
             offs_cn = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        c = _interp.to_storage(y, c_ptr.dtype.element_ty)
+        if FP8_GROUP_QUANT:
+            # Stage 5b: per (row, 128-column group) of y: absmax, scale, codes, as the separate
+            # kernel computes them. Columns past N hold y = 0 (their weight rows load as 0), as that
+            # kernel's masked loads give, so a ragged last group has the same absmax. One group
+            # per program (BLOCK_N = 256) reduces the tile itself; several a [rows, groups, 128] view.
+            if QUANT_GROUPS == 1:
+                scale = _dynamic_scale(tl.max(tl.abs(y), axis=1), QUANT_QMAX)
+                c = _quantize(y, tl.broadcast_to(scale[:, None], (BLOCK_M, QUANT_GROUP)), QUANT_QMAX, True)
+                tl.store(c_scale_ptr + routes * stride_csm + pid_n, scale, mask=row_mask)
+            else:
+                y = tl.reshape(y, (BLOCK_M, QUANT_GROUPS, QUANT_GROUP))
+                scale = _dynamic_scale(tl.max(tl.abs(y), axis=2), QUANT_QMAX)
+                q = _quantize(y, tl.broadcast_to(scale[:, :, None], (BLOCK_M, QUANT_GROUPS, QUANT_GROUP)),
+                              QUANT_QMAX, True)
+                c = tl.reshape(q, (BLOCK_M, BLOCK_N // 2))
+                offs_g = pid_n * QUANT_GROUPS + tl.arange(0, QUANT_GROUPS)
+                tl.store(c_scale_ptr + routes[:, None] * stride_csm + offs_g[None, :], scale,
+                         mask=row_mask[:, None] & (offs_g * QUANT_GROUP < N)[None, :])
+        else:
+            c = _interp.to_storage(y, C1_DTYPE)
 
     # Stage 6: masked store by route id.
     cn_mask = offs_cn < N
@@ -250,6 +301,17 @@ def _weight_format(b: torch.Tensor, a: torch.Tensor, scheme) -> str:
     if b.dtype == torch.int8:
         return "int8"
     return "float"
+
+
+_TL_STORAGE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def fp8_group_quant_blocker(config) -> str:
+    """Why GEMM1 with ``config`` cannot fuse the silu + fp8 group quantization ("" if it can)."""
+    if (config.BLOCK_N // 2) % ACT_GROUP_SIZE != 0 or config.BLOCK_N < 2 * ACT_GROUP_SIZE:
+        return (f"it needs (config.BLOCK_N // 2) % {ACT_GROUP_SIZE} == 0, a program owning whole "
+                f"{ACT_GROUP_SIZE}-column scale groups of c2 (BLOCK_N = 256, 512, ...); got BLOCK_N={config.BLOCK_N}")
+    return ""
 
 
 def _strides(t: Optional[torch.Tensor], n: int):
@@ -272,6 +334,7 @@ def invoke_grouped_gemm(
     b_zp: Optional[torch.Tensor] = None, group_size: Optional[int] = None,
     route_weight: Optional[torch.Tensor] = None,
     activation=None, clamp_limit: Optional[float] = None,
+    c_scale: Optional[torch.Tensor] = None, c1_dtype: Optional[torch.dtype] = None,
 ) -> None:
     """Launch one grouped GEMM writing c[r, :] for every valid route r (route-major c).
 
@@ -283,6 +346,13 @@ def invoke_grouped_gemm(
     gated activations, N otherwise): bit for bit what storing c1 and running
     ``kernels.activation.apply_activation`` gives. ``config.BLOCK_N`` is then still the number
     of weight rows per program, i.e. BLOCK_N // 2 gate/up pairs (c2 columns) for gated ones.
+
+    With ``c_scale`` (activation silu without clamp): the fused silu + fp8 group quantization.
+    ``c`` is then the float8_e4m3fn codes [R, I] and ``c_scale`` the float32 scales
+    [R, ceil(I/128)] (``kernels.quantize.fp8_group_outputs``), bit for bit what
+    ``silu_and_mul_quant_fp8_group`` gives on the stored c1 for every valid route's row;
+    ``c1_dtype`` is the storage dtype S c1 would have had (the epilogue rounds to it first), and
+    ``config.BLOCK_N // 2`` must be a multiple of 128 (a program owns whole scale groups).
     """
     if a.dim() != 2 or b.dim() != 3 or c.dim() != 2:
         raise ValueError(f"grouped GEMM needs a [rows, K], b [E, N, K], c [R, N]; got {tuple(a.shape)}, "
@@ -303,6 +373,22 @@ def invoke_grouped_gemm(
             N //= 2  # from here on N counts columns of C (= c2)
     elif clamp_limit is not None:
         raise ValueError("clamp_limit is only meaningful with a fused activation")
+    if c_scale is not None:
+        why = fp8_group_quant_blocker(config)
+        if activation is not Activation.SILU or clamp_limit is not None:
+            why = "the fused fp8 group quantization is silu without gemm1_clamp_limit"
+        if why:
+            raise ValueError(f"c_scale (fused silu + fp8 group quantization): {why}")
+        if c.dtype != torch.float8_e4m3fn or c1_dtype not in _TL_STORAGE:
+            raise ValueError(f"the fused fp8 group quantization writes float8_e4m3fn codes and needs c1_dtype "
+                             f"(fp32/fp16/bf16); got c {c.dtype}, c1_dtype {c1_dtype}")
+        groups = triton.cdiv(N, ACT_GROUP_SIZE)
+        if c_scale.dtype != torch.float32 or c_scale.dim() != 2 or tuple(c_scale.shape) != (c.shape[0], groups):
+            raise ValueError(f"c_scale must be float32 [{c.shape[0]}, {groups}] (one scale per row per "
+                             f"{ACT_GROUP_SIZE} columns); got {c_scale.dtype} {tuple(c_scale.shape)}")
+    elif c.dtype not in _TL_STORAGE or (c1_dtype is not None and c1_dtype != c.dtype):
+        raise ValueError(f"c must have the storage dtype (fp32/fp16/bf16; c1_dtype differs from it only with "
+                         f"c_scale); got c {c.dtype}, c1_dtype {c1_dtype}")
     if c.shape[1] != N:
         raise ValueError(f"c must have {N} columns ({'c2' if activation is not None else 'the w rows'}); "
                          f"got {tuple(c.shape)}")
@@ -345,6 +431,7 @@ def invoke_grouped_gemm(
         expert_ids if expert_ids is not None else route_expert,
         num_post_padded if num_post_padded is not None else route_expert,
         route_expert,
+        c_scale if c_scale is not None else dummy,
         N, K, num_routes,
         a.stride(0), a.stride(1),
         b.stride(0), b.stride(1), b.stride(2),
@@ -353,6 +440,7 @@ def invoke_grouped_gemm(
         *_strides(a_scale, 2),
         *_strides(b_scale, 3),
         *_strides(b_zp, 3),
+        c_scale.stride(0) if c_scale is not None else 0,
         A_ROW_DIV=top_k_div,
         NAIVE=naive,
         MUL_ROUTE_WEIGHT=route_weight is not None,
@@ -368,6 +456,11 @@ def invoke_grouped_gemm(
         GATE_UP=gate_up,
         HAS_CLAMP=clamp_limit is not None,
         SWIGLU_LIMIT=SWIGLU_LIMIT,
+        C1_DTYPE=_TL_STORAGE[c1_dtype if c1_dtype is not None else c.dtype],
+        FP8_GROUP_QUANT=c_scale is not None,
+        QUANT_GROUP=ACT_GROUP_SIZE,
+        QUANT_GROUPS=config.BLOCK_N // 2 // ACT_GROUP_SIZE if c_scale is not None else 1,
+        QUANT_QMAX=FP8_MAX,
         BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K, GROUP_M=config.GROUP_M,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

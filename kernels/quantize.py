@@ -19,7 +19,10 @@ Tile decomposition:
   from memory (the static scale, or the per-tensor dynamic scale of the two passes above).
 - ``_silu_and_mul_quant_fp8_group_kernel``: one program per (BLOCK_M rows, one 128-column group
   of the activation output); reads the gate and the up tile of c1, forms silu(gate) * up in fp32
-  and quantizes it without rounding it to the storage dtype first.
+  (``silu_and_mul_fp32``) and quantizes it without rounding it to the storage dtype first.
+  GEMM1 can do the same in its epilogue (``kernels.grouped_gemm``, ``FP8_GROUP_QUANT``) with the
+  same helpers (``silu_and_mul_fp32``, ``_dynamic_scale``, ``_quantize``) and the same output
+  layout (``fp8_group_outputs``), so the two paths give the same codes and scales bit for bit.
 
 Rows whose ``row_valid`` entry is False are never loaded: they read as zero, so their codes are 0
 and their per-row scales 1e-10 / QMAX (callers must treat both as unspecified).
@@ -40,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._interp import INTERPRETING, to_fp8_e4m3, to_int8
+from kernels._interp import INTERPRETING, to_fp8_e4m3, to_fp32, to_int8
 from moe_validate.spec import (
     FP8_BLOCK,
     FP8_FNUZ_MAX,
@@ -53,6 +56,8 @@ from moe_validate.spec import (
 __all__ = [
     "quantize_activation",
     "silu_and_mul_quant_fp8_group",
+    "silu_and_mul_fp32",
+    "fp8_group_outputs",
     "FP8_MAX",
     "FP8_FNUZ_MAX",
     "INT8_MAX",
@@ -100,6 +105,14 @@ def _quantize(x, scale, QMAX: tl.constexpr, IS_FP8: tl.constexpr):
         return to_fp8_e4m3(y)
     else:
         return to_int8(y)
+
+
+@triton.jit
+def silu_and_mul_fp32(gate, up):
+    """silu(gate) * up in fp32: the one copy of the fused silu+fp8-group quantizer's formula,
+    shared by ``_silu_and_mul_quant_fp8_group_kernel`` and GEMM1's fused epilogue."""
+    # silu(g) = g / (1 + exp(-g)); exp overflows to inf for g < -88, giving -0 (true value < 1e-36)
+    return tl.div_rn(gate, 1.0 + tl.exp(-gate)) * up
 
 
 @triton.jit
@@ -275,12 +288,11 @@ def _silu_and_mul_quant_fp8_group_kernel(
     load_mask = load_rows[:, None] & in_cols
     rows = offs_m.to(tl.int64)
 
-    # gate columns [0, I), up columns [I, 2I) of c1
+    # gate columns [0, I), up columns [I, 2I) of c1, widened exactly (as GEMM1's epilogue does)
     gate_ptrs = c1_ptr + rows[:, None] * stride_cr + offs_n[None, :]
-    gate = tl.load(gate_ptrs, mask=load_mask, other=0.0).to(tl.float32)
-    up = tl.load(gate_ptrs + I, mask=load_mask, other=0.0).to(tl.float32)
-    # silu(g) = g / (1 + exp(-g)); exp overflows to inf for g < -88, giving -0 (true value < 1e-36)
-    act = tl.div_rn(gate, 1.0 + tl.exp(-gate)) * up
+    gate = to_fp32(tl.load(gate_ptrs, mask=load_mask, other=0.0))
+    up = to_fp32(tl.load(gate_ptrs + I, mask=load_mask, other=0.0))
+    act = silu_and_mul_fp32(gate, up)
 
     scale = _dynamic_scale(tl.max(tl.abs(act), axis=1), QMAX)
     q = _quantize(act, tl.broadcast_to(scale[:, None], (BLOCK_M, GROUP_N)), QMAX, True)
@@ -458,6 +470,16 @@ def quantize_activation(
     return x_q, scale
 
 
+def fp8_group_outputs(R: int, I: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised outputs of the fused silu+fp8-group quantization of R rows of I columns:
+    codes [R, I] float8_e4m3fn and scales float32 [R, ceil(I/128)] (row-major, one scale per row
+    per 128 columns), as both the separate kernel and GEMM1's fused epilogue write them and
+    GEMM2 reads them."""
+    codes = torch.empty((R, I), dtype=torch.float8_e4m3fn, device=device)
+    scale = torch.empty((R, triton.cdiv(I, ACT_GROUP_SIZE)), dtype=torch.float32, device=device)
+    return codes, scale
+
+
 def silu_and_mul_quant_fp8_group(
     c1: torch.Tensor,
     row_valid: Optional[torch.Tensor] = None,
@@ -479,8 +501,7 @@ def silu_and_mul_quant_fp8_group(
     qmax = _resolve_qmax(qmax, torch.float8_e4m3fn)
     I = two_i // 2
     num_groups = triton.cdiv(I, ACT_GROUP_SIZE)
-    c2_q = torch.empty((R, I), dtype=torch.float8_e4m3fn, device=c1.device)
-    scale = torch.empty((R, num_groups), dtype=torch.float32, device=c1.device)
+    c2_q, scale = fp8_group_outputs(R, I, c1.device)
     block_m = max(1, _TILE_ELEMENTS // ACT_GROUP_SIZE // 2)  # two input tiles (gate, up) per program
     if R > 0 and num_groups > 0:
         _silu_and_mul_quant_fp8_group_kernel[(triton.cdiv(R, block_m), num_groups)](

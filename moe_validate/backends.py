@@ -90,6 +90,20 @@ def _config_to_dict(config: Any) -> Optional[dict]:
     raise TypeError(f"a backend's last_config must be a dict or have to_dict(); got {type(config).__name__}")
 
 
+_FP8_GROUP = 128  # columns per activation scale group of fp8_block128
+
+
+def _fp8_group_quant_call(inputs: "MoEInputs") -> bool:
+    """silu + fp8_block128 without clamp or LoRA: the call whose GEMM1 can fuse the fp8 group
+    quantization of its activation (kernels/experts.py), given a config that allows it."""
+    from moe_validate.spec import Activation, QuantScheme
+
+    quant = inputs.quant
+    return (quant is not None and QuantScheme.parse(quant.scheme) is QuantScheme.FP8_BLOCK128
+            and Activation.parse(inputs.activation) is Activation.SILU
+            and quant.gemm1_clamp_limit is None and inputs.lora is None)
+
+
 def _storage_dtype(inputs: "MoEInputs"):
     from moe_validate.spec import storage_dtype
 
@@ -125,9 +139,10 @@ class TritonBackend:
         return True, ""
 
     def run(self, inputs: "MoEInputs", case: Optional["Case"] = None, *, assignment: str = "auto",
-            fuse_activation="auto") -> "torch.Tensor":
+            fuse_activation="auto", config=None) -> "torch.Tensor":
         """``assignment`` and ``fuse_activation`` pick TritonExperts' internal paths (the ``paths``
-        invariance re-runs with the ones not taken); the defaults let the kernels choose."""
+        invariance re-runs with the ones not taken); the defaults let the kernels choose.
+        ``config`` (a kernels.KernelConfig) overrides the case's and the forced config."""
         import torch
 
         import kernels
@@ -143,7 +158,7 @@ class TritonBackend:
 
         # Case.config: "auto" = the kernels' own per-M choice, "inv" = the batch-invariant fixed
         # config, anything else an explicit tile config ("BM16BN32BK32GM1W4S2").
-        config, batch_invariant = None, False
+        override, config, batch_invariant = config, None, False
         if case is not None and case.config == "inv":
             batch_invariant = True
         elif case is not None and case.config != "auto":
@@ -153,6 +168,8 @@ class TritonBackend:
             config = kernels.KernelConfig.from_dict(explicit)
         if self.forced_config is not None:
             config, batch_invariant = self.forced_config, False
+        if override is not None:
+            config, batch_invariant = override, False
 
         experts = kernels.TritonExperts(quant, assignment=assignment, fuse_activation=fuse_activation)
         ws13_shape, ws2_shape, out_shape = experts.workspace_shapes(
@@ -197,27 +214,58 @@ class TritonBackend:
         """Every SPEC invariance: ``config="inv"`` selects ``batch_invariant=True`` in ``run``."""
         return True, ""
 
-    def run_paths(self, inputs: "MoEInputs", case: Optional["Case"] = None) -> List[Tuple[str, "torch.Tensor"]]:
+    def run_paths(self, inputs: "MoEInputs", case: Optional["Case"] = None) -> List[Tuple]:
         """The same call through each internal path the kernels did not take by themselves:
         the other route-to-tile assignment (naive <-> aligned, SPEC "Invariances") and the other
         activation placement (unfused <-> fused into GEMM1's epilogue, where the call allows
-        it). Every one must give the bits of the default path."""
+        it). Every one must give the bits of the default path.
+
+        silu + fp8_block128 (no clamp, no LoRA) fuses its activation and fp8 group quantization
+        into GEMM1 only with (BLOCK_N // 2) % 128 == 0, which no default config has. There the
+        two placements are compared with each other at the default config with BLOCK_N = 256:
+        a ``(label, fused output, unfused output)`` triple (a config change may move accumulation
+        order, so neither is compared with the default run)."""
         self.run(inputs, case)  # which paths the kernels choose for this call
-        taken = dict(self.last_paths)
-        variants: List[Tuple[str, "torch.Tensor"]] = []
-        other = "naive" if taken["assignment"] == "aligned" else "aligned"
-        variants.append((f"assignment={other} (default {taken['assignment']})",
-                         self.run(inputs, case, assignment=other)))
-        if taken["fused_activation"]:
-            variants.append(("activation unfused (default fused into GEMM1)",
-                             self.run(inputs, case, fuse_activation=False)))
-        else:
-            try:
-                variants.append(("activation fused into GEMM1 (default unfused)",
-                                 self.run(inputs, case, fuse_activation=True)))
-            except ValueError:
-                pass  # this call cannot fuse (LoRA, the fused silu+fp8 quantizer): no such path
+        taken, taken_config = dict(self.last_paths), self.last_config
+        variants: List[Tuple] = []
+        try:
+            other = "naive" if taken["assignment"] == "aligned" else "aligned"
+            variants.append((f"assignment={other} (default {taken['assignment']})",
+                             self.run(inputs, case, assignment=other)))
+            if taken["fused_activation"]:
+                variants.append(("activation unfused (default fused into GEMM1)",
+                                 self.run(inputs, case, fuse_activation=False)))
+            elif _fp8_group_quant_call(inputs):
+                variants.append(self._fp8_group_quant_pair(inputs, case, taken_config))
+            else:
+                try:
+                    variants.append(("activation fused into GEMM1 (default unfused)",
+                                     self.run(inputs, case, fuse_activation=True)))
+                except ValueError:
+                    pass  # this call cannot fuse (LoRA adds into c1 first): no such path
+        finally:
+            self.last_paths, self.last_config = taken, taken_config  # describe the default run again
         return variants
+
+    def _fp8_group_quant_pair(self, inputs: "MoEInputs", case: Optional["Case"], taken_config: Optional[dict]):
+        """(label, fused, unfused) for silu + fp8_block128 at a config whose programs own whole
+        128-column scale groups: the default config with BLOCK_N = 256 (GEMM2 keeps its tiles)."""
+        from dataclasses import replace
+
+        import kernels
+        from kernels.configs import Gemm2Tiles
+
+        base = kernels.KernelConfig.from_dict(taken_config)
+        gemm2 = base.gemm2
+        if gemm2 is None:  # GEMM2 ran these tiles: keep them, only GEMM1's BLOCK_N changes
+            gemm2 = Gemm2Tiles(BLOCK_N=base.BLOCK_N, BLOCK_K=base.BLOCK_K, GROUP_M=base.GROUP_M,
+                               num_warps=base.num_warps, num_stages=base.num_stages)
+        config = replace(base, BLOCK_N=2 * _FP8_GROUP, gemm2=gemm2)
+        fused = self.run(inputs, case, fuse_activation=True, config=config)
+        unfused = self.run(inputs, case, fuse_activation=False, config=config)
+        label = (f"silu + fp8 group quantization fused into GEMM1 vs unfused, both at GEMM1 BLOCK_N={config.BLOCK_N} "
+                 f"(the default BLOCK_N={base.BLOCK_N} cannot fuse)")
+        return label, fused, unfused
 
     def routing_stages(self, inputs: "MoEInputs", case: Optional["Case"] = None) -> Optional[dict]:
         """The alignment of ``inputs``' routes at the BLOCK_M of the last run's launch config.

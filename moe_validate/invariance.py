@@ -10,7 +10,11 @@ bitwise, so they are checked bitwise, by re-running the backend on transformed i
   ``sub``    one token dropped (the middle one: M's parity changes and the rows after it shift),
              both runs in batch-invariant mode           -> every other row unchanged
   ``paths``  the backend's other internal paths for the same call (``run_paths``: for Triton,
-             naive vs aligned assignment, activation fused into GEMM1 or not) -> the same bits
+             naive vs aligned assignment, activation fused into GEMM1 or not) -> the same bits.
+             ``run_paths`` yields ``(label, output)`` pairs, compared with the default run, or
+             ``(label, output, expected)`` triples, compared with their own ``expected`` (two
+             paths at a launch config other than the default's, e.g. Triton's fp8 group
+             quantization fused into GEMM1, which needs BLOCK_N = 256)
 
 A case asks for them with ``Case.invariance`` (``"perm+sub"``). ``sub`` needs batch-invariant
 mode: the harness asks for it by handing the backend the case with ``config="inv"`` (a case with
@@ -140,8 +144,11 @@ def _check_invariance(name: str, case, inputs, out: torch.Tensor, backend) -> Di
         diff = bitwise_difference(expected, permuted, lambda r: int(perm[r]), ("in order", "permuted"))
     elif name == "paths":
         diff = None
-        for variant, got in backend.run_paths(inputs, case):
-            diff = bitwise_difference(out, got, lambda r: r, ("default path", variant))
+        for variant, got, *expected in backend.run_paths(inputs, case):
+            if expected:
+                diff = bitwise_difference(expected[0], got, lambda r: r, ("expected", "got"))
+            else:
+                diff = bitwise_difference(out, got, lambda r: r, ("default path", variant))
             if diff is not None:
                 diff = f"{variant}: {diff}"
                 break

@@ -92,9 +92,11 @@ def _bias_weighted(case: Case) -> bool:
 
 def _gated_split(case: Case) -> bool:
     """Gate/up taken from the two halves of w1's rows: by the activation kernel from c1, or by the
-    fused GEMM1 epilogue's row map (not the fused silu+fp8 quantizer, which has its own copy)."""
+    fused GEMM1 epilogue's row map (not the separate silu+fp8 quantizer, which has its own copy;
+    but GEMM1 with the fp8 group quantization fused uses the row map too)."""
     act = case.act
-    return case.M > 0 and act.is_gated and not act.is_interleaved and not _fused_silu_quant(case)
+    return (case.M > 0 and act.is_gated and not act.is_interleaved
+            and (not _fused_silu_quant(case) or _fp8_group_quant_in_gemm1(case)))
 
 
 def _activation_in_gemm1(case: Case) -> bool:
@@ -103,8 +105,21 @@ def _activation_in_gemm1(case: Case) -> bool:
     return case.M > 0 and case.lora == "none" and not _fused_silu_quant(case)
 
 
+def _fp8_group_quant_in_gemm1(case: Case) -> bool:
+    """GEMM1's epilogue applies silu and the fp8 group quantization (kernels/grouped_gemm.py,
+    FP8_GROUP_QUANT): silu + fp8_block128 without clamp or LoRA, at a GEMM1 config with
+    (BLOCK_N // 2) % 128 == 0. No default config has that (BLOCK_N 64 under the interpreter,
+    128 on the GPU), so a case gets there through an explicit config with such a BLOCK_N or
+    through the ``paths`` invariance, which compares the fused and the unfused placement at
+    BLOCK_N = 256 (TritonBackend.run_paths)."""
+    if not _fused_silu_quant(case):
+        return False
+    cfg = case.explicit_config()
+    return "paths" in case.invariances or (cfg is not None and (cfg["BLOCK_N"] // 2) % 128 == 0)
+
+
 def _gated_in_gemm1(case: Case) -> bool:
-    return _activation_in_gemm1(case) and case.act.is_gated
+    return (_activation_in_gemm1(case) and case.act.is_gated) or _fp8_group_quant_in_gemm1(case)
 
 
 def _clamp_in_gemm1(case: Case) -> bool:
@@ -333,14 +348,15 @@ MUTANTS: Tuple[Mutant, ...] = (
         _clamp, "clamp cases", prefer=_clamp_reached),
     Mutant(
         "fused_silu_quant_gate_up_swapped", "the fused silu+fp8 quantizer computes silu(up) * gate",
-        (Hunk(_QUANT, "    act = tl.div_rn(gate, 1.0 + tl.exp(-gate)) * up\n",
-              "    act = tl.div_rn(up, 1.0 + tl.exp(-up)) * gate  # MUTANT\n"),),
-        _fused_silu_quant, "silu + fp8_block128 without clamp or LoRA (the fused path)"),
+        (Hunk(_QUANT, "    return tl.div_rn(gate, 1.0 + tl.exp(-gate)) * up\n",
+              "    return tl.div_rn(up, 1.0 + tl.exp(-up)) * gate  # MUTANT\n"),),
+        _fused_silu_quant, "silu + fp8_block128 without clamp or LoRA (the separate quantizer and GEMM1's fused "
+        "epilogue share the formula)"),
     # --- the activation fused into the GEMM1 epilogue (no LoRA, not the fused silu+fp8 quantizer) --
     Mutant(
         "fused_epilogue_gate_up_swapped", "the fused GEMM1 epilogue splits its accumulator into (up, gate)",
         (Hunk(_GG, "            gate, up = tl.split(", "            up, gate = tl.split("),),
-        _gated_in_gemm1, "gated activations (both layouts) without LoRA, outside the fused silu+fp8 path"),
+        _gated_in_gemm1, "gated activations (both layouts) without LoRA, outside the separate silu+fp8 quantizer"),
     Mutant(
         "fused_epilogue_clamp_dropped", "the fused GEMM1 launch drops gemm1_clamp_limit (the activation kernel still clamps)",
         (Hunk(_GG, "        HAS_CLAMP=clamp_limit is not None,\n", "        HAS_CLAMP=False,  # MUTANT\n"),),
@@ -349,11 +365,23 @@ MUTANTS: Tuple[Mutant, ...] = (
         "fused_epilogue_on_unrounded_c1", "the fused GEMM1 epilogue applies the activation to the fp32 "
         "accumulator instead of c1 rounded to S",
         (Hunk(_GG, "        c1 = _interp.to_fp32(c)\n", "        c1 = acc  # MUTANT: one rounding skipped\n"),),
-        lambda case: _activation_in_gemm1(case) and case.dtype != "fp32",
-        "fp16/bf16 storage without LoRA, outside the fused silu+fp8 path (fp32 storage: the rounding is exact)",
+        lambda case: (_activation_in_gemm1(case) or _fp8_group_quant_in_gemm1(case)) and case.dtype != "fp32",
+        "fp16/bf16 storage without LoRA, outside the separate silu+fp8 quantizer (fp32 storage: the rounding is exact)",
         # The reference comparison cannot see it (one skipped rounding of c1 moves c2 by less than
         # an ulp of S, like an accumulation-order flip the mirror gate must allow): the bitwise
         # ``paths`` invariance (fused vs unfused) is what kills it, so those cases go first.
+        prefer=lambda case: "paths" in case.invariances),
+    Mutant(
+        "fused_fp8_group_absmax_unrounded", "GEMM1's fused fp8 group quantization takes each group's absmax (so its "
+        "scale) from silu(gate) * up of the fp32 accumulator instead of c1 rounded to S",
+        (Hunk(_GG, "                scale = _dynamic_scale(tl.max(tl.abs(y), axis=1), QUANT_QMAX)\n",
+              "                g_acc, u_acc = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))  # MUTANT: unrounded\n"
+              "                scale = _dynamic_scale(tl.max(tl.abs(silu_and_mul_fp32(g_acc, u_acc)), axis=1), QUANT_QMAX)\n"),),
+        lambda case: _fp8_group_quant_in_gemm1(case) and case.dtype != "fp32",
+        "silu + fp8_block128 without clamp or LoRA, GEMM1 at BLOCK_N = 256 (the paths invariance, or an explicit "
+        "config), fp16/bf16 storage (fp32 storage: the rounding is exact)",
+        # Like fused_epilogue_on_unrounded_c1: a scale off by less than an ulp of S moves few codes,
+        # inside the mirror gate; the bitwise ``paths`` comparison (fused vs unfused) kills it.
         prefer=lambda case: "paths" in case.invariances),
     # --- masks, tails, tiles --------------------------------------------------------------------
     Mutant(

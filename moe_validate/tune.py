@@ -1,7 +1,9 @@
 """``moe-validate tune``: pick a launch config per M bucket and write the table kernels read.
 
 For one model shape and scheme, per M bucket: the candidates are a small grid for the bucket's
-regime (routes per expert = M*topk/E: decode, small, middle, prefill; ``regime_candidates``)
+regime (routes per expert = M*topk/E: decode, small, middle, prefill; ``regime_candidates``; for
+fp8_block128 the middle and prefill grids add BLOCK_N = 256, BLOCK_K = 128 shapes, which let
+silu fuse its fp8 group quantization into GEMM1)
 plus the config the kernels would pick without a table (so a tuned bucket never loses to the
 default), filtered by the scheme's static rules (``kernels.configs.check_config``). Each is timed
 with the bench timer (CUDA graph replays over rotated routing, median); a config that fails to
@@ -54,6 +56,18 @@ _REGIMES: Tuple[Tuple[str, float, Tuple[Tuple[int, ...], ...]], ...] = (
 )
 
 
+# fp8_block128 with silu fuses its activation quantization into GEMM1 only where a program owns
+# whole 128-column scale groups of c2, (BLOCK_N // 2) % 128 == 0 (kernels/experts.py); at prefill
+# that saves c1's write and re-read (~4 GB, ~1.4 ms of 19.4 at Mixtral M=16384 on an H100). The
+# shared grids above hold BLOCK_N = 256 shapes with BLOCK_K = 64 only; block-scaled fp8 prefers
+# BLOCK_K = 128 (one scale block per K tile: one partial product per block), so these join the
+# grids of that scheme alone. Other activations run them as plain BLOCK_N = 256 configs.
+_FP8_GROUP_FUSION: Dict[str, Tuple[Tuple[int, ...], ...]] = {
+    "middle": ((64, 256, 128, 8, 8, 3), (128, 256, 128, 8, 8, 3)),
+    "prefill": ((64, 256, 128, 8, 8, 3), (128, 256, 128, 8, 8, 4)),
+}
+
+
 def regime_of(M: int, E: int, topk: int) -> str:
     """decode / small / middle / prefill by routes per expert (M*topk/E)."""
     rpe = M * topk / max(E, 1)
@@ -89,9 +103,12 @@ def regime_candidates(scheme, regime: str, *, on_gpu: bool = True) -> List[Any]:
     """The grid of one regime, filtered by the scheme's static rules."""
     from moe_validate.spec import QuantScheme
 
+    s = QuantScheme.parse(scheme)
     for name, _, shapes in _REGIMES:
         if name == regime:
-            return _configs(shapes, QuantScheme.parse(scheme), on_gpu)
+            if s is QuantScheme.FP8_BLOCK128:
+                shapes = tuple(shapes) + _FP8_GROUP_FUSION.get(name, ())
+            return _configs(shapes, s, on_gpu)
     raise ValueError(f"regime must be one of {[r[0] for r in _REGIMES]}; got {regime!r}")
 
 
@@ -103,6 +120,8 @@ def candidate_grid(scheme, *, on_gpu: bool = True, small: bool = True) -> List[A
     s = QuantScheme.parse(scheme)
     if small:
         shapes = [shape for _, _, grid in _REGIMES for shape in grid]
+        if s is QuantScheme.FP8_BLOCK128:
+            shapes += [shape for grid in _FP8_GROUP_FUSION.values() for shape in grid]
     else:
         shapes = [(bm, bn, bk, gm, w, st) for bm in (16, 32, 64, 128) for bn in (64, 128, 256) for bk in (64, 128)
                   for gm in (1, 8) for w in (4, 8) for st in (3, 4)]

@@ -458,6 +458,23 @@ def test_tune_default_candidates_are_per_regime_and_include_the_untuned_default(
         regime_candidates("none", "lunch")
 
 
+def test_fp8_block128_grids_hold_configs_that_fuse_the_activation_quantization():
+    """silu + fp8_block128 fuses its fp8 group quantization into GEMM1 only where (BLOCK_N // 2)
+    % 128 == 0: the middle and prefill grids of that scheme hold such configs with BLOCK_K = 128
+    (one scale block per K tile), the other schemes' grids and the decode/small ones are unchanged."""
+    from moe_validate.tune import regime_candidates
+
+    for regime in ("middle", "prefill"):
+        fp8 = regime_candidates("fp8_block128", regime)
+        fusing = [c for c in fp8 if (c.BLOCK_N // 2) % 128 == 0 and c.BLOCK_K == 128]
+        assert {c.BLOCK_M for c in fusing} >= {64, 128} and all(c.num_warps == 8 for c in fusing)
+        assert len(fp8) <= 8, "each candidate costs GPU time at every bucket"
+        assert not [c for c in regime_candidates("none", regime) if c not in fp8]
+    for regime in ("decode", "small"):
+        assert regime_candidates("fp8_block128", regime) == [c for c in regime_candidates("none", regime)
+                                                             if 128 % c.BLOCK_K == 0]
+
+
 def test_tune_gives_gemm2_its_own_tiles_when_faster(tmp_path, monkeypatch):
     """Stage 2 times the fastest shared config with each other GEMM2 schedule of the regime; a
     faster variant wins, is checked for real (interpreter, forced config through the backend),

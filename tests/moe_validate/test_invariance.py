@@ -431,3 +431,61 @@ def test_triton_backend_offers_the_paths_it_did_not_take():
                                                  "activation unfused (default fused into GEMM1)"]
     for _, got in variants:
         assert invariance.bitwise_difference(out, got, lambda r: r, ("a", "b")) is None
+
+
+class PairedPaths(_Declared):
+    """Two paths at another launch config, compared with each other (a (label, got, expected)
+    triple): both one ulp off the default run on token 1, optionally one more ulp apart on token 3."""
+
+    def __init__(self, apart: bool):
+        super().__init__()
+        self.apart = apart
+
+    def run_paths(self, inputs, case=None):
+        other_config = _nudge(super().run(inputs, case), 1)
+        got = _nudge(other_config, 3) if self.apart else other_config
+        return [("path B vs path C at config X", got, other_config)]
+
+
+def test_paths_triples_compare_the_two_paths_with_each_other():
+    assert _checks(PairedPaths(apart=False), PATHS_CASE)["invariance:paths"]["outcome"] == "PASS"
+    failed = _checks(PairedPaths(apart=True), PATHS_CASE)["invariance:paths"]
+    assert failed["outcome"] == "FAIL"
+    assert failed["reason"].startswith("invariance paths (internal paths of the same call) violated: "
+                                       "path B vs path C at config X: token 3, column 0:")
+    assert " expected vs " in failed["reason"] and " got (bits " in failed["reason"]
+
+
+FP8_GROUP_PATHS_CASE = Case(M=4, N=64, K=64, E=4, topk=2, scheme="fp8_block128", invariance="paths", seed=198)
+
+
+def test_triton_backend_compares_the_fused_fp8_group_quantization_at_block_n_256(monkeypatch):
+    """silu + fp8_block128 fuses its fp8 group quantization into GEMM1 only at BLOCK_N = 256 (no
+    default config): run_paths runs both placements at the default config with that BLOCK_N and
+    hands them over as a triple; the backend afterwards describes the default run again."""
+    from kernels import experts as experts_module
+    from moe_validate.backends import TritonBackend
+
+    fused_launches = []
+    real = experts_module.invoke_grouped_gemm
+
+    def spy(a, b, c, **kw):
+        if kw.get("c_scale") is not None:
+            fused_launches.append(kw["config"].BLOCK_N)
+        return real(a, b, c, **kw)
+
+    monkeypatch.setattr(experts_module, "invoke_grouped_gemm", spy)
+
+    assert FP8_GROUP_PATHS_CASE in matrix.suite_cases("smoke")
+    backend = TritonBackend()
+    inputs = make_inputs(FP8_GROUP_PATHS_CASE, device=default_device())
+    backend.run(inputs, FP8_GROUP_PATHS_CASE)
+    default_config, default_paths = backend.last_config, dict(backend.last_paths)
+    assert default_paths["fused_activation"] is False and default_config["BLOCK_N"] < 256
+    variants = backend.run_paths(inputs, FP8_GROUP_PATHS_CASE)
+    assert [len(v) for v in variants] == [2, 3]
+    label, fused, unfused = variants[1]
+    assert "fused into GEMM1 vs unfused" in label and "BLOCK_N=256" in label
+    assert invariance.bitwise_difference(unfused, fused, lambda r: r, ("a", "b")) is None
+    assert backend.last_config == default_config and backend.last_paths == default_paths
+    assert fused_launches == [256], "exactly one run (the fused variant) takes GEMM1's fp8 group quantization"
