@@ -10,6 +10,14 @@ router weights are softmax probabilities over all E experts (not renormalized, a
 bf16/fp16/fp8 in their normal range (no subnormals, no saturation) unless a case asks for
 outliers, and make an absolute error read as a relative one. The router weights are < 1 on
 purpose: a kernel that drops the router weight then differs by an O(1) factor.
+
+Quantized weights get a magnitude of 2**U(-1, 1) per (expert, 128-row block, 128-column block)
+before quantization, so their scales (per block, channel, group or expert) differ by up to 4x
+between experts and blocks. With iid weights every 128x128 block has nearly the same absmax
+(~4 sigma): a kernel reading another expert's or block's scale was then off by a few percent,
+inside the fp8 tolerance at realistic sizes (seen on the H100: a scale read from expert 0
+passed premerge). The factors are drawn after every other tensor, so the rest of a case's
+data is unchanged.
 """
 
 from __future__ import annotations
@@ -139,6 +147,14 @@ def _expert_map(case: Case, g: torch.Generator) -> Optional[torch.Tensor]:
     return emap
 
 
+def _block_magnitudes(g: torch.Generator, E: int, rows: int, cols: int, block: int = 128) -> torch.Tensor:
+    """[E, rows, cols] factors 2**U(-1, 1), constant on each 128x128 block of each expert (see
+    the module docstring: scales that differ between experts and blocks)."""
+    nb, kb = max(1, math.ceil(rows / block)), max(1, math.ceil(cols / block))
+    f = torch.exp2(torch.rand(E, nb, kb, generator=g) * 2.0 - 1.0)
+    return f.repeat_interleave(block, dim=1)[:, :rows].repeat_interleave(block, dim=2)[:, :, :cols]
+
+
 def _quantize(w: torch.Tensor, case: Case):
     """(w_q, scale, zp) through the reference's quantizer (SPEC "Quantization schemes")."""
     import reference  # lazily: the harness reaches the reference only when it builds inputs
@@ -197,6 +213,8 @@ def make_inputs(case: Case, device="cpu") -> MoEInputs:
 
     quant: Optional[QuantConfig] = None
     if scheme.is_quantized:
+        w1 = w1 * _block_magnitudes(g, E, N, K)
+        w2 = w2 * _block_magnitudes(g, E, K, I)
         w1q, s1, z1 = _quantize(w1, case)
         w2q, s2, z2 = _quantize(w2, case)
         quant = QuantConfig(scheme=scheme, w1_scale=s1, w2_scale=s2, w1_zp=z1, w2_zp=z2,
