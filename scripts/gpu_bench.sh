@@ -4,6 +4,7 @@
 # lands under $OUT; the compact table is printed last.
 #
 #   OUT=/tmp/out bash scripts/gpu_bench.sh
+#   BENCH_ARGS=--profile OUT=/tmp/out bash scripts/gpu_bench.sh   (per-kernel breakdown per row)
 #
 # Each step is guarded: a failing step is reported and the script goes on (rows that fail
 # inside bench are recorded in bench.json, not fatal).
@@ -23,7 +24,7 @@ echo "== bench (budget 270 s; progress in $OUT/bench.log)"
 timeout 330 "$PY" -m moe_validate.cli bench --quick \
     --models mixtral-8x7b,qwen3-30b-a3b,deepseek-v3,deepseek-v3-tp8,gpt-oss-120b \
     --schemes bf16,fp8_tensor,fp8_block --m 1,16,128,1024,4096,16384 \
-    --peers reference,torch-grouped --time-budget 270 --out "$OUT" \
+    --peers reference,torch-grouped --time-budget 270 --out "$OUT" ${BENCH_ARGS:-} \
     > "$OUT/bench_stdout.txt" 2> "$OUT/bench.log"
 echo "bench exit status $?"
 tail -n 5 "$OUT/bench.log"
