@@ -638,6 +638,14 @@ def _smoke() -> List[Case]:
         Case(M=6, N=64, K=64, E=4, topk=2, invariance="paths", seed=195),
         Case(M=4, N=64, K=64, E=4, topk=2, activation="swigluoai", invariance="paths", seed=196),
         Case(M=7, N=64, K=64, E=4, topk=2, clamp=1.0, invariance="paths", seed=197),
+        # the naive variant quantizes the GEMM inputs in the GEMMs (fold_act_quant), the paths check
+        # compares it with the separate quantize launches: per-token scales over two K tiles, and
+        # per-token-group ones, which fold only with BLOCK_K = 128 (GEMM1 and GEMM2: gelu, not silu,
+        # whose GEMM2 input comes from the fused silu+fp8 quantizer)
+        Case(M=6, N=64, K=64, E=4, topk=2, scheme="fp8_tensor_token", config="BM16BN32BK32GM1W4S1",
+             invariance="paths", seed=198),
+        Case(M=6, N=64, K=64, E=4, topk=2, scheme="fp8_block128", activation="gelu", config="BM16BN64BK128GM1W4S1",
+             invariance="paths", seed=199),
     ]
     return _dedupe(cases)
 
@@ -674,6 +682,8 @@ def _premerge() -> List[Case]:
         Case(M=48, N=512, K=256, E=8, topk=2, invariance="paths", seed=1154),
         Case(M=33, N=384, K=320, E=6, topk=4, activation="swigluoai", invariance="paths", seed=1155),
         Case(M=40, N=256, K=256, E=8, topk=2, scheme="fp8_tensor_token", invariance="paths", seed=1156),
+        # decode-like naive path with the fp8 group quantization folded into both GEMMs by default
+        Case(M=3, N=512, K=256, E=64, topk=4, scheme="fp8_block128", activation="gelu", invariance="paths", seed=1157),
     ]
     return _dedupe(cases)
 
