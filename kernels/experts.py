@@ -17,9 +17,6 @@ the activation has read it); c2 lives in ``workspace2``. The workspace shapes do
 fusion (c1 is then simply unused; the fp8 codes and scales get their own buffers on both paths).
 Only rows of valid routes are ever written or read, so NaN-poisoned workspaces and outputs are
 harmless; tokens without a valid route get exact zeros from ``moe_sum``.
-On the tiny-M naive path with dynamic per-token or per-token-group activation scales and no
-LoRA, the GEMMs quantize their own A row (``kernels.grouped_gemm``, ``quantize_a``) instead of
-the two ``quantize_activation`` launches, bit for bit the same: ``fold_act_quant``.
 """
 
 from __future__ import annotations
@@ -113,21 +110,14 @@ class TritonExperts:
     """The modular experts object (mirrors vLLM's TritonExperts): workspaces + apply."""
 
     def __init__(self, quant_config: Optional[QuantConfig] = None, *, assignment: str = "auto",
-                 fuse_activation="auto", fold_act_quant="auto"):
+                 fuse_activation="auto"):
         """``assignment``: "auto" | "naive" | "aligned" (route-to-tile path; auto by sparsity).
         ``fuse_activation``: "auto" (fuse the activation into GEMM1 wherever it can be: no LoRA;
         for silu + fp8_block128, where GEMM1's config has (BLOCK_N // 2) % 128 == 0, together
         with the fp8 group quantization), True (the same, and a call that cannot be fused raises
         ValueError with the reason) or False (always GEMM1 -> c1 -> activation kernel, or the
         separate silu+fp8-group quantizer). Both paths give the same bits; the switch exists for
-        tests and measurements. ``last_fused_activation`` says which one the last call took.
-
-        ``fold_act_quant``: "auto" (on the naive path, GEMM1 and GEMM2 quantize their input rows
-        themselves wherever the scheme has dynamic per-token or per-token-group activation scales,
-        no LoRA, no given a1q_scale, and BLOCK_K = 128 for per-token-group; GEMM2 on the fused
-        silu+fp8-group path keeps that quantizer), True (the same, and a call where a GEMM's
-        quantize_activation launch cannot be folded raises ValueError) or False (always the
-        separate launches). Same bits either way."""
+        tests and measurements. ``last_fused_activation`` says which one the last call took."""
         if quant_config is None:
             quant_config = QuantConfig()
         if not isinstance(quant_config, QuantConfig):
@@ -137,16 +127,12 @@ class TritonExperts:
             raise ValueError(f"assignment must be 'auto', 'naive' or 'aligned'; got {assignment!r}")
         if not (fuse_activation == "auto" or fuse_activation is True or fuse_activation is False):
             raise ValueError(f"fuse_activation must be 'auto', True or False; got {fuse_activation!r}")
-        if not (fold_act_quant == "auto" or fold_act_quant is True or fold_act_quant is False):
-            raise ValueError(f"fold_act_quant must be 'auto', True or False; got {fold_act_quant!r}")
         self.quant_config = quant_config
         self.assignment = assignment
         self.fuse_activation = fuse_activation
         self.last_config: Optional[KernelConfig] = None
         self.last_assignment: Optional[str] = None
         self.last_fused_activation: Optional[bool] = None
-        self.fold_act_quant = fold_act_quant
-        self.last_folded_act_quant: Optional[Tuple[bool, bool]] = None  # (GEMM1, GEMM2) quantized their A
 
     # --- capabilities -----------------------------------------------------------------------
     def supports_quant_scheme(self, weight_key, act_key) -> bool:
@@ -197,34 +183,6 @@ class TritonExperts:
                              + "; ".join(blockers))
         return self.fuse_activation is not False and not blockers
 
-    def _fold_act_quant(self, scheme: QuantScheme, naive: bool, lora, a1q_scale, fused_silu_quant: bool,
-                        config: KernelConfig) -> Tuple[bool, bool]:
-        """Whether (GEMM1, GEMM2) quantize their A rows in the kernel (see ``fold_act_quant``)."""
-        if self.fold_act_quant is False:
-            return False, False
-        gran = scheme.act_granularity
-        common, gemm1, gemm2 = [], [], []
-        if gran not in ("token", "token_group"):
-            common.append(f"quant.scheme {scheme.value} has {gran or 'no'} activation scales (only dynamic "
-                          f"per-token and per-token-group ones fold)")
-        if not naive:
-            common.append(f"the aligned path runs (assignment={self.assignment!r}); folding needs the naive path")
-        if lora is not None:
-            common.append("lora is given (LoRA calls keep the quantize_activation launches)")
-        if a1q_scale is not None:
-            gemm1.append("a1q_scale is given (hidden_states arrive quantized)")
-        if gran == "token_group":
-            for name, cfg, blockers in (("config", config, gemm1), ("config.gemm2", config.for_gemm2(), gemm2)):
-                if cfg.BLOCK_K != 128:
-                    blockers.append(f"{name}.BLOCK_K must be 128 (one K tile per activation scale group); "
-                                    f"got {cfg.BLOCK_K}")
-        if fused_silu_quant:
-            gemm2 = []  # GEMM2's input comes from the fused silu+fp8-group quantizer: nothing to fold
-        if self.fold_act_quant is True and (common or gemm1 or gemm2):
-            raise ValueError("fold_act_quant=True but this call cannot quantize the GEMM inputs in the kernels: "
-                             + "; ".join(common + gemm1 + gemm2))
-        return not (common or gemm1), not (common or gemm2 or fused_silu_quant)
-
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
               global_num_experts, expert_map, a1q_scale, a2_scale, workspace13, workspace2,
               expert_tokens_meta, apply_router_weight_on_input, lora=None, config=None,
@@ -260,12 +218,6 @@ class TritonExperts:
                             and clamp is None and lora is None)
         fuse_act = self._fuse_activation(lora, fused_silu_quant, shape.activation, config)
         self.last_fused_activation = fuse_act
-        if self.assignment == "auto":
-            naive = R * _NAIVE_SPARSITY <= E
-        else:
-            naive = self.assignment == "naive"
-        fold1, fold2 = self._fold_act_quant(scheme, naive, lora, a1q_scale, fused_silu_quant, config)
-        self.last_folded_act_quant = (fold1, fold2)
         if M == 0:
             return
         c1 = _flat_view(workspace13, "workspace13", R, N, S)
@@ -273,6 +225,10 @@ class TritonExperts:
         c2 = _flat_view(workspace2, "workspace2", R, I, S)
 
         # Routing: local expert per route (+ counts), then alignment unless the tiny-M path runs.
+        if self.assignment == "auto":
+            naive = R * _NAIVE_SPARSITY <= E
+        else:
+            naive = self.assignment == "naive"
         self.last_assignment = "naive" if naive else "aligned"
         counts = None if naive else torch.zeros(E, dtype=torch.int32, device=hidden_states.device)
         route_expert = route_experts(topk_ids, shape.global_num_experts, E, expert_map, counts=counts)
@@ -290,16 +246,16 @@ class TritonExperts:
         if apply_router_weight_on_input:
             x = (x.float() * topk_weights[:, :1].float()).to(S)
 
-        # GEMM1 input quantization (in GEMM1 itself when folded).
+        # GEMM1 input quantization.
         a1, a1_scale = x, None
         if scheme.act_dtype is not None:
             if a1q_scale is not None:
                 a1_scale = a1q_scale
-            elif not fold1:
+            else:
                 a1, a1_scale = quantize_activation(x, scheme, static_scale=quant.a1_scale)
 
         gemm1_kw = dict(top_k_div=topk, bias=quant.w1_bias, a_scale=a1_scale, b_scale=quant.w1_scale,
-                        b_zp=quant.w1_zp, group_size=quant.group_size, quantize_a=fold1, **routing)
+                        b_zp=quant.w1_zp, group_size=quant.group_size, **routing)
         a2, a2_used_scale = c2, None
         if fuse_act and fused_silu_quant:
             # GEMM1 with silu and the fp8 group quantization in its epilogue: codes and scales
@@ -327,7 +283,7 @@ class TritonExperts:
         else:
             if not fuse_act:
                 apply_activation(c1, c2, route_expert, shape.activation, clamp)
-            if scheme.act_dtype is not None and not fold2:
+            if scheme.act_dtype is not None:
                 a2, a2_used_scale = quantize_activation(c2, scheme, static_scale=quant.a2_scale,
                                                         row_valid=route_valid)
 
@@ -338,8 +294,7 @@ class TritonExperts:
             # GEMM2's own tiles where the config has them (same BLOCK_M: same alignment)
             invoke_grouped_gemm(a2, w2, c3, top_k_div=1, bias=quant.w2_bias, a_scale=a2_used_scale,
                                 b_scale=quant.w2_scale, b_zp=quant.w2_zp, group_size=quant.group_size,
-                                route_weight=route_weight, quantize_a=fold2,
-                                **{**routing, "config": config.for_gemm2()})
+                                route_weight=route_weight, **{**routing, "config": config.for_gemm2()})
 
         apply_lora_w2(c3, c2, route_expert, route_weight, lora, topk=topk, base_gemm=gemm2)
 
@@ -349,11 +304,10 @@ class TritonExperts:
 
 def fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, *, activation="silu", quant=None,
                   expert_map=None, global_num_experts=-1, apply_router_weight_on_input=False, lora=None,
-                  a1q_scale=None, config=None, batch_invariant=False, fuse_activation="auto",
-                  fold_act_quant="auto") -> torch.Tensor:
-    """The [M, K] output in the storage dtype S (SPEC.md, Pipeline). ``fuse_activation``,
-    ``fold_act_quant``: see ``TritonExperts``."""
-    experts = TritonExperts(quant, fuse_activation=fuse_activation, fold_act_quant=fold_act_quant)
+                  a1q_scale=None, config=None, batch_invariant=False, fuse_activation="auto") -> torch.Tensor:
+    """The [M, K] output in the storage dtype S (SPEC.md, Pipeline). ``fuse_activation``: see
+    ``TritonExperts``."""
+    experts = TritonExperts(quant, fuse_activation=fuse_activation)
     shape = validate_call(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation, quant=quant,
                           expert_map=expert_map, global_num_experts=global_num_experts,
                           apply_router_weight_on_input=apply_router_weight_on_input, lora=lora,

@@ -19,12 +19,6 @@ Dequantization:
   int8_w8a16: int8 weights converted (exactly) to S, per-channel scale after the K loop;
   int4_w4a16: nibble (low = even k) minus zero point (default 8) converted (exactly) to S, dot,
       then scaled per (column, group) per K tile (a K tile never straddles a group).
-In-kernel activation quantization (``A_QUANT``, the tiny-M path: a program's A is one row): A
-arrives unquantized in S and the program quantizes it as ``kernels.quantize`` would, with that
-module's helpers, so the codes and scales are the same bits: "token" first finds the row's absmax
-over all K (a pass in BLOCK_K chunks), then quantizes each loaded A tile with that scale and
-multiplies the accumulator by it after the K loop; "group" (BLOCK_K = the 128-column group)
-quantizes each A tile with its own absmax and uses that scale where the block K loop reads a_s.
 Tiles with expert -1 write nothing; padding rows are masked: every valid route's row is
 written exactly once and no other row is touched.
 
@@ -89,8 +83,6 @@ def _grouped_gemm_kernel(
     clamp_limit,  # silu's gemm1_clamp_limit (fused activation with HAS_CLAMP only)
     WEIGHT_FORMAT: tl.constexpr,  # "float" | "fp8" | "int8" (w8a8) | "int8_w8a16" | "int4"
     A_SCALE: tl.constexpr,  # "none" | "row" | "tensor" | "row_group"
-    A_QUANT: tl.constexpr,  # "" (A as given) | "token" | "group": quantize A (in S) in the kernel, one row per tile
-    A_QMAX: tl.constexpr,  # QMAX of the A_QUANT quantizer
     B_SCALE: tl.constexpr,  # "none" | "channel" | "tensor" | "block" | "group"
     HAS_ZP: tl.constexpr,
     GROUP_K: tl.constexpr,  # K extent of one scale block/group (block and group scales)
@@ -125,14 +117,6 @@ def _grouped_gemm_kernel(
                          "the fused fp8 group quantization is silu (gate rows [0, N), up [N, 2N)) without clamp")
         tl.static_assert(QUANT_GROUPS >= 1 and QUANT_GROUPS * QUANT_GROUP == BLOCK_N // 2,
                          "the fused fp8 group quantization needs whole groups per program: (BLOCK_N // 2) % 128 == 0")
-    if A_QUANT != "":
-        tl.static_assert(NAIVE, "in-kernel A quantization needs the naive path (one A row per tile)")
-        tl.static_assert(WEIGHT_FORMAT == "fp8" or WEIGHT_FORMAT == "int8", "A_QUANT quantizes to fp8 or int8")
-    if A_QUANT == "token":
-        tl.static_assert(A_SCALE == "none", "A_QUANT='token' applies its in-register row scale itself")
-    if A_QUANT == "group":
-        tl.static_assert(B_SCALE == "block" and BLOCK_K == GROUP_K,
-                         "A_QUANT='group' needs block scales and BLOCK_K = the group")
 
     # Stage 1: program id -> (route tile, column tile), GROUP_M swizzled. A column tile of C is
     # BLOCK_N wide, or BLOCK_N // 2 (gate/up pairs) with a fused gated activation.
@@ -187,15 +171,6 @@ def _grouped_gemm_kernel(
     else:
         b_ptrs = b_base + offs_k[:, None] * stride_bk
 
-    # Stage 2b (A_QUANT "token"): the row's absmax over all K, as kernels.quantize finds it.
-    if A_QUANT == "token":
-        a_absmax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for kt_pre in range(0, tl.cdiv(K, BLOCK_K)):
-            pre_mask = row_mask[:, None] & (offs_k[None, :] < K - kt_pre * BLOCK_K)
-            a_pre = tl.load(a_ptrs + kt_pre * BLOCK_K * stride_ak, mask=pre_mask, other=0.0).to(tl.float32)
-            a_absmax = tl.maximum(a_absmax, tl.max(tl.abs(a_pre), axis=1))
-        a_row_scale = _dynamic_scale(a_absmax, A_QMAX)
-
     # Stage 3: K loop, fp32 accumulation (int32 for int8 x int8).
     if WEIGHT_FORMAT == "int8":
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -205,13 +180,6 @@ def _grouped_gemm_kernel(
         k_start = kt * BLOCK_K
         k_mask = offs_k < K - k_start
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        if A_QUANT == "token":
-            a = _quantize(a.to(tl.float32), tl.broadcast_to(a_row_scale[:, None], (BLOCK_M, BLOCK_K)), A_QMAX,
-                          WEIGHT_FORMAT == "fp8")
-        elif A_QUANT == "group":
-            a_tile = a.to(tl.float32)  # the tile is the row's whole 128-column group
-            a_tile_scale = _dynamic_scale(tl.max(tl.abs(a_tile), axis=1), A_QMAX)
-            a = _quantize(a_tile, tl.broadcast_to(a_tile_scale[:, None], (BLOCK_M, BLOCK_K)), A_QMAX, True)
         if WEIGHT_FORMAT == "int4":
             packed = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0)
             q = ((packed.to(tl.int32) >> b_shift) & 0xF)
@@ -235,10 +203,7 @@ def _grouped_gemm_kernel(
             elif WEIGHT_FORMAT == "fp8":
                 if B_SCALE == "block":
                     group = k_start // GROUP_K
-                    if A_QUANT == "group":
-                        a_s = a_tile_scale
-                    else:
-                        a_s = tl.load(a_scale_ptr + a_rows * stride_asm + group * stride_ask, mask=row_mask, other=0.0)
+                    a_s = tl.load(a_scale_ptr + a_rows * stride_asm + group * stride_ask, mask=row_mask, other=0.0)
                     partial = tl.dot(a, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
                     # acc += partial * (a_s * b_s): the scale product first, then one FMA per element
                     # (H100 probe, scripts/gpu_probe_fp8_block.py: 706 -> 771 TF/s at 128x128x128
@@ -263,9 +228,6 @@ def _grouped_gemm_kernel(
             b_ptrs += (BLOCK_K // 2) * stride_bk
         else:
             b_ptrs += BLOCK_K * stride_bk
-
-    if A_QUANT == "token":  # the epilogue's A_SCALE "row" multiply, with the in-register scale
-        acc = acc.to(tl.float32) * a_row_scale[:, None]
 
     # Stage 4: epilogue in fp32: dequantize, + bias, * router weight, one cast to S.
     acc = acc.to(tl.float32)
@@ -350,22 +312,6 @@ def fp8_group_quant_blocker(config) -> str:
         return (f"it needs (config.BLOCK_N // 2) % {ACT_GROUP_SIZE} == 0, a program owning whole "
                 f"{ACT_GROUP_SIZE}-column scale groups of c2 (BLOCK_N = 256, 512, ...); got BLOCK_N={config.BLOCK_N}")
     return ""
-def _a_quant_mode(a: torch.Tensor, scheme, config, naive: bool, a_scale, fmt: str) -> str:
-    """A_QUANT for ``quantize_a``, after checking that this launch can quantize A in the kernel."""
-    gran = scheme.act_granularity
-    if gran not in ("token", "token_group") or fmt not in ("fp8", "int8"):
-        raise ValueError(f"quantize_a needs a scheme with dynamic per-token or per-token-group activation "
-                         f"scales; got {scheme.value} (activation granularity {gran})")
-    if not naive:
-        raise ValueError("quantize_a needs the naive path (naive=True: one A row per tile)")
-    if a_scale is not None:
-        raise ValueError("quantize_a computes the A scales in the kernel: a_scale must be None")
-    if a.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"quantize_a needs an unquantized a (float32, float16 or bfloat16); got {a.dtype}")
-    if gran == "token_group" and config.BLOCK_K != ACT_GROUP_SIZE:
-        raise ValueError(f"quantize_a with {scheme.value} needs config.BLOCK_K = {ACT_GROUP_SIZE} (one K tile per "
-                         f"activation scale group); got {config.BLOCK_K}")
-    return "group" if gran == "token_group" else "token"
 
 
 def _strides(t: Optional[torch.Tensor], n: int):
@@ -389,7 +335,6 @@ def invoke_grouped_gemm(
     route_weight: Optional[torch.Tensor] = None,
     activation=None, clamp_limit: Optional[float] = None,
     c_scale: Optional[torch.Tensor] = None, c1_dtype: Optional[torch.dtype] = None,
-    quantize_a: bool = False,
 ) -> None:
     """Launch one grouped GEMM writing c[r, :] for every valid route r (route-major c).
 
@@ -408,10 +353,6 @@ def invoke_grouped_gemm(
     ``silu_and_mul_quant_fp8_group`` gives on the stored c1 for every valid route's row;
     ``c1_dtype`` is the storage dtype S c1 would have had (the epilogue rounds to it first), and
     ``config.BLOCK_N // 2`` must be a multiple of 128 (a program owns whole scale groups).
-    ``quantize_a`` (naive path, dynamic ``token`` / ``token_group`` schemes): ``a`` is unquantized
-    (fp32/fp16/bf16) and each program quantizes its row as ``kernels.quantize.quantize_activation``
-    would (same codes, same scales); ``a_scale`` must be None, and ``token_group`` needs
-    ``config.BLOCK_K`` = 128 (one K tile per scale group).
     """
     if a.dim() != 2 or b.dim() != 3 or c.dim() != 2:
         raise ValueError(f"grouped GEMM needs a [rows, K], b [E, N, K], c [R, N]; got {tuple(a.shape)}, "
@@ -454,7 +395,6 @@ def invoke_grouped_gemm(
     if num_routes == 0 or N == 0:
         return
     fmt = _weight_format(b, a, scheme)
-    a_quant = _a_quant_mode(a, scheme, config, naive, a_scale, fmt) if quantize_a else ""
     act_gran = scheme.act_granularity
     if a_scale is None:
         a_mode = "none"
@@ -508,8 +448,6 @@ def invoke_grouped_gemm(
         clamp_limit=float(clamp_limit) if clamp_limit is not None else 0.0,
         WEIGHT_FORMAT=fmt,
         A_SCALE=a_mode,
-        A_QUANT=a_quant,
-        A_QMAX=scheme.act_qmax if a_quant else 0.0,
         B_SCALE=b_mode,
         HAS_ZP=b_zp is not None,
         GROUP_K=group_k,

@@ -139,10 +139,10 @@ class TritonBackend:
         return True, ""
 
     def run(self, inputs: "MoEInputs", case: Optional["Case"] = None, *, assignment: str = "auto",
-            fuse_activation="auto", fold_act_quant="auto", config=None) -> "torch.Tensor":
-        """``assignment``, ``fuse_activation`` and ``fold_act_quant`` pick TritonExperts' internal
-        paths (the ``paths`` invariance re-runs with the ones not taken); the defaults let the
-        kernels choose. ``config`` (a kernels.KernelConfig) overrides the case's and the forced config."""
+            fuse_activation="auto", config=None) -> "torch.Tensor":
+        """``assignment`` and ``fuse_activation`` pick TritonExperts' internal paths (the ``paths``
+        invariance re-runs with the ones not taken); the defaults let the kernels choose.
+        ``config`` (a kernels.KernelConfig) overrides the case's and the forced config."""
         import torch
 
         import kernels
@@ -171,8 +171,7 @@ class TritonBackend:
         if override is not None:
             config, batch_invariant = override, False
 
-        experts = kernels.TritonExperts(quant, assignment=assignment, fuse_activation=fuse_activation,
-                                        fold_act_quant=fold_act_quant)
+        experts = kernels.TritonExperts(quant, assignment=assignment, fuse_activation=fuse_activation)
         ws13_shape, ws2_shape, out_shape = experts.workspace_shapes(
             M, N, K, topk, global_num_experts, E, None, activation
         )
@@ -208,8 +207,7 @@ class TritonBackend:
             # Also when the launch fails: a COMPILE_ERROR record should name the config that failed.
             self.last_config = _config_to_dict(getattr(experts, "last_config", None))
         self.last_paths = {"assignment": experts.last_assignment,
-                           "fused_activation": getattr(experts, "last_fused_activation", None),
-                           "folded_act_quant": getattr(experts, "last_folded_act_quant", None)}
+                           "fused_activation": getattr(experts, "last_fused_activation", None)}
         return output
 
     def supports_invariance(self, name: str, case: "Case") -> Tuple[bool, str]:
@@ -218,11 +216,9 @@ class TritonBackend:
 
     def run_paths(self, inputs: "MoEInputs", case: Optional["Case"] = None) -> List[Tuple]:
         """The same call through each internal path the kernels did not take by themselves:
-        the other route-to-tile assignment (naive <-> aligned, SPEC "Invariances"), the other
+        the other route-to-tile assignment (naive <-> aligned, SPEC "Invariances") and the other
         activation placement (unfused <-> fused into GEMM1's epilogue, where the call allows
-        it) and, where the naive path folds the activation quantization into the GEMMs, the
-        naive path with the separate quantize launches. Every one must give the bits of the
-        default path.
+        it). Every one must give the bits of the default path.
 
         silu + fp8_block128 (no clamp, no LoRA) fuses its activation and fp8 group quantization
         into GEMM1 only with (BLOCK_N // 2) % 128 == 0, which no default config has. There the
@@ -234,10 +230,8 @@ class TritonBackend:
         variants: List[Tuple] = []
         try:
             other = "naive" if taken["assignment"] == "aligned" else "aligned"
-            got = self.run(inputs, case, assignment=other)
-            folded_other = any(self.last_paths["folded_act_quant"] or ())
-            variants.append((f"assignment={other} (default {taken['assignment']}"
-                             f"{'; activation quantization folded into the GEMMs' if folded_other else ''})", got))
+            variants.append((f"assignment={other} (default {taken['assignment']})",
+                             self.run(inputs, case, assignment=other)))
             if taken["fused_activation"]:
                 variants.append(("activation unfused (default fused into GEMM1)",
                                  self.run(inputs, case, fuse_activation=False)))
@@ -249,12 +243,6 @@ class TritonBackend:
                                      self.run(inputs, case, fuse_activation=True)))
                 except ValueError:
                     pass  # this call cannot fuse (LoRA adds into c1 first): no such path
-            if any(taken["folded_act_quant"] or ()):
-                variants.append(("activation quantization unfused (default folded into the GEMMs)",
-                                 self.run(inputs, case, fold_act_quant=False)))
-            elif folded_other:
-                variants.append(("assignment=naive, activation quantization unfused (folded into the GEMMs there "
-                                 "by default)", self.run(inputs, case, assignment="naive", fold_act_quant=False)))
         finally:
             self.last_paths, self.last_config = taken, taken_config  # describe the default run again
         return variants

@@ -642,14 +642,6 @@ def _smoke() -> List[Case]:
         # default config has it), which run_paths forces for this comparison; I = 32 fills part of
         # the one 128-column group (the rest is zeros on both paths), enough to reach every line
         Case(M=4, N=64, K=64, E=4, topk=2, scheme="fp8_block128", invariance="paths", seed=198),
-        # the naive variant quantizes the GEMM inputs in the GEMMs (fold_act_quant), the paths check
-        # compares it with the separate quantize launches: per-token scales over two K tiles, and
-        # per-token-group ones, which fold only with BLOCK_K = 128 (GEMM1 and GEMM2: gelu, not silu,
-        # whose GEMM2 input comes from the fused silu+fp8 quantizer)
-        Case(M=6, N=64, K=64, E=4, topk=2, scheme="fp8_tensor_token", config="BM16BN32BK32GM1W4S1",
-             invariance="paths", seed=198),
-        Case(M=6, N=64, K=64, E=4, topk=2, scheme="fp8_block128", activation="gelu", config="BM16BN64BK128GM1W4S1",
-             invariance="paths", seed=199),
     ]
     return _dedupe(cases)
 
@@ -689,8 +681,6 @@ def _premerge() -> List[Case]:
         # silu + fp8_block128: the fp8 group quantization fused into GEMM1 (BLOCK_N = 256, forced
         # by run_paths) vs the separate quantizer, two column tiles of c2
         Case(M=48, N=512, K=256, E=8, topk=2, scheme="fp8_block128", invariance="paths", seed=1157),
-        # decode-like naive path with the fp8 group quantization folded into both GEMMs by default
-        Case(M=3, N=512, K=256, E=64, topk=4, scheme="fp8_block128", activation="gelu", invariance="paths", seed=1158),
     ]
     return _dedupe(cases)
 

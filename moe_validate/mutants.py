@@ -173,15 +173,6 @@ def _n_tail_spill_inside_workspace(case: Case) -> bool:
     return bool(tails) and all(R * w + (tile - w % tile) <= room for w, tile, room in tails)
 
 
-def _act_quant_folded_per_token(case: Case) -> bool:
-    """A naive-path run quantizes the GEMM inputs with per-token scales inside the GEMMs
-    (kernels/experts.py, fold_act_quant="auto": dynamic per-token schemes, no LoRA): cases whose
-    default is the naive path, and every case with the paths invariance (its naive variant)."""
-    return (case.M > 0 and case.K >= 2 and case.lora == "none"
-            and case.scheme in ("fp8_channel_token", "fp8_tensor_token", "int8_channel_token")
-            and (not _aligned(case) or "paths" in case.invariances))
-
-
 def _scheme(*names: str) -> Callable[[Case], bool]:
     return lambda case: case.M > 0 and case.scheme in names
 
@@ -460,13 +451,6 @@ MUTANTS: Tuple[Mutant, ...] = (
         "int8_channel_token cases. For fp8 the mutant is (nearly) equivalent: e4m3 is a floating format, "
         "fp8(2y) = 2 fp8(y) for every normal y, so doubling the scale changes no dequantized value "
         "outside the subnormal range"),
-    Mutant(
-        "folded_token_scale_half_k", "the per-token scale folded into the GEMMs is the absmax over the first half of K only",
-        (Hunk(_GG, "            pre_mask = row_mask[:, None] & (offs_k[None, :] < K - kt_pre * BLOCK_K)\n",
-              "            pre_mask = row_mask[:, None] & (offs_k[None, :] < K // 2 - kt_pre * BLOCK_K)  # MUTANT\n"),),
-        _act_quant_folded_per_token,
-        "per-token schemes on the naive path without LoRA (by default, or as the paths invariance's naive "
-        "variant)"),
     Mutant(
         "int4_zero_point_ignored", "int4 dequantization subtracts 8 instead of the given zero point",
         (Hunk(_GG, "                q = q - zp[None, :]\n", "                q = q - 8  # MUTANT\n"),),

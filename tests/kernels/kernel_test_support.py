@@ -114,15 +114,14 @@ def run_kernel(p: Problem, **extra) -> torch.Tensor:
 
 
 def run_apply(p: Problem, *, assignment="auto", poison=True, config=None, batch_invariant=False,
-              fuse_activation="auto", fold_act_quant="auto", workspaces=None):
+              fuse_activation="auto", workspaces=None):
     """TritonExperts.apply with NaN-poisoned output and workspaces (the harness' protocol).
 
     ``workspaces``: a list that receives (workspace13, workspace2) after the call, for tests
     that look at the intermediates (c2 lives in workspace2 on every path)."""
     quant = p.kwargs.get("quant") or QuantConfig()
     act = Activation.parse(p.kwargs.get("activation", "silu"))
-    experts = kernels.TritonExperts(quant, assignment=assignment, fuse_activation=fuse_activation,
-                                    fold_act_quant=fold_act_quant)
+    experts = kernels.TritonExperts(quant, assignment=assignment, fuse_activation=fuse_activation)
     M, K = p.x.shape
     E, N, _ = p.w1.shape
     topk = p.topk_ids.shape[1]

@@ -425,8 +425,7 @@ def test_triton_backend_offers_the_paths_it_did_not_take():
     backend = TritonBackend()
     inputs = make_inputs(PATHS_CASE, device=default_device())
     out = backend.run(inputs, PATHS_CASE)
-    assert backend.last_paths == {"assignment": "aligned", "fused_activation": True,
-                                  "folded_act_quant": (False, False)}
+    assert backend.last_paths == {"assignment": "aligned", "fused_activation": True}
     variants = backend.run_paths(inputs, PATHS_CASE)
     assert [label for label, _ in variants] == ["assignment=naive (default aligned)",
                                                  "activation unfused (default fused into GEMM1)"]
@@ -493,29 +492,3 @@ def test_triton_backend_compares_the_fused_fp8_group_quantization_at_block_n_256
     assert invariance.bitwise_difference(unfused, fused, lambda r: r, ("a", "b")) is None
     assert backend.last_config == default_config and backend.last_paths == default_paths
     assert fused_launches == [256], "exactly one run (the fused variant) takes GEMM1's fp8 group quantization"
-
-
-@pytest.mark.parametrize("case_id,expected", [
-    # aligned by default: the naive variant folds the per-token quantization into the GEMMs, and
-    # the naive path with the separate quantize launches is compared too
-    ("bf16-fp8_tensor_token-silu-M6N64K64E4k2-cfg_BM16BN32BK32GM1W4S1-invar_paths-s198",
-     ["assignment=naive (default aligned; activation quantization folded into the GEMMs)",
-      "activation unfused (default fused into GEMM1)",
-      "assignment=naive, activation quantization unfused (folded into the GEMMs there by default)"]),
-    # naive by default (M*topk*4 <= E) with BLOCK_K = 128: fp8 group quantization folded into both GEMMs
-    ("bf16-fp8_block128-gelu-M1N64K64E8k2-cfg_BM16BN64BK128GM1W4S1-invar_paths-s5",
-     ["assignment=aligned (default naive)",
-      "activation unfused (default fused into GEMM1)",
-      "activation quantization unfused (default folded into the GEMMs)"]),
-])
-def test_triton_backend_compares_the_folded_activation_quantization(case_id, expected):
-    from moe_validate.backends import TritonBackend
-
-    case = Case.from_id(case_id)
-    backend = TritonBackend()
-    inputs = make_inputs(case, device=default_device())
-    out = backend.run(inputs, case)
-    variants = backend.run_paths(inputs, case)
-    assert [label for label, _ in variants] == expected
-    for _, got in variants:
-        assert invariance.bitwise_difference(out, got, lambda r: r, ("a", "b")) is None
