@@ -3,11 +3,17 @@
 ``capture_env()`` never raises: on a CPU machine the GPU fields are ``None``, and a missing
 ``git`` or ``nvidia-smi`` leaves its field ``None`` rather than failing the run. Keys follow
 ``moe_validate.results`` (gpu, capability, driver, cuda, torch, triton, interpreter, commit,
-host, python) plus ``cpu_count``, ``gpu_count`` and ``platform``.
+host, python) plus ``cpu_count``, ``gpu_count``, ``platform`` and ``kernels_digest``.
+
+``kernels_digest`` names the kernel sources themselves (sha256 of ``kernels/**/*.py``, 16 hex
+digits): a copied tree can carry a stale ``.git`` (seen on the device machine, whose commit
+stayed at an older sync while the files were current), so the commit alone does not say which
+kernels produced a result or a tuned table.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import socket
@@ -16,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-__all__ = ["capture_env", "format_env", "interpreting"]
+__all__ = ["capture_env", "format_env", "interpreting", "kernels_digest"]
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,6 +52,17 @@ def _git_commit(root: Path) -> Optional[str]:
     return commit + ("+dirty" if status else "")
 
 
+def kernels_digest(root: Path = _REPO_ROOT) -> Optional[str]:
+    """sha256 (first 16 hex digits) over the kernel sources' relative paths and bytes."""
+    files = sorted((root / "kernels").rglob("*.py"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def _driver_version() -> Optional[str]:
     out = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
     return out.splitlines()[0].strip() if out else None
@@ -63,6 +80,7 @@ def capture_env(device_index: Optional[int] = None) -> Dict[str, Any]:
         "triton": None,
         "interpreter": interpreting(),
         "commit": _git_commit(_REPO_ROOT),
+        "kernels_digest": kernels_digest(),
         "host": socket.gethostname(),
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -332,6 +332,7 @@ def tune(model, scheme: str, m_list: Sequence[int] = DEFAULT_TUNE_M, *, out_dir:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "torch": env.get("torch"), "triton": env.get("triton"), "commit": env.get("commit"),
+        "kernels_digest": env.get("kernels_digest"),
         "shape": {"E": model.E, "N": model.N, "K": model.K, "I": model.I, "topk": model.topk,
                   "activation": model.activation, "scheme": s.value},
         "method": "per M: the regime's candidates and the untuned default timed (median of CUDA-graph replays "

@@ -50,3 +50,18 @@ def test_format_env_one_line_per_key():
     env = {"gpu": None, "torch": "2.13", "interpreter": True}
     lines = format_env(env).splitlines()
     assert len(lines) == 3 and lines[0].split() == ["gpu", "-"] and lines[2].split() == ["interpreter", "True"]
+
+
+def test_kernels_digest_names_the_kernel_sources(tmp_path):
+    """The digest follows the kernel files' content (not git), so a stale .git cannot hide a change."""
+    import shutil
+
+    from moe_validate import env as env_mod
+
+    here = env_mod.kernels_digest()
+    assert re.fullmatch(r"[0-9a-f]{16}", here) and capture_env()["kernels_digest"] == here
+    shutil.copytree(env_mod._REPO_ROOT / "kernels", tmp_path / "kernels")
+    assert env_mod.kernels_digest(tmp_path) == here  # same bytes elsewhere: same digest
+    (tmp_path / "kernels" / "moe_sum.py").write_text((tmp_path / "kernels" / "moe_sum.py").read_text() + "\n# edit\n")
+    assert env_mod.kernels_digest(tmp_path) != here
+    assert env_mod.kernels_digest(tmp_path / "nowhere") is None
