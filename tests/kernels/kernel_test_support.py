@@ -273,6 +273,25 @@ def _per_route(a: torch.Tensor, w: torch.Tensor, expert: torch.Tensor, reduce: s
     return out
 
 
+_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+         torch.float8_e4m3fn: torch.uint8}
+
+
+def raw_bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits, so that NaN (the poison of rows never written) compares equal to itself."""
+    return t.view(_BITS[t.dtype])
+
+
+def assert_same_bits(got: torch.Tensor, expected: torch.Tensor, what: str, got_name: str = "got",
+                     expected_name: str = "expected") -> None:
+    """Bit-for-bit equality of two tensors, naming the first differing element and both values."""
+    differ = raw_bits(got) != raw_bits(expected)
+    assert not differ.any(), (
+        f"{what} differs in {int(differ.sum())} / {differ.numel()} elements; first at "
+        f"{tuple(int(i) for i in differ.nonzero()[0])}: {got_name} {got[differ][0].item()!r}, "
+        f"{expected_name} {expected[differ][0].item()!r}")
+
+
 def ulp(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The spacing of ``dtype`` at |t| (float64 result; the subnormal floor included)."""
     mant = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}[dtype]

@@ -13,24 +13,19 @@ import pytest
 import torch
 
 import kernels
-from kernel_test_support import ON_GPU, assert_close_to_reference, make_problem, requires_triton_device, run_apply
+from kernel_test_support import (ON_GPU, assert_close_to_reference, assert_same_bits, make_problem, raw_bits,
+                                 requires_triton_device, run_apply)
 from moe_validate.spec import Activation
 
 pytestmark = requires_triton_device
 
 ALL_ACTIVATIONS = [a.value for a in Activation]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-
 # BLOCK_N = 32 weight rows: 16 gate/up pairs per program, so I = 24 spans two c2 column tiles,
 # the second one ragged; BLOCK_K = 32 leaves a ragged K tail for K = 40.
 TWO_COLUMN_TILES = kernels.KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2)
 RAGGED = dict(M=5, K=40, I=24, E=4, topk=2)
 
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bits, so that NaN (the poison of rows never written) compares equal to itself."""
-    return t.view(_BITS[t.dtype])
 
 
 def assert_fused_matches_unfused(p, *, config=None, assignment="auto"):
@@ -40,13 +35,8 @@ def assert_fused_matches_unfused(p, *, config=None, assignment="auto"):
     out_u, ex_u = run_apply(p, fuse_activation=False, config=config, assignment=assignment, workspaces=ws_unfused)
     assert ex_f.last_fused_activation is True and ex_u.last_fused_activation is False
     assert ex_f.last_assignment == ex_u.last_assignment
-    c2_f, c2_u = ws_fused[1], ws_unfused[1]
-    differ = _bits(c2_f) != _bits(c2_u)
-    assert not differ.any(), (
-        f"c2 differs in {int(differ.sum())} / {differ.numel()} elements; first at "
-        f"{tuple(int(i) for i in differ.nonzero()[0])}: fused {c2_f[differ][0].item()!r}, "
-        f"unfused {c2_u[differ][0].item()!r}")
-    assert torch.equal(_bits(out_f), _bits(out_u)), "c2 agrees but the outputs differ"
+    assert_same_bits(ws_fused[1], ws_unfused[1], "c2", "fused", "unfused")
+    assert torch.equal(raw_bits(out_f), raw_bits(out_u)), "c2 agrees but the outputs differ"
     return out_f
 
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import kernels
-from kernel_test_support import ON_GPU, assert_close_to_reference, make_problem, requires_triton_device, run_apply
+from kernel_test_support import (ON_GPU, assert_close_to_reference, assert_same_bits, make_problem, raw_bits,
+                                 requires_triton_device, run_apply)
 from kernels import experts as experts_module
 from kernels.grouped_gemm import invoke_grouped_gemm
 from kernels.quantize import fp8_group_outputs
@@ -21,16 +22,11 @@ from kernels.quantize import fp8_group_outputs
 pytestmark = requires_triton_device
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-
 # BLOCK_N = 256 weight rows: 128 (gate, up) pairs, one scale group of c2 per program; 512: two.
 BN256 = kernels.KernelConfig(BLOCK_M=16, BLOCK_N=256, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=2)
 BN512 = kernels.KernelConfig(BLOCK_M=16, BLOCK_N=512, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=2)
 BN128 = kernels.KernelConfig(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=2)
 
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(_BITS[t.dtype])
 
 
 class _Spy:
@@ -82,16 +78,9 @@ def assert_fused_quant_matches_unfused(p, monkeypatch, *, config=BN256, assignme
     I = p.w2.shape[2]
     assert q_f.dtype == torch.float8_e4m3fn and tuple(q_f.shape) == (valid.numel(), I)
     assert tuple(s_f.shape) == tuple(s_u.shape) == (valid.numel(), -(-I // 128))
-    codes_differ = q_f[valid].view(torch.uint8) != q_u[valid].view(torch.uint8)
-    assert not codes_differ.any(), (
-        f"fp8 codes differ in {int(codes_differ.sum())} / {codes_differ.numel()} valid elements; first at "
-        f"{tuple(int(i) for i in codes_differ.nonzero()[0])}")
-    scales_differ = s_f[valid].view(torch.int32) != s_u[valid].view(torch.int32)
-    assert not scales_differ.any(), (
-        f"scales differ in {int(scales_differ.sum())} / {scales_differ.numel()} valid (row, group)s; first at "
-        f"{tuple(int(i) for i in scales_differ.nonzero()[0])}: fused {s_f[valid][scales_differ][0].item()!r}, "
-        f"unfused {s_u[valid][scales_differ][0].item()!r}")
-    assert torch.equal(_bits(out_f), _bits(out_u)), "codes and scales agree but the outputs differ"
+    assert_same_bits(q_f[valid], q_u[valid], "fp8 codes of valid rows", "fused", "unfused")
+    assert_same_bits(s_f[valid], s_u[valid], "scales of valid (row, group)s", "fused", "unfused")
+    assert torch.equal(raw_bits(out_f), raw_bits(out_u)), "codes and scales agree but the outputs differ"
     return out_f
 
 
@@ -196,7 +185,7 @@ def test_clamp_takes_the_plain_fused_activation(monkeypatch):
     out_f, ex_f, spy_f = _run(p, monkeypatch, fuse_activation=True, config=BN256)
     out_u, ex_u, _ = _run(p, monkeypatch, fuse_activation=False, config=BN256)
     assert ex_f.last_fused_activation is True and not spy_f.gemm1_fused_quant and spy_f.separate is None
-    assert torch.equal(_bits(out_f), _bits(out_u))
+    assert torch.equal(raw_bits(out_f), raw_bits(out_u))
 
 
 # ---------------------------------------------------------------------------------------------
