@@ -74,7 +74,7 @@ def moe_sum(c3: torch.Tensor, valid: torch.Tensor, out: torch.Tensor) -> None:
     elif valid.dtype == torch.int32:
         valid_i, is_expert = valid, True
     else:
-        valid_i, is_expert = (valid >= 0).to(torch.int32), True
+        valid_i, is_expert = valid.to(torch.int32), True  # other integer route experts: -1 stays -1
     block_t, block_k = 16, min(128, triton.next_power_of_2(K))
     grid = (triton.cdiv(M, block_t), triton.cdiv(K, block_k))
     _moe_sum_kernel[grid](

@@ -64,8 +64,9 @@ def test_moe_sum_slot_order_and_invalid_slots():
     assert torch.equal(out_dev.cpu()[1], torch.zeros(K, dtype=torch.bfloat16))
 
 
-def test_moe_sum_accepts_route_experts():
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_moe_sum_accepts_route_experts(dtype):
     c3 = torch.ones(2, 2, 4, dtype=torch.float16, device=DEVICE)
     out = torch.empty(2, 4, dtype=torch.float16, device=DEVICE)
-    kernels.moe_sum(c3, torch.tensor([[0, -1], [3, 1]], dtype=torch.int32, device=DEVICE), out)
+    kernels.moe_sum(c3, torch.tensor([[0, -1], [3, 1]], dtype=dtype, device=DEVICE), out)
     assert out.cpu().tolist() == [[1.0] * 4, [2.0] * 4]
