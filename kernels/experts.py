@@ -44,6 +44,14 @@ __all__ = ["TritonExperts", "fused_experts"]
 _NAIVE_SPARSITY = 4
 
 
+def silu_fp8_group_call(activation, scheme, gemm1_clamp_limit, lora) -> bool:
+    """Whether a call takes the silu + fp8 group quantization path (silu, fp8_block128, no clamp,
+    no LoRA): the separate ``silu_and_mul_quant_fp8_group`` quantizer, or its fusion into GEMM1's
+    epilogue where the config allows it. The harness asks this too (``moe_validate.backends``)."""
+    return (Activation.parse(activation) is Activation.SILU and QuantScheme.parse(scheme) is QuantScheme.FP8_BLOCK128
+            and gemm1_clamp_limit is None and lora is None)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -214,8 +222,7 @@ class TritonExperts:
         config = _resolve_config(config, M, E, N, K, topk, S, scheme, quant.group_size, batch_invariant)
         self.last_config = config
         clamp = quant.gemm1_clamp_limit
-        fused_silu_quant = (shape.activation is Activation.SILU and scheme is QuantScheme.FP8_BLOCK128
-                            and clamp is None and lora is None)
+        fused_silu_quant = silu_fp8_group_call(shape.activation, scheme, clamp, lora)
         fuse_act = self._fuse_activation(lora, fused_silu_quant, shape.activation, config)
         self.last_fused_activation = fuse_act
         if M == 0:
@@ -274,18 +281,16 @@ class TritonExperts:
             apply_lora_w13(c1, x, route_expert, lora, shape.activation, topk=topk, base_gemm=gemm1)
 
         # Activation (unless fused above) + requantization, or the fused silu + fp8 group quantization.
-        # The separate quantizers read route experts directly (valid = >= 0): no mask launch.
-        separate_quantizer = scheme.act_dtype is not None and not (fused_silu_quant and fuse_act)
-        route_valid = route_expert if separate_quantizer else None
+        # The quantizers read route experts as their row mask (valid = >= 0): no mask launch.
         if fused_silu_quant:
             if not fuse_act:
-                a2, a2_used_scale = silu_and_mul_quant_fp8_group(c1, row_valid=route_valid)
+                a2, a2_used_scale = silu_and_mul_quant_fp8_group(c1, row_valid=route_expert)
         else:
             if not fuse_act:
                 apply_activation(c1, c2, route_expert, shape.activation, clamp)
             if scheme.act_dtype is not None:
                 a2, a2_used_scale = quantize_activation(c2, scheme, static_scale=quant.a2_scale,
-                                                        row_valid=route_valid)
+                                                        row_valid=route_expert)
 
         # GEMM2 (route-major in and out) with the router weight, then LoRA w2.
         route_weight = None if apply_router_weight_on_input else topk_weights.reshape(-1).contiguous()

@@ -90,18 +90,14 @@ def _config_to_dict(config: Any) -> Optional[dict]:
     raise TypeError(f"a backend's last_config must be a dict or have to_dict(); got {type(config).__name__}")
 
 
-_FP8_GROUP = 128  # columns per activation scale group of fp8_block128
-
-
 def _fp8_group_quant_call(inputs: "MoEInputs") -> bool:
     """silu + fp8_block128 without clamp or LoRA: the call whose GEMM1 can fuse the fp8 group
-    quantization of its activation (kernels/experts.py), given a config that allows it."""
-    from moe_validate.spec import Activation, QuantScheme
+    quantization of its activation, given a config that allows it (the kernels' own rule)."""
+    from kernels.experts import silu_fp8_group_call
 
     quant = inputs.quant
-    return (quant is not None and QuantScheme.parse(quant.scheme) is QuantScheme.FP8_BLOCK128
-            and Activation.parse(inputs.activation) is Activation.SILU
-            and quant.gemm1_clamp_limit is None and inputs.lora is None)
+    return quant is not None and silu_fp8_group_call(inputs.activation, quant.scheme, quant.gemm1_clamp_limit,
+                                                      inputs.lora)
 
 
 def _storage_dtype(inputs: "MoEInputs"):
@@ -254,13 +250,14 @@ class TritonBackend:
 
         import kernels
         from kernels.configs import Gemm2Tiles
+        from moe_validate.spec import FP8_BLOCK
 
         base = kernels.KernelConfig.from_dict(taken_config)
         gemm2 = base.gemm2
         if gemm2 is None:  # GEMM2 ran these tiles: keep them, only GEMM1's BLOCK_N changes
             gemm2 = Gemm2Tiles(BLOCK_N=base.BLOCK_N, BLOCK_K=base.BLOCK_K, GROUP_M=base.GROUP_M,
                                num_warps=base.num_warps, num_stages=base.num_stages)
-        config = replace(base, BLOCK_N=2 * _FP8_GROUP, gemm2=gemm2)
+        config = replace(base, BLOCK_N=2 * FP8_BLOCK, gemm2=gemm2)
         fused = self.run(inputs, case, fuse_activation=True, config=config)
         unfused = self.run(inputs, case, fuse_activation=False, config=config)
         label = (f"silu + fp8 group quantization fused into GEMM1 vs unfused, both at GEMM1 BLOCK_N={config.BLOCK_N} "

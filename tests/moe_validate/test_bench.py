@@ -724,7 +724,7 @@ def test_profile_kernels_aggregates_per_call(monkeypatch):
     monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     runs = []
-    t = types.SimpleNamespace(graph=object(), run_once=lambda: runs.append(1))
+    t = types.SimpleNamespace(graphs=[object()], run_once=lambda: runs.append(1))
     prof = bench.profile_kernels(t, reps=4)
     assert len(runs) == 3 + 4  # warm-up, then the profiled runs
     assert [k["name"] for k in prof["kernels"]] == ["_grouped_gemm_kernel", "_moe_sum_kernel"]
