@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels import _interp
+from kernels._launch import launch_options, wait_for_predecessor
 from moe_validate.spec import SWIGLU_LIMIT, Activation
 
 __all__ = ["apply_activation", "activation_fp32"]
@@ -93,7 +94,9 @@ def _activation_kernel(
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_CLAMP: tl.constexpr, SWIGLU_LIMIT: tl.constexpr,
     # tile constexprs
     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
+    PDL: tl.constexpr,  # programmatic dependent launch (kernels._launch)
 ):
+    wait_for_predecessor(PDL)
     # Stage 1: rows of valid routes, columns of this tile.
     pid_r = tl.program_id(0)
     pid_i = tl.program_id(1)
@@ -144,5 +147,5 @@ def apply_activation(c1: torch.Tensor, c2: torch.Tensor, route_expert: torch.Ten
         c1.stride(0), c1.stride(1), c2.stride(0), c2.stride(1),
         float(clamp_limit) if clamp_limit is not None else 0.0,
         ACTIVATION=activation.value, GATED=activation.is_gated, HAS_CLAMP=clamp_limit is not None, SWIGLU_LIMIT=SWIGLU_LIMIT,
-        BLOCK_R=block_r, BLOCK_I=block_i,
+        BLOCK_R=block_r, BLOCK_I=block_i, **launch_options(c1.device),
     )

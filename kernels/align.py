@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._launch import launch_options, wait_for_predecessor
+
 __all__ = ["moe_align_block_size", "route_experts", "max_padded_routes"]
 
 
@@ -43,7 +45,9 @@ def _route_expert_kernel(
     TOP_K: tl.constexpr, HAS_EXPERT_MAP: tl.constexpr, COUNT: tl.constexpr,
     # tile constexprs
     BLOCK_R: tl.constexpr,
+    PDL: tl.constexpr,  # programmatic dependent launch (kernels._launch)
 ):
+    wait_for_predecessor(PDL)
     # Stage 1: this program's routes and their raw ids (int64, so huge stale ids stay exact).
     pid = tl.program_id(0)
     offs_r = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -73,7 +77,9 @@ def _expert_offsets_kernel(
     num_local_experts, num_tiles,
     # tile constexprs
     BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
+    PDL: tl.constexpr,  # programmatic dependent launch (kernels._launch)
 ):
+    wait_for_predecessor(PDL)
     # Stage 1: padded run length of each expert and its first slot (exclusive prefix sum).
     offs_e = tl.arange(0, BLOCK_E)
     e_mask = offs_e < num_local_experts
@@ -103,7 +109,9 @@ def _scatter_routes_kernel(
     num_routes,
     # tile constexprs
     BLOCK_R: tl.constexpr,
+    PDL: tl.constexpr,  # programmatic dependent launch (kernels._launch)
 ):
+    wait_for_predecessor(PDL)
     pid = tl.program_id(0)
     offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     in_range = offs_r < num_routes
@@ -160,7 +168,7 @@ def route_experts(topk_ids: torch.Tensor, global_num_experts: int, num_local_exp
         R, global_num_experts, num_local_experts,
         topk_ids.stride(0), topk_ids.stride(1),
         TOP_K=topk, HAS_EXPERT_MAP=expert_map is not None, COUNT=counts is not None,
-        BLOCK_R=_BLOCK_R,
+        BLOCK_R=_BLOCK_R, **launch_options(topk_ids.device),
     )
     return route_expert
 
@@ -180,10 +188,11 @@ def align_routes(route_expert: torch.Tensor, counts: torch.Tensor, block_m: int,
         counts, cursor, expert_ids, num_post_padded,
         num_local_experts, num_tiles,
         BLOCK_E=triton.next_power_of_2(max(num_local_experts, 1)), BLOCK_T=64, BLOCK_M=block_m,
+        **launch_options(device),
     )
     if R > 0:
         _scatter_routes_kernel[(triton.cdiv(R, _BLOCK_R),)](
-            route_expert, cursor, sorted_route_ids, R, BLOCK_R=_BLOCK_R,
+            route_expert, cursor, sorted_route_ids, R, BLOCK_R=_BLOCK_R, **launch_options(device),
         )
     return sorted_route_ids, expert_ids, num_post_padded
 

@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from kernels import _interp
+from kernels._launch import launch_options, wait_for_predecessor
 from kernels.activation import activation_fp32
 from kernels.quantize import ACT_GROUP_SIZE, FP8_MAX, _dynamic_scale, _quantize, silu_and_mul_fp32
 from moe_validate.spec import SWIGLU_LIMIT, Activation
@@ -103,6 +104,7 @@ def _grouped_gemm_kernel(
     QUANT_QMAX: tl.constexpr,  # QMAX of the fp8 codes (448 for e4m3fn)
     # tile constexprs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PDL: tl.constexpr,  # programmatic dependent launch (kernels._launch)
 ):
     if B_SCALE == "block" or B_SCALE == "group":
         tl.static_assert(GROUP_K % BLOCK_K == 0, "BLOCK_K must divide the scale group: a K tile must not straddle it")
@@ -117,6 +119,8 @@ def _grouped_gemm_kernel(
                          "the fused fp8 group quantization is silu (gate rows [0, N), up [N, 2N)) without clamp")
         tl.static_assert(QUANT_GROUPS >= 1 and QUANT_GROUPS * QUANT_GROUP == BLOCK_N // 2,
                          "the fused fp8 group quantization needs whole groups per program: (BLOCK_N // 2) % 128 == 0")
+
+    wait_for_predecessor(PDL)
 
     # Stage 1: program id -> (route tile, column tile), GROUP_M swizzled. A column tile of C is
     # BLOCK_N wide, or BLOCK_N // 2 (gate/up pairs) with a fused gated activation.
@@ -462,5 +466,5 @@ def invoke_grouped_gemm(
         QUANT_GROUPS=config.BLOCK_N // 2 // ACT_GROUP_SIZE if c_scale is not None else 1,
         QUANT_QMAX=FP8_MAX,
         BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K, GROUP_M=config.GROUP_M,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(c.device),
     )

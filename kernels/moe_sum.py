@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from kernels import _interp
+from kernels._launch import launch_options, wait_for_predecessor
 
 __all__ = ["moe_sum"]
 
@@ -29,7 +30,9 @@ def _moe_sum_kernel(
     VALID_IS_EXPERT: tl.constexpr,  # valid holds route experts (valid = >= 0), else 0/1 bytes
     # tile constexprs
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,  # programmatic dependent launch (kernels._launch)
 ):
+    wait_for_predecessor(PDL)
     pid_t = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -81,5 +84,5 @@ def moe_sum(c3: torch.Tensor, valid: torch.Tensor, out: torch.Tensor) -> None:
         c3, valid_i, out, M, K,
         c3.stride(0), c3.stride(1), c3.stride(2), valid_i.stride(0), valid_i.stride(1),
         out.stride(0), out.stride(1),
-        TOP_K=topk, VALID_IS_EXPERT=is_expert, BLOCK_T=block_t, BLOCK_K=block_k,
+        TOP_K=topk, VALID_IS_EXPERT=is_expert, BLOCK_T=block_t, BLOCK_K=block_k, **launch_options(out.device),
     )

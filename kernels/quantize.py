@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from kernels._interp import INTERPRETING, to_fp8_e4m3, to_fp32, to_int8
+from kernels._launch import launch_options, wait_for_predecessor
 from moe_validate.spec import (
     FP8_BLOCK,
     FP8_FNUZ_MAX,
@@ -146,7 +147,9 @@ def _quantize_row_groups_kernel(
     QMAX: tl.constexpr, IS_FP8: tl.constexpr, HAS_ROW_VALID: tl.constexpr,
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_TILE: tl.constexpr,
+    PDL: tl.constexpr,  # programmatic dependent launch (kernels._launch)
 ):
+    wait_for_predecessor(PDL)
     # program id -> (row block, column group)
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
@@ -200,7 +203,9 @@ def _absmax_partials_kernel(
     HAS_ROW_VALID: tl.constexpr,
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,  # programmatic dependent launch (kernels._launch)
 ):
+    wait_for_predecessor(PDL)
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     load_rows = _load_row_mask(offs_m, R, row_valid_ptr, HAS_ROW_VALID)
@@ -228,7 +233,9 @@ def _tensor_scale_kernel(
     QMAX: tl.constexpr,
     # tiles
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,  # programmatic dependent launch (kernels._launch)
 ):
+    wait_for_predecessor(PDL)
     absmax = tl.zeros((BLOCK,), dtype=tl.float32)
     for p0 in range(0, num_partials, BLOCK):
         offs = p0 + tl.arange(0, BLOCK)
@@ -249,7 +256,9 @@ def _quantize_with_scale_kernel(
     QMAX: tl.constexpr, IS_FP8: tl.constexpr, HAS_ROW_VALID: tl.constexpr,
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,  # programmatic dependent launch (kernels._launch)
 ):
+    wait_for_predecessor(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -278,7 +287,9 @@ def _silu_and_mul_quant_fp8_group_kernel(
     QMAX: tl.constexpr, HAS_ROW_VALID: tl.constexpr,
     # tiles
     BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr,
+    PDL: tl.constexpr,  # programmatic dependent launch (kernels._launch)
 ):
+    wait_for_predecessor(PDL)
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -435,6 +446,7 @@ def quantize_activation(
                 x.stride(0), x_q.stride(0), scale.stride(0),
                 QMAX=qmax, IS_FP8=is_fp8, HAS_ROW_VALID=has_rows,
                 BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile, num_warps=_warps_for(block_m, block_n),
+                **launch_options(x.device),
             )
         return x_q, scale
 
@@ -450,10 +462,11 @@ def quantize_activation(
                 R, C,
                 x.stride(0),
                 HAS_ROW_VALID=has_rows,
-                BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_M=block_m, BLOCK_N=block_n, **launch_options(x.device),
             )
         scale = torch.empty((1,), dtype=torch.float32, device=x.device)
-        _tensor_scale_kernel[(1,)](partials, scale, num_partials, QMAX=qmax, BLOCK=_PARTIALS_BLOCK)
+        _tensor_scale_kernel[(1,)](partials, scale, num_partials, QMAX=qmax, BLOCK=_PARTIALS_BLOCK,
+                                   **launch_options(x.device))
     else:  # tensor_static
         scale = static_scale
 
@@ -465,7 +478,7 @@ def quantize_activation(
             R, C,
             x.stride(0), x_q.stride(0),
             QMAX=qmax, IS_FP8=is_fp8, HAS_ROW_VALID=has_rows,
-            BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_M=block_m, BLOCK_N=block_n, **launch_options(x.device),
         )
     return x_q, scale
 
@@ -509,6 +522,6 @@ def silu_and_mul_quant_fp8_group(
             R, I,
             c1.stride(0), c2_q.stride(0), scale.stride(0),
             QMAX=qmax, HAS_ROW_VALID=_row_valid_mode(row_flags),
-            BLOCK_M=block_m, GROUP_N=ACT_GROUP_SIZE,
+            BLOCK_M=block_m, GROUP_N=ACT_GROUP_SIZE, **launch_options(c1.device),
         )
     return c2_q, scale
