@@ -348,8 +348,8 @@ MUTANTS: Tuple[Mutant, ...] = (
         _clamp, "clamp cases", prefer=_clamp_reached),
     Mutant(
         "fused_silu_quant_gate_up_swapped", "the fused silu+fp8 quantizer computes silu(up) * gate",
-        (Hunk(_QUANT, "    return tl.div_rn(gate, 1.0 + tl.exp(-gate)) * up\n",
-              "    return tl.div_rn(up, 1.0 + tl.exp(-up)) * gate  # MUTANT\n"),),
+        (Hunk(_QUANT, "    return _div_rn_nonzero(gate, 1.0 + tl.exp(-gate)) * up\n",
+              "    return _div_rn_nonzero(up, 1.0 + tl.exp(-up)) * gate  # MUTANT\n"),),
         _fused_silu_quant, "silu + fp8_block128 without clamp or LoRA (the separate quantizer and GEMM1's fused "
         "epilogue share the formula)"),
     # --- the activation fused into the GEMM1 epilogue (no LoRA, not the fused silu+fp8 quantizer) --
