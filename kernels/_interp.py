@@ -15,6 +15,11 @@ build contains only the native path. Facts behind each branch: ``../shared/TRITO
 - ``to_storage`` / ``to_fp32``: the interpreter's fp32 -> bf16 cast truncates (about a third of
   random values land one ulp low) and mangles bf16 subnormals both ways, so there bf16 is rounded
   (RNE) and widened on the bits; on the GPU the native casts are already RNE and exact.
+- ``add_rn``: an fp32 add the GPU compiler may not contract into an FMA with the product feeding
+  it (Triton enables FP fusion by default: a plain ``a * b + c`` compiles to ``fma.rn.f32``, one
+  rounding instead of two). PTX ``add.rn.f32`` (an explicit rounding mode) is never contracted;
+  libdevice's ``add_rn`` would be, but Triton builds libdevice flush-to-zero (``add.rn.ftz``),
+  which differs from a plain add on subnormals. The interpreter never contracts.
 """
 
 import os
@@ -74,6 +79,16 @@ def dot(a, b, acc):
         return tl.dot(a, b, acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
+
+
+@triton.jit
+def add_rn(x, y):
+    """x + y in fp32, rounded once on its own (never fused with the product that made x or y)."""
+    if INTERPRETING:
+        return x + y
+    else:
+        return tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=r,r,r", [x, y], dtype=tl.float32,
+                                         is_pure=True, pack=1)
 
 
 @triton.jit

@@ -12,11 +12,16 @@ epilogue and writes c2 directly (one launch and the c1 round trip saved; bitwise
 goes on to the fused fp8 group quantization and writes c2's fp8 codes and per-(row, 128 columns)
 scales, what ``silu_and_mul_quant_fp8_group`` would make of c1; that needs GEMM1's
 ``(config.BLOCK_N // 2) % 128 == 0`` (a program owns whole scale groups: BLOCK_N = 256), and
-with a narrower config the two-kernel path runs. c1 and c3 share ``workspace13`` (c1 is dead once
-the activation has read it); c2 lives in ``workspace2``. The workspace shapes do not depend on the
-fusion (c1 is then simply unused; the fp8 codes and scales get their own buffers on both paths).
-Only rows of valid routes are ever written or read, so NaN-poisoned workspaces and outputs are
-harmless; tokens without a valid route get exact zeros from ``moe_sum``.
+with a narrower config the two-kernel path runs. On the tiny-M naive path without LoRA (which adds
+its w2 delta into c3 before the sum), GEMM2 sums each token's topk slots itself and writes the
+output: one program per (token, column tile) runs every valid slot's tile through the code of the
+unfused GEMM2 and adds the S-rounded values in slot order as ``moe_sum`` does (bitwise the same,
+see ``kernels.grouped_gemm``): ``fuse_topk_sum``; c3 is then never written and moe_sum never
+launched. c1 and c3 share ``workspace13`` (c1 is dead once the activation has read it); c2 lives
+in ``workspace2``. The workspace shapes do not depend on the fusions (c1 or c3 is then simply
+unused; the fp8 codes and scales get their own buffers on both paths). Only rows of valid routes
+are ever written or read, so NaN-poisoned workspaces and outputs are harmless; tokens without a
+valid route get exact zeros from ``moe_sum`` or the fused sum.
 """
 
 from __future__ import annotations
@@ -118,14 +123,18 @@ class TritonExperts:
     """The modular experts object (mirrors vLLM's TritonExperts): workspaces + apply."""
 
     def __init__(self, quant_config: Optional[QuantConfig] = None, *, assignment: str = "auto",
-                 fuse_activation="auto"):
+                 fuse_activation="auto", fuse_topk_sum="auto"):
         """``assignment``: "auto" | "naive" | "aligned" (route-to-tile path; auto by sparsity).
         ``fuse_activation``: "auto" (fuse the activation into GEMM1 wherever it can be: no LoRA;
         for silu + fp8_block128, where GEMM1's config has (BLOCK_N // 2) % 128 == 0, together
         with the fp8 group quantization), True (the same, and a call that cannot be fused raises
         ValueError with the reason) or False (always GEMM1 -> c1 -> activation kernel, or the
         separate silu+fp8-group quantizer). Both paths give the same bits; the switch exists for
-        tests and measurements. ``last_fused_activation`` says which one the last call took."""
+        tests and measurements. ``last_fused_activation`` says which one the last call took.
+        ``fuse_topk_sum``: "auto" (GEMM2 sums each token's slots and writes the output wherever it
+        can: the naive assignment and no LoRA), True (the same, and a call that cannot raises
+        ValueError with the reason) or False (always GEMM2 -> c3 -> moe_sum); the same bits either
+        way. ``last_fused_topk_sum`` says which one the last call took."""
         if quant_config is None:
             quant_config = QuantConfig()
         if not isinstance(quant_config, QuantConfig):
@@ -135,12 +144,16 @@ class TritonExperts:
             raise ValueError(f"assignment must be 'auto', 'naive' or 'aligned'; got {assignment!r}")
         if not (fuse_activation == "auto" or fuse_activation is True or fuse_activation is False):
             raise ValueError(f"fuse_activation must be 'auto', True or False; got {fuse_activation!r}")
+        if not (fuse_topk_sum == "auto" or fuse_topk_sum is True or fuse_topk_sum is False):
+            raise ValueError(f"fuse_topk_sum must be 'auto', True or False; got {fuse_topk_sum!r}")
         self.quant_config = quant_config
         self.assignment = assignment
         self.fuse_activation = fuse_activation
+        self.fuse_topk_sum = fuse_topk_sum
         self.last_config: Optional[KernelConfig] = None
         self.last_assignment: Optional[str] = None
         self.last_fused_activation: Optional[bool] = None
+        self.last_fused_topk_sum: Optional[bool] = None
 
     # --- capabilities -----------------------------------------------------------------------
     def supports_quant_scheme(self, weight_key, act_key) -> bool:
@@ -191,6 +204,19 @@ class TritonExperts:
                              + "; ".join(blockers))
         return self.fuse_activation is not False and not blockers
 
+    def _fuse_topk_sum(self, naive: bool, lora) -> bool:
+        """Whether GEMM2 sums each token's slots into the output (see ``fuse_topk_sum``)."""
+        blockers = []
+        if not naive:
+            blockers.append("the top-k sum fuses into GEMM2 only on the tiny-M naive assignment (one route per "
+                            "tile); an aligned tile holds routes of many tokens")
+        if lora is not None:
+            blockers.append("LoRA adds its w2 delta into c3 before the sum")
+        if self.fuse_topk_sum is True and blockers:
+            raise ValueError("fuse_topk_sum=True but this call cannot fuse the top-k sum into GEMM2: "
+                             + "; ".join(blockers))
+        return self.fuse_topk_sum is not False and not blockers
+
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
               global_num_experts, expert_map, a1q_scale, a2_scale, workspace13, workspace2,
               expert_tokens_meta, apply_router_weight_on_input, lora=None, config=None,
@@ -225,6 +251,13 @@ class TritonExperts:
         fused_silu_quant = silu_fp8_group_call(shape.activation, scheme, clamp, lora)
         fuse_act = self._fuse_activation(lora, fused_silu_quant, shape.activation, config)
         self.last_fused_activation = fuse_act
+        if self.assignment == "auto":
+            naive = R * _NAIVE_SPARSITY <= E
+        else:
+            naive = self.assignment == "naive"
+        self.last_assignment = "naive" if naive else "aligned"
+        fuse_sum = self._fuse_topk_sum(naive, lora)
+        self.last_fused_topk_sum = fuse_sum
         if M == 0:
             return
         c1 = _flat_view(workspace13, "workspace13", R, N, S)
@@ -232,11 +265,6 @@ class TritonExperts:
         c2 = _flat_view(workspace2, "workspace2", R, I, S)
 
         # Routing: local expert per route (+ counts), then alignment unless the tiny-M path runs.
-        if self.assignment == "auto":
-            naive = R * _NAIVE_SPARSITY <= E
-        else:
-            naive = self.assignment == "naive"
-        self.last_assignment = "naive" if naive else "aligned"
         counts = None if naive else torch.zeros(E, dtype=torch.int32, device=hidden_states.device)
         route_expert = route_experts(topk_ids, shape.global_num_experts, E, expert_map, counts=counts)
         if naive:
@@ -292,27 +320,32 @@ class TritonExperts:
                 a2, a2_used_scale = quantize_activation(c2, scheme, static_scale=quant.a2_scale,
                                                         row_valid=route_expert)
 
-        # GEMM2 (route-major in and out) with the router weight, then LoRA w2.
+        # GEMM2 (route-major in) with the router weight, GEMM2's own tiles where the config has
+        # them (same BLOCK_M: same alignment).
         route_weight = None if apply_router_weight_on_input else topk_weights.reshape(-1).contiguous()
+        gemm2_kw = dict(top_k_div=1, bias=quant.w2_bias, a_scale=a2_used_scale, b_scale=quant.w2_scale,
+                        b_zp=quant.w2_zp, group_size=quant.group_size, route_weight=route_weight,
+                        **{**routing, "config": config.for_gemm2()})
+        if fuse_sum:
+            # With the top-k sum in slot order: the output directly, c3 never written.
+            invoke_grouped_gemm(a2, w2, output, topk_sum=topk, **gemm2_kw)
+        else:
+            def gemm2() -> None:
+                invoke_grouped_gemm(a2, w2, c3, **gemm2_kw)
 
-        def gemm2() -> None:
-            # GEMM2's own tiles where the config has them (same BLOCK_M: same alignment)
-            invoke_grouped_gemm(a2, w2, c3, top_k_div=1, bias=quant.w2_bias, a_scale=a2_used_scale,
-                                b_scale=quant.w2_scale, b_zp=quant.w2_zp, group_size=quant.group_size,
-                                route_weight=route_weight, **{**routing, "config": config.for_gemm2()})
-
-        apply_lora_w2(c3, c2, route_expert, route_weight, lora, topk=topk, base_gemm=gemm2)
-
-        # Combine in slot order; tokens without a valid route get exact zeros.
-        moe_sum(c3.view(M, topk, K), route_expert.view(M, topk), output)
+            # Into the route-major c3, then LoRA w2, then the combine in slot order (tokens without
+            # a valid route get exact zeros).
+            apply_lora_w2(c3, c2, route_expert, route_weight, lora, topk=topk, base_gemm=gemm2)
+            moe_sum(c3.view(M, topk, K), route_expert.view(M, topk), output)
 
 
 def fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, *, activation="silu", quant=None,
                   expert_map=None, global_num_experts=-1, apply_router_weight_on_input=False, lora=None,
-                  a1q_scale=None, config=None, batch_invariant=False, fuse_activation="auto") -> torch.Tensor:
-    """The [M, K] output in the storage dtype S (SPEC.md, Pipeline). ``fuse_activation``: see
-    ``TritonExperts``."""
-    experts = TritonExperts(quant, fuse_activation=fuse_activation)
+                  a1q_scale=None, config=None, batch_invariant=False, fuse_activation="auto",
+                  fuse_topk_sum="auto") -> torch.Tensor:
+    """The [M, K] output in the storage dtype S (SPEC.md, Pipeline). ``fuse_activation`` and
+    ``fuse_topk_sum``: see ``TritonExperts``."""
+    experts = TritonExperts(quant, fuse_activation=fuse_activation, fuse_topk_sum=fuse_topk_sum)
     shape = validate_call(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation, quant=quant,
                           expert_map=expert_map, global_num_experts=global_num_experts,
                           apply_router_weight_on_input=apply_router_weight_on_input, lora=lora,

@@ -10,7 +10,9 @@ each belong to one expert; program (pid_m, pid_n) computes the BLOCK_M x BLOCK_N
 those routes and output columns [pid_n*BLOCK_N, +BLOCK_N), looping over K in BLOCK_K steps and
 accumulating in fp32 (int32 for int8 x int8). GROUP_M swizzles pid_m so that consecutive
 programs reuse the same B columns. In the tiny-M path (``NAIVE``) tile pid_m holds route pid_m
-alone (row 0), its expert read from ``route_expert``; padding rows carry the sentinel R.
+alone (row 0), its expert read from ``route_expert``; padding rows carry the sentinel R. One
+helper (``_route_tile_fp32``: pointers, K loop, fp32 epilogue) computes every tile of every
+variant below; each caller rounds its result to S once.
 
 Dequantization:
   weights/acts fp8 or int8, 128x128 block scales: per K tile, acc += dot * (a_s[row, kb] * b_s[e, nb, kb])
@@ -39,6 +41,19 @@ scale (``_dynamic_scale``) and the codes (``_quantize``), and stores the fp8 cod
 and the fp32 scales into c_scale [R, ceil(I/128)]: the quantizer's layout, its bits, and neither
 c1 nor an S-rounded c2 is ever written. It needs whole groups per program, i.e. BLOCK_N // 2 (the
 c2 columns of a program) a multiple of 128: BLOCK_N = 256 is one group per program.
+
+Fused top-k sum (``TOPK_SUM``; GEMM2 on the naive path without LoRA, ``topk_sum=``):
+
+    out[m, n] = round_S( sum over valid slots j, in order, fp32 from +0.0, of c3[m*topk + j, n] )
+
+with c3 as above but never stored: program (token m, pid_n) loops over m's topk slots, runs each
+valid slot's route alone through the tile helper exactly as its unfused naive program would,
+rounds it to S as c3 would be stored, widens it and adds it to the sum; invalid slots are skipped
+(no weight read), so a token without a valid route stores zeros. The adds are explicitly
+rounded (``_interp.add_rn``: never contracted with the epilogue's last product into an FMA). That
+is ``kernels.moe_sum`` on c3 bit for bit, without c3's round trip and the extra launch. The grid
+has M * cdiv(N, BLOCK_N) programs (topk times fewer than the unfused GEMM2's), each streaming up
+to topk weight tiles.
 """
 
 from __future__ import annotations
@@ -59,96 +74,32 @@ __all__ = ["invoke_grouped_gemm", "fp8_group_quant_blocker"]
 
 
 @triton.jit
-def _grouped_gemm_kernel(
+def _route_tile_fp32(
     # pointers
-    a_ptr, b_ptr, c_ptr, bias_ptr, a_scale_ptr, b_scale_ptr, b_zp_ptr, route_weight_ptr,
-    sorted_route_ids_ptr, expert_ids_ptr, num_post_padded_ptr, route_expert_ptr,
-    c_scale_ptr,  # FP8_GROUP_QUANT only: the fp32 scales of c's codes, [R, ceil(N / QUANT_GROUP)]
-    # sizes (N = columns of C: the weight rows, or I with a fused gated activation, B then has 2N rows)
-    N, K, num_routes,
+    a_ptr, b_ptr, bias_ptr, a_scale_ptr, b_scale_ptr, b_zp_ptr, route_weight_ptr,
+    # the tile: its expert, its BLOCK_M route ids (row_mask: the lanes holding a route) and column tile
+    expert, routes, row_mask, pid_n,
+    # sizes
+    N, K,
     # strides
     stride_am, stride_ak,
     stride_be, stride_bn, stride_bk,
-    stride_cm, stride_cn,
     stride_biase, stride_biasn,
     stride_asm, stride_ask,
     stride_bse, stride_bsn, stride_bsk,
     stride_bze, stride_bzn, stride_bzk,
-    stride_csm,
     # MoE facts
-    A_ROW_DIV: tl.constexpr,  # topk for GEMM1 (A is token-major), 1 for GEMM2
-    NAIVE: tl.constexpr,  # one route per tile, no alignment
-    MUL_ROUTE_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    A_ROW_DIV: tl.constexpr, MUL_ROUTE_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     # precision flags
-    clamp_limit,  # silu's gemm1_clamp_limit (fused activation with HAS_CLAMP only)
-    WEIGHT_FORMAT: tl.constexpr,  # "float" | "fp8" | "int8" (w8a8) | "int8_w8a16" | "int4"
-    A_SCALE: tl.constexpr,  # "none" | "row" | "tensor" | "row_group"
-    B_SCALE: tl.constexpr,  # "none" | "channel" | "tensor" | "block" | "group"
-    HAS_ZP: tl.constexpr,
-    GROUP_K: tl.constexpr,  # K extent of one scale block/group (block and group scales)
-    GROUP_N: tl.constexpr,  # N extent of one weight scale block (block scales)
-    ACTIVATION: tl.constexpr,  # "" (store C) or the activation fused into the epilogue (GEMM1)
-    GATE_UP: tl.constexpr,  # fused gated activation: "split" (gate rows [0, N), up [N, 2N)) | "interleaved"; else "none"
-    HAS_CLAMP: tl.constexpr, SWIGLU_LIMIT: tl.constexpr,
-    # S, the storage dtype c1 is rounded to; c_ptr's own dtype except with FP8_GROUP_QUANT, where c
-    # holds fp8 codes and the S-rounded c1 exists only in registers
-    C1_DTYPE: tl.constexpr,
-    # Fused silu + fp8 group quantization (fp8_block128 + silu, GEMM1): c gets the fp8 codes of
-    # silu(gate) * up and c_scale one scale per (row, QUANT_GROUP columns), exactly what the separate
-    # silu_and_mul_quant_fp8_group kernel would make of c1, which then is never written (a constexpr:
-    # the codes and scales replace the S store, and the reductions exist only in this variant)
-    FP8_GROUP_QUANT: tl.constexpr,
-    QUANT_GROUP: tl.constexpr,  # columns per activation scale group (128)
-    QUANT_GROUPS: tl.constexpr,  # groups per program: (BLOCK_N // 2) // QUANT_GROUP (a constexpr tile dim)
-    QUANT_QMAX: tl.constexpr,  # QMAX of the fp8 codes (448 for e4m3fn)
+    WEIGHT_FORMAT: tl.constexpr, A_SCALE: tl.constexpr, B_SCALE: tl.constexpr, HAS_ZP: tl.constexpr,
+    GROUP_K: tl.constexpr, GROUP_N: tl.constexpr, GATE_UP: tl.constexpr,
     # tile constexprs
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PDL: tl.constexpr,  # programmatic dependent launch (kernels._launch)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    if B_SCALE == "block" or B_SCALE == "group":
-        tl.static_assert(GROUP_K % BLOCK_K == 0, "BLOCK_K must divide the scale group: a K tile must not straddle it")
-    if WEIGHT_FORMAT == "int4":
-        tl.static_assert(BLOCK_K % 2 == 0, "int4 packs two k per byte: BLOCK_K must be even")
-    if GATE_UP != "none":
-        tl.static_assert(ACTIVATION != "", "gate/up pairs exist only with a fused activation")
-        tl.static_assert(not MUL_ROUTE_WEIGHT, "the activation fuses into GEMM1, which has no router weight")
-        tl.static_assert(BLOCK_N >= 2, "a fused gated activation needs BLOCK_N >= 2 (BLOCK_N // 2 gate/up pairs)")
-    if FP8_GROUP_QUANT:
-        tl.static_assert(ACTIVATION == "silu" and GATE_UP == "split" and not HAS_CLAMP,
-                         "the fused fp8 group quantization is silu (gate rows [0, N), up [N, 2N)) without clamp")
-        tl.static_assert(QUANT_GROUPS >= 1 and QUANT_GROUPS * QUANT_GROUP == BLOCK_N // 2,
-                         "the fused fp8 group quantization needs whole groups per program: (BLOCK_N // 2) % 128 == 0")
-
-    wait_for_predecessor(PDL)
-
-    # Stage 1: program id -> (route tile, column tile), GROUP_M swizzled. A column tile of C is
-    # BLOCK_N wide, or BLOCK_N // 2 (gate/up pairs) with a fused gated activation.
-    pid = tl.program_id(0)
-    if GATE_UP == "none":
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-    else:
-        num_pid_n = tl.cdiv(N, BLOCK_N // 2)
-    num_pid_m = tl.num_programs(0) // num_pid_n
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
-    offs_m = tl.arange(0, BLOCK_M)
-    if NAIVE:
-        expert = tl.load(route_expert_ptr + pid_m).to(tl.int64)
-        routes = tl.where(offs_m == 0, pid_m, num_routes).to(tl.int64)
-    else:
-        if pid_m * BLOCK_M >= tl.load(num_post_padded_ptr):
-            return
-        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-        routes = tl.load(sorted_route_ids_ptr + pid_m * BLOCK_M + offs_m).to(tl.int64)
-    if expert < 0:
-        return  # padding tile or invalid route: its rows are never read
-    row_mask = routes < num_routes
+    """Stages 2-4 of one tile (routes of one expert x BLOCK_N weight rows): pointers, the K loop,
+    the fp32 epilogue. Returns the [BLOCK_M, BLOCK_N] fp32 tile before its one rounding to S,
+    which the caller does where it stores C, applies a fused activation or sums the top-k slots:
+    every path runs this one copy, so every path sees the same operands, K order and epilogue."""
     a_rows = tl.where(row_mask, routes // A_ROW_DIV, 0)
 
     # Stage 2: pointers (int64 offsets: rows * stride can exceed 2^31). offs_n are the weight
@@ -233,7 +184,7 @@ def _grouped_gemm_kernel(
         else:
             b_ptrs += BLOCK_K * stride_bk
 
-    # Stage 4: epilogue in fp32: dequantize, + bias, * router weight, one cast to S.
+    # Stage 4: epilogue in fp32: dequantize, + bias, * router weight (the one cast to S: the caller's).
     acc = acc.to(tl.float32)
     if A_SCALE == "row":
         a_s = tl.load(a_scale_ptr + a_rows * stride_asm, mask=row_mask, other=0.0)
@@ -251,48 +202,189 @@ def _grouped_gemm_kernel(
     if MUL_ROUTE_WEIGHT:
         w = tl.load(route_weight_ptr + routes, mask=row_mask, other=0.0)
         acc = acc * w[:, None]
-    c = _interp.to_storage(acc, C1_DTYPE)
-    offs_cn = offs_n
+    return acc
 
-    # Stage 5 (fused GEMM1 only): the activation on c1 exactly as stored (rounded to S, widened),
-    # in fp32 by the activation kernel's own helper, one more rounding to S: c2 bit for bit. With
-    # FP8_GROUP_QUANT, silu(gate) * up by the fp8 group quantizer's helper instead, then its codes.
-    if ACTIVATION != "":
-        c1 = _interp.to_fp32(c)
-        if GATE_UP == "none":
-            y = activation_fp32(c1, c1, clamp_limit, ACTIVATION, HAS_CLAMP, SWIGLU_LIMIT)
+
+@triton.jit
+def _grouped_gemm_kernel(
+    # pointers
+    a_ptr, b_ptr, c_ptr, bias_ptr, a_scale_ptr, b_scale_ptr, b_zp_ptr, route_weight_ptr,
+    sorted_route_ids_ptr, expert_ids_ptr, num_post_padded_ptr, route_expert_ptr,
+    c_scale_ptr,  # FP8_GROUP_QUANT only: the fp32 scales of c's codes, [R, ceil(N / QUANT_GROUP)]
+    # sizes (N = columns of C: the weight rows, or I with a fused gated activation, B then has 2N rows)
+    N, K, num_routes,
+    # strides
+    stride_am, stride_ak,
+    stride_be, stride_bn, stride_bk,
+    stride_cm, stride_cn,
+    stride_biase, stride_biasn,
+    stride_asm, stride_ask,
+    stride_bse, stride_bsn, stride_bsk,
+    stride_bze, stride_bzn, stride_bzk,
+    stride_csm,
+    # MoE facts
+    A_ROW_DIV: tl.constexpr,  # topk for GEMM1 (A is token-major), 1 for GEMM2
+    NAIVE: tl.constexpr,  # one route per tile, no alignment
+    MUL_ROUTE_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    # GEMM2 on the naive path with the top-k sum fused: a program owns token pid_m, sums the tiles
+    # of its TOP_K slots and stores the [M, N] output row; C (c3) is never written
+    TOPK_SUM: tl.constexpr,
+    TOP_K: tl.constexpr,  # slots per token (TOPK_SUM only)
+    # precision flags
+    clamp_limit,  # silu's gemm1_clamp_limit (fused activation with HAS_CLAMP only)
+    WEIGHT_FORMAT: tl.constexpr,  # "float" | "fp8" | "int8" (w8a8) | "int8_w8a16" | "int4"
+    A_SCALE: tl.constexpr,  # "none" | "row" | "tensor" | "row_group"
+    B_SCALE: tl.constexpr,  # "none" | "channel" | "tensor" | "block" | "group"
+    HAS_ZP: tl.constexpr,
+    GROUP_K: tl.constexpr,  # K extent of one scale block/group (block and group scales)
+    GROUP_N: tl.constexpr,  # N extent of one weight scale block (block scales)
+    ACTIVATION: tl.constexpr,  # "" (store C) or the activation fused into the epilogue (GEMM1)
+    GATE_UP: tl.constexpr,  # fused gated activation: "split" (gate rows [0, N), up [N, 2N)) | "interleaved"; else "none"
+    HAS_CLAMP: tl.constexpr, SWIGLU_LIMIT: tl.constexpr,
+    # S, the storage dtype c1 is rounded to; c_ptr's own dtype except with FP8_GROUP_QUANT, where c
+    # holds fp8 codes and the S-rounded c1 exists only in registers
+    C1_DTYPE: tl.constexpr,
+    # Fused silu + fp8 group quantization (fp8_block128 + silu, GEMM1): c gets the fp8 codes of
+    # silu(gate) * up and c_scale one scale per (row, QUANT_GROUP columns), exactly what the separate
+    # silu_and_mul_quant_fp8_group kernel would make of c1, which then is never written (a constexpr:
+    # the codes and scales replace the S store, and the reductions exist only in this variant)
+    FP8_GROUP_QUANT: tl.constexpr,
+    QUANT_GROUP: tl.constexpr,  # columns per activation scale group (128)
+    QUANT_GROUPS: tl.constexpr,  # groups per program: (BLOCK_N // 2) // QUANT_GROUP (a constexpr tile dim)
+    QUANT_QMAX: tl.constexpr,  # QMAX of the fp8 codes (448 for e4m3fn)
+    # tile constexprs
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PDL: tl.constexpr,  # programmatic dependent launch (kernels._launch)
+):
+    if B_SCALE == "block" or B_SCALE == "group":
+        tl.static_assert(GROUP_K % BLOCK_K == 0, "BLOCK_K must divide the scale group: a K tile must not straddle it")
+    if WEIGHT_FORMAT == "int4":
+        tl.static_assert(BLOCK_K % 2 == 0, "int4 packs two k per byte: BLOCK_K must be even")
+    if GATE_UP != "none":
+        tl.static_assert(ACTIVATION != "", "gate/up pairs exist only with a fused activation")
+        tl.static_assert(not MUL_ROUTE_WEIGHT, "the activation fuses into GEMM1, which has no router weight")
+        tl.static_assert(BLOCK_N >= 2, "a fused gated activation needs BLOCK_N >= 2 (BLOCK_N // 2 gate/up pairs)")
+    if FP8_GROUP_QUANT:
+        tl.static_assert(ACTIVATION == "silu" and GATE_UP == "split" and not HAS_CLAMP,
+                         "the fused fp8 group quantization is silu (gate rows [0, N), up [N, 2N)) without clamp")
+        tl.static_assert(QUANT_GROUPS >= 1 and QUANT_GROUPS * QUANT_GROUP == BLOCK_N // 2,
+                         "the fused fp8 group quantization needs whole groups per program: (BLOCK_N // 2) % 128 == 0")
+    if TOPK_SUM:
+        tl.static_assert(NAIVE and A_ROW_DIV == 1 and ACTIVATION == "",
+                         "the top-k sum fuses into GEMM2 (route-major A, no activation) on the naive path only")
+
+    wait_for_predecessor(PDL)
+
+    # Stage 1: program id -> (route tile, column tile), GROUP_M swizzled. A column tile of C is
+    # BLOCK_N wide, or BLOCK_N // 2 (gate/up pairs) with a fused gated activation. With TOPK_SUM
+    # the "route tile" is a token: pid_m = m.
+    pid = tl.program_id(0)
+    if GATE_UP == "none":
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+    else:
+        num_pid_n = tl.cdiv(N, BLOCK_N // 2)
+    num_pid_m = tl.num_programs(0) // num_pid_n
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # C's columns; stage 5 halves them for gate/up pairs
+
+    if TOPK_SUM:
+        # Stages 2-4 per slot, then the sum: token pid_m's slots in order; each valid one (expert
+        # >= 0) runs stages 2-4 exactly as its own unfused naive program would (route m*TOP_K + j
+        # alone, in row 0) and is rounded to S as c3 would be stored; widened, it is added to an
+        # fp32 sum that starts at +0.0. Invalid slots are skipped (their weights never read), as
+        # moe_sum skips them: moe_sum's sum of c3, bit for bit, without c3. _interp.add_rn: the GPU
+        # would fuse this add with the epilogue's last product into one FMA (with S = fp32 that
+        # product is the c3 value itself), skipping the product's rounding.
+        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(TOP_K):
+            route = pid_m * TOP_K + j
+            expert = tl.load(route_expert_ptr + route).to(tl.int64)
+            if expert >= 0:
+                routes = tl.where(offs_m == 0, route, num_routes).to(tl.int64)
+                acc = _route_tile_fp32(
+                    a_ptr, b_ptr, bias_ptr, a_scale_ptr, b_scale_ptr, b_zp_ptr, route_weight_ptr,
+                    expert, routes, routes < num_routes, pid_n, N, K,
+                    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_biase, stride_biasn,
+                    stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, stride_bze, stride_bzn, stride_bzk,
+                    A_ROW_DIV, MUL_ROUTE_WEIGHT, HAS_BIAS, WEIGHT_FORMAT, A_SCALE, B_SCALE, HAS_ZP, GROUP_K,
+                    GROUP_N, GATE_UP, BLOCK_M, BLOCK_N, BLOCK_K)
+                c3 = _interp.to_storage(acc, C1_DTYPE)
+                total = _interp.add_rn(total, _interp.to_fp32(c3))
+
+        # Stage 6 (top-k sum): row 0 is token pid_m's output row, rounded to S once.
+        token_row = offs_m == 0
+        out_rows = tl.where(token_row, pid_m, 0).to(tl.int64)
+        out_ptrs = c_ptr + out_rows[:, None] * stride_cm + offs_cn[None, :].to(tl.int64) * stride_cn
+        tl.store(out_ptrs, _interp.to_storage(total, C1_DTYPE), mask=token_row[:, None] & (offs_cn < N)[None, :])
+    else:
+        if NAIVE:
+            expert = tl.load(route_expert_ptr + pid_m).to(tl.int64)
+            routes = tl.where(offs_m == 0, pid_m, num_routes).to(tl.int64)
         else:
-            gate, up = tl.split(tl.reshape(c1, (BLOCK_M, BLOCK_N // 2, 2)))
+            if pid_m * BLOCK_M >= tl.load(num_post_padded_ptr):
+                return
+            expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+            routes = tl.load(sorted_route_ids_ptr + pid_m * BLOCK_M + offs_m).to(tl.int64)
+        if expert < 0:
+            return  # padding tile or invalid route: its rows are never read
+        row_mask = routes < num_routes
+
+        # Stages 2-4, then the one rounding to S: c1, c3, or the c1 a fused activation reads.
+        acc = _route_tile_fp32(
+            a_ptr, b_ptr, bias_ptr, a_scale_ptr, b_scale_ptr, b_zp_ptr, route_weight_ptr,
+            expert, routes, row_mask, pid_n, N, K,
+            stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_biase, stride_biasn,
+            stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, stride_bze, stride_bzn, stride_bzk,
+            A_ROW_DIV, MUL_ROUTE_WEIGHT, HAS_BIAS, WEIGHT_FORMAT, A_SCALE, B_SCALE, HAS_ZP, GROUP_K,
+            GROUP_N, GATE_UP, BLOCK_M, BLOCK_N, BLOCK_K)
+        c = _interp.to_storage(acc, C1_DTYPE)
+
+        # Stage 5 (fused GEMM1 only): the activation on c1 exactly as stored (rounded to S, widened),
+        # in fp32 by the activation kernel's own helper, one more rounding to S: c2 bit for bit. With
+        # FP8_GROUP_QUANT, silu(gate) * up by the fp8 group quantizer's helper instead, then its codes.
+        if ACTIVATION != "":
+            c1 = _interp.to_fp32(c)
+            if GATE_UP == "none":
+                y = activation_fp32(c1, c1, clamp_limit, ACTIVATION, HAS_CLAMP, SWIGLU_LIMIT)
+            else:
+                gate, up = tl.split(tl.reshape(c1, (BLOCK_M, BLOCK_N // 2, 2)))
+                if FP8_GROUP_QUANT:
+                    y = silu_and_mul_fp32(gate, up)  # the separate quantizer's formula (not activation_fp32's)
+                else:
+                    y = activation_fp32(gate, up, clamp_limit, ACTIVATION, HAS_CLAMP, SWIGLU_LIMIT)
+                offs_cn = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
             if FP8_GROUP_QUANT:
-                y = silu_and_mul_fp32(gate, up)  # the separate quantizer's formula (not activation_fp32's)
+                # Stage 5b: per (row, 128-column group) of y: absmax, scale, codes, as the separate
+                # kernel computes them. Columns past N hold y = 0 (their weight rows load as 0), as that
+                # kernel's masked loads give, so a ragged last group has the same absmax. One group
+                # per program (BLOCK_N = 256) reduces the tile itself; several a [rows, groups, 128] view.
+                if QUANT_GROUPS == 1:
+                    scale = _dynamic_scale(tl.max(tl.abs(y), axis=1), QUANT_QMAX)
+                    c = _quantize(y, tl.broadcast_to(scale[:, None], (BLOCK_M, QUANT_GROUP)), QUANT_QMAX, True)
+                    tl.store(c_scale_ptr + routes * stride_csm + pid_n, scale, mask=row_mask)
+                else:
+                    y = tl.reshape(y, (BLOCK_M, QUANT_GROUPS, QUANT_GROUP))
+                    scale = _dynamic_scale(tl.max(tl.abs(y), axis=2), QUANT_QMAX)
+                    q = _quantize(y, tl.broadcast_to(scale[:, :, None], (BLOCK_M, QUANT_GROUPS, QUANT_GROUP)),
+                                  QUANT_QMAX, True)
+                    c = tl.reshape(q, (BLOCK_M, BLOCK_N // 2))
+                    offs_g = pid_n * QUANT_GROUPS + tl.arange(0, QUANT_GROUPS)
+                    tl.store(c_scale_ptr + routes[:, None] * stride_csm + offs_g[None, :], scale,
+                             mask=row_mask[:, None] & (offs_g * QUANT_GROUP < N)[None, :])
             else:
-                y = activation_fp32(gate, up, clamp_limit, ACTIVATION, HAS_CLAMP, SWIGLU_LIMIT)
-            offs_cn = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        if FP8_GROUP_QUANT:
-            # Stage 5b: per (row, 128-column group) of y: absmax, scale, codes, as the separate
-            # kernel computes them. Columns past N hold y = 0 (their weight rows load as 0), as that
-            # kernel's masked loads give, so a ragged last group has the same absmax. One group
-            # per program (BLOCK_N = 256) reduces the tile itself; several a [rows, groups, 128] view.
-            if QUANT_GROUPS == 1:
-                scale = _dynamic_scale(tl.max(tl.abs(y), axis=1), QUANT_QMAX)
-                c = _quantize(y, tl.broadcast_to(scale[:, None], (BLOCK_M, QUANT_GROUP)), QUANT_QMAX, True)
-                tl.store(c_scale_ptr + routes * stride_csm + pid_n, scale, mask=row_mask)
-            else:
-                y = tl.reshape(y, (BLOCK_M, QUANT_GROUPS, QUANT_GROUP))
-                scale = _dynamic_scale(tl.max(tl.abs(y), axis=2), QUANT_QMAX)
-                q = _quantize(y, tl.broadcast_to(scale[:, :, None], (BLOCK_M, QUANT_GROUPS, QUANT_GROUP)),
-                              QUANT_QMAX, True)
-                c = tl.reshape(q, (BLOCK_M, BLOCK_N // 2))
-                offs_g = pid_n * QUANT_GROUPS + tl.arange(0, QUANT_GROUPS)
-                tl.store(c_scale_ptr + routes[:, None] * stride_csm + offs_g[None, :], scale,
-                         mask=row_mask[:, None] & (offs_g * QUANT_GROUP < N)[None, :])
-        else:
-            c = _interp.to_storage(y, C1_DTYPE)
+                c = _interp.to_storage(y, C1_DTYPE)
 
-    # Stage 6: masked store by route id.
-    cn_mask = offs_cn < N
-    c_ptrs = c_ptr + routes[:, None] * stride_cm + offs_cn[None, :].to(tl.int64) * stride_cn
-    tl.store(c_ptrs, c, mask=row_mask[:, None] & cn_mask[None, :])
+        # Stage 6: masked store by route id.
+        cn_mask = offs_cn < N
+        c_ptrs = c_ptr + routes[:, None] * stride_cm + offs_cn[None, :].to(tl.int64) * stride_cn
+        tl.store(c_ptrs, c, mask=row_mask[:, None] & cn_mask[None, :])
 
 
 def _weight_format(b: torch.Tensor, a: torch.Tensor, scheme) -> str:
@@ -327,6 +419,25 @@ def _strides(t: Optional[torch.Tensor], n: int):
     return s + (0,) * (n - len(s))
 
 
+def _check_topk_sum(topk: int, c: torch.Tensor, num_routes: int, route_expert: torch.Tensor, naive: bool,
+                    top_k_div: int, activation) -> None:
+    """The top-k sum fuses into GEMM2 on the naive path only; c must be the [M, N] output."""
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk_sum must be the topk (an int >= 1) whose slots are summed; got {topk!r}")
+    if not naive:
+        raise ValueError("topk_sum (the top-k sum fused into GEMM2) needs the naive path (one route per tile): "
+                         "an aligned tile holds routes of many tokens")
+    if activation is not None or top_k_div != 1:
+        raise ValueError(f"topk_sum fuses into GEMM2 (route-major a, top_k_div=1, no activation); got "
+                         f"top_k_div={top_k_div}, activation={getattr(activation, 'value', activation)}")
+    if num_routes % topk or route_expert.numel() != num_routes:
+        raise ValueError(f"topk_sum={topk}: num_routes ({num_routes}) must be M * topk, one route expert each; "
+                         f"got {route_expert.numel()} route experts")
+    if c.shape[0] != num_routes // topk:
+        raise ValueError(f"with topk_sum, c is the [M, N] output, M = num_routes // topk = {num_routes // topk} "
+                         f"rows; got {tuple(c.shape)}")
+
+
 def invoke_grouped_gemm(
     a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
     scheme, config, top_k_div: int, num_routes: int,
@@ -339,6 +450,7 @@ def invoke_grouped_gemm(
     route_weight: Optional[torch.Tensor] = None,
     activation=None, clamp_limit: Optional[float] = None,
     c_scale: Optional[torch.Tensor] = None, c1_dtype: Optional[torch.dtype] = None,
+    topk_sum: Optional[int] = None,
 ) -> None:
     """Launch one grouped GEMM writing c[r, :] for every valid route r (route-major c).
 
@@ -357,6 +469,13 @@ def invoke_grouped_gemm(
     ``silu_and_mul_quant_fp8_group`` gives on the stored c1 for every valid route's row;
     ``c1_dtype`` is the storage dtype S c1 would have had (the epilogue rounds to it first), and
     ``config.BLOCK_N // 2`` must be a multiple of 128 (a program owns whole scale groups).
+
+    With ``topk_sum`` = topk (GEMM2 on the naive path: ``naive``, ``top_k_div`` 1, no activation):
+    the top-k sum fused in. ``c`` is then the [M, N] output (M = num_routes // topk) instead of
+    the route-major c3, and c[m] is bit for bit what ``kernels.moe_sum`` makes of c3 (slots in
+    order, fp32 from +0.0, invalid routes skipped, one rounding to S; zeros for a token without a
+    valid route): one program per (token, column tile) runs each valid slot's tile through the
+    very code of the unfused GEMM2.
     """
     if a.dim() != 2 or b.dim() != 3 or c.dim() != 2:
         raise ValueError(f"grouped GEMM needs a [rows, K], b [E, N, K], c [R, N]; got {tuple(a.shape)}, "
@@ -396,6 +515,8 @@ def invoke_grouped_gemm(
     if c.shape[1] != N:
         raise ValueError(f"c must have {N} columns ({'c2' if activation is not None else 'the w rows'}); "
                          f"got {tuple(c.shape)}")
+    if topk_sum is not None:
+        _check_topk_sum(topk_sum, c, num_routes, route_expert, naive, top_k_div, activation)
     if num_routes == 0 or N == 0:
         return
     fmt = _weight_format(b, a, scheme)
@@ -417,7 +538,9 @@ def invoke_grouped_gemm(
     group_k = 128
     if b_mode == "group":
         group_k = group_size
-    if naive:
+    if topk_sum is not None:
+        num_tiles = num_routes // topk_sum  # one per token
+    elif naive:
         num_tiles = num_routes
     else:
         num_tiles = sorted_route_ids.numel() // config.BLOCK_M
@@ -449,6 +572,8 @@ def invoke_grouped_gemm(
         NAIVE=naive,
         MUL_ROUTE_WEIGHT=route_weight is not None,
         HAS_BIAS=bias is not None,
+        TOPK_SUM=topk_sum is not None,
+        TOP_K=topk_sum if topk_sum is not None else 1,
         clamp_limit=float(clamp_limit) if clamp_limit is not None else 0.0,
         WEIGHT_FORMAT=fmt,
         A_SCALE=a_mode,

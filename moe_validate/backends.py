@@ -135,10 +135,11 @@ class TritonBackend:
         return True, ""
 
     def run(self, inputs: "MoEInputs", case: Optional["Case"] = None, *, assignment: str = "auto",
-            fuse_activation="auto", config=None) -> "torch.Tensor":
-        """``assignment`` and ``fuse_activation`` pick TritonExperts' internal paths (the ``paths``
-        invariance re-runs with the ones not taken); the defaults let the kernels choose.
-        ``config`` (a kernels.KernelConfig) overrides the case's and the forced config."""
+            fuse_activation="auto", fuse_topk_sum="auto", config=None) -> "torch.Tensor":
+        """``assignment``, ``fuse_activation`` and ``fuse_topk_sum`` pick TritonExperts' internal
+        paths (the ``paths`` invariance re-runs with the ones not taken); the defaults let the
+        kernels choose. ``last_paths`` records the ones taken. ``config`` (a kernels.KernelConfig)
+        overrides the case's and the forced config."""
         import torch
 
         import kernels
@@ -167,7 +168,8 @@ class TritonBackend:
         if override is not None:
             config, batch_invariant = override, False
 
-        experts = kernels.TritonExperts(quant, assignment=assignment, fuse_activation=fuse_activation)
+        experts = kernels.TritonExperts(quant, assignment=assignment, fuse_activation=fuse_activation,
+                                        fuse_topk_sum=fuse_topk_sum)
         ws13_shape, ws2_shape, out_shape = experts.workspace_shapes(
             M, N, K, topk, global_num_experts, E, None, activation
         )
@@ -203,7 +205,8 @@ class TritonBackend:
             # Also when the launch fails: a COMPILE_ERROR record should name the config that failed.
             self.last_config = _config_to_dict(getattr(experts, "last_config", None))
         self.last_paths = {"assignment": experts.last_assignment,
-                           "fused_activation": getattr(experts, "last_fused_activation", None)}
+                           "fused_activation": getattr(experts, "last_fused_activation", None),
+                           "fused_topk_sum": getattr(experts, "last_fused_topk_sum", None)}
         return output
 
     def supports_invariance(self, name: str, case: "Case") -> Tuple[bool, str]:
@@ -212,9 +215,14 @@ class TritonBackend:
 
     def run_paths(self, inputs: "MoEInputs", case: Optional["Case"] = None) -> List[Tuple]:
         """The same call through each internal path the kernels did not take by themselves:
-        the other route-to-tile assignment (naive <-> aligned, SPEC "Invariances") and the other
-        activation placement (unfused <-> fused into GEMM1's epilogue, where the call allows
-        it). Every one must give the bits of the default path.
+        the other route-to-tile assignment (naive <-> aligned, SPEC "Invariances"), the other
+        top-k sum placement on the naive assignment (moe_sum <-> fused into GEMM2, where the call
+        allows it: no LoRA) and the other activation placement (unfused <-> fused into GEMM1's
+        epilogue, where the call allows it). Every one must give the bits of the default path.
+        The top-k sum fuses only on the naive assignment: there, with "auto" placement, the
+        assignment variant of an aligned call fuses it, and the top-k sum variant runs the naive
+        assignment with the placement that naive run did not take; so without LoRA all three of
+        (aligned, moe_sum), (naive, fused), (naive, moe_sum) are compared.
 
         silu + fp8_block128 (no clamp, no LoRA) fuses its activation and fp8 group quantization
         into GEMM1 only with (BLOCK_N // 2) % 128 == 0, which no default config has. There the
@@ -226,8 +234,22 @@ class TritonBackend:
         variants: List[Tuple] = []
         try:
             other = "naive" if taken["assignment"] == "aligned" else "aligned"
-            variants.append((f"assignment={other} (default {taken['assignment']})",
-                             self.run(inputs, case, assignment=other)))
+            flipped = self.run(inputs, case, assignment=other)
+            flipped_sum = self.last_paths["fused_topk_sum"]
+            label = f"assignment={other} (default {taken['assignment']})"
+            if flipped_sum != taken["fused_topk_sum"]:
+                label += ", top-k sum " + ("fused into GEMM2" if flipped_sum else "by moe_sum")
+            variants.append((label, flipped))
+            naive_sum_fused = taken["fused_topk_sum"] if taken["assignment"] == "naive" else flipped_sum
+            if naive_sum_fused:
+                variants.append(("top-k sum by moe_sum, assignment=naive (auto fuses it into GEMM2 there)",
+                                 self.run(inputs, case, assignment="naive", fuse_topk_sum=False)))
+            else:
+                try:
+                    variants.append(("top-k sum fused into GEMM2, assignment=naive (auto leaves it to moe_sum there)",
+                                     self.run(inputs, case, assignment="naive", fuse_topk_sum=True)))
+                except ValueError:
+                    pass  # this call cannot fuse (LoRA adds into c3 before the sum): no such path
             if taken["fused_activation"]:
                 variants.append(("activation unfused (default fused into GEMM1)",
                                  self.run(inputs, case, fuse_activation=False)))

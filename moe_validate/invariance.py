@@ -10,7 +10,8 @@ bitwise, so they are checked bitwise, by re-running the backend on transformed i
   ``sub``    one token dropped (the middle one: M's parity changes and the rows after it shift),
              both runs in batch-invariant mode           -> every other row unchanged
   ``paths``  the backend's other internal paths for the same call (``run_paths``: for Triton,
-             naive vs aligned assignment, activation fused into GEMM1 or not) -> the same bits.
+             naive vs aligned assignment, top-k sum fused into GEMM2 or not, activation fused
+             into GEMM1 or not) -> the same bits.
              ``run_paths`` yields ``(label, output)`` pairs, compared with the default run, or
              ``(label, output, expected)`` triples, compared with their own ``expected`` (two
              paths at a launch config other than the default's, e.g. Triton's fp8 group

@@ -152,7 +152,8 @@ def _n_tail_spill_inside_workspace(case: Case) -> bool:
     """A partial last column tile in a GEMM store whose spill stays inside its workspace.
 
     The stores (BLOCK_N = 64 under the interpreter): GEMM2 writes c3 (width K, tiles of 64) into
-    workspace13 [R, max(N, K)]; GEMM1 writes c1 (width N, tiles of 64) there too, or, with the
+    workspace13 [R, max(N, K)] unless it sums the top-k slots itself (its own store, not this
+    one, writes the output then); GEMM1 writes c1 (width N, tiles of 64) there too, or, with the
     activation fused into it, c2 into workspace2 [R, I] (width I = N/2 in tiles of 32 gate/up
     pairs for gated activations, width N in tiles of 64 otherwise). An unmasked store spills
     tile - width % tile columns past each route's row, i.e. into the next route's row; the last
@@ -168,7 +169,9 @@ def _n_tail_spill_inside_workspace(case: Case) -> bool:
         gemm1 = (width, 32 if gated else 64, R * width)
     else:
         gemm1 = (case.N, 64, ws13)
-    stores = [gemm1, (case.K, 64, ws13)]
+    stores = [gemm1]
+    if _moe_sum_runs(case):  # GEMM2 stores c3
+        stores.append((case.K, 64, ws13))
     tails = [(w, tile, room) for w, tile, room in stores if w % tile]
     return bool(tails) and all(R * w + (tile - w % tile) <= room for w, tile, room in tails)
 
@@ -184,6 +187,23 @@ def _block_multi(case: Case) -> bool:
 def _aligned(case: Case) -> bool:
     """The aligned (sorted, padded) path runs unless M*topk*4 <= E (the tiny-M naive path)."""
     return case.M > 0 and case.M * case.topk * 4 > case.local_experts
+
+
+def _naive(case: Case) -> bool:
+    return case.M > 0 and not _aligned(case)
+
+
+def _topk_sum_in_gemm2(case: Case) -> bool:
+    """GEMM2 sums each token's slots into the output (kernels/experts.py, fuse_topk_sum="auto"):
+    the naive path without LoRA (which adds its w2 delta into c3 before the sum). The ``paths``
+    invariance runs the naive path on an aligned case too (TritonBackend.run_paths)."""
+    return case.M > 0 and case.lora == "none" and (_naive(case) or "paths" in case.invariances)
+
+
+def _moe_sum_runs(case: Case) -> bool:
+    """moe_sum combines c3 (GEMM2 -> c3 -> moe_sum): everywhere but the naive path without LoRA,
+    where GEMM2 sums the slots itself; the ``paths`` invariance runs both placements there."""
+    return case.M > 0 and (_aligned(case) or case.lora != "none" or "paths" in case.invariances)
 
 
 def _spare_tiles(case: Case) -> bool:
@@ -271,6 +291,9 @@ def _router_on_input(case: Case) -> bool:
 # about 0.8 GB): about 8 GB in all, comfortable on an 80 GB H100.
 INT32_OVERFLOW_CASE = "bf16-none-silu_no_mul-M16512N16384K64E8k8-s9000"
 
+# Where moe_sum runs, in words (the reach_doc of the mutants planted in it).
+_MOE_SUM_RUNS = "not the naive path without LoRA, whose GEMM2 sums the slots, unless the paths invariance runs both"
+
 _GG = "grouped_gemm.py"
 _ACT = "activation.py"
 _ALIGN = "align.py"
@@ -355,7 +378,7 @@ MUTANTS: Tuple[Mutant, ...] = (
     # --- the activation fused into the GEMM1 epilogue (no LoRA, not the fused silu+fp8 quantizer) --
     Mutant(
         "fused_epilogue_gate_up_swapped", "the fused GEMM1 epilogue splits its accumulator into (up, gate)",
-        (Hunk(_GG, "            gate, up = tl.split(", "            up, gate = tl.split("),),
+        (Hunk(_GG, "                gate, up = tl.split(", "                up, gate = tl.split("),),
         _gated_in_gemm1, "gated activations (both layouts) without LoRA, outside the separate silu+fp8 quantizer"),
     Mutant(
         "fused_epilogue_clamp_dropped", "the fused GEMM1 launch drops gemm1_clamp_limit (the activation kernel still clamps)",
@@ -364,7 +387,7 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant(
         "fused_epilogue_on_unrounded_c1", "the fused GEMM1 epilogue applies the activation to the fp32 "
         "accumulator instead of c1 rounded to S",
-        (Hunk(_GG, "        c1 = _interp.to_fp32(c)\n", "        c1 = acc  # MUTANT: one rounding skipped\n"),),
+        (Hunk(_GG, "            c1 = _interp.to_fp32(c)\n", "            c1 = acc  # MUTANT: one rounding skipped\n"),),
         lambda case: (_activation_in_gemm1(case) or _fp8_group_quant_in_gemm1(case)) and case.dtype != "fp32",
         "fp16/bf16 storage without LoRA, outside the separate silu+fp8 quantizer (fp32 storage: the rounding is exact)",
         # The reference comparison cannot see it (one skipped rounding of c1 moves c2 by less than
@@ -374,9 +397,9 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant(
         "fused_fp8_group_absmax_unrounded", "GEMM1's fused fp8 group quantization takes each group's absmax (so its "
         "scale) from silu(gate) * up of the fp32 accumulator instead of c1 rounded to S",
-        (Hunk(_GG, "                scale = _dynamic_scale(tl.max(tl.abs(y), axis=1), QUANT_QMAX)\n",
-              "                g_acc, u_acc = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))  # MUTANT: unrounded\n"
-              "                scale = _dynamic_scale(tl.max(tl.abs(silu_and_mul_fp32(g_acc, u_acc)), axis=1), QUANT_QMAX)\n"),),
+        (Hunk(_GG, "                    scale = _dynamic_scale(tl.max(tl.abs(y), axis=1), QUANT_QMAX)\n",
+              "                    g_acc, u_acc = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))  # MUTANT: unrounded\n"
+              "                    scale = _dynamic_scale(tl.max(tl.abs(silu_and_mul_fp32(g_acc, u_acc)), axis=1), QUANT_QMAX)\n"),),
         lambda case: _fp8_group_quant_in_gemm1(case) and case.dtype != "fp32",
         "silu + fp8_block128 without clamp or LoRA, GEMM1 at BLOCK_N = 256 (the paths invariance, or an explicit "
         "config), fp16/bf16 storage (fp32 storage: the rounding is exact)",
@@ -394,8 +417,8 @@ MUTANTS: Tuple[Mutant, ...] = (
         _any, "every case with tokens"),
     Mutant(
         "n_tail_unmasked", "the GEMM store ignores the N mask (a partial last column tile spills into the next row)",
-        (Hunk(_GG, "    tl.store(c_ptrs, c, mask=row_mask[:, None] & cn_mask[None, :])\n",
-              "    tl.store(c_ptrs, c, mask=row_mask[:, None])  # MUTANT\n"),),
+        (Hunk(_GG, "        tl.store(c_ptrs, c, mask=row_mask[:, None] & cn_mask[None, :])\n",
+              "        tl.store(c_ptrs, c, mask=row_mask[:, None])  # MUTANT\n"),),
         _n_tail_spill_inside_workspace,
         "a GEMM output width (c1: N, fused c2: I, c3: K) that its column tile (64, or 32 gate/up pairs under "
         "the interpreter) does not divide, with the spill inside its workspace (past it the heap is "
@@ -405,7 +428,7 @@ MUTANTS: Tuple[Mutant, ...] = (
         (Hunk(_SUM, "mask=t_mask[:, None] & k_mask[None, :])\n",
               "mask=t_mask[:, None] & k_mask[None, :]\n"
               "             & ((offs_t[:, None] >= BLOCK_T) | (offs_k[None, :] >= BLOCK_K)))  # MUTANT: tile (0, 0) skipped\n"),),
-        _any, "every case with tokens"),
+        _moe_sum_runs, "every case where moe_sum runs (" + _MOE_SUM_RUNS + ")"),
     # --- quantization scales --------------------------------------------------------------------
     Mutant(
         "block_scale_index_transposed", "fp8_block128 weight scales read as [e, k_block, n_block] instead of [e, n_block, k_block]",
@@ -463,9 +486,9 @@ MUTANTS: Tuple[Mutant, ...] = (
     # --- routing, alignment ---------------------------------------------------------------------
     Mutant(
         "padding_lanes_as_route0", "padding slots of the aligned route list become route 0 (token 0), overwriting its row",
-        (Hunk(_GG, "        routes = tl.load(sorted_route_ids_ptr + pid_m * BLOCK_M + offs_m).to(tl.int64)\n",
-              "        routes = tl.load(sorted_route_ids_ptr + pid_m * BLOCK_M + offs_m).to(tl.int64)\n"
-              "        routes = tl.where(routes < num_routes, routes, 0)  # MUTANT\n"),),
+        (Hunk(_GG, "            routes = tl.load(sorted_route_ids_ptr + pid_m * BLOCK_M + offs_m).to(tl.int64)\n",
+              "            routes = tl.load(sorted_route_ids_ptr + pid_m * BLOCK_M + offs_m).to(tl.int64)\n"
+              "            routes = tl.where(routes < num_routes, routes, 0)  # MUTANT\n"),),
         _aligned_several_experts,
         "the aligned path with two or more local experts (it kills when a tile processed after route 0's own "
         "tile has padding lanes: most cases, not those where route 0's expert comes last)"),
@@ -473,8 +496,8 @@ MUTANTS: Tuple[Mutant, ...] = (
         "padding_blocks_expert0", "tiles past the padded total get expert 0 instead of -1 and are not skipped",
         (Hunk(_ALIGN, "        owner = tl.where(slot < total, owner, -1)\n",
               "        owner = tl.where(slot < total, owner, 0)  # MUTANT\n"),
-         Hunk(_GG, "        if pid_m * BLOCK_M >= tl.load(num_post_padded_ptr):\n            return\n",
-              "        pass  # MUTANT: no early exit past the padded total\n")),
+         Hunk(_GG, "            if pid_m * BLOCK_M >= tl.load(num_post_padded_ptr):\n                return\n",
+              "            pass  # MUTANT: no early exit past the padded total\n")),
         _aligned,
         "the aligned path (no output changes: a tile past the padded total holds only the sentinel "
         "route, so nothing is stored; the harness' alignment-contract check, run on every case of a "
@@ -507,8 +530,8 @@ MUTANTS: Tuple[Mutant, ...] = (
         _any, "every case with tokens"),
     Mutant(
         "int32_offsets", "route row offsets in int32: rows * stride wraps past 2^31 elements",
-        (Hunk(_GG, "        routes = tl.load(sorted_route_ids_ptr + pid_m * BLOCK_M + offs_m).to(tl.int64)\n",
-              "        routes = tl.load(sorted_route_ids_ptr + pid_m * BLOCK_M + offs_m)  # MUTANT: int32\n"),),
+        (Hunk(_GG, "            routes = tl.load(sorted_route_ids_ptr + pid_m * BLOCK_M + offs_m).to(tl.int64)\n",
+              "            routes = tl.load(sorted_route_ids_ptr + pid_m * BLOCK_M + offs_m)  # MUTANT: int32\n"),),
         lambda case: case.M * case.topk * max(case.N, case.K) > 2 ** 31,
         "M*topk*max(N, K) > 2^31 (an intermediate with more than 2^31 elements)",
         catch="premerge", gpu_only=True, extra_case_ids=(INT32_OVERFLOW_CASE,),
@@ -519,27 +542,51 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant(
         "moe_sum_drops_last_slot", "moe_sum sums topk - 1 slots",
         (Hunk(_SUM, "    for j in tl.static_range(TOP_K):\n", "    for j in tl.static_range(TOP_K - 1):  # MUTANT\n"),),
-        _topk_at_least(2), "topk >= 2"),
+        lambda case: _topk_at_least(2)(case) and _moe_sum_runs(case),
+        "topk >= 2 where moe_sum runs (" + _MOE_SUM_RUNS + ")"),
     Mutant(
         "moe_sum_in_bf16", "moe_sum rounds its running sum to bf16 after every slot",
         (Hunk(_SUM, "        acc = tl.where(m, acc + v, acc)\n",
               "        acc = tl.where(m, (acc + v).to(tl.bfloat16).to(tl.float32), acc)  # MUTANT\n"),),
-        _sum_rounding_visible, "fp16/fp32 storage, scheme none, topk >= 2", prefer=_fp32_storage),
+        lambda case: _sum_rounding_visible(case) and _moe_sum_runs(case),
+        "fp16/fp32 storage, scheme none, topk >= 2, where moe_sum runs (" + _MOE_SUM_RUNS + ")", prefer=_fp32_storage),
     Mutant(
         "moe_sum_reads_invalid_slots", "moe_sum adds the c3 rows of invalid routes (never written: NaN-poisoned)",
         (Hunk(_SUM, "        m = slot_valid[:, None] & k_mask[None, :]\n",
               "        m = t_mask[:, None] & k_mask[None, :]  # MUTANT\n"),),
-        _invalid_routes, "invalid_ids routing or an expert map"),
+        lambda case: _invalid_routes(case) and _moe_sum_runs(case),
+        "invalid_ids routing or an expert map, where moe_sum runs (" + _MOE_SUM_RUNS + ")"),
     Mutant(
         "route_order_batch_dependent", "moe_sum's slot order depends on the batch size (reversed for odd M)",
         (Hunk(_SUM, "    for j in tl.static_range(TOP_K):\n",
               "    for jj in tl.static_range(TOP_K):\n"
               "        j = tl.where(M % 2 == 1, TOP_K - 1 - jj, jj)  # MUTANT: slot order depends on the batch size\n"),),
-        _sub_batch_checked,
-        "topk >= 3 (with two slots fp32 addition commutes exactly) on cases with the sub-batch invariance "
-        "check (dropping a token flips M's parity; the reference comparison cannot see a reordered fp32 "
-        "sum, inside the gate, but the bitwise rerun can)",
+        lambda case: _sub_batch_checked(case) and _moe_sum_runs(case),
+        "topk >= 3 (with two slots fp32 addition commutes exactly), where moe_sum runs, on cases with the "
+        "sub-batch invariance check (dropping a token flips M's parity; the reference comparison cannot see "
+        "a reordered fp32 sum, inside the gate, but the bitwise rerun can)",
         prefer=_fp32_storage),
+    # --- the top-k sum fused into GEMM2 (the naive path without LoRA) ----------------------------
+    Mutant(
+        "topk_sum_of_unrounded_c3", "GEMM2's fused top-k sum adds each slot's fp32 epilogue tile instead of c3 "
+        "rounded to S",
+        (Hunk(_GG, "                total = _interp.add_rn(total, _interp.to_fp32(c3))\n",
+              "                total = _interp.add_rn(total, acc)  # MUTANT: one rounding skipped\n"),),
+        lambda case: _topk_sum_in_gemm2(case) and case.dtype != "fp32",
+        "the naive path without LoRA (by default, or as the paths invariance's naive run), fp16/bf16 storage "
+        "(fp32 storage: the rounding is exact)",
+        # The reference comparison cannot see it (a skipped rounding of c3 moves the output by less
+        # than an ulp of S, inside the mirror gate): the bitwise ``paths`` invariance (fused vs
+        # unfused top-k sum) is what kills it, so those cases go first.
+        prefer=lambda case: "paths" in case.invariances),
+    Mutant(
+        "topk_sum_drops_last_slot", "GEMM2's fused top-k sum sums topk - 1 slots",
+        (Hunk(_GG, "        for j in tl.static_range(TOP_K):\n",
+              "        for j in tl.static_range(TOP_K - 1):  # MUTANT\n"),),
+        lambda case: _topk_sum_in_gemm2(case) and case.topk >= 2,
+        "topk >= 2 on the naive path without LoRA (by default, or as the paths invariance's naive run)",
+        # where the default run fuses the sum, the reference comparison sees it
+        prefer=_naive),
     # --- LoRA -----------------------------------------------------------------------------------
     Mutant(
         "lora_dual_unzeroed_buffer", "dual-stream LoRA accumulates its deltas into a buffer that is not zero-filled",

@@ -114,14 +114,15 @@ def run_kernel(p: Problem, **extra) -> torch.Tensor:
 
 
 def run_apply(p: Problem, *, assignment="auto", poison=True, config=None, batch_invariant=False,
-              fuse_activation="auto", workspaces=None):
+              fuse_activation="auto", fuse_topk_sum="auto", workspaces=None, lora=None):
     """TritonExperts.apply with NaN-poisoned output and workspaces (the harness' protocol).
 
     ``workspaces``: a list that receives (workspace13, workspace2) after the call, for tests
     that look at the intermediates (c2 lives in workspace2 on every path)."""
     quant = p.kwargs.get("quant") or QuantConfig()
     act = Activation.parse(p.kwargs.get("activation", "silu"))
-    experts = kernels.TritonExperts(quant, assignment=assignment, fuse_activation=fuse_activation)
+    experts = kernels.TritonExperts(quant, assignment=assignment, fuse_activation=fuse_activation,
+                                    fuse_topk_sum=fuse_topk_sum)
     M, K = p.x.shape
     E, N, _ = p.w1.shape
     topk = p.topk_ids.shape[1]
@@ -134,7 +135,7 @@ def run_apply(p: Problem, *, assignment="auto", poison=True, config=None, batch_
     b = torch.full(ws2, fill, dtype=S, device=p.x.device)
     experts.apply(out, *p.args(), act, gne, p.kwargs.get("expert_map"), None,
                   quant.a2_scale, a, b, None, p.kwargs.get("apply_router_weight_on_input", False),
-                  config=config, batch_invariant=batch_invariant)
+                  lora=lora, config=config, batch_invariant=batch_invariant)
     if workspaces is not None:
         workspaces.extend([a, b])
     return out, experts

@@ -1,7 +1,8 @@
 """Pins the facts kernels/_interp.py relies on (TRITON_NOTES.md): the casts are bit-exact against
 torch on every fp8 code, every midpoint between codes (ties), signed zeros, subnormals and
 out-of-range values, on the interpreter and natively on a GPU; dots are IEEE for fp32 and correct
-for bf16 (the interpreter's raw-bit bf16 product is routed through fp32)."""
+for bf16 (the interpreter's raw-bit bf16 product is routed through fp32); ``add_rn`` after a product
+rounds twice, like torch's separate multiply and add, subnormals included (no FMA, no flush to zero)."""
 
 import os
 
@@ -10,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._interp import dot, tanh, to_fp32, to_fp8_e4m3, to_int8, to_storage
+from kernels._interp import add_rn, dot, tanh, to_fp32, to_fp8_e4m3, to_int8, to_storage
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
@@ -104,3 +105,32 @@ def test_storage_rounding_and_widening_match_torch(dtype):
     assert torch.equal(back.isnan(), expected.isnan())
     finite = ~back.isnan()
     assert torch.equal(back[finite], expected.float()[finite])
+
+
+@triton.jit
+def _product_sum_kernel(x_ptr, w_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask)
+    w = tl.load(w_ptr + offs, mask=mask)
+    y = tl.load(y_ptr + offs, mask=mask)
+    tl.store(out_ptr + offs, add_rn(y, x * w), mask=mask)
+
+
+def test_add_rn_rounds_the_product_first_and_keeps_subnormals():
+    """The fused top-k sum adds the epilogue's last product (the c3 value itself for fp32 storage)
+    with add_rn: an FMA would skip the product's rounding (a quarter of random triples differ)
+    and a flush-to-zero add would lose subnormal sums."""
+    gen = torch.Generator().manual_seed(3)
+    n = 20000
+    x, w, y = (torch.randn(n, generator=gen) for _ in range(3))
+    tiny = torch.finfo(torch.float32).tiny
+    # subnormal results: tiny products plus tiny addends (exact in fp32, flushed by an ftz add)
+    x[:100], w[:100], y[:100] = tiny * 0.5, 0.25, tiny * 0.125
+    x, w, y = x.to(DEVICE), w.to(DEVICE), y.to(DEVICE)
+    out = torch.empty_like(x)
+    _product_sum_kernel[(triton.cdiv(n, 1024),)](x, w, y, out, n, BLOCK=1024)
+    expected = y + x * w  # two kernels: two roundings
+    assert bool((expected[:100] != 0).all()) and bool((expected[:100].abs() < tiny).all())
+    differ = out.view(torch.int32) != expected.view(torch.int32)
+    assert not bool(differ.any()), f"{int(differ.sum())} of {n} sums differ, first at {int(differ.nonzero()[0])}"

@@ -418,19 +418,58 @@ def test_paths_are_skipped_with_a_reason_for_a_backend_without_run_paths():
 
 
 def test_triton_backend_offers_the_paths_it_did_not_take():
-    """The kernels' own path choice is recorded; run_paths flips the assignment and the
-    activation placement (fused <-> unfused) and every variant has the default's bits."""
+    """The kernels' own path choice is recorded; run_paths flips the assignment (the naive run
+    fuses the top-k sum into GEMM2), runs the naive assignment with the top-k sum left to moe_sum,
+    flips the activation placement (fused <-> unfused), and every variant has the default's bits."""
     from moe_validate.backends import TritonBackend
 
     backend = TritonBackend()
     inputs = make_inputs(PATHS_CASE, device=default_device())
     out = backend.run(inputs, PATHS_CASE)
-    assert backend.last_paths == {"assignment": "aligned", "fused_activation": True}
+    default_paths = {"assignment": "aligned", "fused_activation": True, "fused_topk_sum": False}
+    assert backend.last_paths == default_paths
     variants = backend.run_paths(inputs, PATHS_CASE)
-    assert [label for label, _ in variants] == ["assignment=naive (default aligned)",
-                                                 "activation unfused (default fused into GEMM1)"]
+    assert [label for label, _ in variants] == [
+        "assignment=naive (default aligned), top-k sum fused into GEMM2",
+        "top-k sum by moe_sum, assignment=naive (auto fuses it into GEMM2 there)",
+        "activation unfused (default fused into GEMM1)"]
     for _, got in variants:
         assert invariance.bitwise_difference(out, got, lambda r: r, ("a", "b")) is None
+    assert backend.last_paths == default_paths
+
+
+NAIVE_PATHS_CASE = Case(M=1, N=64, K=64, E=8, topk=2, invariance="paths", seed=199)
+LORA_NAIVE_PATHS_CASE = Case(M=1, N=64, K=64, E=8, topk=2, lora="single", invariance="paths", seed=199)
+
+
+def test_triton_backend_paths_from_the_naive_path_with_the_top_k_sum_fused():
+    """A naive call fuses the top-k sum by default: run_paths compares the aligned assignment
+    (moe_sum) and the naive one with moe_sum against it."""
+    from moe_validate.backends import TritonBackend
+
+    backend = TritonBackend()
+    inputs = make_inputs(NAIVE_PATHS_CASE, device=default_device())
+    out = backend.run(inputs, NAIVE_PATHS_CASE)
+    assert backend.last_paths["assignment"] == "naive" and backend.last_paths["fused_topk_sum"] is True
+    variants = backend.run_paths(inputs, NAIVE_PATHS_CASE)
+    assert [label for label, _ in variants][:2] == [
+        "assignment=aligned (default naive), top-k sum by moe_sum",
+        "top-k sum by moe_sum, assignment=naive (auto fuses it into GEMM2 there)"]
+    for _, got in variants:
+        assert invariance.bitwise_difference(out, got, lambda r: r, ("a", "b")) is None
+
+
+def test_triton_backend_paths_with_lora_offer_no_fused_top_k_sum():
+    """LoRA adds its w2 delta into c3 before the sum: neither the default nor any variant fuses it."""
+    from moe_validate.backends import TritonBackend
+
+    backend = TritonBackend()
+    inputs = make_inputs(LORA_NAIVE_PATHS_CASE, device=default_device())
+    out = backend.run(inputs, LORA_NAIVE_PATHS_CASE)
+    assert backend.last_paths["assignment"] == "naive" and backend.last_paths["fused_topk_sum"] is False
+    variants = backend.run_paths(inputs, LORA_NAIVE_PATHS_CASE)
+    assert [label for label, _ in variants] == ["assignment=aligned (default naive)"]
+    assert invariance.bitwise_difference(out, variants[0][1], lambda r: r, ("a", "b")) is None
 
 
 class PairedPaths(_Declared):
@@ -483,8 +522,8 @@ def test_triton_backend_compares_the_fused_fp8_group_quantization_at_block_n_256
     default_config, default_paths = backend.last_config, dict(backend.last_paths)
     assert default_paths["fused_activation"] is False and default_config["BLOCK_N"] < 256
     variants = backend.run_paths(inputs, FP8_GROUP_PATHS_CASE)
-    assert [len(v) for v in variants] == [2, 3]
-    label, fused, unfused = variants[1]
+    assert [len(v) for v in variants] == [2, 2, 3]
+    label, fused, unfused = variants[2]
     assert "fused into GEMM1 vs unfused" in label and "BLOCK_N=256" in label
     assert invariance.bitwise_difference(unfused, fused, lambda r: r, ("a", "b")) is None
     assert backend.last_config == default_config and backend.last_paths == default_paths
