@@ -17,7 +17,8 @@ its w2 delta into c3 before the sum), GEMM2 sums each token's topk slots itself 
 output: one program per (token, column tile) runs every valid slot's tile through the code of the
 unfused GEMM2 and adds the S-rounded values in slot order as ``moe_sum`` does (bitwise the same,
 see ``kernels.grouped_gemm``): ``fuse_topk_sum``; c3 is then never written and moe_sum never
-launched. c1 and c3 share ``workspace13`` (c1 is dead once the activation has read it); c2 lives
+launched. That grid has topk times fewer programs, so on a GPU "auto" fuses only where two
+programs per SM remain (at M=1 the lost parallelism costs more than the moe_sum launch saved). c1 and c3 share ``workspace13`` (c1 is dead once the activation has read it); c2 lives
 in ``workspace2``. The workspace shapes do not depend on the fusions (c1 or c3 is then simply
 unused; the fp8 codes and scales get their own buffers on both paths). Only rows of valid routes
 are ever written or read, so NaN-poisoned workspaces and outputs are harmless; tokens without a
@@ -26,10 +27,12 @@ valid route get exact zeros from ``moe_sum`` or the fused sum.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Tuple
 
 import torch
+import triton
 
 from kernels.activation import apply_activation
 from kernels.align import align_routes, route_experts
@@ -47,6 +50,14 @@ __all__ = ["TritonExperts", "fused_experts"]
 # experts per route (alignment would then produce one mostly-padding tile per route anyway and
 # costs two extra launches).
 _NAIVE_SPARSITY = 4
+
+# The fused top-k sum runs one GEMM2 program per (token, column tile), each streaming its topk
+# weight tiles one after another: topk times fewer programs than the unfused GEMM2. "auto" fuses
+# only where at least this many programs per SM remain. H100 bench (fused vs GEMM2 + moe_sum, with
+# PDL): at M=1 every model lost (Qwen3 bf16 54 vs 38 us with 32 programs, DeepSeek-V3 fp8 144 vs
+# 137 us with 112, gpt-oss bf16 93 vs 81 us with 90); at M=4 it won 2-4% with 360-448 programs
+# (DeepSeek-V3, its tp8 shape, gpt-oss) and lost 3% with 128 (Qwen3).
+_FUSED_SUM_PROGRAMS_PER_SM = 2
 
 
 def silu_fp8_group_call(activation, scheme, gemm1_clamp_limit, lora) -> bool:
@@ -87,6 +98,22 @@ def _device_capability(device: torch.device) -> Optional[Tuple[int, int]]:
     if device.type == "cuda" and not _interpreting():
         return torch.cuda.get_device_capability(device)
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _fused_sum_fills_the_gpu(M: int, K: int, gemm2_config: KernelConfig, device: torch.device) -> bool:
+    """Whether the fused top-k sum's GEMM2 grid (M * cdiv(K, BLOCK_N) programs) has at least
+    ``_FUSED_SUM_PROGRAMS_PER_SM`` programs per SM. Under the interpreter there are no SMs: True,
+    so "auto" fuses wherever it can and the CPU suites run the fused path."""
+    if device.type != "cuda" or _interpreting():
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    programs = M * triton.cdiv(K, gemm2_config.BLOCK_N)
+    return programs >= _FUSED_SUM_PROGRAMS_PER_SM * _sm_count(index)
 
 
 def _scheme_supported(scheme: QuantScheme, capability: Optional[Tuple[int, int]]) -> bool:
@@ -131,8 +158,9 @@ class TritonExperts:
         ValueError with the reason) or False (always GEMM1 -> c1 -> activation kernel, or the
         separate silu+fp8-group quantizer). Both paths give the same bits; the switch exists for
         tests and measurements. ``last_fused_activation`` says which one the last call took.
-        ``fuse_topk_sum``: "auto" (GEMM2 sums each token's slots and writes the output wherever it
-        can: the naive assignment and no LoRA), True (the same, and a call that cannot raises
+        ``fuse_topk_sum``: "auto" (GEMM2 sums each token's slots and writes the output where it
+        can, the naive assignment without LoRA, and where its grid still has two programs per SM:
+        ``_FUSED_SUM_PROGRAMS_PER_SM``), True (wherever it can; a call that cannot raises
         ValueError with the reason) or False (always GEMM2 -> c3 -> moe_sum); the same bits either
         way. ``last_fused_topk_sum`` says which one the last call took."""
         if quant_config is None:
@@ -204,7 +232,7 @@ class TritonExperts:
                              + "; ".join(blockers))
         return self.fuse_activation is not False and not blockers
 
-    def _fuse_topk_sum(self, naive: bool, lora) -> bool:
+    def _fuse_topk_sum(self, naive: bool, lora, fills_the_gpu: bool) -> bool:
         """Whether GEMM2 sums each token's slots into the output (see ``fuse_topk_sum``)."""
         blockers = []
         if not naive:
@@ -215,7 +243,9 @@ class TritonExperts:
         if self.fuse_topk_sum is True and blockers:
             raise ValueError("fuse_topk_sum=True but this call cannot fuse the top-k sum into GEMM2: "
                              + "; ".join(blockers))
-        return self.fuse_topk_sum is not False and not blockers
+        if self.fuse_topk_sum == "auto":
+            return not blockers and fills_the_gpu
+        return self.fuse_topk_sum is True
 
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
               global_num_experts, expert_map, a1q_scale, a2_scale, workspace13, workspace2,
@@ -256,7 +286,8 @@ class TritonExperts:
         else:
             naive = self.assignment == "naive"
         self.last_assignment = "naive" if naive else "aligned"
-        fuse_sum = self._fuse_topk_sum(naive, lora)
+        fuse_sum = self._fuse_topk_sum(naive, lora,
+                                       _fused_sum_fills_the_gpu(M, K, config.for_gemm2(), hidden_states.device))
         self.last_fused_topk_sum = fuse_sum
         if M == 0:
             return

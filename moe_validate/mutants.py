@@ -196,7 +196,9 @@ def _naive(case: Case) -> bool:
 def _topk_sum_in_gemm2(case: Case) -> bool:
     """GEMM2 sums each token's slots into the output (kernels/experts.py, fuse_topk_sum="auto"):
     the naive path without LoRA (which adds its w2 delta into c3 before the sum). The ``paths``
-    invariance runs the naive path on an aligned case too (TritonBackend.run_paths)."""
+    invariance runs the naive path on an aligned case too (TritonBackend.run_paths). On a GPU
+    "auto" also wants two GEMM2 programs per SM, which small cases lack: there only the ``paths``
+    cases reach it (they run both placements), so the mutants of the fused sum prefer those."""
     return case.M > 0 and case.lora == "none" and (_naive(case) or "paths" in case.invariances)
 
 

@@ -249,3 +249,20 @@ def test_gpu_fused_sum_matches_moe_sum(scheme, dtype, M):
     p = make_problem(seed=411, dtype=DTYPES[dtype], scheme=scheme, M=M, K=1024, I=640, E=64, topk=8, bias=True,
                      expert_map=True, **extra)
     assert_fused_sum_matches_moe_sum(p)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_auto_fuses_only_with_two_programs_per_sm():
+    """"auto" wants M * cdiv(K, BLOCK_N) >= 2 programs per SM for the fused grid (the topk slots
+    run one after another in a program); fewer, and the unfused GEMM2 + moe_sum run."""
+    from kernels.experts import _FUSED_SUM_PROGRAMS_PER_SM
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    config = kernels.KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3)
+    enough = _FUSED_SUM_PROGRAMS_PER_SM * sms
+    for M, K in [(1, 1024), (2, 32 * enough // 2), (4, 32 * enough // 4 - 32)]:
+        p = make_problem(seed=412, M=M, K=K, I=256, E=64, topk=4)
+        _, ex = run_apply(p, config=config)
+        assert ex.last_assignment == "naive"
+        programs = M * -(-K // config.BLOCK_N)
+        assert ex.last_fused_topk_sum is (programs >= enough), (M, K, programs, enough)
