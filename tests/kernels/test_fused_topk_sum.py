@@ -201,7 +201,9 @@ def _lora_spec(p):
 def test_auto_fuses_on_the_naive_path_only():
     naive_by_sparsity = make_problem(seed=408, M=1, K=40, I=32, E=8, topk=2)  # M*topk*4 <= E
     _, ex = run_apply(naive_by_sparsity)
-    assert ex.last_assignment == "naive" and ex.last_fused_topk_sum is True
+    # the interpreter has no SMs: "auto" fuses every naive call; on a GPU this grid of a few
+    # programs is far below two per SM (test_gpu_auto_fuses_only_with_two_programs_per_sm)
+    assert ex.last_assignment == "naive" and ex.last_fused_topk_sum is (not ON_GPU)
     aligned = make_problem(seed=408, M=3, K=40, I=32, E=4, topk=2)
     _, ex = run_apply(aligned)
     assert ex.last_assignment == "aligned" and ex.last_fused_topk_sum is False
