@@ -356,7 +356,9 @@ def _grouped_gemm_kernel(
             else:
                 gate, up = tl.split(tl.reshape(c1, (BLOCK_M, BLOCK_N // 2, 2)))
                 if FP8_GROUP_QUANT:
-                    y = silu_and_mul_fp32(gate, up)  # the separate quantizer's formula (not activation_fp32's)
+                    # the separate quantizer's formula (not activation_fp32's); skipping zeros or not
+                    # gives the same bits, and no tuned config takes this path: the plain division
+                    y = silu_and_mul_fp32(gate, up, False)
                 else:
                     y = activation_fp32(gate, up, clamp_limit, ACTIVATION, HAS_CLAMP, SWIGLU_LIMIT)
                 offs_cn = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
@@ -367,13 +369,13 @@ def _grouped_gemm_kernel(
                 # per program (BLOCK_N = 256) reduces the tile itself; several a [rows, groups, 128] view.
                 if QUANT_GROUPS == 1:
                     scale = _dynamic_scale(tl.max(tl.abs(y), axis=1), QUANT_QMAX)
-                    c = _quantize(y, tl.broadcast_to(scale[:, None], (BLOCK_M, QUANT_GROUP)), QUANT_QMAX, True)
+                    c = _quantize(y, tl.broadcast_to(scale[:, None], (BLOCK_M, QUANT_GROUP)), QUANT_QMAX, True, False)
                     tl.store(c_scale_ptr + routes * stride_csm + pid_n, scale, mask=row_mask)
                 else:
                     y = tl.reshape(y, (BLOCK_M, QUANT_GROUPS, QUANT_GROUP))
                     scale = _dynamic_scale(tl.max(tl.abs(y), axis=2), QUANT_QMAX)
                     q = _quantize(y, tl.broadcast_to(scale[:, :, None], (BLOCK_M, QUANT_GROUPS, QUANT_GROUP)),
-                                  QUANT_QMAX, True)
+                                  QUANT_QMAX, True, False)
                     c = tl.reshape(q, (BLOCK_M, BLOCK_N // 2))
                     offs_g = pid_n * QUANT_GROUPS + tl.arange(0, QUANT_GROUPS)
                     tl.store(c_scale_ptr + routes[:, None] * stride_csm + offs_g[None, :], scale,

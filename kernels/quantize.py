@@ -80,6 +80,7 @@ _TILE_ELEMENTS = 4096
 _MAX_BLOCK_N = 16384
 _VALUES_PER_THREAD = 32
 _PARTIALS_BLOCK = 1024  # partial maxima reduced per iteration by _tensor_scale_kernel
+_FEW_PROGRAMS = 32  # a quantizer launch this small is latency-bound (_skip_zero_divisions)
 
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_QMAX = {torch.float8_e4m3fn: FP8_MAX, torch.int8: INT8_MAX}
@@ -96,21 +97,27 @@ def _dynamic_scale(absmax, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _div_rn_nonzero(x, d):
-    """``tl.div_rn(x, d)`` bit for bit for a divisor d > 0, except that zeros of x skip the division.
+def _div_rn(x, d, SKIP_ZEROS: tl.constexpr):
+    """``tl.div_rn(x, d)`` for a divisor d > 0; with SKIP_ZEROS, zeros of x bypass the division
+    (x / d for x = +-0 and d > 0 is x itself: the same bits).
 
-    On the GPU div.rn's fast path rejects a zero dividend and calls its slow subroutine, and these
-    tiles are often mostly zeros (rows past R and columns past C load as 0; at one token a tile
-    is mostly such padding). x / d for x = +-0 and d > 0 is x itself. H100: one decode-shape
-    quantizer launch 4.2-6.8 -> 2.6-3.3 us (scripts/gpu_probe_decode_launches.py)."""
-    is_zero = x == 0.0
-    return tl.where(is_zero, x, tl.div_rn(tl.where(is_zero, 1.0, x), d))
+    On the GPU div.rn's fast path rejects a zero dividend and calls its slow subroutine. A tile that
+    is mostly padding (rows past R and columns past C load as 0: at one token, most of it) spends its
+    time there, and skipping pays: H100, one decode-shape quantizer launch 4.2-6.8 -> 2.6-3.3 us
+    (scripts/gpu_probe_decode_launches.py). Where the tiles are full the selects cost more than the
+    few slow divisions: prefill quantizers ran 25-60% slower with them. The launchers decide
+    (``_skip_zero_divisions``)."""
+    if SKIP_ZEROS:
+        is_zero = x == 0.0
+        return tl.where(is_zero, x, tl.div_rn(tl.where(is_zero, 1.0, x), d))
+    else:
+        return tl.div_rn(x, d)
 
 
 @triton.jit
-def _quantize(x, scale, QMAX: tl.constexpr, IS_FP8: tl.constexpr):
-    """sat(rne(x / scale)) for an fp32 tile and a scale tile of the same shape."""
-    y = _div_rn_nonzero(x, scale)
+def _quantize(x, scale, QMAX: tl.constexpr, IS_FP8: tl.constexpr, SKIP_ZEROS: tl.constexpr):
+    """sat(rne(x / scale)) for an fp32 tile and a scale tile of the same shape (``_div_rn``)."""
+    y = _div_rn(x, scale, SKIP_ZEROS)
     # Saturate at QMAX first: for fp8 this is the fnuz convention when QMAX = 224 (the casts
     # below saturate at the format's own maximum); for int8 it keeps rint's argument small.
     y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
@@ -121,11 +128,11 @@ def _quantize(x, scale, QMAX: tl.constexpr, IS_FP8: tl.constexpr):
 
 
 @triton.jit
-def silu_and_mul_fp32(gate, up):
+def silu_and_mul_fp32(gate, up, SKIP_ZEROS: tl.constexpr):
     """silu(gate) * up in fp32: the one copy of the fused silu+fp8-group quantizer's formula,
     shared by ``_silu_and_mul_quant_fp8_group_kernel`` and GEMM1's fused epilogue."""
     # silu(g) = g / (1 + exp(-g)); exp overflows to inf for g < -88, giving -0 (true value < 1e-36)
-    return _div_rn_nonzero(gate, 1.0 + tl.exp(-gate)) * up
+    return _div_rn(gate, 1.0 + tl.exp(-gate), SKIP_ZEROS) * up
 
 
 @triton.jit
@@ -159,6 +166,7 @@ def _quantize_row_groups_kernel(
     QMAX: tl.constexpr, IS_FP8: tl.constexpr, HAS_ROW_VALID: tl.constexpr,
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_TILE: tl.constexpr,
+    SKIP_ZEROS: tl.constexpr,  # tiles mostly padding: zeros bypass the division (_div_rn)
     PDL: tl.constexpr,  # programmatic dependent launch (kernels._launch)
 ):
     wait_for_predecessor(PDL)
@@ -182,7 +190,7 @@ def _quantize_row_groups_kernel(
         x = tl.load(x_rows + offs_n[None, :], mask=load_rows[:, None] & in_group, other=0.0)
         x = x.to(tl.float32)
         scale = _dynamic_scale(tl.max(tl.abs(x), axis=1), QMAX)
-        q = _quantize(x, tl.broadcast_to(scale[:, None], (BLOCK_M, BLOCK_N)), QMAX, IS_FP8)
+        q = _quantize(x, tl.broadcast_to(scale[:, None], (BLOCK_M, BLOCK_N)), QMAX, IS_FP8, SKIP_ZEROS)
         tl.store(q_rows + offs_n[None, :], q, mask=store_rows[:, None] & in_group)
     else:
         absmax = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -197,7 +205,7 @@ def _quantize_row_groups_kernel(
             offs_n = c0 + tl.arange(0, BLOCK_N)
             in_group = offs_n[None, :] < col_end
             x = tl.load(x_rows + offs_n[None, :], mask=load_rows[:, None] & in_group, other=0.0)
-            q = _quantize(x.to(tl.float32), scale_tile, QMAX, IS_FP8)
+            q = _quantize(x.to(tl.float32), scale_tile, QMAX, IS_FP8, SKIP_ZEROS)
             tl.store(q_rows + offs_n[None, :], q, mask=store_rows[:, None] & in_group)
 
     tl.store(scale_ptr + rows * stride_sr + pid_g, scale, mask=store_rows)
@@ -268,6 +276,7 @@ def _quantize_with_scale_kernel(
     QMAX: tl.constexpr, IS_FP8: tl.constexpr, HAS_ROW_VALID: tl.constexpr,
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SKIP_ZEROS: tl.constexpr,  # tiles mostly padding: zeros bypass the division (_div_rn)
     PDL: tl.constexpr,  # programmatic dependent launch (kernels._launch)
 ):
     wait_for_predecessor(PDL)
@@ -282,7 +291,7 @@ def _quantize_with_scale_kernel(
     x = tl.load(x_ptr + rows[:, None] * stride_xr + offs_n[None, :],
                 mask=load_rows[:, None] & in_cols, other=0.0)
     scale = tl.load(scale_ptr + tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32))
-    q = _quantize(x.to(tl.float32), scale, QMAX, IS_FP8)
+    q = _quantize(x.to(tl.float32), scale, QMAX, IS_FP8, SKIP_ZEROS)
     tl.store(xq_ptr + rows[:, None] * stride_qr + offs_n[None, :], q,
              mask=(offs_m[:, None] < R) & in_cols)
 
@@ -299,6 +308,7 @@ def _silu_and_mul_quant_fp8_group_kernel(
     QMAX: tl.constexpr, HAS_ROW_VALID: tl.constexpr,
     # tiles
     BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr,
+    SKIP_ZEROS: tl.constexpr,  # tiles mostly padding: zeros bypass the division (_div_rn)
     PDL: tl.constexpr,  # programmatic dependent launch (kernels._launch)
 ):
     wait_for_predecessor(PDL)
@@ -315,10 +325,10 @@ def _silu_and_mul_quant_fp8_group_kernel(
     gate_ptrs = c1_ptr + rows[:, None] * stride_cr + offs_n[None, :]
     gate = to_fp32(tl.load(gate_ptrs, mask=load_mask, other=0.0))
     up = to_fp32(tl.load(gate_ptrs + I, mask=load_mask, other=0.0))
-    act = silu_and_mul_fp32(gate, up)
+    act = silu_and_mul_fp32(gate, up, SKIP_ZEROS)
 
     scale = _dynamic_scale(tl.max(tl.abs(act), axis=1), QMAX)
-    q = _quantize(act, tl.broadcast_to(scale[:, None], (BLOCK_M, GROUP_N)), QMAX, True)
+    q = _quantize(act, tl.broadcast_to(scale[:, None], (BLOCK_M, GROUP_N)), QMAX, True, SKIP_ZEROS)
     store_rows = offs_m < R
     tl.store(q_ptr + rows[:, None] * stride_qr + offs_n[None, :], q,
              mask=store_rows[:, None] & in_cols)
@@ -404,6 +414,18 @@ def _group_tiles(group_cols: int) -> Tuple[int, int, bool]:
     return max(1, _TILE_ELEMENTS // block_n), block_n, group_cols <= block_n
 
 
+def _skip_zero_divisions(rows: int, cols: int, block_m: int, block_n: int, programs: int) -> bool:
+    """Whether a quantizer launch skips dividing zeros (``_div_rn``): where it is latency-bound (at
+    most ``_FEW_PROGRAMS`` programs: the rows of a few tokens), or where at least a quarter of its
+    tile elements are padding (rows past ``rows``, columns past ``cols``). H100 probes
+    (scripts/gpu_probe_decode_launches.py): decode launches of 1-8 programs ran 1.2-2.3x faster
+    skipping (one x row of 7168 in an 8192 tile 4.5 -> 2.8 us); 131072 rows of 768 in 1024
+    columns (25%) 255 -> 211 us; full prefill tiles and rows of 14336 in 16384 columns (12.5%)
+    25-60% slower, so there the plain division stays."""
+    padded = triton.cdiv(rows, block_m) * block_m * triton.cdiv(cols, block_n) * block_n
+    return programs <= _FEW_PROGRAMS or 4 * (padded - rows * cols) >= padded
+
+
 def _warps_for(block_m: int, block_n: int) -> int:
     """4 warps up to 4096 elements per tile, more for wider one-row tiles (32 values per thread)."""
     return max(4, min(16, (block_m * block_n) // (32 * _VALUES_PER_THREAD)))
@@ -458,6 +480,7 @@ def quantize_activation(
                 x.stride(0), x_q.stride(0), scale.stride(0),
                 QMAX=qmax, IS_FP8=is_fp8, HAS_ROW_VALID=has_rows,
                 BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile, num_warps=_warps_for(block_m, block_n),
+                SKIP_ZEROS=_skip_zero_divisions(R, C, block_m, block_n, triton.cdiv(R, block_m) * num_groups),
                 **launch_options(x.device),
             )
         return x_q, scale
@@ -490,7 +513,9 @@ def quantize_activation(
             R, C,
             x.stride(0), x_q.stride(0),
             QMAX=qmax, IS_FP8=is_fp8, HAS_ROW_VALID=has_rows,
-            BLOCK_M=block_m, BLOCK_N=block_n, **launch_options(x.device),
+            BLOCK_M=block_m, BLOCK_N=block_n,
+            SKIP_ZEROS=_skip_zero_divisions(R, C, block_m, block_n, triton.cdiv(R, block_m) * triton.cdiv(C, block_n)),
+            **launch_options(x.device),
         )
     return x_q, scale
 
@@ -534,6 +559,7 @@ def silu_and_mul_quant_fp8_group(
             R, I,
             c1.stride(0), c2_q.stride(0), scale.stride(0),
             QMAX=qmax, HAS_ROW_VALID=_row_valid_mode(row_flags),
-            BLOCK_M=block_m, GROUP_N=ACT_GROUP_SIZE, **launch_options(c1.device),
+            BLOCK_M=block_m, GROUP_N=ACT_GROUP_SIZE, SKIP_ZEROS=_skip_zero_divisions(R, I, block_m, ACT_GROUP_SIZE, triton.cdiv(R, block_m) * num_groups),
+            **launch_options(c1.device),
         )
     return c2_q, scale

@@ -373,8 +373,8 @@ MUTANTS: Tuple[Mutant, ...] = (
         _clamp, "clamp cases", prefer=_clamp_reached),
     Mutant(
         "fused_silu_quant_gate_up_swapped", "the fused silu+fp8 quantizer computes silu(up) * gate",
-        (Hunk(_QUANT, "    return _div_rn_nonzero(gate, 1.0 + tl.exp(-gate)) * up\n",
-              "    return _div_rn_nonzero(up, 1.0 + tl.exp(-up)) * gate  # MUTANT\n"),),
+        (Hunk(_QUANT, "    return _div_rn(gate, 1.0 + tl.exp(-gate), SKIP_ZEROS) * up\n",
+              "    return _div_rn(up, 1.0 + tl.exp(-up), SKIP_ZEROS) * gate  # MUTANT\n"),),
         _fused_silu_quant, "silu + fp8_block128 without clamp or LoRA (the separate quantizer and GEMM1's fused "
         "epilogue share the formula)"),
     # --- the activation fused into the GEMM1 epilogue (no LoRA, not the fused silu+fp8 quantizer) --
@@ -401,7 +401,7 @@ MUTANTS: Tuple[Mutant, ...] = (
         "scale) from silu(gate) * up of the fp32 accumulator instead of c1 rounded to S",
         (Hunk(_GG, "                    scale = _dynamic_scale(tl.max(tl.abs(y), axis=1), QUANT_QMAX)\n",
               "                    g_acc, u_acc = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))  # MUTANT: unrounded\n"
-              "                    scale = _dynamic_scale(tl.max(tl.abs(silu_and_mul_fp32(g_acc, u_acc)), axis=1), QUANT_QMAX)\n"),),
+              "                    scale = _dynamic_scale(tl.max(tl.abs(silu_and_mul_fp32(g_acc, u_acc, False)), axis=1), QUANT_QMAX)\n"),),
         lambda case: _fp8_group_quant_in_gemm1(case) and case.dtype != "fp32",
         "silu + fp8_block128 without clamp or LoRA, GEMM1 at BLOCK_N = 256 (the paths invariance, or an explicit "
         "config), fp16/bf16 storage (fp32 storage: the rounding is exact)",

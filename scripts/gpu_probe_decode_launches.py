@@ -16,9 +16,13 @@ Run from the repository root on the GPU: python scripts/gpu_probe_decode_launche
 Measured on the H100 (2026-11-24, Triton 3.6, MOE_KERNELS_PDL=0), us per launch:
   before: token 4.2-6.8 (2.7 only where the tile had no padding: R=1 C=4096, R=8 C=2048),
           group 5.9-6.5, route 1.2, moe_sum 1.4-2.6, clone 1.2-1.4
-  after ``_div_rn_nonzero`` (kernels/quantize.py): token 2.7-3.3 (4.3 at R=2 C=14336), group 2.6-3.0
+  skipping the division of zeros (kernels/quantize.py ``_div_rn``): token 2.7-3.3 (4.3 at R=2
+          C=14336), group 2.6-3.0
 The padding loads as zeros, and div.rn's fast path rejects a zero dividend: every zero took the
-slow subroutine. Skipping the division for zeros (x / d = x there) keeps every bit.
+slow subroutine. Skipping the division for zeros (x / d = x there) keeps every bit, but its selects
+made full prefill tiles 25-60% slower (16384x4096 per token: 69 -> 111 us), so the launchers
+skip only in launches of a few programs or with a quarter of the tile elements padding
+(``_skip_zero_divisions``).
 """
 import torch
 

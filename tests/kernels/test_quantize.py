@@ -353,6 +353,43 @@ def test_all_zero_rows_get_the_floor_scale_and_zero_codes(scheme):
     assert (x_q.float().cpu()[1:] == 0).all()
 
 
+@pytest.mark.parametrize("scheme", ["fp8_tensor_token", "fp8_block128", "int8_channel_token", "fp8_tensor_dynamic"])
+def test_skipping_zero_divisions_keeps_every_bit(scheme, monkeypatch):
+    """``_div_rn``: tiles that are mostly padding bypass the division for zeros (div.rn's slow path
+    on the GPU); +-0, subnormals and ordinary values give the same codes and scales either way."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(6, 300, generator=gen)
+    x[:, ::7] = 0.0
+    x[:, 1::7] = -0.0
+    x[:, 2::11] = 1e-40  # fp32 subnormals
+    x[3] = 0.0  # an all-zero row: the floor scale
+    x = x.to(torch.bfloat16).to(DEVICE)
+    results = {}
+    for skip in (False, True):
+        monkeypatch.setattr(quantize_module, "_skip_zero_divisions", lambda *args, skip=skip: skip)
+        results[skip] = quantize_activation(x, scheme)
+    (q_plain, s_plain), (q_skip, s_skip) = results[False], results[True]
+    assert torch.equal(s_plain.view(torch.int32), s_skip.view(torch.int32))
+    assert torch.equal(q_plain.view(torch.uint8), q_skip.view(torch.uint8))
+    if scheme == "fp8_tensor_token":  # the fused silu quantizer's silu(gate) divides as well
+        c1 = torch.cat([x, x.flip(0)], dim=1)
+        fused = {}
+        for skip in (False, True):
+            monkeypatch.setattr(quantize_module, "_skip_zero_divisions", lambda *args, skip=skip: skip)
+            fused[skip] = silu_and_mul_quant_fp8_group(c1)
+        assert torch.equal(fused[False][0].view(torch.uint8), fused[True][0].view(torch.uint8))
+        assert torch.equal(fused[False][1].view(torch.int32), fused[True][1].view(torch.int32))
+
+
+def test_zero_divisions_are_skipped_in_small_or_mostly_padded_launches():
+    skip = quantize_module._skip_zero_divisions
+    assert skip(1, 7168, 1, 8192, programs=1)  # decode: one row, latency-bound
+    assert skip(8, 2048, 2, 2048, programs=4)  # c2 of one token's routes, full tiles
+    assert skip(131072, 768, 4, 1024, programs=32768)  # 25% of the tile elements are padding
+    assert not skip(32768, 14336, 1, 16384, programs=32768)  # prefill: 12.5%
+    assert not skip(16384, 4096, 1, 4096, programs=16384)  # full tiles
+
+
 def test_one_outlier_per_128_column_group():
     gen = torch.Generator().manual_seed(11)
     rows, cols = 5, 300  # groups of 128, 128, 44
