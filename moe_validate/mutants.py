@@ -204,7 +204,9 @@ def _topk_sum_in_gemm2(case: Case) -> bool:
 
 def _moe_sum_runs(case: Case) -> bool:
     """moe_sum combines c3 (GEMM2 -> c3 -> moe_sum): everywhere but the naive path without LoRA,
-    where GEMM2 sums the slots itself; the ``paths`` invariance runs both placements there."""
+    where GEMM2 sums the slots itself; the ``paths`` invariance runs both placements there. (Under
+    the interpreter, where the smoke selftest runs; on a GPU small naive calls keep moe_sum too:
+    this predicate then misses cases the mutant reaches, never claims one it does not.)"""
     return case.M > 0 and (_aligned(case) or case.lora != "none" or "paths" in case.invariances)
 
 
