@@ -37,6 +37,7 @@ group's scale Inf.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -414,7 +415,7 @@ def _group_tiles(group_cols: int) -> Tuple[int, int, bool]:
     return max(1, _TILE_ELEMENTS // block_n), block_n, group_cols <= block_n
 
 
-def _skip_zero_divisions(rows: int, cols: int, block_m: int, block_n: int, programs: int) -> bool:
+def _skip_zero_divisions(grid: Tuple[int, ...], rows: int, cols: int, block_m: int, block_n: int) -> bool:
     """Whether a quantizer launch skips dividing zeros (``_div_rn``): where it is latency-bound (at
     most ``_FEW_PROGRAMS`` programs: the rows of a few tokens), or where at least a quarter of its
     tile elements are padding (rows past ``rows``, columns past ``cols``). H100 probes
@@ -423,7 +424,7 @@ def _skip_zero_divisions(rows: int, cols: int, block_m: int, block_n: int, progr
     columns (25%) 255 -> 211 us; full prefill tiles and rows of 14336 in 16384 columns (12.5%)
     25-60% slower, so there the plain division stays."""
     padded = triton.cdiv(rows, block_m) * block_m * triton.cdiv(cols, block_n) * block_n
-    return programs <= _FEW_PROGRAMS or 4 * (padded - rows * cols) >= padded
+    return math.prod(grid) <= _FEW_PROGRAMS or 4 * (padded - rows * cols) >= padded
 
 
 def _warps_for(block_m: int, block_n: int) -> int:
@@ -474,13 +475,14 @@ def quantize_activation(
         scale = torch.empty((R, num_groups), dtype=torch.float32, device=x.device)
         block_m, block_n, one_tile = _group_tiles(group_cols)
         if R > 0 and num_groups > 0:
-            _quantize_row_groups_kernel[(triton.cdiv(R, block_m), num_groups)](
+            grid = (triton.cdiv(R, block_m), num_groups)
+            _quantize_row_groups_kernel[grid](
                 x, x_q, scale, flags_arg,
                 R, C, group_cols,
                 x.stride(0), x_q.stride(0), scale.stride(0),
                 QMAX=qmax, IS_FP8=is_fp8, HAS_ROW_VALID=has_rows,
                 BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile, num_warps=_warps_for(block_m, block_n),
-                SKIP_ZEROS=_skip_zero_divisions(R, C, block_m, block_n, triton.cdiv(R, block_m) * num_groups),
+                SKIP_ZEROS=_skip_zero_divisions(grid, R, C, block_m, block_n),
                 **launch_options(x.device),
             )
         return x_q, scale
@@ -508,13 +510,14 @@ def quantize_activation(
     block_n = min(triton.next_power_of_2(max(C, 1)), ACT_GROUP_SIZE)
     block_m = max(1, _TILE_ELEMENTS // block_n)
     if R > 0 and C > 0:
-        _quantize_with_scale_kernel[(triton.cdiv(R, block_m), triton.cdiv(C, block_n))](
+        grid = (triton.cdiv(R, block_m), triton.cdiv(C, block_n))
+        _quantize_with_scale_kernel[grid](
             x, x_q, scale, flags_arg,
             R, C,
             x.stride(0), x_q.stride(0),
             QMAX=qmax, IS_FP8=is_fp8, HAS_ROW_VALID=has_rows,
             BLOCK_M=block_m, BLOCK_N=block_n,
-            SKIP_ZEROS=_skip_zero_divisions(R, C, block_m, block_n, triton.cdiv(R, block_m) * triton.cdiv(C, block_n)),
+            SKIP_ZEROS=_skip_zero_divisions(grid, R, C, block_m, block_n),
             **launch_options(x.device),
         )
     return x_q, scale
@@ -554,12 +557,13 @@ def silu_and_mul_quant_fp8_group(
     c2_q, scale = fp8_group_outputs(R, I, c1.device)
     block_m = max(1, _TILE_ELEMENTS // ACT_GROUP_SIZE // 2)  # two input tiles (gate, up) per program
     if R > 0 and num_groups > 0:
-        _silu_and_mul_quant_fp8_group_kernel[(triton.cdiv(R, block_m), num_groups)](
+        grid = (triton.cdiv(R, block_m), num_groups)
+        _silu_and_mul_quant_fp8_group_kernel[grid](
             c1, c2_q, scale, row_flags if row_flags is not None else c1,
             R, I,
             c1.stride(0), c2_q.stride(0), scale.stride(0),
             QMAX=qmax, HAS_ROW_VALID=_row_valid_mode(row_flags),
-            BLOCK_M=block_m, GROUP_N=ACT_GROUP_SIZE, SKIP_ZEROS=_skip_zero_divisions(R, I, block_m, ACT_GROUP_SIZE, triton.cdiv(R, block_m) * num_groups),
+            BLOCK_M=block_m, GROUP_N=ACT_GROUP_SIZE, SKIP_ZEROS=_skip_zero_divisions(grid, R, I, block_m, ACT_GROUP_SIZE),
             **launch_options(c1.device),
         )
     return c2_q, scale

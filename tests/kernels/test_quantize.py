@@ -383,11 +383,11 @@ def test_skipping_zero_divisions_keeps_every_bit(scheme, monkeypatch):
 
 def test_zero_divisions_are_skipped_in_small_or_mostly_padded_launches():
     skip = quantize_module._skip_zero_divisions
-    assert skip(1, 7168, 1, 8192, programs=1)  # decode: one row, latency-bound
-    assert skip(8, 2048, 2, 2048, programs=4)  # c2 of one token's routes, full tiles
-    assert skip(131072, 768, 4, 1024, programs=32768)  # 25% of the tile elements are padding
-    assert not skip(32768, 14336, 1, 16384, programs=32768)  # prefill: 12.5%
-    assert not skip(16384, 4096, 1, 4096, programs=16384)  # full tiles
+    assert skip((1, 1), 1, 7168, 1, 8192)  # decode: one row, latency-bound
+    assert skip((4, 1), 8, 2048, 2, 2048)  # c2 of one token's routes, full tiles
+    assert skip((32768, 1), 131072, 768, 4, 1024)  # 25% of the tile elements are padding
+    assert not skip((32768, 1), 32768, 14336, 1, 16384)  # prefill: 12.5%
+    assert not skip((16384, 1), 16384, 4096, 1, 4096)  # full tiles
 
 
 def test_one_outlier_per_128_column_group():
