@@ -16,7 +16,7 @@ import torch
 import kernels
 import reference
 from kernels._interp import INTERPRETING
-from moe_validate.spec import Activation, QuantConfig, QuantScheme, storage_dtype
+from moe_validate.spec import Activation, LoRASpec, QuantConfig, QuantScheme, storage_dtype
 from reference.activations import split_gate_up
 
 if torch.cuda.is_available() and not INTERPRETING.value:
@@ -111,6 +111,16 @@ def to_device(p: Problem, device) -> Problem:
 
 def run_kernel(p: Problem, **extra) -> torch.Tensor:
     return kernels.fused_experts(*p.args(), **p.kwargs, **extra)
+
+
+def zero_lora(p: Problem) -> LoRASpec:
+    """One rank-2, single-stream adapter slot of all-zero weights for p's shapes: it adds nothing,
+    but makes the call take the LoRA path (c1 and c3 written, the LoRA kernels launched)."""
+    E, N, K = p.w1.shape
+    I = p.w2.shape[2]
+    z = lambda *shape: torch.zeros(*shape, dtype=p.x.dtype, device=p.x.device)  # noqa: E731
+    ids = torch.zeros(p.x.shape[0], dtype=torch.int32, device=p.x.device)
+    return LoRASpec(z(1, E, 2, K), z(1, E, N, 2), z(1, E, 2, I), z(1, E, K, 2), ids, stream="single")
 
 
 def run_apply(p: Problem, *, assignment="auto", poison=True, config=None, batch_invariant=False,

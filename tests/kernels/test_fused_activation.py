@@ -14,7 +14,7 @@ import torch
 
 import kernels
 from kernel_test_support import (ON_GPU, assert_close_to_reference, assert_same_bits, make_problem, raw_bits,
-                                 requires_triton_device, run_apply)
+                                 requires_triton_device, run_apply, zero_lora)
 from moe_validate.spec import Activation
 
 pytestmark = requires_triton_device
@@ -118,16 +118,6 @@ def test_router_weight_on_input():
 # whole 128-column scale groups per program); True refuses such calls before any launch instead of
 # silently not fusing.
 # ---------------------------------------------------------------------------------------------
-def _lora_spec(p):
-    from moe_validate.spec import LoRASpec
-
-    E, N, K = p.w1.shape
-    I = p.w2.shape[2]
-    z = lambda *shape: torch.zeros(*shape, dtype=p.x.dtype, device=p.x.device)  # noqa: E731
-    ids = torch.zeros(p.x.shape[0], dtype=torch.int32, device=p.x.device)
-    return LoRASpec(z(1, E, 2, K), z(1, E, N, 2), z(1, E, 2, I), z(1, E, K, 2), ids, stream="single")
-
-
 def test_auto_fuses_without_lora():
     p = make_problem(seed=107, dtype=torch.bfloat16, activation="gelu", **RAGGED)
     _, ex = run_apply(p)
@@ -136,7 +126,7 @@ def test_auto_fuses_without_lora():
 
 def test_auto_and_true_with_lora():
     p = make_problem(seed=108, dtype=torch.bfloat16, activation="silu", **RAGGED)
-    lora = _lora_spec(p)
+    lora = zero_lora(p)
     ex = kernels.TritonExperts(p.kwargs["quant"], fuse_activation="auto")
     out = torch.empty(p.x.shape, dtype=p.x.dtype, device=p.x.device)
     R, N, I = p.x.shape[0] * 2, p.w1.shape[1], p.w2.shape[2]

@@ -18,9 +18,9 @@ import torch
 
 import kernels
 from kernel_test_support import (DEVICE, ON_GPU, assert_close_to_reference, assert_same_bits, make_problem,
-                                 raw_bits, requires_triton_device, run_apply)
+                                 raw_bits, requires_triton_device, run_apply, zero_lora)
 from kernels.grouped_gemm import invoke_grouped_gemm
-from moe_validate.spec import LoRASpec, QuantScheme
+from moe_validate.spec import QuantScheme
 
 pytestmark = requires_triton_device
 
@@ -190,14 +190,6 @@ def test_invoke_refuses_bad_topk_sum_use(change, needle):
 # Which path runs: auto fuses on the naive assignment without LoRA; True refuses the rest before
 # any launch, naming the reason.
 # ---------------------------------------------------------------------------------------------
-def _lora_spec(p):
-    E, N, K = p.w1.shape
-    I = p.w2.shape[2]
-    z = lambda *shape: torch.zeros(*shape, dtype=p.x.dtype, device=p.x.device)  # noqa: E731
-    ids = torch.zeros(p.x.shape[0], dtype=torch.int32, device=p.x.device)
-    return LoRASpec(z(1, E, 2, K), z(1, E, N, 2), z(1, E, 2, I), z(1, E, K, 2), ids, stream="single")
-
-
 def test_auto_fuses_on_the_naive_path_only():
     naive_by_sparsity = make_problem(seed=408, M=1, K=40, I=32, E=8, topk=2)  # M*topk*4 <= E
     _, ex = run_apply(naive_by_sparsity)
@@ -213,10 +205,10 @@ def test_auto_fuses_on_the_naive_path_only():
 
 def test_lora_keeps_moe_sum_and_true_refuses_it():
     p = make_problem(seed=409, M=1, K=40, I=32, E=8, topk=2)
-    out, ex = run_apply(p, lora=_lora_spec(p))
+    out, ex = run_apply(p, lora=zero_lora(p))
     assert ex.last_assignment == "naive" and ex.last_fused_topk_sum is False
     with pytest.raises(ValueError, match="fuse_topk_sum=True.*LoRA adds its w2 delta into c3 before the sum"):
-        run_apply(p, lora=_lora_spec(p), fuse_topk_sum=True)
+        run_apply(p, lora=zero_lora(p), fuse_topk_sum=True)
     # all-zero adapters add nothing: the moe_sum path's output is the fused path's
     fused, _ = run_apply(p)
     assert_same_bits(out, fused, "output", "LoRA (zero adapters), moe_sum", "no LoRA, fused top-k sum")
