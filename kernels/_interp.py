@@ -30,9 +30,16 @@ gate/up pairs, a permuted or smaller batch) disagree in the last bit on some hos
 makes every floating dot a fixed-order sum: widen both operands exactly to fp32, multiply
 elementwise, add the K products in order (``np.add.accumulate`` is sequential by definition),
 then add the accumulator. Each element is then a function of its own row and column alone.
+
+And one speed-up of it (``_install_patch_once_per_launch``): the interpreter re-patches
+``triton.language`` on every call of a ``@triton.jit`` helper (``inspect.getmembers`` over the whole
+module each time), although the launch already patched the same modules and the patches are
+stateless; inside a launch a helper whose modules the launch covered is not patched again.
 """
 
+import inspect
 import os
+import threading
 
 import numpy as np
 import triton
@@ -88,8 +95,46 @@ def _install_fixed_order_dot() -> None:
     builder_class.create_dot = create_dot
 
 
+_launch_state = threading.local()  # .covered: ids of the language modules the running launch patched
+
+
+def _install_patch_once_per_launch() -> None:
+    from triton.runtime import interpreter
+
+    native_patch, executor = getattr(interpreter, "_patch_lang", None), getattr(interpreter, "GridExecutor", None)
+    if native_patch is None or executor is None or getattr(native_patch, "_once_per_launch", False):
+        return  # another Triton layout: keep its own behaviour (this is a speed-up only)
+    native_launch = executor.__call__
+
+    def language_modules(fn):
+        return {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
+
+    def patch_lang(fn):
+        covered = getattr(_launch_state, "covered", None)
+        modules = language_modules(fn)
+        if covered is not None and modules and modules <= covered:
+            return None  # a helper's call inside a launch: its callers ignore the scope
+        scope = native_patch(fn)
+        if covered is not None:
+            covered |= modules
+        return scope
+
+    def launch(self, *args, **kwargs):
+        outer = getattr(_launch_state, "covered", None)
+        _launch_state.covered = set()
+        try:
+            return native_launch(self, *args, **kwargs)
+        finally:
+            _launch_state.covered = outer
+
+    patch_lang._once_per_launch = True
+    interpreter._patch_lang = patch_lang
+    executor.__call__ = launch
+
+
 if INTERPRETING:
     _install_fixed_order_dot()
+    _install_patch_once_per_launch()
 
 
 @triton.jit
