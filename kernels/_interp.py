@@ -1,7 +1,7 @@
 """The one interpreter shim: in-kernel helpers whose GPU and interpreter forms differ.
 
 Decided at trace time from ``TRITON_INTERPRET`` (``INTERPRETING`` is a constexpr), so the GPU
-build contains only the native path. Facts behind each branch: ``../shared/TRITON_NOTES.md``.
+build contains only the native path. Facts behind each branch: ``docs/TRITON_FACTS.md``.
 
 - ``dot``: the interpreter multiplies raw bits for bf16 ``tl.dot`` (triton issue 11584), so bf16
   operands go through fp32 there; fp32 operands always use IEEE dots (never TF32).
