@@ -14,7 +14,7 @@ import triton.language as tl
 from kernel_test_support import assert_same_bits
 from kernels._interp import add_rn, dot, tanh, to_fp32, to_fp8_e4m3, to_int8, to_storage
 from kernels.activation import activation_fp32
-from moe_validate.spec import SWIGLU_LIMIT
+from moe_validate.contract.spec import SWIGLU_LIMIT
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
