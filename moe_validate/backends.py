@@ -347,6 +347,8 @@ _BUILTIN = {
     "reference": ReferenceBackend,
     # The benchmark peer (moe_validate/peers.py), imported on first use: it needs torch.
     "torch-grouped": lambda: importlib.import_module("moe_validate.peers").TorchGroupedBackend(),
+    # The installed vLLM's TritonExperts (moe_validate/vllm_backend.py); vLLM is imported on first use.
+    "vllm": lambda: importlib.import_module("moe_validate.vllm_backend").VllmBackend(),
 }
 
 
