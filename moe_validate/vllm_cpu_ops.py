@@ -243,8 +243,10 @@ def install(custom_ops, activation_module) -> List[str]:  # noqa: C901 - one bra
     if missing_quant:  # ops.scaled_fp8_quant (vLLM's own wrapper) calls torch.ops._C.<name>
         custom_ops.torch = _TorchOpsHolder(_TorchOpsView(_OpsWithStandIns(torch.ops._C, missing_quant)))
         substituted += [f"_C.{name}" for name in missing_quant]
-    if not torch.cuda.is_available():
-        stand_ins = dict(_ACTIVATIONS)
+    # on a CPU every gated activation (its CPU kernel need not round as CUDA's does); on a GPU only
+    # those missing (vLLM's Python sources carried to a machine without its compiled CUDA ops)
+    stand_ins = {name: op for name, op in _ACTIVATIONS.items() if not torch.cuda.is_available() or not _has_op("_C", name)}
+    if stand_ins:
         activation_module.torch = _TorchOpsHolder(_TorchOpsView(_OpsWithStandIns(torch.ops._C, stand_ins)))
         substituted += [f"_C.{name}" for name in stand_ins]
     return substituted
