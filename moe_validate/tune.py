@@ -228,20 +228,39 @@ def gpu_timer(model, scheme: str, *, routing_sets: int = 8, target_ms: float = 4
     return timer
 
 
+def _record_device_facts(directory: Path, facts) -> None:
+    """Merge ``facts`` (a DeviceFacts) into ``directory/devices.json``: the sibling fallback's data."""
+    from kernels.configs import DEVICES_FILE
+
+    path = directory / DEVICES_FILE
+    doc: Dict[str, Any] = {}
+    if path.exists():
+        doc = json.loads(path.read_text())
+    doc.setdefault("_about", "device facts of the tuned tables beside this file (kernels.configs.DeviceFacts): "
+                             "a GPU with no table of its own borrows the one of the same capability, nearest SM count")
+    doc[facts.name] = facts.to_dict()
+    ordered = {k: doc[k] for k in sorted(doc, key=lambda k: (not k.startswith("_"), k))}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(ordered, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def tune(model, scheme: str, m_list: Sequence[int] = DEFAULT_TUNE_M, *, out_dir: Optional[str] = None,
          device_name: Optional[str] = None, timer: Optional[Callable[[Any, int], float]] = None,
          check: Optional[Callable[[Any], Tuple[bool, str]]] = None, candidates: Optional[List[Any]] = None,
          command: str = "", check_m: Optional[int] = None, gemm2: Optional[bool] = None,
-         log: Callable[[str], None] = lambda s: None) -> Dict[str, Any]:
+         device_facts: Optional[Any] = None, log: Callable[[str], None] = lambda s: None) -> Dict[str, Any]:
     """Tune and write the table; returns {"path", "table", "provenance"}.
 
     Merges into an existing file of the same name in ``out_dir`` (buckets not tuned now are
-    kept). Raises ValueError for bad arguments and RuntimeError when no candidate passes the
+    kept). The device's facts (``device_facts``, a ``kernels.configs.DeviceFacts``; default: the
+    current GPU's when it is the tuned device) go into ``devices.json`` beside the table, so that
+    a sibling GPU without tables of its own can borrow this one's. Raises ValueError for bad arguments and RuntimeError when no candidate passes the
     correctness check.
     """
     import torch
 
-    from kernels.configs import CONFIG_DIR, config_file_name, untuned_config
+    from kernels.configs import CONFIG_DIR, config_file_name, current_device_facts, untuned_config
     from moe_validate.env import capture_env, interpreting
     from moe_validate.spec import QuantScheme
 
@@ -360,4 +379,13 @@ def tune(model, scheme: str, m_list: Sequence[int] = DEFAULT_TUNE_M, *, out_dir:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(ordered, indent=1) + "\n")
     os.replace(tmp, path)
+    if device_facts is None and on_gpu:
+        current = current_device_facts()
+        device_facts = current if current is not None and current.name == device_name else None
+    if device_facts is not None:
+        _record_device_facts(directory, device_facts)
+    from kernels.configs import _load_devices, _load_table
+
+    _load_table.cache_clear()  # this process may have looked these files up before they were written
+    _load_devices.cache_clear()
     return {"path": str(path), "table": table, "provenance": provenance}
