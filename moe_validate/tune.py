@@ -46,7 +46,11 @@ CHECK_M_GPU = 48  # ~24 routes per expert: partial tiles for BLOCK_M 16 .. 128
 # 8 warps, swizzled groups). Configs that exceed shared memory fail to compile and are skipped.
 _REGIMES: Tuple[Tuple[str, float, Tuple[Tuple[int, ...], ...]], ...] = (
     ("decode", 4, ((16, 32, 128, 1, 4, 4), (16, 64, 128, 1, 4, 4), (16, 64, 64, 1, 4, 5),
-                   (16, 128, 128, 1, 4, 3), (16, 64, 256, 1, 4, 3), (16, 32, 256, 1, 4, 3))),
+                   (16, 128, 128, 1, 4, 3), (16, 64, 256, 1, 4, 3), (16, 32, 256, 1, 4, 3),
+                   # More bytes in flight per SM for the H200's 1.4x bandwidth (its first tune,
+                   # 2026-12-02: the deepest K tiles won M=1 and the GEMMs sat at 72-85% of the
+                   # floor): deeper K tiles / more stages; BLOCK_K <= 128 ones for fp8_block128.
+                   (16, 32, 512, 1, 4, 3), (16, 64, 256, 1, 4, 4), (16, 64, 128, 1, 4, 6), (16, 32, 128, 1, 4, 6))),
     ("small", 32, ((16, 64, 128, 1, 4, 4), (16, 128, 128, 1, 4, 3), (32, 64, 128, 1, 4, 4),
                    (32, 128, 64, 1, 4, 4), (64, 64, 128, 1, 4, 3), (64, 128, 64, 1, 8, 4))),
     ("middle", 256, ((64, 128, 64, 1, 8, 4), (64, 128, 128, 8, 4, 3), (64, 256, 64, 8, 8, 3),
