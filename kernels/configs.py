@@ -33,7 +33,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from moe_validate.spec import FP8_BLOCK, QuantScheme
+from moe_validate.contract.spec import FP8_BLOCK, QuantScheme
 
 __all__ = ["KernelConfig", "Gemm2Tiles", "DeviceFacts", "ConfigSource", "select_config", "lookup_config",
            "untuned_config", "batch_invariant_config", "check_config", "config_file_name", "tuned_devices",
