@@ -207,7 +207,7 @@ def test_devices_file_facts_let_a_tuned_device_borrow_for_its_untuned_shapes(tmp
 
 
 def test_device_facts_and_devices_file_are_checked():
-    from kernels.configs import DeviceFacts, _load_devices
+    from kernels.configs import DeviceFacts
 
     with pytest.raises(ValueError, match="DeviceFacts.capability must be"):
         DeviceFacts("x", (9,), 132)
