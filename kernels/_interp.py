@@ -22,12 +22,12 @@ build contains only the native path. Facts behind each branch: ``../shared/TRITO
   which differs from a plain add on subnormals. The interpreter never contracts.
 """
 
-import os
-
 import triton
 import triton.language as tl
 
-INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+from moe_validate.contract.rules import interpreting
+
+INTERPRETING = tl.constexpr(interpreting())
 
 _RNE_MAGIC = 12582912.0  # 1.5 * 2**23
 FP8_E4M3_MAX = tl.constexpr(448.0)
