@@ -317,7 +317,9 @@ def cmd_tune(args) -> int:
     if not pairs:
         raise UsageError(f"--scheme {args.scheme!r} is not a scheme of --model {args.model!r} "
                          f"(schemes per model: {'; '.join(f'{m.name}: {list(m.schemes)}' for m in models)})")
-    if not _has_cuda() or os.environ.get("TRITON_INTERPRET") == "1":
+    from moe_validate.contract.rules import interpreting
+
+    if not _has_cuda() or interpreting():
         raise UsageError("tune needs a CUDA GPU with native Triton (unset TRITON_INTERPRET): timings under the "
                          "interpreter mean nothing")
     from moe_validate.tune import DEFAULT_TUNE_M, tune

@@ -41,7 +41,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from moe_validate.backends import Backend, get_backend
 from moe_validate.devices import (GpuInfo, GpuScheduler, detect_gpus, gpu_budget_bytes, visible_entries,
                                   worker_gpus)
-from moe_validate.env import capture_env, interpreting
+from moe_validate.contract.rules import interpreting
+from moe_validate.env import capture_env
 from moe_validate.results import Outcome, ResultsWriter
 
 __all__ = [

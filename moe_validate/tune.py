@@ -136,14 +136,6 @@ def candidate_grid(scheme, *, on_gpu: bool = True, small: bool = True) -> List[A
     return _configs(shapes, s, on_gpu)
 
 
-def _config_token(cfg) -> str:
-    tok = f"BM{cfg.BLOCK_M}BN{cfg.BLOCK_N}BK{cfg.BLOCK_K}GM{cfg.GROUP_M}W{cfg.num_warps}S{cfg.num_stages}"
-    g2 = getattr(cfg, "gemm2", None)
-    if g2 is not None:
-        tok += f"+g2BN{g2.BLOCK_N}BK{g2.BLOCK_K}GM{g2.GROUP_M}W{g2.num_warps}S{g2.num_stages}"
-    return tok
-
-
 def gemm2_variants(best, scheme, regime: str, *, on_gpu: bool = True) -> List[Any]:
     """``best`` with GEMM2 given each other tile schedule of the regime's grid (BLOCK_M stays
     ``best``'s: both GEMMs share the alignment). GEMM2's N is the hidden size and its K is I,
@@ -172,7 +164,7 @@ def check_candidate(model, scheme: str, cfg, *, check_m: int = CHECK_M_GPU, seed
     from moe_validate.backends import TritonBackend
     from moe_validate.compare import evaluate
     from moe_validate.inputs import make_inputs
-    from moe_validate.matrix import Case
+    from moe_validate.matrix import Case, config_token
     from moe_validate.runner import default_device
 
     case = Case(M=check_m, N=model.N, K=model.K, E=min(model.E, CHECK_E), topk=min(model.topk, CHECK_TOPK),
@@ -199,7 +191,7 @@ def check_candidate(model, scheme: str, cfg, *, check_m: int = CHECK_M_GPU, seed
         ev = evaluate(case, inputs, out)
     except Exception as exc:
         return False, f"CRASH {case.id}: {_first_line(exc)}"
-    label = f"{case.id} with config {_config_token(cfg)}"
+    label = f"{case.id} with config {config_token(cfg)}"
     return ev.passed, f"{'PASS' if ev.passed else 'FAIL'} {label}" + (f": {ev.reason}" if ev.reason else "")
 
 
@@ -270,8 +262,10 @@ def tune(model, scheme: str, m_list: Sequence[int] = DEFAULT_TUNE_M, *, out_dir:
     import torch
 
     from kernels.configs import CONFIG_DIR, config_file_name, current_device_facts, untuned_config
-    from moe_validate.env import capture_env, interpreting
+    from moe_validate.contract.rules import interpreting
     from moe_validate.contract.spec import QuantScheme
+    from moe_validate.env import capture_env
+    from moe_validate.matrix import config_token
 
     s = QuantScheme.parse(scheme, name="--scheme")
     if check_mode not in CHECK_MODES:
@@ -304,7 +298,7 @@ def tune(model, scheme: str, m_list: Sequence[int] = DEFAULT_TUNE_M, *, out_dir:
     checked: Dict[str, Tuple[bool, str]] = {}
 
     def passes_check(cfg) -> bool:
-        tok = _config_token(cfg)
+        tok = config_token(cfg)
         if tok not in checked:
             try:
                 checked[tok] = check(cfg)
@@ -324,7 +318,7 @@ def tune(model, scheme: str, m_list: Sequence[int] = DEFAULT_TUNE_M, *, out_dir:
 
         def time_each(configs, note: str = "") -> None:
             for cfg in configs:
-                tok = _config_token(cfg)
+                tok = config_token(cfg)
                 if tok in checked and not checked[tok][0]:
                     continue  # rejected by the correctness check at an earlier bucket
                 if check_mode == "every" and not passes_check(cfg):
@@ -356,8 +350,8 @@ def tune(model, scheme: str, m_list: Sequence[int] = DEFAULT_TUNE_M, *, out_dir:
             continue
         best_ms, best_cfg = best
         table[M] = best_cfg.to_dict()
-        results[str(M)] = {"regime": regime_of(M, model.E, model.topk), "best": _config_token(best_cfg),
-                           "best_ms": best_ms, "timed": {_config_token(c): t for t, _, c in timings},
+        results[str(M)] = {"regime": regime_of(M, model.E, model.topk), "best": config_token(best_cfg),
+                           "best_ms": best_ms, "timed": {config_token(c): t for t, _, c in timings},
                            "errors": errors}
     if not table:
         raise RuntimeError(f"tune found no usable config: checks {checked}; results {results}")

@@ -7,7 +7,6 @@ GPU timing itself is not exercised here (it needs a device); everything around i
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 from moe_validate import bench
 from moe_validate.bench import ModelShape
+from moe_validate.contract.rules import interpreting
 
 MIXTRAL = bench.MODELS["mixtral-8x7b"]
 DEEPSEEK = bench.MODELS["deepseek-v3"]
@@ -613,7 +613,7 @@ def _no_graph(*args, **kwargs):
     raise RuntimeError("no CUDA graphs on CPU")
 
 
-@pytest.mark.skipif(torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+@pytest.mark.skipif(torch.cuda.is_available() and not interpreting(),
                     reason="fakes CUDA around CPU tensors (interpreter kernels); on a real GPU the bench itself "
                            "runs this branch (scripts/gpu_bench.sh)")
 def test_row_group_plumbing_with_fake_cuda(monkeypatch):
@@ -672,7 +672,7 @@ def test_render_accepts_json_text_and_path(tmp_path):
         render_bench_html(42)
 
 
-@pytest.mark.skipif(torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+@pytest.mark.skipif(torch.cuda.is_available() and not interpreting(),
                     reason="fakes CUDA around CPU tensors (interpreter kernels); on a real GPU the bench itself "
                            "runs this branch (scripts/gpu_bench.sh)")
 def test_run_bench_gpu_branch_with_fake_cuda(monkeypatch, tmp_path):
