@@ -27,12 +27,12 @@ kernel, by ``moe_validate.contract.interpreter.install()``, called at import whe
 the helpers here stay explicit so that our kernels' bits do not depend on those patches.
 """
 
-import os
-
 import triton
 import triton.language as tl
 
-INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+from moe_validate.contract.rules import interpreting
+
+INTERPRETING = tl.constexpr(interpreting())
 
 _RNE_MAGIC = 12582912.0  # 1.5 * 2**23
 FP8_E4M3_MAX = tl.constexpr(448.0)
