@@ -211,6 +211,9 @@ class VllmBackend:
 
     def __init__(self) -> None:
         self.last_config: Optional[dict] = None
+        # results' config_source (kernels.configs.ConfigSource vocabulary): whether vLLM's own tuned
+        # JSON table or its shape default served the launch config
+        self.last_config_source: Optional[dict] = None
 
     @property
     def substituted_ops(self) -> Tuple[str, ...]:
@@ -364,6 +367,7 @@ class VllmBackend:
         w1 = inputs.w1
         if scheme == "int4_w4a16":
             w1 = inputs.w1  # [E, N, K/2] uint8, low nibble = even k: vLLM's WNA16 layout as well
+        self.last_config_source = self._config_source(inputs, quant_config)
         self.last_config = {"vllm": vllm.version, "experts": experts_class.__name__,
                             "moe_config": self._launch_config(vllm, inputs, quant_config, M, topk),
                             "substituted_ops": list(vllm.substituted_ops),
@@ -371,6 +375,22 @@ class VllmBackend:
         out = kernel.apply(hidden, w1, inputs.w2, inputs.topk_weights, inputs.topk_ids, vllm_activation, G,
                            inputs.expert_map, inputs.apply_router_weight_on_input)
         return out
+
+    @staticmethod
+    def _config_source(inputs, quant_config) -> Optional[dict]:
+        """As try_get_optimal_moe_config looks its table up: ``tuned`` with the file name, or ``default``."""
+        from vllm.model_executor.layers.fused_moe.fused_moe import get_config_file_name, get_moe_configs
+
+        E, _, N = inputs.w2.shape
+        dtype = quant_config.config_name(inputs.hidden_states.dtype)
+        N = N * 2 if dtype == "int4_w4a16" else N
+        block = quant_config.block_shape
+        try:
+            table = get_moe_configs(E, N, dtype, block[0] if block else 0, block[1] if block else 0)
+            name = get_config_file_name(E, N, dtype, block)
+        except Exception as exc:  # recording only
+            return {"kind": "unknown", "table": None, "device": None, "error": repr(exc)}
+        return {"kind": "tuned" if table else "default", "table": name if table else None, "device": None}
 
     @staticmethod
     def _launch_config(vllm, inputs, quant_config, M, topk) -> Optional[dict]:

@@ -43,7 +43,11 @@ def test_a_missing_vllm_is_a_skip_with_the_install_recipe(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", missing)
     from moe_validate.matrix import Case
 
-    supported, reason = vllm_backend.VllmBackend().supports(Case(M=2, N=64, K=64, E=4, topk=2))
+    from moe_validate.backends import get_backend
+
+    backend = get_backend("vllm")  # the built-in name; vLLM itself is imported on first use only
+    assert isinstance(backend, vllm_backend.VllmBackend)
+    supported, reason = backend.supports(Case(M=2, N=64, K=64, E=4, topk=2))
     assert not supported and "pip install 'moe-validate[vllm]'" in reason
 
 
