@@ -339,6 +339,10 @@ def _entry_point(name: str):
 
 def _as_backend(obj: Any, spec: str) -> Backend:
     """Instance, class or factory -> a Backend instance (validated)."""
+    if interpreting():  # an outside backend's Triton kernels get the faithful interpreter too
+        from moe_validate.contract import interpreter
+
+        interpreter.install()
     if isinstance(obj, type):
         obj = obj()
     elif callable(obj) and not (hasattr(obj, "run") and hasattr(obj, "supports")):

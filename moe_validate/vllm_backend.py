@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import types
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Tuple
 
 from moe_validate.contract.rules import interpreting
@@ -167,9 +167,8 @@ _VLLM_KEYS = {
     "fp8_tensor_static": ("kFp8StaticTensorSym", "kFp8StaticTensorSym"),
     "fp8_tensor_dynamic": ("kFp8StaticTensorSym", "kFp8DynamicTensorSym"),
     "int8_channel_token": ("kInt8StaticChannelSym", "kInt8DynamicTokenSym"),
-    "int8_w8a16": (None, None),  # weight-only: TritonWNA16Experts (see _experts_class)
-    "int4_w4a16": (None, None),
-}
+}  # the weight-only schemes (TritonWNA16Experts) are keyed in VllmBackend._quant_keys
+WEIGHT_ONLY_SCHEMES = ("int8_w8a16", "int4_w4a16")
 
 
 class _Cuda90:
@@ -241,17 +240,13 @@ class VllmBackend:
         if case.scheme == "fp8_block128" and (case.K % 128 or case.I % 128):
             return (f"fp8_block128: vLLM's per_token_group_quant_fp8 needs K and I divisible by 128 "
                     f"(K={case.K}, I={case.I})")
-        if case.scheme in ("int8_w8a16", "int4_w4a16") and case.bias:
+        if case.scheme in WEIGHT_ONLY_SCHEMES and case.bias:
             return "vLLM's WNA16 Triton kernel (fused_moe_kernel_gptq_awq) takes no bias"
-        if case.scheme == "int8_w8a16":
-            return ("int8_w8a16 (signed int8, per output channel): vLLM's weight-only int8 experts "
-                    "(TritonWNA16Experts, fused_moe_kernel_gptq_awq) read uint8 weights with zero point 128 and "
-                    "group scales [E, N, K/g]; TritonExperts' own table has no (kInt8StaticChannelSym, None)")
         vllm = load_vllm()
         activation = getattr(vllm.activation.MoEActivation, case.act.name, None)
         if activation is None:
             return f"vLLM's MoEActivation has no {case.act.value}"
-        experts_class = self._experts_class(case)
+        experts_class = self._experts_class(case.scheme)
         if not experts_class._supports_activation(activation):
             return f"{experts_class.__name__} does not support activation {case.act.value}"
         weight_key, act_key = self._quant_keys(case)
@@ -278,15 +273,19 @@ class VllmBackend:
             return False, str(exc)
         return (not reason), reason
 
-    def _experts_class(self, case: "Case"):
+    @staticmethod
+    def _experts_class(scheme: str):
+        """vLLM's weight-only experts for int8_w8a16 / int4_w4a16, TritonExperts for the rest."""
         triton_moe = load_vllm().triton_moe
-        return triton_moe.TritonWNA16Experts if case.scheme in ("int8_w8a16", "int4_w4a16") else triton_moe.TritonExperts
+        return triton_moe.TritonWNA16Experts if scheme in WEIGHT_ONLY_SCHEMES else triton_moe.TritonExperts
 
     def _quant_keys(self, case: "Case"):
         quant_utils = load_vllm().quant_utils
         if case.scheme == "int4_w4a16":
             key = {32: "kInt4Static32Asym"}.get(case.group_size, "kInt4StaticAsym")
             return getattr(quant_utils, key), None
+        if case.scheme == "int8_w8a16":
+            return quant_utils.kInt8Static, None  # group scales, any group shape (see _quant_config)
         names = _VLLM_KEYS[case.scheme]
         return tuple(getattr(quant_utils, n) if n else None for n in names)
 
@@ -327,6 +326,14 @@ class VllmBackend:
         if scheme == "int8_channel_token":
             return config.int8_w8a8_moe_quant_config(w1_scale=q.w1_scale, w2_scale=q.w2_scale, a1_scale=None,
                                                      a2_scale=None, per_act_token_quant=True, **bias)
+        if scheme == "int8_w8a16":
+            # vLLM's weight-only int8 (TritonWNA16Experts) is group-quantized uint8 with zero point
+            # 128: a per-channel scale is the same scale repeated over groups of gcd(K, I) columns
+            # (one group size serves both GEMMs), and q + 128 the same weight (_wna16_int8)
+            group = _int8_group_size(inputs)
+            return config.int8_w8a16_moe_quant_config(
+                w1_scale=_repeat_over_groups(q.w1_scale, inputs.w1.shape[2], group),
+                w2_scale=_repeat_over_groups(q.w2_scale, inputs.w2.shape[2], group), block_shape=[0, group])
         if scheme == "int4_w4a16":
             return config.int4_w4a16_moe_quant_config(
                 w1_scale=q.w1_scale, w2_scale=q.w2_scale, w1_zp=_pack_zero_points(q.w1_zp),
@@ -360,19 +367,19 @@ class VllmBackend:
             from dataclasses import replace
 
             quant_config = replace(quant_config, gemm1_clamp_limit=clamp)
-        experts_class = (vllm.triton_moe.TritonWNA16Experts if scheme in ("int8_w8a16", "int4_w4a16")
-                         else vllm.triton_moe.TritonExperts)
+        experts_class = self._experts_class(scheme)
         experts = experts_class(moe_config, quant_config)
         kernel = vllm.mk.FusedMoEKernel(vllm.prepare_finalize(), experts)
-        w1 = inputs.w1
-        if scheme == "int4_w4a16":
-            w1 = inputs.w1  # [E, N, K/2] uint8, low nibble = even k: vLLM's WNA16 layout as well
+        # int4: [E, N, K/2] uint8, low nibble = even k, is vLLM's WNA16 layout as well
+        w1, w2 = inputs.w1, inputs.w2
+        if scheme == "int8_w8a16":
+            w1, w2 = _wna16_int8(w1), _wna16_int8(w2)
         self.last_config_source = self._config_source(inputs, quant_config)
         self.last_config = {"vllm": vllm.version, "experts": experts_class.__name__,
                             "moe_config": self._launch_config(vllm, inputs, quant_config, M, topk),
                             "substituted_ops": list(vllm.substituted_ops),
                             "interpreted_fp32_dot": vllm.fp32_dot}
-        out = kernel.apply(hidden, w1, inputs.w2, inputs.topk_weights, inputs.topk_ids, vllm_activation, G,
+        out = kernel.apply(hidden, w1, w2, inputs.topk_weights, inputs.topk_ids, vllm_activation, G,
                            inputs.expert_map, inputs.apply_router_weight_on_input)
         return out
 
@@ -402,6 +409,24 @@ class VllmBackend:
                                                    block_shape=quant_config.block_shape))
         except Exception as exc:  # recording only: the run itself reports a real failure
             return {"error": repr(exc)}
+
+
+def _int8_group_size(inputs) -> int:
+    import math
+
+    return math.gcd(inputs.w1.shape[2], inputs.w2.shape[2])
+
+
+def _repeat_over_groups(scale, columns: int, group: int):
+    """A per-channel [E, rows] scale as [E, rows, columns // group] group scales (the same value)."""
+    return scale.reshape(scale.shape[0], -1, 1).expand(-1, -1, columns // group).contiguous()
+
+
+def _wna16_int8(w):
+    """Signed int8 weights q as the uint8 q + 128 that vLLM's WNA16 kernel reads (zero point 128)."""
+    import torch
+
+    return (w.to(torch.int16) + 128).to(torch.uint8)
 
 
 def _per_channel(scale, w):

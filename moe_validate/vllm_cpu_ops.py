@@ -101,7 +101,8 @@ def silu_and_mul_per_block_quant(input: torch.Tensor, group_size: int, quant_dty
     if input.dtype not in (torch.float16, torch.bfloat16):
         raise RuntimeError("silu_and_mul_per_block_quant: Input must be FP16 or BF16 (the CUDA op's check)")
     if quant_dtype != torch.float8_e4m3fn:
-        raise NotImplementedError(f"silu_and_mul_per_block_quant stand-in: only float8_e4m3fn output; got {quant_dtype}")
+        raise NotImplementedError(
+            f"silu_and_mul_per_block_quant stand-in: only float8_e4m3fn output; got {quant_dtype}")
     tokens, width = input.shape
     hidden = width // 2
     if hidden % group_size:
@@ -245,7 +246,8 @@ def install(custom_ops, activation_module) -> List[str]:  # noqa: C901 - one bra
         substituted += [f"_C.{name}" for name in missing_quant]
     # on a CPU every gated activation (its CPU kernel need not round as CUDA's does); on a GPU only
     # those missing (vLLM's Python sources carried to a machine without its compiled CUDA ops)
-    stand_ins = {name: op for name, op in _ACTIVATIONS.items() if not torch.cuda.is_available() or not _has_op("_C", name)}
+    on_cpu = not torch.cuda.is_available()
+    stand_ins = {name: op for name, op in _ACTIVATIONS.items() if on_cpu or not _has_op("_C", name)}
     if stand_ins:
         activation_module.torch = _TorchOpsHolder(_TorchOpsView(_OpsWithStandIns(torch.ops._C, stand_ins)))
         substituted += [f"_C.{name}" for name in stand_ins]

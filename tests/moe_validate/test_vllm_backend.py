@@ -198,7 +198,7 @@ def test_gemm_outputs_are_cast_once_to_the_compute_type(vllm):
     (dict(lora="single"), "LoRA"),
     (dict(routing="invalid_ids"), "topk id in [0, global_num_experts)"),
     (dict(scheme="fp8_block128"), "I % 128 == 0"),
-    (dict(scheme="int8_w8a16"), "zero point 128"),
+    (dict(scheme="int4_w4a16", group_size=32, bias=True), "takes no bias"),
 ])
 def test_refusals_carry_their_reason(vllm, overrides, reason):
     from moe_validate.matrix import Case
@@ -212,6 +212,7 @@ def test_refusals_carry_their_reason(vllm, overrides, reason):
     "bf16-none-silu-M7N64K64E4k2-s0",
     "bf16-fp8_tensor_token-silu-M7N64K64E4k2-s6",  # needs the [E] -> [E, N] weight-scale expansion
     "bf16-none-gelu_no_mul-M7N64K64E4k2-s18",
+    "bf16-int8_w8a16-silu-M7N64K64E4k2-s10",  # signed per-channel int8 as vLLM's uint8 group layout
     "bf16-fp8_block128-silu-M4N256K128E2k2-s5",  # the fused silu + fp8 group quantization (I = 128)
 ])
 def test_cases_pass_end_to_end_and_say_what_was_substituted(vllm, case_id):
