@@ -8,8 +8,12 @@ call share ``BLOCK_M``, because they share the routing alignment (padded to ``BL
 runs GEMM1's config, as before.
 
 Lookup order in ``select_config`` (``lookup_config`` also says which one served: ``ConfigSource``):
-  1. a tuned JSON file in ``kernels/configs/`` keyed by (E, N, device name, dtype, block shape)
-     whose top-level keys are token counts M; the entry with the nearest M wins;
+  1. a tuned JSON file keyed by (E, N, device name, dtype, block shape) whose top-level keys are
+     token counts M; the entry with the nearest M wins. Two layouts are read (docs/CONFIGS.md):
+     ours (``config_file_name``: N = GEMM1's N, our field names) and vLLM's
+     (``vllm_config_file_name``: N = I, vLLM's dtype tokens and field names, our extras in a
+     sidecar file vLLM never opens). The folders searched, first hit wins: ``config_dir`` when
+     given, else ``$MOE_VALIDATE_CONFIG_DIR``, ``$VLLM_TUNED_CONFIG_FOLDER``, ``kernels/configs/``;
   2. a GPU with no table of its own for the shape borrows the table of the nearest tuned device
      of the same architecture: same compute capability, then the nearest SM count (ties: by
      name). Tuned devices' facts live beside the tables in ``devices.json`` (``DeviceFacts``),
@@ -38,7 +42,8 @@ from moe_validate.contract.spec import FP8_BLOCK, QuantScheme
 
 __all__ = ["KernelConfig", "Gemm2Tiles", "DeviceFacts", "ConfigSource", "select_config", "lookup_config",
            "untuned_config", "batch_invariant_config", "check_config", "config_file_name", "tuned_devices",
-           "current_device_facts"]
+           "current_device_facts", "config_dirs", "vllm_config_file_name", "vllm_dtype_token", "to_vllm_entry",
+           "from_vllm_entry", "vllm_sidecar_name"]
 
 
 def _from_dict(cls, d, what: str, required):
@@ -66,6 +71,17 @@ class Gemm2Tiles:
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 DEVICES_FILE = "devices.json"  # in the config directory: {device name: {"capability": [9, 0], "sm_count": 132}}
+CONFIG_DIR_ENV = "MOE_VALIDATE_CONFIG_DIR"  # our folder of tables, searched first
+VLLM_CONFIG_DIR_ENV = "VLLM_TUNED_CONFIG_FOLDER"  # vLLM's user folder: tables a vLLM user already tuned
+
+
+def config_dirs(config_dir: Optional[str] = None) -> Tuple[str, ...]:
+    """The folders ``lookup_config`` searches, in order: ``config_dir`` alone when given, else
+    ``$MOE_VALIDATE_CONFIG_DIR`` and ``$VLLM_TUNED_CONFIG_FOLDER`` (when set) before the package's."""
+    if config_dir:
+        return (config_dir,)
+    found = [os.environ.get(CONFIG_DIR_ENV), os.environ.get(VLLM_CONFIG_DIR_ENV), CONFIG_DIR]
+    return tuple(dict.fromkeys(d for d in found if d))
 
 
 @dataclass(frozen=True)
@@ -225,6 +241,76 @@ def config_file_name(E: int, N: int, device_name: str, dtype: torch.dtype, schem
     return name + ".json"
 
 
+# --- vLLM's table layout (docs/CONFIGS.md) ---------------------------------------------------
+# vLLM keys its tables by N = I (w2's K: half our GEMM1 N for gated activations), by its own
+# dtype tokens, and spells the fields BLOCK_SIZE_M ...; its loader turns every top-level key but
+# "triton_version" into an int and passes each entry to its kernel as keyword arguments, so a
+# vLLM-format table carries neither our "_provenance" nor "gemm2": those go to the sidecar.
+VLLM_FIELDS = {"BLOCK_SIZE_M": "BLOCK_M", "BLOCK_SIZE_N": "BLOCK_N", "BLOCK_SIZE_K": "BLOCK_K",
+               "GROUP_SIZE_M": "GROUP_M", "num_warps": "num_warps", "num_stages": "num_stages"}
+VLLM_TABLE_META_KEYS = ("triton_version",)  # top-level keys vLLM's loader drops before int(M)
+# Launch knobs in vLLM's shipped tables that our launcher has no counterpart for (ROCm's
+# waves_per_eu / matrix_instr_nonkdim / kpack, Intel XPU's grf_mode, Triton's num_ctas, SPLIT_K):
+# dropped, so those tables still give their tile shapes (every shipped table reads: a test).
+VLLM_IGNORED_FIELDS = ("waves_per_eu", "matrix_instr_nonkdim", "kpack", "grf_mode", "num_ctas", "SPLIT_K")
+VLLM_SIDECAR_SUFFIX = ".moe_validate.json"  # beside a vLLM-format table: {"_provenance", "gemm2": {M: tiles}}
+
+_VLLM_DTYPE = {
+    QuantScheme.FP8_BLOCK128: "fp8_w8a8", QuantScheme.FP8_CHANNEL_TOKEN: "fp8_w8a8",
+    QuantScheme.FP8_TENSOR_TOKEN: "fp8_w8a8", QuantScheme.FP8_TENSOR_STATIC: "fp8_w8a8",
+    QuantScheme.FP8_TENSOR_DYNAMIC: "fp8_w8a8", QuantScheme.INT8_CHANNEL_TOKEN: "int8_w8a8",
+    QuantScheme.INT8_W8A16: "int8_w8a16", QuantScheme.INT4_W4A16: "int4_w4a16",
+}
+
+
+def vllm_dtype_token(dtype: torch.dtype, scheme) -> Optional[str]:
+    """vLLM's ``dtype=`` token for (storage dtype, scheme): one per weight/activation format
+    (every fp8 granularity is ``fp8_w8a8``), ``float32`` for fp32 and none for bf16/fp16."""
+    scheme = QuantScheme.parse(scheme, "scheme")
+    if scheme.is_quantized:
+        return _VLLM_DTYPE[scheme]
+    return "float32" if dtype == torch.float32 else None
+
+
+def _vllm_device_name(device_name: str) -> str:
+    # vLLM files every H200 variant (e.g. "NVIDIA H200 NVL") under NVIDIA_H200.
+    device = device_name.replace(" ", "_")
+    return "NVIDIA_H200" if "H200" in device.split("_") else device
+
+
+def vllm_config_file_name(E: int, I: int, device_name: str, dtype: torch.dtype, scheme) -> str:
+    """File name vLLM's loader looks for: N is the intermediate size I (w2's K), not GEMM1's N."""
+    scheme = QuantScheme.parse(scheme, "scheme")
+    name = f"E={E},N={I},device_name={_vllm_device_name(device_name)}"
+    token = vllm_dtype_token(dtype, scheme)
+    if token is not None:
+        name += f",dtype={token}"
+    if scheme.block_shape is not None:
+        name += f",block_shape=[{scheme.block_shape[0]},{scheme.block_shape[1]}]"
+    return name + ".json"
+
+
+def vllm_sidecar_name(table_name: str) -> str:
+    """Our extras beside a vLLM-format table; a name vLLM's loader never builds."""
+    return table_name[: -len(".json")] + VLLM_SIDECAR_SUFFIX
+
+
+def to_vllm_entry(config: KernelConfig) -> Dict[str, int]:
+    """One M entry in vLLM's spelling; ``gemm2`` is not representable there (use the sidecar)."""
+    return {theirs: getattr(config, ours) for theirs, ours in VLLM_FIELDS.items()}
+
+
+def from_vllm_entry(entry: Dict, what: str = "vLLM config entry") -> KernelConfig:
+    """A vLLM entry as a KernelConfig; fields of other platforms' kernels are dropped, anything
+    else unknown is an error naming the entry."""
+    if not isinstance(entry, dict):
+        raise TypeError(f"{what} must be a dict; got {type(entry).__name__}")
+    unknown = set(entry) - set(VLLM_FIELDS) - set(VLLM_IGNORED_FIELDS)
+    if unknown:
+        raise ValueError(f"{what} has unknown keys {sorted(unknown)}; expected a subset of {sorted(VLLM_FIELDS)}")
+    return KernelConfig.from_dict({VLLM_FIELDS[k]: v for k, v in entry.items() if k in VLLM_FIELDS})
+
+
 @dataclass(frozen=True)
 class DeviceFacts:
     """What makes two GPUs siblings for the tables: the name the tables are keyed by, the
@@ -274,6 +360,31 @@ def _load_table(path: str) -> Optional[Dict[int, KernelConfig]]:
     return {int(m): KernelConfig.from_dict(c) for m, c in raw.items() if not m.startswith("_")}
 
 
+@functools.lru_cache(maxsize=64)
+def _load_vllm_table(path: str) -> Optional[Dict[int, KernelConfig]]:
+    """A vLLM-format table, with GEMM2 tiles from its sidecar (when there is one) applied per M."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        raw = json.load(f)
+    table = {}
+    for m, entry in raw.items():
+        if m in VLLM_TABLE_META_KEYS:
+            continue
+        if not m.isdigit():
+            raise ValueError(f"{path}: top-level key {m!r} must be a token count M (vLLM's loader would fail on it)")
+        table[int(m)] = from_vllm_entry(entry, f"{path}: entry {m}")
+    sidecar = os.path.join(os.path.dirname(path), vllm_sidecar_name(os.path.basename(path)))
+    if os.path.exists(sidecar):
+        with open(sidecar) as f:
+            gemm2 = json.load(f).get("gemm2", {})
+        for m, tiles in gemm2.items():
+            if int(m) in table:
+                table[int(m)] = replace(table[int(m)], gemm2=Gemm2Tiles(
+                    **_from_dict(Gemm2Tiles, tiles, f"{sidecar}: gemm2 entry {m}", ("BLOCK_N", "BLOCK_K"))))
+    return table
+
+
 @functools.lru_cache(maxsize=16)
 def _load_devices(path: str) -> Dict[str, DeviceFacts]:
     if not os.path.exists(path):
@@ -304,15 +415,16 @@ def _cuda_device_facts(index: int) -> DeviceFacts:
 
 def current_device_facts() -> Optional[DeviceFacts]:
     """The current CUDA device's facts, or None without one (or when interpreting)."""
-    if torch.cuda.is_available() and not _interpreting():
+    if torch.cuda.is_available() and not interpreting():
         return _cuda_device_facts(torch.cuda.current_device())
     return None
 
 
-def _facts_for(device_name: str, config_dir: str) -> Optional[DeviceFacts]:
-    known = _load_devices(os.path.join(config_dir, DEVICES_FILE)).get(device_name)
-    if known is not None:
-        return known
+def _facts_for(device_name: str, directories: Tuple[str, ...]) -> Optional[DeviceFacts]:
+    for directory in directories:
+        known = _load_devices(os.path.join(directory, DEVICES_FILE)).get(device_name)
+        if known is not None:
+            return known
     current = current_device_facts()
     if current is not None and current.name == device_name:
         return current
@@ -325,21 +437,38 @@ def _current_device_name() -> Optional[str]:
     return None
 
 
-def _find_table(E: int, N: int, dtype: torch.dtype, scheme: QuantScheme, device: str,
-                facts: Optional[DeviceFacts], config_dir: str):
+def _device_table(E: int, N: int, I: Optional[int], dtype: torch.dtype, scheme: QuantScheme, device: str,
+                  directories: Tuple[str, ...]):
+    """(table, file name) of ``device``'s table in the first folder holding one, ours before
+    vLLM's layout within a folder (vLLM's only when I is known); else (None, None)."""
+    ours = config_file_name(E, N, device, dtype, scheme)
+    theirs = vllm_config_file_name(E, I, device, dtype, scheme) if I is not None else None
+    for directory in directories:
+        table = _load_table(os.path.join(directory, ours))
+        if table:
+            return table, ours
+        if theirs is not None:
+            table = _load_vllm_table(os.path.join(directory, theirs))
+            if table:
+                return table, theirs
+    return None, None
+
+
+def _find_table(E: int, N: int, I: Optional[int], dtype: torch.dtype, scheme: QuantScheme, device: str,
+                facts: Optional[DeviceFacts], directories: Tuple[str, ...]):
     """(table, ConfigSource) of the device's own table, else of its nearest sibling, else (None, None)."""
-    name = config_file_name(E, N, device, dtype, scheme)
-    table = _load_table(os.path.join(config_dir, name))
+    table, name = _device_table(E, N, I, dtype, scheme, device, directories)
     if table:
         return table, ConfigSource("tuned", name, device)
     if facts is None:
         return None, None  # unknown architecture: no sibling can be trusted
-    siblings = sorted((abs(other.sm_count - facts.sm_count), other.name)
-                      for other in _load_devices(os.path.join(config_dir, DEVICES_FILE)).values()
+    known: Dict[str, DeviceFacts] = {}
+    for directory in reversed(directories):  # an earlier folder's facts win
+        known.update(_load_devices(os.path.join(directory, DEVICES_FILE)))
+    siblings = sorted((abs(other.sm_count - facts.sm_count), other.name) for other in known.values()
                       if other.name != device and other.capability == facts.capability)
     for _, other in siblings:
-        name = config_file_name(E, N, other, dtype, scheme)
-        table = _load_table(os.path.join(config_dir, name))
+        table, name = _device_table(E, N, I, dtype, scheme, other, directories)
         if table:
             return table, ConfigSource("sibling", name, other)
     return None, None
@@ -348,20 +477,23 @@ def _find_table(E: int, N: int, dtype: torch.dtype, scheme: QuantScheme, device:
 def lookup_config(M: int, E: int, N: int, K: int, topk: int, dtype: torch.dtype,
                   scheme=QuantScheme.NONE, device_name: Optional[str] = None, *,
                   group_size: Optional[int] = None, config_dir: Optional[str] = None,
-                  device_facts: Optional[DeviceFacts] = None) -> Tuple[KernelConfig, ConfigSource]:
+                  device_facts: Optional[DeviceFacts] = None,
+                  intermediate_size: Optional[int] = None) -> Tuple[KernelConfig, ConfigSource]:
     """``select_config``'s config and the ``ConfigSource`` that served it.
 
     The device is ``device_name`` (default: ``device_facts``' name, else the current GPU's);
     its facts for the sibling fallback are ``device_facts``, else its ``devices.json`` entry,
-    else the current GPU's properties when the names match."""
+    else the current GPU's properties when the names match. ``intermediate_size`` (I, w2's K)
+    is what vLLM's tables are keyed by; without it only our layout is searched. ``config_dir``
+    replaces the folders of ``config_dirs()``."""
     scheme = QuantScheme.parse(scheme)
     if device_facts is not None and not isinstance(device_facts, DeviceFacts):
         raise TypeError(f"device_facts must be a kernels.configs.DeviceFacts or None; got {type(device_facts).__name__}")
     device_name = device_name or (device_facts.name if device_facts is not None else _current_device_name())
     if device_name is not None:
-        directory = config_dir or CONFIG_DIR
-        facts = device_facts if device_facts is not None else _facts_for(device_name, directory)
-        table, source = _find_table(E, N, dtype, scheme, device_name, facts, directory)
+        directories = config_dirs(config_dir)
+        facts = device_facts if device_facts is not None else _facts_for(device_name, directories)
+        table, source = _find_table(E, N, intermediate_size, dtype, scheme, device_name, facts, directories)
         if table:
             nearest = min(table, key=lambda m: (abs(m - M), m))
             return table[nearest], source
@@ -371,11 +503,13 @@ def lookup_config(M: int, E: int, N: int, K: int, topk: int, dtype: torch.dtype,
 def select_config(M: int, E: int, N: int, K: int, topk: int, dtype: torch.dtype,
                   scheme=QuantScheme.NONE, device_name: Optional[str] = None, *,
                   group_size: Optional[int] = None, config_dir: Optional[str] = None,
-                  device_facts: Optional[DeviceFacts] = None) -> KernelConfig:
+                  device_facts: Optional[DeviceFacts] = None,
+                  intermediate_size: Optional[int] = None) -> KernelConfig:
     """The launch config for one call: the device's tuned table (nearest M), else its nearest
     sibling's, else a default (``lookup_config`` also says which)."""
     return lookup_config(M, E, N, K, topk, dtype, scheme, device_name, group_size=group_size,
-                         config_dir=config_dir, device_facts=device_facts)[0]
+                         config_dir=config_dir, device_facts=device_facts,
+                         intermediate_size=intermediate_size)[0]
 
 
 def untuned_config(M: int, E: int, N: int, K: int, topk: int, dtype: torch.dtype,

@@ -140,7 +140,7 @@ def _scheme_supported(scheme: QuantScheme, capability: Optional[Tuple[int, int]]
 
 
 def _resolve_config(config, M, E, N, K, topk, dtype, scheme, group_size,
-                    batch_invariant) -> Tuple[KernelConfig, ConfigSource]:
+                    batch_invariant, I: Optional[int] = None) -> Tuple[KernelConfig, ConfigSource]:
     if config is not None:
         if isinstance(config, dict):
             config = KernelConfig.from_dict(config)
@@ -150,7 +150,7 @@ def _resolve_config(config, M, E, N, K, topk, dtype, scheme, group_size,
     elif batch_invariant:
         config, source = batch_invariant_config(dtype, scheme, group_size), ConfigSource("batch_invariant")
     else:
-        config, source = lookup_config(M, E, N, K, topk, dtype, scheme, group_size=group_size)
+        config, source = lookup_config(M, E, N, K, topk, dtype, scheme, group_size=group_size, intermediate_size=I)
     check_config(config, scheme, group_size)
     return config, source
 
@@ -320,7 +320,7 @@ class TritonExperts:
                               quant=self.quant_config, expert_map=expert_map, global_num_experts=global_num_experts,
                               apply_router_weight_on_input=apply_router_weight_on_input, lora=lora)
         config, _ = _resolve_config(config, shape.M, shape.E, shape.N, shape.K, shape.topk, shape.storage_dtype,
-                                    shape.scheme, self.quant_config.group_size, batch_invariant)
+                                    shape.scheme, self.quant_config.group_size, batch_invariant, shape.I)
         device = hidden_states.device
         own = PathSwitches(self.assignment, self.fuse_activation, self.fuse_topk_sum)
 
@@ -403,7 +403,7 @@ class TritonExperts:
             raise ValueError(f"output must be a [M, K] = {(M, K)} tensor of the storage dtype {S}; got "
                              f"{getattr(output, 'dtype', None)} {tuple(getattr(output, 'shape', ()))}")
         config, self.last_config_source = _resolve_config(config, M, E, N, K, topk, S, scheme, quant.group_size,
-                                                          batch_invariant)
+                                                          batch_invariant, I)
         self.last_config = config
         clamp = quant.gemm1_clamp_limit
         fused_silu_quant = fused_silu_fp8_group(shape.activation, scheme, clamp, lora is not None)

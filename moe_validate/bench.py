@@ -717,7 +717,8 @@ def _bench_row_group(model, scheme, M, backends, weights, ceilings, args, log) -
 
                 from kernels.configs import lookup_config
 
-                config, source = lookup_config(M, model.E, model.N, model.K, model.topk, torch.bfloat16, scheme)
+                config, source = lookup_config(M, model.E, model.N, model.K, model.topk, torch.bfloat16, scheme,
+                                               intermediate_size=model.I)
                 row["config"], row["config_source"] = config.to_dict(), source.to_dict()
                 timed[b] = _Timed(b, call, sets, use_graph=True)
             elif b == "torch-grouped":

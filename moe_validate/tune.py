@@ -19,7 +19,10 @@ pick one. Correctness does not depend on M: each distinct config is checked once
 the next fastest if it fails: one check per distinct winner, for a quick re-tune of a grid that
 was checked before. Either way only checked configs are written, into a JSON file named and laid
 out exactly as ``kernels/configs.py`` reads it (``config_file_name(E, N, device, dtype, scheme)``,
-top-level keys = M, plus ``_provenance``, which records the mode).
+top-level keys = M, plus ``_provenance``, which records the mode). ``table_format="vllm"``
+(``tune --format vllm``) writes vLLM's layout instead (``vllm_config_file_name``: N = I, vLLM's
+dtype tokens and field names, ``triton_version`` the only other key), which vLLM's loader reads
+as it is; the provenance and GEMM2 tiles go to the sidecar beside it (docs/CONFIGS.md).
 
 Everything is injectable for tests: ``timer(config, M) -> ms`` and ``check(config) -> (ok, why)``.
 """
@@ -38,6 +41,7 @@ from moe_validate.bench import _first_line
 __all__ = ["candidate_grid", "regime_candidates", "regime_of", "tune", "DEFAULT_TUNE_M", "CHECK_E", "CHECK_TOPK"]
 
 DEFAULT_TUNE_M: Tuple[int, ...] = (1, 16, 64, 256, 1024, 4096, 16384)
+TABLE_FORMATS = ("moe_validate", "vllm")  # ours (GEMM2 tiles and provenance inline) or vLLM's + a sidecar
 CHECK_MODES = ("every", "winners")  # what tune checks against the reference: each candidate before timing, or winners
 CHECK_E = 4  # experts in the correctness case: enough for several groups, cheap for the reference
 CHECK_TOPK = 2
@@ -245,11 +249,67 @@ def _record_device_facts(directory: Path, facts) -> None:
     os.replace(tmp, path)
 
 
+def _write_json(path: Path, doc: Dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    """An earlier table to merge into; an unreadable one is replaced, not merged."""
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_own_table(path: Path, table: Dict[int, Dict[str, int]], provenance: Dict[str, Any]) -> Path:
+    """Our layout: M entries (with ``gemm2`` when tuned) and ``_provenance`` in one file."""
+    old = _read_json(path)
+    merged = {k: v for k, v in old.items() if not k.startswith("_")}
+    if "_provenance" in old:
+        provenance["previous_provenance"] = old["_provenance"]
+    merged.update({str(m): cfg for m, cfg in table.items()})
+    ordered: Dict[str, Any] = {"_provenance": provenance}
+    ordered.update({k: merged[k] for k in sorted(merged, key=int)})
+    _write_json(path, ordered)
+    return path
+
+
+def _write_vllm_table(directory: Path, model, device_name: str, dtype, scheme, table: Dict[int, Dict[str, int]],
+                      provenance: Dict[str, Any], triton_version: Optional[str]) -> Path:
+    """vLLM's layout: only M entries in vLLM's field names (and ``triton_version``, which its loader
+    drops), since vLLM turns every other top-level key into an int and passes each entry to its
+    kernel as keyword arguments; our provenance and GEMM2 tiles go to the sidecar."""
+    from kernels.configs import KernelConfig, to_vllm_entry, vllm_config_file_name, vllm_sidecar_name
+
+    name = vllm_config_file_name(model.E, model.I, device_name, dtype, scheme)
+    path, sidecar_path = directory / name, directory / vllm_sidecar_name(name)
+    old, old_sidecar = _read_json(path), _read_json(sidecar_path)
+    entries = {k: v for k, v in old.items() if k.isdigit()}
+    gemm2 = dict(old_sidecar.get("gemm2", {}))
+    for m, cfg in table.items():
+        kc = KernelConfig.from_dict(cfg)
+        entries[str(m)] = to_vllm_entry(kc)
+        if kc.gemm2 is not None:
+            gemm2[str(m)] = cfg["gemm2"]
+        else:
+            gemm2.pop(str(m), None)  # a re-tuned bucket drops the old bucket's GEMM2 tiles
+    doc: Dict[str, Any] = {"triton_version": triton_version} if triton_version else {}
+    doc.update({k: entries[k] for k in sorted(entries, key=int)})
+    if "_provenance" in old_sidecar:
+        provenance["previous_provenance"] = old_sidecar["_provenance"]
+    _write_json(path, doc)
+    _write_json(sidecar_path, {"_provenance": provenance, "table": name,
+                               "gemm2": {k: gemm2[k] for k in sorted(gemm2, key=int)}})
+    return path
+
+
 def tune(model, scheme: str, m_list: Sequence[int] = DEFAULT_TUNE_M, *, out_dir: Optional[str] = None,
          device_name: Optional[str] = None, timer: Optional[Callable[[Any, int], float]] = None,
          check: Optional[Callable[[Any], Tuple[bool, str]]] = None, candidates: Optional[List[Any]] = None,
          command: str = "", check_m: Optional[int] = None, gemm2: Optional[bool] = None,
-         device_facts: Optional[Any] = None, check_mode: str = "every",
+         device_facts: Optional[Any] = None, check_mode: str = "every", table_format: str = "moe_validate",
          log: Callable[[str], None] = lambda s: None) -> Dict[str, Any]:
     """Tune and write the table; returns {"path", "table", "provenance"}.
 
@@ -268,6 +328,8 @@ def tune(model, scheme: str, m_list: Sequence[int] = DEFAULT_TUNE_M, *, out_dir:
     from moe_validate.matrix import config_token
 
     s = QuantScheme.parse(scheme, name="--scheme")
+    if table_format not in TABLE_FORMATS:
+        raise ValueError(f"table_format must be one of {list(TABLE_FORMATS)}; got {table_format!r}")
     if check_mode not in CHECK_MODES:
         raise ValueError(f"check_mode must be one of {list(CHECK_MODES)}; got {check_mode!r}")
     if not m_list or any((not isinstance(m, int)) or m < 1 for m in m_list):
@@ -378,29 +440,18 @@ def tune(model, scheme: str, m_list: Sequence[int] = DEFAULT_TUNE_M, *, out_dir:
     directory = Path(out_dir) if out_dir else Path(CONFIG_DIR)
     directory.mkdir(parents=True, exist_ok=True)
     dtype = torch.bfloat16  # the storage dtype S the kernels look the table up with
-    path = directory / config_file_name(model.E, model.N, device_name, dtype, s)
-    merged: Dict[str, Any] = {}
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-            merged.update({k: v for k, v in old.items() if not k.startswith("_")})
-            if "_provenance" in old:
-                provenance["previous_provenance"] = old["_provenance"]
-        except (OSError, ValueError):
-            pass
-    merged.update({str(m): cfg for m, cfg in table.items()})
-    ordered = {"_provenance": provenance}
-    ordered.update({k: merged[k] for k in sorted(merged, key=int)})
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(ordered, indent=1) + "\n")
-    os.replace(tmp, path)
+    if table_format == "vllm":
+        path = _write_vllm_table(directory, model, device_name, dtype, s, table, provenance, env.get("triton"))
+    else:
+        path = _write_own_table(directory / config_file_name(model.E, model.N, device_name, dtype, s), table,
+                                provenance)
     if device_facts is None and on_gpu:
         current = current_device_facts()
         device_facts = current if current is not None and current.name == device_name else None
     if device_facts is not None:
         _record_device_facts(directory, device_facts)
-    from kernels.configs import _load_devices, _load_table
+    from kernels.configs import _load_devices, _load_table, _load_vllm_table
 
-    _load_table.cache_clear()  # this process may have looked these files up before they were written
-    _load_devices.cache_clear()
+    for cached in (_load_table, _load_vllm_table, _load_devices):
+        cached.cache_clear()  # this process may have looked these files up before they were written
     return {"path": str(path), "table": table, "provenance": provenance}

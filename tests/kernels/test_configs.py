@@ -269,3 +269,175 @@ def test_tune_records_the_device_facts_beside_the_table(tmp_path):
     assert set(tuned_devices(str(tmp_path))) == {"Fake H SXM", "Fake H200"}
     cfg, source = _lookup(tmp_path, facts=DeviceFacts("Fake H200 NVL", (9, 0), 132))
     assert source.kind == "sibling" and cfg == only
+
+
+# --- vLLM's table layout ------------------------------------------------------------------------
+_VLLM_PYTHON = "/work/venv-vllm/bin/python"  # a venv with vLLM installed, when this machine has one
+_VLLM_CONFIGS = "/work/venv-vllm/lib/python3.11/site-packages/vllm/model_executor/layers/fused_moe/configs"
+
+
+def _vllm_entry(block_m):
+    return {"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 8, "num_warps": 4,
+            "num_stages": 3}
+
+
+def test_vllm_file_name_keys_by_i_and_vllm_dtype_tokens():
+    from kernels.configs import vllm_config_file_name, vllm_dtype_token
+
+    # Mixtral 8x7B: our N = 2I = 28672, vLLM's N = I = 14336.
+    assert vllm_config_file_name(8, 14336, "NVIDIA H100 80GB HBM3", torch.bfloat16, "fp8_tensor_token") == \
+        "E=8,N=14336,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8.json"
+    assert vllm_config_file_name(256, 2048, "NVIDIA H200", torch.bfloat16, "fp8_block128") == \
+        "E=256,N=2048,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"
+    assert vllm_config_file_name(8, 14336, "NVIDIA H100", torch.bfloat16, "none") == \
+        "E=8,N=14336,device_name=NVIDIA_H100.json"  # bf16/fp16 activations: no dtype token
+    assert vllm_config_file_name(8, 14336, "NVIDIA H200 NVL", torch.float16, "none") == \
+        "E=8,N=14336,device_name=NVIDIA_H200.json"  # vLLM files the H200 family under one name
+    assert {s.value: vllm_dtype_token(torch.bfloat16, s) for s in QuantScheme} == {
+        "none": None, "fp8_block128": "fp8_w8a8", "fp8_channel_token": "fp8_w8a8", "fp8_tensor_token": "fp8_w8a8",
+        "fp8_tensor_static": "fp8_w8a8", "fp8_tensor_dynamic": "fp8_w8a8", "int8_channel_token": "int8_w8a8",
+        "int8_w8a16": "int8_w8a16", "int4_w4a16": "int4_w4a16"}
+    assert vllm_dtype_token(torch.float32, "none") == "float32"
+
+
+def test_lookup_reads_a_vllm_table_with_its_sidecar(tmp_path):
+    """A vLLM-format table for the same shape and device serves once I is known; its sidecar's
+    GEMM2 tiles apply to their bucket; our own layout wins in the same folder."""
+    from kernels.configs import (ConfigSource, Gemm2Tiles, _load_table, lookup_config, vllm_config_file_name,
+                                 vllm_sidecar_name)
+
+    name = vllm_config_file_name(8, 128, "NVIDIA H100", torch.bfloat16, "fp8_block128")
+    (tmp_path / name).write_text(json.dumps({"triton_version": "3.5.0", "1": _vllm_entry(16),
+                                             "256": _vllm_entry(64)}))
+    (tmp_path / vllm_sidecar_name(name)).write_text(json.dumps(
+        {"_provenance": "test", "gemm2": {"256": {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8}}}))
+
+    def look(M, **kw):
+        return lookup_config(M, 8, 256, 512, 2, torch.bfloat16, "fp8_block128", "NVIDIA H100",
+                             config_dir=str(tmp_path), **kw)
+
+    cfg, source = look(2, intermediate_size=128)
+    assert source == ConfigSource("tuned", name, "NVIDIA H100")
+    assert cfg == KernelConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
+    assert look(300, intermediate_size=128)[0].gemm2 == Gemm2Tiles(BLOCK_N=128, BLOCK_K=64, num_warps=8)
+    assert look(2)[1].kind == "default"  # without I the vLLM name cannot be built
+    ours = config_file_name(8, 256, "NVIDIA H100", torch.bfloat16, "fp8_block128")
+    (tmp_path / ours).write_text(json.dumps({"1": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64)}))
+    _load_table.cache_clear()  # the lookups above cached "no file" for this name
+    assert look(2, intermediate_size=128) == (KernelConfig(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64),
+                                              ConfigSource("tuned", ours, "NVIDIA H100"))
+
+
+def test_config_folder_environment_variables_come_before_the_package(tmp_path, monkeypatch):
+    from kernels.configs import CONFIG_DIR, config_dirs, lookup_config, vllm_config_file_name
+
+    ours, theirs = tmp_path / "ours", tmp_path / "vllm"
+    ours.mkdir(), theirs.mkdir()
+    monkeypatch.delenv("MOE_VALIDATE_CONFIG_DIR", raising=False)
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(theirs))
+    (theirs / vllm_config_file_name(8, 128, "NVIDIA H100", torch.bfloat16, "none")).write_text(
+        json.dumps({"16": _vllm_entry(16)}))
+    look = lambda: lookup_config(16, 8, 256, 128, 2, torch.bfloat16, "none", "NVIDIA H100", intermediate_size=128)
+    assert look()[0].BLOCK_M == 16 and look()[1].kind == "tuned"
+    monkeypatch.setenv("MOE_VALIDATE_CONFIG_DIR", str(ours))
+    assert config_dirs() == (str(ours), str(theirs), CONFIG_DIR)
+    assert config_dirs(str(tmp_path)) == (str(tmp_path),)  # an explicit folder replaces the search
+    (ours / config_file_name(8, 256, "NVIDIA H100", torch.bfloat16, "none")).write_text(
+        json.dumps({"16": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)}))
+    assert look()[0].BLOCK_M == 64  # the first folder holding a table for the device wins
+
+
+def test_malformed_vllm_tables_name_the_file_and_key(tmp_path):
+    from kernels.configs import _load_vllm_table, from_vllm_entry
+
+    path = tmp_path / "E=8,N=128,device_name=X.json"
+    path.write_text(json.dumps({"_provenance": "ours", "16": _vllm_entry(16)}))
+    with pytest.raises(ValueError, match=r"E=8,N=128,device_name=X.json: top-level key '_provenance'"):
+        _load_vllm_table(str(path))
+    with pytest.raises(ValueError, match=r"unknown keys \['BLOCK_M'\]"):
+        from_vllm_entry({**_vllm_entry(16), "BLOCK_M": 16})
+    with pytest.raises(ValueError, match="must give"):
+        from_vllm_entry({"BLOCK_SIZE_M": 16})
+    # other platforms' knobs (ROCm) have no counterpart here and are dropped
+    assert from_vllm_entry({**_vllm_entry(16), "waves_per_eu": 0, "kpack": 2}).BLOCK_M == 16
+
+
+def _tune_vllm(tmp_path, device="Fake GPU", **kw):
+    from kernels.configs import Gemm2Tiles
+    from moe_validate.bench import ModelShape
+    from moe_validate.tune import tune
+
+    tiny = ModelShape("tiny", E=8, topk=2, K=128, I=64)  # silu: our N = 128, vLLM's N = I = 64
+    split = KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_stages=1,
+                         gemm2=Gemm2Tiles(BLOCK_N=64, BLOCK_K=16, num_warps=2, num_stages=1))
+    result = tune(tiny, "fp8_tensor_token", [1, 64], out_dir=str(tmp_path), device_name=device,
+                  timer=lambda cfg, M: 1.0, check=lambda cfg: (True, "ok"), candidates=[split],
+                  table_format="vllm", command="moe-validate tune test", **kw)
+    return result, split
+
+
+def test_tune_format_vllm_writes_vllms_layout_and_a_sidecar(tmp_path):
+    """The table holds only M entries in vLLM's spelling (and triton_version, which vLLM's loader
+    drops); provenance and GEMM2 tiles sit in the sidecar; our lookup reads both back."""
+    from pathlib import Path
+
+    from kernels.configs import VLLM_FIELDS, lookup_config, vllm_sidecar_name
+
+    result, split = _tune_vllm(tmp_path)
+    path = Path(result["path"])
+    assert path.name == "E=8,N=64,device_name=Fake_GPU,dtype=fp8_w8a8.json"
+    raw = json.loads(path.read_text())
+    assert set(raw) - {"triton_version"} == {"1", "64"}
+    assert all(set(entry) == set(VLLM_FIELDS) for k, entry in raw.items() if k != "triton_version")
+    assert raw["1"] == {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1,
+                        "num_warps": 4, "num_stages": 1}
+    sidecar = json.loads((tmp_path / vllm_sidecar_name(path.name)).read_text())
+    assert sidecar["_provenance"]["command"] == "moe-validate tune test"
+    assert sidecar["gemm2"]["64"] == split.gemm2.__dict__
+    cfg, source = lookup_config(64, 8, 128, 128, 2, torch.bfloat16, "fp8_tensor_token", "Fake GPU",
+                                config_dir=str(tmp_path), intermediate_size=64)
+    assert cfg == split and source.table == path.name
+
+
+def test_tune_format_vllm_table_loads_through_vllms_own_loader(tmp_path):
+    """vLLM's get_moe_configs (its loader, in a venv with vLLM) finds the written file by the name
+    it builds itself for (E, I, dtype) and returns our buckets as it would its own tables."""
+    import os
+    import subprocess
+
+    if not os.path.exists(_VLLM_PYTHON):
+        pytest.skip(f"vLLM is not installed here ({_VLLM_PYTHON} missing); the layout is pinned by "
+                    "test_tune_format_vllm_writes_vllms_layout_and_a_sidecar")
+    _tune_vllm(tmp_path, device="NVIDIA H200")
+    # vLLM derives the device name from the current platform (cpu here): pin it to the tuned one.
+    probe = ("import json, vllm.model_executor.layers.fused_moe.fused_moe as f\n"
+             "f.get_device_name_as_file_name = lambda: 'NVIDIA_H200'\n"
+             "print('RESULT', json.dumps(f.get_moe_configs(8, 64, 'fp8_w8a8')))\n")
+    env = {**os.environ, "VLLM_TUNED_CONFIG_FOLDER": str(tmp_path), "PYTHONPATH": ""}
+    run = subprocess.run([_VLLM_PYTHON, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.split("RESULT ", 1)[1])
+    written = json.loads((tmp_path / "E=8,N=64,device_name=NVIDIA_H200,dtype=fp8_w8a8.json").read_text())
+    assert got == {k: v for k, v in written.items() if k != "triton_version"}
+
+
+def test_every_table_vllm_ships_is_read(tmp_path):
+    """Our reader takes vLLM's own shipped tables as they are (field names, ROCm knobs, keys); the
+    ",backend=..." tables belong to other kernels (other field names) and are never looked up."""
+    import glob
+    import os
+
+    from kernels.configs import _load_vllm_table
+
+    files = [f for f in glob.glob(os.path.join(_VLLM_CONFIGS, "E=*.json")) if ",backend=" not in f]
+    if not files:
+        pytest.skip(f"vLLM's shipped tables are not here ({_VLLM_CONFIGS})")
+    unread = {}
+    for path in files:
+        try:
+            table = _load_vllm_table(path)
+        except ValueError as exc:
+            unread[os.path.basename(path)] = str(exc)
+            continue
+        assert table and all(isinstance(c, KernelConfig) for c in table.values()), path
+    assert not unread, f"{len(unread)} of {len(files)} shipped tables unread: {unread}"
