@@ -784,6 +784,7 @@ def default_suite(has_cuda: bool) -> str:
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(Case))
+_FIELD_TYPES = {f.name: str(f.type) for f in fields(Case)}  # annotations are strings here (postponed evaluation)
 
 
 def _value_matches(actual, text: str) -> bool:
@@ -804,23 +805,157 @@ def _value_matches(actual, text: str) -> bool:
     return fnmatch.fnmatchcase(str(actual), text)
 
 
-def filter_cases(cases: Iterable[Case], expr: str) -> List[Case]:
-    """Cases matching every comma-separated term of ``expr``.
+# Axes whose values form a closed set: a value (or glob) matching none of them is a typo, not "0 cases".
+_CLOSED_AXES: Dict[str, Tuple[str, ...]] = {
+    "dtype": DTYPES, "scheme": tuple(s.value for s in QuantScheme), "activation": tuple(a.value for a in Activation),
+    "lora": LORA_MODES, "expert_map": EXPERT_MAPS, "routing": ROUTINGS, "data": DATAS,
+}
+_BOOL_WORDS = ("true", "false", "1", "0", "yes", "no")
+_NONE_WORDS = ("none", "null")
+FILTER_SYNTAX = ("terms are axis=value, axis!=value (value may be a glob: scheme=fp8_*) or a glob on the case id; "
+                 "combine with 'not', 'and', 'or' and parentheses; a comma is a lower-precedence 'and' "
+                 "(a, b or c means a and (b or c))")
+_FILTER_TOKEN = re.compile(r"\s*(?:(?P<punct>[(),])|(?P<atom>[A-Za-z_]\w*\s*!?=\s*[^\s(),]*)|(?P<word>[^\s(),]+))")
+_ATOM = re.compile(r"(?P<axis>[A-Za-z_]\w*)\s*(?P<op>!?=)\s*(?P<value>.*)")
 
-    A term is ``axis=value`` (value may be a glob for string axes, e.g. ``scheme=fp8_*``) or a
-    glob on the case id (``*lora_dual*``). An empty ``expr`` keeps everything.
+
+def _check_filter_value(axis: str, value: str, term: str) -> None:
+    """Raise ValueError when ``value`` can match no case on ``axis``, naming what it could be."""
+    kind = _FIELD_TYPES[axis]
+    where = f"in filter term {term!r}"
+    if value.lower() in _NONE_WORDS and kind.startswith("Optional"):
+        return
+    if kind == "bool":
+        if value.lower() not in _BOOL_WORDS:
+            raise ValueError(f"filter value for {axis} must be one of {', '.join(_BOOL_WORDS)}; got {value!r} {where}")
+    elif kind.endswith("int]") or kind == "int":
+        try:
+            int(value)
+        except ValueError:
+            extra = " or none" if kind.startswith("Optional") else ""
+            raise ValueError(f"filter value for {axis} must be an integer{extra}; got {value!r} {where}") from None
+    elif kind.endswith("float]") or kind == "float":
+        try:
+            float(value)
+        except ValueError:
+            raise ValueError(f"filter value for {axis} must be a number or none; got {value!r} {where}") from None
+    elif axis in _CLOSED_AXES and not any(fnmatch.fnmatchcase(v, value) for v in _CLOSED_AXES[axis]):
+        raise ValueError(f"filter value for {axis} must be one of {', '.join(_CLOSED_AXES[axis])} (or a glob "
+                         f"matching one); got {value!r} {where}")
+
+
+class _FilterParser:
+    """Recursive descent over ``filter := expr ("," expr)*; expr := conj ("or" conj)*;
+    conj := unary ("and" unary)*; unary := "not" unary | "(" expr ")" | term``. Each rule
+    returns a predicate on a Case."""
+
+    def __init__(self, expr: str):
+        self.expr = expr
+        self.tokens: List[Tuple[str, str]] = []
+        pos, end = 0, len(expr.rstrip())
+        while pos < end:
+            m = _FILTER_TOKEN.match(expr, pos)
+            kind = m.lastgroup
+            text = m.group(kind).strip()
+            if kind == "word" and text.lower() in ("and", "or", "not"):
+                kind = text.lower()
+            self.tokens.append((kind, text))
+            pos = m.end()
+        self.i = 0
+
+    def _error(self, what: str) -> ValueError:
+        at = repr(self.tokens[self.i][1]) if self.i < len(self.tokens) else "the end"
+        return ValueError(f"malformed filter {self.expr!r}: {what} at {at}; {FILTER_SYNTAX}; "
+                          f"axes: {', '.join(_FIELD_NAMES)}")
+
+    def _peek(self) -> Optional[str]:
+        return self.tokens[self.i][0] if self.i < len(self.tokens) else None
+
+    def _take(self, kind: str) -> bool:
+        if self._peek() == kind:
+            self.i += 1
+            return True
+        return False
+
+    def _next_text(self) -> str:
+        self.i += 1
+        return self.tokens[self.i - 1][1]
+
+    def _take_punct(self, ch: str) -> bool:
+        if self.i < len(self.tokens) and self.tokens[self.i] == ("punct", ch):
+            self.i += 1
+            return True
+        return False
+
+    def parse(self):
+        if not self.tokens:
+            return lambda c: True
+        parts = [self._or()]
+        while self._take_punct(","):
+            if self._peek() is None:
+                break  # a trailing comma, as the old syntax allowed
+            parts.append(self._or())
+        if self.i != len(self.tokens):
+            raise self._error("unexpected term")
+        return lambda c: all(p(c) for p in parts)
+
+    def _or(self):
+        parts = [self._and()]
+        while self._take("or"):
+            parts.append(self._and())
+        return parts[0] if len(parts) == 1 else (lambda c: any(p(c) for p in parts))
+
+    def _and(self):
+        parts = [self._unary()]
+        while self._take("and"):
+            parts.append(self._unary())
+        return parts[0] if len(parts) == 1 else (lambda c: all(p(c) for p in parts))
+
+    def _unary(self):
+        if self._take("not"):
+            inner = self._unary()
+            return lambda c: not inner(c)
+        if self._take_punct("("):
+            inner = self._or()
+            if not self._take_punct(")"):
+                raise self._error("expected ')'")
+            return inner
+        kind = self._peek()
+        if kind == "atom":
+            return self._atom(self._next_text())
+        if kind == "word":
+            return self._id_glob(self._next_text())
+        raise self._error("expected a term")
+
+    def _atom(self, term: str):
+        m = _ATOM.match(term)
+        axis, op, value = m.group("axis"), m.group("op"), m.group("value").strip()
+        if axis not in _FIELD_NAMES:
+            raise ValueError(f"filter axis must be one of {', '.join(_FIELD_NAMES)}; got {axis!r} in {term!r}")
+        _check_filter_value(axis, value, term)
+        if op == "!=":
+            return lambda c: not _value_matches(getattr(c, axis), value)
+        return lambda c: _value_matches(getattr(c, axis), value)
+
+    def _id_glob(self, term: str):
+        if "=" in term:
+            raise self._error("a term with '=' must be axis=value")
+        pattern = term if any(ch in term for ch in "*?[") else f"*{term}*"
+        return lambda c: fnmatch.fnmatchcase(c.id, pattern)
+
+
+def filter_cases(cases: Iterable[Case], expr: str) -> List[Case]:
+    """Cases matching the filter expression ``expr`` (an empty one keeps everything).
+
+    A term is ``axis=value`` or ``axis!=value`` (value may be a glob for string axes, e.g.
+    ``scheme=fp8_*``) or a glob on the case id (``*lora_dual*``; a bare word matches inside the
+    id). Terms combine with ``not``, ``and``, ``or`` and parentheses; commas join whole
+    expressions with ``and`` (the old syntax: ``scheme=fp8_*,activation=silu``), so
+    ``scheme=fp8_block128 or not dtype=fp32, bias=true`` keeps the biased cases that are fp8_block128
+    or not fp32. A malformed expression, an unknown axis or a value no case can have (``scheme=fp9``)
+    raises ValueError naming the valid axes or values.
     """
     if not isinstance(expr, str):
         raise TypeError(f"filter expression must be a str; got {type(expr).__name__}")
-    terms = [t.strip() for t in expr.split(",") if t.strip()]
-    preds = []
-    for term in terms:
-        if "=" in term:
-            axis, value = (s.strip() for s in term.split("=", 1))
-            if axis not in _FIELD_NAMES:
-                raise ValueError(f"filter axis must be one of {', '.join(_FIELD_NAMES)}; got {axis!r} in {term!r}")
-            preds.append(lambda c, a=axis, v=value: _value_matches(getattr(c, a), v))
-        else:
-            pattern = term if any(ch in term for ch in "*?[") else f"*{term}*"
-            preds.append(lambda c, p=pattern: fnmatch.fnmatchcase(c.id, p))
-    return [c for c in cases if all(p(c) for p in preds)]
+    keep = _FilterParser(expr).parse()
+    return [c for c in cases if keep(c)]

@@ -41,7 +41,8 @@ def _one_line_error(capsys, argv, needle):
 @pytest.mark.parametrize("argv, needle", [
     (["list", "--suite", "weekly"], "suite must be one of smoke, premerge, nightly, bringup"),
     (["list", "--filter", "flavour=spicy"], "filter axis must be one of"),
-    (["run", "--suite", "smoke", "--filter", "scheme=no_such_scheme"], "matches no case of suite"),
+    (["run", "--suite", "smoke", "--filter", "dtype=fp32 and not dtype=fp32"], "matches no case of suite"),
+    (["run", "--suite", "smoke", "--filter", "scheme=no_such_scheme"], "filter value for scheme must be one of none,"),
     (["run", "--shard", "3/2"], "shard must be 'i/n'"),
     (["run", "--suite", "smoke", "--workers", "-1", "--filter", "seed=0"], "--workers must be >= 0"),
     (["run", "--workers", "two"], "invalid int value: 'two'"),

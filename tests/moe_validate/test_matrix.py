@@ -240,6 +240,47 @@ def test_filter_rejects_unknown_axis():
         filter_cases(suite_cases("smoke"), "precision=fp8")
 
 
+def test_filter_with_or_not_and_parentheses():
+    cases = suite_cases("smoke")
+    fp8_or_not_fp32 = filter_cases(cases, "scheme=fp8_block128 or not dtype=fp32")
+    assert fp8_or_not_fp32 == [c for c in cases if c.scheme == "fp8_block128" or c.dtype != "fp32"]
+    assert filter_cases(cases, "dtype!=fp32") == filter_cases(cases, "not dtype=fp32") == [
+        c for c in cases if c.dtype != "fp32"]
+    grouped = filter_cases(cases, "(scheme=fp8_block128 or scheme=int4_w4a16) and not bias=true")
+    assert grouped and grouped == [c for c in cases if c.scheme in ("fp8_block128", "int4_w4a16") and not c.bias]
+    # precedence: not > and > or > comma
+    assert filter_cases(cases, "dtype=fp32 or dtype=fp16 and bias=true") == [
+        c for c in cases if c.dtype == "fp32" or (c.dtype == "fp16" and c.bias)]
+    assert filter_cases(cases, "activation=silu, dtype=fp32 or dtype=fp16") == [
+        c for c in cases if c.activation == "silu" and c.dtype in ("fp32", "fp16")]
+    assert filter_cases(cases, "scheme = fp8_block128, ") == filter_cases(cases, "scheme=fp8_block128")  # old spellings
+    assert filter_cases(cases, "NOT (lora_dual)") == [c for c in cases if "lora_dual" not in c.id]
+
+
+@pytest.mark.parametrize("expr, needle", [
+    ("scheme=fp8_block128 or", "malformed filter 'scheme=fp8_block128 or': expected a term at the end"),
+    ("(dtype=fp32", "expected ')' at the end"),
+    ("dtype=fp32)", "unexpected term at ')'"),
+    ("not", "expected a term at the end"),
+    ("dtype=fp32 bias=true", "unexpected term at 'bias=true'"),
+    ("1x=2", "a term with '=' must be axis=value"),
+    ("precision=fp8 or dtype=fp32", "filter axis must be one of M, N, K, E, topk, dtype, scheme"),
+    ("scheme=fp9", "filter value for scheme must be one of none, fp8_block128, fp8_channel_token"),
+    ("scheme=fp9_*", "got 'fp9_*' in filter term 'scheme=fp9_*'"),
+    ("dtype=fp64", "filter value for dtype must be one of fp32, fp16, bf16"),
+    ("M=many", "filter value for M must be an integer; got 'many'"),
+    ("group_size=big", "filter value for group_size must be an integer or none"),
+    ("bias=maybe", "filter value for bias must be one of true, false"),
+    ("clamp=high", "filter value for clamp must be a number or none"),
+])
+def test_malformed_filters_say_what_is_valid(expr, needle):
+    with pytest.raises(ValueError) as err:
+        filter_cases([], expr)
+    assert needle in str(err.value)
+    if str(err.value).startswith("malformed"):
+        assert "axes: M, N, K, E" in str(err.value)
+
+
 def test_params_are_json_scalars():
     import json
 

@@ -250,7 +250,8 @@ def _args(argv):
     (["--workers", "0"], "--workers must be >= 1"),
     (["--cap", "0"], "--cap must be >= 1"),
     (["--filter", "nosuchaxis=1"], "filter axis must be one of"),
-    (["--filter", "dtype=fp64"], "matches no case of suite 'smoke'"),
+    (["--filter", "dtype=fp32 and not dtype=fp32"], "matches no case of suite 'smoke'"),
+    (["--filter", "dtype=fp64"], "filter value for dtype must be one of fp32, fp16, bf16"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(argv, needle, capsys):
     assert selftest.run_selftest_command(_args(argv)) == 2
