@@ -129,3 +129,21 @@ class Poison(_Base):
         if case is not None and case.seed == 1:
             raise RuntimeError("CUDA error: an illegal memory access was encountered (planted)")
         return self._correct(inputs, case)
+
+
+class Mixed(_Base):
+    """One run with every kind of outcome: fp32 unsupported (SKIP), seed 1 raises (CRASH), seed 3
+    answers wrong (FAIL), the rest pass. For writers of run summaries (JUnit XML, --rerun-failed)."""
+
+    name = "fake-mixed"
+
+    def supports(self, case):
+        if case.dtype == "fp32":
+            return False, "planted: fp32 not supported by this backend"
+        return True, ""
+
+    def run(self, inputs, case=None):
+        if case is not None and case.seed == 1:
+            raise RuntimeError("planted failure in the backend")
+        out = self._correct(inputs, case)
+        return out * 1.5 if case is not None and case.seed == 3 else out
