@@ -582,7 +582,7 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant(
         "topk_sum_of_unrounded_c3", "GEMM2's fused top-k sum adds each slot's fp32 epilogue tile instead of c3 "
         "rounded to S",
-        (Hunk(_GG, "                total = _interp.add_rn(total, _interp.to_fp32(c3))\n",
+        (Hunk(_GG, "                total = _interp.add_rn(total, _interp.to_fp32(c))\n",
               "                total = _interp.add_rn(total, acc)  # MUTANT: one rounding skipped\n"),),
         lambda case: _topk_sum_in_gemm2(case) and case.dtype != "fp32",
         "the naive path without LoRA (by default, or as the paths invariance's naive run), fp16/bf16 storage "
@@ -593,8 +593,8 @@ MUTANTS: Tuple[Mutant, ...] = (
         prefer=lambda case: "paths" in case.invariances),
     Mutant(
         "topk_sum_drops_last_slot", "GEMM2's fused top-k sum sums topk - 1 slots",
-        (Hunk(_GG, "        for j in tl.static_range(TOP_K):\n",
-              "        for j in tl.static_range(TOP_K - 1):  # MUTANT\n"),),
+        (Hunk(_GG, "    for j in tl.static_range(TOP_K):\n",
+              "    for j in tl.static_range(TOP_K - TOPK_SUM):  # MUTANT (TOP_K is 1 but with TOPK_SUM)\n"),),
         lambda case: _topk_sum_in_gemm2(case) and case.topk >= 2,
         "topk >= 2 on the naive path without LoRA (by default, or as the paths invariance's naive run)",
         # where the default run fuses the sum, the reference comparison sees it
