@@ -554,13 +554,6 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
 #   crosses a rounding of c3 with probability min(1, d / ulp_S(c3[r, k])) (the positions of the
 #   values in their cells are independent across k), so it makes X_e differing elements, a sum of
 #   independent Bernoullis with mean m_e = sum_k P_k <= K.
-# Which element flips is less certain than how many do: the model's rates favour small elements
-# (a flip is likelier where the grid is fine), but measured on the interpreter (bf16, M64 N256
-# K256, s1) 4 c2 differences moved 136 c3 elements where rate-weighted sizes predicted 1.2 each,
-# and the pooled count read 4x the model. So only a route's total rate is trusted, and its events
-# are spread evenly over its inputs: p_e = (sum_i p_ri) / I, each with its own m_e. (As independent
-# events rather than one event of random place the Chernoff bound is larger, log being concave:
-# conservative.)
 # Either way the output differs only if the changed c3 (by max(d, ulp(c3)), or one ulp for a direct
 # flip) carries the fp32 top-k sum across a rounding of out: probability min(1, change / ulp_S(out))
 # (equal c3 give equal sums), so P_k = min(1, d / ulp(c3)) min(1, max(d, ulp(c3)) / ulp(out)) and a
@@ -645,8 +638,7 @@ def count_allowance(inputs: MoEInputs, stages: Dict[str, torch.Tensor], per_stag
     out_ulp = ulp(out.to(F64), S)
     m_e = _cluster_sizes(per_stage["q_c2_in"].to(F64), stages["w2"], c3_ulp, out_ulp,
                          stages["route_expert"].long(), valid, wts)
-    p_route = (per_stage["p_c2_in"] * vm).sum(-1, keepdim=True)
-    p_e = (p_route / max(1, m_e.shape[-1])).expand_as(m_e) * vm  # spread evenly over the route's inputs
+    p_e = per_stage["p_c2_in"] * vm
     carry = torch.clamp(c3_ulp / out_ulp[:, None, :].clamp_min(1e-300), max=1.0)  # a c3 flip reaches out
     p_d = torch.clamp((per_stage["p_c3_direct"] * carry * vm).sum(1), max=1.0)  # [M, K]
     expected = float(min(n, p_d.sum() + (p_e * m_e).sum()))
@@ -655,8 +647,7 @@ def count_allowance(inputs: MoEInputs, stages: Dict[str, torch.Tensor], per_stag
     allowed = int(min(n, max(0, math.ceil(c_star) - 1)))  # C >= c* fails
     lines = [
         f"count: C = #(kernel != mirror) of {n}; expected {expected:.3g} = sum p_d min(1, ulp(c3)/ulp(out)) "
-        "(own c3 flips reaching out) + sum_e p_e m_e (a c2_in element one step q off moves c3[k] by d = q |w2| w; "
-        "a route's events spread evenly over its inputs, p_e = sum_i p_i / I: "
+        "(own c3 flips reaching out) + sum_e p_e m_e (a c2_in element one step q off moves c3[k] by d = q |w2| w: "
         "m_e = sum_k min(1, d/ulp(c3)) min(1, max(d, ulp(c3))/ulp(out)) elements)",
         f"count: allowed C <= {allowed}: Chernoff bound on the compound sum at alpha = {alpha:g} with every rate "
         f"x{slack:g} (the calibration limit), c* = min_t (psi(t) + ln(1/alpha)) / t = {c_star:.4g}"
