@@ -632,8 +632,12 @@ MUTANTS: Tuple[Mutant, ...] = (
               "        c3 = torch.empty(R, K, dtype=torch.float32, device=hidden_states.device)  # MUTANT\n"),
          Hunk(_GG, "                total = _interp.add_rn(total, _interp.to_fp32(c3))\n",
               "                total = _interp.add_rn(total, acc)  # MUTANT: c3 not rounded\n")),
-        lambda case: _skipped_rounding_visible(case) and case.lora == "none",
-        "fp16/bf16 storage without LoRA (its w2 kernel requires c3 in S; fp32 storage: the rounding is exact)"),
+        lambda case: _skipped_rounding_visible(case) and case.lora == "none" and case.topk >= 2,
+        "fp16/bf16 storage without LoRA (its w2 kernel requires c3 in S; fp32 storage: the rounding is exact), "
+        "topk >= 2 (with one slot out = round_S(c3) rounds the fp32 c3 once, as the mirror does)",
+        # each further slot adds one more skipped rounding to the sum (smoke: 3 of 8 cases kill
+        # at topk 2, the topk 3 case with 31% of its elements differing)
+        prefer=lambda case: case.topk >= 3),
     Mutant(
         "acc_rounded_to_bf16_per_k_tile", "the unquantized GEMMs round their fp32 accumulator to bf16 after every "
         "K tile",
