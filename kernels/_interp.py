@@ -1,7 +1,7 @@
 """The one interpreter shim: in-kernel helpers whose GPU and interpreter forms differ.
 
 Decided at trace time from ``TRITON_INTERPRET`` (``INTERPRETING`` is a constexpr), so the GPU
-build contains only the native path. Facts behind each branch: ``../shared/TRITON_NOTES.md``.
+build contains only the native path. Facts behind each branch: ``docs/TRITON_FACTS.md``.
 
 - ``dot``: the interpreter multiplies raw bits for bf16 ``tl.dot`` (triton issue 11584), so bf16
   operands go through fp32 there; fp32 operands always use IEEE dots (never TF32).
@@ -30,15 +30,23 @@ gate/up pairs, a permuted or smaller batch) disagree in the last bit on some hos
 makes every floating dot a fixed-order sum: widen both operands exactly to fp32, multiply
 elementwise, add the K products in order (``np.add.accumulate`` is sequential by definition),
 then add the accumulator. Each element is then a function of its own row and column alone.
+
+And one speed-up of it (``_install_patch_once_per_launch``): the interpreter re-patches
+``triton.language`` on every call of a ``@triton.jit`` helper (``inspect.getmembers`` over the whole
+module each time), although the launch already patched the same modules and the patches are
+stateless; inside a launch a helper whose modules the launch covered is not patched again.
 """
 
-import os
+import inspect
+import threading
 
 import numpy as np
 import triton
 import triton.language as tl
 
-INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+from moe_validate.contract.rules import interpreting
+
+INTERPRETING = tl.constexpr(interpreting())
 
 _RNE_MAGIC = 12582912.0  # 1.5 * 2**23
 FP8_E4M3_MAX = tl.constexpr(448.0)
@@ -88,8 +96,46 @@ def _install_fixed_order_dot() -> None:
     builder_class.create_dot = create_dot
 
 
+_launch_state = threading.local()  # .covered: ids of the language modules the running launch patched
+
+
+def _install_patch_once_per_launch() -> None:
+    from triton.runtime import interpreter
+
+    native_patch, executor = getattr(interpreter, "_patch_lang", None), getattr(interpreter, "GridExecutor", None)
+    if native_patch is None or executor is None or getattr(native_patch, "_once_per_launch", False):
+        return  # another Triton layout: keep its own behaviour (this is a speed-up only)
+    native_launch = executor.__call__
+
+    def language_modules(fn):
+        return {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
+
+    def patch_lang(fn):
+        covered = getattr(_launch_state, "covered", None)
+        modules = language_modules(fn)
+        if covered is not None and modules and modules <= covered:
+            return None  # a helper's call inside a launch: its callers ignore the scope
+        scope = native_patch(fn)
+        if covered is not None:
+            covered |= modules
+        return scope
+
+    def launch(self, *args, **kwargs):
+        outer = getattr(_launch_state, "covered", None)
+        _launch_state.covered = set()
+        try:
+            return native_launch(self, *args, **kwargs)
+        finally:
+            _launch_state.covered = outer
+
+    patch_lang._once_per_launch = True
+    interpreter._patch_lang = patch_lang
+    executor.__call__ = launch
+
+
 if INTERPRETING:
     _install_fixed_order_dot()
+    _install_patch_once_per_launch()
 
 
 @triton.jit

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from moe_validate import tolerance as _tol
-from moe_validate.spec import MoEInputs, QuantScheme, storage_dtype
+from moe_validate.contract.spec import MoEInputs, QuantScheme, storage_dtype
 
 __all__ = ["Evaluation", "evaluate", "metric_panel", "passes", "sampled_rows", "TILE", "WORST_COUNT",
            "SAMPLE_HEAD_ROWS", "SAMPLE_TAIL_ROWS"]
@@ -424,7 +424,7 @@ def evaluate(case, inputs: MoEInputs, out: torch.Tensor, rows: Optional[torch.Te
 def _evaluate_rows(case, inputs: MoEInputs, out: torch.Tensor, token_of_row: Optional[List[int]] = None) -> Evaluation:
     import reference  # lazily: the comparison needs it, importing the harness must not
 
-    from moe_validate.env import interpreting
+    from moe_validate.contract.rules import interpreting
 
     dev = inputs.hidden_states.device
     mirror = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="mirror")

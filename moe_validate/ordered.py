@@ -24,7 +24,7 @@ import torch
 
 if TYPE_CHECKING:  # pragma: no cover
     from moe_validate.matrix import Case
-    from moe_validate.spec import MoEInputs
+    from moe_validate.contract.spec import MoEInputs
 
 __all__ = ["ORDERS", "BLOCK_K", "fp32_gemm", "ordered_pipeline", "OrderedBackend"]
 
@@ -76,7 +76,8 @@ def ordered_pipeline(inputs: "MoEInputs", order: str = "reversed", store_c1_unro
     import reference
     from reference import pipeline as ref
 
-    from moe_validate.checks import validate_call
+    from moe_validate.contract.checks import validate_call
+    from moe_validate.contract.rules import fused_silu_fp8_group
 
     kw = inputs.kwargs()
     shape = validate_call(*inputs.args(), **kw)
@@ -97,7 +98,7 @@ def ordered_pipeline(inputs: "MoEInputs", order: str = "reversed", store_c1_unro
     round_c1 = (lambda t: t.float().double()) if store_c1_unrounded else round_S
     c1 = _grouped(lambda r: x[r // topk], w1_f, bias(q.w1_bias), valid, local, round_c1, order)
     c1 = ref.lora_w13(c1, x_unq, inputs.lora, valid, local, shape.activation, round_S)
-    fused = ref.uses_fused_silu_quant(shape, inputs.lora)
+    fused = fused_silu_fp8_group(shape.activation, shape.scheme, q.gemm1_clamp_limit, inputs.lora is not None)
     c2 = ref.activation_stage(c1, valid, shape.activation, q.gemm1_clamp_limit, round_S,
                               precision="mirror", fused=fused)
     c2_in = ref.requantize(c2, valid, shape.scheme, q.a2_scale)

@@ -16,6 +16,8 @@ at any moment loses only the case in flight. Three record kinds:
       ``duration_s``   float
       ``backend``      str
       ``config``       dict or null: the launch config the backend reported
+      ``config_source`` dict or null: which table served it (``kernels.configs.ConfigSource``:
+                       kind tuned / sibling / default / given / batch_invariant, table, device)
       ``repro``        str: one shell command that re-runs just this case
       ``tolerance``    {"gate": Bound, "budget": Bound}; a Bound is a dict with at least
                        ``atol``, ``rtol`` (floats), ``derivation`` (list of str lines) and any

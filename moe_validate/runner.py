@@ -41,7 +41,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from moe_validate.backends import Backend, get_backend
 from moe_validate.devices import (GpuInfo, GpuScheduler, detect_gpus, gpu_budget_bytes, visible_entries,
                                   worker_gpus)
-from moe_validate.env import capture_env, interpreting
+from moe_validate.contract.rules import interpreting
+from moe_validate.env import capture_env
 from moe_validate.results import Outcome, ResultsWriter
 
 __all__ = [
@@ -173,6 +174,7 @@ def _base_record(case, backend_name: str) -> Dict[str, Any]:
         "duration_s": 0.0,
         "backend": backend_name,
         "config": None,
+        "config_source": None,
         "repro": repro_command(case.id, backend_name),
         "tolerance": None,
         "metrics": None,
@@ -240,6 +242,7 @@ def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[s
 
                 torch.cuda.synchronize()  # an asynchronous kernel fault must surface here, not later
             record["config"] = getattr(backend, "last_config", None)
+            record["config_source"] = getattr(backend, "last_config_source", None)
             evaluation = evaluate(case, inputs, out)
             # The alignment contract and the case's bitwise invariances (re-runs of the backend),
             # right after the run whose launch config routing_stages describes.
@@ -269,6 +272,7 @@ def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[s
         record["error"] = traceback.format_exc()
         if record["config"] is None:
             record["config"] = getattr(backend, "last_config", None)
+            record["config_source"] = getattr(backend, "last_config_source", None)
         # After a device fault the CUDA context is unusable: the worker must not run more cases.
         retire = _cuda_poisoned(exc)
         if retire and record["outcome"] == Outcome.CRASH.value:

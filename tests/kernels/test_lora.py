@@ -23,7 +23,6 @@ roundoff; p = the significand bits of S: 24 fp32, 11 fp16, 8 bf16):
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Sequence, Tuple
 
 import pytest
@@ -31,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_validate.spec import Activation, LoRASpec
+from moe_validate.contract.rules import interpreting
+from moe_validate.contract.spec import Activation, LoRASpec
 from kernels.lora import (
     LoRAKernelConfig,
     _round_to_storage,
@@ -43,7 +43,7 @@ from kernels.lora import (
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SIGNIFICAND_BITS = {torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETING = interpreting()
 # Kernels run natively where a GPU is usable, else through the interpreter on CPU tensors;
 # oracles and comparisons always run on CPU.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRETING else "cpu")
@@ -478,7 +478,7 @@ def test_w2_bad_arguments_raise_before_launch():
         call(route_weight=weight[:-1])
     with pytest.raises(ValueError, match=r"c2 must be \[M\*topk, I\]"):
         call(c2=c2[:-1])
-    with pytest.raises(TypeError, match="lora must be a moe_validate.spec.LoRASpec"):
+    with pytest.raises(TypeError, match="lora must be a moe_validate.contract.spec.LoRASpec"):
         call(lora={"w2_a": lora.w2_a})
 
 

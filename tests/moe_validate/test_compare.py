@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from moe_validate.matrix import Case
-from moe_validate.spec import Activation, QuantScheme
+from moe_validate.contract.spec import Activation, QuantScheme
 
 F64 = torch.float64
 

@@ -1,8 +1,8 @@
 """The vocabulary shared by the kernels, the reference and the harness.
 
-A leaf module: it imports torch, enum and dataclasses only, so that ``kernels`` and
-``reference`` can depend on it without pulling in the harness. ``../shared/SPEC.md`` defines
-every name here; the docstrings repeat only what a caller needs at hand.
+Part of the leaf contract (``moe_validate/contract``): it imports torch, enum and dataclasses
+only, so that ``kernels`` and ``reference`` can depend on it without pulling in the harness.
+``../shared/SPEC.md`` defines every name here; the docstrings repeat only what a caller needs.
 """
 
 from __future__ import annotations
@@ -311,6 +311,9 @@ class MoEInputs:
     lora: Optional[LoRASpec] = None
 
     POSITIONAL = ("hidden_states", "w1", "w2", "topk_weights", "topk_ids")
+
+    def __post_init__(self) -> None:
+        self.activation = Activation.parse(self.activation)  # once, here: every backend gets the enum
 
     def args(self) -> tuple:
         return tuple(getattr(self, n) for n in self.POSITIONAL)
