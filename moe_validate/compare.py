@@ -10,8 +10,9 @@ what was allowed; NaN/Inf listed apart; the first few coordinates with both valu
 A panel (results.py schema) holds: ``max_abs``, ``max_normalized`` (max |d| / allowed: the
 deciding metric, allowed 1), ``rel_frobenius``, ``cosine``, ``norm_ratio``, ``z_rms`` and
 ``z_max`` (d / sigma, sigma the modelled standard deviation), ``ulp`` (max ULP distance in the
-storage dtype S), each ``{"value", "allowed", "margin"}``; plus ``worst``, ``nan_inf``,
-``exceed_count`` and ``exceed_fraction``.
+storage dtype S), ``differing`` (elements not bit-equal to the oracle, with ``of`` = all; its
+``allowed`` is the gate's count test), each ``{"value", "allowed", "margin"}``; plus ``worst``,
+``nan_inf``, ``exceed_count`` and ``exceed_fraction``.
 """
 
 from __future__ import annotations
@@ -137,7 +138,8 @@ def passes(panel: dict) -> Tuple[bool, Optional[str]]:
     """The policy: (True, None) or (False, the failing metric with observed vs allowed).
 
     A kernel NaN/Inf where the reference is finite always fails; otherwise every element must
-    be within its bound (``max_normalized`` <= 1).
+    be within its bound (``max_normalized`` <= 1), and where the panel carries a count test, no
+    more elements may differ from the oracle than it allows.
     """
     bad = panel.get("nan_where_ref_finite", 0)
     if bad:

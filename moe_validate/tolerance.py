@@ -15,6 +15,11 @@ Two oracles, two bounds:
   error's standard deviation uses the scale ``sqrt(sum_i a_i^2 b_i^2)`` (never ``|ref|``, which
   cancellation can make arbitrarily small).
 
+The gate also counts: a correct kernel differs from the mirror only where a flip happened, so
+the number of differing elements must stay within a Chernoff tail of the modelled flips
+(``count_allowance``, ``Bound.count_allowed``). That catches what no per-element bound can: an
+error below one flip on many elements (a skipped rounding, a 1-ulp bias).
+
 Both are per output element: ``allowed[m, k] = hard[m, k] + Z * sigma[m, k]``, from conservative
 rates (capped flip probabilities, the sequential worst case of fp32 accumulation). ``Bound.sigma``
 is what the z-scores divide by (calibration.py): the modelled standard deviation of the whole

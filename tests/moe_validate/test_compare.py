@@ -197,3 +197,14 @@ def test_evaluation_record_is_json_ready():
     assert "derivation" in text and "gate" in rec["tolerance"] and "mirror" in rec["metrics"]
     for name in ("max_abs", "rel_frobenius", "cosine", "norm_ratio", "max_normalized", "ulp"):
         assert name in rec["metrics"]["mirror"], name
+
+
+def test_panel_counts_differing_elements_and_the_count_test_decides():
+    # every element inside its bound; two of four differ from the oracle at all
+    kernel, ref = [[1.0, 2.0], [3.0, -4.0]], [[1.0, 2.0 + 1e-6], [3.0, -4.0 - 1e-6]]
+    p = _panel(kernel, ref, 1e-3)
+    assert p["differing"] == {"value": 2.0, "allowed": None, "margin": None, "of": 4}
+    assert passes(p) == (True, None)  # no count test: the per-element bounds decide
+    assert passes(_panel(kernel, ref, 1e-3, count_allowed=2))[0]
+    ok, reason = passes(_panel(kernel, ref, 1e-3, count_allowed=1))
+    assert not ok and reason.startswith("count: 2 of 4 element(s) differ from the oracle, more than the 1 ")
