@@ -572,6 +572,11 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
 # flips) are counted per element, as the model's p does, not as one event: the slack covers them.
 COUNT_ALPHA = 1e-6  # per case: 1e4 cases x 10 repetitions give a false alarm with probability 1e-1 at most
 COUNT_RATE_SLACK = 4.0  # = calibration.COUNT_RATIO_LIMIT: rates may be off by this factor before calibrate flags them
+# The rates above are measured on the CPU interpreter only (docs/BOUNDS.md). The issue that asked
+# for this test measured the GPU's counts ~10x under the model for quantized schemes: past the
+# slack, a large case would fail a correct kernel for certain. So on a GPU the count is recorded
+# (calibrate pools it) but not judged until a GPU calibration is within the slack.
+COUNT_TEST_ON_GPU = False
 _COUNT_THETAS = torch.exp(torch.linspace(math.log(1e-2), math.log(40.0), 96, dtype=F64))
 _COUNT_CHUNK = 1 << 22  # events x thetas evaluated at once
 
@@ -765,6 +770,13 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     sigma_flip, flip_lines, flip_terms = flip_aware_sigma(inputs, stages, native_gpu=native_gpu,
                                                           per_stage=model_stages)
     count_allowed, _, count_lines, count_terms = count_allowance(inputs, stages, model_stages)
+    if native_gpu and not COUNT_TEST_ON_GPU:
+        count_allowed = None  # the expected count is still recorded, for calibrate on that GPU
+        count_terms.pop("differing_allowed", None)
+        count_lines = count_lines[:1] + [
+            "count: not applied on a GPU: its flip rates (tensor-core accumulation, the fast fp32 "
+            "transcendentals) are not measured yet (docs/BOUNDS.md); a `moe-validate calibrate --strict` "
+            "there within 4x turns it on (tolerance.COUNT_TEST_ON_GPU)"]
 
     gate = Bound(
         name="gate", allowed=allowed_gate, sigma=sigma_flip.clamp_min(1e-300), atol=0.0,

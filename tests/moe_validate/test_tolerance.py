@@ -204,3 +204,16 @@ def test_count_test_flags_a_one_ulp_systematic_error_the_per_element_gate_allows
     d = gate.to_dict()
     assert d["count_allowed"] == gate.count_allowed and d["differing_expected"] >= 0
     assert any(line.startswith("count: allowed") for line in d["derivation"])
+
+
+def test_count_test_waits_for_a_gpu_calibration_but_records_the_expected_count():
+    import reference
+
+    case = Case.from_id("bf16-none-silu-M7N64K64E4k2-s0")
+    inputs = make_inputs(case)
+    mirror = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="mirror")
+    gate = tol.derive(case, inputs, mirror, native_gpu=True)["gate"]
+    assert tol.COUNT_TEST_ON_GPU is False
+    assert gate.count_allowed is None and not {"count_allowed", "differing_allowed"} & set(gate.to_dict())
+    assert gate.terms["differing_expected"] > 0  # calibrate on a GPU pools it
+    assert any("not applied on a GPU" in line for line in gate.derivation)
