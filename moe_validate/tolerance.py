@@ -566,6 +566,8 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
 # Chernoff on the compound sum: log E exp(t C) <= sum_d log(1 + p_d (e^t - 1))
 #   + sum_e log(1 + p_e (exp(m_e (e^t - 1)) - 1))   (E e^{tX} <= exp(m (e^t - 1)) for a Bernoulli
 # sum), so P(C >= c) <= exp(psi(t) - t c) for every t > 0: c* = min_t (psi(t) + ln(1/alpha)) / t.
+# Which input of a route flips follows the model's rates (small elements most, with small clusters;
+# the shape measured on the interpreter matches, docs/BOUNDS.md).
 # The rates are the model's typical ones times COUNT_RATE_SLACK: ``moe-validate calibrate
 # --strict`` fails when a (scheme, dtype) row's measured count leaves the model by more than that
 # factor, so a correct kernel stays inside it. Events of a shared dynamic scale (its amax element
