@@ -30,8 +30,10 @@ def _fakes_importable(monkeypatch):
 def test_builtins():
     assert isinstance(get_backend("triton"), TritonBackend)
     assert isinstance(get_backend("reference"), ReferenceBackend)
-    # DESIGN.md: the built-ins are the kernels, the reference and the torch._grouped_mm peer
-    assert set(backends.builtin_backend_names()) == {"triton", "reference", "torch-grouped", "ordered-reversed",
+    # DESIGN.md: the built-ins are the kernels, the reference, the torch._grouped_mm peer, the
+    # installed vLLM's TritonExperts (moe_validate/vllm_backend.py) and the ordered calibration
+    # backends (moe_validate/ordered.py)
+    assert set(backends.builtin_backend_names()) == {"triton", "reference", "torch-grouped", "vllm", "ordered-reversed",
                                                      "ordered-sequential", "ordered-split-k"}
     assert isinstance(get_backend("triton"), Backend)  # satisfies the runtime-checkable protocol
 
