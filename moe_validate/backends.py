@@ -318,16 +318,13 @@ _BUILTIN = {
     "reference": ReferenceBackend,
     # The benchmark peer (moe_validate/peers.py), imported on first use: it needs torch.
     "torch-grouped": lambda: importlib.import_module("moe_validate.peers").TorchGroupedBackend(),
-<<<<<<< HEAD
+    # The installed vLLM's TritonExperts (moe_validate/vllm_backend.py); vLLM is imported on first use.
+    "vllm": lambda: importlib.import_module("moe_validate.vllm_backend").VllmBackend(),
     # Calibration backends (moe_validate/ordered.py): a correct pipeline in another fp32 order,
     # real rounding flips against the mirror on a CPU.
     "ordered-reversed": lambda: importlib.import_module("moe_validate.ordered").OrderedBackend("reversed"),
     "ordered-sequential": lambda: importlib.import_module("moe_validate.ordered").OrderedBackend("sequential"),
     "ordered-split-k": lambda: importlib.import_module("moe_validate.ordered").OrderedBackend("split_k"),
-=======
-    # The installed vLLM's TritonExperts (moe_validate/vllm_backend.py); vLLM is imported on first use.
-    "vllm": lambda: importlib.import_module("moe_validate.vllm_backend").VllmBackend(),
->>>>>>> main
 }
 
 
