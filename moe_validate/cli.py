@@ -202,7 +202,7 @@ def cmd_calibrate(args) -> int:
         header_extra={"repeat": args.seeds, "fresh_seeds": True, "calibration": True},
     )
     results = _load([summary.results_path])
-    table = calibrate(results)
+    table = calibrate([c.to_json() for c in results.cases])  # calibration reads the JSON records
     print(f"results: {summary.results_path}")
     if not args.no_report:
         report = _render(results, out_dir / "report.html", title=f"calibration: {suite} x {args.seeds} seeds / {args.backend}")

@@ -585,7 +585,7 @@ def _calibration_view(cases) -> Optional[CalibrationView]:
     """None when no case was evaluated (a run of skips and crashes has nothing to calibrate)."""
     from moe_validate.calibration import MIN_FLIP_EVENTS, calibrate
 
-    table = calibrate(cases)
+    table = calibrate([c.to_json() for c in cases])  # calibration reads the JSON records
     if not table.rows:
         return None
     data = table.to_dict()

@@ -477,7 +477,7 @@ def test_shards_are_the_same_under_another_hash_seed():
 # Everything else (params, outcome, reason, config, repro, tolerance, metrics, detail, error,
 # worst_margin) must be identical. Header and footer records are per-run metadata (run_id,
 # started/finished, argv, shard, env with host, durations) and are compared only through counts.
-TIMING_FIELDS = ("duration_s",)
+TIMING_FIELDS = ("duration_s", "run_id")  # what differs between two runs of the same cases
 # In the rendered report's embedded data, the table's "duration" column is the same timing field.
 REPORT_TIMING_COLUMNS = ("duration",)
 # Ten smoke cases on the base shape (seeds 0-9: bf16/fp16/fp32 and the fp8/int8 schemes); with Mixed

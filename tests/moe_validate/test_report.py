@@ -13,7 +13,7 @@ import pytest
 from moe_validate.report import DRIFT_FACTOR, DRIFT_MIN_MARGIN, RunDiff, diff_runs, format_diff, render_report
 from moe_validate.report.model import build_model, pivot, worst_cases
 from moe_validate.report.render import embed_json
-from moe_validate.results import Outcome, ResultSet, load_results
+from moe_validate.results import Outcome, ResultsError, ResultSet, load_results
 
 _SYNTH_PATH = Path(__file__).resolve().parents[1] / "e2e" / "synth_results.py"
 _spec = importlib.util.spec_from_file_location("report_synth_results", _SYNTH_PATH)
@@ -226,9 +226,23 @@ def test_merged_shards_give_the_same_cases_and_list_every_shard(tmp_path):
     assert all(s.finished != "-" and s.duration_s is not None for s in model.summary.shards)
     assert model.summary.complete and model.summary.problems == []
     # Shards on different GPUs: both values shown.
-    mixed = load_results(synth.write_run(tmp_path / "a", 10, seed=1)
-                         + synth.write_run(tmp_path / "b", 10, seed=2, env=dict(synth.ENV, gpu="NVIDIA H200")))
+    first, second = synth.make_records(20, seed=1, shards=2)
+    second[0]["env"] = dict(synth.ENV, gpu="NVIDIA H200")
+    mixed = load_results([synth.write_jsonl(tmp_path / "a.jsonl", first), synth.write_jsonl(tmp_path / "b.jsonl", second)])
     assert build_model(mixed).summary.env["gpu"] == "NVIDIA H100 80GB HBM3 | NVIDIA H200"
+
+
+def test_two_runs_of_the_same_cases_are_never_merged_silently(tmp_path):
+    # Issue 19: a FAIL of one run was hidden by a PASS of another run of the same case id.
+    a = synth.write_run(tmp_path / "a", 10, seed=1)
+    b = synth.write_run(tmp_path / "b", 10, seed=2)
+    with pytest.raises(ResultsError, match="recorded by two runs, run-1-0 and run-2-0.*--run"):
+        load_results(a + b)
+    chosen = load_results(a + b, run="run-2")
+    assert [r.run_id for r in chosen.runs] == ["run-2-0"] and len(chosen.cases) == 10
+    assert chosen.cases == load_results(b).cases
+    with pytest.raises(ResultsError, match="--run 'run-' must name exactly one run"):
+        load_results(a + b, run="run-")
 
 
 def test_truncated_results_file_reports_the_problem_and_keeps_whole_cases(tmp_path):
