@@ -24,7 +24,7 @@ import triton.language as tl
 
 from kernels import _interp
 from kernels._launch import launch_options, wait_for_predecessor
-from moe_validate.spec import SWIGLU_LIMIT, Activation
+from moe_validate.contract.spec import SWIGLU_LIMIT, Activation
 
 __all__ = ["apply_activation", "activation_fp32"]
 

@@ -29,7 +29,7 @@ from typing import Dict, Optional
 
 import torch
 
-from moe_validate.spec import FP8_BLOCK, QuantScheme
+from moe_validate.contract.spec import FP8_BLOCK, QuantScheme
 
 __all__ = ["KernelConfig", "Gemm2Tiles", "select_config", "untuned_config", "batch_invariant_config", "check_config",
            "config_file_name"]

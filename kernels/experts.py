@@ -41,8 +41,8 @@ from kernels.grouped_gemm import fp8_group_quant_blocker, invoke_grouped_gemm
 from kernels.lora import apply_lora_w13, apply_lora_w2
 from kernels.moe_sum import moe_sum
 from kernels.quantize import fp8_group_outputs, quantize_activation, silu_and_mul_quant_fp8_group
-from moe_validate.checks import validate_call
-from moe_validate.spec import Activation, QuantConfig, QuantScheme
+from moe_validate.contract.checks import validate_call
+from moe_validate.contract.spec import Activation, QuantConfig, QuantScheme
 
 __all__ = ["TritonExperts", "fused_experts"]
 
@@ -166,7 +166,7 @@ class TritonExperts:
         if quant_config is None:
             quant_config = QuantConfig()
         if not isinstance(quant_config, QuantConfig):
-            raise TypeError(f"quant_config must be a moe_validate.spec.QuantConfig or None; "
+            raise TypeError(f"quant_config must be a moe_validate.contract.spec.QuantConfig or None; "
                             f"got {type(quant_config).__name__}")
         if assignment not in ("auto", "naive", "aligned"):
             raise ValueError(f"assignment must be 'auto', 'naive' or 'aligned'; got {assignment!r}")

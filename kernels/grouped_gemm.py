@@ -68,7 +68,7 @@ from kernels import _interp
 from kernels._launch import launch_options, wait_for_predecessor
 from kernels.activation import activation_fp32
 from kernels.quantize import ACT_GROUP_SIZE, FP8_MAX, _dynamic_scale, _quantize, silu_and_mul_fp32
-from moe_validate.spec import SWIGLU_LIMIT, Activation
+from moe_validate.contract.spec import SWIGLU_LIMIT, Activation
 
 __all__ = ["invoke_grouped_gemm", "fp8_group_quant_blocker"]
 

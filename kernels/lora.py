@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_validate.spec import Activation, LoRASpec
+from moe_validate.contract.spec import Activation, LoRASpec
 
 __all__ = ["apply_lora_w13", "apply_lora_w2", "LoRAKernelConfig", "select_lora_config"]
 
@@ -79,7 +79,7 @@ def _route_adapter(route, route_expert_ptr, token_lora_ids_ptr, enabled_ptr,
     """(active, expert, adapter) of one route; inactive routes are never dereferenced further.
 
     Out-of-range ids are treated as absent so that no pointer is ever formed from them; the
-    harness rejects such ids before a call (moe_validate/checks.py).
+    harness rejects such ids before a call (moe_validate/contract/checks.py).
     """
     expert = tl.load(route_expert_ptr + route).to(tl.int64)
     adapter = tl.load(token_lora_ids_ptr + route // TOP_K).to(tl.int64)
@@ -269,7 +269,7 @@ def _check_common(out_name: str, out: torch.Tensor, route_expert: torch.Tensor,
     if not callable(base_gemm):
         raise TypeError(f"base_gemm must be a zero-argument callable; got {type(base_gemm).__name__}")
     if not isinstance(lora, LoRASpec):
-        raise TypeError(f"lora must be a moe_validate.spec.LoRASpec or None; got {type(lora).__name__}")
+        raise TypeError(f"lora must be a moe_validate.contract.spec.LoRASpec or None; got {type(lora).__name__}")
     if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
         raise ValueError(f"topk must be a positive int; got {topk!r}")
     _check_tensor(out_name, out, 2, _FLOAT_DTYPES, None)

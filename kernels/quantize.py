@@ -46,7 +46,7 @@ import triton.language as tl
 
 from kernels._interp import INTERPRETING, to_fp8_e4m3, to_fp32, to_int8
 from kernels._launch import launch_options, wait_for_predecessor
-from moe_validate.spec import (
+from moe_validate.contract.spec import (
     FP8_BLOCK,
     FP8_FNUZ_MAX,
     FP8_MAX,

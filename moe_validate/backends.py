@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from moe_validate.matrix import Case
-    from moe_validate.spec import MoEInputs
+    from moe_validate.contract.spec import MoEInputs
 
 __all__ = [
     "Backend",
@@ -101,7 +101,7 @@ def _fp8_group_quant_call(inputs: "MoEInputs") -> bool:
 
 
 def _storage_dtype(inputs: "MoEInputs"):
-    from moe_validate.spec import storage_dtype
+    from moe_validate.contract.spec import storage_dtype
 
     return storage_dtype(inputs.hidden_states.dtype)
 
@@ -122,7 +122,7 @@ class TritonBackend:
         if reason:
             return False, reason
         import kernels
-        from moe_validate.spec import Activation, QuantConfig, QuantScheme
+        from moe_validate.contract.spec import Activation, QuantConfig, QuantScheme
 
         scheme = QuantScheme.parse(case.scheme)
         experts = kernels.TritonExperts(QuantConfig(scheme=scheme, group_size=case.group_size))
@@ -143,7 +143,7 @@ class TritonBackend:
         import torch
 
         import kernels
-        from moe_validate.spec import Activation, QuantConfig
+        from moe_validate.contract.spec import Activation, QuantConfig
 
         quant = inputs.quant if inputs.quant is not None else QuantConfig()
         activation = Activation.parse(inputs.activation)
@@ -272,7 +272,7 @@ class TritonBackend:
 
         import kernels
         from kernels.configs import Gemm2Tiles
-        from moe_validate.spec import FP8_BLOCK
+        from moe_validate.contract.spec import FP8_BLOCK
 
         base = kernels.KernelConfig.from_dict(taken_config)
         gemm2 = base.gemm2

@@ -85,7 +85,7 @@ class ModelShape:
 
     @property
     def N(self) -> int:
-        from moe_validate.spec import Activation
+        from moe_validate.contract.spec import Activation
 
         return 2 * self.I if Activation.parse(self.activation).is_gated else self.I
 
@@ -165,7 +165,7 @@ def parse_model_spec(text: str) -> ModelShape:
     if min(E, topk, K, I) < 1 or topk > E:
         raise ValueError(f"--model custom shape needs positive sizes and topk <= E; got {text!r}")
     act = fields.get("act", "silu")
-    from moe_validate.spec import Activation
+    from moe_validate.contract.spec import Activation
 
     Activation.parse(act, name="--model act")
     name = fields.get("name") or f"E{E}k{topk}K{K}I{I}" + ("" if act == "silu" else f"-{act}")
@@ -173,7 +173,7 @@ def parse_model_spec(text: str) -> ModelShape:
 
 
 def _schemes():
-    from moe_validate.spec import QuantScheme
+    from moe_validate.contract.spec import QuantScheme
 
     return list(QuantScheme)
 
@@ -186,7 +186,7 @@ def parse_models(text: Optional[str]) -> List[ModelShape]:
 
 def parse_schemes(text: Optional[str]) -> List[str]:
     """Scheme values (``QuantScheme`` strings) from aliases (bf16, fp8_tensor, fp8_block) or values."""
-    from moe_validate.spec import QuantScheme
+    from moe_validate.contract.spec import QuantScheme
 
     items = list(DEFAULT_SCHEMES) if text is None else _split(text, "--schemes")
     out = []
@@ -247,7 +247,7 @@ def expert_weight_bytes(model: ModelShape, scheme: str, weight_elem_bytes: int =
     fp32 scales: 128x128 blocks ``ceil(N/128)*ceil(K/128) + ceil(K/128)*ceil(I/128)``, per
     channel ``N + K``, per expert 1 each for w1 and w2.
     """
-    from moe_validate.spec import FP8_BLOCK, QuantScheme
+    from moe_validate.contract.spec import FP8_BLOCK, QuantScheme
 
     s = QuantScheme.parse(scheme)
     N, K, I = model.N, model.K, model.I
@@ -333,7 +333,7 @@ def timing_stats(times_ms: Sequence[float]) -> Dict[str, float]:
 
 def derive_metrics(row: Dict[str, Any], ceilings: Dict[str, Any]) -> None:
     """Fill floor / rate fields of an ``ok`` row from its bytes, flops, median and the ceilings."""
-    from moe_validate.spec import QuantScheme
+    from moe_validate.contract.spec import QuantScheme
 
     rate_key = "fp8_tflops" if QuantScheme.parse(row["scheme"]).is_fp8 else "bf16_tflops"
     bw = ceilings.get("bandwidth_GBps")
@@ -472,7 +472,7 @@ def make_bench_weights(model: ModelShape, scheme: str, device: str, seed: int = 
     """
     import torch
 
-    from moe_validate.spec import FP8_BLOCK, FP8_MAX, QuantConfig, QuantScheme
+    from moe_validate.contract.spec import FP8_BLOCK, FP8_MAX, QuantConfig, QuantScheme
 
     s = QuantScheme.parse(scheme)
     E, N, K, I = model.E, model.N, model.K, model.I
@@ -659,7 +659,7 @@ def _reference_fits(model: ModelShape, scheme: str) -> Tuple[bool, str]:
     the peak for block scales, 2 otherwise): refuse when that exceeds 80% of free memory."""
     import torch
 
-    from moe_validate.spec import QuantScheme
+    from moe_validate.contract.spec import QuantScheme
 
     elems = model.E * (model.N * model.K + model.K * model.I)
     need = elems * 8 * (3 if QuantScheme.parse(scheme).block_shape else 2)
@@ -671,7 +671,7 @@ def _reference_fits(model: ModelShape, scheme: str) -> Tuple[bool, str]:
 
 
 def _base_row(model: ModelShape, scheme: str, M: int, backend: str) -> Dict[str, Any]:
-    from moe_validate.spec import QuantScheme
+    from moe_validate.contract.spec import QuantScheme
 
     label = {v: k for k, v in SCHEME_ALIASES.items()}.get(scheme, scheme)
     return {"model": model.name, "scheme": scheme, "scheme_label": label,
@@ -690,7 +690,7 @@ def _bench_row_group(model, scheme, M, backends, weights, ceilings, args, log) -
 
     import kernels
     from moe_validate.peers import peer_scheme_support, torch_grouped_experts
-    from moe_validate.spec import QuantScheme
+    from moe_validate.contract.spec import QuantScheme
 
     device = args.get("device", "cuda")  # "cpu" only in the plumbing test (fake CUDA timing)
     w1, w2, quant = weights

@@ -79,7 +79,7 @@ DEFAULT_BAND: Tuple[float, float] = (0.2, 1.5)
 MIN_FLIP_EVENTS = 20.0  # a gate row expecting fewer differing elements is not flagged (module docstring)
 # Oracle label -> the metrics key of its panel (results.py: metrics {"mirror": ..., "exact": ...}).
 ORACLES: Tuple[Tuple[str, str], ...] = (("budget", "exact"), ("gate", "mirror"))
-# Row order: SPEC vocabulary order (this module must not import moe_validate.spec, which pulls in
+# Row order: SPEC vocabulary order (this module must not import moe_validate.contract.spec, which pulls in
 # torch: the report imports it); unknown values sort after, alphabetically.
 _SCHEME_ORDER = ("none", "fp8_block128", "fp8_channel_token", "fp8_tensor_token", "fp8_tensor_static",
                  "fp8_tensor_dynamic", "int8_channel_token", "int8_w8a16", "int4_w4a16")

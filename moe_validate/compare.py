@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from moe_validate import tolerance as _tol
-from moe_validate.spec import MoEInputs, QuantScheme, storage_dtype
+from moe_validate.contract.spec import MoEInputs, QuantScheme, storage_dtype
 
 __all__ = ["Evaluation", "evaluate", "metric_panel", "passes", "sampled_rows", "TILE", "WORST_COUNT",
            "SAMPLE_HEAD_ROWS", "SAMPLE_TAIL_ROWS"]

@@ -29,7 +29,7 @@ from typing import Optional, Tuple
 import torch
 
 from moe_validate.matrix import Case
-from moe_validate.spec import (
+from moe_validate.contract.spec import (
     FP8_MAX,
     LoRASpec,
     MoEInputs,

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, fields, replace
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from moe_validate.spec import Activation, QuantScheme
+from moe_validate.contract.spec import Activation, QuantScheme
 
 __all__ = [
     "Case",

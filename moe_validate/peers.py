@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from moe_validate.matrix import Case
-    from moe_validate.spec import MoEInputs
+    from moe_validate.contract.spec import MoEInputs
 
 __all__ = [
     "TorchGroupedBackend",
@@ -92,7 +92,7 @@ def scaled_grouped_mm_available(device: str = "cpu") -> Tuple[bool, str]:
 
 def peer_scheme_support(scheme, device: str) -> Tuple[bool, str]:
     """Whether the peer can run ``scheme`` on ``device`` natively (for timing); (ok, reason)."""
-    from moe_validate.spec import QuantScheme
+    from moe_validate.contract.spec import QuantScheme
 
     scheme = QuantScheme.parse(scheme)
     if scheme.value not in PEER_SCHEMES:
@@ -176,7 +176,7 @@ def _quantize_rows(x, scheme, static_scale, row_valid):
     """(codes fp8 [R, C], scale fp32 [R]) per the scheme's activation granularity (SPEC quantizer)."""
     import torch
 
-    from moe_validate.spec import FP8_MAX, QUANT_EPS
+    from moe_validate.contract.spec import FP8_MAX, QUANT_EPS
 
     x32 = x.float()
     g = scheme.act_granularity
@@ -214,7 +214,7 @@ def torch_grouped_experts(hidden_states, w1, w2, topk_weights, topk_ids, *, acti
     """
     import torch
 
-    from moe_validate.spec import Activation, QuantConfig, QuantScheme, storage_dtype
+    from moe_validate.contract.spec import Activation, QuantConfig, QuantScheme, storage_dtype
 
     from reference.activations import apply_activation
 

@@ -123,6 +123,10 @@ def pytest_load_initial_conftests(early_config, parser, args) -> None:
     # The earliest hook a -p / entry-point plugin gets in a worker: before conftests, which may
     # import torch and initialise CUDA (tests/conftest.py does), after which the variable is read.
     pin_xdist_worker()
+    # Before hypothesis' own pytest_configure reads --hypothesis-profile.
+    from moe_validate.hypothesis_profiles import register_hypothesis_profiles
+
+    register_hypothesis_profiles()
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from moe_validate.spec import FP8_DTYPE, Activation, MoEInputs, QuantScheme, storage_dtype
+from moe_validate.contract.spec import FP8_DTYPE, Activation, MoEInputs, QuantScheme, storage_dtype
 
 __all__ = ["Bound", "derive", "unit_roundoff", "ulp", "PRECISION_BITS", "Z_GATE", "Z_BUDGET"]
 

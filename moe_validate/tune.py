@@ -101,7 +101,7 @@ def _configs(shapes, scheme, on_gpu: bool) -> List[Any]:
 
 def regime_candidates(scheme, regime: str, *, on_gpu: bool = True) -> List[Any]:
     """The grid of one regime, filtered by the scheme's static rules."""
-    from moe_validate.spec import QuantScheme
+    from moe_validate.contract.spec import QuantScheme
 
     s = QuantScheme.parse(scheme)
     for name, _, shapes in _REGIMES:
@@ -115,7 +115,7 @@ def regime_candidates(scheme, regime: str, *, on_gpu: bool = True) -> List[Any]:
 def candidate_grid(scheme, *, on_gpu: bool = True, small: bool = True) -> List[Any]:
     """KernelConfigs to try, filtered by the scheme's static rules (``check_config``): the union
     of the regime grids (``small``), or a full cross product of tile sizes."""
-    from moe_validate.spec import QuantScheme
+    from moe_validate.contract.spec import QuantScheme
 
     s = QuantScheme.parse(scheme)
     if small:
@@ -143,7 +143,7 @@ def gemm2_variants(best, scheme, regime: str, *, on_gpu: bool = True) -> List[An
     from dataclasses import replace
 
     from kernels.configs import Gemm2Tiles
-    from moe_validate.spec import QuantScheme
+    from moe_validate.contract.spec import QuantScheme
 
     s = QuantScheme.parse(scheme)
     variants = (replace(best, gemm2=Gemm2Tiles(BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M,
@@ -243,7 +243,7 @@ def tune(model, scheme: str, m_list: Sequence[int] = DEFAULT_TUNE_M, *, out_dir:
 
     from kernels.configs import CONFIG_DIR, config_file_name, untuned_config
     from moe_validate.env import capture_env, interpreting
-    from moe_validate.spec import QuantScheme
+    from moe_validate.contract.spec import QuantScheme
 
     s = QuantScheme.parse(scheme, name="--scheme")
     if not m_list or any((not isinstance(m, int)) or m < 1 for m in m_list):

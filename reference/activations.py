@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from moe_validate.spec import SWIGLU_LIMIT, Activation
+from moe_validate.contract.spec import SWIGLU_LIMIT, Activation
 
 __all__ = ["apply_activation", "split_gate_up"]
 

@@ -23,8 +23,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from moe_validate.checks import CallShape, validate_call, validate_index_values
-from moe_validate.spec import Activation, LoRASpec, QuantConfig, QuantScheme
+from moe_validate.contract.checks import CallShape, validate_call, validate_index_values
+from moe_validate.contract.spec import Activation, LoRASpec, QuantConfig, QuantScheme
 
 from reference.activations import apply_activation
 from reference.quant import dequantize_activation, dequantize_weights, quantize_activation_codes

@@ -33,7 +33,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from moe_validate.spec import (
+from moe_validate.contract.spec import (
     FP8_BLOCK,
     FP8_MAX,
     INT4_DEFAULT_ZERO_POINT,

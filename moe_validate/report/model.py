@@ -31,7 +31,7 @@ OUTCOMES: Tuple[str, ...] = tuple(o.value for o in Outcome)
 _SEVERITY = {"SKIP": 0, "PASS": 1, "FAIL": 3, "TIMEOUT": 4, "OOM": 4, "COMPILE_ERROR": 5, "CRASH": 5}
 
 # Axes shown first, in this order; SPEC.md vocabulary order within an axis (the report package
-# does not import moe_validate.spec, which pulls in torch).
+# does not import moe_validate.contract.spec, which pulls in torch).
 _AXIS_ORDER = ("dtype", "scheme", "activation", "lora")
 _VALUE_ORDER = {
     "dtype": ("fp32", "fp16", "bf16"),

@@ -16,7 +16,7 @@ import torch
 import kernels
 import reference
 from kernels._interp import INTERPRETING
-from moe_validate.spec import Activation, LoRASpec, QuantConfig, QuantScheme, storage_dtype
+from moe_validate.contract.spec import Activation, LoRASpec, QuantConfig, QuantScheme, storage_dtype
 from reference.activations import split_gate_up
 
 if torch.cuda.is_available() and not INTERPRETING.value:

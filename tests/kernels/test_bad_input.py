@@ -1,6 +1,6 @@
 """Bad input (SPEC.md): a clear ValueError/TypeError naming the argument, before any launch.
 
-The shared checks (moe_validate.checks.validate_call) are exercised through kernels.fused_experts
+The shared checks (moe_validate.contract.checks.validate_call) are exercised through kernels.fused_experts
 for a representative set; the kernel-only checks (device, interpreter, capability, config,
 workspaces) in full.
 """
@@ -11,7 +11,7 @@ import torch
 import kernels
 import kernels.experts as experts_module
 from kernel_test_support import DEVICE, make_problem, requires_triton_device, run_kernel
-from moe_validate.spec import QuantConfig, QuantScheme
+from moe_validate.contract.spec import QuantConfig, QuantScheme
 
 pytestmark = requires_triton_device
 

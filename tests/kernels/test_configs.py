@@ -7,7 +7,7 @@ import torch
 
 from kernels import KernelConfig, select_config
 from kernels.configs import batch_invariant_config, check_config, config_file_name
-from moe_validate.spec import QuantScheme
+from moe_validate.contract.spec import QuantScheme
 
 
 def test_round_trip_dict():

@@ -17,7 +17,7 @@ from kernel_test_support import (
     ON_GPU, assert_close_to_reference, make_problem, requires_triton_device, run_apply, run_kernel,
     to_device,
 )
-from moe_validate.spec import Activation, QuantConfig, QuantScheme
+from moe_validate.contract.spec import Activation, QuantConfig, QuantScheme
 
 pytestmark = requires_triton_device
 
@@ -109,7 +109,7 @@ def test_prequantized_input_with_a1q_scale():
 # over, unquantized inputs, router weight handling).
 # ---------------------------------------------------------------------------------------------
 def _lora(p, *, two_slices, stream, ids, enabled=None, seed=3):
-    from moe_validate.spec import LoRASpec
+    from moe_validate.contract.spec import LoRASpec
 
     g = torch.Generator().manual_seed(seed)
     L, r = 2, 3

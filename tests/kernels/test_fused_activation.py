@@ -15,7 +15,7 @@ import torch
 import kernels
 from kernel_test_support import (ON_GPU, assert_close_to_reference, assert_same_bits, make_problem, raw_bits,
                                  requires_triton_device, run_apply, zero_lora)
-from moe_validate.spec import Activation
+from moe_validate.contract.spec import Activation
 
 pytestmark = requires_triton_device
 

@@ -20,7 +20,7 @@ import kernels
 from kernel_test_support import (DEVICE, ON_GPU, assert_close_to_reference, assert_same_bits, make_problem,
                                  raw_bits, requires_triton_device, run_apply, zero_lora)
 from kernels.grouped_gemm import invoke_grouped_gemm
-from moe_validate.spec import QuantScheme
+from moe_validate.contract.spec import QuantScheme
 
 pytestmark = requires_triton_device
 

@@ -11,7 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kernel_test_support import assert_same_bits
 from kernels._interp import add_rn, dot, tanh, to_fp32, to_fp8_e4m3, to_int8, to_storage
+from kernels.activation import activation_fp32
+from moe_validate.contract.spec import SWIGLU_LIMIT
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
@@ -134,3 +137,94 @@ def test_add_rn_rounds_the_product_first_and_keeps_subnormals():
     assert bool((expected[:100] != 0).all()) and bool((expected[:100].abs() < tiny).all())
     differ = out.view(torch.int32) != expected.view(torch.int32)
     assert not bool(differ.any()), f"{int(differ.sum())} of {n} sums differ, first at {int(differ.nonzero()[0])}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The interpreter's floating tl.dot is patched to a fixed-order sum (kernels._interp): an element's
+# bits depend on its own row and column only, so two correct kernels that put the same dot product
+# at different tile positions agree bit for bit on every host (issue 24). np.matmul does not.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _native_dot_kernel(a_ptr, b_ptr, c_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a = tl.load(a_ptr + offs_m[:, None] * BLOCK_K + offs_k[None, :])
+    b = tl.load(b_ptr + offs_k[:, None] * BLOCK_N + offs_n[None, :])
+    c = tl.load(c_ptr + offs_m[:, None] * BLOCK_N + offs_n[None, :])
+    tl.store(c_ptr + offs_m[:, None] * BLOCK_N + offs_n[None, :], tl.dot(a, b, c))
+
+
+def _sequential_dot(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+    """acc + a @ b the slow way: fp32 products, added over k in order, then the accumulator."""
+    a, b = a.float(), b.float()
+    total = a[:, 0, None] * b[None, 0, :]
+    for k in range(1, a.shape[1]):
+        total = total + a[:, k, None] * b[None, k, :]
+    return total + acc
+
+
+def _native_dot(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+    c = acc.clone()
+    _native_dot_kernel[(1,)](a, b, c, BLOCK_M=a.shape[0], BLOCK_N=b.shape[1], BLOCK_K=a.shape[1])
+    return c
+
+
+interpreter_only = pytest.mark.skipif(DEVICE != "cpu", reason="the fixed-order dot patches the Triton interpreter; "
+                                      "on a GPU tl.dot is the hardware's MMA (its order is the compiler's)")
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn])
+def test_interpreter_dot_is_the_fixed_order_sum(dtype):
+    gen = torch.Generator().manual_seed(24)
+    a = torch.randn(16, 64, generator=gen).to(dtype)
+    b = torch.randn(64, 32, generator=gen).to(dtype)
+    acc = torch.randn(16, 32, generator=gen)
+    assert_same_bits(_native_dot(a, b, acc), _sequential_dot(a, b, acc), f"{dtype} dot", "interpreter", "sequential")
+
+
+@interpreter_only
+def test_interpreter_dot_bits_do_not_depend_on_position_or_row_count():
+    """The two rearrangements the kernels make: gate/up columns interleaved (fused activation) and
+    a token row moved or computed in a smaller tile (permutation and sub-batch invariance)."""
+    gen = torch.Generator().manual_seed(25)
+    a = torch.randn(32, 64, generator=gen)
+    b = torch.randn(64, 32, generator=gen)
+    zeros = torch.zeros(32, 32)
+    full = _native_dot(a, b, zeros)
+    columns = torch.cat([torch.arange(0, 32, 2), torch.arange(1, 32, 2)])
+    assert_same_bits(_native_dot(a, b[:, columns].contiguous(), zeros), full[:, columns], "column-permuted dot")
+    rows = torch.randperm(32, generator=gen)
+    assert_same_bits(_native_dot(a[rows].contiguous(), b, zeros), full[rows], "row-permuted dot")
+    assert_same_bits(_native_dot(a[:16].contiguous(), b, zeros[:16]), full[:16], "16-row dot")
+
+
+@triton.jit
+def _activation_tile_kernel(x_ptr, u_ptr, y_ptr, n, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0)
+    y = activation_fp32(x, u, 0.0, ACTIVATION=ACTIVATION, HAS_CLAMP=False, SWIGLU_LIMIT=SWIGLU_LIMIT)
+    tl.store(y_ptr + offs, y, mask=mask)
+
+
+@interpreter_only
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "swigluoai", "swiglustep"])
+def test_interpreter_activation_bits_do_not_depend_on_tile_length_or_offset(activation):
+    """The fused epilogue and the activation kernel apply the same fp32 math to tiles of other
+    lengths and alignments; under the interpreter that math is numpy's, whose SIMD loops handle a
+    vector body and a tail. Pinned here so that a host (or numpy build) where the tail rounds
+    differently shows up as this failure, not as a fused-vs-unfused mismatch."""
+    gen = torch.Generator().manual_seed(26)
+    x, u = torch.randn(2, 1000, generator=gen) * 4
+    def apply(offset, block):
+        xs, us = x[offset:].contiguous(), u[offset:].contiguous()
+        y = torch.empty_like(xs)
+        _activation_tile_kernel[(triton.cdiv(xs.numel(), block),)](xs, us, y, xs.numel(), ACTIVATION=activation,
+                                                                   BLOCK=block)
+        return y
+    whole = apply(0, 1024)
+    for offset, block in [(0, 16), (3, 32), (5, 64), (7, 128)]:
+        assert_same_bits(apply(offset, block), whole[offset:], f"{activation} at offset {offset}, tiles of {block}")

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_validate.spec import Activation, LoRASpec
+from moe_validate.contract.spec import Activation, LoRASpec
 from kernels.lora import (
     LoRAKernelConfig,
     _round_to_storage,
@@ -478,7 +478,7 @@ def test_w2_bad_arguments_raise_before_launch():
         call(route_weight=weight[:-1])
     with pytest.raises(ValueError, match=r"c2 must be \[M\*topk, I\]"):
         call(c2=c2[:-1])
-    with pytest.raises(TypeError, match="lora must be a moe_validate.spec.LoRASpec"):
+    with pytest.raises(TypeError, match="lora must be a moe_validate.contract.spec.LoRASpec"):
         call(lora={"w2_a": lora.w2_a})
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kernel_test_support import assert_close_to_reference, make_problem, run_kernel, to_device
-from moe_validate.spec import QuantScheme
+from moe_validate.contract.spec import QuantScheme
 
 # (scheme, make_problem extras): K = 256 and I = 128 give two 128-blocks along K for GEMM1 and
 # several int4 groups per tile row.

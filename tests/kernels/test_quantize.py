@@ -16,7 +16,7 @@ import torch
 import kernels.quantize as quantize_module
 from kernels._interp import INTERPRETING
 from kernels.quantize import quantize_activation, silu_and_mul_quant_fp8_group
-from moe_validate.spec import FP8_FNUZ_MAX, FP8_MAX, INT8_MAX, QUANT_EPS, QuantScheme
+from moe_validate.contract.spec import FP8_FNUZ_MAX, FP8_MAX, INT8_MAX, QUANT_EPS, QuantScheme
 
 if torch.cuda.is_available():
     DEVICE = "cuda"

@@ -6,7 +6,7 @@ import torch
 import kernels
 from kernel_test_support import DEVICE, requires_triton_device
 from kernels.activation import apply_activation
-from moe_validate.spec import Activation
+from moe_validate.contract.spec import Activation
 from reference.activations import apply_activation as ref_activation
 
 pytestmark = requires_triton_device

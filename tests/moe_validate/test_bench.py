@@ -261,7 +261,7 @@ def test_peer_fp8_per_token_emulation_against_mirror():
     <= sqrt(5e-4) * 2^-3 ~ 2.8e-3; plus 2^-8 for the c3 rounding: bound 1e-2 (derived 6.7e-3).
     """
     from moe_validate.peers import torch_grouped_experts
-    from moe_validate.spec import QuantConfig
+    from moe_validate.contract.spec import QuantConfig
 
     import reference
 
@@ -298,7 +298,7 @@ def test_peer_backend_registered_and_supports():
 
 def test_peer_rejects_unsupported_input():
     from moe_validate.peers import torch_grouped_experts
-    from moe_validate.spec import QuantConfig
+    from moe_validate.contract.spec import QuantConfig
 
     x, w1, w2, w, ids = _peer_inputs()
     with pytest.raises(ValueError, match="quant.scheme"):
@@ -393,7 +393,7 @@ def test_tune_writes_a_table_select_config_picks_up(tmp_path):
     check: it is checked once, rejected, never written and never timed again; the table has
     the checked winners and the provenance, and select_config finds it by name."""
     from kernels.configs import KernelConfig, config_file_name, select_config
-    from moe_validate.spec import QuantScheme
+    from moe_validate.contract.spec import QuantScheme
     from moe_validate.tune import check_candidate, tune
 
     tiny = ModelShape("tiny", E=4, topk=2, K=32, I=16)

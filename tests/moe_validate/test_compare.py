@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from moe_validate.matrix import Case
-from moe_validate.spec import Activation, QuantScheme
+from moe_validate.contract.spec import Activation, QuantScheme
 
 F64 = torch.float64
 
@@ -27,7 +27,7 @@ F64 = torch.float64
 # =================================================================================================
 reference = pytest.importorskip("reference", reason="the comparison engine needs the float64 reference")
 from reference import pipeline as ref_pipeline  # noqa: E402
-from moe_validate.checks import validate_call  # noqa: E402
+from moe_validate.contract.checks import validate_call  # noqa: E402
 
 EMULATED_BLOCK_K = 32  # K tile of the emulated kernel; tiles are summed last-to-first
 

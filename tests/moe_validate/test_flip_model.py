@@ -17,7 +17,7 @@ from moe_validate import runner
 from moe_validate import tolerance as tol
 from moe_validate.calibration import DEFAULT_BAND, MIN_FLIP_EVENTS, calibrate
 from moe_validate.matrix import Case
-from moe_validate.spec import QuantScheme
+from moe_validate.contract.spec import QuantScheme
 from moe_validate.tolerance import U32, acc_error_typical, product_bits, round_both, ulp
 
 GATE_BAND = (0.5, 2.0)  # the "RMS near 1": a factor 2 either way (4x in variance)

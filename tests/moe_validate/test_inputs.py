@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moe_validate.matrix import AXES, Case, suite_cases
-from moe_validate.spec import FP8_MAX, MoEInputs, QuantScheme
+from moe_validate.contract.spec import FP8_MAX, MoEInputs, QuantScheme
 
 pytest.importorskip("reference", reason="quantized inputs use reference.quantize_weights")
 

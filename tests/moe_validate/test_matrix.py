@@ -18,7 +18,7 @@ from moe_validate.matrix import (
     interpreter_cost,
     suite_cases,
 )
-from moe_validate.spec import Activation, QuantScheme
+from moe_validate.contract.spec import Activation, QuantScheme
 
 BASE = dict(M=8, N=64, K=64, E=4, topk=2)
 

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -145,14 +146,25 @@ def test_poisoned_cuda_context_retires_the_worker(tmp_path):
 
 
 def test_hanging_case_times_out_and_the_worker_is_replaced(tmp_path):
-    t0 = time.monotonic()
-    summary = runner.run_cases(CASES, "fake_backends:Hang", tmp_path, workers=2, timeout_s=4, progress=None)
+    """One worker: it hangs on seed 1, is killed at the limit and replaced, and seed 2 still runs.
+
+    Asserts outcomes only. How long the run takes depends on the host's load (a respawn imports
+    torch again), so the only clock here is a generous bound that turns a hung run into a failure
+    instead of a hung test session."""
+    finished = {}
+    call = threading.Thread(daemon=True, target=lambda: finished.update(summary=runner.run_cases(
+        CASES, "fake_backends:Hang", tmp_path, workers=1, timeout_s=4, progress=None)))
+    call.start()
+    call.join(timeout=600)
+    assert not call.is_alive(), "the run did not finish within 600 s although its only hang has a 4 s limit"
+    summary = finished["summary"]
     recs = _records(summary.results_path)
     assert recs[SEED1]["outcome"] == "TIMEOUT" and "4s per-case limit" in recs[SEED1]["reason"]
     # faulthandler dumped the stack of the hung worker shortly before it was killed.
     assert "fake_backends.py" in (recs[SEED1]["error"] or "")
-    assert sorted(r["outcome"] for r in recs.values()) == ["PASS", "PASS", "TIMEOUT"]
-    assert time.monotonic() - t0 < 60
+    # The case after the hang ran, so the killed worker was replaced: two worker processes, two logs.
+    assert [recs[c.id]["outcome"] for c in CASES] == ["PASS", "TIMEOUT", "PASS"]
+    assert len(list((tmp_path / "logs").glob("worker-*.log"))) == 2
     assert summary.exit_code == 1
 
 

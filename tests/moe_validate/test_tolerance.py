@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe_validate.matrix import AXES, Case
-from moe_validate.spec import FP8_DTYPE, storage_dtype
+from moe_validate.contract.spec import FP8_DTYPE, storage_dtype
 from moe_validate.tolerance import Bound, derive, ulp, unit_roundoff
 
 reference = pytest.importorskip("reference", reason="bounds are derived from the reference's stages")

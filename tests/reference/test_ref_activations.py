@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import reference
-from moe_validate.spec import Activation, QuantConfig
+from moe_validate.contract.spec import Activation, QuantConfig
 from reference.activations import apply_activation
 
 TOKENS = [[1.5, -0.75, 9.0, 8.5], [9.0, 0.5, -2.0, 3.0]]

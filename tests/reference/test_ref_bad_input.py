@@ -2,7 +2,7 @@
 
 Every case starts from one valid call (``_valid_call``), breaks exactly one thing, and checks
 the exception type and that the message names the argument. The checks live in
-``moe_validate.checks.validate_call`` (shared with the kernels); the reference calls it first.
+``moe_validate.contract.checks.validate_call`` (shared with the kernels); the reference calls it first.
 """
 
 import math
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import reference
-from moe_validate.checks import CallShape, validate_call
-from moe_validate.spec import Activation, LoRASpec, QuantConfig, QuantScheme
+from moe_validate.contract.checks import CallShape, validate_call
+from moe_validate.contract.spec import Activation, LoRASpec, QuantConfig, QuantScheme
 
 M, K, I, E, TOPK, L, R = 4, 128, 64, 3, 2, 2, 4
 
@@ -245,7 +245,7 @@ def test_ids_and_values_are_never_read():
 
 def test_index_values_check_is_separate_and_named():
     """validate_index_values reads values (one sync); validate_call never does."""
-    from moe_validate.checks import validate_index_values
+    from moe_validate.contract.checks import validate_index_values
 
     validate_index_values(3, expert_map=torch.tensor([-1, 0, 2]))
     with pytest.raises(ValueError, match="expert_map"):

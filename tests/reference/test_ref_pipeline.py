@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import reference
-from moe_validate.spec import LoRASpec, QuantConfig, QuantScheme
+from moe_validate.contract.spec import LoRASpec, QuantConfig, QuantScheme
 from reference.pipeline import STAGE_KEYS
 
 FP32_U = 2.0 ** -24

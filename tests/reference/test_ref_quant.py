@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import reference
-from moe_validate.spec import QuantScheme
+from moe_validate.contract.spec import QuantScheme
 from reference.quant import _round_to_codes, dequantize_activation
 
 F8 = torch.float8_e4m3fn

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import reference
-from moe_validate.spec import QuantConfig, QuantScheme
+from moe_validate.contract.spec import QuantConfig, QuantScheme
 
 f32 = np.float32
 X = [7.0, 1.296875]

@@ -1,12 +1,13 @@
 """The shared "Bad input" checks of SPEC.md, used by both ``kernels`` and ``reference``.
 
-A leaf module (torch and ``moe_validate.spec`` only). ``validate_call`` inspects shapes, dtypes,
-strides and devices -- never tensor values, so it costs no device synchronization -- and
-either returns the resolved problem size (``CallShape``) or raises ``ValueError``/``TypeError``
-naming the offending argument and what was expected. ``validate_index_values`` is the optional
-second check that does read values (one device sync): expert-map entries and LoRA adapter ids.
-Expert ids in ``topk_ids`` are never bad input (padded rows may hold any integer). Device
-capability is not checked here: each backend adds its own ``supports`` check.
+Part of the leaf contract (torch and ``moe_validate.contract.spec`` only). ``validate_call``
+inspects shapes, dtypes, strides and devices -- never tensor values, so it costs no device
+synchronization -- and either returns the resolved problem size (``CallShape``) or raises
+``ValueError``/``TypeError`` naming the offending argument and what was expected.
+``validate_index_values`` is the optional second check that does read values (one device
+sync): expert-map entries and LoRA adapter ids. Expert ids in ``topk_ids`` are never bad input
+(padded rows may hold any integer). Device capability is not checked here: each backend adds
+its own ``supports`` check.
 
 Decisions this module makes where SPEC.md is silent (kernels inherit them by calling it):
 - pre-quantized ``hidden_states`` (fp8 / int8) must come with ``a1q_scale`` and is refused
@@ -26,7 +27,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from moe_validate.spec import (
+from moe_validate.contract.spec import (
     FP8_BLOCK,
     INT4_GROUP_SIZES,
     Activation,
@@ -216,7 +217,7 @@ def _check_quant(quant: QuantConfig, scheme: QuantScheme, *, E: int, N: int, K: 
 def _check_lora(lora: LoRASpec, *, M: int, K: int, N: int, I: int, E: int,
                 activation: Activation, device: torch.device) -> None:
     if not isinstance(lora, LoRASpec):
-        raise TypeError(f"lora must be a moe_validate.spec.LoRASpec or None; got {type(lora).__name__}")
+        raise TypeError(f"lora must be a moe_validate.contract.spec.LoRASpec or None; got {type(lora).__name__}")
     if lora.stream not in LoRASpec.STREAMS:
         raise ValueError(f"lora.stream must be 'single' or 'dual'; got {lora.stream!r}")
     w2_a = _require_tensor(lora.w2_a, "lora.w2_a")
@@ -285,7 +286,7 @@ def validate_call(hidden_states, w1, w2, topk_weights, topk_ids, *, activation="
     if quant is None:
         quant = QuantConfig()
     if not isinstance(quant, QuantConfig):
-        raise TypeError(f"quant must be a moe_validate.spec.QuantConfig or None; got {type(quant).__name__}")
+        raise TypeError(f"quant must be a moe_validate.contract.spec.QuantConfig or None; got {type(quant).__name__}")
     scheme = QuantScheme.parse(quant.scheme, "quant.scheme")
     device = hidden_states.device
 

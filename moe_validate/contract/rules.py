@@ -1,0 +1,45 @@
+"""The decisions the kernels, the reference and the harness must make the same way, each once.
+
+- ``fused_silu_fp8_group``: which calls quantize their silu output straight from fp32 into fp8
+  1x128 groups (SPEC step 8), with no S rounding between activation and quantization.
+- ``interpreting``: whether Triton runs kernels through its interpreter, read as Triton reads it.
+- ``takes_naive_path``: when the tiny-M path (one route per tile, no alignment) runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+from moe_validate.contract.spec import Activation, QuantScheme
+
+__all__ = ["fused_silu_fp8_group", "interpreting", "takes_naive_path", "NAIVE_SPARSITY"]
+
+# How Triton reads a boolean environment variable (triton.knobs.env_bool -> libtriton's
+# getenv_bool in the installed 3.x): the whole value, case-insensitive; anything else is false,
+# so "2", " 1" and "t" do not interpret. tests/test_architecture.py pins this against Triton.
+_TRITON_TRUE = frozenset({"1", "true", "on", "yes", "y"})
+
+# vLLM's heuristic for the tiny-M path: one route per tile pays off when there are several
+# experts per route (alignment would then produce one mostly-padding tile per route anyway and
+# costs two extra launches).
+NAIVE_SPARSITY = 4
+
+
+def fused_silu_fp8_group(activation, scheme, gemm1_clamp_limit, has_lora: bool) -> bool:
+    """silu + fp8_block128, no GEMM1 clamp, no LoRA: c2 is quantized from the fp32 activation in
+    1x128 groups (the kernels' ``silu_and_mul_quant_fp8_group``, or its fusion into GEMM1's
+    epilogue where the config allows). ``activation`` and ``scheme``: the enums or their values."""
+    return (activation == Activation.SILU and scheme == QuantScheme.FP8_BLOCK128
+            and gemm1_clamp_limit is None and not has_lora)
+
+
+def interpreting() -> bool:
+    """Whether Triton interprets kernels (``TRITON_INTERPRET`` as Triton reads it). Read at call
+    time; kernels/_interp.py reads it once, at import, like Triton's own ``@triton.jit``."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _TRITON_TRUE
+
+
+def takes_naive_path(num_routes: int, num_local_experts: int) -> bool:
+    """Whether "auto" assignment takes the tiny-M naive path: at least ``NAIVE_SPARSITY`` local
+    experts per route (M * topk routes)."""
+    return num_routes * NAIVE_SPARSITY <= num_local_experts
