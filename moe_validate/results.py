@@ -338,12 +338,15 @@ class ResultsWriter:
             while view:
                 view = view[self._fh.write(view):]
             os.fsync(self._fh.fileno())
-        except OSError as exc:
+        except BaseException as exc:  # a full disk, or Ctrl-C in the middle of a line
             try:  # drop the partial line; truncating needs no free space
                 os.ftruncate(self._fh.fileno(), self._good_size)
             except OSError:
                 pass
-            raise ResultsWriteError(exc.errno or errno.EIO, f"cannot write {self.path}: {exc.strerror or exc}") from exc
+            if isinstance(exc, OSError):
+                raise ResultsWriteError(exc.errno or errno.EIO,
+                                        f"cannot write {self.path}: {exc.strerror or exc}") from exc
+            raise
         self._good_size += len(line)
 
     def close(self) -> None:
@@ -368,6 +371,7 @@ class RunRecords:
     cases: Dict[str, CaseRecord] = field(default_factory=dict)
     footers: List[FooterRecord] = field(default_factory=list)
     files: List[str] = field(default_factory=list)
+    ended: bool = False  # the last record read of this run was a footer (its last segment ended)
 
     @property
     def backend(self) -> Optional[str]:
@@ -394,8 +398,9 @@ class RunRecords:
 
     @property
     def finished(self) -> bool:
-        """The last segment ended cleanly (a footer after the last header)."""
-        return bool(self.footers) and len(self.footers) >= len(self.headers)
+        """The last segment ended cleanly (a footer after the last header; a killed segment that a
+        ``--resume`` completed does not count against the run)."""
+        return bool(self.headers) and self.ended
 
     @property
     def interrupted(self) -> bool:
@@ -508,7 +513,9 @@ def _group_hand_built(headers, cases, footers) -> List[RunRecords]:
     for c in cases:
         runs.setdefault(str(c.run_id or first), RunRecords(str(c.run_id or first))).cases[c.case_id] = c
     for f in footers:
-        runs.setdefault(str(f.run_id or first), RunRecords(str(f.run_id or first))).footers.append(f)
+        entry = runs.setdefault(str(f.run_id or first), RunRecords(str(f.run_id or first)))
+        entry.footers.append(f)
+        entry.ended = True
     return list(runs.values())
 
 
@@ -578,11 +585,15 @@ def load_results(paths: Iterable[Union[str, Path]], *, run: Optional[str] = None
                     anonymous += 1
                     rec.run_id = f"(unnamed run {anonymous} in {path.name})"
                 current = rec.run_id
-                run_of(rec.run_id).headers.append(rec)
+                entry = run_of(rec.run_id)
+                entry.headers.append(rec)
+                entry.ended = False
                 rs.headers.append(rec)
             elif kind == "footer":
                 rec = FooterRecord.from_json(data)
-                run_of(rec.run_id).footers.append(rec)
+                entry = run_of(rec.run_id)
+                entry.footers.append(rec)
+                entry.ended = True
                 rs.footers.append(rec)
             elif kind == "case":
                 missing = [k for k in ("case_id", "outcome") if k not in data]

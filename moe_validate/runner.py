@@ -15,6 +15,7 @@ from moe_validate.run.case import CaseResult, classify_exception, default_device
 from moe_validate.run.progress import Progress as _Progress
 from moe_validate.run.session import (DEFAULT_TIMEOUT_S, RunSummary, default_workers, footer_record, header_record,
                                       now_iso, run_cases, visible_gpus)
+from moe_validate.run.workers import DEFAULT_MAX_CONSECUTIVE_TIMEOUTS
 from moe_validate.run.shards import (REPEAT_SEED_STRIDE, failures_per_repetition, fresh_seed, parse_shard,
                                      repeat_cases, repetition_of_seed, select_shard)
 
@@ -34,6 +35,7 @@ __all__ = [
     "footer_record",
     "now_iso",
     "DEFAULT_TIMEOUT_S",
+    "DEFAULT_MAX_CONSECUTIVE_TIMEOUTS",
     "REPEAT_SEED_STRIDE",
     "fresh_seed",
     "repetition_of_seed",

@@ -28,7 +28,7 @@ __all__ = ["ReportModel", "CalibrationView", "build_model", "pivot", "axis_value
 
 OUTCOMES: Tuple[str, ...] = tuple(o.value for o in Outcome)
 # Severity for colouring a group of cases: its most severe outcome wins.
-_SEVERITY = {"SKIP": 0, "PASS": 1, "FAIL": 3, "TIMEOUT": 4, "OOM": 4, "COMPILE_ERROR": 5, "CRASH": 5}
+_SEVERITY = {"SKIP": 0, "PASS": 1, "NOT_RUN": 2, "FAIL": 3, "TIMEOUT": 4, "OOM": 4, "COMPILE_ERROR": 5, "CRASH": 5}
 
 # Axes shown first, in this order; SPEC.md vocabulary order within an axis (the report package
 # does not import moe_validate.contract.spec, which pulls in torch).
@@ -194,13 +194,15 @@ class Summary:
     finished: str
     worst: List[WorstEntry]
     skip_reasons: List[Tuple[str, int]]  # reason -> count, most frequent first
+    completeness: str = ""  # "N of M expected cases present (...)"
 
     @property
     def verdict(self) -> str:
-        if self.bad:
-            return "FAILED"
+        """INCOMPLETE outranks FAILED (as in the exit status): a partial run's passes vouch for nothing."""
         if not self.complete:
             return "INCOMPLETE"
+        if self.bad:
+            return "FAILED"
         return "PASSED"
 
     def duration_text(self, seconds: Optional[float]) -> str:
@@ -244,10 +246,23 @@ def _summary(results: ResultSet) -> Summary:
     problems = list(results.problems)
     if not results.headers:
         problems.append("no header record: environment unknown")
-    elif not results.complete:
-        missing = len(results.headers) - len(results.footers)
-        problems.append(f"{missing} of {len(results.headers)} run(s)/shard(s) have no footer: killed or still running; "
-                        "their finished cases are shown")
+    else:
+        unfinished = results.unfinished_runs()
+        if unfinished:
+            problems.append(f"{len(unfinished)} of {len(results.runs)} run(s)/shard(s) have no footer: killed or still "
+                            "running; their finished cases are shown")
+        missing = results.missing()
+        if missing:
+            problems.append(f"{len(missing)} expected case(s) have no result: " + ", ".join(missing[:5])
+                            + (" ..." if len(missing) > 5 else ""))
+        if results.missing_shards():
+            problems.append(f"shard(s) {', '.join(results.missing_shards())} of the split are absent")
+        for r in results.runs:
+            last = r.footers[-1:] and r.footers[-1]
+            if last and last.interrupted:
+                problems.append(f"run {r.run_id[:12]} was interrupted (Ctrl-C)")
+            if last and last.stopped:
+                problems.append(f"run {r.run_id[:12]} stopped early: {last.stopped}")
     return Summary(
         total=len(cases), counts=counts, bad=sum(n for o, n in counts.items() if Outcome(o).is_bad),
         env=merged_env(results), shards=shards, complete=results.complete, problems=problems,
@@ -255,7 +270,8 @@ def _summary(results: ResultSet) -> Summary:
         case_duration_s=sum(float(c["duration_s"]) for c in cases if _num(c.get("duration_s"))),
         started=starts[0] if starts else "-", finished=ends[-1] if ends and results.complete else "-",
         worst=worst_cases(cases),
-        skip_reasons=sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+        skip_reasons=sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])),
+        completeness=results.completeness_line() if results.headers else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -650,6 +666,7 @@ def build_model(results: ResultSet, *, baseline: Optional[ResultSet] = None, tit
     payload = {
         "outcomes": list(OUTCOMES),
         "bad_outcomes": [o.value for o in Outcome if o.is_bad],
+        "severity": dict(_SEVERITY),
         "axes": [{"name": a, "values": vals, "filterable": len(vals) <= FILTER_MAX_VALUES} for a, vals in axes.items()],
         "pivot": {"default": default_pivot, **pivots},
         "table": _table_payload(cases, axes, diff_status),

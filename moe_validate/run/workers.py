@@ -19,18 +19,19 @@ import multiprocessing.connection
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 import uuid
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from moe_validate.backends import get_backend
 from moe_validate.devices import GpuInfo, GpuScheduler, gpu_budget_bytes, worker_gpus
 from moe_validate.results import CaseRecord, Outcome
 from moe_validate.run.case import CaseResult, base_record, run_case_inprocess
 
-__all__ = ["run_pool", "LOG_TAIL_CHARS"]
+__all__ = ["run_pool", "LOG_TAIL_CHARS", "DEFAULT_MAX_CONSECUTIVE_TIMEOUTS"]
 
 # Time a fresh worker may take to import torch/triton and reach its first case (not counted
 # against the per-case limit).
@@ -40,9 +41,45 @@ LOG_TAIL_CHARS = 20_000
 _CASE_MARKER = "=== moe-validate case "
 
 
+# After this many TIMEOUTs in a row the backend is taken as hung: each further one would cost the
+# whole per-case limit plus a worker respawn, and a nightly run would absorb them without limit.
+DEFAULT_MAX_CONSECUTIVE_TIMEOUTS = 3
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """The worker must not outlive the run (a hung case would keep its GPU after the parent's SIGKILL).
+
+    Linux: the kernel sends SIGKILL when the parent dies (``PR_SET_PDEATHSIG``), which reaches a
+    worker stuck in C code too. Elsewhere, and to cover the parent dying before the call, a
+    daemon thread polls the parent's pid once a second.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="moe-validate-parent-watch", daemon=True).start()
+
+
 def _worker_main(conn, backend_spec: str, gpu: Optional[str], log_path: str, timeout_s: Optional[float],
-                 cpu_threads: Optional[int] = None) -> None:
+                 cpu_threads: Optional[int] = None, parent_pid: Optional[int] = None) -> None:
     """Entry point of a spawned worker: receive cases, send records, until told to stop."""
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
+    # Ctrl-C reaches the whole process group; the parent ends the run and kills the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before the first CUDA call of this process
     if cpu_threads:
@@ -122,7 +159,7 @@ class _Worker:
         self.conn, child_conn = ctx.Pipe()
         self.proc = ctx.Process(
             target=_worker_main,
-            args=(child_conn, backend_spec, gpu, str(self.log_path), timeout_s, cpu_threads),
+            args=(child_conn, backend_spec, gpu, str(self.log_path), timeout_s, cpu_threads, os.getpid()),
             name=f"moe-validate-worker-{slot}",
             daemon=True,
         )
@@ -186,10 +223,15 @@ def _exit_description(exitcode: Optional[int]) -> str:
 # The pool
 # ---------------------------------------------------------------------------------------------
 def run_pool(cases, backend_spec: str, workers: int, timeout_s: Optional[float], log_dir: Path,
-             finish: Callable[[CaseRecord], None],
-              gpus: Sequence[GpuInfo] = ()) -> None:
+             finish: Callable[[CaseRecord], None], gpus: Sequence[GpuInfo] = (), *,
+             max_consecutive_timeouts: Optional[int] = DEFAULT_MAX_CONSECUTIVE_TIMEOUTS) -> Optional[str]:
+    """Runs ``cases`` in ``workers`` processes, handing each record to ``finish`` as it ends.
+
+    Returns None, or why the pool stopped early (``max_consecutive_timeouts`` TIMEOUTs in a row;
+    every case left was then recorded NOT_RUN).
+    """
     if not cases:
-        return
+        return None
     log_dir.mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
     count = min(workers, len(cases))
@@ -212,11 +254,12 @@ def run_pool(cases, backend_spec: str, workers: int, timeout_s: Optional[float],
         worker.gpu_index = sched_index[gpu_of_slot[slot]]
         return worker
 
-    pool = [spawn(slot) for slot in range(count)]
+    pool: List[Optional[_Worker]] = [spawn(slot) for slot in range(count)]
 
     def replace(worker: _Worker) -> None:
         worker.kill()
-        pool[worker.slot] = spawn(worker.slot)
+        # A fresh worker costs seconds of start-up (torch, triton): only when cases are left for it.
+        pool[worker.slot] = spawn(worker.slot) if scheduler.pending else None
 
     def release(worker: _Worker) -> None:
         scheduler.finish(worker.gpu_index, worker.case)
@@ -227,15 +270,38 @@ def run_pool(cases, backend_spec: str, workers: int, timeout_s: Optional[float],
         record.duration_s = round(time.monotonic() - worker.started, 6)
         return record
 
+    timeouts_in_a_row = 0
+    stopped: Optional[str] = None
+
+    def record(rec: CaseRecord) -> None:
+        nonlocal timeouts_in_a_row
+        timeouts_in_a_row = timeouts_in_a_row + 1 if rec.outcome == Outcome.TIMEOUT.value else 0
+        finish(rec)
+
+    def give_up(reason: str) -> None:
+        """Records every case in flight or pending as NOT_RUN, and kills the workers."""
+        for worker in live():
+            if worker.case is not None:
+                release(worker)
+                finish(base_record(worker.case, backend_spec, Outcome.NOT_RUN, reason))
+                worker.case = None
+            worker.kill()
+        for case in scheduler.drain():
+            finish(base_record(case, backend_spec, Outcome.NOT_RUN, reason))
+        pool[:] = [None] * len(pool)
+
+    def live() -> List[_Worker]:
+        return [w for w in pool if w is not None]
+
     clean_end = False
     try:
         while True:
-            for worker in pool:
+            for worker in live():
                 if worker.case is None and scheduler.pending:
                     case = scheduler.take(worker.gpu_index)
                     if case is not None:
                         worker.assign(case, timeout_s)
-            busy = [w for w in pool if w.case is not None]
+            busy = [w for w in live() if w.case is not None]
             if not busy:
                 if scheduler.pending:  # an idle GPU takes any case (GpuScheduler rule 1)
                     raise RuntimeError(f"internal: {scheduler.pending} cases left but no worker took one")
@@ -257,32 +323,37 @@ def run_pool(cases, backend_spec: str, workers: int, timeout_s: Optional[float],
                     worker.case_started(timeout_s)
                     continue
                 if message is not None:
-                    _, record, retire = message
+                    _, rec, retire = message
                     release(worker)
                     worker.case = None
-                    finish(record)
+                    record(rec)
                     if retire or not worker.proc.is_alive():
                         replace(worker)
                     continue
                 worker.proc.join(5)
                 release(worker)
-                finish(lost_case_record(
+                record(lost_case_record(
                     worker, Outcome.CRASH,
                     f"worker process died with {_exit_description(worker.proc.exitcode)}; worker replaced"))
                 replace(worker)
             now = time.monotonic()
-            for worker in list(pool):
+            for worker in live():
                 if worker.case is not None and worker.deadline is not None and now >= worker.deadline:
                     worker.proc.kill()
                     worker.proc.join(10)
                     release(worker)
-                    finish(lost_case_record(
+                    record(lost_case_record(
                         worker, Outcome.TIMEOUT,
                         f"exceeded the {timeout_s:g}s per-case limit; worker killed and replaced"))
                     replace(worker)
+            if max_consecutive_timeouts is not None and timeouts_in_a_row >= max_consecutive_timeouts:
+                stopped = (f"{timeouts_in_a_row} cases timed out in a row (limit {max_consecutive_timeouts}): the "
+                           "backend looks hung; the rest were not run")
+                give_up(f"not run: {stopped.split(':')[0]}")
+                break
         clean_end = True
     finally:
-        for worker in pool:
+        for worker in live():
             # After an interrupt or an internal error, do not wait for cases in flight.
             worker.stop() if clean_end else worker.kill()
-
+    return stopped

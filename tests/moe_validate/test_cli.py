@@ -102,7 +102,7 @@ def test_repro_pass_and_fail(capsys):
 def test_report_renders_with_a_baseline(tmp_path, capsys, runs):
     good, bad = runs
     out = tmp_path / "report.html"
-    assert main(["report", str(bad), "--out", str(out), "--baseline", str(good)]) == 0
+    assert main(["report", str(bad), "--out", str(out), "--baseline", str(good)]) == 1  # a case crashed
     stdout = capsys.readouterr().out
     assert f"report: {out}" in stdout and out.stat().st_size > 0
     assert "3 cases: 2 PASS, 1 CRASH" in stdout

@@ -29,8 +29,9 @@ def _case(case_id, outcome, margin=None, *, reason=None, error=None, **params):
             "error": error, "params": params, "duration_s": 0.5, "repro": f"moe-validate repro {case_id}"}
 
 
-def _result_set(cases, env=None, complete=True):
-    header = {"kind": "header", "run_id": "r", "suite": "smoke", "env": env or dict(synth.ENV)}
+def _result_set(cases, env=None, complete=True, expected=None):
+    header = {"kind": "header", "run_id": "r", "suite": "smoke", "env": env or dict(synth.ENV),
+              "expected_cases": expected}
     return ResultSet(headers=[header], cases=sorted(cases, key=lambda c: c["case_id"]),
                      footers=[{"kind": "footer", "duration_s": 3.0, "finished": "t"}] if complete else [])
 
@@ -154,7 +155,9 @@ def _diff_fixture():
     ]
     old_env = dict(synth.ENV)
     new_env = dict(synth.ENV, driver="565.57.01", triton="3.7.0")
-    return _result_set(old, env=old_env), _result_set(new, env=new_env)
+    # The new run was not asked to run "removed" (its expected list): removed, not missing.
+    return (_result_set(old, env=old_env, expected=[c["case_id"] for c in old]),
+            _result_set(new, env=new_env, expected=[c["case_id"] for c in new]))
 
 
 def test_diff_classifies_new_failures_fixes_drift_and_changes():
@@ -167,6 +170,7 @@ def test_diff_classifies_new_failures_fixes_drift_and_changes():
     assert ids(diff.drift) == ["drift", "zero-before"]
     assert ids(diff.outcome_changes) == ["fail-to-crash", "pass-to-skip"]
     assert ids(diff.added) == ["added"] and ids(diff.removed) == ["removed"]
+    assert diff.missing == [] and not diff.incomplete
     assert [(e.key, e.old, e.new) for e in diff.env_changes] == [
         ("driver", "560.35.03", "565.57.01"), ("triton", "3.6.0", "3.7.0")]
     assert diff.has_regressions
@@ -180,12 +184,30 @@ def test_format_diff_names_every_section_and_the_verdict():
     diff = diff_runs(*_diff_fixture())
     text = format_diff(diff)
     for needle in ("new failures: 2", "fixes: 1", "drift (worst margin grew > x1.5", "other outcome changes: 2",
-                   "added cases: 1", "removed cases: 1", "driver: 560.35.03 -> 565.57.01",
+                   "added cases: 1", "removed cases (not selected by the new run): 1", "driver: 560.35.03 -> 565.57.01",
                    "pass-to-fail: PASS 0.3 -> FAIL 2.5", "verdict: REGRESSED"):
         assert needle in text, needle
     same = diff_runs(_diff_fixture()[0], _diff_fixture()[0])
     assert isinstance(same, RunDiff) and not same.has_regressions
     assert "environment: same" in format_diff(same) and "verdict: no regressions" in format_diff(same)
+
+
+def test_missing_cases_and_unfinished_runs_make_the_comparison_incomplete():
+    old, new = _diff_fixture()
+    ids = [c.case_id for c in old.cases]
+    # Killed after 4 of its cases: the rest are missing, never "removed" and never "no regressions".
+    killed = _result_set([c.to_json() for c in old.cases[:4]], complete=False, expected=ids)
+    diff = diff_runs(old, killed)
+    assert [c.case_id for c in diff.missing] == sorted(ids[4:]) and diff.removed == []
+    assert diff.incomplete and diff.new_unfinished == 1 and not diff.has_regressions
+    text = format_diff(diff)
+    assert f"4 of {len(ids)} expected cases present" in text and "verdict: INCOMPLETE (" in text
+    # Died before its first case: everything is missing.
+    empty = _result_set([], complete=False, expected=ids)
+    assert len(diff_runs(old, empty).missing) == len(ids)
+    # No expected list recorded (an older file): a case that disappeared counts as missing.
+    legacy = _result_set([c.to_json() for c in old.cases[:4]], complete=True)
+    assert [c.case_id for c in diff_runs(old, legacy).missing] == sorted(ids[4:])
 
 
 def test_diff_and_format_reject_bad_arguments():

@@ -9,7 +9,7 @@
   var D = JSON.parse(document.getElementById("report-data").textContent);
   var T = D.table, N = T.ids.length, OUT = D.outcomes;
   var BAD = {}; D.bad_outcomes.forEach(function (o) { BAD[OUT.indexOf(o)] = true; });
-  var SEVERITY = { SKIP: 0, PASS: 1, FAIL: 3, TIMEOUT: 4, OOM: 4, COMPILE_ERROR: 5, CRASH: 5 };
+  var SEVERITY = D.severity;  // outcome -> rank, from report/model.py
   var AXES = D.axes, AXIS_BY_NAME = {};
   AXES.forEach(function (a) { AXIS_BY_NAME[a.name] = a; });
   var TABLE_AXES = AXES.slice(0, 4).map(function (a) { return a.name; });
