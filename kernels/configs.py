@@ -7,10 +7,14 @@ call share ``BLOCK_M``, because they share the routing alignment (padded to ``BL
 (``Gemm2Tiles``; in a tuned JSON entry: ``"gemm2": {"BLOCK_N": ..., ...}``). Without it GEMM2
 runs GEMM1's config, as before.
 
-Lookup order in ``select_config``:
+Lookup order in ``select_config`` (``lookup_config`` also says which one served: ``ConfigSource``):
   1. a tuned JSON file in ``kernels/configs/`` keyed by (E, N, device name, dtype, block shape)
      whose top-level keys are token counts M; the entry with the nearest M wins;
-  2. otherwise a default from the shape (``_default_config``).
+  2. a GPU with no table of its own for the shape borrows the table of the nearest tuned device
+     of the same architecture: same compute capability, then the nearest SM count (ties: by
+     name). Tuned devices' facts live beside the tables in ``devices.json`` (``DeviceFacts``),
+     not inside them, so the tables keep the layout other loaders read;
+  3. otherwise a default from the shape (``_default_config``).
 Callers override with ``config=`` (tests, the harness' fixed-config cases) and get one fixed,
 M-independent config in batch-invariant mode (``batch_invariant_config``).
 
@@ -25,14 +29,15 @@ import functools
 import json
 import os
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from moe_validate.contract.spec import FP8_BLOCK, QuantScheme
 
-__all__ = ["KernelConfig", "Gemm2Tiles", "select_config", "untuned_config", "batch_invariant_config", "check_config",
-           "config_file_name"]
+__all__ = ["KernelConfig", "Gemm2Tiles", "DeviceFacts", "ConfigSource", "select_config", "lookup_config",
+           "untuned_config", "batch_invariant_config", "check_config", "config_file_name", "tuned_devices",
+           "current_device_facts"]
 
 
 def _from_dict(cls, d, what: str, required):
@@ -59,6 +64,7 @@ class Gemm2Tiles:
     num_stages: int = 2
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+DEVICES_FILE = "devices.json"  # in the config directory: {device name: {"capability": [9, 0], "sm_count": 132}}
 
 
 @dataclass(frozen=True)
@@ -222,6 +228,46 @@ def config_file_name(E: int, N: int, device_name: str, dtype: torch.dtype, schem
     return name + ".json"
 
 
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What makes two GPUs siblings for the tables: the name the tables are keyed by, the
+    compute capability (architecture) and the SM count (how many programs run at once)."""
+
+    name: str
+    capability: Tuple[int, int]
+    sm_count: int
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"DeviceFacts.name must be a non-empty str; got {self.name!r}")
+        cap = tuple(self.capability)
+        if len(cap) != 2 or not all(isinstance(v, int) and v >= 0 for v in cap):
+            raise ValueError(f"DeviceFacts.capability must be (major, minor) ints; got {self.capability!r}")
+        object.__setattr__(self, "capability", cap)
+        if not isinstance(self.sm_count, int) or self.sm_count < 1:
+            raise ValueError(f"DeviceFacts.sm_count must be a positive int; got {self.sm_count!r}")
+
+    def to_dict(self) -> Dict:
+        return {"capability": list(self.capability), "sm_count": self.sm_count}
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    """Which table served a launch config.
+
+    ``kind``: ``"tuned"`` (the device's own table), ``"sibling"`` (the table of ``device``, the
+    nearest tuned device of the same architecture), ``"default"`` (no table: the shape default),
+    ``"given"`` (the caller's ``config=``) or ``"batch_invariant"``. ``table`` is the file name
+    and ``device`` the device the table was tuned on, both None without a table."""
+
+    kind: str
+    table: Optional[str] = None
+    device: Optional[str] = None
+
+    def to_dict(self) -> Dict:
+        return asdict(self)
+
+
 @functools.lru_cache(maxsize=64)
 def _load_table(path: str) -> Optional[Dict[int, KernelConfig]]:
     if not os.path.exists(path):
@@ -231,25 +277,108 @@ def _load_table(path: str) -> Optional[Dict[int, KernelConfig]]:
     return {int(m): KernelConfig.from_dict(c) for m, c in raw.items() if not m.startswith("_")}
 
 
+@functools.lru_cache(maxsize=16)
+def _load_devices(path: str) -> Dict[str, DeviceFacts]:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        raw = json.load(f)
+    out = {}
+    for name, facts in raw.items():
+        if name.startswith("_"):
+            continue
+        if not isinstance(facts, dict) or set(facts) != {"capability", "sm_count"}:
+            raise ValueError(f"{path}: entry {name!r} must be {{'capability': [major, minor], 'sm_count': n}}; "
+                             f"got {facts!r}")
+        out[name] = DeviceFacts(name, tuple(facts["capability"]), facts["sm_count"])
+    return out
+
+
+def tuned_devices(config_dir: Optional[str] = None) -> Dict[str, DeviceFacts]:
+    """The facts of the tuned devices recorded in ``config_dir`` (default ``kernels/configs``)."""
+    return dict(_load_devices(os.path.join(config_dir or CONFIG_DIR, DEVICES_FILE)))
+
+
+@functools.lru_cache(maxsize=8)
+def _cuda_device_facts(index: int) -> DeviceFacts:
+    props = torch.cuda.get_device_properties(index)
+    return DeviceFacts(props.name, (props.major, props.minor), props.multi_processor_count)
+
+
+def current_device_facts() -> Optional[DeviceFacts]:
+    """The current CUDA device's facts, or None without one (or when interpreting)."""
+    if torch.cuda.is_available() and not _interpreting():
+        return _cuda_device_facts(torch.cuda.current_device())
+    return None
+
+
+def _facts_for(device_name: str, config_dir: str) -> Optional[DeviceFacts]:
+    known = _load_devices(os.path.join(config_dir, DEVICES_FILE)).get(device_name)
+    if known is not None:
+        return known
+    current = current_device_facts()
+    if current is not None and current.name == device_name:
+        return current
+    return None
+
+
 def _current_device_name() -> Optional[str]:
     if torch.cuda.is_available() and not _interpreting():
         return torch.cuda.get_device_name()
     return None
 
 
-def select_config(M: int, E: int, N: int, K: int, topk: int, dtype: torch.dtype,
+def _find_table(E: int, N: int, dtype: torch.dtype, scheme: QuantScheme, device: str,
+                facts: Optional[DeviceFacts], config_dir: str):
+    """(table, ConfigSource) of the device's own table, else of its nearest sibling, else (None, None)."""
+    name = config_file_name(E, N, device, dtype, scheme)
+    table = _load_table(os.path.join(config_dir, name))
+    if table:
+        return table, ConfigSource("tuned", name, device)
+    if facts is None:
+        return None, None  # unknown architecture: no sibling can be trusted
+    siblings = sorted((abs(other.sm_count - facts.sm_count), other.name)
+                      for other in _load_devices(os.path.join(config_dir, DEVICES_FILE)).values()
+                      if other.name != device and other.capability == facts.capability)
+    for _, other in siblings:
+        name = config_file_name(E, N, other, dtype, scheme)
+        table = _load_table(os.path.join(config_dir, name))
+        if table:
+            return table, ConfigSource("sibling", name, other)
+    return None, None
+
+
+def lookup_config(M: int, E: int, N: int, K: int, topk: int, dtype: torch.dtype,
                   scheme=QuantScheme.NONE, device_name: Optional[str] = None, *,
-                  group_size: Optional[int] = None, config_dir: Optional[str] = None) -> KernelConfig:
-    """The launch config for one call: tuned table (nearest M) if one exists, else a default."""
+                  group_size: Optional[int] = None, config_dir: Optional[str] = None,
+                  device_facts: Optional[DeviceFacts] = None) -> Tuple[KernelConfig, ConfigSource]:
+    """``select_config``'s config and the ``ConfigSource`` that served it.
+
+    The device is ``device_name`` (default: ``device_facts``' name, else the current GPU's);
+    its facts for the sibling fallback are ``device_facts``, else its ``devices.json`` entry,
+    else the current GPU's properties when the names match."""
     scheme = QuantScheme.parse(scheme)
-    device_name = device_name or _current_device_name()
+    if device_facts is not None and not isinstance(device_facts, DeviceFacts):
+        raise TypeError(f"device_facts must be a kernels.configs.DeviceFacts or None; got {type(device_facts).__name__}")
+    device_name = device_name or (device_facts.name if device_facts is not None else _current_device_name())
     if device_name is not None:
-        path = os.path.join(config_dir or CONFIG_DIR, config_file_name(E, N, device_name, dtype, scheme))
-        table = _load_table(path)
+        directory = config_dir or CONFIG_DIR
+        facts = device_facts if device_facts is not None else _facts_for(device_name, directory)
+        table, source = _find_table(E, N, dtype, scheme, device_name, facts, directory)
         if table:
             nearest = min(table, key=lambda m: (abs(m - M), m))
-            return table[nearest]
-    return untuned_config(M, E, N, K, topk, dtype, scheme, group_size=group_size)
+            return table[nearest], source
+    return untuned_config(M, E, N, K, topk, dtype, scheme, group_size=group_size), ConfigSource("default")
+
+
+def select_config(M: int, E: int, N: int, K: int, topk: int, dtype: torch.dtype,
+                  scheme=QuantScheme.NONE, device_name: Optional[str] = None, *,
+                  group_size: Optional[int] = None, config_dir: Optional[str] = None,
+                  device_facts: Optional[DeviceFacts] = None) -> KernelConfig:
+    """The launch config for one call: the device's tuned table (nearest M), else its nearest
+    sibling's, else a default (``lookup_config`` also says which)."""
+    return lookup_config(M, E, N, K, topk, dtype, scheme, device_name, group_size=group_size,
+                         config_dir=config_dir, device_facts=device_facts)[0]
 
 
 def untuned_config(M: int, E: int, N: int, K: int, topk: int, dtype: torch.dtype,

@@ -36,7 +36,7 @@ import triton
 
 from kernels.activation import apply_activation
 from kernels.align import align_routes, route_experts
-from kernels.configs import KernelConfig, batch_invariant_config, check_config, select_config
+from kernels.configs import ConfigSource, KernelConfig, batch_invariant_config, check_config, lookup_config
 from kernels.grouped_gemm import fp8_group_quant_blocker, invoke_grouped_gemm
 from kernels.lora import apply_lora_w13, apply_lora_w2
 from kernels.moe_sum import moe_sum
@@ -121,18 +121,20 @@ def _scheme_supported(scheme: QuantScheme, capability: Optional[Tuple[int, int]]
     return need is None or capability is None or tuple(capability) >= need
 
 
-def _resolve_config(config, M, E, N, K, topk, dtype, scheme, group_size, batch_invariant) -> KernelConfig:
+def _resolve_config(config, M, E, N, K, topk, dtype, scheme, group_size,
+                    batch_invariant) -> Tuple[KernelConfig, ConfigSource]:
     if config is not None:
         if isinstance(config, dict):
             config = KernelConfig.from_dict(config)
         if not isinstance(config, KernelConfig):
             raise TypeError(f"config must be a kernels.KernelConfig or a dict; got {type(config).__name__}")
+        source = ConfigSource("given")
     elif batch_invariant:
-        config = batch_invariant_config(dtype, scheme, group_size)
+        config, source = batch_invariant_config(dtype, scheme, group_size), ConfigSource("batch_invariant")
     else:
-        config = select_config(M, E, N, K, topk, dtype, scheme, group_size=group_size)
+        config, source = lookup_config(M, E, N, K, topk, dtype, scheme, group_size=group_size)
     check_config(config, scheme, group_size)
-    return config
+    return config, source
 
 
 def _flat_view(workspace: torch.Tensor, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
@@ -179,6 +181,7 @@ class TritonExperts:
         self.fuse_activation = fuse_activation
         self.fuse_topk_sum = fuse_topk_sum
         self.last_config: Optional[KernelConfig] = None
+        self.last_config_source: Optional[ConfigSource] = None  # which table served last_config
         self.last_assignment: Optional[str] = None
         self.last_fused_activation: Optional[bool] = None
         self.last_fused_topk_sum: Optional[bool] = None
@@ -275,7 +278,8 @@ class TritonExperts:
         if not isinstance(output, torch.Tensor) or tuple(output.shape) != (M, K) or output.dtype != S:
             raise ValueError(f"output must be a [M, K] = {(M, K)} tensor of the storage dtype {S}; got "
                              f"{getattr(output, 'dtype', None)} {tuple(getattr(output, 'shape', ()))}")
-        config = _resolve_config(config, M, E, N, K, topk, S, scheme, quant.group_size, batch_invariant)
+        config, self.last_config_source = _resolve_config(config, M, E, N, K, topk, S, scheme, quant.group_size,
+                                                          batch_invariant)
         self.last_config = config
         clamp = quant.gemm1_clamp_limit
         fused_silu_quant = silu_fp8_group_call(shape.activation, scheme, clamp, lora)

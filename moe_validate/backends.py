@@ -116,6 +116,7 @@ class TritonBackend:
         # candidates, per-GEMM tiles included, that no case-id spelling can express).
         self.forced_config = config
         self.last_config: Optional[dict] = None
+        self.last_config_source: Optional[dict] = None  # kernels.configs.ConfigSource of last_config
 
     def supports(self, case: "Case") -> Tuple[bool, str]:
         reason = case.device_skip_reason(device_capability(), interpreting())
@@ -179,7 +180,7 @@ class TritonBackend:
         output = torch.full(tuple(out_shape), math.nan, dtype=dtype, device=hidden.device)
         workspace13 = torch.full(tuple(ws13_shape), math.nan, dtype=dtype, device=hidden.device)
         workspace2 = torch.full(tuple(ws2_shape), math.nan, dtype=dtype, device=hidden.device)
-        self.last_config = None
+        self.last_config = self.last_config_source = None
         try:
             experts.apply(
                 output,
@@ -204,6 +205,8 @@ class TritonBackend:
         finally:
             # Also when the launch fails: a COMPILE_ERROR record should name the config that failed.
             self.last_config = _config_to_dict(getattr(experts, "last_config", None))
+            source = getattr(experts, "last_config_source", None)
+            self.last_config_source = None if source is None else source.to_dict()
         self.last_paths = {"assignment": experts.last_assignment,
                            "fused_activation": getattr(experts, "last_fused_activation", None),
                            "fused_topk_sum": getattr(experts, "last_fused_topk_sum", None)}

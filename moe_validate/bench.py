@@ -715,8 +715,10 @@ def _bench_row_group(model, scheme, M, backends, weights, ceilings, args, log) -
                 def call(ids, w):
                     return kernels.fused_experts(x, w1, w2, w, ids, activation=model.activation, quant=quant)
 
-                row["config"] = kernels.select_config(M, model.E, model.N, model.K, model.topk, torch.bfloat16,
-                                                      scheme).to_dict()
+                from kernels.configs import lookup_config
+
+                config, source = lookup_config(M, model.E, model.N, model.K, model.topk, torch.bfloat16, scheme)
+                row["config"], row["config_source"] = config.to_dict(), source.to_dict()
                 timed[b] = _Timed(b, call, sets, use_graph=True)
             elif b == "torch-grouped":
                 ok, why = peer_scheme_support(scheme, device)
@@ -1011,6 +1013,16 @@ def _f(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _config_sources(rows) -> Dict[str, int]:
+    """Row counts per table that served our config: "tuned <device>", "sibling <device>", "default"."""
+    counts: Dict[str, int] = {}
+    for r in rows:
+        src = r.get("config_source") or {}
+        label = " ".join(v for v in (src.get("kind"), src.get("device")) if v) or "unrecorded"
+        counts[label] = counts.get(label, 0) + 1
+    return counts
+
+
 def format_table(doc: Dict[str, Any]) -> str:
     """A compact text table: one line per measured (model, scheme, M): our median and p10-p90,
     TFLOP/s, GB/s, % of the floor, and per peer its time / ours (> 1: ours faster). Rows skipped
@@ -1076,6 +1088,9 @@ def format_table(doc: Dict[str, Any]) -> str:
                               for k in prof["kernels"])
             med_us = 1e3 * r["timing"]["median_ms"]
             lines.append(f"{head} sum {prof['kernel_sum_us']:.1f} of {med_us:.1f} | {parts}")
+    served = _config_sources(by[(*k, OURS)] for k in keys if (by.get((*k, OURS)) or {}).get("status") == "ok")
+    if served:
+        lines.append("configs served by: " + "; ".join(f"{src} x{n}" for src, n in served.items()))
     if skipped:
         lines.append("not run (model benchmarked in other schemes): " + ", ".join(f"{k} x{n}" for k, n in skipped.items()))
     errors = [r for r in rows if r["status"] == "error"]

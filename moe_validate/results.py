@@ -14,7 +14,8 @@ land in ``extra`` and survive a round trip):
 ``CaseRecord`` (``"kind": "case"``)
     one per finished case: ``run_id``, ``case_id``, ``params``, ``outcome`` (an ``Outcome``
     value), ``reason``, ``duration_s``, ``backend``, ``config`` (the launch config the backend
-    reported), ``repro`` (one shell line), ``tolerance`` ({"gate", "budget"} bounds with their
+    reported), ``config_source`` (which table served it: ``kernels.configs.ConfigSource``, kind
+    tuned / sibling / default / given / batch_invariant, table, device), ``repro`` (one shell line), ``tolerance`` ({"gate", "budget"} bounds with their
     derivation), ``metrics`` ({"mirror", "exact"} metric panels), ``detail`` (heatmap, per-expert,
     histograms, for failing cases), ``error`` (traceback or worker log), ``worst_margin``,
     ``checks`` (post-comparison checks, moe_validate/invariance.py), ``compared_rows`` (row
@@ -241,6 +242,7 @@ class CaseRecord(_Record):
     duration_s: float = 0.0
     backend: Optional[str] = None
     config: Any = None
+    config_source: Optional[Dict[str, Any]] = None  # which table served config (kernels.configs.ConfigSource)
     repro: Optional[str] = None
     tolerance: Optional[Dict[str, Any]] = None
     metrics: Optional[Dict[str, Any]] = None

@@ -46,7 +46,11 @@ CHECK_M_GPU = 48  # ~24 routes per expert: partial tiles for BLOCK_M 16 .. 128
 # 8 warps, swizzled groups). Configs that exceed shared memory fail to compile and are skipped.
 _REGIMES: Tuple[Tuple[str, float, Tuple[Tuple[int, ...], ...]], ...] = (
     ("decode", 4, ((16, 32, 128, 1, 4, 4), (16, 64, 128, 1, 4, 4), (16, 64, 64, 1, 4, 5),
-                   (16, 128, 128, 1, 4, 3), (16, 64, 256, 1, 4, 3), (16, 32, 256, 1, 4, 3))),
+                   (16, 128, 128, 1, 4, 3), (16, 64, 256, 1, 4, 3), (16, 32, 256, 1, 4, 3),
+                   # More bytes in flight per SM for the H200's 1.4x bandwidth (its first tune,
+                   # 2026-12-02: the deepest K tiles won M=1 and the GEMMs sat at 72-85% of the
+                   # floor): deeper K tiles / more stages; BLOCK_K <= 128 ones for fp8_block128.
+                   (16, 32, 512, 1, 4, 3), (16, 64, 256, 1, 4, 4), (16, 64, 128, 1, 4, 6), (16, 32, 128, 1, 4, 6))),
     ("small", 32, ((16, 64, 128, 1, 4, 4), (16, 128, 128, 1, 4, 3), (32, 64, 128, 1, 4, 4),
                    (32, 128, 64, 1, 4, 4), (64, 64, 128, 1, 4, 3), (64, 128, 64, 1, 8, 4))),
     ("middle", 256, ((64, 128, 64, 1, 8, 4), (64, 128, 128, 8, 4, 3), (64, 256, 64, 8, 8, 3),
@@ -228,20 +232,39 @@ def gpu_timer(model, scheme: str, *, routing_sets: int = 8, target_ms: float = 4
     return timer
 
 
+def _record_device_facts(directory: Path, facts) -> None:
+    """Merge ``facts`` (a DeviceFacts) into ``directory/devices.json``: the sibling fallback's data."""
+    from kernels.configs import DEVICES_FILE
+
+    path = directory / DEVICES_FILE
+    doc: Dict[str, Any] = {}
+    if path.exists():
+        doc = json.loads(path.read_text())
+    doc.setdefault("_about", "device facts of the tuned tables beside this file (kernels.configs.DeviceFacts): "
+                             "a GPU with no table of its own borrows the one of the same capability, nearest SM count")
+    doc[facts.name] = facts.to_dict()
+    ordered = {k: doc[k] for k in sorted(doc, key=lambda k: (not k.startswith("_"), k))}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(ordered, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def tune(model, scheme: str, m_list: Sequence[int] = DEFAULT_TUNE_M, *, out_dir: Optional[str] = None,
          device_name: Optional[str] = None, timer: Optional[Callable[[Any, int], float]] = None,
          check: Optional[Callable[[Any], Tuple[bool, str]]] = None, candidates: Optional[List[Any]] = None,
          command: str = "", check_m: Optional[int] = None, gemm2: Optional[bool] = None,
-         log: Callable[[str], None] = lambda s: None) -> Dict[str, Any]:
+         device_facts: Optional[Any] = None, log: Callable[[str], None] = lambda s: None) -> Dict[str, Any]:
     """Tune and write the table; returns {"path", "table", "provenance"}.
 
     Merges into an existing file of the same name in ``out_dir`` (buckets not tuned now are
-    kept). Raises ValueError for bad arguments and RuntimeError when no candidate passes the
+    kept). The device's facts (``device_facts``, a ``kernels.configs.DeviceFacts``; default: the
+    current GPU's when it is the tuned device) go into ``devices.json`` beside the table, so that
+    a sibling GPU without tables of its own can borrow this one's. Raises ValueError for bad arguments and RuntimeError when no candidate passes the
     correctness check.
     """
     import torch
 
-    from kernels.configs import CONFIG_DIR, config_file_name, untuned_config
+    from kernels.configs import CONFIG_DIR, config_file_name, current_device_facts, untuned_config
     from moe_validate.env import capture_env, interpreting
     from moe_validate.contract.spec import QuantScheme
 
@@ -360,4 +383,13 @@ def tune(model, scheme: str, m_list: Sequence[int] = DEFAULT_TUNE_M, *, out_dir:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(ordered, indent=1) + "\n")
     os.replace(tmp, path)
+    if device_facts is None and on_gpu:
+        current = current_device_facts()
+        device_facts = current if current is not None and current.name == device_name else None
+    if device_facts is not None:
+        _record_device_facts(directory, device_facts)
+    from kernels.configs import _load_devices, _load_table
+
+    _load_table.cache_clear()  # this process may have looked these files up before they were written
+    _load_devices.cache_clear()
     return {"path": str(path), "table": table, "provenance": provenance}

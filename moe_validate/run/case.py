@@ -147,11 +147,15 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
 
 
-def _backend_config(backend) -> Any:
-    try:
-        return getattr(backend, "last_config", None)
-    except Exception as exc:  # a property that raises: say so, keep the case's outcome
-        return f"<last_config raised {one_line(exc)}>"
+def _backend_config(backend) -> Tuple[Any, Any]:
+    """(``last_config``, ``last_config_source``) of the backend; a property that raises is said, not fatal."""
+    values = []
+    for name in ("last_config", "last_config_source"):
+        try:
+            values.append(getattr(backend, name, None))
+        except Exception as exc:
+            values.append(f"<{name} raised {one_line(exc)}>")
+    return values[0], values[1]
 
 
 def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[str] = None,
@@ -187,7 +191,7 @@ def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[s
                 import torch
 
                 torch.cuda.synchronize()  # an asynchronous kernel fault must surface here, not later
-            record.config = _backend_config(backend)
+            record.config, record.config_source = _backend_config(backend)
             evaluation = evaluate(case, inputs, out)
             # The alignment contract and the case's bitwise invariances (re-runs of the backend),
             # right after the run whose launch config routing_stages describes.
@@ -219,7 +223,7 @@ def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[s
         except Exception:  # formatting a hostile exception can raise too
             record.error = f"{type(exc).__name__} (its traceback could not be formatted)"
         if record.config is None:
-            record.config = _backend_config(backend)
+            record.config, record.config_source = _backend_config(backend)
         # After a device fault the CUDA context is unusable: the worker must not run more cases.
         retire = cuda_poisoned(exc)
         if retire and record.outcome == Outcome.CRASH.value:
@@ -232,5 +236,5 @@ def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[s
 
 def _make_storable(record: CaseRecord) -> None:
     """Every field JSON-safe in place (a backend's config may hold anything)."""
-    for name in ("config", "tolerance", "metrics", "detail", "checks", "compared_rows", "params"):
+    for name in ("config", "config_source", "tolerance", "metrics", "detail", "checks", "compared_rows", "params"):
         setattr(record, name, make_json_safe(getattr(record, name), record.notes, name, text_cap=1_000_000))

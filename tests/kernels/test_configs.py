@@ -68,7 +68,7 @@ def test_shipped_tables_are_valid_and_found():
 
     from kernels.configs import CONFIG_DIR
 
-    paths = glob.glob(os.path.join(CONFIG_DIR, "*.json"))
+    paths = glob.glob(os.path.join(CONFIG_DIR, "E=*.json"))  # devices.json beside them is not a table
     assert paths, "no tuned table shipped"
     for path in paths:
         raw = json.loads(open(path).read())
@@ -118,3 +118,154 @@ def test_tuned_entry_with_gemm2_tiles(tmp_path):
     (tmp_path / name).write_text(json.dumps({"_provenance": "test", "64": entry}))
     c = select_config(64, 8, 256, 128, 2, torch.bfloat16, "none", "NVIDIA H100", config_dir=str(tmp_path))
     assert c.BLOCK_N == 128 and c.for_gemm2().BLOCK_N == 256 and c.for_gemm2().BLOCK_M == 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Device fallback: a GPU without a table of its own borrows the nearest tuned sibling's.
+# ---------------------------------------------------------------------------------------------
+_SHAPE = dict(E=8, N=256, dtype=torch.bfloat16, scheme=QuantScheme.NONE)
+
+
+def _write_tables(directory, devices, tables):
+    """devices: {name: (capability, sm_count)}; tables: {device name: BLOCK_M of its one entry}."""
+    from kernels.configs import DEVICES_FILE, DeviceFacts
+
+    doc = {"_about": "test"}
+    doc.update({name: DeviceFacts(name, cap, sms).to_dict() for name, (cap, sms) in devices.items()})
+    (directory / DEVICES_FILE).write_text(json.dumps(doc))
+    for device, block_m in tables.items():
+        name = config_file_name(_SHAPE["E"], _SHAPE["N"], device, _SHAPE["dtype"], _SHAPE["scheme"])
+        (directory / name).write_text(json.dumps({"_provenance": "test", "16": dict(BLOCK_M=block_m, BLOCK_N=64,
+                                                                                    BLOCK_K=64)}))
+
+
+def _lookup(directory, device_name=None, facts=None, scheme=QuantScheme.NONE):
+    from kernels.configs import lookup_config
+
+    return lookup_config(16, _SHAPE["E"], _SHAPE["N"], 128, 2, _SHAPE["dtype"], scheme, device_name,
+                         config_dir=str(directory), device_facts=facts)
+
+
+def test_own_table_serves_before_any_sibling(tmp_path):
+    from kernels.configs import ConfigSource
+
+    _write_tables(tmp_path, {"Fake H100": ((9, 0), 132), "Fake H200": ((9, 0), 132)},
+                  {"Fake H100": 16, "Fake H200": 32})
+    cfg, source = _lookup(tmp_path, "Fake H200")
+    assert cfg.BLOCK_M == 32
+    assert source == ConfigSource("tuned", config_file_name(8, 256, "Fake H200", torch.bfloat16, QuantScheme.NONE),
+                                  "Fake H200")
+
+
+def test_sibling_of_the_same_capability_and_nearest_sm_count_serves(tmp_path):
+    from kernels.configs import ConfigSource, DeviceFacts
+
+    # Same SM count but another architecture (A-like), a same-architecture part with fewer SMs
+    # (PCIe-like, 114) and one with 132: a 132-SM sm_90 part borrows the 132-SM table.
+    _write_tables(tmp_path, {"Fake A": ((8, 0), 132), "Fake H PCIe": ((9, 0), 114), "Fake H SXM": ((9, 0), 132)},
+                  {"Fake A": 128, "Fake H PCIe": 64, "Fake H SXM": 16})
+    cfg, source = _lookup(tmp_path, facts=DeviceFacts("Fake H200", (9, 0), 132))
+    assert cfg.BLOCK_M == 16
+    assert source == ConfigSource("sibling", config_file_name(8, 256, "Fake H SXM", torch.bfloat16, QuantScheme.NONE),
+                                  "Fake H SXM")
+    # 120 SMs: 114 is nearer than 132
+    cfg, source = _lookup(tmp_path, facts=DeviceFacts("Fake H 120", (9, 0), 120))
+    assert (cfg.BLOCK_M, source.kind, source.device) == (64, "sibling", "Fake H PCIe")
+    # equally near (123 is 9 from both): the name decides, so the choice never depends on file order
+    cfg, source = _lookup(tmp_path, facts=DeviceFacts("Fake H 123", (9, 0), 123))
+    assert source.device == "Fake H PCIe"
+
+
+def test_sibling_without_a_table_for_the_shape_is_passed_over(tmp_path):
+    from kernels.configs import DeviceFacts
+
+    _write_tables(tmp_path, {"Fake H SXM": ((9, 0), 132), "Fake H PCIe": ((9, 0), 114)}, {"Fake H PCIe": 64})
+    cfg, source = _lookup(tmp_path, facts=DeviceFacts("Fake H200", (9, 0), 132))
+    assert (cfg.BLOCK_M, source.kind, source.device) == (64, "sibling", "Fake H PCIe")
+    # no sibling has a table for another scheme: the shape default, said so
+    cfg, source = _lookup(tmp_path, facts=DeviceFacts("Fake H200", (9, 0), 132), scheme=QuantScheme.FP8_TENSOR_TOKEN)
+    assert (source.kind, source.table, source.device) == ("default", None, None)
+
+
+def test_no_sibling_across_architectures_or_for_unknown_devices(tmp_path):
+    from kernels.configs import DeviceFacts, untuned_config
+
+    _write_tables(tmp_path, {"Fake H SXM": ((9, 0), 132)}, {"Fake H SXM": 64})
+    cfg, source = _lookup(tmp_path, facts=DeviceFacts("Fake B", (10, 0), 132))
+    assert source.kind == "default"
+    assert cfg == untuned_config(16, 8, 256, 128, 2, torch.bfloat16, QuantScheme.NONE)
+    # a name with no recorded facts (and no GPU of that name here): its architecture is unknown
+    assert _lookup(tmp_path, "Some Other GPU")[1].kind == "default"
+
+
+def test_devices_file_facts_let_a_tuned_device_borrow_for_its_untuned_shapes(tmp_path):
+    """A device listed in devices.json (tuned for some shapes) borrows a sibling's table for the
+    others by name alone, without a GPU: its facts come from the file."""
+    _write_tables(tmp_path, {"Fake H SXM": ((9, 0), 132), "Fake H200": ((9, 0), 132)}, {"Fake H SXM": 64})
+    cfg, source = _lookup(tmp_path, "Fake H200")
+    assert (cfg.BLOCK_M, source.kind, source.device) == (64, "sibling", "Fake H SXM")
+
+
+def test_device_facts_and_devices_file_are_checked():
+    from kernels.configs import DeviceFacts
+
+    with pytest.raises(ValueError, match="DeviceFacts.capability must be"):
+        DeviceFacts("x", (9,), 132)
+    with pytest.raises(ValueError, match="DeviceFacts.sm_count must be a positive int"):
+        DeviceFacts("x", (9, 0), 0)
+    with pytest.raises(TypeError, match="device_facts must be a kernels.configs.DeviceFacts"):
+        select_config(16, 8, 256, 128, 2, torch.bfloat16, "none", device_facts={"name": "x"})
+
+
+def test_malformed_devices_file_names_the_entry(tmp_path):
+    from kernels.configs import DEVICES_FILE
+
+    (tmp_path / DEVICES_FILE).write_text(json.dumps({"Fake H": {"capability": [9, 0]}}))
+    with pytest.raises(ValueError, match="entry 'Fake H' must be"):
+        _lookup(tmp_path, "Fake H")
+
+
+def test_shipped_devices_file_covers_the_shipped_tables():
+    """Every device with a shipped table has its facts recorded (or its tables could never
+    serve a sibling), and every recorded device has tables."""
+    import glob
+    import os
+    import re
+
+    from kernels.configs import CONFIG_DIR, tuned_devices
+
+    devices = tuned_devices()
+    assert devices["NVIDIA H100 80GB HBM3"].capability == (9, 0)
+    table_devices = {re.search(r"device_name=([^,]+),", os.path.basename(p)).group(1)
+                     for p in glob.glob(os.path.join(CONFIG_DIR, "E=*.json"))}
+    assert table_devices == {name.replace(" ", "_") for name in devices}
+
+
+def test_resolve_config_says_which_source_served():
+    from kernels.configs import ConfigSource
+    from kernels.experts import _resolve_config
+
+    given = KernelConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_stages=1)
+    assert _resolve_config(given, 4, 8, 256, 128, 2, torch.bfloat16, QuantScheme.NONE, None, False)[1] == \
+        ConfigSource("given")
+    cfg, source = _resolve_config(None, 4, 8, 256, 128, 2, torch.bfloat16, QuantScheme.NONE, None, True)
+    assert source == ConfigSource("batch_invariant") and cfg == batch_invariant_config(torch.bfloat16, QuantScheme.NONE)
+    # no GPU here (interpreter): no device name, the shape default
+    assert _resolve_config(None, 4, 8, 256, 128, 2, torch.bfloat16, QuantScheme.NONE, None, False)[1].kind == "default"
+
+
+def test_tune_records_the_device_facts_beside_the_table(tmp_path):
+    """tune merges the tuned device's facts into devices.json (other devices' entries kept), so
+    its new table can serve siblings at once."""
+    from kernels.configs import DEVICES_FILE, DeviceFacts, tuned_devices
+    from moe_validate.bench import ModelShape
+    from moe_validate.tune import tune
+
+    (tmp_path / DEVICES_FILE).write_text(json.dumps({"Fake H SXM": {"capability": [9, 0], "sm_count": 132}}))
+    tiny = ModelShape("tiny", E=8, topk=2, K=128, I=128)
+    only = KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_stages=1)
+    tune(tiny, "none", [16], out_dir=str(tmp_path), device_name="Fake H200", timer=lambda cfg, M: 1.0,
+         check=lambda cfg: (True, "ok"), candidates=[only], device_facts=DeviceFacts("Fake H200", (9, 0), 132))
+    assert set(tuned_devices(str(tmp_path))) == {"Fake H SXM", "Fake H200"}
+    cfg, source = _lookup(tmp_path, facts=DeviceFacts("Fake H200 NVL", (9, 0), 132))
+    assert source.kind == "sibling" and cfg == only

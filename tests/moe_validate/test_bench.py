@@ -736,3 +736,16 @@ def test_profile_kernels_aggregates_per_call(monkeypatch):
            "fraction_of_floor": 0.5, "check": {}, "profile": prof}
     text = bench.format_table({"rows": [row], "settings": {"peers": []}})
     assert "m bf16 M=1: sum 42.0 of 50.0 | _grouped_gemm_kernel 40.0 x2, _moe_sum_kernel 2.0" in text
+
+
+def test_table_says_which_tables_served_our_rows():
+    """bench rows carry lookup_config's ConfigSource; the table counts rows per serving table."""
+    from moe_validate.bench import _config_sources
+
+    rows = [{"config_source": {"kind": "tuned", "table": "E=8,...json", "device": "NVIDIA H200"}},
+            {"config_source": {"kind": "tuned", "table": "E=8,...json", "device": "NVIDIA H200"}},
+            {"config_source": {"kind": "sibling", "table": "E=128,...json", "device": "NVIDIA H100 80GB HBM3"}},
+            {"config_source": {"kind": "default", "table": None, "device": None}},
+            {}]  # a row written before rows carried the source
+    assert _config_sources(rows) == {"tuned NVIDIA H200": 2, "sibling NVIDIA H100 80GB HBM3": 1, "default": 1,
+                                     "unrecorded": 1}

@@ -276,6 +276,10 @@ def test_real_smoke_cases_end_to_end_through_the_triton_backend(tmp_path):
         assert set(rec["config"]) >= {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"}
     explicit = next(c for c in picked if c.config.startswith("BM"))
     assert rs.by_id()[explicit.id]["config"] == explicit.explicit_config()
+    # which table served each config (no GPU here: no device name, so never a tuned table)
+    sources = {rec["case_id"]: rec["config_source"] for rec in rs.cases}
+    assert sources[explicit.id] == {"kind": "given", "table": None, "device": None}
+    assert {s["kind"] for cid, s in sources.items() if cid != explicit.id} <= {"default", "batch_invariant"}
     assert summary.exit_code == 0
 
 
