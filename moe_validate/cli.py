@@ -83,11 +83,11 @@ def _backend_or_usage(spec: str):
         raise UsageError(str(exc)) from None
 
 
-def _load(paths, run=None):
+def _load(paths, run=None, mixed_backends=False):
     from moe_validate.results import ResultsError, load_results
 
     try:
-        results = load_results(paths, run=run)
+        results = load_results(paths, run=run, mixed_backends=mixed_backends)
     except ResultsError as exc:
         raise UsageError(str(exc)) from None
     for problem in results.problems:
@@ -305,7 +305,7 @@ def _verdict_code(results, *, failed: bool) -> int:
 
 
 def cmd_report(args) -> int:
-    results = _load(args.results, run=args.run)
+    results = _load(args.results, run=args.run, mixed_backends=args.mixed_backends)
     baseline = _load([args.baseline]) if args.baseline else None
     out = Path(args.out) if args.out else Path(args.results[0]).with_name("report.html")
     try:
@@ -482,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report file (default: report.html beside the first results file)")
     p.add_argument("--baseline", metavar="OLD.jsonl", help="results to diff against in the report")
     p.add_argument("--run", metavar="RUN_ID", help="report only this run (id or unique prefix) of a file holding several")
+    p.add_argument("--mixed-backends", action="store_true",
+                   help="merge runs of different backends (their case ids must be disjoint; by default refused)")
     p.add_argument("--exit-zero", action="store_true",
                    help="exit 0 once the report is written (default: 1 on failures, 3 on an incomplete run)")
     p.set_defaults(func=cmd_report)

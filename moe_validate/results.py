@@ -162,6 +162,9 @@ def make_json_safe(value: Any, notes: Optional[List[str]] = None, where: str = "
 # ---------------------------------------------------------------------------------------------
 # Typed records
 # ---------------------------------------------------------------------------------------------
+_FIELD_NAMES: Dict[type, frozenset] = {}
+
+
 class _Record:
     """JSON mapping access to a record's fields (``rec["outcome"]``, ``rec.get("reason")``)."""
 
@@ -192,10 +195,9 @@ class _Record:
 
     @classmethod
     def _field_names(cls) -> Set[str]:
-        names = cls.__dict__.get("_names")
+        names = _FIELD_NAMES.get(cls)
         if names is None:
-            names = {f.name for f in dataclasses.fields(cls) if f.name != "extra"}
-            cls._names = names
+            names = _FIELD_NAMES[cls] = frozenset(f.name for f in dataclasses.fields(cls) if f.name != "extra")
         return names
 
     def to_json(self) -> Dict[str, Any]:
@@ -527,7 +529,8 @@ def _iter_lines(path: Path) -> Iterator[tuple]:
             yield lineno, line
 
 
-def load_results(paths: Iterable[Union[str, Path]], *, run: Optional[str] = None) -> ResultSet:
+def load_results(paths: Iterable[Union[str, Path]], *, run: Optional[str] = None,
+                 mixed_backends: bool = False) -> ResultSet:
     """Reads results files and groups their records by run.
 
     A case record belongs to the run its ``run_id`` names, or (older files) to the header above
@@ -535,6 +538,8 @@ def load_results(paths: Iterable[Union[str, Path]], *, run: Optional[str] = None
     ``--resume`` re-running a NOT_RUN case). Two runs holding the same case id, or runs of
     different backends, are refused with ``ResultsError`` naming them, unless ``run`` (a run id
     or a unique prefix) chooses one: a result of one run never silently hides another's.
+    ``mixed_backends`` lets runs of different backends merge when their case ids are disjoint
+    (each record keeps its backend; ``problems`` says which were merged).
     A torn last line (a run killed mid-write) is skipped and noted in ``problems``; any other
     malformed line raises ``ResultsError`` naming the file and line. ``cases`` is sorted by case
     id, so sharded and unsharded runs compare equal.
@@ -620,7 +625,11 @@ def load_results(paths: Iterable[Union[str, Path]], *, run: Optional[str] = None
                                f"({'none' if not chosen else 'several'} match; runs: {known})")
         rs.headers = list(chosen[0].headers)
         rs.footers = list(chosen[0].footers)
-    _refuse_mixed(chosen, paths)
+    _refuse_mixed(chosen, paths, mixed_backends)
+    backends = sorted({r.backend for r in chosen if r.backend})
+    if len(backends) > 1:
+        rs.problems.append(f"runs of {len(backends)} backends merged ({', '.join(backends)}): each case row is "
+                           "one backend's result")
     rs.runs = chosen
     merged = {cid: c for r in chosen for cid, c in r.cases.items()}
     rs.cases = [merged[k] for k in sorted(merged)]
@@ -631,11 +640,11 @@ def _run_label(r: RunRecords) -> str:
     return f"{r.run_id[:12]} (backend {r.backend or '?'}, {len(r.cases)} cases)"
 
 
-def _refuse_mixed(runs: List[RunRecords], paths: Sequence[Path]) -> None:
+def _refuse_mixed(runs: List[RunRecords], paths: Sequence[Path], mixed_backends: bool) -> None:
     backends = sorted({r.backend for r in runs if r.backend})
-    if len(backends) > 1:
+    if len(backends) > 1 and not mixed_backends:
         raise ResultsError(f"results mix backends {', '.join(backends)} in {', '.join(map(str, paths))}: report one "
-                           f"backend at a time (--run RUN_ID; runs: {', '.join(_run_label(r) for r in runs)})")
+                           f"backend at a time (--run RUN_ID), or merge disjoint cases with --mixed-backends (runs: {', '.join(_run_label(r) for r in runs)})")
     owner: Dict[str, RunRecords] = {}
     for r in runs:
         for cid in r.cases:

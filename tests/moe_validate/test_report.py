@@ -305,6 +305,34 @@ def test_everything_from_the_data_is_escaped(tmp_path):
     assert "<b>bold</b> & more" in payload["table"]["reasons"]
 
 
+def test_csp_allows_only_the_inline_style_and_script_by_hash(tmp_path):
+    from moe_validate.report.render import csp_hash
+
+    html = render_report(_result_set([_case("a", "PASS", 0.1)]), tmp_path / "r.html").read_text()
+    policy = re.search(r'http-equiv="Content-Security-Policy" content="([^"]*)"', html).group(1)
+    assert "unsafe-inline" not in policy and "default-src 'none'" in policy
+    style = re.search(r"<style>(.*?)</style>", html, re.S).group(1)
+    script = re.findall(r"<script>(.*?)</script>", html, re.S)
+    assert len(script) == 1
+    assert f"style-src '{csp_hash(style)}'" in policy and f"script-src '{csp_hash(script[0])}'" in policy
+
+
+def test_details_are_embedded_within_a_budget(tmp_path, monkeypatch):
+    from moe_validate.report import model as model_mod
+
+    monkeypatch.setattr(model_mod, "DETAILS_MAX_CASES", 5)
+    results = load_results(synth.write_run(tmp_path, 60, fail_rate=0.5, bad_rate=0.1, seed=5))
+    payload = build_model(results).payload
+    bad = [i for i, c in enumerate(results.cases) if Outcome(c.outcome).is_bad]
+    full = [i for i in bad if "omitted" not in payload["details"][str(i)]]
+    assert len(full) == 5 and payload["details_omitted"] == len(bad) - 5
+    # The most severe first: crashes and compile errors before failures.
+    severity = model_mod._SEVERITY
+    worst_omitted = max(severity[results.cases[i].outcome] for i in bad if i not in full)
+    assert min(severity[results.cases[i].outcome] for i in full) >= worst_omitted
+    assert "they are in results.jsonl" in payload["details"][str(next(i for i in bad if i not in full))]["omitted"]
+
+
 def test_embed_json_escapes_what_could_close_the_script_and_encodes_non_finite_floats():
     text = embed_json({"a": "</script><!--&", "b": float("nan"), "c": [float("-inf")], "d": "\u2028"})
     assert "<" not in text and ">" not in text and "&" not in text and "\u2028" not in text

@@ -275,7 +275,7 @@
     b.addEventListener("click", function () {
       function done() { b.textContent = "copied"; setTimeout(function () { b.textContent = "copy"; }, 1200); }
       function fallback() {
-        var ta = el("textarea", { style: "position:fixed;left:-9999px" }); ta.value = text;
+        var ta = el("textarea", { cls: "offscreen" }); ta.value = text;  // a class: the CSP allows no inline style
         document.body.appendChild(ta); ta.select();
         try { document.execCommand("copy"); done(); } catch (e) { b.textContent = "select and copy by hand"; }
         document.body.removeChild(ta);
@@ -362,6 +362,10 @@
     var reason = T.reason[i] < 0 ? null : T.reasons[T.reason[i]];
     parts.push(el("div", {}, [el("strong", { cls: "outcome-" + o, text: o }), " worst margin " + fmt(T.margin[i]) + "  ",
       reason ? el("span", { cls: "reason-text", text: reason }) : null]));
+    if (det && det.omitted) {
+      parts.push(el("p", { cls: "muted details-omitted", text: det.omitted }));
+      det = null;
+    }
     if (det) {
       parts.push(el("h4", { text: "parameters" }));
       var pr = det.params.slice(); if (det.backend) pr.push(["backend", det.backend]);
