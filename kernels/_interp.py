@@ -38,14 +38,15 @@ stateless; inside a launch a helper whose modules the launch covered is not patc
 """
 
 import inspect
-import os
 import threading
 
 import numpy as np
 import triton
 import triton.language as tl
 
-INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+from moe_validate.contract.rules import interpreting
+
+INTERPRETING = tl.constexpr(interpreting())
 
 _RNE_MAGIC = 12582912.0  # 1.5 * 2**23
 FP8_E4M3_MAX = tl.constexpr(448.0)

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_validate.contract.rules import interpreting
+
 __all__ = ["launch_options", "pdl_enabled", "wait_for_predecessor"]
 
 PDL_ENV = "MOE_KERNELS_PDL"
@@ -56,7 +58,7 @@ def _capability_allows(device_index: int) -> bool:
 
 def pdl_enabled(device: torch.device) -> bool:
     """Whether kernels on ``device`` are launched with PDL (see the module docstring)."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if device.type != "cuda" or interpreting():
         return False
     if os.environ.get(PDL_ENV, "1") == "0":
         return False

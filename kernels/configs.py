@@ -33,6 +33,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from moe_validate.contract.rules import interpreting
 from moe_validate.contract.spec import FP8_BLOCK, QuantScheme
 
 __all__ = ["KernelConfig", "Gemm2Tiles", "DeviceFacts", "ConfigSource", "select_config", "lookup_config",
@@ -118,10 +119,6 @@ class KernelConfig:
         return KernelConfig(BLOCK_M=self.BLOCK_M, **asdict(self.gemm2))
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _is_pow2(v: int) -> bool:
     return v > 0 and (v & (v - 1)) == 0
 
@@ -131,7 +128,7 @@ def check_config(config: KernelConfig, scheme: QuantScheme, group_size: Optional
     """Raise ValueError when ``config`` (and its ``gemm2`` tiles) cannot run ``scheme`` (the rule is
     in the message). GEMM2's K tile obeys the same scale-block and group rules as GEMM1's."""
     if on_gpu is None:
-        on_gpu = not _interpreting()
+        on_gpu = not interpreting()
     if config.gemm2 is not None and not isinstance(config.gemm2, Gemm2Tiles):
         raise TypeError(f"config.gemm2 must be a kernels.configs.Gemm2Tiles or None; got {type(config.gemm2).__name__}")
     _check_tiles(config, "config", scheme, group_size, on_gpu)
@@ -174,7 +171,7 @@ def _fit_to_scheme(config: KernelConfig, scheme: QuantScheme, group_size: Option
 
 def _default_config(M: int, E: int, N: int, K: int, topk: int, dtype: torch.dtype,
                     scheme: QuantScheme) -> KernelConfig:
-    if _interpreting():
+    if interpreting():
         # The interpreter's cost is dominated by the number of programs (each is a Python loop
         # iteration over numpy ops), while tile size costs little: larger N/K tiles, and a small
         # BLOCK_M because padding each expert's run to BLOCK_M multiplies wasted rows.
@@ -210,7 +207,7 @@ def batch_invariant_config(dtype: torch.dtype, scheme: QuantScheme,
     """
     bk = 32 if dtype == torch.float32 else 64
     cfg = KernelConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=bk, GROUP_M=1, num_warps=4,
-                       num_stages=1 if _interpreting() else 2)
+                       num_stages=1 if interpreting() else 2)
     return _fit_to_scheme(cfg, scheme, group_size)
 
 
@@ -323,7 +320,7 @@ def _facts_for(device_name: str, config_dir: str) -> Optional[DeviceFacts]:
 
 
 def _current_device_name() -> Optional[str]:
-    if torch.cuda.is_available() and not _interpreting():
+    if torch.cuda.is_available() and not interpreting():
         return torch.cuda.get_device_name()
     return None
 

@@ -28,28 +28,24 @@ valid route get exact zeros from ``moe_sum`` or the fused sum.
 from __future__ import annotations
 
 import functools
-import os
-from typing import Optional, Tuple
+from dataclasses import asdict, dataclass, replace
+from typing import List, Optional, Tuple, Union
 
 import torch
 import triton
 
 from kernels.activation import apply_activation
 from kernels.align import align_routes, route_experts
-from kernels.configs import ConfigSource, KernelConfig, batch_invariant_config, check_config, lookup_config
+from kernels.configs import ConfigSource, Gemm2Tiles, KernelConfig, batch_invariant_config, check_config, lookup_config
 from kernels.grouped_gemm import fp8_group_quant_blocker, invoke_grouped_gemm
 from kernels.lora import apply_lora_w13, apply_lora_w2
 from kernels.moe_sum import moe_sum
-from kernels.quantize import fp8_group_outputs, quantize_activation, silu_and_mul_quant_fp8_group
-from moe_validate.contract.checks import validate_call, validate_index_values
+from kernels.quantize import ACT_GROUP_SIZE, fp8_group_outputs, quantize_activation, silu_and_mul_quant_fp8_group
+from moe_validate.contract.checks import CallShape, validate_call, validate_index_values
+from moe_validate.contract.rules import fused_silu_fp8_group, interpreting, takes_naive_path
 from moe_validate.contract.spec import Activation, QuantConfig, QuantScheme
 
-__all__ = ["TritonExperts", "fused_experts"]
-
-# vLLM's heuristic for the tiny-M path: one route per tile pays off when there are several
-# experts per route (alignment would then produce one mostly-padding tile per route anyway and
-# costs two extra launches).
-_NAIVE_SPARSITY = 4
+__all__ = ["TritonExperts", "fused_experts", "Paths", "PathSwitches", "AlternativePath"]
 
 # The fused top-k sum runs one GEMM2 program per (token, column tile), each streaming its topk
 # weight tiles one after another: topk times fewer programs than the unfused GEMM2. "auto" fuses
@@ -60,16 +56,38 @@ _NAIVE_SPARSITY = 4
 _FUSED_SUM_PROGRAMS_PER_SM = 2
 
 
-def silu_fp8_group_call(activation, scheme, gemm1_clamp_limit, lora) -> bool:
-    """Whether a call takes the silu + fp8 group quantization path (silu, fp8_block128, no clamp,
-    no LoRA): the separate ``silu_and_mul_quant_fp8_group`` quantizer, or its fusion into GEMM1's
-    epilogue where the config allows it. The harness asks this too (``moe_validate.backends``)."""
-    return (Activation.parse(activation) is Activation.SILU and QuantScheme.parse(scheme) is QuantScheme.FP8_BLOCK128
-            and gemm1_clamp_limit is None and lora is None)
+@dataclass(frozen=True)
+class Paths:
+    """The internal paths one call takes (``TritonExperts.last_*`` after ``apply``)."""
+
+    assignment: str  # "naive" (one route per tile) or "aligned"
+    fused_activation: bool  # the activation in GEMM1's epilogue (c1 never written)
+    fused_topk_sum: bool  # the top-k sum in GEMM2 (c3 never written, no moe_sum)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+@dataclass(frozen=True)
+class PathSwitches:
+    """The ``TritonExperts`` switches, and the launch config, that select a path."""
+
+    assignment: str = "auto"
+    fuse_activation: Union[str, bool] = "auto"
+    fuse_topk_sum: Union[str, bool] = "auto"
+    config: Optional[KernelConfig] = None  # None: the call's own config
+
+
+@dataclass(frozen=True)
+class AlternativePath:
+    """A path the default call does not take; it must give the default's bits. ``versus`` set: the
+    path runs at another config, which may move accumulation order, so it is compared with the
+    run at ``versus`` (the default path at that config) instead of the default run."""
+
+    label: str
+    switches: PathSwitches
+    takes: Paths  # what the call with ``switches`` takes
+    versus: Optional[PathSwitches] = None
 
 
 def _tensors_of(value):
@@ -87,7 +105,7 @@ def _check_devices(hidden_states: torch.Tensor, named) -> None:
         for t in _tensors_of(value):
             if t.device != device:
                 raise ValueError(f"{name} must be on the device of hidden_states ({device}); got {t.device}")
-    if device.type == "cpu" and not _interpreting():
+    if device.type == "cpu" and not interpreting():
         raise ValueError("hidden_states is a CPU tensor: the Triton kernels run on CPU only through the "
                          "interpreter; set TRITON_INTERPRET=1 before importing triton, or move the tensors to CUDA")
     if device.type not in ("cpu", "cuda"):
@@ -95,7 +113,7 @@ def _check_devices(hidden_states: torch.Tensor, named) -> None:
 
 
 def _device_capability(device: torch.device) -> Optional[Tuple[int, int]]:
-    if device.type == "cuda" and not _interpreting():
+    if device.type == "cuda" and not interpreting():
         return torch.cuda.get_device_capability(device)
     return None
 
@@ -109,7 +127,7 @@ def _fused_sum_fills_the_gpu(M: int, K: int, gemm2_config: KernelConfig, device:
     """Whether the fused top-k sum's GEMM2 grid (M * cdiv(K, BLOCK_N) programs) has at least
     ``_FUSED_SUM_PROGRAMS_PER_SM`` programs per SM. Under the interpreter there are no SMs: True,
     so "auto" fuses wherever it can and the CPU suites run the fused path."""
-    if device.type != "cuda" or _interpreting():
+    if device.type != "cuda" or interpreting():
         return True
     index = device.index if device.index is not None else torch.cuda.current_device()
     programs = M * triton.cdiv(K, gemm2_config.BLOCK_N)
@@ -192,7 +210,7 @@ class TritonExperts:
         for scheme in QuantScheme:
             if scheme.quant_keys == (weight_key, act_key):
                 capability = None
-                if torch.cuda.is_available() and not _interpreting():
+                if torch.cuda.is_available() and not interpreting():
                     capability = torch.cuda.get_device_capability()
                 return _scheme_supported(scheme, capability)
         return False
@@ -213,6 +231,23 @@ class TritonExperts:
         R = M * topk
         I = N // 2 if activation.is_gated else N
         return (R, max(N, K)), (R, I), (M, K)
+
+    def workspace_bytes(self, M, N, K, topk, local_num_experts, activation, storage_bytes: int,
+                        max_block_m: int) -> int:
+        """Device bytes one ``apply`` needs besides its inputs and output, at most: the two
+        workspaces of ``workspace_shapes`` (``storage_bytes`` per element) and what ``apply``
+        allocates itself: the quantized activations (one byte per element, an fp32 scale per
+        row group of ``ACT_GROUP_SIZE``), the fp32 router-weight products, and the routing
+        metadata aligned to a BLOCK_M of at most ``max_block_m``. Plain arithmetic: the harness
+        plans device memory with it before any tensor exists."""
+        (r13, c13), (r2, c2), _ = self.workspace_shapes(M, N, K, topk, None, local_num_experts, None, activation)
+        R = M * topk
+        workspaces = (r13 * c13 + r2 * c2) * storage_bytes
+        quantized = (M * K + R * c2) + 4 * (M * triton.cdiv(K, ACT_GROUP_SIZE) + R * triton.cdiv(c2, ACT_GROUP_SIZE))
+        router_weights = M * K * (4 + storage_bytes) + R * 4
+        tiles = triton.cdiv(R + local_num_experts * (max_block_m - 1), max_block_m)
+        routing = 4 * (R + tiles * max_block_m + tiles + 2 * local_num_experts + 1)
+        return int(workspaces + quantized + router_weights + routing)
 
     def finalize(self, *args, **kwargs) -> None:
         return None
@@ -250,13 +285,102 @@ class TritonExperts:
             return not blockers and fills_the_gpu
         return self.fuse_topk_sum is True
 
+    def _paths(self, shape: CallShape, lora, config: KernelConfig, device: torch.device) -> Paths:
+        """The paths this object's switches take for a validated call at ``config`` (ValueError
+        where a switch forced to True cannot be honoured). No launch: ``apply`` and
+        ``alternative_paths`` both decide here."""
+        fused_silu_quant = fused_silu_fp8_group(shape.activation, shape.scheme, shape.quant.gemm1_clamp_limit,
+                                                lora is not None)
+        fuse_act = self._fuse_activation(lora, fused_silu_quant, shape.activation, config)
+        if self.assignment == "auto":
+            naive = takes_naive_path(shape.M * shape.topk, shape.E)
+        else:
+            naive = self.assignment == "naive"
+        fuse_sum = self._fuse_topk_sum(naive, lora,
+                                       _fused_sum_fills_the_gpu(shape.M, shape.K, config.for_gemm2(), device))
+        return Paths("naive" if naive else "aligned", fuse_act, fuse_sum)
+
+    def alternative_paths(self, hidden_states, w1, w2, topk_weights, topk_ids, *, activation="silu",
+                          expert_map=None, global_num_experts=-1, apply_router_weight_on_input=False,
+                          lora=None, config=None, batch_invariant=False) -> List[AlternativePath]:
+        """The internal paths this call (the arguments of ``fused_experts``) does not take with
+        this object's switches, each of which must give its bits (SPEC "Invariances"): the other
+        route-to-tile assignment (naive <-> aligned); on the naive assignment the other top-k sum
+        placement (moe_sum <-> fused into GEMM2; not with LoRA); the other activation placement
+        (unfused <-> fused into GEMM1's epilogue; not with LoRA). The top-k sum fuses only on the
+        naive assignment, so from an aligned call the assignment variant may fuse it and the
+        top-k sum variant runs naive with the placement that one did not take: without LoRA all
+        of (aligned, moe_sum), (naive, fused), (naive, moe_sum) are covered.
+
+        silu + fp8_block128 (no clamp, no LoRA) fuses the activation and its fp8 group
+        quantization only where GEMM1's programs own whole scale groups, which no default config
+        allows: there the two placements run at the call's config with GEMM1's BLOCK_N = 256
+        (GEMM2 keeps its tiles) and are compared with each other (``versus``). No launch here."""
+        shape = validate_call(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation,
+                              quant=self.quant_config, expert_map=expert_map, global_num_experts=global_num_experts,
+                              apply_router_weight_on_input=apply_router_weight_on_input, lora=lora)
+        config = _resolve_config(config, shape.M, shape.E, shape.N, shape.K, shape.topk, shape.storage_dtype,
+                                 shape.scheme, self.quant_config.group_size, batch_invariant)
+        device = hidden_states.device
+        own = PathSwitches(self.assignment, self.fuse_activation, self.fuse_topk_sum)
+
+        def takes(switches: PathSwitches) -> Paths:
+            experts = TritonExperts(self.quant_config, assignment=switches.assignment,
+                                    fuse_activation=switches.fuse_activation, fuse_topk_sum=switches.fuse_topk_sum)
+            return experts._paths(shape, lora, switches.config or config, device)
+
+        def takes_if_it_can(switches: PathSwitches) -> Optional[Paths]:
+            try:
+                return takes(switches)
+            except ValueError:  # a fusion forced on a call that cannot take it (LoRA): no such path
+                return None
+
+        default = takes(own)
+        alternatives: List[AlternativePath] = []
+
+        other = "naive" if default.assignment == "aligned" else "aligned"
+        flipped_switches = replace(own, assignment=other)
+        flipped = takes(flipped_switches)
+        label = f"assignment={other} (default {default.assignment})"
+        if flipped.fused_topk_sum != default.fused_topk_sum:
+            label += ", top-k sum " + ("fused into GEMM2" if flipped.fused_topk_sum else "by moe_sum")
+        alternatives.append(AlternativePath(label, flipped_switches, flipped))
+
+        naive_sum_fused = default.fused_topk_sum if default.assignment == "naive" else flipped.fused_topk_sum
+        if naive_sum_fused:
+            label = "top-k sum by moe_sum, assignment=naive (auto fuses it into GEMM2 there)"
+        else:
+            label = "top-k sum fused into GEMM2, assignment=naive (auto leaves it to moe_sum there)"
+        switches = replace(own, assignment="naive", fuse_topk_sum=not naive_sum_fused)
+        paths = takes_if_it_can(switches)
+        if paths is not None:
+            alternatives.append(AlternativePath(label, switches, paths))
+
+        if default.fused_activation:
+            switches = replace(own, fuse_activation=False)
+            alternatives.append(AlternativePath("activation unfused (default fused into GEMM1)", switches,
+                                                takes(switches)))
+        elif fused_silu_fp8_group(shape.activation, shape.scheme, shape.quant.gemm1_clamp_limit, lora is not None):
+            group_config = _fp8_group_quant_config(config)
+            fused = replace(own, fuse_activation=True, config=group_config)
+            label = (f"silu + fp8 group quantization fused into GEMM1 vs unfused, both at GEMM1 BLOCK_N="
+                     f"{group_config.BLOCK_N} (the default BLOCK_N={config.BLOCK_N} cannot fuse)")
+            alternatives.append(AlternativePath(label, fused, takes(fused),
+                                                versus=replace(own, fuse_activation=False, config=group_config)))
+        else:
+            switches = replace(own, fuse_activation=True)
+            paths = takes_if_it_can(switches)
+            if paths is not None:
+                alternatives.append(AlternativePath("activation fused into GEMM1 (default unfused)", switches, paths))
+        return alternatives
+
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
               global_num_experts, expert_map, a1q_scale, a2_scale, workspace13, workspace2,
               expert_tokens_meta, apply_router_weight_on_input, lora=None, config=None,
               batch_invariant=False) -> None:
         quant = self.quant_config
         if a2_scale is not None and quant.a2_scale is None and QuantScheme.parse(quant.scheme).needs_static_act_scales:
-            quant = QuantConfig(**{**quant.__dict__, "a2_scale": a2_scale})
+            quant = replace(quant, a2_scale=a2_scale)
         shape = validate_call(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation,
                               quant=quant, expert_map=expert_map, global_num_experts=global_num_experts,
                               apply_router_weight_on_input=apply_router_weight_on_input, lora=lora,
@@ -284,17 +408,12 @@ class TritonExperts:
                                                           batch_invariant)
         self.last_config = config
         clamp = quant.gemm1_clamp_limit
-        fused_silu_quant = silu_fp8_group_call(shape.activation, scheme, clamp, lora)
-        fuse_act = self._fuse_activation(lora, fused_silu_quant, shape.activation, config)
-        self.last_fused_activation = fuse_act
-        if self.assignment == "auto":
-            naive = R * _NAIVE_SPARSITY <= E
-        else:
-            naive = self.assignment == "naive"
-        self.last_assignment = "naive" if naive else "aligned"
-        fuse_sum = self._fuse_topk_sum(naive, lora,
-                                       _fused_sum_fills_the_gpu(M, K, config.for_gemm2(), hidden_states.device))
-        self.last_fused_topk_sum = fuse_sum
+        fused_silu_quant = fused_silu_fp8_group(shape.activation, scheme, clamp, lora is not None)
+        paths = self._paths(shape, lora, config, hidden_states.device)
+        self.last_assignment = paths.assignment
+        self.last_fused_activation = fuse_act = paths.fused_activation
+        self.last_fused_topk_sum = fuse_sum = paths.fused_topk_sum
+        naive = paths.assignment == "naive"
         if M == 0:
             return
         c1 = _flat_view(workspace13, "workspace13", R, N, S)
@@ -374,6 +493,16 @@ class TritonExperts:
             # a valid route get exact zeros).
             apply_lora_w2(c3, c2, route_expert, route_weight, lora, topk=topk, base_gemm=gemm2)
             moe_sum(c3.view(M, topk, K), route_expert.view(M, topk), output)
+
+
+def _fp8_group_quant_config(config: KernelConfig) -> KernelConfig:
+    """``config`` at GEMM1 BLOCK_N = 256: each program's 128 gate/up column pairs make one whole
+    128-column scale group of c2 (``fp8_group_quant_blocker``); GEMM2 keeps the tiles it ran."""
+    gemm2 = config.gemm2
+    if gemm2 is None:  # GEMM2 ran GEMM1's tiles: keep them, only GEMM1's BLOCK_N changes
+        gemm2 = Gemm2Tiles(BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K, GROUP_M=config.GROUP_M,
+                           num_warps=config.num_warps, num_stages=config.num_stages)
+    return replace(config, BLOCK_N=2 * ACT_GROUP_SIZE, gemm2=gemm2)
 
 
 def fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, *, activation="silu", quant=None,

@@ -34,7 +34,7 @@ import importlib
 import math
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Protocol, Tuple, runtime_checkable
 
-from moe_validate.env import interpreting
+from moe_validate.contract.rules import interpreting
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -90,14 +90,10 @@ def _config_to_dict(config: Any) -> Optional[dict]:
     raise TypeError(f"a backend's last_config must be a dict or have to_dict(); got {type(config).__name__}")
 
 
-def _fp8_group_quant_call(inputs: "MoEInputs") -> bool:
-    """silu + fp8_block128 without clamp or LoRA: the call whose GEMM1 can fuse the fp8 group
-    quantization of its activation, given a config that allows it (the kernels' own rule)."""
-    from kernels.experts import silu_fp8_group_call
+def _quant(inputs: "MoEInputs"):
+    from moe_validate.contract.spec import QuantConfig
 
-    quant = inputs.quant
-    return quant is not None and silu_fp8_group_call(inputs.activation, quant.scheme, quant.gemm1_clamp_limit,
-                                                      inputs.lora)
+    return inputs.quant if inputs.quant is not None else QuantConfig()
 
 
 def _storage_dtype(inputs: "MoEInputs"):
@@ -123,15 +119,15 @@ class TritonBackend:
         if reason:
             return False, reason
         import kernels
-        from moe_validate.contract.spec import Activation, QuantConfig, QuantScheme
+        from moe_validate.contract.spec import QuantConfig
 
-        scheme = QuantScheme.parse(case.scheme)
+        scheme = case.quant
         experts = kernels.TritonExperts(QuantConfig(scheme=scheme, group_size=case.group_size))
         weight_key, act_key = scheme.quant_keys
         if not experts.supports_quant_scheme(weight_key, act_key):
             return False, f"TritonExperts does not support {scheme.value} ({weight_key}, {act_key}) on this device"
-        activation = Activation.parse(case.activation)
-        if hasattr(experts, "supports_activation") and not experts.supports_activation(activation):
+        activation = case.act
+        if not experts.supports_activation(activation):
             return False, f"TritonExperts does not support activation {activation.value} on this device"
         return True, ""
 
@@ -144,30 +140,15 @@ class TritonBackend:
         import torch
 
         import kernels
-        from moe_validate.contract.spec import Activation, QuantConfig
 
-        quant = inputs.quant if inputs.quant is not None else QuantConfig()
-        activation = Activation.parse(inputs.activation)
+        quant = _quant(inputs)
+        activation = inputs.activation
         hidden = inputs.hidden_states
         M, K = hidden.shape
         E, N, _ = inputs.w1.shape
         topk = inputs.topk_ids.shape[1]
         global_num_experts = inputs.global_num_experts if inputs.global_num_experts > 0 else E
-
-        # Case.config: "auto" = the kernels' own per-M choice, "inv" = the batch-invariant fixed
-        # config, anything else an explicit tile config ("BM16BN32BK32GM1W4S2").
-        override, config, batch_invariant = config, None, False
-        if case is not None and case.config == "inv":
-            batch_invariant = True
-        elif case is not None and case.config != "auto":
-            explicit = case.explicit_config()
-            if explicit is None:
-                raise ValueError(f"case.config must be 'auto', 'inv' or like 'BM16BN32BK32GM1W4S2'; got {case.config!r}")
-            config = kernels.KernelConfig.from_dict(explicit)
-        if self.forced_config is not None:
-            config, batch_invariant = self.forced_config, False
-        if override is not None:
-            config, batch_invariant = override, False
+        config, batch_invariant = self._launch_config(case, config)
 
         experts = kernels.TritonExperts(quant, assignment=assignment, fuse_activation=fuse_activation,
                                         fuse_topk_sum=fuse_topk_sum)
@@ -207,87 +188,71 @@ class TritonBackend:
             self.last_config = _config_to_dict(getattr(experts, "last_config", None))
             source = getattr(experts, "last_config_source", None)
             self.last_config_source = None if source is None else source.to_dict()
-        self.last_paths = {"assignment": experts.last_assignment,
-                           "fused_activation": getattr(experts, "last_fused_activation", None),
-                           "fused_topk_sum": getattr(experts, "last_fused_topk_sum", None)}
+        self.last_paths = {"assignment": experts.last_assignment, "fused_activation": experts.last_fused_activation,
+                           "fused_topk_sum": experts.last_fused_topk_sum}
         return output
+
+    def _launch_config(self, case: Optional["Case"], override) -> Tuple[Any, bool]:
+        """(config, batch_invariant) for ``apply``: ``override``, else the forced config, else the
+        case's. Case.config: "auto" = the kernels' own per-M choice (None), "inv" = the
+        batch-invariant fixed config, anything else an explicit tile config ("BM16BN32BK32GM1W4S2")."""
+        import kernels
+
+        config, batch_invariant = None, False
+        if case is not None and case.config == "inv":
+            batch_invariant = True
+        elif case is not None and case.config != "auto":
+            explicit = case.explicit_config()
+            if explicit is None:
+                raise ValueError(f"case.config must be 'auto', 'inv' or like 'BM16BN32BK32GM1W4S2'; "
+                                 f"got {case.config!r}")
+            config = kernels.KernelConfig.from_dict(explicit)
+        if self.forced_config is not None:
+            config, batch_invariant = self.forced_config, False
+        if override is not None:
+            config, batch_invariant = override, False
+        return config, batch_invariant
 
     def supports_invariance(self, name: str, case: "Case") -> Tuple[bool, str]:
         """Every SPEC invariance: ``config="inv"`` selects ``batch_invariant=True`` in ``run``."""
         return True, ""
 
     def run_paths(self, inputs: "MoEInputs", case: Optional["Case"] = None) -> List[Tuple]:
-        """The same call through each internal path the kernels did not take by themselves:
-        the other route-to-tile assignment (naive <-> aligned, SPEC "Invariances"), the other
-        top-k sum placement on the naive assignment (moe_sum <-> fused into GEMM2, where the call
-        allows it: no LoRA) and the other activation placement (unfused <-> fused into GEMM1's
-        epilogue, where the call allows it). Every one must give the bits of the default path.
-        The top-k sum fuses only on the naive assignment: there, with "auto" placement, the
-        assignment variant of an aligned call fuses it, and the top-k sum variant runs the naive
-        assignment with the placement that naive run did not take; so without LoRA all three of
-        (aligned, moe_sum), (naive, fused), (naive, moe_sum) are compared.
+        """The same call through each internal path the kernels did not take by themselves, as
+        the kernels declare them (``TritonExperts.alternative_paths``: the other assignment, the
+        other top-k sum and activation placements where the call allows them). Every one must
+        give the bits of the default run: a ``(label, output)`` pair; or, for a path at another
+        launch config (which may move accumulation order), a ``(label, output, output at that
+        config on the default path)`` triple. A run that takes another path than declared raises."""
+        import kernels
 
-        silu + fp8_block128 (no clamp, no LoRA) fuses its activation and fp8 group quantization
-        into GEMM1 only with (BLOCK_N // 2) % 128 == 0, which no default config has. There the
-        two placements are compared with each other at the default config with BLOCK_N = 256:
-        a ``(label, fused output, unfused output)`` triple (a config change may move accumulation
-        order, so neither is compared with the default run)."""
-        self.run(inputs, case)  # which paths the kernels choose for this call
+        self.run(inputs, case)  # the default paths, recorded as last_paths
         taken, taken_config = dict(self.last_paths), self.last_config
+        config, batch_invariant = self._launch_config(case, None)
+        experts = kernels.TritonExperts(_quant(inputs))
+        alternatives = experts.alternative_paths(
+            *inputs.args(), activation=inputs.activation, expert_map=inputs.expert_map,
+            global_num_experts=inputs.global_num_experts,
+            apply_router_weight_on_input=inputs.apply_router_weight_on_input, lora=inputs.lora, config=config,
+            batch_invariant=batch_invariant)
         variants: List[Tuple] = []
         try:
-            other = "naive" if taken["assignment"] == "aligned" else "aligned"
-            flipped = self.run(inputs, case, assignment=other)
-            flipped_sum = self.last_paths["fused_topk_sum"]
-            label = f"assignment={other} (default {taken['assignment']})"
-            if flipped_sum != taken["fused_topk_sum"]:
-                label += ", top-k sum " + ("fused into GEMM2" if flipped_sum else "by moe_sum")
-            variants.append((label, flipped))
-            naive_sum_fused = taken["fused_topk_sum"] if taken["assignment"] == "naive" else flipped_sum
-            if naive_sum_fused:
-                variants.append(("top-k sum by moe_sum, assignment=naive (auto fuses it into GEMM2 there)",
-                                 self.run(inputs, case, assignment="naive", fuse_topk_sum=False)))
-            else:
-                try:
-                    variants.append(("top-k sum fused into GEMM2, assignment=naive (auto leaves it to moe_sum there)",
-                                     self.run(inputs, case, assignment="naive", fuse_topk_sum=True)))
-                except ValueError:
-                    pass  # this call cannot fuse (LoRA adds into c3 before the sum): no such path
-            if taken["fused_activation"]:
-                variants.append(("activation unfused (default fused into GEMM1)",
-                                 self.run(inputs, case, fuse_activation=False)))
-            elif _fp8_group_quant_call(inputs):
-                variants.append(self._fp8_group_quant_pair(inputs, case, taken_config))
-            else:
-                try:
-                    variants.append(("activation fused into GEMM1 (default unfused)",
-                                     self.run(inputs, case, fuse_activation=True)))
-                except ValueError:
-                    pass  # this call cannot fuse (LoRA adds into c1 first): no such path
+            for alternative in alternatives:
+                out = self._run_switches(inputs, case, alternative.switches)
+                if self.last_paths != alternative.takes.as_dict():
+                    raise RuntimeError(f"TritonExperts declared {alternative.takes} for {alternative.label!r} "
+                                       f"but took {self.last_paths}")
+                if alternative.versus is None:
+                    variants.append((alternative.label, out))
+                else:
+                    variants.append((alternative.label, out, self._run_switches(inputs, case, alternative.versus)))
         finally:
             self.last_paths, self.last_config = taken, taken_config  # describe the default run again
         return variants
 
-    def _fp8_group_quant_pair(self, inputs: "MoEInputs", case: Optional["Case"], taken_config: Optional[dict]):
-        """(label, fused, unfused) for silu + fp8_block128 at a config whose programs own whole
-        128-column scale groups: the default config with BLOCK_N = 256 (GEMM2 keeps its tiles)."""
-        from dataclasses import replace
-
-        import kernels
-        from kernels.configs import Gemm2Tiles
-        from moe_validate.contract.spec import FP8_BLOCK
-
-        base = kernels.KernelConfig.from_dict(taken_config)
-        gemm2 = base.gemm2
-        if gemm2 is None:  # GEMM2 ran these tiles: keep them, only GEMM1's BLOCK_N changes
-            gemm2 = Gemm2Tiles(BLOCK_N=base.BLOCK_N, BLOCK_K=base.BLOCK_K, GROUP_M=base.GROUP_M,
-                               num_warps=base.num_warps, num_stages=base.num_stages)
-        config = replace(base, BLOCK_N=2 * FP8_BLOCK, gemm2=gemm2)
-        fused = self.run(inputs, case, fuse_activation=True, config=config)
-        unfused = self.run(inputs, case, fuse_activation=False, config=config)
-        label = (f"silu + fp8 group quantization fused into GEMM1 vs unfused, both at GEMM1 BLOCK_N={config.BLOCK_N} "
-                 f"(the default BLOCK_N={base.BLOCK_N} cannot fuse)")
-        return label, fused, unfused
+    def _run_switches(self, inputs: "MoEInputs", case: Optional["Case"], switches) -> "torch.Tensor":
+        return self.run(inputs, case, assignment=switches.assignment, fuse_activation=switches.fuse_activation,
+                        fuse_topk_sum=switches.fuse_topk_sum, config=switches.config)
 
     def routing_stages(self, inputs: "MoEInputs", case: Optional["Case"] = None) -> Optional[dict]:
         """The alignment of ``inputs``' routes at the BLOCK_M of the last run's launch config.

@@ -840,7 +840,7 @@ def _gpu_ready() -> Tuple[bool, str]:
         return False, f"torch unavailable: {exc}"
     if not torch.cuda.is_available():
         return False, "bench needs a CUDA GPU (Triton timings under the CPU interpreter are meaningless)"
-    from moe_validate.env import interpreting
+    from moe_validate.contract.rules import interpreting
 
     if interpreting():
         return False, "TRITON_INTERPRET=1 is set: bench times native kernels only; unset it on a GPU machine"

@@ -380,7 +380,9 @@ def cmd_tune(args) -> int:
     if not pairs:
         raise UsageError(f"--scheme {args.scheme!r} is not a scheme of --model {args.model!r} "
                          f"(schemes per model: {'; '.join(f'{m.name}: {list(m.schemes)}' for m in models)})")
-    if not _has_cuda() or os.environ.get("TRITON_INTERPRET") == "1":
+    from moe_validate.contract.rules import interpreting
+
+    if not _has_cuda() or interpreting():
         raise UsageError("tune needs a CUDA GPU with native Triton (unset TRITON_INTERPRET): timings under the "
                          "interpreter mean nothing")
     from moe_validate.tune import DEFAULT_TUNE_M, tune
@@ -389,7 +391,7 @@ def cmd_tune(args) -> int:
     for model, scheme in pairs:
         try:
             result = tune(model, scheme, m_list or list(DEFAULT_TUNE_M), out_dir=args.out,
-                          command=" ".join([PROG] + list(args.argv)),
+                          command=" ".join([PROG] + list(args.argv)), check_mode=args.check,
                           log=lambda s: print(s, file=sys.stderr, flush=True))
         except RuntimeError as exc:  # no usable config for this pair: say so, tune the others
             print(f"{PROG}: tune {model.name} {scheme}: {exc}", file=sys.stderr)
@@ -528,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the listed schemes it is benchmarked in")
     p.add_argument("--m", help="comma-separated M buckets (default 1,16,64,256,1024,4096,16384)")
     p.add_argument("--out", help="directory for the JSON table (default: kernels/configs/)")
+    p.add_argument("--check", choices=["every", "winners"], default="every",
+                   help="which configs are checked against the float64 reference: every candidate before it is "
+                        "timed (default), or only each bucket's fastest (a quick re-tune of a checked grid)")
     p.set_defaults(func=cmd_tune)
     return parser
 

@@ -414,7 +414,7 @@ def evaluate(case, inputs: MoEInputs, out: torch.Tensor, rows: Optional[torch.Te
 def _evaluate_rows(case, inputs: MoEInputs, out: torch.Tensor, token_of_row: Optional[List[int]] = None) -> Evaluation:
     import reference  # lazily: the comparison needs it, importing the harness must not
 
-    from moe_validate.env import interpreting
+    from moe_validate.contract.rules import interpreting
 
     dev = inputs.hidden_states.device
     mirror = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="mirror")

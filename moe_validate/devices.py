@@ -143,6 +143,8 @@ def _weight_bytes_per_element(scheme: str, storage: int) -> float:
     return 1.0  # fp8_* and int8_*: one byte per weight
 
 
+
+
 def case_memory_bytes(case) -> int:
     """Estimated peak device memory of one case, in bytes (an estimate, not a bound).
 
@@ -152,9 +154,9 @@ def case_memory_bytes(case) -> int:
     - inputs: x [M, K] and the output in the storage dtype; w1 [E_l, N, K], w2 [E_l, K, I] in the
       weight dtype; scales (at most one fp32 per 32 weights: the finest group any scheme uses);
       bias; topk weights and ids; LoRA adapters (rank and count bounded above);
-    - kernel: workspace13 [M*topk, max(N, K)] and workspace2 [M*topk, max(I, K)] in the storage
-      dtype, quantized activations (one byte per element), sorted routes padded to BLOCK_M per
-      expert (int32 ids, weights, expert ids);
+    - kernel: the output and what ``kernels.TritonExperts.workspace_bytes`` declares (its
+      workspaces, quantized activations, routing metadata padded to a BLOCK_M of at most
+      ``_SORT_BLOCK_M_BOUND``);
     - reference, for each of the two precisions: float64 dequantized weights, x, and the stages
       per route (c1 [M*topk, N], act [M*topk, I], c2 [M*topk, K]) plus the output [M, K];
     - comparison: a handful (8) of float64 [M, K] temporaries.
@@ -165,9 +167,9 @@ def case_memory_bytes(case) -> int:
     try:
         M, N, K, topk = int(case.M), int(case.N), int(case.K), int(case.topk)
         E_local, I = int(case.local_experts), int(case.I)
-        dtype, scheme = str(case.dtype), str(case.scheme)
+        dtype, scheme, activation = str(case.dtype), str(case.scheme), str(case.activation)
     except (AttributeError, TypeError, ValueError) as exc:
-        raise TypeError(f"case must be a matrix.Case (M, N, K, topk, local_experts, I, dtype, scheme); "
+        raise TypeError(f"case must be a matrix.Case (M, N, K, topk, local_experts, I, dtype, scheme, activation); "
                         f"got {type(case).__name__}: {exc}") from None
     if dtype not in _STORAGE_BYTES:
         raise ValueError(f"case.dtype must be one of {', '.join(_STORAGE_BYTES)}; got {dtype!r}")
@@ -187,9 +189,9 @@ def case_memory_bytes(case) -> int:
         inputs += streams * _LORA_ADAPTERS_BOUND * E_local * _LORA_RANK_BOUND * (2 * K + N + I) * s
 
     kernel = M * K * s  # the output
-    kernel += routes * (max(N, K) + max(I, K)) * s
-    kernel += routes * max(K, I) * 1
-    kernel += (routes + E_local * _SORT_BLOCK_M_BOUND) * 4 * 3
+    import kernels  # here, not at import: this module stays free of torch and triton until planning
+
+    kernel += kernels.TritonExperts().workspace_bytes(M, N, K, topk, E_local, activation, s, _SORT_BLOCK_M_BOUND)
 
     # Invariance checks keep the first output while re-running (its workspaces are freed between).
     kernel += len(getattr(case, "invariances", ())) * M * K * s

@@ -22,14 +22,11 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-__all__ = ["capture_env", "format_env", "interpreting", "kernels_digest"]
+from moe_validate.contract.rules import interpreting
+
+__all__ = ["capture_env", "format_env", "kernels_digest"]
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run through the interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _run(cmd: list, cwd: Optional[Path] = None) -> Optional[str]:

@@ -58,10 +58,31 @@ ROUTINGS = ("uniform", "skewed", "one_expert", "empty_experts", "ties", "invalid
 #   positive     |normal| (no cancellation; the output has a large mean)
 DATAS = ("randn", "outliers", "zero_blocks", "positive")
 INT4_GROUP_SIZES = (32, 64, 128)
-# An explicit launch config, spelled as in ``moe_validate.backends.parse_config_token``.
+# An explicit launch config: ``config_token`` spells it, ``parse_config_token`` reads it back.
 _CONFIG_RE = re.compile(r"^BM(\d+)BN(\d+)BK(\d+)GM(\d+)W(\d+)S(\d+)$")
+_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 CONFIG_KINDS = ("auto", "inv")
 EXPLICIT_CONFIGS = ("BM16BN32BK32GM1W4S2", "BM64BN64BK64GM8W4S3")
+
+
+def parse_config_token(token: str) -> Optional[Dict[str, int]]:
+    """"BM16BN32BK32GM1W4S2" -> the ``kernels.KernelConfig.from_dict`` fields; None for any other
+    string. A case's config has one tile set, which GEMM2 shares (no ``+g2`` part)."""
+    m = _CONFIG_RE.match(token)
+    if not m:
+        return None
+    return dict(zip(_CONFIG_KEYS, map(int, m.groups())))
+
+
+def config_token(config) -> str:
+    """A ``kernels.KernelConfig`` spelled as in a case id; GEMM2's own tiles, where the config has
+    them, follow as ``+g2BN..BK..GM..W..S..`` (tune's tables; no case id carries them)."""
+    token = (f"BM{config.BLOCK_M}BN{config.BLOCK_N}BK{config.BLOCK_K}GM{config.GROUP_M}"
+             f"W{config.num_warps}S{config.num_stages}")
+    g2 = config.gemm2
+    if g2 is not None:
+        token += f"+g2BN{g2.BLOCK_N}BK{g2.BLOCK_K}GM{g2.GROUP_M}W{g2.num_warps}S{g2.num_stages}"
+    return token
 
 SUITES: Tuple[str, ...] = ("smoke", "premerge", "nightly", "bringup")
 # Bitwise invariance checks a case can ask for (SPEC "Invariances"; moe_validate/invariance.py):
@@ -337,11 +358,7 @@ class Case:
         return None
 
     def explicit_config(self) -> Optional[Dict[str, int]]:
-        m = _CONFIG_RE.match(self.config)
-        if not m:
-            return None
-        keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
-        return dict(zip(keys, map(int, m.groups())))
+        return parse_config_token(self.config)
 
     # --- device -----------------------------------------------------------------------------
     def device_skip_reason(self, capability: Optional[Tuple[int, int]], interpreting: bool) -> Optional[str]:

@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
+from moe_validate.contract.rules import fused_silu_fp8_group, takes_naive_path
+
 if TYPE_CHECKING:  # the catalogue stays importable without torch (cli.py builds its parser from it)
     from moe_validate.matrix import Case
 
@@ -114,8 +116,15 @@ def _fp8_group_quant_in_gemm1(case: Case) -> bool:
     BLOCK_N = 256 (TritonBackend.run_paths)."""
     if not _fused_silu_quant(case):
         return False
+    if "paths" in case.invariances:
+        return True
     cfg = case.explicit_config()
-    return "paths" in case.invariances or (cfg is not None and (cfg["BLOCK_N"] // 2) % 128 == 0)
+    if cfg is None:
+        return False
+    from kernels import KernelConfig  # here: the catalogue itself stays importable without torch
+    from kernels.grouped_gemm import fp8_group_quant_blocker
+
+    return not fp8_group_quant_blocker(KernelConfig.from_dict(cfg))
 
 
 def _gated_in_gemm1(case: Case) -> bool:
@@ -185,8 +194,8 @@ def _block_multi(case: Case) -> bool:
 
 
 def _aligned(case: Case) -> bool:
-    """The aligned (sorted, padded) path runs unless M*topk*4 <= E (the tiny-M naive path)."""
-    return case.M > 0 and case.M * case.topk * 4 > case.local_experts
+    """The aligned (sorted, padded) path runs unless the tiny-M naive path does."""
+    return case.M > 0 and not takes_naive_path(case.M * case.topk, case.local_experts)
 
 
 def _naive(case: Case) -> bool:
@@ -266,8 +275,7 @@ def _int4_with_zero_points(case: Case) -> bool:
 
 
 def _fused_silu_quant(case: Case) -> bool:
-    return (case.M > 0 and case.activation == "silu" and case.scheme == "fp8_block128"
-            and case.clamp is None and case.lora == "none")
+    return case.M > 0 and fused_silu_fp8_group(case.activation, case.scheme, case.clamp, case.lora != "none")
 
 
 def _invalid_routes(case: Case) -> bool:

@@ -38,6 +38,8 @@ from typing import Dict, List, Optional
 
 import pytest
 
+from moe_validate.contract.rules import interpreting
+
 # Case axes that become "<prefix>_<value>" markers, and boolean-ish axes that become a bare marker.
 _VALUE_MARKERS = (
     ("dtype", "dtype"),
@@ -86,13 +88,9 @@ def _non_negative_int(text: str) -> int:
 # ---------------------------------------------------------------------------------------------
 # One GPU per xdist worker
 # ---------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _controller_gpus() -> List[str]:
     """The controller's visible GPU entries ([] without CUDA or under the interpreter)."""
-    if _interpreting():
+    if interpreting():
         return []
     from moe_validate import devices
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from moe_validate.contract.rules import interpreting
 from moe_validate.mutants import MUTANTS, REQUIRED_MUTANTS, Hunk, Mutant, mutant_by_name
 
 __all__ = [
@@ -147,12 +148,8 @@ def _copy_kernels(dest_root: Path, mutant: Optional[Mutant]) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Case selection and expectations
 # ---------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _on_gpu() -> bool:
-    if _interpreting():
+    if interpreting():
         return False
     import torch
 
@@ -620,7 +617,7 @@ def run_selftest(suite: str = "smoke", mutant_names: Optional[Sequence[str]] = N
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(one, reports))
-    return SelftestReport(suite=suite, device=device, interpreting=_interpreting(), cap=cap, clean=clean,
+    return SelftestReport(suite=suite, device=device, interpreting=interpreting(), cap=cap, clean=clean,
                           mutants=reports, started=started, duration_s=time.perf_counter() - start,
                           clean_log_tail=clean_tail)
 
@@ -678,7 +675,7 @@ def run_selftest_command(args) -> int:
         return _usage(f"--workers must be >= 1; got {args.workers}")
     if args.cap is not None and args.cap < 1:
         return _usage(f"--cap must be >= 1; got {args.cap}")
-    if not _interpreting():
+    if not interpreting():
         import torch
 
         if not torch.cuda.is_available():

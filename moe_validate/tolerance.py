@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from moe_validate.contract.rules import fused_silu_fp8_group
 from moe_validate.contract.spec import FP8_DTYPE, Activation, MoEInputs, QuantScheme, storage_dtype
 
 __all__ = ["Bound", "derive", "unit_roundoff", "ulp", "PRECISION_BITS", "Z_GATE", "Z_BUDGET"]
@@ -374,7 +375,7 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
     ``per_stage``: a dict to fill with the modelled (V, p) of every stored stage (``V_c1``,
     ``p_c1``, ... ``V_out``, ``p_out``), for tests that compare them stage by stage.
     """
-    act = Activation.parse(inputs.activation)
+    act = inputs.activation
     scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None)
     quant = inputs.quant
     S = storage_dtype(inputs.hidden_states.dtype)
@@ -394,8 +395,7 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
     if M == 0 or K == 0 or T == 0:
         return zeros_out, ["no output element: nothing to model"], {"flip_events_expected": 0.0}
     clamp_limit = quant.gemm1_clamp_limit if quant is not None else None
-    fused = (act is Activation.SILU and scheme is QuantScheme.FP8_BLOCK128 and inputs.lora is None
-             and clamp_limit is None)
+    fused = fused_silu_fp8_group(act, scheme, clamp_limit, inputs.lora is not None)
     bits = product_bits(scheme, S)
     native_fp8 = scheme.is_fp8 and native_gpu
     (k1, a1), (k2, a2) = acc_error_typical(x.shape[1], bits, native_fp8), acc_error_typical(I, bits, native_fp8)
@@ -543,7 +543,7 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     Hopper fp8-MMA accumulation unit used. The CPU interpreter needs no widening: its fp8 casts
     are exact (kernels/_interp.to_fp8_e4m3), so it gets the same gate as an exact GPU.
     """
-    act = Activation.parse(inputs.activation)
+    act = inputs.activation
     scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None)
     S = storage_dtype(inputs.hidden_states.dtype)
     uS = unit_roundoff(S)
@@ -595,8 +595,8 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     step = _requant_step(c2_in, valid, scheme, inputs)
     # The mirror follows the fused silu+fp8_block128 rule of SPEC step 8 (no round_S before the
     # requantization), so a kernel that takes that path matches it; no extra flips are budgeted.
-    fused_ok = (act is Activation.SILU and scheme is QuantScheme.FP8_BLOCK128 and not has_lora
-                and (inputs.quant is None or inputs.quant.gemm1_clamp_limit is None))
+    fused_ok = fused_silu_fp8_group(act, scheme, inputs.quant.gemm1_clamp_limit if inputs.quant is not None else None,
+                                    has_lora)
     if step is not None:
         p_q = torch.clamp(FLIP_SIGMAS * sigma_c2_pre / step.clamp_min(1e-300), max=1.0)
     else:

@@ -9,14 +9,17 @@ default), filtered by the scheme's static rules (``kernels.configs.check_config`
 with the bench timer (CUDA graph replays over rotated routing, median); a config that fails to
 compile or launch is recorded and skipped. Then GEMM2 gets its own tiles: the fastest shared
 config is timed again with each other schedule of the regime grid for GEMM2 alone
-(``KernelConfig.gemm2``; BLOCK_M stays shared). The fastest of all is then CHECKED for correctness: one case
-of the validation suite (same N and K, ``CHECK_E`` experts, top-``CHECK_TOPK``, ``check_m``
-tokens, the config forced) through the Triton backend against the float64 reference with the
-suite's own tolerance model; a candidate that fails is rejected and the next fastest is
-checked. Only checked configs are written, into a JSON file named and laid out exactly as
-``kernels/configs.py`` reads it (``config_file_name(E, N, device, dtype, scheme)``, top-level
-keys = M, plus ``_provenance``). Checking only winners keeps the float64 reference off the
-critical path (one check per distinct winner instead of one per candidate).
+(``KernelConfig.gemm2``; BLOCK_M stays shared). Every candidate is CHECKED for correctness before
+it is timed (``check_mode="every"``, the default): one case of the validation suite (same N and K,
+``CHECK_E`` experts, top-``CHECK_TOPK``, ``check_m`` tokens, the config forced) through the Triton
+backend against the float64 reference with the suite's own tolerance model; a candidate that fails
+is rejected and never timed, so no timing of a wrong config is ever recorded and no bucket can
+pick one. Correctness does not depend on M: each distinct config is checked once per run.
+``check_mode="winners"`` (``tune --check winners``) checks only the fastest of each bucket, then
+the next fastest if it fails: one check per distinct winner, for a quick re-tune of a grid that
+was checked before. Either way only checked configs are written, into a JSON file named and laid
+out exactly as ``kernels/configs.py`` reads it (``config_file_name(E, N, device, dtype, scheme)``,
+top-level keys = M, plus ``_provenance``, which records the mode).
 
 Everything is injectable for tests: ``timer(config, M) -> ms`` and ``check(config) -> (ok, why)``.
 """
@@ -35,6 +38,7 @@ from moe_validate.bench import _first_line
 __all__ = ["candidate_grid", "regime_candidates", "regime_of", "tune", "DEFAULT_TUNE_M", "CHECK_E", "CHECK_TOPK"]
 
 DEFAULT_TUNE_M: Tuple[int, ...] = (1, 16, 64, 256, 1024, 4096, 16384)
+CHECK_MODES = ("every", "winners")  # what tune checks against the reference: each candidate before timing, or winners
 CHECK_E = 4  # experts in the correctness case: enough for several groups, cheap for the reference
 CHECK_TOPK = 2
 CHECK_M_GPU = 48  # ~24 routes per expert: partial tiles for BLOCK_M 16 .. 128
@@ -132,14 +136,6 @@ def candidate_grid(scheme, *, on_gpu: bool = True, small: bool = True) -> List[A
     return _configs(shapes, s, on_gpu)
 
 
-def _config_token(cfg) -> str:
-    tok = f"BM{cfg.BLOCK_M}BN{cfg.BLOCK_N}BK{cfg.BLOCK_K}GM{cfg.GROUP_M}W{cfg.num_warps}S{cfg.num_stages}"
-    g2 = getattr(cfg, "gemm2", None)
-    if g2 is not None:
-        tok += f"+g2BN{g2.BLOCK_N}BK{g2.BLOCK_K}GM{g2.GROUP_M}W{g2.num_warps}S{g2.num_stages}"
-    return tok
-
-
 def gemm2_variants(best, scheme, regime: str, *, on_gpu: bool = True) -> List[Any]:
     """``best`` with GEMM2 given each other tile schedule of the regime's grid (BLOCK_M stays
     ``best``'s: both GEMMs share the alignment). GEMM2's N is the hidden size and its K is I,
@@ -168,7 +164,7 @@ def check_candidate(model, scheme: str, cfg, *, check_m: int = CHECK_M_GPU, seed
     from moe_validate.backends import TritonBackend
     from moe_validate.compare import evaluate
     from moe_validate.inputs import make_inputs
-    from moe_validate.matrix import Case
+    from moe_validate.matrix import Case, config_token
     from moe_validate.runner import default_device
 
     case = Case(M=check_m, N=model.N, K=model.K, E=min(model.E, CHECK_E), topk=min(model.topk, CHECK_TOPK),
@@ -195,7 +191,7 @@ def check_candidate(model, scheme: str, cfg, *, check_m: int = CHECK_M_GPU, seed
         ev = evaluate(case, inputs, out)
     except Exception as exc:
         return False, f"CRASH {case.id}: {_first_line(exc)}"
-    label = f"{case.id} with config {_config_token(cfg)}"
+    label = f"{case.id} with config {config_token(cfg)}"
     return ev.passed, f"{'PASS' if ev.passed else 'FAIL'} {label}" + (f": {ev.reason}" if ev.reason else "")
 
 
@@ -253,7 +249,8 @@ def tune(model, scheme: str, m_list: Sequence[int] = DEFAULT_TUNE_M, *, out_dir:
          device_name: Optional[str] = None, timer: Optional[Callable[[Any, int], float]] = None,
          check: Optional[Callable[[Any], Tuple[bool, str]]] = None, candidates: Optional[List[Any]] = None,
          command: str = "", check_m: Optional[int] = None, gemm2: Optional[bool] = None,
-         device_facts: Optional[Any] = None, log: Callable[[str], None] = lambda s: None) -> Dict[str, Any]:
+         device_facts: Optional[Any] = None, check_mode: str = "every",
+         log: Callable[[str], None] = lambda s: None) -> Dict[str, Any]:
     """Tune and write the table; returns {"path", "table", "provenance"}.
 
     Merges into an existing file of the same name in ``out_dir`` (buckets not tuned now are
@@ -265,10 +262,14 @@ def tune(model, scheme: str, m_list: Sequence[int] = DEFAULT_TUNE_M, *, out_dir:
     import torch
 
     from kernels.configs import CONFIG_DIR, config_file_name, current_device_facts, untuned_config
-    from moe_validate.env import capture_env, interpreting
+    from moe_validate.contract.rules import interpreting
     from moe_validate.contract.spec import QuantScheme
+    from moe_validate.env import capture_env
+    from moe_validate.matrix import config_token
 
     s = QuantScheme.parse(scheme, name="--scheme")
+    if check_mode not in CHECK_MODES:
+        raise ValueError(f"check_mode must be one of {list(CHECK_MODES)}; got {check_mode!r}")
     if not m_list or any((not isinstance(m, int)) or m < 1 for m in m_list):
         raise ValueError(f"m_list must be positive integers; got {list(m_list)}")
     on_gpu = torch.cuda.is_available() and not interpreting()
@@ -295,6 +296,17 @@ def tune(model, scheme: str, m_list: Sequence[int] = DEFAULT_TUNE_M, *, out_dir:
         return own + ([default] if default not in own else [])
 
     checked: Dict[str, Tuple[bool, str]] = {}
+
+    def passes_check(cfg) -> bool:
+        tok = config_token(cfg)
+        if tok not in checked:
+            try:
+                checked[tok] = check(cfg)
+            except Exception as exc:
+                checked[tok] = (False, f"check raised {type(exc).__name__}: {exc}")
+            log(f"check {tok}: {'ok' if checked[tok][0] else 'REJECTED'} ({checked[tok][1]})")
+        return checked[tok][0]
+
     results: Dict[str, Any] = {}
     table: Dict[int, Dict[str, int]] = {}
     for M in m_list:
@@ -306,9 +318,11 @@ def tune(model, scheme: str, m_list: Sequence[int] = DEFAULT_TUNE_M, *, out_dir:
 
         def time_each(configs, note: str = "") -> None:
             for cfg in configs:
-                tok = _config_token(cfg)
+                tok = config_token(cfg)
                 if tok in checked and not checked[tok][0]:
                     continue  # rejected by the correctness check at an earlier bucket
+                if check_mode == "every" and not passes_check(cfg):
+                    continue  # a wrong config is never timed
                 try:
                     ms = float(timer(cfg, M))
                 except Exception as exc:  # a config that fails to compile or launch is skipped, not fatal
@@ -327,15 +341,8 @@ def tune(model, scheme: str, m_list: Sequence[int] = DEFAULT_TUNE_M, *, out_dir:
             time_each(gemm2_variants(base, s, regime_of(M, model.E, model.topk), on_gpu=on_gpu),
                       f" (shared config {base_ms:.4f} ms)")
         best = None
-        for ms, _, cfg in timings:  # fastest first; correctness does not depend on M: check once
-            tok = _config_token(cfg)
-            if tok not in checked:
-                try:
-                    checked[tok] = check(cfg)
-                except Exception as exc:
-                    checked[tok] = (False, f"check raised {type(exc).__name__}: {exc}")
-                log(f"check {tok}: {'ok' if checked[tok][0] else 'REJECTED'} ({checked[tok][1]})")
-            if checked[tok][0]:
+        for ms, _, cfg in timings:  # fastest first (in "every" mode all of them passed already)
+            if passes_check(cfg):
                 best = (ms, cfg)
                 break
         if best is None:
@@ -343,8 +350,8 @@ def tune(model, scheme: str, m_list: Sequence[int] = DEFAULT_TUNE_M, *, out_dir:
             continue
         best_ms, best_cfg = best
         table[M] = best_cfg.to_dict()
-        results[str(M)] = {"regime": regime_of(M, model.E, model.topk), "best": _config_token(best_cfg),
-                           "best_ms": best_ms, "timed": {_config_token(c): t for t, _, c in timings},
+        results[str(M)] = {"regime": regime_of(M, model.E, model.topk), "best": config_token(best_cfg),
+                           "best_ms": best_ms, "timed": {config_token(c): t for t, _, c in timings},
                            "errors": errors}
     if not table:
         raise RuntimeError(f"tune found no usable config: checks {checked}; results {results}")
@@ -358,9 +365,13 @@ def tune(model, scheme: str, m_list: Sequence[int] = DEFAULT_TUNE_M, *, out_dir:
         "kernels_digest": env.get("kernels_digest"),
         "shape": {"E": model.E, "N": model.N, "K": model.K, "I": model.I, "topk": model.topk,
                   "activation": model.activation, "scheme": s.value},
-        "method": "per M: the regime's candidates and the untuned default timed (median of CUDA-graph replays "
-                  "over rotated routing sets); the fastest checked against the float64 reference "
-                  "(validation-suite case, config forced), the next fastest if it fails",
+        "method": ("per M: the regime's candidates and the untuned default, each checked against the float64 "
+                   "reference (validation-suite case, config forced) before it is timed (median of CUDA-graph "
+                   "replays over rotated routing sets); the fastest checked one wins" if check_mode == "every" else
+                   "per M: the regime's candidates and the untuned default timed (median of CUDA-graph replays "
+                   "over rotated routing sets); the fastest checked against the float64 reference "
+                   "(validation-suite case, config forced), the next fastest if it fails"),
+        "check_mode": check_mode,
         "rejected": {k: v[1] for k, v in checked.items() if not v[0]},
         "results": results,
     }

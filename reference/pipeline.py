@@ -24,6 +24,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from moe_validate.contract.checks import CallShape, validate_call, validate_index_values
+from moe_validate.contract.rules import fused_silu_fp8_group
 from moe_validate.contract.spec import Activation, LoRASpec, QuantConfig, QuantScheme
 
 from reference.activations import apply_activation
@@ -246,12 +247,6 @@ def lora_w2(c3: torch.Tensor, c2_unq: torch.Tensor, lora: Optional[LoRASpec], to
 # ---------------------------------------------------------------------------------------------
 # Step 8: activation and requantization.
 # ---------------------------------------------------------------------------------------------
-def uses_fused_silu_quant(shape: CallShape, lora: Optional[LoRASpec]) -> bool:
-    """SPEC step 8: silu + fp8_block128 + no clamp + no LoRA quantizes the fp32 activation directly."""
-    return (shape.activation is Activation.SILU and shape.scheme is QuantScheme.FP8_BLOCK128
-            and shape.quant.gemm1_clamp_limit is None and lora is None)
-
-
 def activation_stage(c1: torch.Tensor, valid: torch.Tensor, activation: Activation,
                      clamp_limit: Optional[float], round_S: RoundFn, *, precision: str,
                      fused: bool) -> torch.Tensor:
@@ -349,7 +344,7 @@ def run_stages(hidden_states, w1, w2, topk_weights, topk_ids, *, activation="sil
 
     c1 = gemm1(x, w1_f, _bias(q.w1_bias), valid, local, round_S)
     c1 = lora_w13(c1, x_unq, lora, valid, local, shape.activation, round_S)
-    fused = uses_fused_silu_quant(shape, lora)
+    fused = fused_silu_fp8_group(shape.activation, shape.scheme, q.gemm1_clamp_limit, lora is not None)
     c2 = activation_stage(c1, valid, shape.activation, q.gemm1_clamp_limit, round_S,
                           precision=precision, fused=fused)
     c2_in = requantize(c2, valid, shape.scheme, q.a2_scale)

@@ -41,6 +41,12 @@ def test_kernels_and_reference_do_not_import_each_other():
         assert proc.returncode == 0, f"import {package} loaded {other}: {proc.stderr}"
 
 
+def test_rules_load_no_torch():
+    """The CLI and the pytest plugin ask ``interpreting()`` before they need torch."""
+    proc = _run("import sys, moe_validate.contract.rules\nassert 'torch' not in sys.modules\n")
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_contract_package_imports_nothing():
     proc = _run("import sys, moe_validate.contract\n"
                 "loaded = [m for m in sys.modules if m.startswith('moe_validate.')]\n"

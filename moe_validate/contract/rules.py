@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import os
 
-from moe_validate.contract.spec import Activation, QuantScheme
-
 __all__ = ["fused_silu_fp8_group", "interpreting", "takes_naive_path", "NAIVE_SPARSITY"]
 
 # How Triton reads a boolean environment variable (triton.knobs.env_bool -> libtriton's
 # getenv_bool in the installed 3.x): the whole value, case-insensitive; anything else is false,
-# so "2", " 1" and "t" do not interpret. tests/test_architecture.py pins this against Triton.
+# so "2", " 1" and "t" do not interpret. tests/moe_validate/test_contract_rules.py pins it to Triton.
 _TRITON_TRUE = frozenset({"1", "true", "on", "yes", "y"})
 
 # vLLM's heuristic for the tiny-M path: one route per tile pays off when there are several
@@ -29,6 +27,9 @@ def fused_silu_fp8_group(activation, scheme, gemm1_clamp_limit, has_lora: bool) 
     """silu + fp8_block128, no GEMM1 clamp, no LoRA: c2 is quantized from the fp32 activation in
     1x128 groups (the kernels' ``silu_and_mul_quant_fp8_group``, or its fusion into GEMM1's
     epilogue where the config allows). ``activation`` and ``scheme``: the enums or their values."""
+    # Imported here: the module stays torch-free, for the CLI and the pytest plugin's start.
+    from moe_validate.contract.spec import Activation, QuantScheme
+
     return (activation == Activation.SILU and scheme == QuantScheme.FP8_BLOCK128
             and gemm1_clamp_limit is None and not has_lora)
 

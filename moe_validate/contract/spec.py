@@ -312,6 +312,9 @@ class MoEInputs:
 
     POSITIONAL = ("hidden_states", "w1", "w2", "topk_weights", "topk_ids")
 
+    def __post_init__(self) -> None:
+        self.activation = Activation.parse(self.activation)  # once, here: every backend gets the enum
+
     def args(self) -> tuple:
         return tuple(getattr(self, n) for n in self.POSITIONAL)
 

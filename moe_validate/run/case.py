@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple, Union
 
 from moe_validate.backends import Backend, get_backend
-from moe_validate.env import interpreting
+from moe_validate.contract.rules import interpreting
 from moe_validate.results import CaseRecord, Outcome, make_json_safe
 
 __all__ = ["CaseResult", "run_case_inprocess", "repro_command", "classify_exception", "base_record",

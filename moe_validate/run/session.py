@@ -19,7 +19,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from moe_validate.backends import get_backend
 from moe_validate.devices import GpuInfo, detect_gpus, visible_entries
-from moe_validate.env import capture_env, interpreting
+from moe_validate.contract.rules import interpreting
+from moe_validate.env import capture_env
 from moe_validate.exit_codes import EXIT_FAILURES, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_PASS
 from moe_validate.results import (CaseRecord, FooterRecord, HeaderRecord, Outcome, ResultsWriter,
                                   expected_digest)

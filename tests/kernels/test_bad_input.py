@@ -78,7 +78,7 @@ def test_supports_quant_scheme_is_device_aware(monkeypatch):
     keys = QuantScheme.FP8_BLOCK128.quant_keys
     assert ex.supports_quant_scheme(None, None)
     assert not ex.supports_quant_scheme("kNoSuchKey", None)
-    monkeypatch.setattr(experts_module, "_interpreting", lambda: False)
+    monkeypatch.setattr(experts_module, "interpreting", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
     assert not ex.supports_quant_scheme(*keys)

@@ -4,8 +4,6 @@ out-of-range values, on the interpreter and natively on a GPU; dots are IEEE for
 for bf16 (the interpreter's raw-bit bf16 product is routed through fp32); ``add_rn`` after a product
 rounds twice, like torch's separate multiply and add, subnormals included (no FMA, no flush to zero)."""
 
-import os
-
 import pytest
 import torch
 import triton
@@ -14,9 +12,10 @@ import triton.language as tl
 from kernel_test_support import assert_same_bits
 from kernels._interp import add_rn, dot, tanh, to_fp32, to_fp8_e4m3, to_int8, to_storage
 from kernels.activation import activation_fp32
+from moe_validate.contract.rules import interpreting
 from moe_validate.contract.spec import SWIGLU_LIMIT
 
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+DEVICE = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
 
 
 @triton.jit

@@ -23,7 +23,6 @@ roundoff; p = the significand bits of S: 24 fp32, 11 fp16, 8 bf16):
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Sequence, Tuple
 
 import pytest
@@ -31,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_validate.contract.rules import interpreting
 from moe_validate.contract.spec import Activation, LoRASpec
 from kernels.lora import (
     LoRAKernelConfig,
@@ -43,7 +43,7 @@ from kernels.lora import (
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SIGNIFICAND_BITS = {torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETING = interpreting()
 # Kernels run natively where a GPU is usable, else through the interpreter on CPU tensors;
 # oracles and comparisons always run on CPU.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRETING else "cpu")

@@ -7,7 +7,6 @@ GPU timing itself is not exercised here (it needs a device); everything around i
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 from moe_validate import bench
 from moe_validate.bench import ModelShape
+from moe_validate.contract.rules import interpreting
 
 MIXTRAL = bench.MODELS["mixtral-8x7b"]
 DEEPSEEK = bench.MODELS["deepseek-v3"]
@@ -388,7 +388,7 @@ def test_html_section_is_self_contained_with_roofline(tmp_path):
 # tune -> JSON table -> select_config
 # ---------------------------------------------------------------------------------------------
 def test_tune_writes_a_table_select_config_picks_up(tmp_path):
-    """Real correctness checks (interpreter, tiny case) of the winners only, a fake timer that
+    """``check_mode="winners"``: real correctness checks (interpreter, tiny case) of the winners only, a fake timer that
     prefers one config per bucket, and a candidate that would win everywhere but fails its
     check: it is checked once, rejected, never written and never timed again; the table has
     the checked winners and the provenance, and select_config finds it by name."""
@@ -414,7 +414,8 @@ def test_tune_writes_a_table_select_config_picks_up(tmp_path):
                 (rejected, True): 0.5, (rejected, False): 0.5}[(cfg, M < 100)]
 
     result = tune(tiny, "none", [1, 16, 1024], out_dir=str(tmp_path), device_name="Fake GPU 80GB",
-                  timer=fake_timer, check=check, candidates=[a, b, rejected], command="moe-validate tune test")
+                  timer=fake_timer, check=check, candidates=[a, b, rejected], command="moe-validate tune test",
+                  check_mode="winners")
     assert checked == [rejected, a, b]  # fastest first, each config checked at most once
     assert (rejected, 16) not in timed and (rejected, 1024) not in timed  # rejected once: never timed again
     path = Path(result["path"])
@@ -429,6 +430,39 @@ def test_tune_writes_a_table_select_config_picks_up(tmp_path):
     assert select_config(1, 4, 32, 32, 2, torch.bfloat16, "none", **kw) == a
     assert select_config(20, 4, 32, 32, 2, torch.bfloat16, "none", **kw) == a  # nearest bucket 16
     assert select_config(5000, 4, 32, 32, 2, torch.bfloat16, "none", **kw) == b
+
+
+def test_tune_checks_every_candidate_before_timing_it_by_default(tmp_path):
+    """The default mode: each distinct config is checked against the reference once, before its
+    first timing; a rejected one is never timed, at any bucket, and the provenance says how."""
+    from kernels.configs import KernelConfig
+    from moe_validate.tune import tune
+
+    tiny = ModelShape("tiny", E=4, topk=2, K=32, I=16)
+    a = KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=1)
+    b = KernelConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=1)
+    wrong = KernelConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=1)
+    events = []
+
+    def check(cfg):
+        events.append(("check", cfg))
+        return (False, "planted failure") if cfg == wrong else (True, "ok")
+
+    def timer(cfg, M):
+        events.append(("time", cfg, M))
+        return {a: 2.0, b: 1.0, wrong: 0.1}[cfg]  # the wrong config would be the fastest
+
+    result = tune(tiny, "none", [1, 1024], out_dir=str(tmp_path), device_name="Fake", timer=timer, check=check,
+                  candidates=[a, wrong, b])
+    assert [e for e in events if e[0] == "check"] == [("check", a), ("check", wrong), ("check", b)]
+    for cfg in (a, b):
+        assert events.index(("check", cfg)) < events.index(("time", cfg, 1))
+    assert not [e for e in events if e[0] == "time" and e[1] == wrong]
+    raw = json.loads(Path(result["path"]).read_text())
+    assert raw["_provenance"]["check_mode"] == "every" and "planted failure" in json.dumps(raw["_provenance"])
+    assert raw["1"] == b.to_dict() and raw["1024"] == b.to_dict()
+    with pytest.raises(ValueError, match="check_mode"):
+        tune(tiny, "none", [1], out_dir=str(tmp_path), device_name="X", timer=timer, check=check, check_mode="some")
 
 
 def test_tune_default_candidates_are_per_regime_and_include_the_untuned_default(tmp_path):
@@ -501,7 +535,8 @@ def test_tune_gives_gemm2_its_own_tiles_when_faster(tmp_path, monkeypatch):
         return check_candidate(tiny, "none", cfg, check_m=6)
 
     result = tune(tiny, "none", [4], out_dir=str(tmp_path), device_name="Fake GPU", gemm2=True,
-                  timer=lambda cfg, M: 0.5 if cfg == winner else 1.0, check=check, candidates=[shared])
+                  timer=lambda cfg, M: 0.5 if cfg == winner else 1.0, check=check, candidates=[shared],
+                  check_mode="winners")
     assert checked == [winner]
     raw = json.loads(Path(result["path"]).read_text())
     assert raw["4"]["gemm2"] == {"BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 1, "num_warps": 4, "num_stages": 1}
@@ -578,7 +613,7 @@ def _no_graph(*args, **kwargs):
     raise RuntimeError("no CUDA graphs on CPU")
 
 
-@pytest.mark.skipif(torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+@pytest.mark.skipif(torch.cuda.is_available() and not interpreting(),
                     reason="fakes CUDA around CPU tensors (interpreter kernels); on a real GPU the bench itself "
                            "runs this branch (scripts/gpu_bench.sh)")
 def test_row_group_plumbing_with_fake_cuda(monkeypatch):
@@ -637,7 +672,7 @@ def test_render_accepts_json_text_and_path(tmp_path):
         render_bench_html(42)
 
 
-@pytest.mark.skipif(torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+@pytest.mark.skipif(torch.cuda.is_available() and not interpreting(),
                     reason="fakes CUDA around CPU tensors (interpreter kernels); on a real GPU the bench itself "
                            "runs this branch (scripts/gpu_bench.sh)")
 def test_run_bench_gpu_branch_with_fake_cuda(monkeypatch, tmp_path):

@@ -28,6 +28,7 @@ F64 = torch.float64
 reference = pytest.importorskip("reference", reason="the comparison engine needs the float64 reference")
 from reference import pipeline as ref_pipeline  # noqa: E402
 from moe_validate.contract.checks import validate_call  # noqa: E402
+from moe_validate.contract.rules import fused_silu_fp8_group  # noqa: E402
 
 EMULATED_BLOCK_K = 32  # K tile of the emulated kernel; tiles are summed last-to-first
 
@@ -78,7 +79,7 @@ def kernel_emulation(inputs, store_c1_unrounded=False):
     round_c1 = (lambda t: t.float().double()) if store_c1_unrounded else round_S  # noqa: E731
     c1 = _grouped(lambda r: x[r // topk], w1_f, bias(q.w1_bias), valid, local, round_c1)
     c1 = ref_pipeline.lora_w13(c1, x_unq, inputs.lora, valid, local, shape.activation, round_S)
-    fused = ref_pipeline.uses_fused_silu_quant(shape, inputs.lora)
+    fused = fused_silu_fp8_group(shape.activation, shape.scheme, q.gemm1_clamp_limit, inputs.lora is not None)
     c2 = ref_pipeline.activation_stage(c1, valid, shape.activation, q.gemm1_clamp_limit, round_S,
                                        precision="mirror", fused=fused)
     c2_in = ref_pipeline.requantize(c2, valid, shape.scheme, q.a2_scale)
