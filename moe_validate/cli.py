@@ -415,9 +415,9 @@ def cmd_env(args) -> int:
 # parser
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    exit_table = "exit status (every command):\n" + "\n".join(f"  {code:<4} {text}" for code, text in EXIT_CODES)
     parser = _Parser(prog=PROG, description="Validate fused-MoE expert kernels against the float64 reference.",
-                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                     epilog="exit status (every command):\n" + "\n".join(f"  {code:<4} {text}" for code, text in EXIT_CODES))
+                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=exit_table)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -436,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--filter", help="comma-separated terms, all must match: axis=value (scheme=fp8_block128) "
                                         "or a glob on the case id")
 
-    p = sub.add_parser("run", help="run a suite and write results.jsonl and report.html")
+    p = sub.add_parser("run", help="run a suite and write results.jsonl and report.html", epilog=exit_table,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     suite_args(p)
     p.add_argument("--backend", default="triton", help="triton | reference | module:attr | entry-point name")
     p.add_argument("--shard", help="i/n: run the i-th of n disjoint shares of the cases (1 <= i <= n)")
@@ -479,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="triton")
     p.set_defaults(func=cmd_repro)
 
-    p = sub.add_parser("report", help="merge results files (shards) and render one HTML report")
+    p = sub.add_parser("report", help="merge results files (shards) and render one HTML report", epilog=exit_table,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", metavar="RESULTS.jsonl")
     p.add_argument("--out", help="report file (default: report.html beside the first results file)")
     p.add_argument("--baseline", metavar="OLD.jsonl", help="results to diff against in the report")
@@ -491,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("compare", help="text diff of two runs: new failures, fixes, drift, missing cases (exit 1 on "
-                                       "regressions, 3 when NEW is incomplete)")
+                                       "regressions, 3 when NEW is incomplete)",
+                       epilog=exit_table, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("old", metavar="OLD.jsonl")
     p.add_argument("new", metavar="NEW.jsonl")
     p.add_argument("--old-run", metavar="RUN_ID", help="the run of OLD to compare (when it holds several)")
