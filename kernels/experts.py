@@ -319,8 +319,8 @@ class TritonExperts:
         shape = validate_call(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation,
                               quant=self.quant_config, expert_map=expert_map, global_num_experts=global_num_experts,
                               apply_router_weight_on_input=apply_router_weight_on_input, lora=lora)
-        config = _resolve_config(config, shape.M, shape.E, shape.N, shape.K, shape.topk, shape.storage_dtype,
-                                 shape.scheme, self.quant_config.group_size, batch_invariant)
+        config, _ = _resolve_config(config, shape.M, shape.E, shape.N, shape.K, shape.topk, shape.storage_dtype,
+                                    shape.scheme, self.quant_config.group_size, batch_invariant)
         device = hidden_states.device
         own = PathSwitches(self.assignment, self.fuse_activation, self.fuse_topk_sum)
 
