@@ -506,8 +506,9 @@ def test_three_shards_merge_into_the_unsharded_report(tmp_path, capsys):
     for i in (1, 2, 3):
         assert main(common + ["--shard", f"{i}/3", "--out", str(tmp_path / f"shard{i}")]) == 1
     shard_files = [str(tmp_path / f"shard{i}" / "results.jsonl") for i in (1, 2, 3)]
-    assert main(["report", *shard_files, "--out", str(tmp_path / "merged.html")]) == 0
-    assert main(["report", str(tmp_path / "whole" / "results.jsonl"), "--out", str(tmp_path / "whole.html")]) == 0
+    # Both hold the planted FAIL and CRASH: report exits 1 for each, the merged shards being complete.
+    assert main(["report", *shard_files, "--out", str(tmp_path / "merged.html")]) == 1
+    assert main(["report", str(tmp_path / "whole" / "results.jsonl"), "--out", str(tmp_path / "whole.html")]) == 1
     capsys.readouterr()
 
     whole = load_results([tmp_path / "whole" / "results.jsonl"])
