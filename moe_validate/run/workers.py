@@ -278,6 +278,9 @@ def run_pool(cases, backend_spec: str, workers: int, timeout_s: Optional[float],
         timeouts_in_a_row = timeouts_in_a_row + 1 if rec.outcome == Outcome.TIMEOUT.value else 0
         finish(rec)
 
+    def hung() -> bool:
+        return max_consecutive_timeouts is not None and timeouts_in_a_row >= max_consecutive_timeouts
+
     def give_up(reason: str) -> None:
         """Records every case in flight or pending as NOT_RUN, and kills the workers."""
         for worker in live():
@@ -345,8 +348,12 @@ def run_pool(cases, backend_spec: str, workers: int, timeout_s: Optional[float],
                     record(lost_case_record(
                         worker, Outcome.TIMEOUT,
                         f"exceeded the {timeout_s:g}s per-case limit; worker killed and replaced"))
-                    replace(worker)
-            if max_consecutive_timeouts is not None and timeouts_in_a_row >= max_consecutive_timeouts:
+                    if hung():
+                        worker.kill()  # no replacement: the run gives up on this backend below
+                        pool[worker.slot] = None
+                    else:
+                        replace(worker)
+            if hung():
                 stopped = (f"{timeouts_in_a_row} cases timed out in a row (limit {max_consecutive_timeouts}): the "
                            "backend looks hung; the rest were not run")
                 give_up(f"not run: {stopped.split(':')[0]}")
