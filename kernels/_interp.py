@@ -21,26 +21,12 @@ build contains only the native path. Facts behind each branch: ``docs/TRITON_FAC
   libdevice's ``add_rn`` would be, but Triton builds libdevice flush-to-zero (``add.rn.ftz``),
   which differs from a plain add on subnormals. The interpreter never contracts.
 
-One patch of the interpreter itself, installed at import when interpreting
-(``_install_fixed_order_dot``): its floating ``tl.dot`` is ``np.matmul``, whose BLAS kernel
-rounds an element differently by its row and column position and by the tile's row count
-(measured: 72 of 512 elements of a 16x32x32 fp32 dot change when the columns are permuted), so
-two correct kernels that place the same dot product in different tile positions (fused
-gate/up pairs, a permuted or smaller batch) disagree in the last bit on some hosts. The patch
-makes every floating dot a fixed-order sum: widen both operands exactly to fp32, multiply
-elementwise, add the K products in order (``np.add.accumulate`` is sequential by definition),
-then add the accumulator. Each element is then a function of its own row and column alone.
-
-And one speed-up of it (``_install_patch_once_per_launch``): the interpreter re-patches
-``triton.language`` on every call of a ``@triton.jit`` helper (``inspect.getmembers`` over the whole
-module each time), although the launch already patched the same modules and the patches are
-stateless; inside a launch a helper whose modules the launch covered is not patched again.
+The interpreter's own infidelities (raw-bit bf16 dots, position-dependent dot rounding,
+truncating bf16 casts, missing libdevice) and its per-helper re-patching are fixed once, for every
+kernel, by ``moe_validate.contract.interpreter.install()``, called at import when interpreting;
+the helpers here stay explicit so that our kernels' bits do not depend on those patches.
 """
 
-import inspect
-import threading
-
-import numpy as np
 import triton
 import triton.language as tl
 
@@ -57,85 +43,10 @@ else:  # the name must exist for the untaken branch; it is never traced
     _libdevice = None
 
 
-def _exact_fp32_operand(handle):
-    """The dot operand as an fp32 numpy array, exactly, or None for a dtype the patch leaves alone."""
-    from triton.runtime import interpreter
-
-    dtype = handle.dtype.scalar if hasattr(handle.dtype, "scalar") else handle.dtype
-    data = handle.data
-    if data.dtype in (np.float32, np.float16):
-        return data.astype(np.float32)
-    if dtype == tl.bfloat16:  # stored as raw uint16 bits: widen on the bits
-        return (data.astype(np.uint32) << 16).view(np.float32)
-    if dtype.is_floating() and dtype.primitive_bitwidth == 8 and hasattr(interpreter, "_convert_float"):
-        return interpreter._convert_float(data, dtype, tl.float16, None).view(np.float16).astype(np.float32)
-    return None
-
-
-def fixed_order_dot(a: np.ndarray, b: np.ndarray, acc: np.ndarray) -> np.ndarray:
-    """acc + a @ b in fp32 with every product rounded, then summed over k in order 0..K-1."""
-    products = a[:, :, None] * b[None, :, :]
-    return np.add.accumulate(products, axis=1)[:, -1, :] + acc
-
-
-def _install_fixed_order_dot() -> None:
-    from triton.runtime import interpreter
-
-    builder_class = interpreter.InterpreterBuilder
-    native = builder_class.create_dot
-    if getattr(native, "_fixed_order", False):
-        return
-
-    def create_dot(self, a, b, d, *rest):
-        a32, b32 = _exact_fp32_operand(a), _exact_fp32_operand(b)
-        if a32 is None or b32 is None or a32.ndim != 2 or d.data.dtype != np.float32:
-            return native(self, a, b, d, *rest)
-        return interpreter.TensorHandle(fixed_order_dot(a32, b32, d.data), d.dtype.scalar)
-
-    create_dot._fixed_order = True
-    builder_class.create_dot = create_dot
-
-
-_launch_state = threading.local()  # .covered: ids of the language modules the running launch patched
-
-
-def _install_patch_once_per_launch() -> None:
-    from triton.runtime import interpreter
-
-    native_patch, executor = getattr(interpreter, "_patch_lang", None), getattr(interpreter, "GridExecutor", None)
-    if native_patch is None or executor is None or getattr(native_patch, "_once_per_launch", False):
-        return  # another Triton layout: keep its own behaviour (this is a speed-up only)
-    native_launch = executor.__call__
-
-    def language_modules(fn):
-        return {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
-
-    def patch_lang(fn):
-        covered = getattr(_launch_state, "covered", None)
-        modules = language_modules(fn)
-        if covered is not None and modules and modules <= covered:
-            return None  # a helper's call inside a launch: its callers ignore the scope
-        scope = native_patch(fn)
-        if covered is not None:
-            covered |= modules
-        return scope
-
-    def launch(self, *args, **kwargs):
-        outer = getattr(_launch_state, "covered", None)
-        _launch_state.covered = set()
-        try:
-            return native_launch(self, *args, **kwargs)
-        finally:
-            _launch_state.covered = outer
-
-    patch_lang._once_per_launch = True
-    interpreter._patch_lang = patch_lang
-    executor.__call__ = launch
-
-
 if INTERPRETING:
-    _install_fixed_order_dot()
-    _install_patch_once_per_launch()
+    from moe_validate.contract import interpreter as _faithful_interpreter
+
+    _faithful_interpreter.install()
 
 
 @triton.jit

@@ -11,8 +11,9 @@ those routes and output columns [pid_n*BLOCK_N, +BLOCK_N), looping over K in BLO
 accumulating in fp32 (int32 for int8 x int8). GROUP_M swizzles pid_m so that consecutive
 programs reuse the same B columns. In the tiny-M path (``NAIVE``) tile pid_m holds route pid_m
 alone (row 0), its expert read from ``route_expert``; padding rows carry the sentinel R. One
-helper (``_route_tile_fp32``: pointers, K loop, fp32 epilogue) computes every tile of every
-variant below; each caller rounds its result to S once.
+helper (``_route_tile_fp32``: pointers, K loop, fp32 epilogue), called from one place, computes
+every tile of every variant below; the kernel rounds its result to S once. The launcher is
+``plan_grouped_gemm`` (checks, modes, grid: a ``GemmPlan``) then the launch of that plan.
 
 Dequantization:
   weights/acts fp8 or int8, 128x128 block scales: per K tile, acc += dot * (a_s[row, kb] * b_s[e, nb, kb])
@@ -58,7 +59,8 @@ to topk weight tiles.
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import triton
@@ -70,7 +72,7 @@ from kernels.activation import activation_fp32
 from kernels.quantize import ACT_GROUP_SIZE, FP8_MAX, _dynamic_scale, _quantize, silu_and_mul_fp32
 from moe_validate.contract.spec import SWIGLU_LIMIT, Activation
 
-__all__ = ["invoke_grouped_gemm", "fp8_group_quant_blocker"]
+__all__ = ["invoke_grouped_gemm", "plan_grouped_gemm", "GemmPlan", "fp8_group_quant_blocker"]
 
 
 @triton.jit
@@ -294,35 +296,11 @@ def _grouped_gemm_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # C's columns; stage 5 halves them for gate/up pairs
 
+    # Stage 1b: the route tiles the program runs through stages 2-4. A tile program owns one:
+    # pid_m's BLOCK_M aligned routes, or route pid_m alone in row 0 on the naive path. With
+    # TOPK_SUM the program owns token pid_m's TOP_K slots (TOP_K is 1 otherwise), taken in order.
     if TOPK_SUM:
-        # Stages 2-4 per slot, then the sum: token pid_m's slots in order; each valid one (expert
-        # >= 0) runs stages 2-4 exactly as its own unfused naive program would (route m*TOP_K + j
-        # alone, in row 0) and is rounded to S as c3 would be stored; widened, it is added to an
-        # fp32 sum that starts at +0.0. Invalid slots are skipped (their weights never read), as
-        # moe_sum skips them: moe_sum's sum of c3, bit for bit, without c3. _interp.add_rn: the GPU
-        # would fuse this add with the epilogue's last product into one FMA (with S = fp32 that
-        # product is the c3 value itself), skipping the product's rounding.
         total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for j in tl.static_range(TOP_K):
-            route = pid_m * TOP_K + j
-            expert = tl.load(route_expert_ptr + route).to(tl.int64)
-            if expert >= 0:
-                routes = tl.where(offs_m == 0, route, num_routes).to(tl.int64)
-                acc = _route_tile_fp32(
-                    a_ptr, b_ptr, bias_ptr, a_scale_ptr, b_scale_ptr, b_zp_ptr, route_weight_ptr,
-                    expert, routes, routes < num_routes, pid_n, N, K,
-                    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_biase, stride_biasn,
-                    stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, stride_bze, stride_bzn, stride_bzk,
-                    A_ROW_DIV, MUL_ROUTE_WEIGHT, HAS_BIAS, WEIGHT_FORMAT, A_SCALE, B_SCALE, HAS_ZP, GROUP_K,
-                    GROUP_N, GATE_UP, BLOCK_M, BLOCK_N, BLOCK_K)
-                c3 = _interp.to_storage(acc, C1_DTYPE)
-                total = _interp.add_rn(total, _interp.to_fp32(c3))
-
-        # Stage 6 (top-k sum): row 0 is token pid_m's output row, rounded to S once.
-        token_row = offs_m == 0
-        out_rows = tl.where(token_row, pid_m, 0).to(tl.int64)
-        out_ptrs = c_ptr + out_rows[:, None] * stride_cm + offs_cn[None, :].to(tl.int64) * stride_cn
-        tl.store(out_ptrs, _interp.to_storage(total, C1_DTYPE), mask=token_row[:, None] & (offs_cn < N)[None, :])
     else:
         if NAIVE:
             expert = tl.load(route_expert_ptr + pid_m).to(tl.int64)
@@ -334,18 +312,45 @@ def _grouped_gemm_kernel(
             routes = tl.load(sorted_route_ids_ptr + pid_m * BLOCK_M + offs_m).to(tl.int64)
         if expert < 0:
             return  # padding tile or invalid route: its rows are never read
-        row_mask = routes < num_routes
 
-        # Stages 2-4, then the one rounding to S: c1, c3, or the c1 a fused activation reads.
-        acc = _route_tile_fp32(
-            a_ptr, b_ptr, bias_ptr, a_scale_ptr, b_scale_ptr, b_zp_ptr, route_weight_ptr,
-            expert, routes, row_mask, pid_n, N, K,
-            stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_biase, stride_biasn,
-            stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, stride_bze, stride_bzn, stride_bzk,
-            A_ROW_DIV, MUL_ROUTE_WEIGHT, HAS_BIAS, WEIGHT_FORMAT, A_SCALE, B_SCALE, HAS_ZP, GROUP_K,
-            GROUP_N, GATE_UP, BLOCK_M, BLOCK_N, BLOCK_K)
-        c = _interp.to_storage(acc, C1_DTYPE)
+    for j in tl.static_range(TOP_K):
+        if TOPK_SUM:
+            # Slot j: route m*TOP_K + j alone in row 0, exactly as its own unfused naive program
+            # would run it. An invalid slot (expert < 0) is skipped, its weights never read, as
+            # moe_sum skips it.
+            route = pid_m * TOP_K + j
+            expert = tl.load(route_expert_ptr + route).to(tl.int64)
+            routes = tl.where(offs_m == 0, route, num_routes).to(tl.int64)
+            valid = expert >= 0
+        else:
+            # a constexpr, so that this branch compiles to straight-line code: a tile program
+            # whose expert is invalid has returned above
+            valid: tl.constexpr = True
+        if valid:
+            # Stages 2-4, then the one rounding to S: c1, c3, or the c1 a fused activation reads.
+            row_mask = routes < num_routes
+            acc = _route_tile_fp32(
+                a_ptr, b_ptr, bias_ptr, a_scale_ptr, b_scale_ptr, b_zp_ptr, route_weight_ptr,
+                expert, routes, row_mask, pid_n, N, K,
+                stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_biase, stride_biasn,
+                stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, stride_bze, stride_bzn, stride_bzk,
+                A_ROW_DIV, MUL_ROUTE_WEIGHT, HAS_BIAS, WEIGHT_FORMAT, A_SCALE, B_SCALE, HAS_ZP, GROUP_K,
+                GROUP_N, GATE_UP, BLOCK_M, BLOCK_N, BLOCK_K)
+            c = _interp.to_storage(acc, C1_DTYPE)
+            if TOPK_SUM:
+                # Widened, the slot's c3 joins an fp32 sum that starts at +0.0: moe_sum's sum of
+                # c3, bit for bit, without c3. _interp.add_rn: the GPU would fuse this add with the
+                # epilogue's last product into one FMA (with S = fp32 that product is the c3 value
+                # itself), skipping the product's rounding.
+                total = _interp.add_rn(total, _interp.to_fp32(c))
 
+    if TOPK_SUM:
+        # Stage 6 (top-k sum): row 0 is token pid_m's output row, rounded to S once.
+        token_row = offs_m == 0
+        out_rows = tl.where(token_row, pid_m, 0).to(tl.int64)
+        out_ptrs = c_ptr + out_rows[:, None] * stride_cm + offs_cn[None, :].to(tl.int64) * stride_cn
+        tl.store(out_ptrs, _interp.to_storage(total, C1_DTYPE), mask=token_row[:, None] & (offs_cn < N)[None, :])
+    else:
         # Stage 5 (fused GEMM1 only): the activation on c1 exactly as stored (rounded to S, widened),
         # in fp32 by the activation kernel's own helper, one more rounding to S: c2 bit for bit. With
         # FP8_GROUP_QUANT, silu(gate) * up by the fp8 group quantizer's helper instead, then its codes.
@@ -440,7 +445,26 @@ def _check_topk_sum(topk: int, c: torch.Tensor, num_routes: int, route_expert: t
                          f"rows; got {tuple(c.shape)}")
 
 
-def invoke_grouped_gemm(
+@dataclass(frozen=True)
+class GemmPlan:
+    """One grouped-GEMM launch, decided from its arguments before anything runs (testable without
+    a launch): the grid, the runtime sizes and the kernel's constexpr arguments by name."""
+
+    grid: Tuple[int]
+    N: int  # columns of c: b's rows, or I = half of them with a fused gated activation
+    K: int
+    num_routes: int
+    clamp_limit: float  # silu's gemm1_clamp_limit (0.0 where HAS_CLAMP is False)
+    flat_b_scale: bool  # per-tensor weight scales [E, 1, 1] are passed as [E]
+    constexprs: Dict[str, Any]
+
+    @property
+    def launches(self) -> bool:
+        """False where no route or no column exists: nothing to write."""
+        return self.num_routes > 0 and self.N > 0
+
+
+def plan_grouped_gemm(
     a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
     scheme, config, top_k_div: int, num_routes: int,
     sorted_route_ids: Optional[torch.Tensor], expert_ids: Optional[torch.Tensor],
@@ -453,32 +477,9 @@ def invoke_grouped_gemm(
     activation=None, clamp_limit: Optional[float] = None,
     c_scale: Optional[torch.Tensor] = None, c1_dtype: Optional[torch.dtype] = None,
     topk_sum: Optional[int] = None,
-) -> None:
-    """Launch one grouped GEMM writing c[r, :] for every valid route r (route-major c).
-
-    ``a`` [rows, K] (x for GEMM1, c2 for GEMM2, possibly quantized); ``b`` [E, N, K] (int4:
-    [E, N, K/2] uint8); ``c`` [R, N] in S. Scales follow SPEC.md's shapes; the caller has
-    validated them. ``top_k_div`` maps a route to its A row (topk for GEMM1, 1 for GEMM2).
-
-    With ``activation`` (GEMM1 only) the epilogue applies it and ``c`` is c2 [R, I] (I = N/2 for
-    gated activations, N otherwise): bit for bit what storing c1 and running
-    ``kernels.activation.apply_activation`` gives. ``config.BLOCK_N`` is then still the number
-    of weight rows per program, i.e. BLOCK_N // 2 gate/up pairs (c2 columns) for gated ones.
-
-    With ``c_scale`` (activation silu without clamp): the fused silu + fp8 group quantization.
-    ``c`` is then the float8_e4m3fn codes [R, I] and ``c_scale`` the float32 scales
-    [R, ceil(I/128)] (``kernels.quantize.fp8_group_outputs``), bit for bit what
-    ``silu_and_mul_quant_fp8_group`` gives on the stored c1 for every valid route's row;
-    ``c1_dtype`` is the storage dtype S c1 would have had (the epilogue rounds to it first), and
-    ``config.BLOCK_N // 2`` must be a multiple of 128 (a program owns whole scale groups).
-
-    With ``topk_sum`` = topk (GEMM2 on the naive path: ``naive``, ``top_k_div`` 1, no activation):
-    the top-k sum fused in. ``c`` is then the [M, N] output (M = num_routes // topk) instead of
-    the route-major c3, and c[m] is bit for bit what ``kernels.moe_sum`` makes of c3 (slots in
-    order, fp32 from +0.0, invalid routes skipped, one rounding to S; zeros for a token without a
-    valid route): one program per (token, column tile) runs each valid slot's tile through the
-    very code of the unfused GEMM2.
-    """
+) -> GemmPlan:
+    """The launch ``invoke_grouped_gemm`` makes with these arguments (its docstring says what they
+    mean); ValueError naming the argument where they do not fit together."""
     if a.dim() != 2 or b.dim() != 3 or c.dim() != 2:
         raise ValueError(f"grouped GEMM needs a [rows, K], b [E, N, K], c [R, N]; got {tuple(a.shape)}, "
                          f"{tuple(b.shape)}, {tuple(c.shape)}")
@@ -519,8 +520,8 @@ def invoke_grouped_gemm(
                          f"got {tuple(c.shape)}")
     if topk_sum is not None:
         _check_topk_sum(topk_sum, c, num_routes, route_expert, naive, top_k_div, activation)
-    if num_routes == 0 or N == 0:
-        return
+
+    # Precision modes: how the kernel reads the scales of this scheme.
     fmt = _weight_format(b, a, scheme)
     act_gran = scheme.act_granularity
     if a_scale is None:
@@ -533,13 +534,14 @@ def invoke_grouped_gemm(
         a_mode = "tensor"
     w_gran = scheme.weight_granularity
     b_mode = {None: "none", "block": "block", "channel": "channel", "tensor": "tensor", "group": "group"}[w_gran]
-    if b_mode == "tensor":
-        b_scale = b_scale.reshape(-1)
+    flat_b_scale = b_mode == "tensor"
     if fmt == "float":
         a_mode, b_mode = "none", "none"
     group_k = 128
     if b_mode == "group":
         group_k = group_size
+
+    # Grid: one program per (route tile, column tile); per (token, column tile) with the top-k sum.
     if topk_sum is not None:
         num_tiles = num_routes // topk_sum  # one per token
     elif naive:
@@ -547,36 +549,13 @@ def invoke_grouped_gemm(
     else:
         num_tiles = sorted_route_ids.numel() // config.BLOCK_M
     cols_per_tile = config.BLOCK_N // 2 if gate_up != "none" else config.BLOCK_N
-    grid = (num_tiles * triton.cdiv(N, cols_per_tile),)
-    dummy = c
-    _grouped_gemm_kernel[grid](
-        a, b, c,
-        bias if bias is not None else dummy,
-        a_scale if a_scale is not None else dummy,
-        b_scale if b_scale is not None else dummy,
-        b_zp if b_zp is not None else dummy,
-        route_weight if route_weight is not None else dummy,
-        sorted_route_ids if sorted_route_ids is not None else route_expert,
-        expert_ids if expert_ids is not None else route_expert,
-        num_post_padded if num_post_padded is not None else route_expert,
-        route_expert,
-        c_scale if c_scale is not None else dummy,
-        N, K, num_routes,
-        a.stride(0), a.stride(1),
-        b.stride(0), b.stride(1), b.stride(2),
-        c.stride(0), c.stride(1),
-        *_strides(bias, 2),
-        *_strides(a_scale, 2),
-        *_strides(b_scale, 3),
-        *_strides(b_zp, 3),
-        c_scale.stride(0) if c_scale is not None else 0,
+    constexprs = dict(
         A_ROW_DIV=top_k_div,
         NAIVE=naive,
         MUL_ROUTE_WEIGHT=route_weight is not None,
         HAS_BIAS=bias is not None,
         TOPK_SUM=topk_sum is not None,
         TOP_K=topk_sum if topk_sum is not None else 1,
-        clamp_limit=float(clamp_limit) if clamp_limit is not None else 0.0,
         WEIGHT_FORMAT=fmt,
         A_SCALE=a_mode,
         B_SCALE=b_mode,
@@ -593,5 +572,84 @@ def invoke_grouped_gemm(
         QUANT_GROUPS=config.BLOCK_N // 2 // ACT_GROUP_SIZE if c_scale is not None else 1,
         QUANT_QMAX=FP8_MAX,
         BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K, GROUP_M=config.GROUP_M,
+    )
+    return GemmPlan(grid=(num_tiles * triton.cdiv(N, cols_per_tile),), N=N, K=K, num_routes=num_routes,
+                    clamp_limit=float(clamp_limit) if clamp_limit is not None else 0.0, flat_b_scale=flat_b_scale,
+                    constexprs=constexprs)
+
+
+def invoke_grouped_gemm(
+    a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
+    scheme, config, top_k_div: int, num_routes: int,
+    sorted_route_ids: Optional[torch.Tensor], expert_ids: Optional[torch.Tensor],
+    num_post_padded: Optional[torch.Tensor], route_expert: torch.Tensor,
+    naive: bool,
+    bias: Optional[torch.Tensor] = None,
+    a_scale: Optional[torch.Tensor] = None, b_scale: Optional[torch.Tensor] = None,
+    b_zp: Optional[torch.Tensor] = None, group_size: Optional[int] = None,
+    route_weight: Optional[torch.Tensor] = None,
+    activation=None, clamp_limit: Optional[float] = None,
+    c_scale: Optional[torch.Tensor] = None, c1_dtype: Optional[torch.dtype] = None,
+    topk_sum: Optional[int] = None,
+) -> None:
+    """Launch one grouped GEMM writing c[r, :] for every valid route r (route-major c).
+
+    ``a`` [rows, K] (x for GEMM1, c2 for GEMM2, possibly quantized); ``b`` [E, N, K] (int4:
+    [E, N, K/2] uint8); ``c`` [R, N] in S. Scales follow SPEC.md's shapes; the caller has
+    validated them. ``top_k_div`` maps a route to its A row (topk for GEMM1, 1 for GEMM2).
+
+    With ``activation`` (GEMM1 only) the epilogue applies it and ``c`` is c2 [R, I] (I = N/2 for
+    gated activations, N otherwise): bit for bit what storing c1 and running
+    ``kernels.activation.apply_activation`` gives. ``config.BLOCK_N`` is then still the number
+    of weight rows per program, i.e. BLOCK_N // 2 gate/up pairs (c2 columns) for gated ones.
+
+    With ``c_scale`` (activation silu without clamp): the fused silu + fp8 group quantization.
+    ``c`` is then the float8_e4m3fn codes [R, I] and ``c_scale`` the float32 scales
+    [R, ceil(I/128)] (``kernels.quantize.fp8_group_outputs``), bit for bit what
+    ``silu_and_mul_quant_fp8_group`` gives on the stored c1 for every valid route's row;
+    ``c1_dtype`` is the storage dtype S c1 would have had (the epilogue rounds to it first), and
+    ``config.BLOCK_N // 2`` must be a multiple of 128 (a program owns whole scale groups).
+
+    With ``topk_sum`` = topk (GEMM2 on the naive path: ``naive``, ``top_k_div`` 1, no activation):
+    the top-k sum fused in. ``c`` is then the [M, N] output (M = num_routes // topk) instead of
+    the route-major c3, and c[m] is bit for bit what ``kernels.moe_sum`` makes of c3 (slots in
+    order, fp32 from +0.0, invalid routes skipped, one rounding to S; zeros for a token without a
+    valid route): one program per (token, column tile) runs each valid slot's tile through the
+    very code of the unfused GEMM2.
+    """
+    plan = plan_grouped_gemm(
+        a, b, c, scheme=scheme, config=config, top_k_div=top_k_div, num_routes=num_routes,
+        sorted_route_ids=sorted_route_ids, expert_ids=expert_ids, num_post_padded=num_post_padded,
+        route_expert=route_expert, naive=naive, bias=bias, a_scale=a_scale, b_scale=b_scale, b_zp=b_zp,
+        group_size=group_size, route_weight=route_weight, activation=activation, clamp_limit=clamp_limit,
+        c_scale=c_scale, c1_dtype=c1_dtype, topk_sum=topk_sum)
+    if not plan.launches:
+        return
+    if plan.flat_b_scale:
+        b_scale = b_scale.reshape(-1)
+    dummy = c
+    _grouped_gemm_kernel[plan.grid](
+        a, b, c,
+        bias if bias is not None else dummy,
+        a_scale if a_scale is not None else dummy,
+        b_scale if b_scale is not None else dummy,
+        b_zp if b_zp is not None else dummy,
+        route_weight if route_weight is not None else dummy,
+        sorted_route_ids if sorted_route_ids is not None else route_expert,
+        expert_ids if expert_ids is not None else route_expert,
+        num_post_padded if num_post_padded is not None else route_expert,
+        route_expert,
+        c_scale if c_scale is not None else dummy,
+        plan.N, plan.K, plan.num_routes,
+        a.stride(0), a.stride(1),
+        b.stride(0), b.stride(1), b.stride(2),
+        c.stride(0), c.stride(1),
+        *_strides(bias, 2),
+        *_strides(a_scale, 2),
+        *_strides(b_scale, 3),
+        *_strides(b_zp, 3),
+        c_scale.stride(0) if c_scale is not None else 0,
+        clamp_limit=plan.clamp_limit,
+        **plan.constexprs,
         num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(c.device),
     )

@@ -9,6 +9,9 @@ can run. Built in:
 - ``reference``: the float64 reference in ``mirror`` mode, cast to the storage dtype: a sanity
   backend that must pass every case (if it does not, the tolerance model or the comparison is
   wrong, not a kernel).
+- ``ordered-reversed``, ``ordered-sequential``, ``ordered-split-k``: the mirror's stages with fp32
+  GEMMs in another accumulation order (``moe_validate/ordered.py``), for calibrating the gate's
+  flip model where the interpreted kernels barely flip.
 
 Two optional methods let the harness check more than the output (``moe_validate/invariance.py``):
 
@@ -315,6 +318,13 @@ _BUILTIN = {
     "reference": ReferenceBackend,
     # The benchmark peer (moe_validate/peers.py), imported on first use: it needs torch.
     "torch-grouped": lambda: importlib.import_module("moe_validate.peers").TorchGroupedBackend(),
+    # The installed vLLM's TritonExperts (moe_validate/vllm_backend.py); vLLM is imported on first use.
+    "vllm": lambda: importlib.import_module("moe_validate.vllm_backend").VllmBackend(),
+    # Calibration backends (moe_validate/ordered.py): a correct pipeline in another fp32 order,
+    # real rounding flips against the mirror on a CPU.
+    "ordered-reversed": lambda: importlib.import_module("moe_validate.ordered").OrderedBackend("reversed"),
+    "ordered-sequential": lambda: importlib.import_module("moe_validate.ordered").OrderedBackend("sequential"),
+    "ordered-split-k": lambda: importlib.import_module("moe_validate.ordered").OrderedBackend("split_k"),
 }
 
 
@@ -337,6 +347,10 @@ def _entry_point(name: str):
 
 def _as_backend(obj: Any, spec: str) -> Backend:
     """Instance, class or factory -> a Backend instance (validated)."""
+    if interpreting():  # an outside backend's Triton kernels get the faithful interpreter too
+        from moe_validate.contract import interpreter
+
+        interpreter.install()
     if isinstance(obj, type):
         obj = obj()
     elif callable(obj) and not (hasattr(obj, "run") and hasattr(obj, "supports")):

@@ -60,6 +60,15 @@ A row whose every element equals its oracle (z_max = 0: the ``reference`` backen
 ``mirror``, or the interpreter's exact fp8 dots) has nothing to calibrate and is marked
 identical instead of flagged.
 
+The gate's count (tolerance.count_allowance). Each gate record carries the number of output
+elements that differ from the mirror at all (``metrics.mirror.differing``) and the model's
+expected number (``tolerance.gate.differing_expected``). The count test allows
+``tolerance.COUNT_RATE_SLACK`` = 4 times the modelled rates, so the pooled ratio observed /
+expected of a row must stay within ``COUNT_RATIO_LIMIT`` = 4 either way: above, the count test
+would fail correct kernels; below, it has lost that much sensitivity. A ratio is judged only where
+it means something: high when at least ``MIN_FLIP_EVENTS`` elements differ, low when the model
+expects at least that many.
+
 The flag is information for a person (printed and shown in the report), not a verdict:
 ``moe-validate calibrate --strict`` turns it into exit status 1.
 """
@@ -72,11 +81,12 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from moe_validate.results import CaseRecord, ResultSet
 
-__all__ = ["DEFAULT_BAND", "MIN_FLIP_EVENTS", "ORACLES", "OracleStats", "CalibrationRow", "CalibrationTable",
+__all__ = ["DEFAULT_BAND", "MIN_FLIP_EVENTS", "COUNT_RATIO_LIMIT", "ORACLES", "OracleStats", "CalibrationRow", "CalibrationTable",
            "calibrate", "case_element_count"]
 
 DEFAULT_BAND: Tuple[float, float] = (0.2, 1.5)
 MIN_FLIP_EVENTS = 20.0  # a gate row expecting fewer differing elements is not flagged (module docstring)
+COUNT_RATIO_LIMIT = 4.0  # = tolerance.COUNT_RATE_SLACK (this module must not import torch)
 # Oracle label -> the metrics key of its panel (results.py: metrics {"mirror": ..., "exact": ...}).
 ORACLES: Tuple[Tuple[str, str], ...] = (("budget", "exact"), ("gate", "mirror"))
 # Row order: SPEC vocabulary order (this module must not import moe_validate.contract.spec, which pulls in
@@ -121,18 +131,31 @@ class OracleStats:
     # events, as for the budget, or a pooled record did not say)
     events: Optional[float] = None
     events_known: bool = True
+    # gate only: output elements that differ from the mirror, observed and modelled (None: a
+    # pooled record did not carry them)
+    differing: Optional[int] = None
+    differing_expected: Optional[float] = None
+    differing_known: bool = True
 
     @property
     def z_rms(self) -> Optional[float]:
         return math.sqrt(self.sum_sq / self.elements) if self.elements else None
 
-    def add(self, n: int, z_rms: float, z_max: float, events: Optional[float] = None) -> None:
+    def add(self, n: int, z_rms: float, z_max: float, events: Optional[float] = None,
+            count: Optional[Tuple[int, float]] = None) -> None:
         if n <= 0:
             return
         if self.oracle == "gate":
             if events is None:
                 self.events_known = False
             self.events = None if not self.events_known else (self.events or 0.0) + events
+            if count is None:
+                self.differing_known = False
+            if self.differing_known:
+                self.differing = (self.differing or 0) + count[0]
+                self.differing_expected = (self.differing_expected or 0.0) + count[1]
+            else:
+                self.differing = self.differing_expected = None
         self.cases += 1
         self.elements += n
         self.sum_sq += n * z_rms * z_rms
@@ -153,6 +176,27 @@ class OracleStats:
         counting noise, so it is not flagged (module docstring)."""
         return self.oracle == "gate" and self.events is not None and self.events < MIN_FLIP_EVENTS
 
+    @property
+    def count_ratio(self) -> Optional[float]:
+        """Observed / modelled differing elements (gate only; None without both)."""
+        if self.differing is None or not self.differing_expected:
+            return None
+        return self.differing / self.differing_expected
+
+    def count_flag(self) -> Optional[str]:
+        """None unless the observed count leaves the model by more than COUNT_RATIO_LIMIT with
+        enough elements to tell (module docstring)."""
+        ratio = self.count_ratio
+        if ratio is None:
+            return None
+        if self.differing >= MIN_FLIP_EVENTS and ratio > COUNT_RATIO_LIMIT:
+            return (f"count {self.differing} / expected {self.differing_expected:.3g} = {ratio:.3g} > "
+                    f"{COUNT_RATIO_LIMIT:g}: the flip model undercounts; the count test would fail correct kernels")
+        if self.differing_expected >= MIN_FLIP_EVENTS and ratio < 1.0 / COUNT_RATIO_LIMIT:
+            return (f"count {self.differing} / expected {self.differing_expected:.3g} = {ratio:.3g} < "
+                    f"1/{COUNT_RATIO_LIMIT:g}: the flip model overcounts; the count test lost that much sensitivity")
+        return None
+
     def flag(self, band: Tuple[float, float]) -> Optional[str]:
         """None inside the band (or when identical to the oracle, or too few flips expected to
         tell); otherwise which side and what it means."""
@@ -171,7 +215,9 @@ class OracleStats:
     def to_dict(self, band: Tuple[float, float]) -> Dict[str, Any]:
         return {"cases": self.cases, "elements": self.elements, "z_rms": self.z_rms, "z_max": self.z_max,
                 "case_rms_min": self.case_rms_min, "case_rms_max": self.case_rms_max, "identical": self.identical,
-                "events": self.events, "few_events": self.few_events, "flag": self.flag(band)}
+                "events": self.events, "few_events": self.few_events, "flag": self.flag(band),
+                "differing": self.differing, "differing_expected": self.differing_expected,
+                "count_ratio": self.count_ratio, "count_flag": self.count_flag()}
 
 
 @dataclass
@@ -183,7 +229,9 @@ class CalibrationRow:
     seeds: set = field(default_factory=set)
 
     def flags(self, band: Tuple[float, float]) -> List[str]:
-        return [f"{name}: {f}" for name, _ in ORACLES if (f := self.oracles[name].flag(band))]
+        out = [f"{name}: {f}" for name, _ in ORACLES if (f := self.oracles[name].flag(band))]
+        count = self.oracles["gate"].count_flag()
+        return out + ([f"gate count: {count}"] if count else [])
 
 
 @dataclass
@@ -210,7 +258,7 @@ class CalibrationTable:
             return "-" if x is None else f"{x:.3g}"
 
         head = (f"{'scheme':<20} {'dtype':<5} {'cases':>5} {'elements':>9} | {'budget RMS':>10} {'max':>8} | "
-                f"{'gate RMS':>8} {'max':>8} {'flips':>8} | flag")
+                f"{'gate RMS':>8} {'max':>8} {'flips':>8} {'differ':>7} {'/model':>7} | flag")
         lines = [f"normalized error z = |kernel - oracle| / sigma, pooled over cases and seeds; "
                  f"band for the RMS: [{self.band[0]:g}, {self.band[1]:g}] (SPEC: near 1; "
                  "see moe_validate/calibration.py for why); flips = differing output elements the gate's "
@@ -226,11 +274,14 @@ class CalibrationTable:
                     notes.append(f"{name} = oracle")
                 elif stats.few_events:
                     notes.append(f"{name}: few flips")
+            if r.oracles["gate"].count_flag():
+                notes.append(f"count {'HIGH' if r.oracles['gate'].count_ratio > 1 else 'LOW'}")
             flag = "; ".join(notes)
             if r.failed:
                 flag = (flag + "; " if flag else "") + f"{r.failed} FAIL included"
             lines.append(f"{r.scheme:<20} {r.dtype:<5} {b.cases:>5} {b.elements:>9} | {num(b.z_rms):>10} "
-                         f"{num(b.z_max):>8} | {num(g.z_rms):>8} {num(g.z_max):>8} {num(g.events):>8} | {flag or 'ok'}")
+                         f"{num(b.z_max):>8} | {num(g.z_rms):>8} {num(g.z_max):>8} {num(g.events):>8} "
+                         f"{'-' if g.differing is None else g.differing:>7} {num(g.count_ratio):>7} | {flag or 'ok'}")
         if not self.rows:
             lines.append("(no evaluated case: nothing to calibrate)")
         if self.ignored:
@@ -252,6 +303,18 @@ def _expected_flips(rec: Dict[str, Any]) -> Optional[float]:
     gate = tol.get("gate") if isinstance(tol, dict) else None
     value = gate.get("flip_events_expected") if isinstance(gate, dict) else None
     return float(value) if _finite_number(value) and value >= 0 else None
+
+
+def _differing(rec: Dict[str, Any]) -> Optional[Tuple[int, float]]:
+    """(observed, modelled) output elements differing from the mirror, as the record carries them."""
+    tol, metrics = rec.get("tolerance"), rec.get("metrics")
+    gate = tol.get("gate") if isinstance(tol, dict) else None
+    expected = gate.get("differing_expected") if isinstance(gate, dict) else None
+    panel = metrics.get("mirror") if isinstance(metrics, dict) else None
+    observed = (panel.get("differing") or {}).get("value") if isinstance(panel, dict) else None
+    if not (_finite_number(expected) and _finite_number(observed)) or expected < 0 or observed < 0:
+        return None
+    return int(observed), float(expected)
 
 
 def _observations(rec: Dict[str, Any]) -> Optional[Dict[str, Tuple[int, float, float]]]:
@@ -312,8 +375,11 @@ def calibrate(results: Union[ResultSet, Iterable[Dict[str, Any]]], *,
             row.failed += 1
         if "seed" in params and any(n > 0 for n, _, _ in observed.values()):
             row.seeds.add(params["seed"])
-        flips = _expected_flips(rec)
+        flips, count = _expected_flips(rec), _differing(rec)
         for name, (n, z_rms, z_max) in observed.items():
-            row.oracles[name].add(n, z_rms, z_max, flips if name == "gate" else None)
+            if name == "gate":
+                row.oracles[name].add(n, z_rms, z_max, flips, count)
+            else:
+                row.oracles[name].add(n, z_rms, z_max)
     ordered = sorted(rows.values(), key=lambda r: (_order(r.scheme, _SCHEME_ORDER), _order(r.dtype, _DTYPE_ORDER)))
     return CalibrationTable(rows=ordered, band=band, ignored=ignored)

@@ -10,8 +10,9 @@ what was allowed; NaN/Inf listed apart; the first few coordinates with both valu
 A panel (results.py schema) holds: ``max_abs``, ``max_normalized`` (max |d| / allowed: the
 deciding metric, allowed 1), ``rel_frobenius``, ``cosine``, ``norm_ratio``, ``z_rms`` and
 ``z_max`` (d / sigma, sigma the modelled standard deviation), ``ulp`` (max ULP distance in the
-storage dtype S), each ``{"value", "allowed", "margin"}``; plus ``worst``, ``nan_inf``,
-``exceed_count`` and ``exceed_fraction``.
+storage dtype S), ``differing`` (elements not bit-equal to the oracle, with ``of`` = all; its
+``allowed`` is the gate's count test), each ``{"value", "allowed", "margin"}``; plus ``worst``,
+``nan_inf``, ``exceed_count`` and ``exceed_fraction``.
 """
 
 from __future__ import annotations
@@ -55,10 +56,12 @@ def _expert_grid(expert_of: Optional[torch.Tensor], shape) -> Optional[torch.Ten
 
 def metric_panel(kernel: torch.Tensor, ref: torch.Tensor, allowed: torch.Tensor, sigma: torch.Tensor,
                  storage: torch.dtype, token_expert: Optional[torch.Tensor] = None,
-                 tile: Tuple[int, int] = TILE) -> dict:
+                 tile: Tuple[int, int] = TILE, count_allowed: Optional[int] = None) -> dict:
     """The full metric panel of ``kernel`` against one oracle ``ref`` with per-element bounds.
 
     ``token_expert``: [M] or [M, K] local expert id to name in worst elements (-1 = none).
+    ``count_allowed``: the most elements that may differ from ``ref`` at all (the gate's count
+    test, tolerance.count_allowance); the panel's ``differing`` always counts them.
     """
     if kernel.shape != ref.shape or allowed.shape != ref.shape:
         raise ValueError(f"kernel, ref and allowed must have one shape; got {tuple(kernel.shape)}, "
@@ -104,6 +107,9 @@ def metric_panel(kernel: torch.Tensor, ref: torch.Tensor, allowed: torch.Tensor,
                         "ref_nan": int(r_nan.sum()), "ref_inf": int(r_inf.sum())}
     panel["nan_where_ref_finite"] = int(bad_special.sum())
     panel["exceed_count"] = int(exceed.sum())
+    # elements not bit-equal to the oracle (a kernel NaN/Inf where the reference is finite counts)
+    differing = int(((k != r) & both).sum()) + int(bad_special.sum())
+    panel["differing"] = {**_m(differing, count_allowed), "of": n}
     panel["exceed_fraction"] = float(exceed.sum()) / n if n else 0.0
     # worst elements: by normalized error (NaN/Inf where finite first, as inf)
     eg = _expert_grid(token_expert, r.shape)
@@ -132,7 +138,8 @@ def passes(panel: dict) -> Tuple[bool, Optional[str]]:
     """The policy: (True, None) or (False, the failing metric with observed vs allowed).
 
     A kernel NaN/Inf where the reference is finite always fails; otherwise every element must
-    be within its bound (``max_normalized`` <= 1).
+    be within its bound (``max_normalized`` <= 1), and where the panel carries a count test, no
+    more elements may differ from the oracle than it allows.
     """
     bad = panel.get("nan_where_ref_finite", 0)
     if bad:
@@ -145,6 +152,11 @@ def passes(panel: dict) -> Tuple[bool, Optional[str]]:
         return False, (f"max_normalized {mn['value']:.3g} > 1: |diff| {w.get('diff', float('nan')):.3g} at "
                        f"(token {w.get('token')}, column {w.get('column')}) vs allowed {w.get('allowed', float('nan')):.3g}; "
                        f"{panel['exceed_count']} element(s) over")
+    diff = panel.get("differing") or {}
+    if diff.get("allowed") is not None and diff["value"] > diff["allowed"]:
+        return False, (f"count: {int(diff['value'])} of {diff.get('of', '?')} element(s) differ from the oracle, more than the {int(diff['allowed'])} "
+                       "a correct kernel's rounding flips can explain (every element is inside its own bound: "
+                       "a systematic error smaller than one flip)")
     return True, None
 
 
@@ -167,14 +179,15 @@ class Evaluation:
                     expert_of: Optional[torch.Tensor] = None, num_experts: Optional[int] = None,
                     storage: Optional[torch.dtype] = None, always_detail: bool = False,
                     token_of_row: Optional[List[int]] = None) -> "Evaluation":
-        """``oracles``: {"mirror": (ref, allowed, sigma), "exact": (ref, allowed, sigma)}.
+        """``oracles``: {"mirror": (ref, allowed, sigma[, count_allowed]), "exact": (...)}.
 
         ``token_of_row``: for a comparison of selected rows, the token (row of the whole batch)
         each compared row is; reasons, worst elements and messages then name those tokens.
         """
         storage = storage or storage_dtype(kernel.dtype)
-        panels = {name: metric_panel(kernel, ref, allowed, sigma, storage, expert_of)
-                  for name, (ref, allowed, sigma) in oracles.items()}
+        panels = {name: metric_panel(kernel, o[0], o[1], o[2], storage, expert_of,
+                                     count_allowed=o[3] if len(o) > 3 else None)
+                  for name, o in oracles.items()}
         if token_of_row is not None:
             for panel in panels.values():
                 for w in panel["worst"]:
@@ -195,10 +208,9 @@ class Evaluation:
         ev = cls(passed=passed, reason=reason, tolerance=tolerance or {}, metrics=panels, detail=None,
                  worst_margin=worst_margin, case_id=getattr(case, "id", str(case)))
         which = failing or "mirror"
-        ref, allowed, _ = oracles[which]
+        ref, allowed = oracles[which][:2]
         ev._anatomy = _anatomy(kernel, ref, allowed, which, label.get(which, which), token_of_row)
         if not passed or always_detail:
-            ref, allowed, _ = oracles[which]
             ev.detail = _detail(kernel, ref, allowed, storage, expert_of, num_experts)
             if token_of_row is not None:
                 ev.detail["heatmap"]["rows"] = "the compared token rows in order (not contiguous tokens)"
@@ -423,8 +435,8 @@ def _evaluate_rows(case, inputs: MoEInputs, out: torch.Tensor, token_of_row: Opt
     bounds = _tol.derive(case, inputs, mirror, native_gpu=native_gpu)
     S = storage_dtype(inputs.hidden_states.dtype)
     oracles = {
-        "mirror": (mirror["out"].to(F64), bounds["gate"].allowed, bounds["gate"].sigma),
-        "exact": (exact["out"].to(F64), bounds["budget"].allowed, bounds["budget"].sigma),
+        "mirror": (mirror["out"].to(F64), bounds["gate"].allowed, bounds["gate"].sigma, bounds["gate"].count_allowed),
+        "exact": (exact["out"].to(F64), bounds["budget"].allowed, bounds["budget"].sigma, bounds["budget"].count_allowed),
     }
     num_experts = inputs.w1.shape[0]
     ev = Evaluation.from_arrays(case, out.to(dev), oracles,

@@ -250,6 +250,17 @@ def _sum_rounding_visible(case: Case) -> bool:
     return case.M > 0 and case.topk >= 2 and case.dtype in ("fp16", "fp32") and case.scheme == "none"
 
 
+def _skipped_rounding_visible(case: Case) -> bool:
+    """A rounding to S skipped: invisible in fp32 storage (the fp32 value is already S)."""
+    return case.M > 0 and case.dtype in ("fp16", "bf16")
+
+
+def _several_k_tiles(case: Case) -> bool:
+    """GEMM1 loops over more than one K tile (BLOCK_K = 64 by default under the interpreter)."""
+    cfg = case.explicit_config()
+    return case.K > (cfg["BLOCK_K"] if cfg is not None else 64)
+
+
 def _lora(case: Case) -> bool:
     return case.M > 0 and case.lora != "none"
 
@@ -582,7 +593,7 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant(
         "topk_sum_of_unrounded_c3", "GEMM2's fused top-k sum adds each slot's fp32 epilogue tile instead of c3 "
         "rounded to S",
-        (Hunk(_GG, "                total = _interp.add_rn(total, _interp.to_fp32(c3))\n",
+        (Hunk(_GG, "                total = _interp.add_rn(total, _interp.to_fp32(c))\n",
               "                total = _interp.add_rn(total, acc)  # MUTANT: one rounding skipped\n"),),
         lambda case: _topk_sum_in_gemm2(case) and case.dtype != "fp32",
         "the naive path without LoRA (by default, or as the paths invariance's naive run), fp16/bf16 storage "
@@ -593,12 +604,70 @@ MUTANTS: Tuple[Mutant, ...] = (
         prefer=lambda case: "paths" in case.invariances),
     Mutant(
         "topk_sum_drops_last_slot", "GEMM2's fused top-k sum sums topk - 1 slots",
-        (Hunk(_GG, "        for j in tl.static_range(TOP_K):\n",
-              "        for j in tl.static_range(TOP_K - 1):  # MUTANT\n"),),
+        (Hunk(_GG, "    for j in tl.static_range(TOP_K):\n",
+              "    for j in tl.static_range(TOP_K - TOPK_SUM):  # MUTANT (TOP_K is 1 but with TOPK_SUM)\n"),),
         lambda case: _topk_sum_in_gemm2(case) and case.topk >= 2,
         "topk >= 2 on the naive path without LoRA (by default, or as the paths invariance's naive run)",
         # where the default run fuses the sum, the reference comparison sees it
         prefer=_naive),
+    # --- skipped roundings and a systematic bias below one flip (issue 23: the gate's count test) --
+    # Each moves the output by less than the worst-case flip the per-element gate allows, and the
+    # bitwise paths check cannot see them (both placements carry the same change); the count of
+    # elements that differ from the mirror at all is what catches them.
+    Mutant(
+        "c1_kept_in_fp32", "c1 is never rounded to S: GEMM1 writes an fp32 c1 and its fused epilogue applies the "
+        "activation to the fp32 accumulator",
+        (Hunk(_EXPERTS, "        c1 = _flat_view(workspace13, \"workspace13\", R, N, S)\n",
+              "        c1 = torch.empty(R, N, dtype=torch.float32, device=hidden_states.device)  # MUTANT\n"),
+         Hunk(_GG, "            c1 = _interp.to_fp32(c)\n", "            c1 = acc  # MUTANT: c1 not rounded\n")),
+        lambda case: _skipped_rounding_visible(case) and case.lora == "none",
+        "fp16/bf16 storage without LoRA (its kernels require c1 in S; fp32 storage: the rounding is exact)"),
+    Mutant(
+        "c2_kept_in_fp32", "c2 (the activation output) is never rounded to S: workspace2 is fp32, the activation "
+        "runs unfused, and GEMM2 widens its S weights to match",
+        (Hunk(_EXPERTS, "        c2 = _flat_view(workspace2, \"workspace2\", R, I, S)\n",
+              "        c2 = torch.empty(R, I, dtype=torch.float32, device=hidden_states.device)  # MUTANT\n"),
+         Hunk(_EXPERTS, "        fuse_act = self._fuse_activation(lora, fused_silu_quant, shape.activation, config)\n",
+              "        fuse_act = False  # MUTANT: the fused epilogue would store c2 with c1's dtype\n"),
+         Hunk(_GG, "            else:\n                acc = _interp.dot(a, b, acc)\n",
+              "            else:\n                acc = _interp.dot(a, b.to(a.dtype), acc)  # MUTANT: fp32 c2 x S w2\n")),
+        lambda case: (_skipped_rounding_visible(case) and case.lora == "none" and not _fused_silu_quant(case)),
+        "fp16/bf16 storage without LoRA, outside the fused silu+fp8 quantizer (which never stores c2)"),
+    Mutant(
+        "c3_kept_in_fp32", "c3 is never rounded to S: GEMM2 writes an fp32 c3 that moe_sum adds, and the fused "
+        "top-k sum adds the fp32 epilogue tile",
+        (Hunk(_EXPERTS, "        c3 = _flat_view(workspace13, \"workspace13\", R, K, S)\n",
+              "        c3 = torch.empty(R, K, dtype=torch.float32, device=hidden_states.device)  # MUTANT\n"),
+         Hunk(_GG, "                total = _interp.add_rn(total, _interp.to_fp32(c3))\n",
+              "                total = _interp.add_rn(total, acc)  # MUTANT: c3 not rounded\n")),
+        lambda case: _skipped_rounding_visible(case) and case.lora == "none" and case.topk >= 2,
+        "fp16/bf16 storage without LoRA (its w2 kernel requires c3 in S; fp32 storage: the rounding is exact), "
+        "topk >= 2 (with one slot out = round_S(c3) rounds the fp32 c3 once, as the mirror does)",
+        # each further slot adds one more skipped rounding to the sum (smoke: 3 of 8 cases kill
+        # at topk 2, the topk 3 case with 31% of its elements differing)
+        prefer=lambda case: case.topk >= 3),
+    Mutant(
+        "acc_rounded_to_bf16_per_k_tile", "the unquantized GEMMs round their fp32 accumulator to bf16 after every "
+        "K tile",
+        (Hunk(_GG, "            else:\n                acc = _interp.dot(a, b, acc)\n",
+              "            else:\n                acc = _interp.dot(a, b, acc)\n"
+              "                acc = _interp.to_fp32(_interp.to_storage(acc, tl.bfloat16))  # MUTANT\n"),),
+        _scheme("none"),
+        "scheme none (fp32/fp16/bf16 weights); with bf16 storage, one K tile and no bias GEMM1's extra rounding "
+        "is the store's own (equivalent there) and GEMM2's a double rounding before the router weight",
+        prefer=_several_k_tiles),
+    Mutant(
+        "output_one_ulp_high", "every nonzero bf16 output element is one ulp larger in magnitude (the final sum "
+        "scaled by 1 + 2^-8 after its rounding, then rounded again)",
+        (Hunk(_SUM, "             _interp.to_storage(acc, out_ptr.dtype.element_ty), mask=t_mask[:, None] & k_mask[None, :])\n",
+              "             _interp.to_storage(_interp.to_fp32(_interp.to_storage(acc, out_ptr.dtype.element_ty))"
+              " * (1.0 + 1.0 / 256.0), out_ptr.dtype.element_ty), mask=t_mask[:, None] & k_mask[None, :])  # MUTANT\n"),
+         Hunk(_GG, "        tl.store(out_ptrs, _interp.to_storage(total, C1_DTYPE), ",
+              "        tl.store(out_ptrs, _interp.to_storage(_interp.to_fp32(_interp.to_storage(total, C1_DTYPE))"
+              " * (1.0 + 1.0 / 256.0), C1_DTYPE), ")),
+        lambda case: case.M > 0 and case.dtype == "bf16",
+        "bf16 storage (v (1 + 2^-8) is 0.5 to 1 ulp above a bf16 v: rounded, one ulp up but at mantissa 1.0, a "
+        "tie to even)"),
     # --- LoRA -----------------------------------------------------------------------------------
     Mutant(
         "lora_dual_unzeroed_buffer", "dual-stream LoRA accumulates its deltas into a buffer that is not zero-filled",

@@ -216,7 +216,8 @@ class CaseRun:
 
 
 def _caught_by(record: dict) -> Optional[str]:
-    """Which metric turned the case bad: ``<oracle>:nan_inf`` / ``<oracle>:max_normalized``, a check
+    """Which metric turned the case bad: ``<oracle>:nan_inf`` / ``<oracle>:max_normalized`` /
+    ``<oracle>:differing`` (the count test), a check
     after the comparison (``check:alignment_contract``, ``check:invariance:sub``), or the outcome."""
     outcome = record.get("outcome")
     if outcome not in BAD_OUTCOMES:
@@ -232,6 +233,9 @@ def _caught_by(record: dict) -> Optional[str]:
             return f"{oracle}:nan_inf"
         if panel.get("max_normalized", {}).get("value", 0.0) > 1.0:
             return f"{oracle}:max_normalized"
+        differing = panel.get("differing") or {}
+        if differing.get("allowed") is not None and differing["value"] > differing["allowed"]:
+            return f"{oracle}:differing"  # the gate's count test
     for check in record.get("checks") or ():  # the comparison passed: a check failed the case
         if check.get("outcome") == "FAIL":
             return f"check:{check['name']}"

@@ -15,6 +15,11 @@ Two oracles, two bounds:
   error's standard deviation uses the scale ``sqrt(sum_i a_i^2 b_i^2)`` (never ``|ref|``, which
   cancellation can make arbitrarily small).
 
+The gate also counts: a correct kernel differs from the mirror only where a flip happened, so
+the number of differing elements must stay within a Chernoff tail of the modelled flips
+(``count_allowance``, ``Bound.count_allowed``). That catches what no per-element bound can: an
+error below one flip on many elements (a skipped rounding, a 1-ulp bias).
+
 Both are per output element: ``allowed[m, k] = hard[m, k] + Z * sigma[m, k]``, from conservative
 rates (capped flip probabilities, the sequential worst case of fp32 accumulation). ``Bound.sigma``
 is what the z-scores divide by (calibration.py): the modelled standard deviation of the whole
@@ -111,6 +116,8 @@ class Bound:
     z: float
     derivation: List[str] = field(default_factory=list)
     terms: Dict[str, float] = field(default_factory=dict)
+    # the most elements allowed to differ from the oracle at all (None: no count test)
+    count_allowed: Optional[int] = None
 
     def to_dict(self) -> dict:
         a = self.allowed[torch.isfinite(self.allowed)]
@@ -121,6 +128,8 @@ class Bound:
             "allowed_median": float(a.median()) if a.numel() else 0.0,
         }
         out.update({k: float(v) for k, v in self.terms.items()})
+        if self.count_allowed is not None:
+            out["count_allowed"] = int(self.count_allowed)
         return out
 
 
@@ -507,6 +516,7 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
     if coherent is not None:
         V3 = V3 + coherent * vm
     V3, A3, p3 = round_both(V3, A3c, A3d * vm, p3d * vm, ulp(c3, S))
+    p3_direct = torch.clamp(A3c / ulp(c3, S).clamp_min(1e-300), max=1.0) * vm  # c3 flips of its own accumulation
 
     # --- out = round_S(sum_j c3[m, j]) in fp32 (equal inputs give equal sums) -------------------
     Vo = (V3 * vm).sum(1)
@@ -522,7 +532,9 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
         lines.append("LoRA: its deltas are small next to c1 and c3; their own fp32 noise is not modelled")
     sig = Vo.sqrt()
     if per_stage is not None:
-        per_stage.update(V_c1=V1, p_c1=p1, V_c2=V_c2, p_c2=p_c2, V_c2_in=V2, p_c2_in=p2, V_c3=V3, p_c3=p3,
+        q2 = _requant_step(c2_in, valid, scheme, inputs) if gran is not None else ulp(c2, S)
+        per_stage.update(V_c1=V1, p_c1=p1, V_c2=V_c2, p_c2=p_c2, V_c2_in=V2, p_c2_in=p2, q_c2_in=q2,
+                         p_c3_direct=p3_direct, V_c3=V3, p_c3=p3,
                          V_out=Vo, p_out=po)
     terms = {"sigma_flip_max": float(sig.max()), "sigma_flip_median": float(sig.median()),
              "flip_p_c1_mean": float(p1[valid].mean()) if valid.any() else 0.0,
@@ -531,6 +543,132 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
              # trusts a pooled gate RMS only when enough of them are expected)
              "flip_events_expected": float(po.sum())}
     return sig, lines, terms
+
+
+# =================================================================================================
+# The gate's count test: how many output elements may differ from the mirror at all
+# =================================================================================================
+# The per-element gate must let every element move by a worst-case flip, so a systematic error
+# smaller than one flip (1 ulp on every element, a skipped rounding) passes it everywhere. But a
+# correct kernel differs from the mirror in FEW elements: only where a flip happened. The count
+# C = #{kernel != mirror} is a sum of two kinds of events (flip_aware_sigma's probabilities):
+# - direct: c3[r, k] flips at its own rounding (its fp32 accumulation and epilogue), probability
+#   p_d per element, independent between elements (each has its own accumulation);
+# - clustered: a c2_in element (route r, input i) differs by one grid step q (an S ulp, or one
+#   requantization step), probability p_e; it moves c3[r, k] by d = q |w2[e, k, i]| w_r, which
+#   crosses a rounding of c3 with probability min(1, d / ulp_S(c3[r, k])) (the positions of the
+#   values in their cells are independent across k), so it makes X_e differing elements, a sum of
+#   independent Bernoullis with mean m_e = sum_k P_k <= K.
+# Either way the output differs only if the changed c3 (by max(d, ulp(c3)), or one ulp for a direct
+# flip) carries the fp32 top-k sum across a rounding of out: probability min(1, change / ulp_S(out))
+# (equal c3 give equal sums), so P_k = min(1, d / ulp(c3)) min(1, max(d, ulp(c3)) / ulp(out)) and a
+# direct flip counts p_d min(1, ulp(c3) / ulp(out)).
+# Chernoff on the compound sum: log E exp(t C) <= sum_d log(1 + p_d (e^t - 1))
+#   + sum_e log(1 + p_e (exp(m_e (e^t - 1)) - 1))   (E e^{tX} <= exp(m (e^t - 1)) for a Bernoulli
+# sum), so P(C >= c) <= exp(psi(t) - t c) for every t > 0: c* = min_t (psi(t) + ln(1/alpha)) / t.
+# Which input of a route flips follows the model's rates (small elements most, with small clusters;
+# the shape measured on the interpreter matches, docs/BOUNDS.md).
+# The rates are the model's typical ones times COUNT_RATE_SLACK: ``moe-validate calibrate
+# --strict`` fails when a (scheme, dtype) row's measured count leaves the model by more than that
+# factor, so a correct kernel stays inside it. Events of a shared dynamic scale (its amax element
+# flips) are counted per element, as the model's p does, not as one event: the slack covers them.
+COUNT_ALPHA = 1e-6  # per case: 1e4 cases x 10 repetitions give a false alarm with probability 1e-1 at most
+COUNT_RATE_SLACK = 4.0  # = calibration.COUNT_RATIO_LIMIT: rates may be off by this factor before calibrate flags them
+# The rates above are measured on the CPU interpreter only (docs/BOUNDS.md). The issue that asked
+# for this test measured the GPU's counts ~10x under the model for quantized schemes: past the
+# slack, a large case would fail a correct kernel for certain. So on a GPU the count is recorded
+# (calibrate pools it) but not judged until a GPU calibration is within the slack.
+COUNT_TEST_ON_GPU = False
+_COUNT_THETAS = torch.exp(torch.linspace(math.log(1e-2), math.log(40.0), 96, dtype=F64))
+_COUNT_CHUNK = 1 << 22  # events x thetas evaluated at once
+
+
+def _log_mgf_sum(p: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """sum over events of log(1 + p (inner - 1)) for every theta: p [n], inner [n, thetas] (may be inf)."""
+    return torch.log1p(p[:, None] * (inner - 1.0)).sum(0)
+
+
+def chernoff_count_quantile(p_direct: torch.Tensor, p_event: torch.Tensor, m_event: torch.Tensor,
+                            alpha: float = COUNT_ALPHA) -> float:
+    """c* with P(C >= c*) <= alpha for C = sum Bernoulli(p_direct) + sum_e Bernoulli(p_e) X_e,
+    X_e a Bernoulli sum of mean m_e (see above). All three are flat float64 tensors."""
+    et = torch.expm1(_COUNT_THETAS)  # e^t - 1
+    psi = torch.zeros_like(et)
+    pd = p_direct[p_direct > 0]
+    step = max(1, _COUNT_CHUNK // et.numel())
+    for c0 in range(0, pd.numel(), step):
+        psi += _log_mgf_sum(pd[c0:c0 + step], 1.0 + et[None, :])
+    keep = (p_event > 0) & (m_event > 0)
+    pe, me = p_event[keep], m_event[keep]
+    for c0 in range(0, pe.numel(), step):
+        psi += _log_mgf_sum(pe[c0:c0 + step], torch.exp(me[c0:c0 + step, None] * et[None, :]))
+    c = (psi + math.log(1.0 / alpha)) / _COUNT_THETAS
+    return float(c.min())
+
+
+def _cluster_sizes(q2, w2, c3_ulp, out_ulp, route_expert, valid, wts) -> torch.Tensor:
+    """[M, T, I]: m = sum_k P_k (above) with d = q2[r, i] |w2[e, k, i]| w_r, per valid route."""
+    M, T, I = q2.shape
+    K = w2.shape[1]
+    out = torch.zeros(M, T, I, dtype=F64, device=q2.device)
+    for e in range(w2.shape[0]):
+        sel = valid & (route_expert == e)
+        if not sel.any():
+            continue
+        m_idx, j_idx = torch.nonzero(sel, as_tuple=True)
+        aw = w2[e].to(F64).abs()  # [K, I]
+        chunk = max(1, _JUMP_CHUNK_ELEMENTS // max(1, K * I))
+        for c0 in range(0, m_idx.numel(), chunk):
+            mi, ji = m_idx[c0:c0 + chunk], j_idx[c0:c0 + chunk]
+            move = q2[mi, ji][:, None, :] * aw[None] * wts[mi, ji][:, None, None]  # [R, K, I]
+            u3 = c3_ulp[mi, ji][:, :, None].clamp_min(1e-300)
+            u_out = out_ulp[mi][:, :, None].clamp_min(1e-300)
+            p_k = torch.clamp(move / u3, max=1.0) * torch.clamp(torch.maximum(move, u3) / u_out, max=1.0)
+            out[mi, ji] = p_k.sum(1)
+    return out
+
+
+def count_allowance(inputs: MoEInputs, stages: Dict[str, torch.Tensor], per_stage: Dict[str, torch.Tensor],
+                    slack: float = COUNT_RATE_SLACK, alpha: float = COUNT_ALPHA) -> Tuple[int, float, List[str], Dict[str, float]]:
+    """(allowed count, expected count, derivation lines, terms) of the gate's count test.
+
+    ``per_stage``: flip_aware_sigma's stage dict (p_c2_in, q_c2_in, p_c3_direct). The expected
+    count is the model's (no slack): sum p_d + sum_e p_e m_e, an upper bound of E[C].
+    """
+    S = storage_dtype(inputs.hidden_states.dtype)
+    out = stages["out"]
+    n = out.numel()
+    valid = stages["route_valid"].to(torch.bool)
+    if n == 0 or not valid.any() or "p_c2_in" not in per_stage:
+        return n, 0.0, ["count: no valid route, every output element is an exact zero on both sides"], \
+            {"differing_expected": 0.0, "differing_allowed": float(n)}
+    wts = inputs.topk_weights.to(F64).to(out.device).abs()
+    if inputs.apply_router_weight_on_input:
+        wts = torch.ones_like(wts)
+    vm = valid[..., None].to(F64)
+    c3_ulp = ulp(stages["c3"].to(F64), S)
+    out_ulp = ulp(out.to(F64), S)
+    m_e = _cluster_sizes(per_stage["q_c2_in"].to(F64), stages["w2"], c3_ulp, out_ulp,
+                         stages["route_expert"].long(), valid, wts)
+    p_e = per_stage["p_c2_in"] * vm
+    carry = torch.clamp(c3_ulp / out_ulp[:, None, :].clamp_min(1e-300), max=1.0)  # a c3 flip reaches out
+    p_d = torch.clamp((per_stage["p_c3_direct"] * carry * vm).sum(1), max=1.0)  # [M, K]
+    expected = float(min(n, p_d.sum() + (p_e * m_e).sum()))
+    c_star = chernoff_count_quantile(torch.clamp(slack * p_d, max=1.0).reshape(-1),
+                                     torch.clamp(slack * p_e, max=1.0).reshape(-1), m_e.reshape(-1), alpha)
+    allowed = int(min(n, max(0, math.ceil(c_star) - 1)))  # C >= c* fails
+    lines = [
+        f"count: C = #(kernel != mirror) of {n}; expected {expected:.3g} = sum p_d min(1, ulp(c3)/ulp(out)) "
+        "(own c3 flips reaching out) + sum_e p_e m_e (a c2_in element one step q off moves c3[k] by d = q |w2| w: "
+        "m_e = sum_k min(1, d/ulp(c3)) min(1, max(d, ulp(c3))/ulp(out)) elements)",
+        f"count: allowed C <= {allowed}: Chernoff bound on the compound sum at alpha = {alpha:g} with every rate "
+        f"x{slack:g} (the calibration limit), c* = min_t (psi(t) + ln(1/alpha)) / t = {c_star:.4g}"
+        + (" (>= n: no count test possible here)" if allowed >= n else ""),
+    ]
+    terms = {"differing_expected": expected, "differing_allowed": float(allowed),
+             "differing_direct_expected": float(p_d.sum()), "differing_events_expected": float(p_e.sum()),
+             "count_rate_slack": slack, "count_alpha": alpha}
+    return allowed, expected, lines, terms
 
 
 # =================================================================================================
@@ -630,7 +768,17 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
 
     # z-scores divide by the flip-aware standard deviation (the bound above covers flips by its
     # hard terms; the continuous sigma alone would read flips as 100-1000 sigma events)
-    sigma_flip, flip_lines, flip_terms = flip_aware_sigma(inputs, stages, native_gpu=native_gpu)
+    model_stages: Dict[str, torch.Tensor] = {}
+    sigma_flip, flip_lines, flip_terms = flip_aware_sigma(inputs, stages, native_gpu=native_gpu,
+                                                          per_stage=model_stages)
+    count_allowed, _, count_lines, count_terms = count_allowance(inputs, stages, model_stages)
+    if native_gpu and not COUNT_TEST_ON_GPU:
+        count_allowed = None  # the expected count is still recorded, for calibrate on that GPU
+        count_terms.pop("differing_allowed", None)
+        count_lines = count_lines[:1] + [
+            "count: not applied on a GPU: its flip rates (tensor-core accumulation, the fast fp32 "
+            "transcendentals) are not measured yet (docs/BOUNDS.md); a `moe-validate calibrate --strict` "
+            "there within 4x turns it on (tolerance.COUNT_TEST_ON_GPU)"]
 
     gate = Bound(
         name="gate", allowed=allowed_gate, sigma=sigma_flip.clamp_min(1e-300), atol=0.0,
@@ -650,7 +798,8 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             "min(ceil(lambda + 4 sqrt(lambda)) J [Poisson tail < 1e-4], sqrt(2 V ln 1e6) + J ln(1e6)/3 "
             "[random signs, Bernstein]) x w",
         ] + (["fused silu+fp8_block128: the mirror skips round_S(c2) as the kernel does (SPEC step 8)"]
-             if fused_ok else []) + flip_lines,
+             if fused_ok else []) + flip_lines + count_lines,
+        count_allowed=count_allowed,
         terms={
             "u_S": uS, "u_acc": u_acc, "growth_gemm1": growth1, "growth_gemm2": growth2,
             "flips_per_route_max": float(flips.max()) if flips.numel() else 0.0,
@@ -658,7 +807,7 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             "flip_term_max": float(flip_term.max()) if flip_term.numel() else 0.0,
             "sigma_cont_max": float(sigma_gate.max()) if sigma_gate.numel() else 0.0,
             "n_round_c1": n_round_c1, "n_round_c3": n_round_c3,
-            **flip_terms,
+            **flip_terms, **count_terms,
         },
     )
 

@@ -33,7 +33,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from moe_validate.bench import _first_line
+from moe_validate.bench.timing import _first_line
 
 __all__ = ["candidate_grid", "regime_candidates", "regime_of", "tune", "DEFAULT_TUNE_M", "CHECK_E", "CHECK_TOPK"]
 
@@ -202,7 +202,7 @@ def gpu_timer(model, scheme: str, *, routing_sets: int = 8, target_ms: float = 4
     import torch
 
     import kernels
-    from moe_validate.bench import _Timed, make_bench_weights, make_routing_sets
+    from moe_validate.bench.timing import _Timed, make_bench_weights, make_routing_sets
 
     w1, w2, quant = make_bench_weights(model, scheme, device)
     cache: Dict[int, Any] = {}

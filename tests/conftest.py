@@ -15,12 +15,13 @@ if "TRITON_INTERPRET" not in os.environ:
 # Hypothesis profiles (moe_validate/hypothesis_profiles.py): registered here too, since on the GPU
 # image the plugin loads through pytest_plugins below, after its early hook has passed. The default
 # is this suite's: "ci" on CPU, "dev" on a GPU; --hypothesis-profile NAME loads another afterwards.
+from moe_validate.contract.rules import interpreting  # noqa: E402
 from moe_validate.hypothesis_profiles import default_profile, register_hypothesis_profiles  # noqa: E402
 
 if register_hypothesis_profiles():
     import hypothesis
 
-    hypothesis.settings.load_profile(default_profile(on_gpu=os.environ.get("TRITON_INTERPRET") != "1"))
+    hypothesis.settings.load_profile(default_profile(on_gpu=not interpreting()))
 
 # pytester drives the moe_validate pytest plugin in tests/moe_validate/test_plugin.py. The plugin
 # is named here too, so the suite-as-items run where the package is only on PYTHONPATH (GPU image).

@@ -139,7 +139,7 @@ def test_add_rn_rounds_the_product_first_and_keeps_subnormals():
 
 
 # ---------------------------------------------------------------------------------------------
-# The interpreter's floating tl.dot is patched to a fixed-order sum (kernels._interp): an element's
+# The interpreter's floating tl.dot is patched to a fixed-order sum (moe_validate.contract.interpreter): an element's
 # bits depend on its own row and column only, so two correct kernels that put the same dot product
 # at different tile positions agree bit for bit on every host (issue 24). np.matmul does not.
 # ---------------------------------------------------------------------------------------------

@@ -30,8 +30,11 @@ def _fakes_importable(monkeypatch):
 def test_builtins():
     assert isinstance(get_backend("triton"), TritonBackend)
     assert isinstance(get_backend("reference"), ReferenceBackend)
-    # DESIGN.md: the built-ins are the kernels, the reference and the torch._grouped_mm peer
-    assert set(backends.builtin_backend_names()) == {"triton", "reference", "torch-grouped"}
+    # DESIGN.md: the built-ins are the kernels, the reference, the torch._grouped_mm peer, the
+    # installed vLLM's TritonExperts (moe_validate/vllm_backend.py) and the ordered calibration
+    # backends (moe_validate/ordered.py)
+    assert set(backends.builtin_backend_names()) == {"triton", "reference", "torch-grouped", "vllm", "ordered-reversed",
+                                                     "ordered-sequential", "ordered-split-k"}
     assert isinstance(get_backend("triton"), Backend)  # satisfies the runtime-checkable protocol
 
 
@@ -158,3 +161,20 @@ def test_reference_backend_returns_the_storage_dtype_and_passes():
     assert out.dtype == torch.bfloat16 and out.shape == (BASE.M, BASE.K)
     ev = evaluate(BASE, inputs, out)
     assert ev.passed and ev.worst_margin is not None and math.isfinite(ev.worst_margin)
+
+
+@pytest.mark.parametrize("name", ["ordered-reversed", "ordered-sequential", "ordered-split-k"])
+def test_ordered_calibration_backends_pass_and_flip(name):
+    """A correct pipeline in another fp32 order: passes the gate (count test included) and differs
+    from the mirror in some elements (what calibration measures); refuses quantized schemes."""
+    from moe_validate import runner
+    from moe_validate.matrix import Case
+
+    backend = backends.get_backend(name)
+    assert backend.supports(Case.from_id("bf16-fp8_block128-silu-M7N64K64E4k2-s4"))[0] is False
+    records = [runner.run_case_inprocess(Case.from_id(cid), backend, device="cpu").record
+               for cid in ("fp16-none-silu-M64N256K256E4k2-s1", "bf16-none-gelu-M64N256K256E4k2-s2")]
+    assert [r["outcome"] for r in records] == ["PASS", "PASS"], [r["reason"] for r in records]
+    assert sum(r["metrics"]["mirror"]["differing"]["value"] for r in records) > 0
+    for r in records:
+        assert r["metrics"]["mirror"]["differing"]["value"] <= r["tolerance"]["gate"]["count_allowed"]

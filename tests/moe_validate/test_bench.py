@@ -15,6 +15,8 @@ import torch
 
 from moe_validate import bench
 from moe_validate.bench import ModelShape
+from moe_validate.bench import run as bench_run
+from moe_validate.bench import timing as bench_timing
 from moe_validate.contract.rules import interpreting
 
 MIXTRAL = bench.MODELS["mixtral-8x7b"]
@@ -67,7 +69,7 @@ def test_expected_unique_experts():
 
 
 def test_derive_metrics_fraction_of_floor():
-    row = bench._base_row(MIXTRAL, "none", 1, "triton")
+    row = bench_run._base_row(MIXTRAL, "none", 1, "triton")
     row.update(bytes=1e9, flops=2e12, timing={"median_ms": 2.0})
     bench.derive_metrics(row, {"bandwidth_GBps": 1000.0, "bf16_tflops": 500.0, "fp8_tflops": 1000.0})
     # memory 1e9 / 1e12 = 1 ms; compute 2e12 / 5e14 = 4 ms -> floor 4 ms compute-bound; 2 ms measured
@@ -76,7 +78,7 @@ def test_derive_metrics_fraction_of_floor():
     assert row["fraction_of_floor"] == pytest.approx(2.0)
     assert row["tflops"] == pytest.approx(1000.0) and row["gbps"] == pytest.approx(500.0)
     assert row["intensity"] == pytest.approx(2000.0)
-    fp8 = bench._base_row(MIXTRAL, "fp8_block128", 1, "triton")
+    fp8 = bench_run._base_row(MIXTRAL, "fp8_block128", 1, "triton")
     fp8.update(bytes=1e9, flops=2e12, timing={"median_ms": 8.0})
     bench.derive_metrics(fp8, {"bandwidth_GBps": 1000.0, "bf16_tflops": 500.0, "fp8_tflops": 1000.0})
     assert fp8["floor_ms"] == pytest.approx(2.0) and fp8["floor_bound"] == "compute"  # fp8 rate used
@@ -315,12 +317,12 @@ def _synthetic_doc():
     for M in (1, 128, 4096):
         nbytes = bench.floor_bytes(M, MIXTRAL, "none", unique_experts=min(8, 2 * M))
         for backend, ms in (("triton", 0.3 * (1 + M / 512)), ("torch-grouped", 0.4 * (1 + M / 512))):
-            r = bench._base_row(MIXTRAL, "none", M, backend)
+            r = bench_run._base_row(MIXTRAL, "none", M, backend)
             r.update(bytes=nbytes, flops=bench.call_flops(M, MIXTRAL), unique_experts=min(8, 2 * M), routing_sets=8,
                      timing={**bench.timing_stats([ms * 0.98, ms, ms * 1.05]), "method": "cuda_graph+events"})
             bench.derive_metrics(r, ceilings)
             rows.append(r)
-        ref = bench._base_row(MIXTRAL, "none", M, "reference")
+        ref = bench_run._base_row(MIXTRAL, "none", M, "reference")
         ref.update(status="skipped", reason="capped <M>", bytes=nbytes, flops=bench.call_flops(M, MIXTRAL))
         bench.derive_metrics(ref, ceilings)
         rows.append(ref)
@@ -636,7 +638,7 @@ def test_row_group_plumbing_with_fake_cuda(monkeypatch):
             "reference_max_m": 4, "reference_reps": 2, "device": "cpu"}
     ceilings = {"bandwidth_GBps": 100.0, "bf16_tflops": 1.0, "fp8_tflops": 2.0}
     weights = bench.make_bench_weights(tiny, "none", "cpu")
-    rows = bench._bench_row_group(tiny, "none", 3, ["triton", "reference", "torch-grouped"], weights, ceilings,
+    rows = bench_run._bench_row_group(tiny, "none", 3, ["triton", "reference", "torch-grouped"], weights, ceilings,
                                   args, lambda s: None)
     by = {r["backend"]: r for r in rows}
     assert [r["status"] for r in rows] == ["ok", "ok", "ok"], [r["reason"] for r in rows]
@@ -652,10 +654,10 @@ def test_row_group_plumbing_with_fake_cuda(monkeypatch):
     assert by["triton"]["check"]["rel_fro_vs_reference"] < 2.0 ** -8
     assert by["torch-grouped"]["check"]["rel_fro_vs_reference"] < 2 * 2.0 ** -8
     # the reference is capped by M, the peer has no block-scaled fp8 path
-    over = bench._bench_row_group(tiny, "none", 8, ["triton", "reference"], weights, ceilings, args, lambda s: None)
+    over = bench_run._bench_row_group(tiny, "none", 8, ["triton", "reference"], weights, ceilings, args, lambda s: None)
     assert over[1]["status"] == "skipped" and "M <= 4" in over[1]["reason"]
     w8 = bench.make_bench_weights(tiny, "fp8_block128", "cpu")
-    fp8 = bench._bench_row_group(tiny, "fp8_block128", 3, ["triton", "torch-grouped"], w8, ceilings, args,
+    fp8 = bench_run._bench_row_group(tiny, "fp8_block128", 3, ["triton", "torch-grouped"], w8, ceilings, args,
                                  lambda s: None)
     assert fp8[0]["status"] == "ok" and fp8[1]["status"] == "unsupported" and "block" in fp8[1]["reason"]
 
@@ -687,7 +689,7 @@ def test_run_bench_gpu_branch_with_fake_cuda(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (80e9, 80e9))
-    monkeypatch.setattr(bench, "_gpu_ready", lambda: (True, ""))
+    monkeypatch.setattr(bench_run, "_gpu_ready", lambda: (True, ""))
     tiny = ModelShape("tiny", E=4, topk=2, K=32, I=16)
     fp8_only = ModelShape("tiny-fp8", E=4, topk=2, K=32, I=16, schemes=("fp8_block128",))
     settings = {"routing_sets": 2, "target_ms": 1.0, "min_reps": 1, "max_reps": 1, "rounds": 1,
@@ -722,9 +724,9 @@ def test_table_flags_a_wrong_result():
 # --profile: per-kernel breakdown
 # ---------------------------------------------------------------------------------------------
 def test_short_kernel_name():
-    assert bench._short_kernel_name("void at::native::vectorized_elementwise_kernel<4, Foo>(int, Foo)") == \
+    assert bench_timing._short_kernel_name("void at::native::vectorized_elementwise_kernel<4, Foo>(int, Foo)") == \
         "at::native::vectorized_elementwise_kernel"
-    assert bench._short_kernel_name("_grouped_gemm_kernel") == "_grouped_gemm_kernel"
+    assert bench_timing._short_kernel_name("_grouped_gemm_kernel") == "_grouped_gemm_kernel"
 
 
 def test_profile_kernels_aggregates_per_call(monkeypatch):
@@ -775,7 +777,7 @@ def test_profile_kernels_aggregates_per_call(monkeypatch):
 
 def test_table_says_which_tables_served_our_rows():
     """bench rows carry lookup_config's ConfigSource; the table counts rows per serving table."""
-    from moe_validate.bench import _config_sources
+    from moe_validate.bench.output import _config_sources
 
     rows = [{"config_source": {"kind": "tuned", "table": "E=8,...json", "device": "NVIDIA H200"}},
             {"config_source": {"kind": "tuned", "table": "E=8,...json", "device": "NVIDIA H200"}},

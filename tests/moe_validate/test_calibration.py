@@ -318,3 +318,38 @@ def test_first_repetition_continues_a_stability_run_with_new_seeds(tmp_path, cap
     assert "repetition 0" not in stdout and "stability: 0 not passing over 2 repetitions (stable)" in stdout
     assert main(["run", "--suite", "smoke", "--filter", "seed=0", "--first-repetition", "-1", "--fresh-seeds"]) == 2
     assert "--first-repetition must be >= 0" in capsys.readouterr().err
+
+
+def _gate_count_record(seed: int, differing: int, expected: float) -> dict:
+    panel = {"z_rms": {"value": 1.0}, "z_max": {"value": 2.0}, "nan_inf": {}, "nan_where_ref_finite": 0}
+    return {"case_id": f"bf16-none-silu-M7N64K64E4k2-s{seed}", "outcome": "PASS",
+            "params": {"M": 7, "K": 64, "scheme": "none", "dtype": "bf16", "seed": seed},
+            "metrics": {"exact": dict(panel), "mirror": {**panel, "differing": {"value": differing}}},
+            "tolerance": {"gate": {"flip_events_expected": 100.0, "differing_expected": expected}}}
+
+
+@pytest.mark.parametrize("observed, expected, flagged", [
+    (30, 30.0, None),  # on the model
+    (100, 30.0, None),  # 3.3x: inside the count test's slack
+    (130, 30.0, "HIGH"),  # 4.3x: the count test would fail correct kernels
+    (5, 30.0, "LOW"),  # 1/6: the count test lost that much sensitivity
+    (0, 10.0, None),  # too few expected to call it low
+    (10, 1.0, None),  # too few observed to call it high
+])
+def test_calibration_pools_the_gate_count_and_flags_it_beyond_the_slack(observed, expected, flagged):
+    from moe_validate import tolerance
+    from moe_validate.calibration import COUNT_RATIO_LIMIT
+
+    assert COUNT_RATIO_LIMIT == tolerance.COUNT_RATE_SLACK  # the count test allows what calibration checks
+    # two cases of one row: the counts add up
+    records = [_gate_count_record(1, observed // 2, expected / 2), _gate_count_record(2, observed - observed // 2, expected / 2)]
+    table = calibrate(records)
+    gate = table.rows[0].oracles["gate"]
+    assert gate.differing == observed and gate.differing_expected == pytest.approx(expected)
+    assert gate.count_ratio == pytest.approx(observed / expected)
+    flags = table.rows[0].flags(table.band)
+    if flagged is None:
+        assert not flags, flags
+    else:
+        assert len(flags) == 1 and flags[0].startswith("gate count:"), flags
+        assert f"count {flagged}" in table.format()

@@ -26,69 +26,13 @@ F64 = torch.float64
 # The kernel emulation: the reference's own stages with fp32, K-blocked GEMMs
 # =================================================================================================
 reference = pytest.importorskip("reference", reason="the comparison engine needs the float64 reference")
-from reference import pipeline as ref_pipeline  # noqa: E402
-from moe_validate.contract.checks import validate_call  # noqa: E402
-from moe_validate.contract.rules import fused_silu_fp8_group  # noqa: E402
 
-EMULATED_BLOCK_K = 32  # K tile of the emulated kernel; tiles are summed last-to-first
-
-
-def _gemm_fp32(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """a [R, Kin] @ w[N, Kin].T accumulated in fp32 per K tile, in reverse tile order: the same
-    values as the reference's float64 GEMM up to fp32 accumulation precision and order."""
-    acc = torch.zeros(a.shape[0], w.shape[0], dtype=torch.float32)
-    for k0 in reversed(range(0, a.shape[1], EMULATED_BLOCK_K)):
-        acc += a[:, k0:k0 + EMULATED_BLOCK_K].float() @ w[:, k0:k0 + EMULATED_BLOCK_K].float().T
-    return acc.to(F64)
-
-
-def _grouped(a_rows_of, w, bias, valid, local, round_S, scale_rows=None):
-    M, topk = valid.shape
-    out = torch.zeros(M * topk, w.shape[1], dtype=F64)
-    for e in range(w.shape[0]):
-        routes = torch.nonzero((valid & (local == e)).reshape(-1)).reshape(-1)
-        if routes.numel() == 0:
-            continue
-        acc = _gemm_fp32(a_rows_of(routes), w[e])
-        if bias is not None:
-            acc = acc + bias[e]
-        if scale_rows is not None:
-            acc = acc * scale_rows[routes].unsqueeze(1)
-        out[routes] = round_S(acc)
-    return out.reshape(M, topk, w.shape[1])
+from moe_validate.ordered import ordered_pipeline  # noqa: E402
 
 
 def kernel_emulation(inputs, store_c1_unrounded=False):
-    """The SPEC pipeline as a correct kernel computes it: the reference's mirror stages, except
-    that both grouped GEMMs accumulate in fp32 over K tiles in a different order. Returns [M, K]
-    in the storage dtype S. ``store_c1_unrounded`` plants a subtle bug: c1 kept in fp32 instead of
-    rounded to S (SPEC step 6)."""
-    kw = inputs.kwargs()
-    shape = validate_call(*inputs.args(), **kw)
-    q = shape.quant
-    S = shape.storage_dtype
-    round_S = ref_pipeline.storage_rounder(S, "mirror")
-    valid, local = ref_pipeline.route(inputs.topk_ids, shape.E, shape.global_num_experts, inputs.expert_map)
-    x, x_unq = ref_pipeline.prepare_input(inputs.hidden_states, inputs.topk_weights, shape,
-                                          apply_router_weight_on_input=inputs.apply_router_weight_on_input,
-                                          a1q_scale=None, precision="mirror")
-    w1_f = reference.dequantize_weights(inputs.w1, q.w1_scale, shape.scheme, zp=q.w1_zp, group_size=q.group_size)
-    w2_f = reference.dequantize_weights(inputs.w2, q.w2_scale, shape.scheme, zp=q.w2_zp, group_size=q.group_size)
-    bias = lambda b: None if b is None else b.to(torch.float32).to(F64)  # noqa: E731
-    topk = valid.shape[1]
-    round_c1 = (lambda t: t.float().double()) if store_c1_unrounded else round_S  # noqa: E731
-    c1 = _grouped(lambda r: x[r // topk], w1_f, bias(q.w1_bias), valid, local, round_c1)
-    c1 = ref_pipeline.lora_w13(c1, x_unq, inputs.lora, valid, local, shape.activation, round_S)
-    fused = fused_silu_fp8_group(shape.activation, shape.scheme, q.gemm1_clamp_limit, inputs.lora is not None)
-    c2 = ref_pipeline.activation_stage(c1, valid, shape.activation, q.gemm1_clamp_limit, round_S,
-                                       precision="mirror", fused=fused)
-    c2_in = ref_pipeline.requantize(c2, valid, shape.scheme, q.a2_scale)
-    flat_in = c2_in.reshape(-1, c2_in.shape[-1])
-    w = None if inputs.apply_router_weight_on_input else inputs.topk_weights.to(F64).reshape(-1)
-    c3 = _grouped(lambda r: flat_in[r], w2_f, bias(q.w2_bias), valid, local, round_S, scale_rows=w)
-    c3 = ref_pipeline.lora_w2(c3, c2, inputs.lora, inputs.topk_weights, valid, local, round_S,
-                              apply_router_weight_on_input=inputs.apply_router_weight_on_input)
-    return ref_pipeline.combine(c3, valid, S, precision="mirror").to(S)
+    """A correct kernel stand-in: the mirror's stages with fp32 GEMMs over K tiles in reverse order."""
+    return ordered_pipeline(inputs, "reversed", store_c1_unrounded=store_c1_unrounded)
 
 
 # =================================================================================================
@@ -253,3 +197,14 @@ def test_evaluation_record_is_json_ready():
     assert "derivation" in text and "gate" in rec["tolerance"] and "mirror" in rec["metrics"]
     for name in ("max_abs", "rel_frobenius", "cosine", "norm_ratio", "max_normalized", "ulp"):
         assert name in rec["metrics"]["mirror"], name
+
+
+def test_panel_counts_differing_elements_and_the_count_test_decides():
+    # every element inside its bound; two of four differ from the oracle at all
+    kernel, ref = [[1.0, 2.0], [3.0, -4.0]], [[1.0, 2.0 + 1e-6], [3.0, -4.0 - 1e-6]]
+    p = _panel(kernel, ref, 1e-3)
+    assert p["differing"] == {"value": 2.0, "allowed": None, "margin": None, "of": 4}
+    assert passes(p) == (True, None)  # no count test: the per-element bounds decide
+    assert passes(_panel(kernel, ref, 1e-3, count_allowed=2))[0]
+    ok, reason = passes(_panel(kernel, ref, 1e-3, count_allowed=1))
+    assert not ok and reason.startswith("count: 2 of 4 element(s) differ from the oracle, more than the 1 ")

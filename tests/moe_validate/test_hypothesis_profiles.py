@@ -6,13 +6,14 @@ import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
 
+from moe_validate.contract.rules import interpreting  # noqa: E402
 from moe_validate.hypothesis_profiles import DATABASE_ENV, default_profile  # noqa: E402
 
 
 def test_this_session_runs_the_suites_default_profile():
     if any(arg.startswith("--hypothesis-profile") for arg in os.environ.get("PYTEST_ADDOPTS", "").split()):
         pytest.skip("a profile was chosen on the command line (PYTEST_ADDOPTS)")
-    expected = default_profile(on_gpu=os.environ.get("TRITON_INTERPRET") != "1")
+    expected = default_profile(on_gpu=not interpreting())
     assert hypothesis.settings.get_current_profile_name() == expected
     if expected == "ci":  # the same examples on every CI run, nothing remembered between runs
         assert hypothesis.settings.default.derandomize and hypothesis.settings.default.database is None

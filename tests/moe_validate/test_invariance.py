@@ -23,6 +23,7 @@ import torch
 from moe_validate import invariance, matrix
 from moe_validate.backends import ReferenceBackend
 from moe_validate.compare import evaluate, sampled_rows, SAMPLE_HEAD_ROWS, SAMPLE_TAIL_ROWS
+from moe_validate.contract.rules import takes_naive_path
 from moe_validate.inputs import make_inputs, select_tokens
 from moe_validate.matrix import Case
 from moe_validate.routing_contract import check_alignment
@@ -62,11 +63,11 @@ def test_rerun_and_perm_are_valid_with_a_dynamic_tensor_scale():
 
 def test_smoke_has_invariance_cases_on_the_naive_and_the_aligned_path():
     cases = [c for c in matrix.suite_cases("smoke") if "sub" in c.invariances and c.topk >= 3 and c.dtype == "fp32"]
-    naive = [c for c in cases if c.M * c.topk * 4 <= c.local_experts]
-    aligned = [c for c in cases if c.M * c.topk * 4 > c.local_experts]
+    naive = [c for c in cases if takes_naive_path(c.M * c.topk, c.local_experts)]
+    aligned = [c for c in cases if not takes_naive_path(c.M * c.topk, c.local_experts)]
     assert naive and aligned
     # the dropped token keeps the naive case naive (SPEC: both paths give the same bits anyway)
-    assert all((c.M - 1) * c.topk * 4 <= c.local_experts for c in naive)
+    assert all(takes_naive_path((c.M - 1) * c.topk, c.local_experts) for c in naive)
     # interpreter cost counts the re-runs: the full batch once more in batch-invariant mode, then the sub-batch
     assert matrix.backend_runs(FP32_CASE) == 5
     assert matrix.interpreter_cost(FP32_CASE) == 5 * matrix.interpreter_cost(replace(FP32_CASE, invariance="none"))

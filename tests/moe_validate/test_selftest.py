@@ -296,3 +296,12 @@ def test_moe_validate_cli_dispatches_selftest(capsys):
     assert cli.main(["selftest", "--mutant", "no_such_mutant"]) == 2
     err = capsys.readouterr().err
     assert "unknown mutant" in err and len(err.strip().splitlines()) == 1
+
+
+def test_caught_by_names_the_gate_count_test():
+    panel = {"max_normalized": {"value": 0.4}, "nan_where_ref_finite": 0,
+             "differing": {"value": 120, "allowed": 80, "of": 448}}
+    record = {"outcome": "FAIL", "metrics": {"mirror": panel, "exact": {"max_normalized": {"value": 0.1}}}}
+    assert selftest._caught_by(record) == "mirror:differing"
+    panel["differing"]["allowed"] = None  # no count test: not what failed it
+    assert selftest._caught_by(record) == "fail"

