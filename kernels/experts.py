@@ -41,7 +41,7 @@ from kernels.grouped_gemm import fp8_group_quant_blocker, invoke_grouped_gemm
 from kernels.lora import apply_lora_w13, apply_lora_w2
 from kernels.moe_sum import moe_sum
 from kernels.quantize import ACT_GROUP_SIZE, fp8_group_outputs, quantize_activation, silu_and_mul_quant_fp8_group
-from moe_validate.contract.checks import CallShape, validate_call
+from moe_validate.contract.checks import CallShape, validate_call, validate_index_values
 from moe_validate.contract.rules import fused_silu_fp8_group, interpreting, takes_naive_path
 from moe_validate.contract.spec import Activation, QuantConfig, QuantScheme
 
@@ -385,6 +385,8 @@ class TritonExperts:
                               quant=quant, expert_map=expert_map, global_num_experts=global_num_experts,
                               apply_router_weight_on_input=apply_router_weight_on_input, lora=lora,
                               a1q_scale=a1q_scale)
+        # Index values the kernels would otherwise drop silently, rejected as the reference does (one sync).
+        validate_index_values(shape.E, expert_map=expert_map, lora=lora, quant=quant)
         if expert_tokens_meta is not None:
             raise ValueError("expert_tokens_meta must be None: TritonExperts takes standard (token-major) "
                              "inputs, not batched per-expert ones")

@@ -79,7 +79,8 @@ def _route_adapter(route, route_expert_ptr, token_lora_ids_ptr, enabled_ptr,
     """(active, expert, adapter) of one route; inactive routes are never dereferenced further.
 
     Out-of-range ids are treated as absent so that no pointer is ever formed from them; the
-    harness rejects such ids before a call (moe_validate/contract/checks.py).
+    launcher rejects such ids before a call, as the reference does
+    (``moe_validate.contract.checks.validate_index_values``).
     """
     expert = tl.load(route_expert_ptr + route).to(tl.int64)
     adapter = tl.load(token_lora_ids_ptr + route // TOP_K).to(tl.int64)

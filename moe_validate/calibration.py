@@ -79,7 +79,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from moe_validate.results import ResultSet
+from moe_validate.results import CaseRecord, ResultSet
 
 __all__ = ["DEFAULT_BAND", "MIN_FLIP_EVENTS", "COUNT_RATIO_LIMIT", "ORACLES", "OracleStats", "CalibrationRow", "CalibrationTable",
            "calibrate", "case_element_count"]
@@ -361,6 +361,7 @@ def calibrate(results: Union[ResultSet, Iterable[Dict[str, Any]]], *,
     rows: Dict[Tuple[str, str], CalibrationRow] = {}
     ignored = 0
     for rec in records:
+        rec = rec.to_json() if isinstance(rec, CaseRecord) else rec  # a typed record: its JSON fields
         if not isinstance(rec, dict):
             raise TypeError(f"case records must be dicts; got {type(rec).__name__}")
         observed = _observations(rec)

@@ -1,11 +1,19 @@
 """``moe-validate``: run, list, repro, report, compare, env, bench, tune, calibrate.
 
-A thin shell over ``moe_validate.runner``. Exit codes: 0 = everything passed or was skipped;
-1 = a case failed (run, repro, calibrate; with ``calibrate --strict`` also a calibration row
-outside its band) or a regression was found (compare), or bench could not time anything (no
-GPU; bench.json still records why); 2 = bad input (unknown suite, malformed case id
-or filter, unreadable results file, bad bench/tune option, tune without a GPU), always as one
-line on stderr.
+A thin shell over ``moe_validate.runner``. Exit statuses, the same for every command
+(``EXIT_CODES``, printed by ``--help`` and tabled in the README):
+
+    0    pass: every expected case ran and passed or was skipped (compare: no regressions)
+    1    case failures: a case failed, crashed, timed out, ... (compare: new failures or drift;
+         calibrate --strict: a row outside its band; bench: nothing could be timed)
+    2    usage error: bad argument or input file (unknown suite, malformed case id or filter,
+         unreadable or mixed results, an --out that holds another run or cannot be written)
+    3    incomplete: expected cases missing or not run, or a run without its footer (killed)
+    4    harness error: the harness could not record (disk full, output gone mid-run)
+    130  interrupted (Ctrl-C): the results and the report of what finished are written
+
+Where several apply, the higher row of 130, 4, 3, 1 wins: an incomplete run's passes vouch for
+nothing, so "incomplete" outranks "failed". Errors are one line on stderr, never a traceback.
 
 Heavy modules (torch, triton, the report renderer) are imported by the subcommands that need
 them, so ``moe-validate --help`` and ``list`` start quickly.
@@ -21,9 +29,16 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from moe_validate.exit_codes import (EXIT_CODES, EXIT_FAILURES, EXIT_HARNESS, EXIT_INCOMPLETE, EXIT_INTERRUPTED,
+                                     EXIT_PASS, EXIT_USAGE)
+
 __all__ = ["main", "build_parser", "UsageError"]
 
 PROG = "moe-validate"
+
+
+class HarnessError(Exception):
+    """The harness could not do its job (not the user's input): one line, exit status 4."""
 
 
 class UsageError(Exception):
@@ -68,11 +83,11 @@ def _backend_or_usage(spec: str):
         raise UsageError(str(exc)) from None
 
 
-def _load(paths):
+def _load(paths, run=None, mixed_backends=False):
     from moe_validate.results import ResultsError, load_results
 
     try:
-        results = load_results(paths)
+        results = load_results(paths, run=run, mixed_backends=mixed_backends)
     except ResultsError as exc:
         raise UsageError(str(exc)) from None
     for problem in results.problems:
@@ -131,11 +146,38 @@ def _repetition_lines(bad_cases, repeat: int, first: int = 0) -> List[str]:
 
 
 def _check_worker_options(args) -> None:
-    """--workers and --timeout, shared by every command that runs cases."""
+    """--workers, --timeout and --max-timeouts, shared by every command that runs cases."""
+    import math
+
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be >= 0; got {args.workers}")
-    if args.timeout is not None and args.timeout <= 0:
-        raise UsageError(f"--timeout must be positive; got {args.timeout}")
+    if args.timeout is not None and not (args.timeout > 0 and math.isfinite(args.timeout)):
+        raise UsageError(f"--timeout must be a positive finite number of seconds; got {args.timeout}")
+    if getattr(args, "max_timeouts", 1) < 0:
+        raise UsageError(f"--max-timeouts must be >= 0 (0 = no limit); got {args.max_timeouts}")
+
+
+def _run_cases(cases, args, out_dir, **kwargs):
+    """``runner.run_cases`` with the out-dir refusals as usage errors and write failures as harness errors."""
+    from moe_validate import runner
+    from moe_validate.results import ResultsWriteError
+    from moe_validate.run.outdir import OutDirError
+
+    max_timeouts = getattr(args, "max_timeouts", None)
+    try:
+        return runner.run_cases(
+            cases, args.backend, out_dir, workers=args.workers, timeout_s=args.timeout,
+            argv=[PROG] + list(args.argv), progress=sys.stderr, resume=getattr(args, "resume", False),
+            overwrite=getattr(args, "overwrite", False),
+            max_consecutive_timeouts=(max_timeouts or None) if max_timeouts is not None
+            else runner.DEFAULT_MAX_CONSECUTIVE_TIMEOUTS, **kwargs)
+    except OutDirError as exc:
+        raise UsageError(str(exc)) from None
+    except ResultsWriteError as exc:
+        raise HarnessError(f"{exc.strerror}; the file keeps every whole record written before it: finish the run "
+                           "with --resume") from None
+    except OSError as exc:
+        raise HarnessError(f"cannot write under {out_dir}: {exc.strerror or exc}") from None
 
 
 def _out_dir(args, name: str) -> Path:
@@ -163,15 +205,14 @@ def cmd_run(args) -> int:
     out_dir = _out_dir(args, suite)
     repeat_fields = ({"repeat": args.repeat, "fresh_seeds": args.fresh_seeds, "first_repetition": args.first_repetition}
                      if (args.repeat > 1 or args.fresh_seeds) else {})
-    summary = runner.run_cases(
-        cases, args.backend, out_dir, workers=args.workers, timeout_s=args.timeout, suite=suite,
-        shard=args.shard, argv=[PROG] + list(args.argv), progress=sys.stderr, header_extra=repeat_fields,
-    )
+    summary = _run_cases(cases, args, out_dir, suite=suite, shard=args.shard, header_extra=repeat_fields)
+    if summary.interrupted:
+        print(f"{PROG}: interrupted: writing the report of the {summary.present} cases that finished", file=sys.stderr)
     print(f"results: {summary.results_path}")
     if not args.no_report:
-        report = _render(_load([summary.results_path]), out_dir / "report.html",
-                         title=f"{suite} / {args.backend}" + (f" / shard {args.shard}" if args.shard else "")
-                         + (f" / {args.repeat} repetitions" if args.repeat > 1 else ""))
+        report = _render_or_note(summary.results_path, out_dir / "report.html",
+                                 title=f"{suite} / {args.backend}" + (f" / shard {args.shard}" if args.shard else "")
+                                 + (f" / {args.repeat} repetitions" if args.repeat > 1 else ""))
         if report is not None:
             print(f"report:  {report}")
     print(summary.format())
@@ -181,6 +222,17 @@ def cmd_run(args) -> int:
     if args.repeat > 1 or args.fresh_seeds:
         print("\n".join(_repetition_lines(summary.bad_cases, args.repeat, args.first_repetition)))
     return summary.exit_code
+
+
+def _render_or_note(results_path: Path, out_path: Path, *, title: str) -> Optional[Path]:
+    """The report after a run; a report that fails to render is a note, never a lost run."""
+    try:
+        return _render(_load([results_path]), out_path, title=title)
+    except UsageError as exc:
+        print(f"{PROG}: report.html not written: {exc}", file=sys.stderr)
+    except OSError as exc:
+        print(f"{PROG}: report.html not written: {exc.strerror or exc}", file=sys.stderr)
+    return None
 
 
 def cmd_calibrate(args) -> int:
@@ -196,11 +248,8 @@ def cmd_calibrate(args) -> int:
     _backend_or_usage(args.backend)
     _check_worker_options(args)
     out_dir = _out_dir(args, f"calibrate-{suite}")
-    summary = runner.run_cases(
-        cases, args.backend, out_dir, workers=args.workers, timeout_s=args.timeout, suite=suite,
-        argv=[PROG] + list(args.argv), progress=sys.stderr,
-        header_extra={"repeat": args.seeds, "fresh_seeds": True, "calibration": True},
-    )
+    summary = _run_cases(cases, args, out_dir, suite=suite,
+                         header_extra={"repeat": args.seeds, "fresh_seeds": True, "calibration": True})
     results = _load([summary.results_path])
     table = calibrate(results)
     print(f"results: {summary.results_path}")
@@ -249,26 +298,40 @@ def cmd_repro(args) -> int:
     return 1 if result.outcome.is_bad else 0
 
 
+def _verdict_code(results, *, failed: bool) -> int:
+    if not results.complete:
+        return EXIT_INCOMPLETE
+    return EXIT_FAILURES if failed else EXIT_PASS
+
+
 def cmd_report(args) -> int:
-    results = _load(args.results)
+    results = _load(args.results, run=args.run, mixed_backends=args.mixed_backends)
     baseline = _load([args.baseline]) if args.baseline else None
     out = Path(args.out) if args.out else Path(args.results[0]).with_name("report.html")
-    report = _render(results, out, baseline=baseline)
+    try:
+        report = _render(results, out, baseline=baseline)
+    except OSError as exc:
+        raise UsageError(f"--out {out} cannot be written: {exc.strerror or exc}") from None
     if report is not None:
         print(f"report: {report}")
-    print(_summary_line(results.counts()) + ("" if results.complete else " (incomplete: a run or shard was cut short)"))
-    return 0
+    print(_summary_line(results.counts()))
+    print(results.completeness_line())
+    failed = any(c.is_bad for c in results.cases)
+    code = _verdict_code(results, failed=failed)
+    return EXIT_PASS if args.exit_zero else code
 
 
 def cmd_compare(args) -> int:
-    old, new = _load([args.old]), _load([args.new])
+    old, new = _load([args.old], run=args.old_run), _load([args.new], run=args.new_run)
     try:
         from moe_validate.report import diff_runs, format_diff
     except ImportError as exc:
         raise UsageError(f"compare needs moe_validate.report, which is unavailable ({exc})") from None
     diff = diff_runs(old, new)
     print(format_diff(diff))
-    return 1 if diff.has_regressions else 0
+    if diff.incomplete:
+        return EXIT_INCOMPLETE
+    return EXIT_FAILURES if diff.has_regressions else EXIT_PASS
 
 
 def cmd_bench(args) -> int:
@@ -352,16 +415,29 @@ def cmd_env(args) -> int:
 # parser
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Validate fused-MoE expert kernels against the float64 reference.")
+    exit_table = "exit status (every command):\n" + "\n".join(f"  {code:<4} {text}" for code, text in EXIT_CODES)
+    parser = _Parser(prog=PROG, description="Validate fused-MoE expert kernels against the float64 reference.",
+                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=exit_table)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+
+    def out_args(p):
+        p.add_argument("--max-timeouts", type=int, default=3, metavar="N",
+                       help="after N cases time out in a row, record the rest NOT_RUN (the backend looks hung; "
+                            "default 3, 0 = no limit)")
+        p.add_argument("--resume", action="store_true",
+                       help="continue the run in --out: run only its missing (or NOT_RUN) cases, after cutting a "
+                            "torn last line; needs the same selection and backend")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace the results in --out (by default a non-empty --out is refused)")
 
     def suite_args(p):
         p.add_argument("--suite", help="smoke | premerge | nightly | bringup (default: smoke on CPU, premerge on a GPU)")
         p.add_argument("--filter", help="comma-separated terms, all must match: axis=value (scheme=fp8_block128) "
                                         "or a glob on the case id")
 
-    p = sub.add_parser("run", help="run a suite and write results.jsonl and report.html")
+    p = sub.add_parser("run", help="run a suite and write results.jsonl and report.html", epilog=exit_table,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     suite_args(p)
     p.add_argument("--backend", default="triton", help="triton | reference | module:attr | entry-point name")
     p.add_argument("--shard", help="i/n: run the i-th of n disjoint shares of the cases (1 <= i <= n)")
@@ -369,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="worker processes (default: one per visible GPU, 1 on CPU; "
                                                "0 = in this process, no isolation and no timeout)")
     p.add_argument("--timeout", type=float, default=600.0, help="per-case limit in seconds (default 600)")
+    out_args(p)
     p.add_argument("--no-report", action="store_true", help="write results.jsonl only")
     p.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="run the selected cases N times into one results.jsonl (N > 1 needs --fresh-seeds)")
@@ -388,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: reports/calibrate-<suite>-<UTC timestamp>/)")
     p.add_argument("--workers", type=int, help="worker processes (as for run)")
     p.add_argument("--timeout", type=float, default=600.0, help="per-case limit in seconds (default 600)")
+    out_args(p)
     p.add_argument("--no-report", action="store_true", help="write results.jsonl only")
     p.add_argument("--strict", action="store_true",
                    help="exit 1 when a row's RMS leaves the band (default: the flag is printed only)")
@@ -402,15 +480,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="triton")
     p.set_defaults(func=cmd_repro)
 
-    p = sub.add_parser("report", help="merge results files (shards) and render one HTML report")
+    p = sub.add_parser("report", help="merge results files (shards) and render one HTML report", epilog=exit_table,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", metavar="RESULTS.jsonl")
     p.add_argument("--out", help="report file (default: report.html beside the first results file)")
     p.add_argument("--baseline", metavar="OLD.jsonl", help="results to diff against in the report")
+    p.add_argument("--run", metavar="RUN_ID", help="report only this run (id or unique prefix) of a file holding several")
+    p.add_argument("--mixed-backends", action="store_true",
+                   help="merge runs of different backends (their case ids must be disjoint; by default refused)")
+    p.add_argument("--exit-zero", action="store_true",
+                   help="exit 0 once the report is written (default: 1 on failures, 3 on an incomplete run)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("compare", help="text diff of two runs: new failures, fixes, drift (exit 1 on regressions)")
+    p = sub.add_parser("compare", help="text diff of two runs: new failures, fixes, drift, missing cases (exit 1 on "
+                                       "regressions, 3 when NEW is incomplete)",
+                       epilog=exit_table, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("old", metavar="OLD.jsonl")
     p.add_argument("new", metavar="NEW.jsonl")
+    p.add_argument("--old-run", metavar="RUN_ID", help="the run of OLD to compare (when it holds several)")
+    p.add_argument("--new-run", metavar="RUN_ID", help="the run of NEW to compare (when it holds several)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("env", help="print the environment a run would record")
@@ -482,13 +570,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return args.func(args)
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except HarnessError as exc:
+        print(f"{PROG}: harness error: {exc}", file=sys.stderr)
+        return EXIT_HARNESS
     except BrokenPipeError:  # `moe-validate list | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -281,6 +281,11 @@ class GpuScheduler:
         budget = self.budgets[gpu]
         return budget is None or self.used(gpu) + self._size(case) <= budget
 
+    def drain(self) -> List:
+        """Removes and returns every pending case (a run that gives up records them as not run)."""
+        cases, self._pending = self._pending, []
+        return cases
+
     def take(self, gpu: int) -> Optional[object]:
         """The case an idle worker on ``gpu`` should run now (removed from the queue), or None."""
         if not 0 <= gpu < len(self.budgets):

@@ -332,6 +332,7 @@ def run_stages(hidden_states, w1, w2, topk_weights, topk_ids, *, activation="sil
                           expert_map=expert_map, global_num_experts=global_num_experts,
                           apply_router_weight_on_input=apply_router_weight_on_input, lora=lora,
                           a1q_scale=a1q_scale)
+    validate_index_values(shape.E, expert_map=expert_map, lora=lora, quant=quant)  # as the kernels do
     q = shape.quant
     round_S = storage_rounder(shape.storage_dtype, precision)
 

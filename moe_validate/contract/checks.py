@@ -4,8 +4,8 @@ Part of the leaf contract (torch and ``moe_validate.contract.spec`` only). ``val
 inspects shapes, dtypes, strides and devices -- never tensor values, so it costs no device
 synchronization -- and either returns the resolved problem size (``CallShape``) or raises
 ``ValueError``/``TypeError`` naming the offending argument and what was expected.
-``validate_index_values`` is the optional second check that does read values (one device
-sync): expert-map entries and LoRA adapter ids. Expert ids in ``topk_ids`` are never bad input
+``validate_index_values`` is the second check, which does read values (one device sync):
+expert-map entries, LoRA adapter ids and int4 zero points; kernels and reference both call it. Expert ids in ``topk_ids`` are never bad input
 (padded rows may hold any integer). Device capability is not checked here: each backend adds
 its own ``supports`` check.
 
@@ -414,19 +414,35 @@ def validate_call(hidden_states, w1, w2, topk_weights, topk_ids, *, activation="
                      quant=quant, gated=act.is_gated)
 
 
-def validate_index_values(E: int, *, expert_map=None, lora=None) -> None:
-    """Check the index tensors whose values must lie in range (reads values: one device sync).
+def validate_index_values(E: int, *, expert_map=None, lora=None, quant=None) -> None:
+    """Check the tensors whose values must lie in range; the kernels and the reference both call it.
 
     ``expert_map`` entries must be -1 (not local) or a local expert in [0, E); LoRA
-    ``token_lora_ids`` must be -1 (no adapter) or in [0, L). Call after ``validate_call``.
+    ``token_lora_ids`` must be -1 (no adapter) or in [0, L); int4 zero points (``quant.w1_zp``,
+    ``quant.w2_zp``) must be in 0..15. Call after ``validate_call``.
+
+    Cost: reading values is a device sync. All the minima and maxima are gathered into one small
+    tensor and read once, so a call costs one sync (none when no such tensor is given): on a GPU,
+    a few microseconds against a launch sequence of tens.
     """
+    checks = []  # (name, tensor, lowest allowed, highest allowed, what is allowed)
     if expert_map is not None and expert_map.numel():
-        lo, hi = int(expert_map.min()), int(expert_map.max())
-        if lo < -1 or hi >= E:
-            raise ValueError(f"expert_map values must be -1 (not local) or local expert ids in [0, {E}); "
-                             f"got range [{lo}, {hi}]")
+        checks.append(("expert_map", expert_map, -1, E - 1, f"-1 (not local) or local expert ids in [0, {E})"))
     if lora is not None and lora.token_lora_ids.numel():
         L = lora.num_adapters
-        lo, hi = int(lora.token_lora_ids.min()), int(lora.token_lora_ids.max())
-        if lo < -1 or hi >= L:
-            raise ValueError(f"lora.token_lora_ids must be -1 (no adapter) or in [0, {L}); got range [{lo}, {hi}]")
+        checks.append(("lora.token_lora_ids", lora.token_lora_ids, -1, L - 1, f"-1 (no adapter) or in [0, {L})"))
+    for name in ("w1_zp", "w2_zp"):
+        zp = getattr(quant, name, None) if quant is not None else None
+        if zp is not None and zp.numel():
+            checks.append((f"quant.{name}", zp, 0, 15, "int4 zero points in 0..15 (SPEC.md, int4_w4a16)"))
+    if not checks:
+        return
+    by_device = {}
+    for check in checks:
+        by_device.setdefault(check[1].device, []).append(check)
+    for group in by_device.values():
+        extremes = torch.stack([torch.stack([t.min().to(torch.int64), t.max().to(torch.int64)])
+                                for _, t, _, _, _ in group]).tolist()  # the one read (sync) per device
+        for (name, _, low, high, allowed), (lo, hi) in zip(group, extremes):
+            if lo < low or hi > high:
+                raise ValueError(f"{name} values must be {allowed}; got range [{lo}, {hi}]")

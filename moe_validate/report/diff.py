@@ -11,7 +11,13 @@
   0.2 -> 0.5 (half the allowance consumed) is worth a look.
 - **outcome change**: present in both with any other change of outcome (FAIL -> CRASH,
   PASS -> SKIP: a case that stopped running is lost coverage, so it is listed, not hidden).
-- **added / removed**: in only one of the runs.
+- **added / removed**: in only one of the runs. A case the new run was not asked to run (absent
+  from its header's expected list) is removed; one it was asked to run and has no result for is
+  **missing**.
+- **missing**: expected by the new run (its header's ``expected_cases``) but absent or NOT_RUN;
+  when the new run recorded no expected list, every removed case counts as missing. Missing
+  cases, or a new run without its footer (killed), make the comparison **incomplete**: its own
+  verdict and exit status, never "no regressions".
 
 Environment differences compare the merged ``env`` of each run's headers key by key (several
 headers are shards of one run: their distinct values are joined).
@@ -23,7 +29,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from moe_validate.results import Outcome, ResultSet
+from moe_validate.results import CaseRecord, Outcome, ResultSet
 
 __all__ = ["RunDiff", "CaseChange", "EnvChange", "diff_runs", "format_diff", "DRIFT_FACTOR",
            "DRIFT_MIN_MARGIN", "merged_env"]
@@ -76,11 +82,19 @@ class RunDiff:
     outcome_changes: List[CaseChange] = field(default_factory=list)
     added: List[CaseChange] = field(default_factory=list)
     removed: List[CaseChange] = field(default_factory=list)
+    missing: List[CaseChange] = field(default_factory=list)
+    new_completeness: str = ""  # "N of M expected cases present (...)" of the new run
+    new_unfinished: int = 0  # runs of the new set without a footer (killed)
     env_changes: List[EnvChange] = field(default_factory=list)
     old_counts: Dict[str, int] = field(default_factory=dict)
     new_counts: Dict[str, int] = field(default_factory=dict)
     drift_factor: float = DRIFT_FACTOR
     drift_min_margin: float = DRIFT_MIN_MARGIN
+
+    @property
+    def incomplete(self) -> bool:
+        """The new run lacks cases it set out to run, or was killed: what it says is not the whole story."""
+        return bool(self.missing or self.new_unfinished)
 
     @property
     def has_regressions(self) -> bool:
@@ -102,8 +116,8 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _margin(case: Dict[str, Any]) -> Optional[float]:
-    value = case.get("worst_margin")
+def _margin(case: CaseRecord) -> Optional[float]:
+    value = case.worst_margin
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value)
@@ -135,24 +149,34 @@ def diff_runs(old: ResultSet, new: ResultSet) -> RunDiff:
     _check_result_set(old, "old")
     _check_result_set(new, "new")
     old_by_id, new_by_id = old.by_id(), new.by_id()
-    diff = RunDiff(old_counts=old.counts(), new_counts=new.counts())
-    for case_id in sorted(set(old_by_id) | set(new_by_id)):
+    diff = RunDiff(old_counts=old.counts(), new_counts=new.counts(), new_completeness=new.completeness_line(),
+                   new_unfinished=len(new.unfinished_runs()))
+    expected_lists = [r.expected for r in new.runs]
+    new_expected = (None if not expected_lists or any(x is None for x in expected_lists)
+                    else {cid for x in expected_lists for cid in x})
+    not_run = Outcome.NOT_RUN.value
+    for case_id in sorted(set(old_by_id) | set(new_by_id) | (new_expected or set())):
         o, n = old_by_id.get(case_id), new_by_id.get(case_id)
+        if n is None or n.outcome == not_run:
+            if new_expected is None or case_id in new_expected:
+                diff.missing.append(CaseChange(case_id, o.outcome if o else None, n.outcome if n else None,
+                                               _margin(o) if o else None, None,
+                                               n.reason if n else "expected by the new run; no result"))
+            elif o is not None:
+                diff.removed.append(CaseChange(case_id, o.outcome, None, _margin(o), None, o.reason))
+            continue
         if o is None:
-            diff.added.append(CaseChange(case_id, None, n["outcome"], None, _margin(n), n.get("reason")))
+            diff.added.append(CaseChange(case_id, None, n.outcome, None, _margin(n), n.reason))
             continue
-        if n is None:
-            diff.removed.append(CaseChange(case_id, o["outcome"], None, _margin(o), None, o.get("reason")))
-            continue
-        change = CaseChange(case_id, o["outcome"], n["outcome"], _margin(o), _margin(n), n.get("reason"))
-        old_bad, new_bad = Outcome(o["outcome"]).is_bad, Outcome(n["outcome"]).is_bad
+        change = CaseChange(case_id, o.outcome, n.outcome, _margin(o), _margin(n), n.reason)
+        old_bad, new_bad = Outcome(o.outcome).is_bad, Outcome(n.outcome).is_bad
         if new_bad and not old_bad:
             diff.new_failures.append(change)
-        elif old_bad and n["outcome"] == Outcome.PASS.value:
+        elif old_bad and n.outcome == Outcome.PASS.value:
             diff.fixes.append(change)
-        elif o["outcome"] != n["outcome"]:
+        elif o.outcome != n.outcome:
             diff.outcome_changes.append(change)
-        elif n["outcome"] == Outcome.PASS.value and _is_drift(change.old_margin, change.new_margin):
+        elif n.outcome == Outcome.PASS.value and _is_drift(change.old_margin, change.new_margin):
             diff.drift.append(change)
     old_env, new_env = merged_env(old), merged_env(new)
     for key in list(old_env) + [k for k in new_env if k not in old_env]:
@@ -220,7 +244,8 @@ def format_diff(diff: RunDiff, max_lines_per_section: int = 50) -> str:
         (f"drift (worst margin grew > x{diff.drift_factor:g} to >= {diff.drift_min_margin:g})", diff.drift),
         ("other outcome changes", diff.outcome_changes),
         ("added cases", diff.added),
-        ("removed cases", diff.removed),
+        ("removed cases (not selected by the new run)", diff.removed),
+        ("missing cases (expected by the new run, no result)", diff.missing),
     ]
     for title, changes in sections:
         lines.append(f"{title}: {len(changes)}")
@@ -228,7 +253,12 @@ def format_diff(diff: RunDiff, max_lines_per_section: int = 50) -> str:
             lines.append(_change_line(change))
         if len(changes) > max_lines_per_section:
             lines.append(f"  ... and {len(changes) - max_lines_per_section} more")
-    verdict = "REGRESSED" if diff.has_regressions else "no regressions"
+    lines.append(f"new run: {diff.new_completeness}")
+    if diff.incomplete:
+        verdict = "INCOMPLETE" + (" and REGRESSED" if diff.has_regressions else "")
+    else:
+        verdict = "REGRESSED" if diff.has_regressions else "no regressions"
     lines.append(f"verdict: {verdict} ({len(diff.new_failures)} new failures, {len(diff.drift)} drifting, "
-                 f"{len(diff.fixes)} fixed)")
+                 f"{len(diff.fixes)} fixed, {len(diff.missing)} missing"
+                 + (f", {diff.new_unfinished} run(s) without a footer" if diff.new_unfinished else "") + ")")
     return "\n".join(lines)

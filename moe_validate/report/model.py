@@ -16,19 +16,20 @@ point.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from moe_validate.report.diff import RunDiff, merged_env
-from moe_validate.results import Outcome, ResultSet
+from moe_validate.results import CaseRecord, Outcome, ResultSet, cap_text, record_from_json
 
 __all__ = ["ReportModel", "CalibrationView", "build_model", "pivot", "axis_values", "worst_cases", "PIVOT_MAX_VALUES",
            "DEFAULT_PIVOT", "OUTCOMES"]
 
 OUTCOMES: Tuple[str, ...] = tuple(o.value for o in Outcome)
 # Severity for colouring a group of cases: its most severe outcome wins.
-_SEVERITY = {"SKIP": 0, "PASS": 1, "FAIL": 3, "TIMEOUT": 4, "OOM": 4, "COMPILE_ERROR": 5, "CRASH": 5}
+_SEVERITY = {"SKIP": 0, "PASS": 1, "NOT_RUN": 2, "FAIL": 3, "TIMEOUT": 4, "OOM": 4, "COMPILE_ERROR": 5, "CRASH": 5}
 
 # Axes shown first, in this order; SPEC.md vocabulary order within an axis (the report package
 # does not import moe_validate.contract.spec, which pulls in torch).
@@ -48,6 +49,12 @@ PIVOT_MAX_VALUES = 40
 # An axis with more distinct values than this gets no drop-down filter in the table.
 FILTER_MAX_VALUES = 200
 MARGIN_DIGITS = 3
+# Details budget (see _details_within_budget): at ~3 KB a failing case's panels, heatmap and
+# histograms, 2,000 cases or 8 MiB keep the page under ~20 MB with 20,000 rows in the table.
+DETAILS_MAX_CASES = 2_000
+DETAILS_MAX_BYTES = 8 * 2**20
+# A traceback in the page keeps its head and tail (results.jsonl keeps up to TEXT_CAPS["error"]).
+DETAIL_ERROR_CHARS = 6_000
 WORST_LIST_LENGTH = 15
 _PANEL_SPECIAL_KEYS = ("worst", "nan_inf", "exceed_count", "exceed_fraction")
 _WORST_COLUMNS = ("token", "column", "expert", "tile", "kernel", "reference", "diff", "allowed")
@@ -90,8 +97,13 @@ def _margin_key(m: Optional[float]) -> float:
     return m
 
 
-def _case_margin(case: Dict[str, Any]) -> Optional[float]:
-    m = case.get("worst_margin")
+def _as_records(cases) -> List[CaseRecord]:
+    """Typed case records (callers may pass the JSON dicts)."""
+    return [record_from_json({"kind": "case", **c}) if isinstance(c, dict) else c for c in cases]
+
+
+def _case_margin(case: CaseRecord) -> Optional[float]:
+    m = case.worst_margin
     return float(m) if _num(m) else None
 
 
@@ -129,8 +141,8 @@ def axis_values(cases: Sequence[Dict[str, Any]]) -> Dict[str, List[str]]:
     return {a: sorted(raw[a], key=lambda lbl, a=a: _value_sort_key(a, lbl, raw[a])) for a in axes}
 
 
-def _param_label(case: Dict[str, Any], axis: str) -> Optional[str]:
-    params = case.get("params") or {}
+def _param_label(case: CaseRecord, axis: str) -> Optional[str]:
+    params = case.params or {}
     if not isinstance(params, dict) or axis not in params:
         return None
     return value_label(params[axis])
@@ -163,6 +175,7 @@ def _fmt(x: Optional[float], digits: int = 3) -> str:
 
 def worst_cases(cases: Sequence[Dict[str, Any]], limit: int = WORST_LIST_LENGTH) -> List[WorstEntry]:
     """Cases with a worst margin, worst first (NaN first: a NaN margin means no valid comparison)."""
+    cases = _as_records(cases)
     measured = [c for c in cases if _case_margin(c) is not None]
     measured.sort(key=lambda c: (-_margin_key(_case_margin(c)), c["case_id"]))
     return [WorstEntry(c["case_id"], c["outcome"], _case_margin(c), c.get("reason")) for c in measured[:limit]]
@@ -194,13 +207,15 @@ class Summary:
     finished: str
     worst: List[WorstEntry]
     skip_reasons: List[Tuple[str, int]]  # reason -> count, most frequent first
+    completeness: str = ""  # "N of M expected cases present (...)"
 
     @property
     def verdict(self) -> str:
-        if self.bad:
-            return "FAILED"
+        """INCOMPLETE outranks FAILED (as in the exit status): a partial run's passes vouch for nothing."""
         if not self.complete:
             return "INCOMPLETE"
+        if self.bad:
+            return "FAILED"
         return "PASSED"
 
     def duration_text(self, seconds: Optional[float]) -> str:
@@ -244,10 +259,23 @@ def _summary(results: ResultSet) -> Summary:
     problems = list(results.problems)
     if not results.headers:
         problems.append("no header record: environment unknown")
-    elif not results.complete:
-        missing = len(results.headers) - len(results.footers)
-        problems.append(f"{missing} of {len(results.headers)} run(s)/shard(s) have no footer: killed or still running; "
-                        "their finished cases are shown")
+    else:
+        unfinished = results.unfinished_runs()
+        if unfinished:
+            problems.append(f"{len(unfinished)} of {len(results.runs)} run(s)/shard(s) have no footer: killed or still "
+                            "running; their finished cases are shown")
+        missing = results.missing()
+        if missing:
+            problems.append(f"{len(missing)} expected case(s) have no result: " + ", ".join(missing[:5])
+                            + (" ..." if len(missing) > 5 else ""))
+        if results.missing_shards():
+            problems.append(f"shard(s) {', '.join(results.missing_shards())} of the split are absent")
+        for r in results.runs:
+            last = r.footers[-1:] and r.footers[-1]
+            if last and last.interrupted:
+                problems.append(f"run {r.run_id[:12]} was interrupted (Ctrl-C)")
+            if last and last.stopped:
+                problems.append(f"run {r.run_id[:12]} stopped early: {last.stopped}")
     return Summary(
         total=len(cases), counts=counts, bad=sum(n for o, n in counts.items() if Outcome(o).is_bad),
         env=merged_env(results), shards=shards, complete=results.complete, problems=problems,
@@ -255,7 +283,8 @@ def _summary(results: ResultSet) -> Summary:
         case_duration_s=sum(float(c["duration_s"]) for c in cases if _num(c.get("duration_s"))),
         started=starts[0] if starts else "-", finished=ends[-1] if ends and results.complete else "-",
         worst=worst_cases(cases),
-        skip_reasons=sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+        skip_reasons=sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])),
+        completeness=results.completeness_line() if results.headers else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +316,8 @@ def pivot(cases: Sequence[Dict[str, Any]], row_axis: str, col_axis: str) -> Dict
     """
     if not isinstance(row_axis, str) or not isinstance(col_axis, str) or row_axis == col_axis:
         raise ValueError(f"pivot needs two different axis names; got {row_axis!r} and {col_axis!r}")
-    outcomes = [c["outcome"] for c in cases]
+    cases = _as_records(cases)
+    outcomes = [c.outcome for c in cases]
     margins = [_case_margin(c) for c in cases]
     return _pivot_columns(outcomes, margins, [_param_label(c, row_axis) for c in cases],
                           [_param_label(c, col_axis) for c in cases])
@@ -314,7 +344,7 @@ def _pivot_payload(cases, axes: Dict[str, List[str]]) -> Dict[str, Any]:
     """Pivots for every unordered pair of pivotable axes, compactly: 'a|b' -> list of
     [row index, column index, counts per OUTCOMES..., worst margin]. The page transposes."""
     names = [a for a, vals in axes.items() if 1 <= len(vals) <= PIVOT_MAX_VALUES]
-    outcomes = [c["outcome"] for c in cases]
+    outcomes = [c.outcome for c in cases]
     margins = [_case_margin(c) for c in cases]
     labels = {a: [_param_label(c, a) for c in cases] for a in names}
     out: Dict[str, Any] = {}
@@ -447,7 +477,7 @@ def _details_view(case: Dict[str, Any]) -> Dict[str, Any]:
         "params": [[str(k), value_label(v)] for k, v in _ordered_params(case.get("params"))],
         "backend": case.get("backend"),
         "config": case.get("config") if isinstance(case.get("config"), dict) else None,
-        "error": case.get("error"),
+        "error": cap_text(case["error"], DETAIL_ERROR_CHARS) if isinstance(case.get("error"), str) else None,
     }
     # Checks after the comparison (alignment contract, bitwise invariances): name, outcome, reason.
     checks = case.get("checks") if isinstance(case.get("checks"), list) else []
@@ -470,6 +500,34 @@ def _details_view(case: Dict[str, Any]) -> Dict[str, Any]:
     view["histograms"] = {str(name): h for name, h in ((n, _histogram_view(v)) for n, v in
                           (detail.get("histograms") or {}).items()) if h is not None}
     return view
+
+
+def _details_within_budget(cases) -> Tuple[Dict[str, Any], int]:
+    """Details of the non-passing cases most worth opening first (most severe outcome, then worst
+    margin), until ``DETAILS_MAX_CASES`` cases or ``DETAILS_MAX_BYTES`` of JSON; every other
+    non-passing case gets a stub saying where its details are (its row, reason and repro stay).
+
+    Why a budget: a run of 20,000 failing cases embedded every panel, heatmap and traceback
+    (127 MB, 281 s to render, 14 s to open). With it such a report stays near 10 MB.
+    """
+    bad = [i for i, c in enumerate(cases) if Outcome(c.outcome).is_bad]
+    bad.sort(key=lambda i: (-_SEVERITY[cases[i].outcome], -_margin_key(_case_margin(cases[i])), cases[i].case_id))
+    details: Dict[str, Any] = {}
+    spent = 0
+    for rank, i in enumerate(bad):
+        if rank >= DETAILS_MAX_CASES or spent >= DETAILS_MAX_BYTES:
+            break
+        view = _details_view(cases[i])
+        spent += len(json.dumps(view, default=str))
+        details[str(i)] = view
+    omitted = len(bad) - len(details)
+    if omitted:
+        stub = {"omitted": f"details not embedded: this report carries them for the {len(details)} most severe of "
+                           f"{len(bad)} non-passing cases ({spent / 2**20:.1f} MiB); they are in results.jsonl, "
+                           "and the repro command re-runs the case"}
+        for i in bad[len(details):]:
+            details[str(i)] = stub
+    return details, omitted
 
 
 def _compact_margins(cases) -> Dict[str, Any]:
@@ -585,7 +643,7 @@ def _calibration_view(cases) -> Optional[CalibrationView]:
     """None when no case was evaluated (a run of skips and crashes has nothing to calibrate)."""
     from moe_validate.calibration import MIN_FLIP_EVENTS, calibrate
 
-    table = calibrate(cases)
+    table = calibrate([c.to_json() for c in cases])  # calibration reads the JSON records
     if not table.rows:
         return None
     data = table.to_dict()
@@ -646,14 +704,16 @@ def build_model(results: ResultSet, *, baseline: Optional[ResultSet] = None, tit
     pivots = _pivot_payload(cases, axes)
     if not all(a in pivots["axes"] for a in default_pivot):
         default_pivot = pivots["axes"][:2]
-    details = {str(i): _details_view(c) for i, c in enumerate(cases) if Outcome(c["outcome"]).is_bad}
+    details, omitted = _details_within_budget(cases)
     payload = {
         "outcomes": list(OUTCOMES),
         "bad_outcomes": [o.value for o in Outcome if o.is_bad],
+        "severity": dict(_SEVERITY),
         "axes": [{"name": a, "values": vals, "filterable": len(vals) <= FILTER_MAX_VALUES} for a, vals in axes.items()],
         "pivot": {"default": default_pivot, **pivots},
         "table": _table_payload(cases, axes, diff_status),
         "details": details,
+        "details_omitted": omitted,
     }
     generated = (now or _dt.datetime.now(_dt.timezone.utc)).strftime("%Y-%m-%d %H:%M:%S UTC")
     return ReportModel(title=title, generated=generated, summary=summary, axes=axes, payload=payload,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import Any, Optional, Union
 from moe_validate.report.model import ReportModel, build_model
 from moe_validate.results import ResultSet
 
-__all__ = ["render_report", "render_html", "embed_json"]
+__all__ = ["render_report", "render_html", "embed_json", "csp_hash"]
 
 _HERE = Path(__file__).resolve().parent
 _TEMPLATES = _HERE / "templates"
@@ -64,12 +66,20 @@ def render_html(model: ReportModel) -> str:
     if not isinstance(model, ReportModel):
         raise TypeError(f"model must be a ReportModel; got {type(model).__name__}")
     template = _environment().get_template("report.html.j2")
+    css, js = _static("report.css"), _static("report.js")
     return template.render(
         m=model,
-        css=markupsafe.Markup(_static("report.css")),
-        js=markupsafe.Markup(_static("report.js")),
+        css=markupsafe.Markup(css),
+        js=markupsafe.Markup(js),
+        css_hash=csp_hash(css),
+        js_hash=csp_hash(js),
         data_json=markupsafe.Markup(embed_json(model.payload)),
     )
+
+
+def csp_hash(text: str) -> str:
+    """The CSP source expression allowing exactly this inline element's text (``'sha256-...'`` sans quotes)."""
+    return "sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii")
 
 
 def render_report(results: ResultSet, out_path: Union[str, Path], *, baseline: Optional[ResultSet] = None,

@@ -201,7 +201,9 @@ def planted_run(tmp_path_factory, browser, fakes_importable):
                  "--out", nan]) == 1
     paths = [wrong / "results.jsonl", crash / "results.jsonl", nan / "results.jsonl"]
     merged = base / "merged.html"
-    assert _cli(["report", *paths, "--out", merged]) == 0
+    # Three backends, disjoint cases: merged only when asked (a report of one backend is the default).
+    assert _cli(["report", *paths, "--out", merged]) == 2
+    assert _cli(["report", *paths, "--out", merged, "--mixed-backends"]) == 1  # the planted failures
     return paths, merged
 
 

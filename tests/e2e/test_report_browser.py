@@ -186,6 +186,44 @@ def test_hostile_strings_render_as_text(probe, run_dir):
     assert probe.errors == []
 
 
+def test_the_csp_blocks_an_injected_inline_handler(probe, mixed_run):
+    # Escaping keeps markup out today; the policy must stop it too if escaping ever slipped: the
+    # page's own script runs (by its hash), an inline handler added to the page does not.
+    _, _, report = mixed_run
+    probe.open(report)
+    probe.page.evaluate("""() => { const img = document.createElement('img');
+        img.setAttribute('onerror', 'window.__pwned = 1'); img.setAttribute('src', 'data:,not-an-image');
+        document.body.appendChild(img); }""")
+    time.sleep(0.3)
+    assert probe.page.evaluate("window.__pwned === undefined")
+    assert any("Content Security Policy" in e for e in probe.errors), probe.errors
+
+
+def test_twenty_thousand_failing_cases_stay_small_and_open_fast(probe, run_dir, artifacts_dir):
+    # Issue 19: 20,000 failing cases gave a 127 MB page that loaded in 14 s after 281 s of rendering.
+    paths = synth.write_run(run_dir / "fail20k", 20_000, fail_rate=0.9, bad_rate=0.1, skip_rate=0.0, seed=3)
+    results = load_results(paths)
+    t0 = time.perf_counter()
+    report = render_report(results, run_dir / "fail20k.html")
+    render_s = time.perf_counter() - t0
+    size_mb = report.stat().st_size / 2**20
+    load_s = probe.open(report)
+    assert probe.shown() == 20_000
+    # The most severe cases carry full details; the others say where theirs are.
+    probe.page.check("#filter-outcome-FAIL")
+    probe.page.locator("#case-body tr.case-row a.case-link").last.click()
+    probe.page.locator("tr.detail-row").wait_for()
+    # The table sorts by severity: its last FAIL row is the mildest failure, whose details are left out.
+    assert "they are in results.jsonl" in probe.page.locator("tr.detail-row .details-omitted").inner_text()
+    print(f"\n20,000 failing cases: render {render_s:.1f} s, {size_mb:.1f} MiB, browser load {load_s:.2f} s")
+    (artifacts_dir / "report-20k-failing.txt").write_text(f"size_mib={size_mb:.3f}\nrender_s={render_s:.3f}\n"
+                                                          f"browser_load_s={load_s:.3f}\n")
+    assert size_mb < 20
+    assert load_s < 3
+    assert probe.page.locator("#details-omitted").count() == 1
+    assert probe.errors == []
+
+
 def test_baseline_filter_lists_new_failures(probe, run_dir):
     old = load_results(synth.write_run(run_dir / "old", 300, fail_rate=0.05, seed=21))
     new = load_results(synth.write_run(run_dir / "new", 300, fail_rate=0.1, seed=22,

@@ -5,12 +5,14 @@ for a representative set; the kernel-only checks (device, interpreter, capabilit
 workspaces) in full.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
 import kernels
 import kernels.experts as experts_module
-from kernel_test_support import DEVICE, make_problem, requires_triton_device, run_kernel
+from kernel_test_support import DEVICE, make_problem, requires_triton_device, run_kernel, zero_lora
 from moe_validate.contract.spec import QuantConfig, QuantScheme
 
 pytestmark = requires_triton_device
@@ -109,3 +111,48 @@ def test_fp8_tensor_scale_wrong_shape():
     bad = QuantConfig(**{**q.__dict__, "w1_scale": q.w1_scale.view(-1, 1)})
     with pytest.raises(ValueError, match="w1_scale"):
         call(p, quant=bad)
+
+
+# --- index values: rejected by the kernels exactly as by the reference (one shared check) -----
+def _bad_expert_map(value):
+    def change(p):
+        p.kwargs["expert_map"] = p.kwargs["expert_map"].clone()
+        p.kwargs["expert_map"][1] = value  # an odd (not local) global id mapped out of range
+        return p
+    return change
+
+
+def _bad_lora_id(value):
+    def change(p):
+        lora = zero_lora(p)
+        lora.token_lora_ids[0] = value
+        p.kwargs["lora"] = lora
+        return p
+    return change
+
+
+def _bad_zero_point(p):
+    zp = p.kwargs["quant"].w1_zp.clone()
+    zp[0, 0, 0] = 200  # SPEC: uint8 in 0..15
+    p.kwargs["quant"] = dataclasses.replace(p.kwargs["quant"], w1_zp=zp)
+    return p
+
+
+@pytest.mark.parametrize("problem, change, match", [
+    (dict(expert_map=True), _bad_expert_map(3), r"expert_map values must be -1 \(not local\) or local expert ids "
+                                                r"in \[0, 3\); got range \[-1, 3\]"),
+    (dict(expert_map=True), _bad_expert_map(-2), r"expert_map values .* got range \[-2, 2\]"),
+    (dict(), _bad_lora_id(1), r"lora.token_lora_ids values must be -1 \(no adapter\) or in \[0, 1\); got range \[0, 1\]"),
+    (dict(), _bad_lora_id(-5), r"lora.token_lora_ids values .* got range \[-5, 0\]"),
+    (dict(scheme="int4_w4a16", group_size=32, zero_point=True, dtype=torch.float16), _bad_zero_point,
+     r"quant.w1_zp values must be int4 zero points in 0..15 .*got range \[\d+, 200\]"),
+], ids=["expert_map_high", "expert_map_low", "lora_id_high", "lora_id_low", "int4_zero_point_200"])
+def test_index_values_are_rejected_as_the_reference_does(problem, change, match):
+    import reference
+
+    p = change(make_problem(seed=62, M=4, K=64, I=32, E=3, topk=2, **problem))
+    with pytest.raises(ValueError, match=match) as from_kernels:
+        run_kernel(p)
+    with pytest.raises(ValueError) as from_reference:
+        reference.fused_experts(*p.args(), **p.kwargs)
+    assert str(from_kernels.value) == str(from_reference.value)

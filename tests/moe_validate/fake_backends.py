@@ -131,6 +131,43 @@ class Poison(_Base):
         return self._correct(inputs, case)
 
 
+class Unserializable(_Base):
+    """Passes, with a launch config JSON cannot hold (a set, a function, a tensor, an object)."""
+
+    def run(self, inputs, case=None):
+        import torch
+
+        self.last_config = {"tiles": {16, 32}, "pick": lambda m: m, "scale": torch.tensor([0.5, 2.0]),
+                            ("BLOCK_M", 1): object(), "fine": 64}
+        return self._correct(inputs, case)
+
+
+class _Hostile(Exception):
+    def __str__(self):
+        raise RuntimeError("__str__ of a hostile exception")
+
+
+class HostileError(_Base):
+    """Raises an exception whose str() itself raises."""
+
+    def run(self, inputs, case=None):
+        raise _Hostile()
+
+
+class HugeError(_Base):
+    """Raises with a 5 MB message (a tensor printed into an error, a runaway log)."""
+
+    def run(self, inputs, case=None):
+        raise RuntimeError("head-of-message " + "x" * 5_000_000 + " tail-of-message")
+
+
+class HangAll(_Base):
+    """Every case hangs: a wedged backend."""
+
+    def run(self, inputs, case=None):
+        time.sleep(3600)
+
+
 class Mixed(_Base):
     """One run with every kind of outcome: fp32 unsupported (SKIP), seed 1 raises (CRASH), seed 3
     answers wrong (FAIL), the rest pass. For writers of run summaries (JUnit XML, --rerun-failed)."""

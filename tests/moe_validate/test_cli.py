@@ -100,14 +100,19 @@ def test_repro_pass_and_fail(capsys):
     assert f"{CASES[0].id}: FAIL" in out and "Mismatched elements" in out
 
 
-def test_report_merges_shards_and_renders(tmp_path, capsys, runs):
+def test_report_renders_with_a_baseline(tmp_path, capsys, runs):
     good, bad = runs
-    out = tmp_path / "merged.html"
-    assert main(["report", str(good), str(bad), "--out", str(out), "--baseline", str(good)]) == 0
+    out = tmp_path / "report.html"
+    assert main(["report", str(bad), "--out", str(out), "--baseline", str(good)]) == 1  # a case crashed
     stdout = capsys.readouterr().out
     assert f"report: {out}" in stdout and out.stat().st_size > 0
-    # The same three case ids in both files: the later file's records win (results.py contract).
     assert "3 cases: 2 PASS, 1 CRASH" in stdout
+
+
+def test_report_refuses_two_runs_of_the_same_cases(tmp_path, capsys, runs):
+    # Same three case ids in both files, two backends: never merged (issue 19).
+    good, bad = runs
+    _one_line_error(capsys, ["report", str(good), str(bad), "--out", str(tmp_path / "r.html")], "results mix backends")
 
 
 def test_compare_reports_regressions_with_exit_1(capsys, runs):

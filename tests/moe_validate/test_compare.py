@@ -191,9 +191,9 @@ def test_evaluation_record_is_json_ready():
     inputs = make_inputs(case)
     ev = evaluate(case, inputs, kernel_emulation(inputs))
     rec = ev.record()
-    from moe_validate.results import _json_safe
+    from moe_validate.results import make_json_safe
 
-    text = json.dumps(_json_safe(rec))
+    text = json.dumps(make_json_safe(rec), allow_nan=False)
     assert "derivation" in text and "gate" in rec["tolerance"] and "mirror" in rec["metrics"]
     for name in ("max_abs", "rel_frobenius", "cosine", "norm_ratio", "max_normalized", "ulp"):
         assert name in rec["metrics"]["mirror"], name

@@ -477,7 +477,7 @@ def test_shards_are_the_same_under_another_hash_seed():
 # Everything else (params, outcome, reason, config, repro, tolerance, metrics, detail, error,
 # worst_margin) must be identical. Header and footer records are per-run metadata (run_id,
 # started/finished, argv, shard, env with host, durations) and are compared only through counts.
-TIMING_FIELDS = ("duration_s",)
+TIMING_FIELDS = ("duration_s", "run_id")  # what differs between two runs of the same cases
 # In the rendered report's embedded data, the table's "duration" column is the same timing field.
 REPORT_TIMING_COLUMNS = ("duration",)
 # Ten smoke cases on the base shape (seeds 0-9: bf16/fp16/fp32 and the fp8/int8 schemes); with Mixed
@@ -506,8 +506,9 @@ def test_three_shards_merge_into_the_unsharded_report(tmp_path, capsys):
     for i in (1, 2, 3):
         assert main(common + ["--shard", f"{i}/3", "--out", str(tmp_path / f"shard{i}")]) == 1
     shard_files = [str(tmp_path / f"shard{i}" / "results.jsonl") for i in (1, 2, 3)]
-    assert main(["report", *shard_files, "--out", str(tmp_path / "merged.html")]) == 0
-    assert main(["report", str(tmp_path / "whole" / "results.jsonl"), "--out", str(tmp_path / "whole.html")]) == 0
+    # Both hold the planted FAIL and CRASH: report exits 1 for each, the merged shards being complete.
+    assert main(["report", *shard_files, "--out", str(tmp_path / "merged.html")]) == 1
+    assert main(["report", str(tmp_path / "whole" / "results.jsonl"), "--out", str(tmp_path / "whole.html")]) == 1
     capsys.readouterr()
 
     whole = load_results([tmp_path / "whole" / "results.jsonl"])

@@ -13,7 +13,7 @@ import pytest
 from moe_validate.report import DRIFT_FACTOR, DRIFT_MIN_MARGIN, RunDiff, diff_runs, format_diff, render_report
 from moe_validate.report.model import build_model, pivot, worst_cases
 from moe_validate.report.render import embed_json
-from moe_validate.results import Outcome, ResultSet, load_results
+from moe_validate.results import Outcome, ResultsError, ResultSet, load_results
 
 _SYNTH_PATH = Path(__file__).resolve().parents[1] / "e2e" / "synth_results.py"
 _spec = importlib.util.spec_from_file_location("report_synth_results", _SYNTH_PATH)
@@ -29,8 +29,9 @@ def _case(case_id, outcome, margin=None, *, reason=None, error=None, **params):
             "error": error, "params": params, "duration_s": 0.5, "repro": f"moe-validate repro {case_id}"}
 
 
-def _result_set(cases, env=None, complete=True):
-    header = {"kind": "header", "run_id": "r", "suite": "smoke", "env": env or dict(synth.ENV)}
+def _result_set(cases, env=None, complete=True, expected=None):
+    header = {"kind": "header", "run_id": "r", "suite": "smoke", "env": env or dict(synth.ENV),
+              "expected_cases": expected}
     return ResultSet(headers=[header], cases=sorted(cases, key=lambda c: c["case_id"]),
                      footers=[{"kind": "footer", "duration_s": 3.0, "finished": "t"}] if complete else [])
 
@@ -154,7 +155,9 @@ def _diff_fixture():
     ]
     old_env = dict(synth.ENV)
     new_env = dict(synth.ENV, driver="565.57.01", triton="3.7.0")
-    return _result_set(old, env=old_env), _result_set(new, env=new_env)
+    # The new run was not asked to run "removed" (its expected list): removed, not missing.
+    return (_result_set(old, env=old_env, expected=[c["case_id"] for c in old]),
+            _result_set(new, env=new_env, expected=[c["case_id"] for c in new]))
 
 
 def test_diff_classifies_new_failures_fixes_drift_and_changes():
@@ -167,6 +170,7 @@ def test_diff_classifies_new_failures_fixes_drift_and_changes():
     assert ids(diff.drift) == ["drift", "zero-before"]
     assert ids(diff.outcome_changes) == ["fail-to-crash", "pass-to-skip"]
     assert ids(diff.added) == ["added"] and ids(diff.removed) == ["removed"]
+    assert diff.missing == [] and not diff.incomplete
     assert [(e.key, e.old, e.new) for e in diff.env_changes] == [
         ("driver", "560.35.03", "565.57.01"), ("triton", "3.6.0", "3.7.0")]
     assert diff.has_regressions
@@ -180,12 +184,30 @@ def test_format_diff_names_every_section_and_the_verdict():
     diff = diff_runs(*_diff_fixture())
     text = format_diff(diff)
     for needle in ("new failures: 2", "fixes: 1", "drift (worst margin grew > x1.5", "other outcome changes: 2",
-                   "added cases: 1", "removed cases: 1", "driver: 560.35.03 -> 565.57.01",
+                   "added cases: 1", "removed cases (not selected by the new run): 1", "driver: 560.35.03 -> 565.57.01",
                    "pass-to-fail: PASS 0.3 -> FAIL 2.5", "verdict: REGRESSED"):
         assert needle in text, needle
     same = diff_runs(_diff_fixture()[0], _diff_fixture()[0])
     assert isinstance(same, RunDiff) and not same.has_regressions
     assert "environment: same" in format_diff(same) and "verdict: no regressions" in format_diff(same)
+
+
+def test_missing_cases_and_unfinished_runs_make_the_comparison_incomplete():
+    old, new = _diff_fixture()
+    ids = [c.case_id for c in old.cases]
+    # Killed after 4 of its cases: the rest are missing, never "removed" and never "no regressions".
+    killed = _result_set([c.to_json() for c in old.cases[:4]], complete=False, expected=ids)
+    diff = diff_runs(old, killed)
+    assert [c.case_id for c in diff.missing] == sorted(ids[4:]) and diff.removed == []
+    assert diff.incomplete and diff.new_unfinished == 1 and not diff.has_regressions
+    text = format_diff(diff)
+    assert f"4 of {len(ids)} expected cases present" in text and "verdict: INCOMPLETE (" in text
+    # Died before its first case: everything is missing.
+    empty = _result_set([], complete=False, expected=ids)
+    assert len(diff_runs(old, empty).missing) == len(ids)
+    # No expected list recorded (an older file): a case that disappeared counts as missing.
+    legacy = _result_set([c.to_json() for c in old.cases[:4]], complete=True)
+    assert [c.case_id for c in diff_runs(old, legacy).missing] == sorted(ids[4:])
 
 
 def test_diff_and_format_reject_bad_arguments():
@@ -226,9 +248,23 @@ def test_merged_shards_give_the_same_cases_and_list_every_shard(tmp_path):
     assert all(s.finished != "-" and s.duration_s is not None for s in model.summary.shards)
     assert model.summary.complete and model.summary.problems == []
     # Shards on different GPUs: both values shown.
-    mixed = load_results(synth.write_run(tmp_path / "a", 10, seed=1)
-                         + synth.write_run(tmp_path / "b", 10, seed=2, env=dict(synth.ENV, gpu="NVIDIA H200")))
+    first, second = synth.make_records(20, seed=1, shards=2)
+    second[0]["env"] = dict(synth.ENV, gpu="NVIDIA H200")
+    mixed = load_results([synth.write_jsonl(tmp_path / "a.jsonl", first), synth.write_jsonl(tmp_path / "b.jsonl", second)])
     assert build_model(mixed).summary.env["gpu"] == "NVIDIA H100 80GB HBM3 | NVIDIA H200"
+
+
+def test_two_runs_of_the_same_cases_are_never_merged_silently(tmp_path):
+    # Issue 19: a FAIL of one run was hidden by a PASS of another run of the same case id.
+    a = synth.write_run(tmp_path / "a", 10, seed=1)
+    b = synth.write_run(tmp_path / "b", 10, seed=2)
+    with pytest.raises(ResultsError, match="recorded by two runs, run-1-0 and run-2-0.*--run"):
+        load_results(a + b)
+    chosen = load_results(a + b, run="run-2")
+    assert [r.run_id for r in chosen.runs] == ["run-2-0"] and len(chosen.cases) == 10
+    assert chosen.cases == load_results(b).cases
+    with pytest.raises(ResultsError, match="--run 'run-' must name exactly one run"):
+        load_results(a + b, run="run-")
 
 
 def test_truncated_results_file_reports_the_problem_and_keeps_whole_cases(tmp_path):
@@ -267,6 +303,34 @@ def test_everything_from_the_data_is_escaped(tmp_path):
     detail = payload["details"][str(payload["table"]["ids"].index(EVIL_ID))]
     assert detail["error"] == EVIL_TRACE
     assert "<b>bold</b> & more" in payload["table"]["reasons"]
+
+
+def test_csp_allows_only_the_inline_style_and_script_by_hash(tmp_path):
+    from moe_validate.report.render import csp_hash
+
+    html = render_report(_result_set([_case("a", "PASS", 0.1)]), tmp_path / "r.html").read_text()
+    policy = re.search(r'http-equiv="Content-Security-Policy" content="([^"]*)"', html).group(1)
+    assert "unsafe-inline" not in policy and "default-src 'none'" in policy
+    style = re.search(r"<style>(.*?)</style>", html, re.S).group(1)
+    script = re.findall(r"<script>(.*?)</script>", html, re.S)
+    assert len(script) == 1
+    assert f"style-src '{csp_hash(style)}'" in policy and f"script-src '{csp_hash(script[0])}'" in policy
+
+
+def test_details_are_embedded_within_a_budget(tmp_path, monkeypatch):
+    from moe_validate.report import model as model_mod
+
+    monkeypatch.setattr(model_mod, "DETAILS_MAX_CASES", 5)
+    results = load_results(synth.write_run(tmp_path, 60, fail_rate=0.5, bad_rate=0.1, seed=5))
+    payload = build_model(results).payload
+    bad = [i for i, c in enumerate(results.cases) if Outcome(c.outcome).is_bad]
+    full = [i for i in bad if "omitted" not in payload["details"][str(i)]]
+    assert len(full) == 5 and payload["details_omitted"] == len(bad) - 5
+    # The most severe first: crashes and compile errors before failures.
+    severity = model_mod._SEVERITY
+    worst_omitted = max(severity[results.cases[i].outcome] for i in bad if i not in full)
+    assert min(severity[results.cases[i].outcome] for i in full) >= worst_omitted
+    assert "they are in results.jsonl" in payload["details"][str(next(i for i in bad if i not in full))]["omitted"]
 
 
 def test_embed_json_escapes_what_could_close_the_script_and_encodes_non_finite_floats():

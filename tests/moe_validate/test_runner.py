@@ -210,8 +210,15 @@ def test_sigkilled_run_keeps_every_finished_case(tmp_path):
     report = subprocess.run([sys.executable, "-m", "moe_validate.cli", "report", str(results),
                              "--out", str(tmp_path / "report.html")],
                             cwd=REPO, env=env, capture_output=True, text=True)
-    assert report.returncode == 0, report.stderr
-    assert f"{finished} cases: {finished} PASS" in report.stdout and "incomplete" in report.stdout
+    # Incomplete is a verdict: exit 3, and the summary says how much of the run is there.
+    assert report.returncode == 3, report.stderr
+    expected = rs.runs[0].expected
+    assert f"{finished} cases: {finished} PASS" in report.stdout
+    assert f"{finished} of {len(expected)} expected cases present ({len(expected) - finished} missing" in report.stdout
+    compare = subprocess.run([sys.executable, "-m", "moe_validate.cli", "compare", str(results), str(results)],
+                             cwd=REPO, env=env, capture_output=True, text=True)
+    assert compare.returncode == 3, compare.stdout + compare.stderr
+    assert "verdict: INCOMPLETE" in compare.stdout and "no regressions" not in compare.stdout
 
 
 # --- shards ---------------------------------------------------------------------------------

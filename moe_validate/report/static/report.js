@@ -9,7 +9,7 @@
   var D = JSON.parse(document.getElementById("report-data").textContent);
   var T = D.table, N = T.ids.length, OUT = D.outcomes;
   var BAD = {}; D.bad_outcomes.forEach(function (o) { BAD[OUT.indexOf(o)] = true; });
-  var SEVERITY = { SKIP: 0, PASS: 1, FAIL: 3, TIMEOUT: 4, OOM: 4, COMPILE_ERROR: 5, CRASH: 5 };
+  var SEVERITY = D.severity;  // outcome -> rank, from report/model.py
   var AXES = D.axes, AXIS_BY_NAME = {};
   AXES.forEach(function (a) { AXIS_BY_NAME[a.name] = a; });
   var TABLE_AXES = AXES.slice(0, 4).map(function (a) { return a.name; });
@@ -275,7 +275,7 @@
     b.addEventListener("click", function () {
       function done() { b.textContent = "copied"; setTimeout(function () { b.textContent = "copy"; }, 1200); }
       function fallback() {
-        var ta = el("textarea", { style: "position:fixed;left:-9999px" }); ta.value = text;
+        var ta = el("textarea", { cls: "offscreen" }); ta.value = text;  // a class: the CSP allows no inline style
         document.body.appendChild(ta); ta.select();
         try { document.execCommand("copy"); done(); } catch (e) { b.textContent = "select and copy by hand"; }
         document.body.removeChild(ta);
@@ -362,6 +362,10 @@
     var reason = T.reason[i] < 0 ? null : T.reasons[T.reason[i]];
     parts.push(el("div", {}, [el("strong", { cls: "outcome-" + o, text: o }), " worst margin " + fmt(T.margin[i]) + "  ",
       reason ? el("span", { cls: "reason-text", text: reason }) : null]));
+    if (det && det.omitted) {
+      parts.push(el("p", { cls: "muted details-omitted", text: det.omitted }));
+      det = null;
+    }
     if (det) {
       parts.push(el("h4", { text: "parameters" }));
       var pr = det.params.slice(); if (det.backend) pr.push(["backend", det.backend]);
