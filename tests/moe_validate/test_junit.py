@@ -1,0 +1,123 @@
+"""moe_validate.junit: the JUnit XML of a run, in the layout CI tools and pytest's --junitxml use."""
+
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from moe_validate import runner
+from moe_validate.junit import write_junit
+from moe_validate.matrix import filter_cases, suite_cases
+
+HERE = Path(__file__).resolve().parent
+# Under fake_backends:Mixed: bf16 s0 PASS, fp16 s1 CRASH, fp32 s2 SKIP, bf16 s3 FAIL.
+CASES = filter_cases(suite_cases("smoke"), "*-none-silu-M7N64K64E4k2-s[0-3]")
+OUTCOME_BY_SEED = {0: "PASS", 1: "CRASH", 2: "SKIP", 3: "FAIL"}
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory):
+    sys.path.insert(0, str(HERE))
+    try:
+        return runner.run_cases(CASES, "fake_backends:Mixed", tmp_path_factory.mktemp("mixed"), workers=0,
+                                progress=None, suite="smoke")
+    finally:
+        sys.path.remove(str(HERE))
+
+
+def _pytest_junit(tmp_path) -> ET.Element:
+    """pytest's own --junitxml of a pass, a failure, a skip and an error: the reference layout."""
+    (tmp_path / "test_ref.py").write_text(
+        "import pytest\n"
+        "def test_pass(): pass\n"
+        "def test_fail(): assert 1 == 2, 'planted'\n"
+        "def test_skip(): pytest.skip('planted skip')\n"
+        "@pytest.fixture\n"
+        "def broken(): raise RuntimeError('planted')\n"
+        "def test_error(broken): pass\n")
+    xml = tmp_path / "ref.xml"
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                    "-o", "junit_family=xunit2", f"--junitxml={xml}", str(tmp_path / "test_ref.py")],
+                   capture_output=True, cwd=tmp_path, timeout=120)
+    return ET.parse(xml).getroot()
+
+
+def _attributes_by_tag(root: ET.Element):
+    out = {}
+    for el in root.iter():
+        out.setdefault(el.tag, set()).update(el.attrib)
+    return out
+
+
+def _children_by_tag(root: ET.Element):
+    out = {}
+    for el in root.iter():
+        out.setdefault(el.tag, set()).update(child.tag for child in el)
+    return out
+
+
+def test_one_testcase_per_case_with_outcome_elements(mixed_run, tmp_path):
+    path = write_junit(mixed_run.results_path, tmp_path / "junit.xml")
+    root = ET.parse(path).getroot()
+    (suite,) = root.findall("testsuite")
+    cases = {tc.get("name"): tc for tc in suite.findall("testcase")}
+    assert sorted(cases) == sorted(c.id for c in CASES)
+    assert sorted(OUTCOME_BY_SEED) == sorted(c.seed for c in CASES)
+    for case in CASES:
+        tc, outcome = cases[case.id], OUTCOME_BY_SEED[case.seed]
+        assert tc.get("classname") == f"moe_validate.smoke.{case.dtype}.none"
+        kinds = [child.tag for child in tc]
+        if outcome == "SKIP":
+            assert kinds == ["skipped"] and "planted: fp32 not supported" in tc.find("skipped").get("message")
+        elif outcome == "CRASH":
+            assert kinds == ["error"] and tc.find("error").get("type") == "CRASH"
+            assert "planted failure in the backend" in tc.find("error").text
+        elif outcome == "FAIL":
+            assert kinds == ["failure"] and tc.find("failure").get("type") == "FAIL"
+        else:
+            assert kinds == []
+        for bad in tc.findall("failure") + tc.findall("error"):
+            # the pytest path's text: the message, then the repro command on its own line
+            assert bad.get("message") == bad.text.splitlines()[0] and bad.get("message").startswith(case.id)
+            last = bad.text.splitlines()[-1]
+            assert last.startswith("repro: ") and last.endswith(f"moe-validate repro {case.id} --backend fake_backends:Mixed")
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors"), suite.get("skipped")) == ("4", "1", "1", "1")
+    props = {p.get("name"): p.get("value") for p in suite.iter("property")}
+    assert props["backend"] == "fake_backends:Mixed" and props["suite"] == "smoke"
+
+
+def test_layout_is_the_one_pytest_writes(mixed_run, tmp_path):
+    """Every element and attribute we write is one pytest's --junitxml writes in the same place
+    (what CI tools' JUnit readers and the Jenkins JUnit schema accept), and the numbers parse."""
+    ours = ET.parse(write_junit(mixed_run.results_path, tmp_path / "junit.xml")).getroot()
+    ref = _pytest_junit(tmp_path)
+    assert ours.tag == ref.tag == "testsuites"
+    ref_attrs, ref_children = _attributes_by_tag(ref), _children_by_tag(ref)
+    for tag, attrs in _attributes_by_tag(ours).items():
+        assert tag in ref_attrs or tag in ("properties", "property"), tag
+        if tag in ref_attrs:
+            assert attrs <= ref_attrs[tag] | {"type"}, (tag, attrs - ref_attrs[tag])
+    for tag, children in _children_by_tag(ours).items():
+        allowed = ref_children.get(tag, set()) | ({"properties"} if tag == "testsuite" else set())
+        assert children <= allowed | ({"property"} if tag == "properties" else set()), (tag, children - allowed)
+    for suite in ours.iter("testsuite"):
+        for name in ("tests", "failures", "errors", "skipped"):
+            assert int(suite.get(name)) >= 0
+        float(suite.get("time"))
+    for tc in ours.iter("testcase"):
+        assert float(tc.get("time")) >= 0 and tc.get("name") and tc.get("classname")
+        assert len([c for c in tc if c.tag in ("failure", "error", "skipped")]) <= 1  # the schema's choice
+
+
+def test_control_characters_in_an_error_stay_readable_xml(tmp_path):
+    from moe_validate.results import CaseRecord, HeaderRecord, ResultsWriter
+
+    results = tmp_path / "results.jsonl"
+    with ResultsWriter(results) as w:
+        w.write(HeaderRecord(run_id="r", backend="b", suite="smoke"))
+        w.write(CaseRecord(case_id="c1", outcome="CRASH", run_id="r", reason="boom",
+                           error="\x1b[31mred traceback\x1b[0m\x00", repro="moe-validate repro c1"))
+    root = ET.parse(write_junit(results, tmp_path / "j.xml")).getroot()
+    assert "red traceback" in root.find("testsuite/testcase/error").text
