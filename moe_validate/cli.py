@@ -192,6 +192,8 @@ def cmd_run(args) -> int:
     from moe_validate import runner
 
     suite, cases = _select_cases(args.suite, args.filter)
+    if args.rerun_failed:  # issue 22: only the cases whose last outcome there was not PASS/SKIP
+        suite, cases = _rerun_failed_or_usage(args.rerun_failed, args.filter)
     if args.filter and not cases:
         raise UsageError(f"--filter {args.filter!r} matches no case of suite {suite!r}")
     try:
@@ -209,6 +211,10 @@ def cmd_run(args) -> int:
     if summary.interrupted:
         print(f"{PROG}: interrupted: writing the report of the {summary.present} cases that finished", file=sys.stderr)
     print(f"results: {summary.results_path}")
+    if args.junitxml:  # issue 22: JUnit XML for CI dashboards
+        from moe_validate.junit import write_junit
+
+        print(f"junit:   {write_junit(summary.results_path, args.junitxml, suite=suite)}")
     if not args.no_report:
         report = _render_or_note(summary.results_path, out_dir / "report.html",
                                  title=f"{suite} / {args.backend}" + (f" / shard {args.shard}" if args.shard else "")
@@ -222,6 +228,15 @@ def cmd_run(args) -> int:
     if args.repeat > 1 or args.fresh_seeds:
         print("\n".join(_repetition_lines(summary.bad_cases, args.repeat, args.first_repetition)))
     return summary.exit_code
+
+
+def _rerun_failed_or_usage(path: str, expr: Optional[str]):
+    from moe_validate.rerun import failed_cases
+
+    try:
+        return failed_cases(path, expr)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _render_or_note(results_path: Path, out_path: Path, *, title: str) -> Optional[Path]:
@@ -392,6 +407,7 @@ def cmd_tune(args) -> int:
         try:
             result = tune(model, scheme, m_list or list(DEFAULT_TUNE_M), out_dir=args.out,
                           command=" ".join([PROG] + list(args.argv)), check_mode=args.check,
+                          table_format=args.format,
                           log=lambda s: print(s, file=sys.stderr, flush=True))
         except RuntimeError as exc:  # no usable config for this pair: say so, tune the others
             print(f"{PROG}: tune {model.name} {scheme}: {exc}", file=sys.stderr)
@@ -447,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0, help="per-case limit in seconds (default 600)")
     out_args(p)
     p.add_argument("--no-report", action="store_true", help="write results.jsonl only")
+    p.add_argument("--junitxml", metavar="FILE", help="also write the run as JUnit XML (one testcase per case) for CI")
+    p.add_argument("--rerun-failed", metavar="RESULTS", help="run only the cases whose last outcome in this "
+                   "results.jsonl was not PASS or SKIP (rebuilt from its records; --filter narrows them)")
     p.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="run the selected cases N times into one results.jsonl (N > 1 needs --fresh-seeds)")
     p.add_argument("--fresh-seeds", action="store_true",
@@ -536,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", choices=["every", "winners"], default="every",
                    help="which configs are checked against the float64 reference: every candidate before it is "
                         "timed (default), or only each bucket's fastest (a quick re-tune of a checked grid)")
+    p.add_argument("--format", choices=["moe_validate", "vllm"], default="moe_validate",
+                   help="table layout: ours (default), or vLLM's (N = I, its field names; our extras in a sidecar "
+                        "file) that vLLM reads from VLLM_TUNED_CONFIG_FOLDER (docs/CONFIGS.md)")
     p.set_defaults(func=cmd_tune)
     return parser
 

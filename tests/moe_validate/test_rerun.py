@@ -53,3 +53,27 @@ def test_unusable_files_name_the_file_and_line(tmp_path):
     bad.write_text('{"kind": "case", "case_id": "x", "outcome": "MAYBE"}\n{"kind": "footer"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: outcome must be one of PASS, FAIL"):
         failed_cases(bad)
+
+
+def test_cli_rerun_failed_runs_only_those_and_writes_junit(mixed_results, tmp_path, monkeypatch, capsys):
+    """``run --rerun-failed FILE --junitxml X``: the two non-passing cases run again (here with a
+    backend that passes them) and the XML lists exactly those."""
+    import xml.etree.ElementTree as ET
+
+    from moe_validate.cli import main
+
+    monkeypatch.syspath_prepend(str(HERE))
+    junit = tmp_path / "rerun.xml"
+    code = main(["run", "--rerun-failed", str(mixed_results), "--backend", "fake_backends:Pass", "--workers", "0",
+                 "--out", str(tmp_path / "again"), "--no-report", "--junitxml", str(junit)])
+    assert code == 0, capsys.readouterr()
+    names = sorted(tc.get("name") for tc in ET.parse(junit).getroot().iter("testcase"))
+    assert names == sorted([BY_SEED[1].id, BY_SEED[3].id])
+    assert f"junit:   {junit}" in capsys.readouterr().out
+
+
+def test_cli_rerun_failed_of_a_missing_file_is_a_usage_error(tmp_path, capsys):
+    from moe_validate.cli import main
+
+    assert main(["run", "--rerun-failed", str(tmp_path / "nope.jsonl"), "--workers", "0"]) == 2
+    assert "--rerun-failed: " in capsys.readouterr().err
