@@ -54,8 +54,10 @@ def last_outcomes(path: Union[str, Path]) -> Tuple[Optional[str], Dict[str, Tupl
 
 
 def failed_cases(path: Union[str, Path], filter_expr: Optional[str] = None) -> Tuple[str, List[Case]]:
-    """(suite name for the output folder, the cases whose last outcome in ``path`` was not PASS or
-    SKIP, in file order, narrowed by ``filter_expr``). ValueError for an unusable file or params."""
+    """(the file's suite, the cases whose last outcome in ``path`` was not PASS or SKIP, in file
+    order, narrowed by ``filter_expr``). The suite is the original one, so a re-run's JUnit test
+    ids (classname, name) are those of the first run and CI tools see the same tests pass.
+    ValueError for an unusable file or params."""
     suite, last = last_outcomes(path)
     cases = []
     for case_id, (outcome, params) in last.items():
@@ -70,4 +72,4 @@ def failed_cases(path: Union[str, Path], filter_expr: Optional[str] = None) -> T
         cases.append(case)
     if filter_expr:
         cases = filter_cases(cases, filter_expr)
-    return f"rerun-{suite or 'run'}", cases
+    return suite or "run", cases

@@ -28,7 +28,7 @@ def mixed_results(tmp_path):
 
 def test_the_crash_and_the_failure_are_rerun_not_the_pass_or_skip(mixed_results):
     suite, cases = failed_cases(mixed_results)
-    assert suite == "rerun-smoke"
+    assert suite == "smoke"
     assert sorted(c.id for c in cases) == sorted([BY_SEED[1].id, BY_SEED[3].id])
     assert [c for c in cases if c.id == BY_SEED[1].id] == [BY_SEED[1]]  # rebuilt from params, equal to the suite's
     assert [c.id for c in failed_cases(mixed_results, "dtype=fp16")[1]] == [BY_SEED[1].id]
@@ -67,8 +67,9 @@ def test_cli_rerun_failed_runs_only_those_and_writes_junit(mixed_results, tmp_pa
     code = main(["run", "--rerun-failed", str(mixed_results), "--backend", "fake_backends:Pass", "--workers", "0",
                  "--out", str(tmp_path / "again"), "--no-report", "--junitxml", str(junit)])
     assert code == 0, capsys.readouterr()
-    names = sorted(tc.get("name") for tc in ET.parse(junit).getroot().iter("testcase"))
-    assert names == sorted([BY_SEED[1].id, BY_SEED[3].id])
+    testcases = list(ET.parse(junit).getroot().iter("testcase"))
+    assert sorted(tc.get("name") for tc in testcases) == sorted([BY_SEED[1].id, BY_SEED[3].id])
+    assert all(tc.get("classname").startswith("moe_validate.smoke.") and not list(tc) for tc in testcases)
     assert f"junit:   {junit}" in capsys.readouterr().out
 
 
