@@ -449,8 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def suite_args(p):
         p.add_argument("--suite", help="smoke | premerge | nightly | bringup (default: smoke on CPU, premerge on a GPU)")
-        p.add_argument("--filter", help="comma-separated terms, all must match: axis=value (scheme=fp8_block128) "
-                                        "or a glob on the case id")
+        p.add_argument("--filter", help="terms axis=value, axis!=value (scheme=fp8_block128) or a glob on the case "
+                                        "id, joined by and/or/not and parentheses; commas join with and, last: "
+                                        "'scheme=fp8_* or not dtype=fp32, bias=true'")
 
     p = sub.add_parser("run", help="run a suite and write results.jsonl and report.html", epilog=exit_table,
                        formatter_class=argparse.RawDescriptionHelpFormatter)

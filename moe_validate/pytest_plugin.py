@@ -63,7 +63,8 @@ def pytest_addoption(parser) -> None:
                     help="suite for the moe_case fixture: smoke | premerge | nightly | bringup "
                          "(default: smoke on CPU, premerge on a GPU)")
     group.addoption("--moe-filter", default=None,
-                    help="comma-separated terms, all must match: axis=value or a glob on the case id")
+                    help="axis=value, axis!=value or a glob on the case id, joined by and/or/not and "
+                         "parentheses; commas join with and, last (as moe-validate --filter)")
     group.addoption("--moe-backend", default="triton",
                     help="backend under test: triton | reference | module:attr | entry-point name")
     group.addoption("--moe-results", default=None, metavar="DIR",
