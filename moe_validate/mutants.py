@@ -638,7 +638,7 @@ MUTANTS: Tuple[Mutant, ...] = (
         "top-k sum adds the fp32 epilogue tile",
         (Hunk(_EXPERTS, "        c3 = _flat_view(workspace13, \"workspace13\", R, K, S)\n",
               "        c3 = torch.empty(R, K, dtype=torch.float32, device=hidden_states.device)  # MUTANT\n"),
-         Hunk(_GG, "                total = _interp.add_rn(total, _interp.to_fp32(c3))\n",
+         Hunk(_GG, "                total = _interp.add_rn(total, _interp.to_fp32(c))\n",
               "                total = _interp.add_rn(total, acc)  # MUTANT: c3 not rounded\n")),
         lambda case: _skipped_rounding_visible(case) and case.lora == "none" and case.topk >= 2,
         "fp16/bf16 storage without LoRA (its w2 kernel requires c3 in S; fp32 storage: the rounding is exact), "
