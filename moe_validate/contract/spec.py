@@ -2,7 +2,7 @@
 
 Part of the leaf contract (``moe_validate/contract``): it imports torch, enum and dataclasses
 only, so that ``kernels`` and ``reference`` can depend on it without pulling in the harness.
-``../shared/SPEC.md`` defines every name here; the docstrings repeat only what a caller needs.
+``docs/SPEC.md`` defines every name here; the docstrings repeat only what a caller needs.
 """
 
 from __future__ import annotations
