@@ -643,8 +643,8 @@ def add_selftest_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for kill_matrix.json and kill_matrix.txt "
                                  "(default: reports/selftest-<suite>-<UTC timestamp>/)")
     p.add_argument("--workers", type=int, help="mutant subprocesses at a time (default: CPU cores, max 8; 2 on a GPU)")
-    p.add_argument("--filter", help="narrow the suite first: comma-separated axis=value terms or id globs "
-                                    "(as moe-validate run --filter)")
+    p.add_argument("--filter", help="narrow the suite first: the filter syntax of moe-validate run --filter "
+                                    "(axis=value terms or id globs joined by and/or/not)")
     p.add_argument("--cap", type=int, default=DEFAULT_CAP, help=f"cases per mutant, cheapest first (default {DEFAULT_CAP})")
     p.add_argument("--first-kill", action="store_true", help="stop each mutant at its first killing case (faster; "
                                                              "the matrix then shows fewer cells)")
