@@ -208,6 +208,21 @@ _LN_1E6 = math.log(1e6)
 _JUMP_CHUNK_ELEMENTS = 1 << 24  # routes x K x I elements materialized at once
 
 
+def _valid_routes_by_expert(w2: torch.Tensor, route_expert, valid):
+    """Per local expert e: (token index, slot index, |w2[e]| as float64 [K, I]) of its valid routes,
+    in chunks small enough that an [R, K, I] product stays within _JUMP_CHUNK_ELEMENTS."""
+    K, I = w2.shape[1], w2.shape[2]
+    chunk = max(1, _JUMP_CHUNK_ELEMENTS // max(1, K * I))
+    for e in range(w2.shape[0]):
+        sel = valid & (route_expert == e)
+        if not sel.any():
+            continue
+        m_idx, j_idx = torch.nonzero(sel, as_tuple=True)
+        aw = w2[e].to(F64).abs()  # [K, I]
+        for c0 in range(0, m_idx.numel(), chunk):
+            yield m_idx[c0:c0 + chunk], j_idx[c0:c0 + chunk], aw
+
+
 def _flip_jumps(p: torch.Tensor, jump: torch.Tensor, w2: torch.Tensor, route_expert, valid, wts) -> torch.Tensor:
     """[M, K]: sum over a token's routes of ceil(lam + 4 sqrt(lam)) * J * w (see the caller)."""
     M, T, I = p.shape
@@ -215,25 +230,17 @@ def _flip_jumps(p: torch.Tensor, jump: torch.Tensor, w2: torch.Tensor, route_exp
     out = torch.zeros(M, K, dtype=F64, device=p.device)
     if M == 0 or I == 0:
         return out
-    for e in range(w2.shape[0]):
-        sel = valid & (route_expert == e)
-        if not sel.any():
-            continue
-        m_idx, j_idx = torch.nonzero(sel, as_tuple=True)
-        aw = w2[e].to(F64).abs()  # [K, I]
-        chunk = max(1, _JUMP_CHUNK_ELEMENTS // max(1, K * I))
-        for c0 in range(0, m_idx.numel(), chunk):
-            mi, ji = m_idx[c0:c0 + chunk], j_idx[c0:c0 + chunk]
-            jumps = jump[mi, ji][:, None, :] * aw[None]  # [R, K, I]
-            J = jumps.amax(-1)
-            pr = p[mi, ji][:, None, :]
-            lam = (pr * jumps).sum(-1) / J.clamp_min(1e-300)
-            poisson = torch.ceil(lam + 4.0 * lam.sqrt()) * J  # all jumps of one sign
-            # jumps of random sign (a flip goes up or down with equal odds): Bernstein at 1e-6,
-            # sqrt(2 V ln 1e6) + J ln(1e6) / 3 with V = sum_i p_i jump_i^2
-            var = (pr * jumps ** 2).sum(-1)
-            bernstein = (2.0 * var * _LN_1E6).sqrt() + J * _LN_1E6 / 3.0
-            out.index_put_((mi,), torch.minimum(poisson, bernstein) * wts[mi, ji][:, None], accumulate=True)
+    for mi, ji, aw in _valid_routes_by_expert(w2, route_expert, valid):
+        jumps = jump[mi, ji][:, None, :] * aw[None]  # [R, K, I]
+        J = jumps.amax(-1)
+        pr = p[mi, ji][:, None, :]
+        lam = (pr * jumps).sum(-1) / J.clamp_min(1e-300)
+        poisson = torch.ceil(lam + 4.0 * lam.sqrt()) * J  # all jumps of one sign
+        # jumps of random sign (a flip goes up or down with equal odds): Bernstein at 1e-6,
+        # sqrt(2 V ln 1e6) + J ln(1e6) / 3 with V = sum_i p_i jump_i^2
+        var = (pr * jumps ** 2).sum(-1)
+        bernstein = (2.0 * var * _LN_1E6).sqrt() + J * _LN_1E6 / 3.0
+        out.index_put_((mi,), torch.minimum(poisson, bernstein) * wts[mi, ji][:, None], accumulate=True)
     return out
 
 
@@ -609,22 +616,13 @@ def chernoff_count_quantile(p_direct: torch.Tensor, p_event: torch.Tensor, m_eve
 def _cluster_sizes(q2, w2, c3_ulp, out_ulp, route_expert, valid, wts) -> torch.Tensor:
     """[M, T, I]: m = sum_k P_k (above) with d = q2[r, i] |w2[e, k, i]| w_r, per valid route."""
     M, T, I = q2.shape
-    K = w2.shape[1]
     out = torch.zeros(M, T, I, dtype=F64, device=q2.device)
-    for e in range(w2.shape[0]):
-        sel = valid & (route_expert == e)
-        if not sel.any():
-            continue
-        m_idx, j_idx = torch.nonzero(sel, as_tuple=True)
-        aw = w2[e].to(F64).abs()  # [K, I]
-        chunk = max(1, _JUMP_CHUNK_ELEMENTS // max(1, K * I))
-        for c0 in range(0, m_idx.numel(), chunk):
-            mi, ji = m_idx[c0:c0 + chunk], j_idx[c0:c0 + chunk]
-            move = q2[mi, ji][:, None, :] * aw[None] * wts[mi, ji][:, None, None]  # [R, K, I]
-            u3 = c3_ulp[mi, ji][:, :, None].clamp_min(1e-300)
-            u_out = out_ulp[mi][:, :, None].clamp_min(1e-300)
-            p_k = torch.clamp(move / u3, max=1.0) * torch.clamp(torch.maximum(move, u3) / u_out, max=1.0)
-            out[mi, ji] = p_k.sum(1)
+    for mi, ji, aw in _valid_routes_by_expert(w2, route_expert, valid):
+        move = q2[mi, ji][:, None, :] * aw[None] * wts[mi, ji][:, None, None]  # [R, K, I]
+        u3 = c3_ulp[mi, ji][:, :, None].clamp_min(1e-300)
+        u_out = out_ulp[mi][:, :, None].clamp_min(1e-300)
+        p_k = torch.clamp(move / u3, max=1.0) * torch.clamp(torch.maximum(move, u3) / u_out, max=1.0)
+        out[mi, ji] = p_k.sum(1)
     return out
 
 
