@@ -599,7 +599,8 @@ def chernoff_count_quantile(p_direct: torch.Tensor, p_event: torch.Tensor, m_eve
                             alpha: float = COUNT_ALPHA) -> float:
     """c* with P(C >= c*) <= alpha for C = sum Bernoulli(p_direct) + sum_e Bernoulli(p_e) X_e,
     X_e a Bernoulli sum of mean m_e (see above). All three are flat float64 tensors."""
-    et = torch.expm1(_COUNT_THETAS)  # e^t - 1
+    thetas = _COUNT_THETAS.to(p_direct.device)  # the events' device: a GPU run's stages live on the GPU
+    et = torch.expm1(thetas)  # e^t - 1
     psi = torch.zeros_like(et)
     pd = p_direct[p_direct > 0]
     step = max(1, _COUNT_CHUNK // et.numel())
@@ -609,7 +610,7 @@ def chernoff_count_quantile(p_direct: torch.Tensor, p_event: torch.Tensor, m_eve
     pe, me = p_event[keep], m_event[keep]
     for c0 in range(0, pe.numel(), step):
         psi += _log_mgf_sum(pe[c0:c0 + step], torch.exp(me[c0:c0 + step, None] * et[None, :]))
-    c = (psi + math.log(1.0 / alpha)) / _COUNT_THETAS
+    c = (psi + math.log(1.0 / alpha)) / thetas
     return float(c.min())
 
 
