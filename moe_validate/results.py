@@ -19,8 +19,10 @@ land in ``extra`` and survive a round trip):
     derivation), ``metrics`` ({"mirror", "exact"} metric panels), ``detail`` (heatmap, per-expert,
     histograms, for failing cases), ``error`` (traceback or worker log), ``worst_margin``,
     ``checks`` (post-comparison checks, moe_validate/invariance.py), ``compared_rows`` (row
-    sampling of huge cases) and ``notes`` (what the harness changed to store the record: a value
-    made JSON-safe, a text cut to its cap).
+    sampling of huge cases), ``notes`` (what the harness changed to store the record: a value
+    made JSON-safe, a text cut to its cap), ``verdicts`` (accuracy and conformance), ``gating``
+    (which of them decide the outcome), ``profile`` (the numerics profile the mirror followed),
+    ``stages`` (stage localization) and ``diagnosis`` (what broke and where, in words).
 ``FooterRecord`` (``"kind": "footer"``)
     at the end of a run segment: ``run_id``, ``finished``, ``duration_s``, ``counts``;
     ``interrupted`` (Ctrl-C) and ``stopped`` (why the runner gave up on the rest, e.g. too many
@@ -254,8 +256,21 @@ class CaseRecord(_Record):
     checks: Optional[List[Dict[str, Any]]] = None
     compared_rows: Optional[Dict[str, Any]] = None
     notes: List[str] = field(default_factory=list)
-    # Room for what later records carry (per-verdict outcomes, numerics profile, diagnosis):
-    # unknown JSON keys are kept here and written back.
+    # The two verdicts (issue 17): {"accuracy": VERDICT, "conformance": VERDICT}, VERDICT =
+    # {"outcome": "PASS" | "FAIL" | "SKIP", "reason": str or None, "margin": float or None}.
+    # accuracy = against the exact oracle (the budget): as accurate as the scheme allows;
+    # conformance = against the mirror (the gate, count test included): rounds where the declared
+    # numerics profile says. None for a case that never compared (SKIP, CRASH, ...).
+    verdicts: Optional[Dict[str, Dict[str, Any]]] = None
+    gating: Optional[List[str]] = None  # the verdicts that decide ``outcome`` ("accuracy", "conformance")
+    profile: Optional[str] = None  # name of the numerics profile the mirror followed
+    # Stage localization: {"exposed": bool, "first_diverging": stage name or None,
+    # "stages": {stage: {"max_normalized", "worst": {token, column, expert, tile}, ...}}}
+    stages: Optional[Dict[str, Any]] = None
+    # What broke and where, in words (moe_validate/diagnosis.py): {"summary": one line, "where",
+    # "pattern", "verdict", "stage", ...}; None for a PASS.
+    diagnosis: Optional[Dict[str, Any]] = None
+    # Unknown JSON keys (a newer writer's fields) are kept here and written back.
     extra: Dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -236,5 +236,6 @@ def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[s
 
 def _make_storable(record: CaseRecord) -> None:
     """Every field JSON-safe in place (a backend's config may hold anything)."""
-    for name in ("config", "config_source", "tolerance", "metrics", "detail", "checks", "compared_rows", "params"):
+    for name in ("config", "config_source", "tolerance", "metrics", "detail", "checks", "compared_rows", "params",
+                 "verdicts", "stages", "diagnosis"):
         setattr(record, name, make_json_safe(getattr(record, name), record.notes, name, text_cap=1_000_000))
