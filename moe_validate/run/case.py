@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple, Union
 
 from moe_validate.backends import Backend, get_backend
+from moe_validate.call_contract import CHECK_NAMES as CONTRACT_CHECKS, ContractedBackend
+from moe_validate.stages import localize, no_stages
 from moe_validate.contract.rules import interpreting
 from moe_validate.results import CaseRecord, Outcome, make_json_safe
 
@@ -186,18 +188,32 @@ def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[s
         device = device or default_device()
         with _device_context(device):
             inputs = make_inputs(case, device=device)
-            out = backend.run(inputs, case)
+            # Every call of the backend checked against the call contract (call_contract.py).
+            contracted = ContractedBackend(backend)
+            out = contracted.run(inputs, case)
             if device.startswith("cuda"):
                 import torch
 
                 torch.cuda.synchronize()  # an asynchronous kernel fault must surface here, not later
             record.config, record.config_source = _backend_config(backend)
+            record.stages = no_stages(backend)
+            blocked = contracted.blocked(out)
+            if blocked is not None:  # nothing to compare: the contract's failure is the verdict
+                record.outcome, record.reason = Outcome.FAIL.value, blocked
+                record.checks = contracted.checks()
+                return CaseResult(record)
+            if contracted.mutated:  # judge against the inputs as they were, never the mutated ones
+                inputs = contracted.untouched_inputs(case, device)
             evaluation = evaluate(case, inputs, out)
             # The alignment contract and the case's bitwise invariances (re-runs of the backend),
             # right after the run whose launch config routing_stages describes.
             from moe_validate.invariance import run_checks
 
-            checks = run_checks(case, inputs, out, backend)
+            checks = run_checks(case, inputs, out, contracted)
+            if not evaluation.passed:  # where in the pipeline the output went wrong
+                record.stages, stage_check = localize(case, inputs, contracted, out)
+                checks.append(stage_check)
+            checks += contracted.checks()
             if device.startswith("cuda"):
                 import torch
 
@@ -205,9 +221,14 @@ def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[s
         failed = [c for c in checks if c["outcome"] == "FAIL"]
         skipped = [c for c in checks if c["outcome"] == "SKIP"]
         record.outcome = (Outcome.PASS if evaluation.passed and not failed else Outcome.FAIL).value
-        reasons = [evaluation.reason] if evaluation.reason else []
-        # A failing check leads when the comparison passed; a skipped one is said, never hidden.
-        reasons += [c["reason"] for c in failed] + [f"SKIPPED {c['reason']}" for c in skipped]
+        # A broken call contract leads (the backend did not do what any caller relies on), then the
+        # comparison, then the other failed checks; a skipped check is said, never hidden.
+        broken = [c["reason"] for c in failed if c["name"] in CONTRACT_CHECKS]
+        reasons = broken + ([evaluation.reason] if evaluation.reason else [])
+        reasons += [c["reason"] for c in failed if c["name"] not in CONTRACT_CHECKS]
+        if skipped:
+            lead = f"PASS with {len(skipped)} check(s) skipped: " if record.outcome == Outcome.PASS.value else ""
+            reasons.append(lead + "; ".join(f"SKIPPED {c['reason']}" for c in skipped))
         record.reason = "; ".join(reasons) or None
         record.tolerance = evaluation.tolerance
         record.metrics = evaluation.metrics
