@@ -276,7 +276,7 @@ def _summary(record: Dict[str, Any]) -> Tuple[str, str]:
     """(outcome, reason) of the check row for a ``compare_stages`` record."""
     stages = record["stages"]
     unavailable = [n for n in STAGES if "unavailable" in stages.get(n, {})]
-    missing = f"; not exposed on this path: {', '.join(unavailable)}" if unavailable else ""
+    missing = f"; not compared (not materialized, or not a stage here): {', '.join(unavailable)}" if unavailable else ""
     first = record["first_diverging"]
     compared = [n for n in STAGES if "max_normalized" in stages.get(n, {})]
     within = compared if first is None else [n for n in compared if STAGES.index(n) < STAGES.index(first)]
