@@ -376,7 +376,7 @@ class TritonBackend:
                 lora=inputs.lora,
                 config=config,
                 batch_invariant=batch_invariant,
-                stages=stages,
+                **({} if stages is None else {"stages": stages}),  # the plain call unless stages are asked for
             )
         finally:
             # Also when the launch fails: a COMPILE_ERROR record should name the config that failed.
