@@ -310,13 +310,22 @@ def localize(case, inputs: MoEInputs, backend, out: Optional[torch.Tensor] = Non
                        "(no run_stages method); the failure is located by token, column and expert only")}
     import reference
 
-    exposed = run_stages(inputs, case)
-    if not isinstance(exposed, dict) or not isinstance(exposed.get("out"), torch.Tensor):
-        raise TypeError(f"run_stages must return a dict with the run's output under 'out'; got "
-                        f"{type(exposed).__name__}")
-    mirror = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="mirror")
-    native_gpu = inputs.hidden_states.is_cuda and not interpreting()
-    record = compare_stages(inputs, exposed, mirror, native_gpu)
+    try:
+        exposed = run_stages(inputs, case)
+        if not isinstance(exposed, dict) or not isinstance(exposed.get("out"), torch.Tensor):
+            raise TypeError(f"run_stages must return a dict with the run's output under 'out'; got "
+                            f"{type(exposed).__name__}")
+        mirror = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="mirror")
+        native_gpu = inputs.hidden_states.is_cuda and not interpreting()
+        record = compare_stages(inputs, exposed, mirror, native_gpu)
+    except Exception as exc:
+        from moe_validate.run.case import cuda_poisoned, one_line
+
+        if cuda_poisoned(exc):
+            raise  # the worker must be retired: not a localization matter
+        # The case already failed on its output; a localization that cannot run must not change that.
+        return ({**no_stages(backend), "error": one_line(exc)},
+                {"name": CHECK_NAME, "outcome": "SKIP", "reason": f"stage localization could not run: {one_line(exc)}"})
     outcome, reason = _summary(record)
     if out is not None and not _same_bits(out, exposed["out"]):
         record["rerun_differs"] = True

@@ -19,15 +19,14 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple, Union
 
-from moe_validate.backends import Backend, get_backend
-from moe_validate.call_contract import CHECK_NAMES as CONTRACT_CHECKS, ContractedBackend
-from moe_validate.stages import localize, no_stages
+from moe_validate.backends import CAPABILITIES, Backend, ReportsConfig, get_backend
 from moe_validate.contract.rules import interpreting
 from moe_validate.results import CaseRecord, Outcome, make_json_safe
 
 __all__ = ["CaseResult", "run_case_inprocess", "repro_command", "classify_exception", "base_record",
            "default_device", "one_line", "cuda_poisoned"]
 
+REPORTED_CONFIG = tuple(c.member for c in CAPABILITIES if c.protocol is ReportsConfig)  # config, source
 # Substrings of CUDA errors after which the context is unusable: the worker must be replaced.
 _POISONED_CUDA = (
     "illegal memory access",
@@ -150,9 +149,10 @@ def default_device() -> str:
 
 
 def _backend_config(backend) -> Tuple[Any, Any]:
-    """(``last_config``, ``last_config_source``) of the backend; a property that raises is said, not fatal."""
+    """(``last_config``, ``last_config_source``) of the backend (``backends.ReportsConfig``; None where it
+    does not report them); a property that raises is said, not fatal."""
     values = []
-    for name in ("last_config", "last_config_source"):
+    for name in REPORTED_CONFIG:
         try:
             values.append(getattr(backend, name, None))
         except Exception as exc:
@@ -182,8 +182,10 @@ def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[s
         if not supported:
             record.outcome, record.reason = Outcome.SKIP.value, why or "not supported by this backend"
             return CaseResult(record)
+        from moe_validate.call_contract import CHECK_NAMES as CONTRACT_CHECKS, ContractedBackend
         from moe_validate.compare import evaluate
         from moe_validate.inputs import make_inputs
+        from moe_validate.stages import localize, no_stages
 
         device = device or default_device()
         with _device_context(device):

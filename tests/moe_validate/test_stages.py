@@ -82,3 +82,23 @@ def test_a_missing_stage_is_carried_from_the_mirror_and_said():
     assert record["stages"]["c1"] == {"unavailable": "fused into GEMM1 (planted)"}
     assert record["stages"]["c3"] == {"unavailable": "not exposed by the backend"}
     assert record["first_diverging"] is None and set(record["stages"]) == set(STAGES)
+
+
+def test_a_localization_that_cannot_run_is_skipped_and_the_case_still_fails():
+    from moe_validate.backends import ReferenceBackend
+    from moe_validate.run.case import run_case_inprocess
+
+    class WrongWithBrokenStages(ReferenceBackend):
+        name = "broken-stages"
+
+        def run(self, inputs, case=None):
+            return super().run(inputs, case) * 1.5
+
+        def run_stages(self, inputs, case=None):
+            raise RuntimeError("planted: no stages today")
+
+    record = run_case_inprocess(Case(M=7, N=64, K=64, E=4, topk=2, seed=3), WrongWithBrokenStages()).record
+    assert record.outcome == "FAIL"
+    check = next(c for c in record.checks if c["name"] == "stage_localization")
+    assert check["outcome"] == "SKIP" and "planted: no stages today" in check["reason"]
+    assert record.stages["exposed"] is True and "planted" in record.stages["error"]
