@@ -78,6 +78,26 @@ def _tensors(name: str, value: Any) -> Iterator[Tuple[str, torch.Tensor]]:
             yield from _tensors(f"{name}[{i}]", v)
 
 
+_WEIGHTS: Dict[str, torch.Tensor] = {}  # device -> the weights h_i of the first _CACHED_BYTES positions
+_CACHED_BYTES = 1 << 20
+
+
+def _weights(start: int, count: int, device: torch.device) -> torch.Tensor:
+    """[count, 2] int64: h_i = (i * A mod (P - 1)) + 1 for i in [start, start + count), both A."""
+    if start + count <= _CACHED_BYTES:
+        table = _WEIGHTS.get(str(device))
+        if table is None:
+            table = _WEIGHTS[str(device)] = _weights_uncached(0, _CACHED_BYTES, device)
+        return table[start:start + count]
+    return _weights_uncached(start, count, device)
+
+
+def _weights_uncached(start: int, count: int, device: torch.device) -> torch.Tensor:
+    index = torch.arange(start, start + count, dtype=torch.int64, device=device) % (_P - 1)
+    multipliers = torch.tensor(_MULTIPLIERS, dtype=torch.int64, device=device)
+    return index[:, None] * multipliers[None, :] % (_P - 1) + 1
+
+
 def digest(t: torch.Tensor) -> Tuple[int, int]:
     """The two sums mod P of ``t``'s bytes (see the module docstring), computed on ``t``'s device."""
     t = t.detach()
@@ -93,10 +113,9 @@ def digest(t: torch.Tensor) -> Tuple[int, int]:
         part = t[start:start + rows_per_slice].contiguous().reshape(-1).view(torch.uint8)
         for lo in range(0, part.numel(), _SLICE_BYTES):  # one row wider than a slice: split it
             words = part[lo:lo + _SLICE_BYTES].to(torch.int64)
-            index = torch.arange(offset, offset + words.numel(), dtype=torch.int64, device=t.device) % (_P - 1)
+            sums = (words[:, None] * _weights(offset, words.numel(), t.device)).sum(0)
             offset += words.numel()
-            for k, a in enumerate(_MULTIPLIERS):
-                acc[k] = (acc[k] + (words * (index * a % (_P - 1) + 1)).sum() % _P) % _P
+            acc = (acc + sums % _P) % _P
     return tuple(int(v) for v in acc.tolist())
 
 

@@ -151,7 +151,7 @@ def test_a_column_major_output_breaks_the_layout():
     assert "got strides (1, 7)" in _checks(record)[call_contract.OUTPUT_LAYOUT]["reason"]
 
 
-def test_the_digest_sees_one_changed_byte_anywhere_and_any_strides():
+def test_the_digest_sees_one_changed_byte_anywhere_and_any_strides(monkeypatch):
     g = torch.Generator().manual_seed(0)
     t = torch.randn(5, 33, generator=g).bfloat16()[:, 1:]  # a strided view
     base = call_contract.digest(t)
@@ -160,11 +160,17 @@ def test_the_digest_sees_one_changed_byte_anywhere_and_any_strides():
         u = t.clone()
         u.view(torch.int16)[index] ^= 1  # the lowest mantissa bit
         assert call_contract.digest(u) != base, index
-    # one flipped bit of a byte tensor
-    b = torch.zeros(100, dtype=torch.uint8)
-    c = b.clone()
-    c[99] = 1
-    assert call_contract.digest(b) != call_contract.digest(c)
+    # one flipped bit of a byte tensor, past the cached weights and across slices (rows split too),
+    # with both limits made small so that the test stays fast
+    monkeypatch.setattr(call_contract, "_SLICE_BYTES", 64)
+    monkeypatch.setattr(call_contract, "_CACHED_BYTES", 100)
+    monkeypatch.setattr(call_contract, "_WEIGHTS", {})
+    b = torch.zeros(3, 71, dtype=torch.uint8)
+    assert call_contract.digest(b) == call_contract.digest(b.reshape(-1)) == (0, 0)
+    for index in [(0, 0), (1, 5), (2, b.shape[1] - 1)]:
+        c = b.clone()
+        c[index] = 1
+        assert call_contract.digest(c) != (0, 0), index
 
 
 # --- the backend contract at load ---------------------------------------------------------------
