@@ -5,7 +5,9 @@ can run. Built in:
 
 - ``triton``: ``kernels.TritonExperts`` through its modular ``apply`` (output and workspaces
   allocated from ``workspace_shapes`` and poisoned with NaN before every call, so a kernel
-  that leaves a row unwritten, or reads a workspace row it never wrote, shows up as NaN).
+  that leaves a row unwritten, or reads a workspace row it never wrote, shows up as NaN). It
+  declares every optional capability below; its ``run_stages`` asks ``TritonExperts.apply`` for
+  copies of the intermediates it materializes on the paths it takes.
 - ``reference``: the float64 reference in ``mirror`` mode, cast to the storage dtype: a sanity
   backend that must pass every case (if it does not, the tolerance model or the comparison is
   wrong, not a kernel).
