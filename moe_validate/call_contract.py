@@ -18,7 +18,7 @@ inputs' memory (a DeepSeek-sized ``w1`` alone is 15 GB), a digest needs a few te
 Each tensor's bytes (the viewed elements, any strides) are read as uint8 words ``b_i`` and
 summed as ``sum_i b_i * h_i mod P`` (``P = 2^31 - 1``, a prime, ``h_i = (i * A mod (P - 1)) + 1``,
 so ``0 < h_i < P``) for two independent multipliers ``A``, in int64 without overflow (a slice of
-2^23 bytes sums below 2^62). Any change of a single byte changes both sums (P is prime and
+2^22 bytes sums below 2^62). Any change of a single byte changes both sums (P is prime and
 larger than any byte difference or weight); a change of many bytes escapes only if two
 independent sums mod P vanish together (about 2^-62 for changes not built to collide).
 Shape, strides, dtype and device are compared exactly beside the digest. On a detected mutation
@@ -55,7 +55,9 @@ BLOCKING = (OUTPUT_TYPE, OUTPUT_SHAPE)
 
 _P = (1 << 31) - 1
 _MULTIPLIERS = (0x2545F491 % (_P - 1), 0x5BD1E995 % (_P - 1))
-_SLICE_BYTES = 1 << 23  # 2^8 * 2^31 * 2^23 = 2^62: the int64 sum of one slice cannot overflow
+# 2^8 * 2^31 * 2^22 < 2^62: the int64 sum of one slice cannot overflow; its temporaries (the bytes
+# as int64 and their products with two weights) stay near 100 MB on the device.
+_SLICE_BYTES = 1 << 22
 
 
 def named_tensors(inputs: MoEInputs) -> Iterator[Tuple[str, torch.Tensor]]:

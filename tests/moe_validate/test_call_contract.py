@@ -123,7 +123,7 @@ def test_a_float32_output_is_a_named_failure_not_a_pass():
 def test_an_output_on_another_device_is_a_named_failure_never_moved():
     record = run_case_inprocess(CASE, MetaOutput()).record
     assert record.outcome == "FAIL"
-    assert "inputs' device cpu; got meta" in _checks(record)[call_contract.OUTPUT_DEVICE]["reason"]
+    assert "; got meta (the harness does not move it)" in _checks(record)[call_contract.OUTPUT_DEVICE]["reason"]
     assert record.metrics is None  # a meta tensor has no values: nothing was compared
     # and a CPU output for inputs on another device (meta here: the honest other device on a CPU)
     inputs = make_inputs(CASE)

@@ -16,6 +16,7 @@ import torch
 from moe_validate.backends import get_backend
 from moe_validate.inputs import make_inputs
 from moe_validate.matrix import Case
+from moe_validate.runner import default_device
 from moe_validate.stages import STAGES, compare_stages
 
 reference = pytest.importorskip("reference", reason="stages are compared against the float64 reference")
@@ -36,10 +37,10 @@ def _mirror(inputs):
 @pytest.mark.parametrize("case_id", SMOKE)
 def test_triton_stages_are_within_their_bounds(case_id):
     case = Case.from_id(case_id)
-    inputs = make_inputs(case)
+    inputs = make_inputs(case, device=default_device())  # natively on a GPU, interpreted on a CPU
     backend = get_backend("triton")
     exposed = backend.run_stages(inputs, case)
-    record = compare_stages(inputs, exposed, _mirror(inputs), native_gpu=False)
+    record = compare_stages(inputs, exposed, _mirror(inputs), native_gpu=inputs.hidden_states.is_cuda)
     compared = {n: s["max_normalized"] for n, s in record["stages"].items() if "max_normalized" in s}
     assert record["first_diverging"] is None, record
     assert all(v <= 1 for v in compared.values()), compared
