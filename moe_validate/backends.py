@@ -6,7 +6,7 @@ can run. Built in:
 - ``triton``: ``kernels.TritonExperts`` through its modular ``apply`` (output and workspaces
   allocated from ``workspace_shapes`` and poisoned with NaN before every call, so a kernel
   that leaves a row unwritten, or reads a workspace row it never wrote, shows up as NaN). It
-  declares every optional capability below; its ``run_stages`` asks ``TritonExperts.apply`` for
+  declares the optional methods below; its ``run_stages`` asks ``TritonExperts.apply`` for
   copies of the intermediates it materializes on the paths it takes.
 - ``reference``: the float64 reference in ``mirror`` mode, cast to the storage dtype: a sanity
   backend that must pass every case (if it does not, the tolerance model or the comparison is
@@ -58,6 +58,7 @@ __all__ = [
     "DeclaresNumerics",
     "CAPABILITIES",
     "capability",
+    "declared",
     "check_backend",
     "capability_summary",
     "TritonBackend",
@@ -190,11 +191,18 @@ def capability(backend: Any, protocol: type) -> Optional[Any]:
     if not members:
         raise ValueError(f"protocol must be one of the optional capabilities "
                          f"({', '.join(sorted({c.protocol.__name__ for c in CAPABILITIES}))}); got {protocol!r}")
+    return declared(backend, members[0])
+
+
+def declared(backend: Any, member: str) -> Optional[Any]:
+    """The value of the optional member ``member`` (one of ``CAPABILITIES``: ``gating``,
+    ``last_config_source``, ...) of ``backend``, or None when it lacks it or sets it to None."""
+    if member not in {c.member for c in CAPABILITIES}:
+        raise ValueError(f"member must be one of {', '.join(c.member for c in CAPABILITIES)}; got {member!r}")
     try:
-        value = getattr(backend, members[0], None)
+        return getattr(backend, member, None)
     except Exception:  # a property that raises is treated as absent; check_backend said so at load
         return None
-    return value
 
 
 def _call_problem(fn: Any, args: Tuple[str, ...]) -> Optional[str]:
@@ -249,19 +257,16 @@ def check_backend(obj: Any, spec: str) -> None:
 
 def capability_summary(backend: Any) -> Dict[str, Any]:
     """What the run header records: the optional capabilities the backend declares and lacks."""
-    declared, lacking = [], []
+    has, lacking = [], []
     for cap in CAPABILITIES:
-        if cap.args is None and cap.protocol is ReportsConfig:
+        if cap.protocol is ReportsConfig:  # reported as None before the first run: present all the same
             present = hasattr(backend, cap.member)
         else:
-            try:
-                present = getattr(backend, cap.member, None) is not None
-            except Exception:
-                present = False
-        (declared if present else lacking).append(cap.member)
-    profile = capability(backend, DeclaresNumerics)
-    gating = getattr(backend, "gating", None)
-    return {"declared": declared, "lacking": lacking,
+            present = declared(backend, cap.member) is not None
+        (has if present else lacking).append(cap.member)
+    profile = declared(backend, "numerics_profile")
+    gating = declared(backend, "gating")
+    return {"declared": has, "lacking": lacking,
             "numerics_profile": None if profile is None else getattr(profile, "name", type(profile).__name__),
             "gating": None if gating is None else list(gating)}
 
