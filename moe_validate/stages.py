@@ -95,9 +95,6 @@ class _Pipeline:
             self.u_acc, self.exact_dot = (U_ACC_FP8_NATIVE if self.scheme.is_fp8 and native_gpu else U32), False
         self.n_round = 3 if inputs.lora is not None else 1
 
-    def _round(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.S).to(F64)
-
     def _gemm_slack(self, a: torch.Tensor, w: torch.Tensor, value: torch.Tensor, epilogue_ops: int,
                     scale_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Accumulation + epilogue error of a grouped GEMM, before the stored rounding."""

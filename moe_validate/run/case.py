@@ -185,7 +185,7 @@ def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[s
         from moe_validate.call_contract import CHECK_NAMES as CONTRACT_CHECKS, ContractedBackend
         from moe_validate.compare import evaluate
         from moe_validate.inputs import make_inputs
-        from moe_validate.stages import localize, no_stages
+        from moe_validate.stages import CHECK_NAME as STAGE_CHECK, localize, no_stages
 
         device = device or default_device()
         with _device_context(device):
@@ -228,6 +228,8 @@ def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[s
         broken = [c["reason"] for c in failed if c["name"] in CONTRACT_CHECKS]
         reasons = broken + ([evaluation.reason] if evaluation.reason else [])
         reasons += [c["reason"] for c in failed if c["name"] not in CONTRACT_CHECKS]
+        # a localization that found no stage over its bound still says so (what was compared)
+        reasons += [c["reason"] for c in checks if c["name"] == STAGE_CHECK and c["outcome"] == "PASS"]
         if skipped:
             lead = f"PASS with {len(skipped)} check(s) skipped: " if record.outcome == Outcome.PASS.value else ""
             reasons.append(lead + "; ".join(f"SKIPPED {c['reason']}" for c in skipped))
