@@ -238,3 +238,15 @@ def test_a_capability_set_to_none_is_declared_absent_and_the_header_says_so(plan
     check_backend(get_backend("triton"), "triton")  # the built-ins honour their own contract
     assert {"supports_invariance", "routing_stages", "run_paths", "run_stages"} <= set(
         capability_summary(get_backend("triton"))["declared"])
+
+
+def test_the_run_header_records_what_the_backend_declares(tmp_path):
+    import json
+
+    from moe_validate.run.session import run_cases
+
+    run_cases([CASE], "reference", tmp_path / "run", workers=0, progress=None)
+    header = json.loads((tmp_path / "run" / "results.jsonl").read_text().splitlines()[0])
+    capabilities = header["capabilities"]
+    assert "supports_invariance" in capabilities["declared"]
+    assert {"routing_stages", "run_paths", "run_stages"} <= set(capabilities["lacking"])
