@@ -377,7 +377,14 @@ class TritonExperts:
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
               global_num_experts, expert_map, a1q_scale, a2_scale, workspace13, workspace2,
               expert_tokens_meta, apply_router_weight_on_input, lora=None, config=None,
-              batch_invariant=False) -> None:
+              batch_invariant=False, stages=None) -> None:
+        """``stages``: None (the launches alone), or a dict that receives copies of the
+        intermediates this call materializes, route-major [R, .] (rows of invalid routes as the
+        kernels left them: unwritten): ``c1`` (GEMM1 + bias + LoRA, in S; not on the fused-activation
+        path), ``c2`` (the activation, in S; not with the fused silu+fp8-group quantization),
+        ``c2_codes`` and ``c2_scale`` (the requantized GEMM2 input, for schemes that requantize) and
+        ``c3`` (GEMM2 + bias + router weight + LoRA, in S; not with the fused top-k sum). The copies
+        are taken between launches; the launches are the same either way."""
         quant = self.quant_config
         if a2_scale is not None and quant.a2_scale is None and QuantScheme.parse(quant.scheme).needs_static_act_scales:
             quant = replace(quant, a2_scale=a2_scale)
@@ -463,6 +470,8 @@ class TritonExperts:
 
             # apply_lora_w13 calls gemm1 itself (single or dual stream); without LoRA it just calls it.
             apply_lora_w13(c1, x, route_expert, lora, shape.activation, topk=topk, base_gemm=gemm1)
+            if stages is not None:
+                stages["c1"] = c1.clone()  # c3 reuses workspace13 later
 
         # Activation (unless fused above) + requantization, or the fused silu + fp8 group quantization.
         # The quantizers read route experts as their row mask (valid = >= 0): no mask launch.
@@ -472,9 +481,13 @@ class TritonExperts:
         else:
             if not fuse_act:
                 apply_activation(c1, c2, route_expert, shape.activation, clamp)
+            if stages is not None:
+                stages["c2"] = c2.clone()
             if scheme.act_dtype is not None:
                 a2, a2_used_scale = quantize_activation(c2, scheme, static_scale=quant.a2_scale,
                                                         row_valid=route_expert)
+        if stages is not None and scheme.act_dtype is not None:
+            stages["c2_codes"], stages["c2_scale"] = a2.clone(), a2_used_scale.clone()
 
         # GEMM2 (route-major in) with the router weight, GEMM2's own tiles where the config has
         # them (same BLOCK_M: same alignment).
@@ -492,6 +505,8 @@ class TritonExperts:
             # Into the route-major c3, then LoRA w2, then the combine in slot order (tokens without
             # a valid route get exact zeros).
             apply_lora_w2(c3, c2, route_expert, route_weight, lora, topk=topk, base_gemm=gemm2)
+            if stages is not None:
+                stages["c3"] = c3.clone()
             moe_sum(c3.view(M, topk, K), route_expert.view(M, topk), output)
 
 

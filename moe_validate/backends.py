@@ -5,7 +5,9 @@ can run. Built in:
 
 - ``triton``: ``kernels.TritonExperts`` through its modular ``apply`` (output and workspaces
   allocated from ``workspace_shapes`` and poisoned with NaN before every call, so a kernel
-  that leaves a row unwritten, or reads a workspace row it never wrote, shows up as NaN).
+  that leaves a row unwritten, or reads a workspace row it never wrote, shows up as NaN). It
+  declares the optional methods below; its ``run_stages`` asks ``TritonExperts.apply`` for
+  copies of the intermediates it materializes on the paths it takes.
 - ``reference``: the float64 reference in ``mirror`` mode, cast to the storage dtype: a sanity
   backend that must pass every case (if it does not, the tolerance model or the comparison is
   wrong, not a kernel).
@@ -13,15 +15,14 @@ can run. Built in:
   GEMMs in another accumulation order (``moe_validate/ordered.py``), for calibrating the gate's
   flip model where the interpreted kernels barely flip.
 
-Two optional methods let the harness check more than the output (``moe_validate/invariance.py``):
-
-- ``supports_invariance(name, case) -> (bool, reason)`` for the bitwise invariance checks a case
-  asks for (``Case.invariance``: ``rerun``, ``perm``, ``sub``). ``sub`` needs batch-invariant mode,
-  which the harness requests by passing a case whose ``config`` is ``"inv"``. Without the method,
-  ``rerun`` and ``perm`` are checked and ``sub`` is SKIPPED with that reason.
-- ``routing_stages(inputs, case) -> dict or None``: the alignment of the last run's routes
-  (``sorted_route_ids``, ``expert_ids``, ``num_post_padded``, ``block_m``), checked exactly against
-  SPEC's alignment contract (``moe_validate/routing_contract.py``).
+Optional capabilities are typed Protocols (below; ``docs/BACKENDS.md`` is the page for a team
+wrapping its own kernel): ``SupportsInvariance``, ``ExposesRouting``, ``RunsPaths``,
+``ExposesStages``, ``ReportsConfig`` and ``DeclaresNumerics``. ``capability(backend, Protocol)``
+is the one place that answers "does this backend have X" (a member set to None declares its
+absence); ``check_backend`` checks every declared one when the backend loads (a non-callable
+member or a method that cannot take the arguments the harness passes is a TypeError naming the
+backend, the capability and what was expected) and ``capability_summary`` is what the run header
+records. What a backend lacks is SKIPPED with the reason, never assumed.
 
 Anything else is loaded by ``get_backend("package.module:attr")`` or by name from the
 entry-point group ``moe_validate.backends``. ``attr`` may be a Backend instance, a class (called
@@ -34,7 +35,9 @@ the CLI and the pytest plugin start fast and work where one of them is missing.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Protocol, Tuple, runtime_checkable
 
 from moe_validate.contract.rules import interpreting
@@ -47,6 +50,17 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "Backend",
+    "SupportsInvariance",
+    "ExposesRouting",
+    "RunsPaths",
+    "ExposesStages",
+    "ReportsConfig",
+    "DeclaresNumerics",
+    "CAPABILITIES",
+    "capability",
+    "declared",
+    "check_backend",
+    "capability_summary",
     "TritonBackend",
     "ReferenceBackend",
     "get_backend",
@@ -60,18 +74,201 @@ ENTRY_POINT_GROUP = "moe_validate.backends"
 
 @runtime_checkable
 class Backend(Protocol):
-    """What the runner needs from an implementation under test."""
+    """What the runner needs from an implementation under test (required)."""
 
     name: str
-    last_config: Optional[dict]  # the launch config of the last ``run``, or None
 
     def run(self, inputs: "MoEInputs", case: Optional["Case"] = None) -> "torch.Tensor":
-        """The ``[M, K]`` output for ``inputs`` (``case`` gives the launch-config choice)."""
+        """The ``[M, K]`` output for ``inputs`` (``case`` gives the launch-config choice).
+
+        The call contract (checked on every call, ``moe_validate/call_contract.py``): inputs left
+        unchanged; output of shape [M, K], the storage dtype S, on the inputs' device, unit
+        column stride with rows that do not overlap, sharing no memory with any input."""
         ...
 
     def supports(self, case: "Case") -> Tuple[bool, str]:
         """(True, "") or (False, why): a False becomes a SKIP row with that reason."""
         ...
+
+
+# --- optional capabilities ---------------------------------------------------------------------
+@runtime_checkable
+class SupportsInvariance(Protocol):
+    """Which bitwise invariances (``Case.invariance``: rerun, perm, sub, paths) the backend honours.
+    Without it: rerun and perm are checked (SPEC makes them unconditional), sub is SKIPPED."""
+
+    def supports_invariance(self, name: str, case: "Case") -> Tuple[bool, str]: ...
+
+
+@runtime_checkable
+class ExposesRouting(Protocol):
+    """The alignment of the last run's routes (``sorted_route_ids``, ``expert_ids``,
+    ``num_post_padded``, ``block_m``; ``routing_contract.py``), or None. Without it: the
+    alignment contract is SKIPPED."""
+
+    def routing_stages(self, inputs: "MoEInputs", case: Optional["Case"] = None) -> Optional[dict]: ...
+
+
+@runtime_checkable
+class RunsPaths(Protocol):
+    """The same call through the backend's other internal paths, ``(label, output)`` or
+    ``(label, output, expected)`` each (``invariance.py``). Without it: ``paths`` is SKIPPED."""
+
+    def run_paths(self, inputs: "MoEInputs", case: Optional["Case"] = None) -> List[Tuple]: ...
+
+
+@runtime_checkable
+class ExposesStages(Protocol):
+    """One run that also hands back its intermediates: ``{"out": [M, K], "c1": ..., "c2": ...,
+    "c2_in": ..., "c3": ...}``, each stage route-major ([M*topk, X] or [M, topk, X], route
+    r = m*topk + j; rows of invalid routes are not compared) as a tensor, or a string saying why
+    this run did not materialize it. Used to localize a failing case by pipeline stage
+    (``moe_validate/stages.py``). Without it: the localization is SKIPPED."""
+
+    def run_stages(self, inputs: "MoEInputs", case: Optional["Case"] = None) -> Dict[str, Any]: ...
+
+
+@runtime_checkable
+class ReportsConfig(Protocol):
+    """The launch config of the last ``run`` (a dict or an object with ``to_dict()``, or None),
+    and optionally where it came from; recorded with the case."""
+
+    last_config: Any
+
+
+@runtime_checkable
+class DeclaresNumerics(Protocol):
+    """The backend's numerics: ``numerics_profile`` (a NumericsProfile; None = ours, SPEC.md), which
+    the mirror reference follows, and ``gating`` (the verdicts that decide the outcome, a tuple of
+    "accuracy" / "conformance"). The policy for them lives with the profiles, not here."""
+
+    numerics_profile: Any
+    gating: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Capability:
+    """One optional member: the Protocol declaring it and how the harness uses it."""
+
+    protocol: type
+    member: str
+    args: Optional[Tuple[str, ...]]  # the positional arguments the harness passes; None: an attribute
+    enables: str
+    without: str  # what happens when the backend lacks it
+
+
+CAPABILITIES: Tuple[Capability, ...] = (
+    Capability(SupportsInvariance, "supports_invariance", ("name", "case"),
+               "the bitwise invariances it declares (sub needs batch-invariant mode)",
+               "rerun and perm are checked, sub is SKIPPED"),
+    Capability(ExposesRouting, "routing_stages", ("inputs", "case"),
+               "the alignment contract on every case with tokens", "alignment_contract is SKIPPED"),
+    Capability(RunsPaths, "run_paths", ("inputs", "case"),
+               "the paths invariance (internal paths give the default run's bits)", "invariance paths is SKIPPED"),
+    Capability(ExposesStages, "run_stages", ("inputs", "case"),
+               "a failing case localized to the first diverging stage and its expert/tile",
+               "stage localization is SKIPPED (a failure is located by token, column and expert)"),
+    Capability(ReportsConfig, "last_config", None, "the launch config recorded with each case",
+               "no config recorded"),
+    Capability(ReportsConfig, "last_config_source", None, "where the launch config came from",
+               "no config source recorded"),
+    Capability(DeclaresNumerics, "numerics_profile", None, "the mirror follows the declared numerics",
+               "the mirror follows SPEC.md's numerics"),
+    Capability(DeclaresNumerics, "gating", None, "the verdicts that decide the outcome",
+               "the default gating policy for the backend applies"),
+)
+_REQUIRED = (("run", ("inputs", "case")), ("supports", ("case",)))
+
+
+def capability(backend: Any, protocol: type) -> Optional[Any]:
+    """The member of ``backend`` that implements ``protocol`` (a bound method; for the attribute
+    Protocols the value of the first: ``last_config``, ``numerics_profile``), or None when the
+    backend lacks it or sets it to None.
+
+    The one place that answers "does this backend have X"; ``check_backend`` has made sure at
+    load time that a declared method takes the harness's arguments."""
+    members = [c.member for c in CAPABILITIES if c.protocol is protocol]
+    if not members:
+        raise ValueError(f"protocol must be one of the optional capabilities "
+                         f"({', '.join(sorted({c.protocol.__name__ for c in CAPABILITIES}))}); got {protocol!r}")
+    return declared(backend, members[0])
+
+
+def declared(backend: Any, member: str) -> Optional[Any]:
+    """The value of the optional member ``member`` (one of ``CAPABILITIES``: ``gating``,
+    ``last_config_source``, ...) of ``backend``, or None when it lacks it or sets it to None."""
+    if member not in {c.member for c in CAPABILITIES}:
+        raise ValueError(f"member must be one of {', '.join(c.member for c in CAPABILITIES)}; got {member!r}")
+    try:
+        return getattr(backend, member, None)
+    except Exception:  # a property that raises is treated as absent; check_backend said so at load
+        return None
+
+
+def _call_problem(fn: Any, args: Tuple[str, ...]) -> Optional[str]:
+    """None if ``fn`` can be called with ``len(args)`` positional arguments, else what is wrong."""
+    if not callable(fn):
+        return f"is not callable (a {type(fn).__name__})"
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or extension without a signature: cannot tell, accepted
+        return None
+    try:
+        sig.bind(*args)
+    except TypeError as exc:
+        return f"has signature {sig}, which cannot take ({', '.join(args)}): {exc}"
+    return None
+
+
+def check_backend(obj: Any, spec: str) -> None:
+    """TypeError unless ``obj`` has the required methods and every optional capability it declares
+    has the expected form (see ``CAPABILITIES``). The message names the backend, the capability and
+    what was expected."""
+    kind = type(obj).__name__
+    missing = [m for m, _ in _REQUIRED if not callable(getattr(obj, m, None))]
+    if missing:
+        raise TypeError(f"backend {spec!r} must provide run(inputs, case=None) and supports(case); "
+                        f"{kind} lacks {', '.join(missing)}")
+    for member, args in _REQUIRED:
+        problem = _call_problem(getattr(obj, member), args)
+        if problem:
+            raise TypeError(f"backend {spec!r} ({kind}): required method {member} {problem}; "
+                            f"expected {member}({', '.join(args)})")
+    for cap in CAPABILITIES:
+        try:
+            value = getattr(obj, cap.member, None)
+        except Exception as exc:
+            raise TypeError(f"backend {spec!r} ({kind}): capability {cap.protocol.__name__}: reading "
+                            f"{cap.member} raised {type(exc).__name__}: {exc}") from None
+        if value is None:
+            continue
+        if cap.args is not None:
+            problem = _call_problem(value, cap.args)
+            if problem:
+                raise TypeError(f"backend {spec!r} ({kind}): capability {cap.protocol.__name__}: {cap.member} "
+                                f"{problem}; expected a method {cap.member}({', '.join(cap.args)}) "
+                                f"(or {cap.member} = None to declare it absent)")
+        elif cap.member == "gating":
+            if (not isinstance(value, (tuple, list)) or not value
+                    or not all(isinstance(v, str) for v in value)):
+                raise TypeError(f"backend {spec!r} ({kind}): capability DeclaresNumerics: gating must be a "
+                                f"non-empty tuple of verdict names (\"accuracy\", \"conformance\"); got {value!r}")
+
+
+def capability_summary(backend: Any) -> Dict[str, Any]:
+    """What the run header records: the optional capabilities the backend declares and lacks."""
+    has, lacking = [], []
+    for cap in CAPABILITIES:
+        if cap.protocol is ReportsConfig:  # reported as None before the first run: present all the same
+            present = hasattr(backend, cap.member)
+        else:
+            present = declared(backend, cap.member) is not None
+        (has if present else lacking).append(cap.member)
+    profile = declared(backend, "numerics_profile")
+    gating = declared(backend, "gating")
+    return {"declared": has, "lacking": lacking,
+            "numerics_profile": None if profile is None else getattr(profile, "name", type(profile).__name__),
+            "gating": None if gating is None else list(gating)}
 
 
 def device_capability() -> Optional[Tuple[int, int]]:
@@ -135,11 +332,12 @@ class TritonBackend:
         return True, ""
 
     def run(self, inputs: "MoEInputs", case: Optional["Case"] = None, *, assignment: str = "auto",
-            fuse_activation="auto", fuse_topk_sum="auto", config=None) -> "torch.Tensor":
+            fuse_activation="auto", fuse_topk_sum="auto", config=None, stages=None) -> "torch.Tensor":
         """``assignment``, ``fuse_activation`` and ``fuse_topk_sum`` pick TritonExperts' internal
         paths (the ``paths`` invariance re-runs with the ones not taken); the defaults let the
         kernels choose. ``last_paths`` records the ones taken. ``config`` (a kernels.KernelConfig)
-        overrides the case's and the forced config."""
+        overrides the case's and the forced config. ``stages``: a dict for ``TritonExperts.apply`` to
+        copy its intermediates into (``run_stages``); None, the default, copies nothing."""
         import torch
 
         import kernels
@@ -185,6 +383,7 @@ class TritonBackend:
                 lora=inputs.lora,
                 config=config,
                 batch_invariant=batch_invariant,
+                **({} if stages is None else {"stages": stages}),  # the plain call unless stages are asked for
             )
         finally:
             # Also when the launch fails: a COMPILE_ERROR record should name the config that failed.
@@ -194,6 +393,30 @@ class TritonBackend:
         self.last_paths = {"assignment": experts.last_assignment, "fused_activation": experts.last_fused_activation,
                            "fused_topk_sum": experts.last_fused_topk_sum}
         return output
+
+    def run_stages(self, inputs: "MoEInputs", case: Optional["Case"] = None) -> Dict[str, Any]:
+        """``run`` once more, asking TritonExperts for the intermediates it materializes on the
+        paths it takes (``ExposesStages``): route-major ``c1``, ``c2``, ``c2_in`` (the requantized
+        GEMM2 input, dequantized to float64 from the codes and scales GEMM2 reads) and ``c3``; a
+        stage that path never writes is a string saying so, not a recomputation."""
+        from reference.quant import dequantize_activation
+
+        captured: Dict[str, Any] = {}
+        out = self.run(inputs, case, stages=captured)
+        result: Dict[str, Any] = {"out": out}
+        result["c1"] = captured.get("c1", "not materialized: the activation runs in GEMM1's epilogue "
+                                          "(fused_activation), c1 is never written")
+        result["c2"] = captured.get("c2", "not materialized in S: silu + fp8_block128 quantizes the fp32 activation "
+                                          "directly (SPEC step 8), c2 is never stored")
+        if "c2_codes" in captured:
+            result["c2_in"] = dequantize_activation(captured["c2_codes"], captured["c2_scale"])
+        else:
+            result["c2_in"] = "not a stage of this scheme: GEMM2 reads c2 unquantized"
+        result["c3"] = captured.get("c3", "not materialized: the top-k sum runs in GEMM2 (fused_topk_sum), c3 is "
+                                          "never written")
+        if inputs.hidden_states.shape[0] == 0:
+            result.update({k: "no routes: M = 0" for k in ("c1", "c2", "c2_in", "c3")})
+        return result
 
     def _launch_config(self, case: Optional["Case"], override) -> Tuple[Any, bool]:
         """(config, batch_invariant) for ``apply``: ``override``, else the forced config, else the
@@ -346,7 +569,7 @@ def _entry_point(name: str):
 
 
 def _as_backend(obj: Any, spec: str) -> Backend:
-    """Instance, class or factory -> a Backend instance (validated)."""
+    """Instance, class or factory -> a Backend instance, checked (``check_backend``)."""
     if interpreting():  # an outside backend's Triton kernels get the faithful interpreter too
         from moe_validate.contract import interpreter
 
@@ -355,20 +578,10 @@ def _as_backend(obj: Any, spec: str) -> Backend:
         obj = obj()
     elif callable(obj) and not (hasattr(obj, "run") and hasattr(obj, "supports")):
         obj = obj()
-    missing = [m for m in ("run", "supports") if not callable(getattr(obj, m, None))]
-    if missing:
-        raise TypeError(
-            f"backend {spec!r} must provide run(inputs, case=None) and supports(case); "
-            f"{type(obj).__name__} lacks {', '.join(missing)}"
-        )
+    check_backend(obj, spec)
     if not getattr(obj, "name", None):
         try:
             obj.name = spec
-        except AttributeError:
-            pass
-    if not hasattr(obj, "last_config"):
-        try:
-            obj.last_config = None
         except AttributeError:
             pass
     return obj
@@ -382,7 +595,9 @@ def get_backend(spec: str) -> Backend:
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"backend must be a non-empty string; got {spec!r}")
     if spec in _BUILTIN:
-        return _BUILTIN[spec]()
+        backend = _BUILTIN[spec]()
+        check_backend(backend, spec)
+        return backend
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
         if not module_name or not attr:

@@ -24,8 +24,10 @@ which invariances it honours through an optional ``supports_invariance(name, cas
 reason)``; without one, ``rerun`` and ``perm`` are assumed (SPEC makes them unconditional) and
 ``sub`` is SKIPPED, because nothing says the backend reads ``config="inv"``.
 
-Independently, for a backend exposing ``routing_stages(inputs, case)`` the alignment contract
-(``routing_contract.check_alignment``) is checked on every case with tokens.
+Independently, for a backend exposing ``routing_stages(inputs, case)`` (``backends.ExposesRouting``)
+the alignment contract (``routing_contract.check_alignment``) is checked on every case with tokens;
+for one without it the check is SKIPPED with that reason. Capabilities are asked through
+``backends.capability``, never probed here.
 
 ``run_checks`` returns one record per check (results.py schema, the case record's ``checks``):
 ``{"name", "outcome": "PASS" | "FAIL" | "SKIP", "reason"}``. A FAIL's reason names the check,
@@ -39,6 +41,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from moe_validate.backends import ExposesRouting, RunsPaths, SupportsInvariance, capability
 from moe_validate.inputs import select_tokens
 from moe_validate.matrix import INVARIANCES
 from moe_validate.routing_contract import check_alignment
@@ -110,11 +113,11 @@ def sub_batch_rows(M: int) -> torch.Tensor:
 
 
 def _supports(backend, name: str, case) -> Tuple[bool, str]:
-    if name == "paths" and not callable(getattr(backend, "run_paths", None)):
+    if name == "paths" and capability(backend, RunsPaths) is None:
         return False, f"backend {getattr(backend, 'name', '?')!r} exposes no internal paths (no run_paths method)"
-    method = getattr(backend, "supports_invariance", None)
-    if callable(method):
-        ok, why = method(name, case)
+    declared = capability(backend, SupportsInvariance)
+    if declared is not None:
+        ok, why = declared(name, case)
         return bool(ok), why or ""
     if name in DEFAULT_SUPPORTED:
         return True, ""
@@ -167,12 +170,16 @@ def _check_invariance(name: str, case, inputs, out: torch.Tensor, backend) -> Di
 
 
 def _check_alignment(case, inputs, backend) -> Optional[Dict[str, Any]]:
-    stages_of = getattr(backend, "routing_stages", None)
-    if not callable(stages_of) or inputs.hidden_states.shape[0] == 0:
-        return None  # nothing exposed (or nothing routed): no check, no row
+    if inputs.hidden_states.shape[0] == 0:
+        return None  # nothing routed: no check, no row
+    stages_of = capability(backend, ExposesRouting)
+    if stages_of is None:
+        return _record(ALIGNMENT_CHECK, "SKIP", f"alignment contract: backend {getattr(backend, 'name', '?')!r} "
+                                                "exposes no routing metadata (no routing_stages method)")
     stages = stages_of(inputs, case)
     if stages is None:
-        return None
+        return _record(ALIGNMENT_CHECK, "SKIP", f"alignment contract: backend {getattr(backend, 'name', '?')!r} "
+                                                "gave no routing metadata for this run (routing_stages returned None)")
     E = inputs.w1.shape[0]
     G = inputs.global_num_experts if inputs.global_num_experts > 0 else E
     problem = check_alignment(stages, inputs.topk_ids, E, G, inputs.expert_map)

@@ -1,26 +1,32 @@
 """The alignment contract (SPEC.md "Pipeline" step 5), checked exactly on a backend's routing stages.
 
-A backend that exposes its routing (an optional ``routing_stages(inputs, case)`` method, see
-``moe_validate/backends.py``) hands back, for the case's routes:
+A backend that exposes its routing (``backends.ExposesRouting``: ``routing_stages(inputs, case)``)
+hands back, for the case's routes:
 
   ``sorted_route_ids`` int [P]   route ids r = m*topk + j laid out expert by expert, each expert's
                                  run padded to a multiple of ``block_m`` with the sentinel R = M*topk
-  ``expert_ids``       int [P / block_m]  the local expert of each tile, -1 past the padded total
+  ``expert_ids``       int [>= T / block_m]  the local expert of each tile
   ``num_post_padded``  int [1]   the padded total T = sum_e ceil(count_e / block_m) * block_m
   ``block_m``          int
+  ``tiles_past_total`` str, optional: ``"-1"`` (the default, SPEC step 5: every tile the buffers
+                                 hold past T has expert -1) or ``"unread"`` (the kernel stops at
+                                 ``num_post_padded`` and never reads an expert id there; vLLM's
+                                 layout, whose ``expert_ids`` past T are left uninitialized)
 
-``check_alignment`` compares them with what the contract implies from the router ids alone
-(``reference.pipeline.route`` decides validity and local experts) and returns the first violation
-as one readable line, or None. The contract, rule by rule:
+The contract is about meaning, not one buffer layout: P is any size >= T (ours is a multiple of
+``block_m``; vLLM's is ``R + E * (block_m - 1)``, the most any routing can need), and ``expert_ids``
+may hold more tiles than T / block_m. ``check_alignment`` compares the stages with what the
+contract implies from the router ids alone (``reference.pipeline.route`` decides validity and
+local experts) and returns the first violation as one readable line, or None. Rule by rule:
 
-  1. the shapes fit: P a multiple of block_m, one expert id per tile, T <= P;
+  1. the shapes fit: T a multiple of block_m, T <= P, at least T / block_m expert ids;
   2. T is the sum of the padded per-expert counts;
   3. every slot holds a route id or the sentinel; slots at or past T hold the sentinel;
   4. every valid route appears exactly once, no invalid route appears;
   5. tile t < T / block_m belongs to the expert whose padded run covers slot t * block_m (runs in
      expert order, empty experts own no tile), and every route in it is routed to that expert;
-  6. every tile past the padded total has expert -1 (a kernel may then skip it; one that reads
-     an expert id there must not find a real expert).
+  6. unless ``tiles_past_total`` is ``"unread"``: every tile past the padded total has expert -1
+     (a kernel may then skip it; one that reads an expert id there must not find a real expert).
 
 Order inside an expert's run is free (SPEC: it must not change any output bit), so it is not checked.
 """
@@ -34,6 +40,7 @@ import torch
 __all__ = ["check_alignment", "ROUTING_STAGE_KEYS"]
 
 ROUTING_STAGE_KEYS = ("sorted_route_ids", "expert_ids", "num_post_padded", "block_m")
+TILES_PAST_TOTAL = ("-1", "unread")
 
 
 def _first(mask: torch.Tensor) -> int:
@@ -51,6 +58,9 @@ def check_alignment(stages: Dict[str, Any], topk_ids: torch.Tensor, num_local_ex
     block_m = int(stages["block_m"])
     if block_m < 1:
         raise ValueError(f"routing stages: block_m must be >= 1; got {block_m}")
+    past_total = stages.get("tiles_past_total", "-1")
+    if past_total not in TILES_PAST_TOTAL:
+        raise ValueError(f"routing stages: tiles_past_total must be one of {TILES_PAST_TOTAL}; got {past_total!r}")
     sorted_ids = stages["sorted_route_ids"].detach().to("cpu", torch.int64).reshape(-1)
     expert_ids = stages["expert_ids"].detach().to("cpu", torch.int64).reshape(-1)
     total = int(torch.as_tensor(stages["num_post_padded"]).reshape(-1)[0])
@@ -61,11 +71,14 @@ def check_alignment(stages: Dict[str, Any], topk_ids: torch.Tensor, num_local_ex
     valid, local = valid.reshape(-1), local.reshape(-1)
     P = sorted_ids.numel()
 
-    # 1. shapes
-    if P % block_m:
-        return f"sorted_route_ids has {P} slots, not a multiple of block_m {block_m}"
-    if expert_ids.numel() != P // block_m:
-        return f"expert_ids has {expert_ids.numel()} tiles; {P} slots / block_m {block_m} = {P // block_m}"
+    # 1. shapes (P and the number of expert ids are the layout's choice, as long as T fits)
+    if total % block_m:
+        return f"num_post_padded {total} is not a multiple of block_m {block_m}"
+    if total > P:
+        return f"num_post_padded {total} exceeds the {P} slots of sorted_route_ids"
+    if expert_ids.numel() < total // block_m:
+        return (f"expert_ids has {expert_ids.numel()} tiles; the padded total {total} / block_m {block_m} "
+                f"needs {total // block_m}")
     # 2. padded total
     counts = torch.bincount(local[valid], minlength=num_local_experts)[:num_local_experts]
     padded = (counts + block_m - 1) // block_m * block_m
@@ -73,8 +86,6 @@ def check_alignment(stages: Dict[str, Any], topk_ids: torch.Tensor, num_local_ex
     if total != expect_total:
         return (f"num_post_padded is {total}; the padded per-expert counts sum to {expect_total} "
                 f"(block_m {block_m}, counts {counts.tolist()})")
-    if total > P:
-        return f"num_post_padded {total} exceeds the {P} slots of sorted_route_ids"
     # 3. slot contents
     out_of_range = (sorted_ids < 0) | (sorted_ids > R)
     if out_of_range.any():
@@ -118,6 +129,8 @@ def check_alignment(stages: Dict[str, Any], topk_ids: torch.Tensor, num_local_ex
             return (f"tile {t} of expert {int(owner[t])} holds route {r} (token {r // topk}, slot {r % topk}) "
                     f"of expert {int(local[r])}")
     # 6. tiles past the padded total
+    if past_total == "unread":
+        return None
     beyond = expert_ids[used:] != -1
     if beyond.any():
         t = used + _first(beyond)

@@ -19,13 +19,14 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple, Union
 
-from moe_validate.backends import Backend, get_backend
+from moe_validate.backends import CAPABILITIES, Backend, ReportsConfig, get_backend
 from moe_validate.contract.rules import interpreting
 from moe_validate.results import CaseRecord, Outcome, make_json_safe
 
 __all__ = ["CaseResult", "run_case_inprocess", "repro_command", "classify_exception", "base_record",
            "default_device", "one_line", "cuda_poisoned"]
 
+REPORTED_CONFIG = tuple(c.member for c in CAPABILITIES if c.protocol is ReportsConfig)  # config, source
 # Substrings of CUDA errors after which the context is unusable: the worker must be replaced.
 _POISONED_CUDA = (
     "illegal memory access",
@@ -148,9 +149,10 @@ def default_device() -> str:
 
 
 def _backend_config(backend) -> Tuple[Any, Any]:
-    """(``last_config``, ``last_config_source``) of the backend; a property that raises is said, not fatal."""
+    """(``last_config``, ``last_config_source``) of the backend (``backends.ReportsConfig``; None where it
+    does not report them); a property that raises is said, not fatal."""
     values = []
-    for name in ("last_config", "last_config_source"):
+    for name in REPORTED_CONFIG:
         try:
             values.append(getattr(backend, name, None))
         except Exception as exc:
@@ -180,24 +182,40 @@ def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[s
         if not supported:
             record.outcome, record.reason = Outcome.SKIP.value, why or "not supported by this backend"
             return CaseResult(record)
+        from moe_validate.call_contract import CHECK_NAMES as CONTRACT_CHECKS, ContractedBackend
         from moe_validate.compare import evaluate
         from moe_validate.inputs import make_inputs
+        from moe_validate.stages import CHECK_NAME as STAGE_CHECK, localize, no_stages
 
         device = device or default_device()
         with _device_context(device):
             inputs = make_inputs(case, device=device)
-            out = backend.run(inputs, case)
+            # Every call of the backend checked against the call contract (call_contract.py).
+            contracted = ContractedBackend(backend)
+            out = contracted.run(inputs, case)
             if device.startswith("cuda"):
                 import torch
 
                 torch.cuda.synchronize()  # an asynchronous kernel fault must surface here, not later
             record.config, record.config_source = _backend_config(backend)
+            record.stages = no_stages(backend)
+            blocked = contracted.blocked(out)
+            if blocked is not None:  # nothing to compare: the contract's failure is the verdict
+                record.outcome, record.reason = Outcome.FAIL.value, blocked
+                record.checks = contracted.checks()
+                return CaseResult(record)
+            if contracted.mutated:  # judge against the inputs as they were, never the mutated ones
+                inputs = contracted.untouched_inputs(case, device)
             evaluation = evaluate(case, inputs, out)
             # The alignment contract and the case's bitwise invariances (re-runs of the backend),
             # right after the run whose launch config routing_stages describes.
             from moe_validate.invariance import run_checks
 
-            checks = run_checks(case, inputs, out, backend)
+            checks = run_checks(case, inputs, out, contracted)
+            if not evaluation.passed:  # where in the pipeline the output went wrong
+                record.stages, stage_check = localize(case, inputs, contracted, out)
+                checks.append(stage_check)
+            checks += contracted.checks()
             if device.startswith("cuda"):
                 import torch
 
@@ -205,9 +223,16 @@ def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[s
         failed = [c for c in checks if c["outcome"] == "FAIL"]
         skipped = [c for c in checks if c["outcome"] == "SKIP"]
         record.outcome = (Outcome.PASS if evaluation.passed and not failed else Outcome.FAIL).value
-        reasons = [evaluation.reason] if evaluation.reason else []
-        # A failing check leads when the comparison passed; a skipped one is said, never hidden.
-        reasons += [c["reason"] for c in failed] + [f"SKIPPED {c['reason']}" for c in skipped]
+        # A broken call contract leads (the backend did not do what any caller relies on), then the
+        # comparison, then the other failed checks; a skipped check is said, never hidden.
+        broken = [c["reason"] for c in failed if c["name"] in CONTRACT_CHECKS]
+        reasons = broken + ([evaluation.reason] if evaluation.reason else [])
+        reasons += [c["reason"] for c in failed if c["name"] not in CONTRACT_CHECKS]
+        # a localization that found no stage over its bound still says so (what was compared)
+        reasons += [c["reason"] for c in checks if c["name"] == STAGE_CHECK and c["outcome"] == "PASS"]
+        if skipped:
+            lead = f"PASS with {len(skipped)} check(s) skipped: " if record.outcome == Outcome.PASS.value else ""
+            reasons.append(lead + "; ".join(f"SKIPPED {c['reason']}" for c in skipped))
         record.reason = "; ".join(reasons) or None
         record.tolerance = evaluation.tolerance
         record.metrics = evaluation.metrics

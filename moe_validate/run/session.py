@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from moe_validate.backends import get_backend
+from moe_validate.backends import capability_summary, get_backend
 from moe_validate.devices import GpuInfo, detect_gpus, visible_entries
 from moe_validate.contract.rules import interpreting
 from moe_validate.env import capture_env
@@ -193,6 +193,7 @@ def _run_locked(cases, backend, backend_obj, out_dir: Path, plan: Optional[Resum
     outcomes: Dict[str, str] = {}  # case id -> outcome, over the whole run (earlier segments too)
     run_id, segment, to_run = None, 0, cases
     extra = dict(header_extra or {})
+    extra["capabilities"] = capability_summary(backend_obj)  # what the backend declares, what is SKIPPED
     if plan is not None:
         before = plan.header
         if before.backend != backend:

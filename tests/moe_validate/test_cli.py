@@ -175,5 +175,6 @@ def test_repro_lists_the_checks_after_the_comparison(capsys):
     case_id = "fp32-none-silu-M7N64K64E4k3-invar_rerun+perm+sub-s190"
     assert main(["repro", case_id, "--backend", "reference"]) == 0
     out = capsys.readouterr().out
-    assert "checks: invariance:rerun PASS, invariance:perm SKIP, invariance:sub SKIP" in out
+    assert ("checks: alignment_contract SKIP, invariance:rerun PASS, invariance:perm SKIP, invariance:sub SKIP, "
+            "contract PASS") in out
     assert "SKIPPED invariance perm" in out

@@ -1,0 +1,342 @@
+"""Stage localization: which pipeline stage of a failing backend went wrong, and where in it.
+
+A backend that exposes its intermediates (``backends.ExposesStages``: ``run_stages(inputs, case)``)
+is run once more for a case whose output failed, and every stage it hands back is compared with
+what SPEC's stage function makes of the backend's *own* upstream stage (the mirror reference's
+stage functions, ``reference.pipeline``, in ``mirror`` precision):
+
+  c1     GEMM1 (+ bias, + LoRA w13)         from the inputs
+  c2     activation, one rounding to S      from the backend's c1
+  c2_in  requantized GEMM2 input            from the backend's c2   (schemes that requantize)
+  c3     GEMM2 (+ bias, * w, + LoRA w2)     from the backend's c2_in (c2 for the LoRA delta)
+  out    the top-k sum in slot order        from the backend's c3
+
+Judged against its own input, a stage's bound holds only that stage's arithmetic, so the first
+stage over its bound is where the error entered (a wrong activation shows in c2 even though every
+later stage is wrong too). Where the backend did not materialize a stage on the path it took (a
+fused epilogue), the next stage starts from the mirror's value and its bound adds the skipped
+stage's bound carried through the stage function (the activation's sensitivity, 1-Lipschitz
+requantization plus the scale's move, |w2| times the router weight through GEMM2, the sum over
+slots). Rows of invalid routes are never compared (a kernel never writes them).
+
+Per-stage bound (``allowed``, elementwise), every term a worst case scaled by ``tolerance.Z_GATE``
+where it is a standard deviation:
+  GEMM stages  Z * u_acc * (1 + sqrt(n/6)) * s (the sequential fp32 accumulation model of
+               ``tolerance._acc_growth``, s = sqrt(sum_k a_k^2 b_k^2), u_acc = 2^-24, or the Hopper
+               fp8-MMA unit on a native GPU, 0 for int8 x int8 in int32) + one fp32 rounding per
+               epilogue operation (dequantization, bias, router weight) + one S ulp per rounding of
+               the stored value (three with LoRA: base, delta, sum; the LoRA rank-space product
+               gets a second accumulation term);
+  c2           ``tolerance.ACT_FP32_ULPS`` fp32 ulps of (|c2| + |g||u|) (fp32 math on both
+               sides) + one S ulp (none on the fused silu + fp8 path, which never rounds c2);
+  c2_in        one requantization step (``tolerance._requant_step``): both sides quantize the
+               same values with the same formulas, a step is the most a division tie can move;
+  out          the fp32 sum of topk S values: topk fp32 ulps of sum |c3| + one S ulp.
+
+``localize`` fills the case record's ``stages`` (results.py) and returns one check row.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from moe_validate.backends import ExposesStages, capability
+from moe_validate.contract.rules import fused_silu_fp8_group, interpreting
+from moe_validate.contract.spec import MoEInputs, QuantScheme, storage_dtype
+from moe_validate.tolerance import (ACT_FP32_ULPS, U32, U_ACC_FP8_NATIVE, Z_GATE, _acc_growth, _act_sensitivity,
+                                    _gate_up, _per_expert_gemm_scales, _requant_step, ulp)
+
+__all__ = ["STAGES", "ROUTE_STAGES", "CHECK_NAME", "localize", "compare_stages", "no_stages"]
+
+F64 = torch.float64
+ROUTE_STAGES = ("c1", "c2", "c2_in", "c3")  # what a backend may expose, route-major
+STAGES = ROUTE_STAGES + ("out",)  # pipeline order; ``out`` is the run's output itself
+CHECK_NAME = "stage_localization"
+TILE = (16, 32)  # nominal (routes of one expert, column) tile used to name where an element lives
+
+
+def no_stages(backend) -> Dict[str, Any]:
+    """The record's ``stages`` before (or without) a localization."""
+    return {"exposed": capability(backend, ExposesStages) is not None, "first_diverging": None, "stages": {}}
+
+
+def _route_major(t: torch.Tensor, M: int, topk: int, name: str, device) -> torch.Tensor:
+    """[M, topk, X] float64 from [M*topk, X] or [M, topk, X]."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"run_stages()[{name!r}] must be a tensor or a string saying why it is missing; "
+                        f"got {type(t).__name__}")
+    if t.dim() == 2 and t.shape[0] == M * topk:
+        t = t.reshape(M, topk, t.shape[1])
+    if t.dim() != 3 or tuple(t.shape[:2]) != (M, topk):
+        raise ValueError(f"run_stages()[{name!r}] must be route-major [M*topk, X] or [M, topk, X] with "
+                         f"M={M}, topk={topk}; got {list(t.shape)}")
+    return t.detach().to(device=device, dtype=F64)
+
+
+class _Pipeline:
+    """The mirror's stage functions and the per-stage bounds of one call (see the module docstring)."""
+
+    def __init__(self, inputs: MoEInputs, mirror: Dict[str, torch.Tensor], native_gpu: bool) -> None:
+        self.inputs, self.mirror = inputs, mirror
+        quant = inputs.quant
+        self.scheme = QuantScheme.parse(quant.scheme if quant is not None else None)
+        self.S = storage_dtype(inputs.hidden_states.dtype)
+        self.valid = mirror["route_valid"].to(torch.bool)
+        self.local = mirror["route_expert"].long()
+        self.clamp = quant.gemm1_clamp_limit if quant is not None else None
+        self.fused = fused_silu_fp8_group(inputs.activation, self.scheme, self.clamp, inputs.lora is not None)
+        self.weights = inputs.topk_weights.to(F64).to(self.valid.device)
+        if self.scheme.act_dtype == torch.int8:
+            self.u_acc, self.exact_dot = U32, True
+        else:
+            self.u_acc, self.exact_dot = (U_ACC_FP8_NATIVE if self.scheme.is_fp8 and native_gpu else U32), False
+        self.n_round = 3 if inputs.lora is not None else 1
+
+    def _gemm_slack(self, a: torch.Tensor, w: torch.Tensor, value: torch.Tensor, epilogue_ops: int,
+                    scale_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Accumulation + epilogue error of a grouped GEMM, before the stored rounding."""
+        sq, _ = _per_expert_gemm_scales(a, w, self.local, self.valid)
+        growth = 1.0 if self.exact_dot else _acc_growth(a.shape[-1])
+        acc = Z_GATE * self.u_acc * growth * sq.sqrt()
+        if scale_rows is not None:
+            acc = acc * scale_rows[..., None]
+        if self.inputs.lora is not None:
+            acc = 2.0 * acc  # the rank-space LoRA product accumulates in fp32 too (bounded like the base)
+        return acc + epilogue_ops * U32 * value.abs()
+
+    def _stored(self, slack: torch.Tensor, expected: torch.Tensor, n_round: int) -> torch.Tensor:
+        """A slack before rounding to S, plus ``n_round`` S ulps at the value the slack reaches."""
+        # either side rounds by up to half an ulp of its own binade: one ulp above both bounds the pair
+        return slack + n_round * ulp(expected.abs() + slack + ulp(expected, self.S), self.S)
+
+    # --- the stages: (expected from the upstream used, allowed given the upstream's slack) --------
+    def c1(self, _upstream, _slack):
+        m, q = self.mirror, self.inputs.quant
+        x = m["x"][:, None, :].expand(self.valid.shape[0], self.valid.shape[1], m["x"].shape[1])
+        ops = int(self.scheme.act_dtype is not None) + int(self.scheme.weight_dtype is not None) \
+            + int(q is not None and q.w1_bias is not None)
+        expected = m["c1"]
+        return expected, self._stored(self._gemm_slack(x, m["w1"], expected, ops), expected, self.n_round)
+
+    def c2(self, c1, c1_slack):
+        from reference.pipeline import activation_stage, storage_rounder
+
+        act = self.inputs.activation
+        expected = activation_stage(c1, self.valid, act, self.clamp, storage_rounder(self.S, "mirror"),
+                                    precision="mirror", fused=self.fused)
+        g, u = _gate_up(c1.abs(), act)
+        gu = g * u if u is not None else g  # the |g||u| term: where gelu's 1 + erf cancels
+        slack = ACT_FP32_ULPS * U32 * (expected.abs() + gu)
+        if c1_slack is not None:
+            slack = slack + _act_sensitivity(c1.abs() + c1_slack, c1_slack, act)
+        return expected, (slack if self.fused else self._stored(slack, expected, 1))
+
+    def c2_in(self, c2, c2_slack):
+        from reference.pipeline import requantize
+
+        q = self.inputs.quant
+        expected = requantize(c2, self.valid, self.scheme, q.a2_scale if q is not None else None)
+        step = _requant_step(expected, self.valid, self.scheme, self.inputs)
+        allowed = step.clone()
+        if c2_slack is not None:
+            # 1-Lipschitz up to one step, and a dynamic scale moves with its absmax: relative
+            # change <= slack / absmax over the scale's group (bounded here by the row's)
+            amax = c2.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+            allowed = allowed + c2_slack + expected.abs() * (c2_slack.amax(-1, keepdim=True) / amax).clamp(max=1.0)
+        return expected, allowed
+
+    def c3(self, c2_in, c2_in_slack, c2_for_lora):
+        from reference.pipeline import gemm2, lora_w2, storage_rounder
+
+        inp, q = self.inputs, self.inputs.quant
+        round_S = storage_rounder(self.S, "mirror")
+        bias = None if q is None or q.w2_bias is None else q.w2_bias.to(torch.float32).to(F64)
+        expected = gemm2(c2_in, self.mirror["w2"], bias, inp.topk_weights, self.valid, self.local, round_S,
+                         apply_router_weight_on_input=inp.apply_router_weight_on_input)
+        expected = lora_w2(expected, c2_for_lora, inp.lora, inp.topk_weights, self.valid, self.local, round_S,
+                           apply_router_weight_on_input=inp.apply_router_weight_on_input)
+        w = torch.ones_like(self.weights) if inp.apply_router_weight_on_input else self.weights.abs()
+        ops = int(self.scheme.act_dtype is not None) + int(self.scheme.weight_dtype is not None) \
+            + int(bias is not None) + int(not inp.apply_router_weight_on_input)
+        slack = self._gemm_slack(c2_in, self.mirror["w2"], expected, ops, scale_rows=w)
+        if c2_in_slack is not None:
+            carried, _ = _per_expert_gemm_scales(c2_in_slack, self.mirror["w2"], self.local, self.valid, power=1)
+            slack = slack + carried * w[..., None]
+        return expected, self._stored(slack, expected, self.n_round)
+
+    def out(self, c3, c3_slack):
+        from reference.pipeline import combine
+
+        expected = combine(c3, self.valid, self.S, precision="mirror")
+        vm = self.valid[..., None].to(F64)
+        topk = self.valid.shape[1]
+        slack = topk * U32 * (c3.abs() * vm).sum(1)
+        if c3_slack is not None:
+            slack = slack + (c3_slack * vm).sum(1)
+        return expected, self._stored(slack, expected, 1)
+
+
+def _worst(kernel: torch.Tensor, expected: torch.Tensor, allowed: torch.Tensor, mask: torch.Tensor,
+           local: Optional[torch.Tensor]) -> Tuple[float, Optional[Dict[str, Any]]]:
+    """(max |kernel - expected| / allowed over ``mask``, the worst element named)."""
+    k, e = kernel, expected
+    finite = torch.isfinite(e)
+    bad_special = finite & ~torch.isfinite(k) & mask
+    d = torch.where(finite & torch.isfinite(k), (k - e).abs(), torch.zeros_like(e))
+    norm = torch.where(d == 0, torch.zeros_like(d), d / allowed.clamp_min(1e-300))
+    norm = torch.where(bad_special, torch.full_like(norm, math.inf), norm)
+    norm = torch.where(mask, norm, torch.zeros_like(norm))
+    if norm.numel() == 0:
+        return 0.0, None
+    flat = int(torch.argmax(norm.reshape(-1)))
+    value = float(norm.reshape(-1)[flat])
+    if value == 0:
+        return 0.0, None
+    index = [int(i) for i in torch.unravel_index(torch.tensor(flat), norm.shape)]
+    where: Dict[str, Any] = {"kernel": float(k[tuple(index)]), "reference": float(e[tuple(index)]),
+                             "allowed": float(allowed[tuple(index)]), "normalized": value}
+    if local is None:  # [M, K]: the output
+        m, col = index
+        where.update(token=m, column=col, expert=None, tile=f"r{m // TILE[0]}c{col // TILE[1]}")
+        return value, where
+    m, j, col = index
+    topk = norm.shape[1]
+    expert = int(local[m, j])
+    # the route's position among its expert's routes (ascending r), as an aligned kernel lays them out
+    same = (local.reshape(-1) == expert)
+    position = int(same[: m * topk + j].sum())
+    where.update(route=m * topk + j, token=m, slot=j, column=col, expert=expert,
+                 tile=f"e{expert}r{position // TILE[0]}c{col // TILE[1]}")
+    return value, where
+
+
+def compare_stages(inputs: MoEInputs, exposed: Dict[str, Any], mirror: Dict[str, torch.Tensor],
+                   native_gpu: bool) -> Dict[str, Any]:
+    """The record's ``stages`` for a backend's ``run_stages`` result ``exposed`` (see the module docstring)."""
+    pipe = _Pipeline(inputs, mirror, native_gpu)
+    M, topk = pipe.valid.shape
+    device = pipe.valid.device
+    mask3 = pipe.valid[..., None]
+    requantizes = pipe.scheme.act_granularity is not None
+    own: Dict[str, Optional[torch.Tensor]] = {}
+    notes: Dict[str, str] = {}
+    for name in STAGES:
+        value = exposed.get(name)
+        if name == "c2_in" and not requantizes:
+            notes[name] = "not a stage of this scheme: GEMM2 reads c2 unquantized"
+            own[name] = None
+        elif isinstance(value, torch.Tensor):
+            if name == "out":
+                own[name] = value.detach().to(device=device, dtype=F64)
+            else:
+                own[name] = _route_major(value, M, topk, name, device)
+        else:
+            own[name] = None
+            notes[name] = value if isinstance(value, str) and value else "not exposed by the backend"
+
+    results: Dict[str, Any] = {}
+    first = None
+    used: Dict[str, torch.Tensor] = {}
+    slack_of: Dict[str, Optional[torch.Tensor]] = {}
+
+    def judge(name, expected, allowed):
+        nonlocal first
+        used[name] = own[name] if own[name] is not None else expected
+        # downstream stages carry this stage's bound only where they start from the mirror's value
+        slack_of[name] = None if own[name] is not None else allowed
+        if own[name] is None:
+            results[name] = {"unavailable": notes[name]}
+            return
+        mask = mask3.expand_as(expected) if name != "out" else torch.ones_like(expected, dtype=torch.bool)
+        value, where = _worst(own[name], expected, allowed, mask, None if name == "out" else pipe.local)
+        results[name] = {"max_normalized": value, "worst": where}
+        if value > 1.0 and first is None:
+            first = name
+
+    judge("c1", *pipe.c1(None, None))
+    judge("c2", *pipe.c2(used["c1"], slack_of["c1"]))
+    if requantizes:
+        judge("c2_in", *pipe.c2_in(used["c2"], slack_of["c2"]))
+        c2_in, c2_in_slack = used["c2_in"], slack_of["c2_in"]
+    else:
+        results["c2_in"] = {"unavailable": notes["c2_in"]}
+        c2_in, c2_in_slack = used["c2"], slack_of["c2"]
+    judge("c3", *pipe.c3(c2_in, c2_in_slack, used["c2"]))
+    judge("out", *pipe.out(used["c3"], slack_of["c3"]))
+    return {"exposed": True, "first_diverging": first, "stages": results}
+
+
+def _summary(record: Dict[str, Any]) -> Tuple[str, str]:
+    """(outcome, reason) of the check row for a ``compare_stages`` record."""
+    stages = record["stages"]
+    unavailable = [n for n in STAGES if "unavailable" in stages.get(n, {})]
+    missing = f"; not compared (not materialized, or not a stage here): {', '.join(unavailable)}" if unavailable else ""
+    first = record["first_diverging"]
+    compared = [n for n in STAGES if "max_normalized" in stages.get(n, {})]
+    within = compared if first is None else [n for n in compared if STAGES.index(n) < STAGES.index(first)]
+    if first is None:
+        return "PASS", (f"stage localization: every exposed stage is within its bound ({', '.join(within)}); the "
+                        f"output's failure is below the per-stage bounds{missing}")
+    s = stages[first]
+    w = s["worst"] or {}
+    if first == "out":
+        at = f"token {w.get('token')}, column {w.get('column')}, tile {w.get('tile')}"
+    else:
+        at = (f"expert {w.get('expert')}, tile {w.get('tile')}: route {w.get('route')} (token {w.get('token')}, "
+              f"slot {w.get('slot')}), column {w.get('column')}")
+    before = f"; earlier stages within their bounds: {', '.join(within)}" if within else ""
+    return "FAIL", (f"stage localization: first diverging stage {first} ({at}): {w.get('kernel', float('nan')):.6g} "
+                    f"vs {w.get('reference', float('nan')):.6g}, |diff| / allowed = {s['max_normalized']:.3g}{before}"
+                    f"{missing}")
+
+
+def localize(case, inputs: MoEInputs, backend, out: Optional[torch.Tensor] = None) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(the record's ``stages``, one check row) for a case whose output failed.
+
+    Runs the backend's ``run_stages`` once more (SKIP row when it has none); ``out`` (the judged
+    output) is compared with that run's output bitwise, and a difference is said (the stages
+    then describe another run than the one judged)."""
+    run_stages = capability(backend, ExposesStages)
+    if run_stages is None:
+        return no_stages(backend), {
+            "name": CHECK_NAME, "outcome": "SKIP",
+            "reason": (f"stage localization: backend {getattr(backend, 'name', '?')!r} exposes no intermediates "
+                       "(no run_stages method); the failure is located by token, column and expert only")}
+    import reference
+    from moe_validate import matrix
+
+    if isinstance(case, matrix.Case) and matrix.reference_is_sampled(case):
+        return no_stages(backend), {
+            "name": CHECK_NAME, "outcome": "SKIP",
+            "reason": "stage localization: not run for a row-sampled case (its full float64 stages do not fit)"}
+    try:
+        exposed = run_stages(inputs, case)
+        if not isinstance(exposed, dict) or not isinstance(exposed.get("out"), torch.Tensor):
+            raise TypeError(f"run_stages must return a dict with the run's output under 'out'; got "
+                            f"{type(exposed).__name__}")
+        mirror = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="mirror")
+        native_gpu = inputs.hidden_states.is_cuda and not interpreting()
+        record = compare_stages(inputs, exposed, mirror, native_gpu)
+    except Exception as exc:
+        from moe_validate.run.case import cuda_poisoned, one_line
+
+        if cuda_poisoned(exc):
+            raise  # the worker must be retired: not a localization matter
+        # The case already failed on its output; a localization that cannot run must not change that.
+        return ({**no_stages(backend), "error": one_line(exc)},
+                {"name": CHECK_NAME, "outcome": "SKIP", "reason": f"stage localization could not run: {one_line(exc)}"})
+    outcome, reason = _summary(record)
+    if out is not None and not _same_bits(out, exposed["out"]):
+        record["rerun_differs"] = True
+        reason += "; NOTE the stage run's output differs from the judged run's (the backend is not deterministic)"
+    return record, {"name": CHECK_NAME, "outcome": outcome, "reason": reason}
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype or a.device.type == "meta":
+        return False
+    a, b = a.detach().cpu(), b.detach().cpu()
+    return bool(torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)))
