@@ -173,6 +173,11 @@ def _contiguous(values: Sequence[int]) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Where the error lives
 # ---------------------------------------------------------------------------------------------
+def _spread(tokens, columns, experts) -> str:
+    parts = [f"{len(tokens)} token(s)", f"{len(columns)} column(s)"] + ([f"{len(experts)} expert(s)"] if experts else [])
+    return ", ".join(parts)
+
+
 def _edge_of(values: Sequence[int], size: int, extent: Optional[int]) -> Optional[str]:
     """Which tile edge every value lies on: 'last' (p % size == size - 1, or the tensor's last
     index), 'first' (p % size == 0, beyond the first tile), or None."""
@@ -223,13 +228,16 @@ def _where(elements: List[Dict[str, Any]], panel: Mapping, detail: Mapping, para
         t = tokens[0]
         tail = " (the last token: a tail-tile mask?)" if _num(M) and t == M - 1 and M > 1 else ""
         return done("token", f"token {t} only{tail}", f"{basis}, all in token {t}, over columns {_span(columns)}")
-    col_edge = _edge_of(columns, ct, K) if n >= 2 and (not _num(M) or over <= M * len(columns)) else None
+    # An edge means something only where the tensor spans more than one tile that way.
+    col_edge = (_edge_of(columns, ct, K) if n >= 2 and _num(K) and K > ct and (not _num(M) or over <= M * len(columns))
+                else None)
     if col_edge and (len(columns) > 1 or len(tokens) > 1):
         return done("tile_edge", f"tile edge: column{'s' if len(columns) > 1 else ''} {_span(columns)}, the "
                                  f"{col_edge} column of {ct}-wide tiles", f"{basis}, over tokens {_span(tokens)}")
     if n >= 2 and len(columns) == 1 and len(tokens) > 1 and (not _num(M) or over <= M):
         return done("column", f"column {columns[0]} only", f"{basis}, over tokens {_span(tokens)}")
-    row_edge = _edge_of(tokens, rt, M) if n >= 2 and len(tokens) > 1 and (not _num(K) or over <= K * len(tokens)) else None
+    row_edge = (_edge_of(tokens, rt, M) if n >= 2 and len(tokens) > 1 and _num(M) and M > rt
+                and (not _num(K) or over <= K * len(tokens)) else None)
     if row_edge:
         return done("tile_edge", f"tile edge: tokens {_span(tokens)}, the {row_edge} row of {rt}-row tiles",
                     f"{basis}, over columns {_span(columns)}")
@@ -250,18 +258,18 @@ def _where(elements: List[Dict[str, Any]], panel: Mapping, detail: Mapping, para
         return done("everywhere", f"everywhere ({100 * fraction:.0f}% of elements over the bound"
                                   + (f", in every expert and {cells_over} of {len(cells)} tiles" if everywhere_ish else "")
                                   + ")",
-                    f"{basis}; over {len(tokens)} token(s), {len(columns)} column(s), {len(experts)} expert(s)")
-    if n >= 2 and _num(K) and len(tokens) > 1 and columns[-1] - columns[0] + 1 <= max(2, K // 4):
+                    f"{basis}; over {_spread(tokens, columns, experts)}")
+    if n >= 2 and _num(K) and K >= 8 and len(tokens) > 1 and columns[-1] - columns[0] + 1 <= K // 4:
         return done("column_band", f"columns {columns[0]}-{columns[-1]} (a band of {columns[-1] - columns[0] + 1} "
                                    f"of {K})", f"{basis}, over tokens {_span(tokens)}")
     tiles = sorted({str(w.get("tile")) for w in elements if w.get("tile")})
-    if n >= 2 and len(tiles) == 1 and over <= rt * ct:
+    if n >= 2 and len(tiles) == 1 and over <= rt * ct and _num(M) and _num(K) and (M > rt or K > ct):
         return done("tile", f"one tile ({tiles[0]}: {rt} tokens x {ct} columns)", f"{basis}, all in tile {tiles[0]}")
     if n == 1 and over <= 1:
         w = elements[0]
         return done("scattered", f"one element (token {w.get('token')}, column {w.get('column')})", basis)
-    return done("scattered", f"scattered over {len(tokens)} token(s), {len(columns)} column(s), "
-                             f"{len(experts)} expert(s) ({100 * fraction:.2g}% of elements over the bound)", basis)
+    return done("scattered", f"scattered over {_spread(tokens, columns, experts)} "
+                             f"({100 * fraction:.2g}% of elements over the bound)", basis)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +282,7 @@ def _nan_where(panel: Mapping, elements: List[Dict[str, Any]]) -> Dict[str, Any]
              f"Inf at {ni.get('kernel_inf', 0)}" if ni.get("kernel_inf") else None]
     what = " and ".join(p for p in parts if p) or "NaN/Inf"
     return {"kind": "nan_inf", "count": bad,
-            "text": f"{what} element(s) where the reference is finite ({bad} in all)"}
+            "text": f"{what} element(s) where the reference is finite" + (f" ({bad} in all)" if all(parts) else "")}
 
 
 def _pattern(elements: List[Dict[str, Any]], panel: Mapping, params: Mapping) -> Dict[str, Any]:
