@@ -285,10 +285,15 @@ def _nan_where(panel: Mapping, elements: List[Dict[str, Any]]) -> Dict[str, Any]
             "text": f"{what} element(s) where the reference is finite" + (f" ({bad} in all)" if all(parts) else "")}
 
 
-def _to_spread(value: float, spread: float) -> str:
-    """``value`` to the decimal its spread allows (at most 6): 1.501 +- 0.015 reads 1.5."""
-    decimals = min(6, max(1, math.ceil(-math.log10(spread)))) if spread > 0 else 6
-    return f"{value:.{decimals}f}".rstrip("0").rstrip(".")
+def _simplest_in(lo: float, hi: float) -> str:
+    """The shortest decimal inside [lo, hi]: the ratios 1.4996 .. 1.5007 of a x1.5 bug read 1.5,
+    not their median's last, rounding-made digits."""
+    mid = (lo + hi) / 2
+    for decimals in range(0, 9):
+        candidate = round(mid, decimals)
+        if lo <= candidate <= hi:
+            return f"{candidate:.{decimals}f}"
+    return f"{mid:.6g}"
 
 
 def _pattern(elements: List[Dict[str, Any]], panel: Mapping, params: Mapping) -> Dict[str, Any]:
@@ -329,7 +334,7 @@ def _pattern(elements: List[Dict[str, Any]], panel: Mapping, params: Mapping) ->
         spread = max(ratios) - min(ratios)
         if dev and all((q - 1.0) * dev > 0 for q in ratios) and spread <= max(_CONSTANT_SPREAD * abs(dev), 4 * eps):
             return {"kind": "scale", "ratio": mid, "spread": spread,
-                    "text": f"constant ratio {_to_spread(mid, spread)} (a scale bug?): kernel/reference over {len(ratios)} "
+                    "text": f"constant ratio {_simplest_in(min(ratios), max(ratios))} (a scale bug?): kernel/reference over {len(ratios)} "
                             f"elements, spread {_g(spread, 2)}"}
     if n >= 2:
         mid_d = median(diffs)

@@ -33,9 +33,9 @@ class Progress:
         outcome = record["outcome"]
         line = f"[{self.done}/{self.total}] {outcome:<13} {record['case_id']}  {record['duration_s']:.2f}s"
         if outcome != Outcome.PASS.value:
-            # The diagnosis leads (what broke and where); the reason where there is none.
+            # A FAIL's diagnosis leads (what broke and where); other outcomes say their reason.
             diagnosis = record.get("diagnosis") or {}
-            text = diagnosis.get("summary") or record.get("reason")
+            text = (diagnosis.get("summary") if outcome == Outcome.FAIL.value else None) or record.get("reason")
             if text:
                 line += f"  {text}"
         if self.bar is not None:
