@@ -251,6 +251,7 @@ def _where(elements: List[Dict[str, Any]], panel: Mapping, detail: Mapping, para
                   if per_expert and others and lone < len(per_expert) else "")
         share = (f"{sum(1 for w in elements if w.get('expert') == lone)} of {n} worst elements"
                  + ("; the only expert over its bound" if lone in experts_over and len(experts_over) == 1 else ""))
+        out["expert"] = lone
         return done("expert", f"expert {lone} ({share})", f"{basis}, routed mostly to expert {lone}{spread}")
     everywhere_ish = (fraction >= 0.1 and len(per_expert) > 1 and len(experts_over) == len(per_expert)
                       and cells and cells_over >= 0.75 * len(cells))
@@ -405,6 +406,27 @@ def _first_line(text: Any, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+# Few-word labels (``short``: a report's case table, where thousands of rows share a handful).
+_PATTERN_LABEL = {"nan_inf": "NaN/Inf", "sign_flip": "sign flip", "zero": "zeros", "scale": "scale", "offset": "offset",
+                  "ulp_bias": "ulp bias", "count_excess": "count excess", "systematic": "systematic bias",
+                  "random": "random", "unknown": "?"}
+
+
+def _label(where: Mapping) -> str:
+    kind = where.get("kind")
+    if kind == "expert":
+        return f"expert {where.get('expert')}"
+    if kind == "token":
+        return f"token {where['tokens'][0]}"
+    if kind == "column":
+        return f"column {where['columns'][0]}"
+    if kind == "tile_edge":
+        return "tile edge"
+    if kind == "column_band":
+        return "column band"
+    return {"tile": "one tile", "everywhere": "everywhere", "scattered": "scattered"}.get(kind, "?")
+
+
 def diagnose(rec: Any) -> Optional[Dict[str, Any]]:
     """The diagnosis of a finished case record (see the module docstring); None for a PASS."""
     outcome = str(_get(rec, "outcome", ""))
@@ -439,12 +461,16 @@ def diagnose(rec: Any) -> Optional[Dict[str, Any]]:
     where = _where(elements, panel, detail, params)
     pattern = _pattern(elements, panel, params)
     summary = f"{where['text']}: {pattern['text']}; {verdict['text']}"
+    short = f"{_label(where)}: {_PATTERN_LABEL.get(pattern['kind'], pattern['kind'])}"
+    if pattern["kind"] == "scale":
+        short += f" x{_simplest_in(pattern['ratio'] - pattern['spread'] / 2, pattern['ratio'] + pattern['spread'] / 2)}"
     if stage and stage.get("first_diverging"):
         summary += f"; {stage['text']}"
     if check_names:
         summary += f"; check{'s' if len(check_names) > 1 else ''} {', '.join(check_names)} FAIL"
-    return {"summary": summary, "where": where, "pattern": pattern, "verdict": verdict, "stage": stage,
-            "checks": check_names, "basis": f"{where['basis']} of the {panel_name} panel", "panel": panel_name}
+    return {"summary": summary, "short": short, "where": where, "pattern": pattern, "verdict": verdict,
+            "stage": stage, "checks": check_names, "basis": f"{where['basis']} of the {panel_name} panel",
+            "panel": panel_name}
 
 
 def diagnosis_of(rec: Any) -> Optional[Dict[str, Any]]:
