@@ -332,6 +332,17 @@ def _histogram(values: torch.Tensor, edges: List[float]) -> dict:
     return {"edges": edges, "counts": counts, "last_count_is": "non-finite (NaN/Inf where the reference is finite)"}
 
 
+def _heat_cell(n: int) -> int:
+    """Elements per heatmap cell along an extent of ``n``: the smallest power of two that keeps
+    the cells within HEATMAP_MAX_CELLS. One element per cell for a small case (a 7 x 64 output is
+    7 x 64 cells, not two tiles); a power of two either divides the nominal TILE or is a multiple
+    of it, so a cell never straddles a tile edge."""
+    cell = 1
+    while math.ceil(n / cell) > HEATMAP_MAX_CELLS:
+        cell *= 2
+    return cell
+
+
 def _detail(kernel, ref, allowed, storage, expert_of, num_experts) -> dict:
     k = kernel.detach().to("cpu", F64)
     r = ref.detach().to("cpu", F64)
@@ -342,8 +353,7 @@ def _detail(kernel, ref, allowed, storage, expert_of, num_experts) -> dict:
     norm = torch.where(fin, torch.where(d == 0, torch.zeros_like(d), d / a), torch.zeros_like(d))
     norm = torch.where(special, torch.full_like(norm, math.inf), norm)
     M, K = r.shape if r.dim() == 2 else (r.numel(), 1)
-    rt = TILE[0] * max(1, math.ceil(M / (TILE[0] * HEATMAP_MAX_CELLS)))
-    ct = TILE[1] * max(1, math.ceil(K / (TILE[1] * HEATMAP_MAX_CELLS)))
+    rt, ct = _heat_cell(M), _heat_cell(K)
     heat = []
     for i in range(0, M, rt):
         row = []

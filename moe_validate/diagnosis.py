@@ -173,6 +173,21 @@ def _contiguous(values: Sequence[int]) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Where the error lives
 # ---------------------------------------------------------------------------------------------
+def _tile_maxima(heat: Mapping) -> List[float]:
+    """The heatmap's maxima per nominal TILE (its cells may be finer or coarser than a tile)."""
+    rows = heat.get("values") if isinstance(heat.get("values"), list) else []
+    rt, ct = heat.get("row_tile"), heat.get("col_tile")
+    if not (_num(rt) and _num(ct) and rt > 0 and ct > 0):
+        rt, ct = TILE
+    tiles: Dict[Tuple[int, int], float] = {}
+    for r, row in enumerate(rows):
+        for c, v in enumerate(row if isinstance(row, list) else []):
+            if _num(v):
+                key = (int(r * rt // TILE[0]), int(c * ct // TILE[1]))
+                tiles[key] = max(tiles.get(key, -math.inf), v, key=_margin_key)
+    return list(tiles.values())
+
+
 def _spread(tokens, columns, experts) -> str:
     parts = [f"{len(tokens)} token(s)", f"{len(columns)} column(s)"] + ([f"{len(experts)} expert(s)"] if experts else [])
     return ", ".join(parts)
@@ -221,8 +236,7 @@ def _where(elements: List[Dict[str, Any]], panel: Mapping, detail: Mapping, para
                               f"{diff['of']} elements differ from the oracle)", basis)
     # Experts with an element over its bound, over all elements (the detail's per-expert maxima).
     experts_over = [e for e, v in enumerate(per_expert) if math.isnan(v) or v > 1.0]
-    heat = detail.get("heatmap") if isinstance(detail.get("heatmap"), dict) else {}
-    cells = [v for row in heat.get("values") or [] if isinstance(row, list) for v in row if _num(v)]
+    cells = _tile_maxima(detail.get("heatmap") if isinstance(detail.get("heatmap"), dict) else {})
     cells_over = sum(1 for v in cells if math.isnan(v) or v > 1.0)
     if n >= 2 and len(tokens) == 1 and len(columns) > 1 and (not _num(K) or over <= K):
         t = tokens[0]
