@@ -8,7 +8,8 @@ A thin shell over ``moe_validate.runner``. Exit statuses, the same for every com
          calibrate --strict: a row outside its band; bench: nothing could be timed)
     2    usage error: bad argument or input file (unknown suite, malformed case id or filter,
          unreadable or mixed results, an --out that holds another run or cannot be written)
-    3    incomplete: expected cases missing or not run, or a run without its footer (killed)
+    3    incomplete: expected cases missing or not run, a run without its footer (killed), or
+         (run --max-skip FRACTION) more of the cases skipped than FRACTION
     4    harness error: the harness could not record (disk full, output gone mid-run)
     130  interrupted (Ctrl-C): the results and the report of what finished are written
 

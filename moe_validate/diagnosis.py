@@ -34,7 +34,7 @@ __all__ = ["diagnose", "diagnosis_of", "summary_of", "TILE", "VERDICT_MEANING"]
 # and heatmap use it too): the kernels' most common BLOCK_M x BLOCK_N at small M.
 TILE = (16, 32)
 
-# What each verdict means when it fails (docs/SPEC.md, "Verdicts").
+# What each verdict means when it fails (results.CaseRecord.verdicts; docs/SPEC.md, "Tolerances").
 VERDICT_MEANING = {
     "accuracy": "the output is further from the exact (float64) result than the scheme's error budget allows: "
                 "the numbers are wrong",
