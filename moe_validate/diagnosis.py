@@ -376,10 +376,14 @@ def _pattern(elements: List[Dict[str, Any]], panel: Mapping, params: Mapping) ->
 # ---------------------------------------------------------------------------------------------
 def _verdict(rec: Any, failed: List[str], recorded: bool) -> Dict[str, Any]:
     gating = _get(rec, "gating")
+    profile = _get(rec, "profile")
     meaning = []
     for name in failed:
         note = "" if not isinstance(gating, list) or name in gating else " (not gating for this backend)"
-        meaning.append(f"{name} FAIL{note}: {VERDICT_MEANING[name]}")
+        text = VERDICT_MEANING[name]
+        if name == "conformance" and profile:
+            text = text.replace("the declared numerics profile", f"the declared numerics profile ({profile})")
+        meaning.append(f"{name} FAIL{note}: {text}")
     if not failed:
         text = "the comparison passed" if recorded else "verdict unknown"
     elif failed == ["conformance"] and recorded:

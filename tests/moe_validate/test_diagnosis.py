@@ -157,12 +157,13 @@ def test_verdicts_and_stages_when_present(scale_record):
     rec["verdicts"] = {"accuracy": {"outcome": "PASS", "reason": None, "margin": 0.4},
                        "conformance": {"outcome": "FAIL", "reason": "planted", "margin": 2.0}}
     rec["gating"] = ["accuracy"]
+    rec["profile"] = "vllm-fp32-epilogue"
     rec["stages"] = {"exposed": True, "first_diverging": "gemm2",
                      "stages": {"gemm2": {"max_normalized": 9.0, "worst": {"token": 10, "column": 3, "expert": 1}}}}
     d = diagnose(rec)
     assert d["verdict"]["failed"] == ["conformance"]
     assert "conformance FAIL, accuracy PASS" in d["summary"]
-    assert any("not gating" in line for line in d["verdict"]["meaning"])
+    assert any("not gating" in line and "profile (vllm-fp32-epilogue)" in line for line in d["verdict"]["meaning"])
     assert d["summary"].endswith("first diverging stage: gemm2 (worst at token 10, column 3, expert 1)"), d["summary"]
     assert d["panel"] == "mirror"  # the failing verdict's oracle is the one read
 

@@ -389,14 +389,16 @@
   function histogramFigure(name, h) {
     var edges = h.edges.map(function (e) { return num(e); }), counts = h.counts, n = counts.length;
     var firstPos = edges.filter(function (e) { return e > 0; })[0] || 1;
-    function lx(e) { return e <= 0 ? Math.log10(firstPos) - 1 : Math.log10(e); }
+    // log x where the edges allow it (increasing, only the first may be 0); else linear, said so
+    var logX = edges.every(function (e, k) { return (k === 0 ? e >= 0 : e > 0) && (k === 0 || e > edges[k - 1]); });
+    function lx(e) { return !logX ? e : e <= 0 ? Math.log10(firstPos) - 1 : Math.log10(e); }
     var L = 46, T = 14, P = 100, B = 44, PW = 430, extraW = h.extra.length ? 40 : 0;
     var x0 = lx(edges[0]), x1 = lx(edges[edges.length - 1]);
     function x(e) { return L + PW * (lx(e) - x0) / (x1 - x0 || 1); }
     var cmax = Math.max.apply(null, counts.concat(h.extra.map(function (e) { return e[1]; })).concat([1]));
     function y(c) { return T + P - P * c / (cmax * 1.15); }
     var W = L + PW + extraW + 40, H = T + P + B;
-    var s = svg("svg", { width: W, height: H, viewBox: "0 0 " + W + " " + H, "class": "histogram", "data-name": name, "data-xscale": "log" });
+    var s = svg("svg", { width: W, height: H, viewBox: "0 0 " + W + " " + H, "class": "histogram", "data-name": name, "data-xscale": logX ? "log" : "linear" });
     svgLine(s, L, T, L, T + P); svgLine(s, L, T + P, L + PW, T + P);
     [0, cmax].forEach(function (c) { svgLine(s, L - 3, y(c), L, y(c)); svgText(s, L - 5, y(c) + 3, String(c), { "text-anchor": "end" }); });
     svgText(s, 2, T - 4, "elements");
@@ -423,7 +425,8 @@
       svgText(s, x(1) + 3, T + 6, "limit 1", { fill: "#cf222e", "font-size": 9 });
     }
     var what = name === "normalized_error" ? "|diff| / allowed" : name === "ulp_distance" ? "ULP distance" : name;
-    svgText(s, L + PW / 2, T + P + 28, what + " (log scale; first bin from 0)", { "text-anchor": "middle" });
+    svgText(s, L + PW / 2, T + P + 28, what + (logX ? " (log scale" + (edges[0] === 0 ? "; first bin from 0)" : ")") : " (linear scale)"),
+            { "text-anchor": "middle" });
     var total = counts.reduce(function (a, b) { return a + b; }, 0);
     return el("figure", {}, [s, el("figcaption", { text: "histogram: " + what + " per element, " + total + " elements in bins" +
       h.extra.map(function (x) { return "; " + x[0] + ": " + x[1]; }).join("") + h.notes.map(function (x) { return "; " + x; }).join("") })]);
