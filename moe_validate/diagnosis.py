@@ -65,7 +65,40 @@ _EVERYWHERE_FRACTION = 0.5
 def _get(rec: Any, key: str, default: Any = None) -> Any:
     getter = getattr(rec, "get", None)
     value = getter(key, default) if callable(getter) else getattr(rec, key, default)
-    return default if value is None else _restored(value) if key in ("metrics", "detail", "verdicts") else value
+    return default if value is None else value
+
+
+_READ = ("outcome", "reason", "params", "metrics", "detail", "verdicts", "gating", "profile", "stages", "checks")
+
+
+def _special(x: Any) -> Any:
+    return _SPECIAL.get(x, x) if isinstance(x, str) else x
+
+
+def _restored_panel(panel: Mapping) -> Dict[str, Any]:
+    """``_restored`` for a metric panel's known two levels (metrics of scalars, worst elements),
+    without recursing: a report diagnoses thousands of old records."""
+    out: Dict[str, Any] = {}
+    for key, value in panel.items():
+        if key == "worst" and isinstance(value, list):
+            out[key] = [{a: _special(b) for a, b in w.items()} if isinstance(w, dict) else w for w in value]
+        elif isinstance(value, dict):
+            out[key] = {a: _special(b) for a, b in value.items()}
+        else:
+            out[key] = _special(value)
+    return out
+
+
+def _view(rec: Any) -> Dict[str, Any]:
+    """The fields a diagnosis reads, with stored non-finite floats restored once."""
+    view = {k: _restored(_get(rec, k)) if k in ("verdicts", "stages") else _get(rec, k) for k in _READ}
+    metrics = view["metrics"]
+    if isinstance(metrics, dict):
+        view["metrics"] = {name: _restored_panel(p) if isinstance(p, dict) else p for name, p in metrics.items()}
+    detail = view["detail"]
+    if isinstance(detail, dict):  # only what is read: the per-expert maxima and the heatmap
+        view["detail"] = {k: _restored(detail[k]) for k in ("per_expert", "heatmap") if k in detail}
+    return view
 
 
 _SPECIAL = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -79,6 +112,8 @@ def _restored(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _restored(v) for k, v in value.items()}
     if isinstance(value, list):
+        if not any(isinstance(v, (str, dict, list)) for v in value):
+            return value  # plain numbers (most heatmap rows): nothing to restore
         return [_restored(v) for v in value]
     return value
 
@@ -447,6 +482,7 @@ def _label(where: Mapping) -> str:
 
 def diagnose(rec: Any) -> Optional[Dict[str, Any]]:
     """The diagnosis of a finished case record (see the module docstring); None for a PASS."""
+    rec = _view(rec)
     outcome = str(_get(rec, "outcome", ""))
     if outcome in ("", "PASS"):
         return None
