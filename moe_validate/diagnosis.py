@@ -4,10 +4,10 @@
 returns ``None`` for a PASS, else::
 
     {"summary": one line, the first thing every output shows,
-     "where":   {"kind": expert | token | column | tile_edge | column_band | tile | everywhere |
-                         scattered | unknown, "text", "detail", ...ids},
-     "pattern": {"kind": nan_inf | sign_flip | zero | scale | offset | ulp_bias | count_excess |
-                         systematic | random | unknown, "text", ...figures},
+     "where":   {"kind": expert | token | column | tile_edge | column_band | tile | experts_but |
+                         everywhere | scattered | unknown, "text", "detail", ...ids},
+     "pattern": {"kind": nan_inf | sign_flip | zero | scale | scale_per_expert | offset | ulp_bias |
+                         count_excess | systematic | random | unknown, "text", ...figures},
      "verdict": {"failed": [verdict names], "text", "meaning": [lines]},
      "stage":   {"first_diverging", "text"} or None,
      "checks":  [names of the failed post-comparison checks],
@@ -223,6 +223,21 @@ def _tile_maxima(heat: Mapping) -> List[float]:
     return list(tiles.values())
 
 
+def _spared_expert(per_expert: List[float]) -> Optional[int]:
+    """The one expert the error spares, where the per-expert maxima say so: at least three
+    experts; it within its bound or under half the others', which agree within 2x (a bug in every
+    expert's weights but one's also reaches its tokens through their other routes)."""
+    if len(per_expert) < 3 or any(math.isnan(v) for v in per_expert):
+        return None
+    low = min(range(len(per_expert)), key=per_expert.__getitem__)
+    others = [v for i, v in enumerate(per_expert) if i != low]
+    if min(others) <= 1.0:
+        return None
+    if per_expert[low] <= 1.0:
+        return low
+    return low if max(others) <= 2 * min(others) and per_expert[low] < min(others) / 2 else None
+
+
 def _spread(tokens, columns, experts) -> str:
     parts = [f"{len(tokens)} token(s)", f"{len(columns)} column(s)"] + ([f"{len(experts)} expert(s)"] if experts else [])
     return ", ".join(parts)
@@ -302,6 +317,12 @@ def _where(elements: List[Dict[str, Any]], panel: Mapping, detail: Mapping, para
                  + ("; the only expert over its bound" if lone in experts_over and len(experts_over) == 1 else ""))
         out["expert"] = lone
         return done("expert", f"expert {lone} ({share})", f"{basis}, routed mostly to expert {lone}{spread}")
+    spared = _spared_expert(per_expert)
+    if spared is not None:
+        e, others = spared, [v for i, v in enumerate(per_expert) if i != spared]
+        out["spared_expert"] = e
+        return done("experts_but", f"every expert but {e}", f"{basis}; expert {e}'s max error {_g(per_expert[e])} vs "
+                                                            f"{_g(min(others))}-{_g(max(others))} elsewhere")
     everywhere_ish = (fraction >= 0.1 and len(per_expert) > 1 and len(experts_over) == len(per_expert)
                       and cells and cells_over >= 0.75 * len(cells))
     if fraction >= _EVERYWHERE_FRACTION or everywhere_ish:
@@ -346,6 +367,30 @@ def _simplest_in(lo: float, hi: float) -> str:
     return f"{mid:.6g}"
 
 
+def _constant(ratios: List[float], eps: float) -> bool:
+    """Ratios off 1 to one side, their spread under _CONSTANT_SPREAD of the distance (or 4 eps)."""
+    dev = median(ratios) - 1.0
+    return bool(dev) and all((q - 1.0) * dev > 0 for q in ratios) and (
+        max(ratios) - min(ratios) <= max(_CONSTANT_SPREAD * abs(dev), 4 * eps))
+
+
+def _ratio_per_expert(elements: List[Dict[str, Any]], eps: float) -> List[Tuple[int, str]]:
+    """[(expert, ratio)] when the worst elements of each of two or more experts (two or more each)
+    share a constant kernel/reference ratio of their own; [] otherwise."""
+    groups: Dict[int, List[float]] = {}
+    for w in elements:
+        if _num(w.get("expert")) and w["expert"] >= 0 and _finite(w.get("kernel")) and _finite(w.get("reference")) \
+                and w["reference"] != 0:
+            groups.setdefault(int(w["expert"]), []).append(w["kernel"] / w["reference"])
+    # experts with a single worst element say little: read the others, if they hold 2/3 of them
+    read = {e: g for e, g in groups.items() if len(g) >= 2}
+    if len(groups) < 2 or not read or sum(map(len, read.values())) * 3 < 2 * sum(map(len, groups.values())) \
+            or not all(_constant(g, eps) for g in read.values()):
+        return []
+    return [(e, _simplest_in(min(g), max(g)) if e in read else f"{_g(g[0], 4)} (one element)")
+            for e, g in sorted(groups.items())]
+
+
 def _pattern(elements: List[Dict[str, Any]], panel: Mapping, params: Mapping) -> Dict[str, Any]:
     if panel.get("nan_where_ref_finite"):
         return _nan_where(panel, elements)
@@ -380,12 +425,16 @@ def _pattern(elements: List[Dict[str, Any]], panel: Mapping, params: Mapping) ->
     eps = _EPS.get(str(params.get("dtype")), 2.0 ** -8)
     if len(ratios) >= 2:
         mid = median(ratios)
-        dev = mid - 1.0
         spread = max(ratios) - min(ratios)
-        if dev and all((q - 1.0) * dev > 0 for q in ratios) and spread <= max(_CONSTANT_SPREAD * abs(dev), 4 * eps):
+        if _constant(ratios, eps):
             return {"kind": "scale", "ratio": mid, "spread": spread,
                     "text": f"constant ratio {_simplest_in(min(ratios), max(ratios))} (a scale bug?): kernel/reference over {len(ratios)} "
                             f"elements, spread {_g(spread, 2)}"}
+    per_expert_ratio = _ratio_per_expert(elements, eps)
+    if per_expert_ratio:
+        parts = ", ".join(f"expert {e}: {r}" for e, r in per_expert_ratio)
+        return {"kind": "scale_per_expert", "ratios": per_expert_ratio,
+                "text": f"a constant ratio per expert ({parts}; kernel/reference): a per-expert scale bug?"}
     if n >= 2:
         mid_d = median(diffs)
         if mid_d and all(d * mid_d > 0 for d in diffs) and max(diffs) - min(diffs) <= _CONSTANT_SPREAD * abs(mid_d):
@@ -460,7 +509,8 @@ def _first_line(text: Any, limit: int = 200) -> str:
 
 
 # Few-word labels (``short``: a report's case table, where thousands of rows share a handful).
-_PATTERN_LABEL = {"nan_inf": "NaN/Inf", "sign_flip": "sign flip", "zero": "zeros", "scale": "scale", "offset": "offset",
+_PATTERN_LABEL = {"nan_inf": "NaN/Inf", "sign_flip": "sign flip", "zero": "zeros", "scale": "scale",
+                  "scale_per_expert": "scale per expert", "offset": "offset",
                   "ulp_bias": "ulp bias", "count_excess": "count excess", "systematic": "systematic bias",
                   "random": "random", "unknown": "?"}
 
@@ -477,6 +527,8 @@ def _label(where: Mapping) -> str:
         return "tile edge"
     if kind == "column_band":
         return "column band"
+    if kind == "experts_but":
+        return f"all experts but {where.get('spared_expert')}"
     return {"tile": "one tile", "everywhere": "everywhere", "scattered": "scattered"}.get(kind, "?")
 
 

@@ -74,6 +74,16 @@ def nan_in_expert2(inputs, case, out):
     return out
 
 
+def experts_1_to_3_rescaled(inputs, case, out):
+    """Every expert but 0 off by its own factor (a per-tensor weight scale read from the wrong
+    expert: the mutant tensor_scale_expert0's shape)."""
+    acc = out.double()
+    for e, extra in ((1, 0.2), (2, -0.1), (3, 0.15)):
+        w = torch.where(inputs.topk_ids == e, inputs.topk_weights, torch.zeros_like(inputs.topk_weights))
+        acc = acc + extra * ReferenceBackend().run(replace(inputs, topk_weights=w), case).double()
+    return acc.to(out.dtype)
+
+
 def one_ulp_up(inputs, case, out):
     return torch.nextafter(out, torch.full_like(out, float("inf")))
 
@@ -135,6 +145,12 @@ def test_one_ulp_systematic_bias():
     assert "systematic 1-ulp bias" in d["summary"] and "all above it" in d["summary"], d["summary"]
     assert d["pattern"]["kind"] == "ulp_bias" and d["pattern"]["side"] == "above"
     assert "conformance" in d["verdict"]["failed"]
+
+
+def test_every_expert_but_one_each_with_its_own_ratio():
+    d = _run(experts_1_to_3_rescaled, Case(M=12, N=64, K=64, E=4, topk=1, seed=3)).record.diagnosis
+    assert d["summary"].startswith("every expert but 0: a constant ratio per expert (expert 1: 1.2"), d["summary"]
+    assert d["where"]["kind"] == "experts_but" and d["pattern"]["kind"] == "scale_per_expert"
 
 
 # --- records: stored, old, and carrying the fields other parts fill ---------------------------
