@@ -428,8 +428,9 @@
     svgText(s, L + PW / 2, T + P + 28, what + (logX ? " (log scale" + (edges[0] === 0 ? "; first bin from 0)" : ")") : " (linear scale)"),
             { "text-anchor": "middle" });
     var total = counts.reduce(function (a, b) { return a + b; }, 0);
-    return el("figure", {}, [s, el("figcaption", { text: "histogram: " + what + " per element, " + total + " elements in bins" +
-      h.extra.map(function (x) { return "; " + x[0] + ": " + x[1]; }).join("") + h.notes.map(function (x) { return "; " + x; }).join("") })]);
+    return el("figure", {}, [s, el("figcaption", { text: "histogram: " + name + " (" + total + " elements in bins" +
+      h.extra.map(function (x) { return "; " + x[0] + ": " + x[1]; }).join("") + ")" + h.notes.map(function (x) { return "; " + x; }).join("") +
+      "; x: " + what + ", " + (logX ? "log" : "linear") + " scale, every bin edge marked" })]);
   }
   function panelTable(name, p) {
     var rows = [el("tr", {}, ["metric", "value", "allowed", "margin"].map(function (h) { return el("th", { text: h }); }))];
@@ -467,7 +468,7 @@
   function diagnosisBlock(d, reason) {
     var kids = [el("div", { cls: "diagnosis-summary", text: d.summary })];
     if (d.lines.length) kids.push(el("ul", {}, d.lines.map(function (l) { return el("li", {}, [el("b", { text: l[0] + " " }), l[1]]); })));
-    if (reason) kids.push(el("div", { cls: "muted reason-text", text: "reason: " + reason }));
+    if (reason) kids.push(el("div", { cls: "muted" }, ["reason: ", el("span", { cls: "reason-text", text: reason })]));
     return el("div", { cls: "diagnosis" }, kids);
   }
 
