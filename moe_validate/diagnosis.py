@@ -57,6 +57,8 @@ _EPS = {"fp32": 2.0 ** -24, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
 _CONSTANT_SPREAD = 0.1
 # A fraction of elements over the bound from which the error is "everywhere".
 _EVERYWHERE_FRACTION = 0.5
+# Up to this many ulps an error under the bound is "few-ulp" (a rounding-mode slip, a 1-ulp bias).
+_FEW_ULP = 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,12 +260,18 @@ def _where(elements: List[Dict[str, Any]], panel: Mapping, detail: Mapping, para
     experts = sorted({int(w["expert"]) for w in elements if _num(w.get("expert")) and w["expert"] >= 0})
     M, K = params.get("M"), params.get("K")
     over = int(panel.get("exceed_count") or 0)
+    differing = panel.get("differing") or {}
+    # A count-test failure (every element inside its bound): the differing elements are the evidence.
+    count_only = not over and _num(differing.get("value")) and differing["value"] > 0
+    if count_only:
+        over = int(differing["value"])
     total = (panel.get("differing") or {}).get("of") or (M * K if _num(M) and _num(K) else None)
     fraction = panel.get("exceed_fraction") if _num(panel.get("exceed_fraction")) else (
         over / total if total else 0.0)
     n = len(elements)
-    basis = (f"all {n} element(s) over the bound" if over and over <= n else
-             f"the {n} worst of {over} elements over the bound" if over else f"the {n} worst differing element(s)")
+    what = "differing element(s)" if count_only else "element(s) over the bound"
+    basis = (f"all {n} {what}" if over and over <= n else
+             f"the {n} worst of {over} {what}" if over else f"the {n} worst differing element(s)")
     out: Dict[str, Any] = {"basis": basis, "tokens": tokens, "columns": columns, "experts": experts,
                            "over": over, "fraction": fraction}
     rt, ct = TILE
@@ -276,14 +284,6 @@ def _where(elements: List[Dict[str, Any]], panel: Mapping, detail: Mapping, para
 
     if not elements:
         return done("unknown", "location unknown", "the record names no worst element")
-    if not over:
-        # Every element inside its bound, too many differing at all (the count test): where they are.
-        diff = panel.get("differing") or {}
-        if _num(diff.get("value")) and diff.get("of"):
-            share = diff["value"] / diff["of"]
-            kind = "everywhere" if share >= _EVERYWHERE_FRACTION else "scattered"
-            return done(kind, f"{'everywhere' if kind == 'everywhere' else 'scattered'} ({int(diff['value'])} of "
-                              f"{diff['of']} elements differ from the oracle)", basis)
     # Experts with an element over its bound, over all elements (the detail's per-expert maxima).
     experts_over = [e for e, v in enumerate(per_expert) if math.isnan(v) or v > 1.0]
     cells = _tile_maxima(detail.get("heatmap") if isinstance(detail.get("heatmap"), dict) else {})
@@ -317,6 +317,10 @@ def _where(elements: List[Dict[str, Any]], panel: Mapping, detail: Mapping, para
                  + ("; the only expert over its bound" if lone in experts_over and len(experts_over) == 1 else ""))
         out["expert"] = lone
         return done("expert", f"expert {lone} ({share})", f"{basis}, routed mostly to expert {lone}{spread}")
+    if count_only and differing.get("of"):
+        share = differing["value"] / differing["of"]
+        kind = "everywhere" if share >= _EVERYWHERE_FRACTION else "scattered"
+        return done(kind, f"{kind} ({int(differing['value'])} of {differing['of']} elements differ from the oracle)", basis)
     spared = _spared_expert(per_expert)
     if spared is not None:
         e, others = spared, [v for i, v in enumerate(per_expert) if i != spared]
@@ -374,6 +378,16 @@ def _constant(ratios: List[float], eps: float) -> bool:
         max(ratios) - min(ratios) <= max(_CONSTANT_SPREAD * abs(dev), 4 * eps))
 
 
+def _ratio_text(ratios: List[float]) -> str:
+    """'constant ratio 1.01', or 'constant ratio about 1.02 (to the output's rounding)' where
+    only the storage rounding's slack made the ratios agree (the worst elements lean outward)."""
+    dev = median(ratios) - 1.0
+    value = _simplest_in(min(ratios), max(ratios))
+    if max(ratios) - min(ratios) > _CONSTANT_SPREAD * abs(dev):
+        return f"constant ratio about {value}, to the output's rounding,"
+    return f"constant ratio {value}"
+
+
 def _ratio_per_expert(elements: List[Dict[str, Any]], eps: float) -> List[Tuple[int, str]]:
     """[(expert, ratio)] when the worst elements of each of two or more experts (two or more each)
     share a constant kernel/reference ratio of their own; [] otherwise."""
@@ -391,7 +405,9 @@ def _ratio_per_expert(elements: List[Dict[str, Any]], eps: float) -> List[Tuple[
             for e, g in sorted(groups.items())]
 
 
-def _pattern(elements: List[Dict[str, Any]], panel: Mapping, params: Mapping) -> Dict[str, Any]:
+def _pattern(elements: List[Dict[str, Any]], panel: Mapping, params: Mapping, random_like: bool = True) -> Dict[str, Any]:
+    """``random_like``: the error is spread (everywhere, scattered); located in one expert, token
+    or tile, mixed signs say only that no ratio or offset fits (the record lacks the parts)."""
     if panel.get("nan_where_ref_finite"):
         return _nan_where(panel, elements)
     pairs = [(float(w["kernel"]), float(w["reference"])) for w in elements
@@ -402,17 +418,24 @@ def _pattern(elements: List[Dict[str, Any]], panel: Mapping, params: Mapping) ->
     mn = (panel.get("max_normalized") or {}).get("value")
     differing = panel.get("differing") or {}
     ulp = (panel.get("ulp") or {}).get("value")
+    eps = _EPS.get(str(params.get("dtype")), 2.0 ** -8)
     if _num(mn) and mn <= 1.0 and _num(differing.get("allowed")) and differing.get("value", 0) > differing["allowed"]:
-        # Every element inside its bound; too many differ at all: an error smaller than one flip.
+        # Every element inside its bound; too many differ at all: an error smaller than the bound.
         count = f"{int(differing['value'])} of {differing.get('of', '?')} elements differ from the oracle"
         limit = f"more than the {int(differing['allowed'])} rounding flips explain"
+        ratios = [k / r for k, r in pairs if r != 0]
+        if len(ratios) >= 2 and _constant(ratios, eps) and abs(median(ratios) - 1.0) > 2 * eps:
+            return {"kind": "scale", "ratio": median(ratios), "spread": max(ratios) - min(ratios),
+                    "text": f"{_ratio_text(ratios)} (a scale bug?) inside the tolerance: {count}, {limit}"}
+        few = _num(ulp) and ulp <= _FEW_ULP
+        by = f"by at most {_g(ulp)} ulp" if few else f"by up to {_g(ulp)} ulp, each inside its bound"
         if n and (above == n or below == n):
             side = "above" if above else "below"
             return {"kind": "ulp_bias", "ulp": ulp, "side": side,
-                    "text": f"systematic {_g(ulp)}-ulp bias: {count} by at most {_g(ulp)} ulp, {limit}, the {n} worst "
-                            f"all {side} it (a rounding-mode or bias bug smaller than one ulp of tolerance?)"}
+                    "text": (f"systematic {_g(ulp)}-ulp bias: " if few else "systematic bias under the tolerance: ")
+                            + f"{count} {by}, {limit}, the {n} worst all {side} it (a rounding-mode or bias bug?)"}
         return {"kind": "count_excess", "ulp": ulp,
-                "text": f"few-ulp count excess: {count} by at most {_g(ulp)} ulp, {limit} (mixed signs)"}
+                "text": f"{'few-ulp ' if few else ''}count excess: {count} {by}, {limit} (mixed signs)"}
     if not n:
         return {"kind": "unknown", "text": "no finite worst element to read a pattern from"}
     nonzero = [(k, r) for k, r in pairs if r != 0]
@@ -422,13 +445,12 @@ def _pattern(elements: List[Dict[str, Any]], panel: Mapping, params: Mapping) ->
     if len(ratios) >= 2 and all(abs(q + 1) <= 0.02 for q in ratios):
         return {"kind": "sign_flip", "ratio": median(ratios),
                 "text": f"sign flip: kernel = -reference (kernel/reference {_g(min(ratios), 4)} .. {_g(max(ratios), 4)})"}
-    eps = _EPS.get(str(params.get("dtype")), 2.0 ** -8)
     if len(ratios) >= 2:
         mid = median(ratios)
         spread = max(ratios) - min(ratios)
         if _constant(ratios, eps):
             return {"kind": "scale", "ratio": mid, "spread": spread,
-                    "text": f"constant ratio {_simplest_in(min(ratios), max(ratios))} (a scale bug?): kernel/reference over {len(ratios)} "
+                    "text": f"{_ratio_text(ratios)} (a scale bug?): kernel/reference over {len(ratios)} "
                             f"elements, spread {_g(spread, 2)}"}
     per_expert_ratio = _ratio_per_expert(elements, eps)
     if per_expert_ratio:
@@ -448,7 +470,8 @@ def _pattern(elements: List[Dict[str, Any]], panel: Mapping, params: Mapping) ->
     if n >= 2:
         z = (panel.get("z_rms") or {}).get("value")
         cos = (panel.get("cosine") or {}).get("value")
-        return {"kind": "random", "text": f"random-looking: mixed signs ({above} above, {below} below the reference)"
+        return {"kind": "random", "text": f"{'random-looking: ' if random_like else ''}mixed signs ({above} above, "
+                                          f"{below} below the reference){'' if random_like else ', no constant ratio or offset'}"
                                           + (f", cosine {_g(cos, 4)}" if _num(cos) else "")
                                           + (f", z RMS {_g(z)}" if _num(z) else "")}
     k, r = pairs[0]
@@ -565,7 +588,7 @@ def diagnose(rec: Any) -> Optional[Dict[str, Any]]:
     detail = detail if isinstance(detail, dict) else {}
     elements = _elements(panel)
     where = _where(elements, panel, detail, params)
-    pattern = _pattern(elements, panel, params)
+    pattern = _pattern(elements, panel, params, random_like=where["kind"] in ("everywhere", "scattered", "unknown"))
     summary = f"{where['text']}: {pattern['text']}; {verdict['text']}"
     short = f"{_label(where)}: {_PATTERN_LABEL.get(pattern['kind'], pattern['kind'])}"
     if pattern["kind"] == "scale":
