@@ -379,12 +379,12 @@ def _constant(ratios: List[float], eps: float) -> bool:
 
 
 def _ratio_text(ratios: List[float]) -> str:
-    """'constant ratio 1.01', or 'constant ratio about 1.02 (to the output's rounding)' where
-    only the storage rounding's slack made the ratios agree (the worst elements lean outward)."""
+    """'constant ratio 1.01', or 'constant ratio about 1.02' where only the storage rounding's
+    slack made the ratios agree (the worst elements, chosen by their error, lean outward)."""
     dev = median(ratios) - 1.0
     value = _simplest_in(min(ratios), max(ratios))
     if max(ratios) - min(ratios) > _CONSTANT_SPREAD * abs(dev):
-        return f"constant ratio about {value}, to the output's rounding,"
+        return f"constant ratio about {value}"
     return f"constant ratio {value}"
 
 
