@@ -108,6 +108,14 @@ def test_expert_scale_bug_reads_expert_and_constant_ratio():
     assert result.message().splitlines()[0] == f"{result.record.case_id}: FAIL: {d['summary']}"
 
 
+def test_expert_scale_bug_inside_the_tolerance_is_located_by_the_count_test():
+    # The issue's own case: bf16, top-2, every element inside its bound, too many differing.
+    d = _run(expert1_times_1_01, Case(M=7, N=64, K=64, E=4, topk=2, seed=0)).record.diagnosis
+    assert d["summary"].startswith("expert 1 "), d["summary"]
+    assert "(a scale bug?) inside the tolerance" in d["summary"] and d["pattern"]["kind"] == "scale", d["summary"]
+    assert d["verdict"]["failed"] == ["conformance"]
+
+
 def test_one_token():
     d = _run(token3_noise, Case(M=8, N=64, K=64, E=4, topk=2, seed=7)).record.diagnosis
     assert d["summary"].startswith("token 3 only: "), d["summary"]
