@@ -8,7 +8,8 @@ A thin shell over ``moe_validate.runner``. Exit statuses, the same for every com
          calibrate --strict: a row outside its band; bench: nothing could be timed)
     2    usage error: bad argument or input file (unknown suite, malformed case id or filter,
          unreadable or mixed results, an --out that holds another run or cannot be written)
-    3    incomplete: expected cases missing or not run, or a run without its footer (killed)
+    3    incomplete: expected cases missing or not run, a run without its footer (killed), or
+         (run --max-skip FRACTION) more of the cases skipped than FRACTION
     4    harness error: the harness could not record (disk full, output gone mid-run)
     130  interrupted (Ctrl-C): the results and the report of what finished are written
 
@@ -27,7 +28,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from moe_validate.exit_codes import (EXIT_CODES, EXIT_FAILURES, EXIT_HARNESS, EXIT_INCOMPLETE, EXIT_INTERRUPTED,
                                      EXIT_PASS, EXIT_USAGE)
@@ -59,11 +60,25 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _select_cases(suite: Optional[str], expr: Optional[str]):
-    """(suite name, valid cases of the suite matching ``expr``); bad names -> UsageError."""
+def _gpu_visible_without_torch() -> bool:
+    """Whether an NVIDIA GPU is visible here, asked without importing torch (``list`` starts in a
+    tenth of a second, not seconds): the driver lists each GPU under /proc/driver/nvidia/gpus, and
+    ``CUDA_VISIBLE_DEVICES`` set to nothing (or -1) hides them all, as it does from torch."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    try:
+        return bool(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return False
+
+
+def _select_cases(suite: Optional[str], expr: Optional[str], has_cuda=_has_cuda):
+    """(suite name, valid cases of the suite matching ``expr``); bad names -> UsageError.
+    ``has_cuda`` is asked only when no suite is named (the default depends on the machine)."""
     from moe_validate import matrix
 
-    name = suite or matrix.default_suite(_has_cuda())
+    name = suite or matrix.default_suite(has_cuda())
     try:
         cases = matrix.suite_cases(name)
         if expr:
@@ -188,9 +203,53 @@ def _out_dir(args, name: str) -> Path:
     return Path("reports") / f"{name}-{stamp}"
 
 
+def _coverage_lines(results_path: Path, expected: int, max_skip: Optional[float]) -> Tuple[List[str], bool]:
+    """(the end-of-run coverage line and the diagnosis of each not-passing case, whether the skip
+    fraction exceeds ``max_skip``)."""
+    from moe_validate.coverage import ran_line, skip_fraction
+    from moe_validate.diagnosis import summary_of
+    from moe_validate.results import ResultsError, load_results
+
+    try:
+        cases = load_results([results_path]).cases
+    except ResultsError as exc:
+        return [f"coverage unknown: {exc}"], False
+    lines = []
+    bad = [c for c in cases if c.is_bad]
+    for rec in bad[:_DIAGNOSED_AT_END]:  # a FAIL's diagnosis says where; the others' name their outcome
+        lines.append(f"  {rec.case_id}: " + ("FAIL: " if rec.outcome == "FAIL" else "") + str(summary_of(rec)))
+    if len(bad) > _DIAGNOSED_AT_END:
+        lines.append(f"  ... {len(bad) - _DIAGNOSED_AT_END} more not passing: the report and results.jsonl hold them all")
+    lines.append(ran_line(cases, expected))
+    fraction = skip_fraction(cases, expected)
+    over = max_skip is not None and fraction > max_skip
+    if over:
+        lines.append(f"{PROG}: {100 * fraction:.0f}% of the cases skipped, more than --max-skip {max_skip:g} allows: "
+                     f"exit {EXIT_INCOMPLETE} (the run checked too little of its suite to pass)")
+    return lines, over
+
+
+_DIAGNOSED_AT_END = 10  # not-passing cases whose diagnosis the end of a run prints
+
+
+def _max_skip(text: Optional[str]) -> Optional[float]:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise UsageError(f"--max-skip must be a fraction between 0 and 1; got {text!r}")
+    return value
+
+
 def cmd_run(args) -> int:
     from moe_validate import runner
+    from moe_validate.contract.rules import interpreting
+    from moe_validate.coverage import plan_line
 
+    max_skip = _max_skip(args.max_skip)
     suite, cases = _select_cases(args.suite, args.filter)
     if args.rerun_failed:  # issue 22: only the cases whose last outcome there was not PASS/SKIP
         suite, cases = _rerun_failed_or_usage(args.rerun_failed, args.filter)
@@ -207,6 +266,9 @@ def cmd_run(args) -> int:
     out_dir = _out_dir(args, suite)
     repeat_fields = ({"repeat": args.repeat, "fresh_seeds": args.fresh_seeds, "first_repetition": args.first_repetition}
                      if (args.repeat > 1 or args.fresh_seeds) else {})
+    # Coverage up front: what this run will and will not check, and about how long it takes.
+    print(plan_line(suite, args.backend, cases, interpreting=interpreting(), workers=args.workers), file=sys.stderr,
+          flush=True)
     summary = _run_cases(cases, args, out_dir, suite=suite, shard=args.shard, header_extra=repeat_fields)
     if summary.interrupted:
         print(f"{PROG}: interrupted: writing the report of the {summary.present} cases that finished", file=sys.stderr)
@@ -225,9 +287,13 @@ def cmd_run(args) -> int:
     if summary.bad_cases:
         shown = summary.bad_cases[:10]
         print("not passing: " + ", ".join(shown) + (" ..." if len(summary.bad_cases) > 10 else ""))
+    coverage, too_many_skipped = _coverage_lines(summary.results_path, summary.expected, max_skip)
+    print("\n".join(coverage))
     if args.repeat > 1 or args.fresh_seeds:
         print("\n".join(_repetition_lines(summary.bad_cases, args.repeat, args.first_repetition)))
-    return summary.exit_code
+    code = summary.exit_code
+    # A run that skipped more than --max-skip allows is incomplete (3), unless worse was said.
+    return EXIT_INCOMPLETE if too_many_skipped and code in (EXIT_PASS, EXIT_FAILURES) else code
 
 
 def _rerun_failed_or_usage(path: str, expr: Optional[str]):
@@ -281,7 +347,7 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_list(args) -> int:
-    suite, cases = _select_cases(args.suite, args.filter)
+    suite, cases = _select_cases(args.suite, args.filter, has_cuda=_gpu_visible_without_torch)
     for case in cases:
         print(case.id)
     # The count goes to stderr so that stdout stays a clean list of ids for scripts.
@@ -363,6 +429,12 @@ def cmd_bench(args) -> int:
         raise UsageError(f"--time-budget must be positive seconds; got {args.time_budget}")
     if args.reference_max_m < 0:
         raise UsageError(f"--reference-max-m must be >= 0; got {args.reference_max_m}")
+    from moe_validate.contract.rules import interpreting
+
+    # At once, before any row: without a GPU every row would be 'unsupported'.
+    if interpreting() or not _has_cuda():
+        raise UsageError("bench needs a CUDA GPU with native Triton (unset TRITON_INTERPRET): timings under the "
+                         "interpreter or on a CPU mean nothing")
     settings = {"reference_max_m": args.reference_max_m, "profile": bool(args.profile)}
     if args.quick:
         settings.update(target_ms=60.0, max_reps=60, routing_sets=4)
@@ -434,7 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     exit_table = "exit status (every command):\n" + "\n".join(f"  {code:<4} {text}" for code, text in EXIT_CODES)
     parser = _Parser(prog=PROG, description="Validate fused-MoE expert kernels against the float64 reference.",
                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=exit_table)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser.add_argument("--version", action=_VersionAction, help="print the package version and the commit it runs from")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser,
+                                help="what to do (each has its own --help)")
     sub.required = True
 
     def out_args(p):
@@ -464,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0, help="per-case limit in seconds (default 600)")
     out_args(p)
     p.add_argument("--no-report", action="store_true", help="write results.jsonl only")
+    p.add_argument("--max-skip", metavar="FRACTION",
+                   help=f"fail the run (exit {EXIT_INCOMPLETE}, incomplete) when more than FRACTION (0..1) of its cases "
+                        "are skipped: a CPU job that skipped most of its suite has not passed it")
     p.add_argument("--junitxml", metavar="FILE", help="also write the run as JUnit XML (one testcase per case) for CI")
     p.add_argument("--rerun-failed", metavar="RESULTS", help="run only the cases whose last outcome in this "
                    "results.jsonl was not PASS or SKIP (rebuilt from its records; --filter narrows them)")
@@ -495,14 +572,19 @@ def build_parser() -> argparse.ArgumentParser:
     suite_args(p)
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("repro", help="run one case in this process and print its evaluation")
-    p.add_argument("case_id")
-    p.add_argument("--backend", default="triton")
+    p = sub.add_parser("repro", help="run one case in this process and print its evaluation",
+                       description="Run one case in this process (no worker, no timeout) and print what broke and "
+                                   "where: its diagnosis, the failure anatomy, the launch config and the checks.")
+    p.add_argument("case_id", metavar="CASE_ID",
+                   help="a case id as run, list and the report print it, e.g. bf16-none-silu-M7N64K64E4k2-s0")
+    p.add_argument("--backend", default="triton",
+                   help="triton | reference | module:attr | entry-point name (default triton), as for run")
     p.set_defaults(func=cmd_repro)
 
     p = sub.add_parser("report", help="merge results files (shards) and render one HTML report", epilog=exit_table,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("results", nargs="+", metavar="RESULTS.jsonl")
+    p.add_argument("results", nargs="+", metavar="RESULTS.jsonl",
+                   help="results files to merge into one report (the shards of one run, or one file)")
     p.add_argument("--out", help="report file (default: report.html beside the first results file)")
     p.add_argument("--baseline", metavar="OLD.jsonl", help="results to diff against in the report")
     p.add_argument("--run", metavar="RUN_ID", help="report only this run (id or unique prefix) of a file holding several")
@@ -515,14 +597,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="text diff of two runs: new failures, fixes, drift, missing cases (exit 1 on "
                                        "regressions, 3 when NEW is incomplete)",
                        epilog=exit_table, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("old", metavar="OLD.jsonl")
-    p.add_argument("new", metavar="NEW.jsonl")
+    p.add_argument("old", metavar="OLD.jsonl", help="the baseline run's results file")
+    p.add_argument("new", metavar="NEW.jsonl", help="the run to judge against it")
     p.add_argument("--old-run", metavar="RUN_ID", help="the run of OLD to compare (when it holds several)")
     p.add_argument("--new-run", metavar="RUN_ID", help="the run of NEW to compare (when it holds several)")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("env", help="print the environment a run would record")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("env", help="print the environment a run would record",
+                       description="Print the environment a run records in its results header: GPU, capability, "
+                                   "driver, CUDA, torch, triton, interpreter mode, commit, host, python.")
+    p.add_argument("--json", action="store_true", help="print it as one JSON object (the header's env field)")
     p.set_defaults(func=cmd_env)
     # selftest owns its options (moe_validate/selftest.py); main() hands it the rest of the
     # command line, so that building this parser never imports it (it pulls in torch).
@@ -563,6 +647,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: the package version and the commit, read when asked (git runs only then)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
+def version_text() -> str:
+    """'moe-validate 0.1.0 (commit <sha>[+dirty])'; 'commit unknown' outside a git checkout."""
+    from importlib import metadata
+
+    from moe_validate.env import _REPO_ROOT, _git_commit
+
+    try:
+        version = metadata.version(PROG)
+    except metadata.PackageNotFoundError:
+        version = "(not installed)"
+    commit = _git_commit(_REPO_ROOT)
+    return f"{PROG} {version} (commit {commit or 'unknown'})"
+
+
 def _interpreter_without_gpu() -> None:
     """README: with no GPU the kernels run through the Triton interpreter, set up here.
 
@@ -588,7 +697,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return selftest_main(argv[1:])
         args = parser.parse_args(argv)
         args.argv = argv
-        if args.command in ("run", "repro", "list", "env", "calibrate"):
+        if args.command in ("run", "repro", "env", "calibrate"):  # list runs nothing: no torch
             _interpreter_without_gpu()
         return args.func(args)
     except UsageError as exc:

@@ -3,9 +3,11 @@
 ``evaluate(case, inputs, out)`` runs the reference itself (``mirror`` and ``exact``, on the
 inputs' device), derives the per-element bounds (``tolerance.derive``), and returns an
 ``Evaluation``: data for the results file, never an exception for a numerical failure. Callers
-decide whether to raise (``Evaluation.message()`` has PyTorch's anatomy: headline with the case
-id; mismatched elements k / n (p%); greatest absolute and relative difference at an index with
-what was allowed; NaN/Inf listed apart; the first few coordinates with both values).
+decide whether to raise (``Evaluation.message()`` has PyTorch's anatomy, the diagnosis leading:
+headline with the case id and ``moe_validate.diagnosis``'s one line; mismatched elements k / n
+(p%); the one worst element, by |diff| / allowed, with the allowance there (the relative
+difference only where the reference is larger than its allowance); NaN/Inf listed apart; the
+first few coordinates with both values).
 
 A panel (results.py schema) holds: ``max_abs``, ``max_normalized`` (max |d| / allowed: the
 deciding metric, allowed 1), ``rel_frobenius``, ``cosine``, ``norm_ratio``, ``z_rms`` and
@@ -24,13 +26,13 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from moe_validate import tolerance as _tol
+from moe_validate.diagnosis import TILE  # nominal (token, column) tile used to name where an element lives
 from moe_validate.contract.spec import MoEInputs, QuantScheme, storage_dtype
 
 __all__ = ["Evaluation", "evaluate", "metric_panel", "passes", "sampled_rows", "TILE", "WORST_COUNT",
            "SAMPLE_HEAD_ROWS", "SAMPLE_TAIL_ROWS"]
 
 F64 = torch.float64
-TILE = (16, 32)  # nominal (token, column) tile used to name where an element lives
 WORST_COUNT = 8
 HEATMAP_MAX_CELLS = 64
 _MESSAGE_COORDS = 5
@@ -209,7 +211,7 @@ class Evaluation:
                  worst_margin=worst_margin, case_id=getattr(case, "id", str(case)))
         which = failing or "mirror"
         ref, allowed = oracles[which][:2]
-        ev._anatomy = _anatomy(kernel, ref, allowed, which, label.get(which, which), token_of_row)
+        ev._anatomy = _anatomy(kernel, ref, allowed, which, label.get(which, which), token_of_row, expert_of)
         if not passed or always_detail:
             ev.detail = _detail(kernel, ref, allowed, storage, expert_of, num_experts)
             if token_of_row is not None:
@@ -229,31 +231,55 @@ class Evaluation:
             return None
         return f"compared rows: {c['compared']} of {c['of']}, {c['mode']} ({c['how']})"
 
-    def message(self) -> str:
+    def message(self, diagnosis: Optional[str] = None) -> str:
+        """The failure anatomy, the diagnosis leading: headline (case id, outcome, diagnosis), the
+        deciding reason, mismatched elements k / n (p%), the one worst element (largest |diff| /
+        allowed) with the allowance there, NaN/Inf apart, the first few mismatches.
+
+        ``diagnosis``: the record's one-line summary (``moe_validate.diagnosis``); made here from
+        this evaluation's panels when not given.
+        """
         a = self._anatomy
+        if diagnosis is None and not self.passed:
+            diagnosis = self._diagnosis()
         head = f"{self.case_id}: {'PASS' if self.passed else 'FAIL'}"
-        if self.reason:
-            head += f": {self.reason}"
+        if diagnosis:
+            head += f": {diagnosis}"
+        lines = [head]
+        if self.reason:  # a row-sampled comparison says so in its reason
+            lines.append(f"reason: {self.reason}")
         if not a:
-            return head
-        lines = [head]  # a row-sampled comparison says so in its reason, hence in the head
+            return "\n".join(lines)
         lines.append(f"Mismatched elements: {a['mismatched']} / {a['total']} ({a['pct']:.1f}%) against {a['oracle']}")
-        if a.get("abs") is not None:
-            lines.append(f"Greatest absolute difference: {a['abs'][0]:.6g} at index {a['abs'][1]} "
-                         f"(up to {a['abs'][2]:.6g} allowed)")
-            lines.append(f"Greatest relative difference: {a['rel'][0]:.6g} at index {a['rel'][1]} "
-                         f"(up to {a['rel'][2]:.6g} allowed)")
+        w = a.get("worst")
+        if w is not None:
+            where = f"index {w['index']}" + (f" (expert {w['expert']})" if w.get("expert") is not None else "")
+            if w["special"]:
+                lines.append(f"Worst element: {where}: kernel {w['kernel']:.6g} where the reference is {w['reference']:.6g}")
+            else:
+                rel = (f"; relative difference {w['diff'] / abs(w['reference']):.3g}"
+                       if w["reference"] != 0 and abs(w["reference"]) > w["allowed"] else "")
+                lines.append(f"Worst element (largest |diff| / allowed): {where}: kernel {w['kernel']:.6g}, reference "
+                             f"{w['reference']:.6g}; |diff| {w['diff']:.6g} against {w['allowed']:.6g} allowed there "
+                             f"({w['normalized']:.3g}x){rel}")
         if a["nan_where_finite"]:
             lines.append(f"NaN/Inf: kernel NaN at {a['kernel_nan']} element(s) where the reference is finite, "
                          f"Inf at {a['kernel_inf']}; first at {a['first_special']}")
         if a["coords"]:
-            lines.append("First mismatches (index: kernel, reference, allowed):")
+            lines.append("First mismatches (index: kernel, reference, allowed there):")
             for idx, kv, rv, av in a["coords"]:
                 lines.append(f"  {idx}: kernel {kv:.6g}, reference {rv:.6g} (allowed {av:.3g})")
         return "\n".join(lines)
 
+    def _diagnosis(self) -> Optional[str]:
+        from moe_validate.diagnosis import summary_of
 
-def _anatomy(kernel, ref, allowed, which, label, token_of_row: Optional[List[int]] = None) -> dict:
+        return summary_of({"outcome": "FAIL", "reason": self.reason, "metrics": self.metrics, "detail": self.detail,
+                           "params": self._anatomy.get("shape", {})})
+
+
+def _anatomy(kernel, ref, allowed, which, label, token_of_row: Optional[List[int]] = None,
+             expert_of: Optional[torch.Tensor] = None) -> dict:
     k = kernel.detach().to("cpu", F64)
     r = ref.detach().to("cpu", F64)
     a = allowed.detach().to("cpu", F64)
@@ -267,7 +293,8 @@ def _anatomy(kernel, ref, allowed, which, label, token_of_row: Optional[List[int
            "nan_where_finite": int(special.sum()),
            "kernel_nan": int((torch.isnan(k) & torch.isfinite(r)).sum()),
            "kernel_inf": int((torch.isinf(k) & torch.isfinite(r)).sum()),
-           "abs": None, "rel": None, "coords": [], "first_special": None}
+           "worst": None, "coords": [], "first_special": None,
+           "shape": {"M": int(r.shape[0]), "K": int(r.shape[1])} if r.dim() == 2 else {}}
 
     def idx_of(flat):
         if r.dim() != 2:
@@ -275,13 +302,19 @@ def _anatomy(kernel, ref, allowed, which, label, token_of_row: Optional[List[int
         row, col = divmod(flat, r.shape[1])
         return (token_of_row[row] if token_of_row is not None else int(row), int(col))
 
-    if n and fin.any():
-        ia = int(torch.argmax(torch.where(fin, d, torch.full_like(d, -1.0))))
-        out["abs"] = (float(d.view(-1)[ia]), idx_of(ia), float(a.view(-1)[ia]))
-        rel = torch.where(fin & (r != 0), d / r.abs(), torch.where(fin & (d > 0), torch.full_like(d, math.inf), torch.zeros_like(d)))
-        ir = int(torch.argmax(torch.where(fin, rel, torch.full_like(rel, -1.0))))
-        ra = float(a.view(-1)[ir] / r.view(-1)[ir].abs()) if r.view(-1)[ir] != 0 else math.inf
-        out["rel"] = (float(rel.view(-1)[ir]), idx_of(ir), ra)
+    # One worst location: the element whose |diff| uses most of its own allowance (a kernel
+    # NaN/Inf where the reference is finite first). The largest |diff| anywhere may sit where
+    # much is allowed and pass; naming it would make a failing case read as within tolerance.
+    norm = torch.where(fin, torch.where(d == 0, torch.zeros_like(d), d / a.clamp_min(1e-300)), torch.zeros_like(d))
+    norm = torch.where(special, torch.full_like(norm, math.inf), norm)
+    if n and (fin.any() or special.any()):
+        iw = int(torch.argmax(norm.view(-1)))
+        eg = _expert_grid(expert_of, r.shape)
+        expert = int(eg.reshape(-1)[iw]) if eg is not None else None
+        out["worst"] = {"index": idx_of(iw), "kernel": float(k.view(-1)[iw]), "reference": float(r.view(-1)[iw]),
+                        "diff": float(d.view(-1)[iw]), "allowed": float(a.view(-1)[iw]),
+                        "normalized": float(norm.view(-1)[iw]), "special": bool(special.view(-1)[iw]),
+                        "expert": expert if expert is not None and expert >= 0 else None}
     if special.any():
         out["first_special"] = idx_of(int(torch.nonzero(special.view(-1))[0]))
     for flat in torch.nonzero(mism.view(-1)).view(-1)[:_MESSAGE_COORDS].tolist():
@@ -299,6 +332,17 @@ def _histogram(values: torch.Tensor, edges: List[float]) -> dict:
     return {"edges": edges, "counts": counts, "last_count_is": "non-finite (NaN/Inf where the reference is finite)"}
 
 
+def _heat_cell(n: int) -> int:
+    """Elements per heatmap cell along an extent of ``n``: the smallest power of two that keeps
+    the cells within HEATMAP_MAX_CELLS. One element per cell for a small case (a 7 x 64 output is
+    7 x 64 cells, not two tiles); a power of two either divides the nominal TILE or is a multiple
+    of it, so a cell never straddles a tile edge."""
+    cell = 1
+    while math.ceil(n / cell) > HEATMAP_MAX_CELLS:
+        cell *= 2
+    return cell
+
+
 def _detail(kernel, ref, allowed, storage, expert_of, num_experts) -> dict:
     k = kernel.detach().to("cpu", F64)
     r = ref.detach().to("cpu", F64)
@@ -309,8 +353,7 @@ def _detail(kernel, ref, allowed, storage, expert_of, num_experts) -> dict:
     norm = torch.where(fin, torch.where(d == 0, torch.zeros_like(d), d / a), torch.zeros_like(d))
     norm = torch.where(special, torch.full_like(norm, math.inf), norm)
     M, K = r.shape if r.dim() == 2 else (r.numel(), 1)
-    rt = TILE[0] * max(1, math.ceil(M / (TILE[0] * HEATMAP_MAX_CELLS)))
-    ct = TILE[1] * max(1, math.ceil(K / (TILE[1] * HEATMAP_MAX_CELLS)))
+    rt, ct = _heat_cell(M), _heat_cell(K)
     heat = []
     for i in range(0, M, rt):
         row = []

@@ -819,6 +819,15 @@ _FILTER_TOKEN = re.compile(r"\s*(?:(?P<punct>[(),])|(?P<atom>[A-Za-z_]\w*\s*!?=\
 _ATOM = re.compile(r"(?P<axis>[A-Za-z_]\w*)\s*(?P<op>!?=)\s*(?P<value>.*)")
 
 
+_GLOB = re.compile(r"[*?\[]")
+
+
+def _is_invariance_list(value: str) -> bool:
+    parts = value.split("+")
+    return all(p in INVARIANCES for p in parts) and [INVARIANCES.index(p) for p in parts] == sorted(
+        {INVARIANCES.index(p) for p in parts})
+
+
 def _check_filter_value(axis: str, value: str, term: str) -> None:
     """Raise ValueError when ``value`` can match no case on ``axis``, naming what it could be."""
     kind = _FIELD_TYPES[axis]
@@ -830,15 +839,24 @@ def _check_filter_value(axis: str, value: str, term: str) -> None:
             raise ValueError(f"filter value for {axis} must be one of {', '.join(_BOOL_WORDS)}; got {value!r} {where}")
     elif kind.endswith("int]") or kind == "int":
         try:
-            int(value)
+            number = int(value)
         except ValueError:
             extra = " or none" if kind.startswith("Optional") else ""
             raise ValueError(f"filter value for {axis} must be an integer{extra}; got {value!r} {where}") from None
+        if axis == "group_size" and number not in INT4_GROUP_SIZES:
+            raise ValueError(f"filter value for group_size must be one of {', '.join(map(str, INT4_GROUP_SIZES))} or "
+                             f"none; got {value!r} {where}")
     elif kind.endswith("float]") or kind == "float":
         try:
             float(value)
         except ValueError:
             raise ValueError(f"filter value for {axis} must be a number or none; got {value!r} {where}") from None
+    elif _GLOB.search(value) is None and axis == "config" and value not in CONFIG_KINDS and parse_config_token(value) is None:
+        raise ValueError(f"filter value for config must be one of {', '.join(CONFIG_KINDS)} or a launch config "
+                         f"like {EXPLICIT_CONFIGS[0]} (or a glob); got {value!r} {where}")
+    elif _GLOB.search(value) is None and axis == "invariance" and value != "none" and not _is_invariance_list(value):
+        raise ValueError(f"filter value for invariance must be none or a '+'-joined subset of {', '.join(INVARIANCES)} "
+                         f"in that order (or a glob); got {value!r} {where}")
     elif axis in _CLOSED_AXES and not any(fnmatch.fnmatchcase(v, value) for v in _CLOSED_AXES[axis]):
         raise ValueError(f"filter value for {axis} must be one of {', '.join(_CLOSED_AXES[axis])} (or a glob "
                          f"matching one); got {value!r} {where}")

@@ -2,6 +2,9 @@
 
 Part of the leaf contract (``moe_validate/contract``): it imports torch, enum and dataclasses
 only, so that ``kernels`` and ``reference`` can depend on it without pulling in the harness.
+torch is imported when a dtype or a tensor is first asked for (``FP8_DTYPE``, ``weight_dtype``,
+``storage_dtype``, ...), not at import: the case vocabulary alone (``moe-validate list``) stays
+torch-free.
 ``docs/SPEC.md`` defines every name here; the docstrings repeat only what a caller needs.
 """
 
@@ -9,9 +12,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, fields
-from typing import Optional, Tuple, Union
+from typing import TYPE_CHECKING, Optional, Tuple, Union
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "Activation",
@@ -32,7 +36,6 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 # Format constants (SPEC.md, "Quantization schemes").
 # ---------------------------------------------------------------------------------------------
-FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
 FP8_FNUZ_MAX = 224.0  # the e4m3fnuz constant used on ROCm
 INT8_MAX = 127.0
@@ -117,7 +120,7 @@ class QuantScheme(str, enum.Enum):
     @property
     def weight_dtype(self) -> Optional[torch.dtype]:
         """Storage dtype of quantized weights (int4 is packed into uint8); None = unquantized."""
-        return _WEIGHT_DTYPE[self]
+        return _torch_dtype(_WEIGHT_DTYPE[self])
 
     @property
     def weight_granularity(self) -> Optional[str]:
@@ -125,13 +128,13 @@ class QuantScheme(str, enum.Enum):
 
     @property
     def weight_qmax(self) -> Optional[float]:
-        return {torch.float8_e4m3fn: FP8_MAX, torch.int8: INT8_MAX}.get(self.weight_dtype)
+        return _QMAX.get(_WEIGHT_DTYPE[self])
 
     # --- activations -------------------------------------------------------------------------
     @property
     def act_dtype(self) -> Optional[torch.dtype]:
         """Dtype the activations are quantized to before each GEMM; None = not quantized."""
-        return _ACT_DTYPE[self]
+        return _torch_dtype(_ACT_DTYPE[self])
 
     @property
     def act_granularity(self) -> Optional[str]:
@@ -139,7 +142,7 @@ class QuantScheme(str, enum.Enum):
 
     @property
     def act_qmax(self) -> Optional[float]:
-        return {torch.float8_e4m3fn: FP8_MAX, torch.int8: INT8_MAX}.get(self.act_dtype)
+        return _QMAX.get(_ACT_DTYPE[self])
 
     # --- facts derived from the above ---------------------------------------------------------
     @property
@@ -148,7 +151,7 @@ class QuantScheme(str, enum.Enum):
 
     @property
     def is_fp8(self) -> bool:
-        return self.weight_dtype == torch.float8_e4m3fn
+        return _WEIGHT_DTYPE[self] == _F8
 
     @property
     def block_shape(self) -> Optional[Tuple[int, int]]:
@@ -178,7 +181,9 @@ class QuantScheme(str, enum.Enum):
         return None
 
 
-_F8, _I8, _U8 = torch.float8_e4m3fn, torch.int8, torch.uint8
+# Dtypes by their torch names, resolved when asked for (torch is not imported before).
+_F8, _I8, _U8 = "float8_e4m3fn", "int8", "uint8"
+_QMAX = {_F8: FP8_MAX, _I8: INT8_MAX}
 _Q = QuantScheme
 _WEIGHT_DTYPE = {
     _Q.NONE: None, _Q.FP8_BLOCK128: _F8, _Q.FP8_CHANNEL_TOKEN: _F8, _Q.FP8_TENSOR_TOKEN: _F8,
@@ -212,7 +217,21 @@ _QUANT_KEYS = {
     _Q.INT8_W8A16: ("kInt8StaticChannelSym", None),
     _Q.INT4_W4A16: ("kInt4StaticGroupAsym", None),
 }
-del _F8, _I8, _U8, _Q
+del _I8, _U8, _Q
+
+
+def _torch_dtype(name: Optional[str]):
+    if name is None:
+        return None
+    import torch
+
+    return getattr(torch, name)
+
+
+def __getattr__(name: str):
+    if name == "FP8_DTYPE":  # torch.float8_e4m3fn, resolved on first use
+        return _torch_dtype(_F8)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 INT4_GROUP_SIZES = (32, 64, 128)
 INT4_DEFAULT_ZERO_POINT = 8
@@ -285,6 +304,8 @@ class LoRASpec:
         return self.w2_a.shape[0]
 
     def enabled_mask(self) -> torch.Tensor:
+        import torch
+
         if self.enabled is None:
             return torch.ones(self.num_adapters, dtype=torch.bool, device=self.w2_a.device)
         return self.enabled.to(torch.bool)
@@ -323,6 +344,7 @@ class MoEInputs:
 
     def to(self, device: Union[str, torch.device]) -> "MoEInputs":
         """A copy with every tensor (including those inside quant and lora) on ``device``."""
+        import torch
 
         def move(v):
             if isinstance(v, torch.Tensor):
@@ -342,6 +364,8 @@ def storage_dtype(hidden_dtype: torch.dtype) -> torch.dtype:
     S is the dtype of ``hidden_states``, except bf16 when ``hidden_states`` arrives already
     quantized (fp8 or int8).
     """
+    import torch
+
     if hidden_dtype in (torch.float8_e4m3fn, torch.int8):
         return torch.bfloat16
     return hidden_dtype

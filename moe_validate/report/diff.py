@@ -20,7 +20,9 @@
   verdict and exit status, never "no regressions".
 
 Environment differences compare the merged ``env`` of each run's headers key by key (several
-headers are shards of one run: their distinct values are joined).
+headers are shards of one run: their distinct values are joined), the backend first: a run of
+another backend is never "the same environment". Each changed case carries its diagnosis
+(``moe_validate.diagnosis``: what broke and where), which leads its line.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from moe_validate.diagnosis import summary_of
 from moe_validate.results import CaseRecord, Outcome, ResultSet
 
 __all__ = ["RunDiff", "CaseChange", "EnvChange", "diff_runs", "format_diff", "DRIFT_FACTOR",
@@ -43,7 +46,7 @@ DRIFT_FACTOR = 1.5
 DRIFT_MIN_MARGIN = 0.25
 
 # The environment keys whose differences are reported first (the ones that change numerics).
-ENV_KEYS_FIRST = ("gpu", "capability", "driver", "cuda", "torch", "triton", "interpreter", "commit")
+ENV_KEYS_FIRST = ("backend", "gpu", "capability", "driver", "cuda", "torch", "triton", "interpreter", "commit")
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class CaseChange:
     old_margin: Optional[float]
     new_margin: Optional[float]
     reason: Optional[str] = None  # the new run's reason (or the old one's, for a removed case)
+    diagnosis: Optional[str] = None  # the new run's one-line diagnosis of a case not passing
 
     @property
     def growth(self) -> Optional[float]:
@@ -124,17 +128,29 @@ def _margin(case: CaseRecord) -> Optional[float]:
 
 
 def merged_env(results: ResultSet) -> Dict[str, str]:
-    """Each env key -> its distinct values over all headers (shards), joined with ' | '."""
+    """Each env key -> its distinct values over all headers (shards), joined with ' | '; the
+    backend of each run (header, else its cases) under ``backend``. A value not recorded (None:
+    no GPU on a CPU machine, no git) is left out rather than shown as a raw null."""
     values: Dict[str, List[str]] = {}
+
+    def add(key: str, value: Any) -> None:
+        if value is None:
+            return
+        seen = values.setdefault(str(key), [])
+        if str(value) not in seen:
+            seen.append(str(value))
+
+    for run in results.runs:
+        add("backend", run.backend)
+    if not results.runs:
+        for header in results.headers:
+            add("backend", header.get("backend"))
     for header in results.headers:
         env = header.get("env") or {}
         if not isinstance(env, dict):
             continue
         for key, value in env.items():
-            text = "null" if value is None else str(value)
-            seen = values.setdefault(str(key), [])
-            if text not in seen:
-                seen.append(text)
+            add(key, value)
     ordered = [k for k in ENV_KEYS_FIRST if k in values] + sorted(k for k in values if k not in ENV_KEYS_FIRST)
     return {k: " | ".join(values[k]) for k in ordered}
 
@@ -166,9 +182,11 @@ def diff_runs(old: ResultSet, new: ResultSet) -> RunDiff:
                 diff.removed.append(CaseChange(case_id, o.outcome, None, _margin(o), None, o.reason))
             continue
         if o is None:
-            diff.added.append(CaseChange(case_id, None, n.outcome, None, _margin(n), n.reason))
+            diff.added.append(CaseChange(case_id, None, n.outcome, None, _margin(n), n.reason,
+                                         summary_of(n) if Outcome(n.outcome).is_bad else None))
             continue
-        change = CaseChange(case_id, o.outcome, n.outcome, _margin(o), _margin(n), n.reason)
+        change = CaseChange(case_id, o.outcome, n.outcome, _margin(o), _margin(n), n.reason,
+                            summary_of(n) if Outcome(n.outcome).is_bad else None)
         old_bad, new_bad = Outcome(o.outcome).is_bad, Outcome(n.outcome).is_bad
         if new_bad and not old_bad:
             diff.new_failures.append(change)
@@ -214,8 +232,10 @@ def _change_line(change: CaseChange) -> str:
     line = f"  {change.case_id}: {before} -> {after}"
     if change.growth is not None and change.old_outcome == change.new_outcome:
         line += f" (x{change.growth:.2f})"
-    if change.reason and change.new_outcome not in (None, Outcome.PASS.value):
-        line += f"  [{change.reason.splitlines()[0][:120]}]"
+    if change.new_outcome not in (None, Outcome.PASS.value):
+        text = change.diagnosis or (change.reason.splitlines()[0][:120] if change.reason else None)
+        if text:
+            line += f"  [{text}]"
     return line
 
 

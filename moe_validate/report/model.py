@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from moe_validate.coverage import ran_line
+from moe_validate.diagnosis import diagnosis_of
 from moe_validate.report.diff import RunDiff, merged_env
 from moe_validate.results import CaseRecord, Outcome, ResultSet, cap_text, record_from_json
 
@@ -49,6 +51,7 @@ PIVOT_MAX_VALUES = 40
 # An axis with more distinct values than this gets no drop-down filter in the table.
 FILTER_MAX_VALUES = 200
 MARGIN_DIGITS = 3
+_VERDICT_CODES = {"PASS": 1, "FAIL": 2, "SKIP": 3}
 # Details budget (see _details_within_budget): at ~3 KB a failing case's panels, heatmap and
 # histograms, 2,000 cases or 8 MiB keep the page under ~20 MB with 20,000 rows in the table.
 DETAILS_MAX_CASES = 2_000
@@ -208,6 +211,7 @@ class Summary:
     worst: List[WorstEntry]
     skip_reasons: List[Tuple[str, int]]  # reason -> count, most frequent first
     completeness: str = ""  # "N of M expected cases present (...)"
+    coverage: str = ""  # "ran 17 of 72 (55 skipped: ...)" (moe_validate.coverage)
 
     @property
     def verdict(self) -> str:
@@ -284,7 +288,8 @@ def _summary(results: ResultSet) -> Summary:
         started=starts[0] if starts else "-", finished=ends[-1] if ends and results.complete else "-",
         worst=worst_cases(cases),
         skip_reasons=sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])),
-        completeness=results.completeness_line() if results.headers else "")
+        completeness=results.completeness_line() if results.headers else "",
+        coverage=ran_line(cases, results.expected_count() or len(cases)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,9 +476,49 @@ def _ordered_params(params: Any) -> List[Tuple[str, Any]]:
     return [(k, params[k]) for k in first] + [(k, v) for k, v in params.items() if k not in _AXIS_ORDER]
 
 
+def _verdicts_view(case: Any) -> Optional[List[Dict[str, Any]]]:
+    """[{name, outcome, gating, reason, margin}] of accuracy and conformance, from the record's
+    ``verdicts`` (None when it carries none: a record written before them, or no comparison)."""
+    verdicts = case.get("verdicts")
+    if not isinstance(verdicts, dict) or not verdicts:
+        return None
+    gating = case.get("gating") if isinstance(case.get("gating"), list) else None
+    out = []
+    for name in ("accuracy", "conformance"):
+        v = verdicts.get(name)
+        if not isinstance(v, dict):
+            continue
+        out.append({"name": name, "outcome": str(v.get("outcome") or "-"),
+                    "gating": None if gating is None else name in gating,
+                    "reason": v.get("reason") if isinstance(v.get("reason"), str) else None,
+                    "margin": _round_sig(v.get("margin"))})
+    return out or None
+
+
+def _diagnosis_view(case: Any) -> Optional[Dict[str, Any]]:
+    """The case's diagnosis (its own, or made now for an older record), as lines to show."""
+    d = diagnosis_of(case)
+    if not d:
+        return None
+    lines = []
+    for key in ("where", "pattern"):
+        part = d.get(key)
+        if isinstance(part, dict):
+            lines.append([key, str(part.get("detail") or part.get("text") or "")])
+    verdict = d.get("verdict") if isinstance(d.get("verdict"), dict) else {}
+    for line in verdict.get("meaning") or []:
+        lines.append(["verdict", str(line)])
+    stage = d.get("stage") if isinstance(d.get("stage"), dict) else None
+    if stage and stage.get("text"):
+        lines.append(["stage", str(stage["text"])])
+    return {"summary": str(d.get("summary") or ""), "lines": lines}
+
+
 def _details_view(case: Dict[str, Any]) -> Dict[str, Any]:
     """Everything the page shows for a non-passing case."""
     view: Dict[str, Any] = {
+        "diagnosis": _diagnosis_view(case),
+        "verdicts": _verdicts_view(case),
         "params": [[str(k), value_label(v)] for k, v in _ordered_params(case.get("params"))],
         "backend": case.get("backend"),
         "config": case.get("config") if isinstance(case.get("config"), dict) else None,
@@ -597,7 +642,27 @@ def _table_payload(cases, axes: Dict[str, List[str]], diff_status: Dict[str, str
             col.append(-1 if label is None else value_index[axis][label])
         params_cols[axis] = col
     diff_labels = ["new failure", "fixed", "drift", "outcome change", "added"]
+    # A failure's few-word diagnosis ("expert 1: scale x1.01") leads its row; dictionary-encoded.
+    short_index: Dict[str, int] = {}
+    shorts: List[str] = []
+    short_col = []
+    verdict_col = []
+    for case in cases:
+        d = diagnosis_of(case) if case.outcome == Outcome.FAIL.value else None
+        short = d.get("short") if d else None
+        if short:
+            short_col.append(short_index.setdefault(short, len(shorts)))
+            if short_col[-1] == len(shorts):
+                shorts.append(short)
+        else:
+            short_col.append(-1)
+        verdicts = _verdicts_view(case)
+        verdict_col.append([_VERDICT_CODES.get(v["outcome"], 0) for v in verdicts] if verdicts else 0)
     return {
+        "diagnoses": shorts,
+        "diagnosis": short_col,
+        "verdicts": verdict_col,  # per case [accuracy, conformance] as codes of verdict_codes, 0 = none recorded
+        "verdict_codes": ["-", "PASS", "FAIL", "SKIP"],
         "ids": [c["case_id"] for c in cases],
         "outcome": [OUTCOMES.index(c["outcome"]) for c in cases],
         "margin": [_round_sig(_case_margin(c)) for c in cases],

@@ -24,7 +24,7 @@ from moe_validate.contract.rules import interpreting
 from moe_validate.results import CaseRecord, Outcome, make_json_safe
 
 __all__ = ["CaseResult", "run_case_inprocess", "repro_command", "classify_exception", "base_record",
-           "default_device", "one_line", "cuda_poisoned"]
+           "default_device", "one_line", "cuda_poisoned", "fill_diagnosis"]
 
 REPORTED_CONFIG = tuple(c.member for c in CAPABILITIES if c.protocol is ReportsConfig)  # config, source
 # Substrings of CUDA errors after which the context is unusable: the worker must be replaced.
@@ -51,19 +51,27 @@ class CaseResult:
         return Outcome(self.record.outcome)
 
     def message(self) -> str:
-        """What a person needs first: the evaluation's message for FAIL, the reason otherwise."""
+        """What a person needs first: the diagnosis, then the evaluation's anatomy for a FAIL, the
+        reason (and traceback) otherwise."""
+        from moe_validate.diagnosis import summary_of
+
         rec = self.record
+        summary = summary_of(rec)
+        failed_checks = [c["reason"] for c in rec.checks or () if c["outcome"] == "FAIL"]
         if self.evaluation is not None and not getattr(self.evaluation, "passed", True):
             msg = getattr(self.evaluation, "message", None)
             if callable(msg):
-                failed_checks = [c["reason"] for c in rec.checks or () if c["outcome"] == "FAIL"]
-                return "\n".join([msg()] + failed_checks)
+                return "\n".join([msg(diagnosis=summary)] + failed_checks)
         head = f"{rec.case_id}: {rec.outcome}"
-        if rec.reason:
-            head += f" ({rec.reason})"
+        if summary:
+            head += f": {summary}"
+        lines = [head]
+        if rec.reason and rec.reason not in head:
+            lines.append(f"reason: {rec.reason}")
+        lines += [c for c in failed_checks if c not in head]
         if rec.error and self.outcome.is_bad:
-            head += "\n" + rec.error.rstrip()
-        return head
+            lines.append(rec.error.rstrip())
+        return "\n".join(lines)
 
 
 def repro_command(case_id: str, backend: str) -> str:
@@ -256,7 +264,21 @@ def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[s
     finally:
         record.duration_s = round(time.perf_counter() - start, 6)
         _make_storable(record)
+        fill_diagnosis(record)
     return CaseResult(record, evaluation, retire)
+
+
+def fill_diagnosis(record: CaseRecord) -> None:
+    """``record.diagnosis`` from what the finished record measured (None for a PASS); a diagnosis
+    that cannot be made is a note, never a lost case."""
+    from moe_validate.diagnosis import diagnose
+
+    if record.diagnosis is not None:
+        return
+    try:
+        record.diagnosis = make_json_safe(diagnose(record), record.notes, "diagnosis")
+    except Exception as exc:  # the case's outcome stands whatever the diagnosis does
+        record.notes.append(f"diagnosis: not made ({one_line(exc)})")
 
 
 def _make_storable(record: CaseRecord) -> None:

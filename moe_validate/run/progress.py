@@ -32,8 +32,12 @@ class Progress:
             return
         outcome = record["outcome"]
         line = f"[{self.done}/{self.total}] {outcome:<13} {record['case_id']}  {record['duration_s']:.2f}s"
-        if outcome != Outcome.PASS.value and record.get("reason"):
-            line += f"  {record['reason']}"
+        if outcome != Outcome.PASS.value:
+            # A FAIL's diagnosis leads (what broke and where); other outcomes say their reason.
+            diagnosis = record.get("diagnosis") or {}
+            text = (diagnosis.get("summary") if outcome == Outcome.FAIL.value else None) or record.get("reason")
+            if text:
+                line += f"  {text}"
         if self.bar is not None:
             if outcome != Outcome.PASS.value:
                 self.bar.write(line, file=self.stream)

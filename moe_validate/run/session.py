@@ -24,7 +24,7 @@ from moe_validate.env import capture_env
 from moe_validate.exit_codes import EXIT_FAILURES, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_PASS
 from moe_validate.results import (CaseRecord, FooterRecord, HeaderRecord, Outcome, ResultsWriter,
                                   expected_digest)
-from moe_validate.run.case import run_case_inprocess
+from moe_validate.run.case import fill_diagnosis, run_case_inprocess
 from moe_validate.run.outdir import RESULTS_NAME, OutDirError, ResumePlan, locked, prepare
 from moe_validate.run.progress import Progress
 from moe_validate.run.workers import DEFAULT_MAX_CONSECUTIVE_TIMEOUTS, run_pool
@@ -220,6 +220,7 @@ def _run_locked(cases, backend, backend_obj, out_dir: Path, plan: Optional[Resum
 
         def finish(record: CaseRecord) -> None:
             record.run_id = header.run_id
+            fill_diagnosis(record)  # outcomes the parent records (TIMEOUT, a dead worker) too
             writer.write(record)
             new_counts[record.outcome] = new_counts.get(record.outcome, 0) + 1
             outcomes[record.case_id] = record.outcome

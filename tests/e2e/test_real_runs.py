@@ -251,7 +251,7 @@ def test_planted_failures_render_with_their_evidence(probe, planted_run, artifac
         # elements); the page draws the len(edges) - 1 bins and names that count in the caption.
         bins, beyond = hist["counts"][: len(hist["edges"]) - 1], hist["counts"][len(hist["edges"]) - 1:]
         assert len(beyond) == 1 and sum(bins) + beyond[0] == case.M * case.K  # each element of the [M, K] output once
-        assert hists.nth(k).locator("rect").count() == len(bins)
+        assert hists.nth(k).locator("rect").count() == len(bins) + len(beyond)  # the non-finite count: its own bar
         figure = detail.locator("figure", has=probe.page.locator("svg.histogram")).nth(k)
         caption = figure.locator("figcaption").inner_text()
         assert caption.startswith(f"histogram: {name} ({sum(bins)} elements in bins; {hist['last_count_is']}: {beyond[0]}")

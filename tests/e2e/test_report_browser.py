@@ -118,6 +118,10 @@ def test_failing_case_opens_its_details_with_heatmap(probe, mixed_run, artifacts
     assert detail.locator("svg.histogram").count() == len(case["detail"]["histograms"])
     assert detail.locator("table.worst-elements").count() == 2
     assert detail.locator('[data-panel="mirror"] tr.exceeds').count() >= 1
+    # The derivations are folded below the errors; opened, they read as recorded.
+    folded = detail.locator("details.derivations")
+    assert folded.count() == 1 and folded.get_attribute("open") is None
+    folded.locator("summary").click()
     derivation = detail.locator('[data-bound="gate"] ol.derivation li').all_inner_texts()
     assert derivation == case["tolerance"]["gate"]["derivation"]
     assert detail.locator(".repro code").inner_text() == case["repro"]
@@ -315,3 +319,84 @@ def test_failed_check_and_row_sample_are_shown(probe, run_dir):
     assert detail.locator('table.checks tr[data-check="invariance:sub"] td.outcome-SKIP').count() == 1
     assert detail.locator(".compared-rows").inner_text().startswith("compared rows: 256 of 16512, sampled")
     assert probe.errors == []
+
+
+def _planted_failure_report(run_dir):
+    """A real failing record (expert 1's contribution x1.01, through the runner) carrying the
+    verdicts and gating the comparison records (synthesized here until that part merges), its report."""
+    pytest.importorskip("reference", reason="the planted backend wraps the float64 reference")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "moe_validate"))
+    from test_diagnosis import Planted, expert1_times_1_01
+
+    from moe_validate.matrix import Case
+    from moe_validate.results import storable
+    from moe_validate.run.case import run_case_inprocess
+
+    case = Case(M=12, N=64, K=64, E=4, topk=1, dtype="fp32", seed=7)
+    rec = storable(run_case_inprocess(case, Planted("planted-scale", expert1_times_1_01), backend_name="planted-scale").record)
+    rec["verdicts"] = {"accuracy": {"outcome": "FAIL", "reason": "budget exceeded", "margin": 40.0},
+                       "conformance": {"outcome": "FAIL", "reason": "gate exceeded", "margin": 2730.0}}
+    rec["gating"] = ["accuracy", "conformance"]
+    header = {"kind": "header", "run_id": "planted", "suite": "smoke", "backend": "planted-scale",
+              "env": dict(synth.ENV, gpu=None, capability=None, driver=None), "expected_cases": [rec["case_id"]]}
+    rs = ResultSet(headers=[header], cases=[rec], footers=[{"kind": "footer", "run_id": "planted", "duration_s": 1.0,
+                                                            "finished": "t"}])
+    return rec, render_report(rs, run_dir / "planted.html")
+
+
+def test_failure_view_shows_diagnosis_and_panels_without_scrolling(probe, run_dir, artifacts_dir):
+    rec, report = _planted_failure_report(run_dir)
+    probe.open(report, "#case=" + urllib.parse.quote(rec["case_id"]))
+    detail = probe.page.locator("tr.detail-row")
+    detail.wait_for()
+    probe.page.screenshot(path=str(artifacts_dir / "report-failure-view-1400x900.png"))
+    view = probe.page.viewport_size
+    assert (view["width"], view["height"]) == (1400, 900)
+
+    def on_screen(locator):
+        box = locator.bounding_box()
+        return box is not None and box["y"] >= 0 and box["y"] + box["height"] <= view["height"] and box["x"] + box["width"] <= view["width"]
+
+    summary = detail.locator(".diagnosis-summary")
+    assert summary.inner_text() == rec["diagnosis"]["summary"]
+    assert summary.inner_text().startswith("expert 1 ") and "constant ratio 1.01 (a scale bug?)" in summary.inner_text()
+    assert on_screen(detail.locator(".diagnosis")), detail.locator(".diagnosis").bounding_box()
+    for panel in ("mirror", "exact"):
+        assert on_screen(detail.locator(f'.panel[data-panel="{panel}"]')), panel
+    # both verdicts at a glance
+    badges = {b.get_attribute("data-verdict"): b.inner_text() for b in detail.locator(".detail-head .vbadge").all()}
+    assert badges == {"accuracy": "accuracy FAIL", "conformance": "conformance FAIL"}
+    # the derivations are folded, after the errors
+    assert detail.locator("details.derivations").get_attribute("open") is None
+    # per-expert bars: a y axis, each bar's value, the limit line at 1.0
+    bars = detail.locator("svg.per-expert")
+    assert bars.locator("rect").count() == rec["params"]["E"]
+    assert bars.locator("text.bar-value").count() == rec["params"]["E"]
+    assert bars.locator("line.limit-line").count() == 1 and "limit 1" in bars.text_content()
+    # histograms: a log x axis with every bin edge marked, values, the limit line on the normalized one
+    hist = detail.locator('svg.histogram[data-name="normalized_error"]')
+    assert hist.get_attribute("data-xscale") == "log" and "log scale" in hist.text_content()
+    edges = rec["detail"]["histograms"]["normalized_error"]["edges"]
+    assert hist.locator("line").count() >= len(edges) + 2  # axes + one tick per edge + the limit
+    assert hist.locator("line.limit-line").count() == 1
+    assert hist.locator("text.bar-value").count() == sum(1 for c in rec["detail"]["histograms"]["normalized_error"]["counts"][:-1] if c) + 1
+    # the heatmap: one cell per element of this small case, drawn large enough to see
+    heat = detail.locator("svg.heatmap")
+    cells = heat.locator("rect").count()
+    assert cells == rec["params"]["M"] * rec["params"]["K"], cells
+    assert heat.bounding_box()["width"] >= 400 and heat.bounding_box()["height"] >= 150
+    # the environment: the backend, and no raw null
+    env = probe.page.inner_text("#env")
+    assert "backend\tplanted-scale" in env and "null" not in env, env
+    assert probe.errors == []
+
+
+def test_compare_names_a_backend_change():
+    from moe_validate.report import diff_runs, format_diff
+
+    one = ResultSet(headers=[{"kind": "header", "run_id": "a", "backend": "triton", "env": dict(synth.ENV)}])
+    two = ResultSet(headers=[{"kind": "header", "run_id": "b", "backend": "vllm", "env": dict(synth.ENV)}])
+    text = format_diff(diff_runs(one, two))
+    assert "environment: same" not in text and "backend: triton -> vllm" in text, text

@@ -43,6 +43,9 @@ def _one_line_error(capsys, argv, needle):
     (["list", "--filter", "flavour=spicy"], "filter axis must be one of"),
     (["run", "--suite", "smoke", "--filter", "dtype=fp32 and not dtype=fp32"], "matches no case of suite"),
     (["run", "--suite", "smoke", "--filter", "scheme=no_such_scheme"], "filter value for scheme must be one of none,"),
+    (["list", "--filter", "invariance=foo"], "filter value for invariance must be none or a '+'-joined subset of rerun"),
+    (["list", "--filter", "config=zzz"], "filter value for config must be one of auto, inv or a launch config"),
+    (["list", "--filter", "group_size=7"], "filter value for group_size must be one of 32, 64, 128 or none"),
     (["run", "--shard", "3/2"], "shard must be 'i/n'"),
     (["run", "--suite", "smoke", "--workers", "-1", "--filter", "seed=0"], "--workers must be >= 0"),
     (["run", "--workers", "two"], "invalid int value: 'two'"),
@@ -178,3 +181,117 @@ def test_repro_lists_the_checks_after_the_comparison(capsys):
     assert ("checks: alignment_contract SKIP, invariance:rerun PASS, invariance:perm SKIP, invariance:sub SKIP, "
             "contract PASS") in out
     assert "SKIPPED invariance perm" in out
+
+
+# --- issue 25: the diagnosis first, coverage said, a contract a user can read --------------------
+def test_repro_leads_with_the_diagnosis(capsys):
+    assert main(["repro", CASES[0].id, "--backend", "fake_backends:Wrong"]) == 1
+    first = capsys.readouterr().out.splitlines()[0]
+    # the planted x1.5 everywhere: where, the pattern, the verdicts, on the first line
+    assert first.startswith(f"{CASES[0].id}: FAIL: everywhere (") and "constant ratio 1.5 (a scale bug?)" in first, first
+
+
+def test_run_says_its_coverage_up_front_and_at_the_end(tmp_path, capsys):
+    # fp32 (seed 2) is unsupported by the planted backend: 1 of 2 cases skipped
+    argv = ["run", "--suite", "smoke", "--filter", "*-M7N64K64E4k2-s[23]", "--backend", "fake_backends:Unsupported",
+            "--workers", "0", "--no-report"]
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 0
+    captured = capsys.readouterr()
+    first = captured.err.splitlines()[0]
+    assert first == ("run: suite smoke, backend fake_backends:Unsupported, Triton interpreter (CPU), 2 cases, "
+                     "no time estimate for this backend and device"), first
+    assert captured.out.splitlines()[-1] == "ran 1 of 2 (1 skipped: planted: fp32 not supported by this backend)"
+    # --max-skip: half the cases skipped is more than 0.25 allows: incomplete (exit 3)
+    assert main(argv + ["--out", str(tmp_path / "b"), "--max-skip", "0.25"]) == 3
+    assert "50% of the cases skipped, more than --max-skip 0.25 allows: exit 3" in capsys.readouterr().out
+    assert main(argv + ["--out", str(tmp_path / "c"), "--max-skip", "0.5"]) == 0
+    capsys.readouterr()
+    _one_line_error(capsys, argv + ["--out", str(tmp_path / "d"), "--max-skip", "1.5"], "--max-skip must be a fraction")
+
+
+def test_the_first_line_estimates_an_interpreter_run_from_the_cost_model():
+    from moe_validate.coverage import INTERPRETER_CASE_OVERHEAD_S, INTERPRETER_MACS_PER_S, plan_line
+    from moe_validate.matrix import interpreter_cost
+
+    cases = suite_cases("premerge")
+    slow = [c for c in cases if c.device_skip_reason(None, True)]
+    line = plan_line("premerge", "triton", cases, interpreting=True)
+    seconds = sum(INTERPRETER_CASE_OVERHEAD_S + interpreter_cost(c) / INTERPRETER_MACS_PER_S
+                  for c in cases if c not in slow)
+    assert line.startswith(f"run: suite premerge, backend triton, Triton interpreter (CPU), {len(cases)} cases "
+                           f"({len(slow)} will skip: too slow under the interpreter, run them on a GPU), estimate ~"), line
+    assert slow and f"~{round(seconds / 60)} min" in line or f"~{round(seconds)} s" in line, (line, seconds)
+
+
+def test_run_end_lists_each_failure_with_its_diagnosis(tmp_path, capsys):
+    assert main(["run", "--suite", "smoke", "--filter", "seed=1", "--backend", "fake_backends:Wrong", "--workers", "0",
+                 "--out", str(tmp_path), "--no-report"]) == 1
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith(f"  {SEED1}: FAIL: "))
+    assert "constant ratio 1.5 (a scale bug?)" in line, line
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("moe-validate 0.1.0 (commit ") and out.endswith(")"), out
+
+
+def _actions(parser, path=("moe-validate",)):
+    import argparse
+
+    for action in parser._actions:
+        yield path, action
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _actions(sub, path + (name,))
+
+
+def test_every_argument_of_every_subcommand_has_help():
+    from moe_validate.cli import build_parser
+
+    walked = list(_actions(build_parser()))
+    # the top level and each subcommand (selftest's own options: moe_validate/selftest.py, below)
+    assert len({p for p, _ in walked}) >= 10
+    import argparse
+
+    from moe_validate.selftest import add_selftest_parser
+
+    holder = argparse.ArgumentParser().add_subparsers()
+    walked += list(_actions(add_selftest_parser(holder), ("moe-validate", "selftest")))
+    lacking = [f"{' '.join(p)} {a.option_strings or a.dest}" for p, a in walked if not (a.help and a.help.strip())]
+    assert not lacking, lacking
+
+
+@pytest.mark.parametrize("command, needles", [
+    ("repro", ["CASE_ID", "a case id as run, list and the report print it", "--backend"]),
+    ("env", ["--json", "one JSON object"]),
+])
+def test_repro_and_env_help_describe_their_arguments(capsys, command, needles):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    for needle in needles:
+        assert needle in out, out
+
+
+def test_bench_refuses_at_once_without_a_gpu(capsys):
+    # the tests run under TRITON_INTERPRET=1 (conftest): no native Triton, so bench must refuse
+    assert main(["bench", "--quick"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no row, not even a header, before the refusal
+    assert captured.err.count("\n") == 1 and "bench needs a CUDA GPU" in captured.err, captured.err
+
+
+def test_list_does_not_import_torch():
+    code = ("import sys, time; t = time.perf_counter(); from moe_validate.cli import main; "
+            "rc = main(['list']) + main(['list', '--suite', 'premerge', '--filter', 'scheme=fp8_block128']); "
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', rc, round(time.perf_counter() - t, 3), "
+            "file=sys.stderr)")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    verdict = done.stderr.strip().splitlines()[-1].split()
+    assert verdict[:2] == ["NO-TORCH", "0"], done.stderr
+    print(f"list twice, torch-free: {verdict[2]} s")

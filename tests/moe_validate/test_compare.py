@@ -169,12 +169,35 @@ def test_message_anatomy():
     ev = Evaluation.from_arrays(case, k, {"mirror": (r, allowed, allowed / 4), "exact": (r, allowed, allowed / 4)})
     msg = ev.message()
     lines = msg.splitlines()
-    assert lines[0].startswith(case.id) and "FAIL" in lines[0]
+    # the diagnosis leads: where (column 2) and the pattern (a NaN)
+    assert lines[0] == f"{case.id}: FAIL: column 2 only: NaN at 1 element(s) where the reference is finite; " \
+                       "accuracy and conformance FAIL", lines[0]
+    assert lines[1].startswith("reason: gate (mirror): kernel NaN/Inf")
     assert "Mismatched elements: 2 / 6 (33.3%)" in msg
-    assert "Greatest absolute difference: 3 at index (1, 2) (up to 0.1 allowed)" in msg
-    assert "Greatest relative difference: 0.5 at index (1, 2)" in msg
+    assert "Worst element: index (0, 2): kernel nan where the reference is 3" in msg
     assert "NaN/Inf: kernel NaN at 1 element(s) where the reference is finite" in msg
     assert "(0, 2): kernel nan, reference 3" in msg
+    assert ev.message(diagnosis="planted words").splitlines()[0] == f"{case.id}: FAIL: planted words"
+
+
+def test_message_names_the_allowance_at_the_worst_element_only():
+    # (1, 2) has the largest |diff| (0.5) but 1.0 allowed there: within tolerance. (0, 1) fails:
+    # |diff| 0.05 against 0.01. The message must name (0, 1) with its own allowance, once.
+    case = Case(M=2, N=4, K=3, E=1, topk=1)
+    k = torch.tensor([[1.0, 2.05, 3.0], [4.0, 5.0, 6.5]])
+    r = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=F64)
+    allowed = torch.tensor([[0.1, 0.01, 0.1], [0.1, 0.1, 1.0]], dtype=F64)
+    ev = Evaluation.from_arrays(case, k, {"mirror": (r, allowed, allowed / 4), "exact": (r, allowed, allowed / 4)})
+    msg = ev.message()
+    assert ("Worst element (largest |diff| / allowed): index (0, 1): kernel 2.05, reference 2; |diff| 0.05 against "
+            "0.01 allowed there (5x); relative difference 0.025") in msg, msg
+    assert "(1, 2)" not in msg and "up to 1 allowed" not in msg, msg
+    assert "Greatest" not in msg  # no second worst location
+    # a relative figure only where the reference is larger than its allowance
+    tiny = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 0.001]], dtype=F64)
+    ev = Evaluation.from_arrays(case, torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 0.5]]),
+                                {"mirror": (tiny, allowed / 10, allowed / 40), "exact": (tiny, allowed / 10, allowed / 40)})
+    assert "relative difference" not in ev.message(), ev.message()
 
 
 def test_evaluate_refuses_wrong_output_shape():

@@ -76,6 +76,9 @@ def test_one_testcase_per_case_with_outcome_elements(mixed_run, tmp_path):
             assert "planted failure in the backend" in tc.find("error").text
         elif outcome == "FAIL":
             assert kinds == ["failure"] and tc.find("failure").get("type") == "FAIL"
+            # the diagnosis leads the message CI shows: where, and the planted x1.5's pattern
+            assert tc.find("failure").get("message").startswith(f"{case.id}: FAIL: everywhere ("), tc.find("failure").get("message")
+            assert "constant ratio 1.5 (a scale bug?)" in tc.find("failure").get("message")
         else:
             assert kinds == []
         for bad in tc.findall("failure") + tc.findall("error"):

@@ -456,3 +456,67 @@ def test_check_failures_and_row_samples_reach_the_details(tmp_path):
                              ["invariance:sub", "FAIL", violated]]
     assert det["compared_rows"] == "compared rows: 256 of 16512, sampled (first 32, last 128, the rest seeded)"
     assert payload["table"]["reasons"] == [violated]
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 25: the diagnosis leads, verdicts at a glance, the environment says the backend
+# ---------------------------------------------------------------------------------------------
+def _diagnosed(case_id="bf16-none-silu-M7N64K64E4k2-s0", verdicts=True):
+    rec = _case(case_id, "FAIL", 3.0, reason="gate (mirror): max_normalized 3 > 1", M=7, K=64, E=4)
+    worst = [{"token": t, "column": 5 + t, "expert": 1, "tile": "r0c0", "kernel": 1.5 * (t + 1), "reference": t + 1.0,
+              "diff": 0.5 * (t + 1), "allowed": 0.01, "normalized": 50.0 * (t + 1), "ulp": 9.0} for t in range(4)]
+    rec["metrics"] = {"mirror": {"max_normalized": {"value": 200.0, "allowed": 1.0, "margin": 200.0}, "worst": worst,
+                                 "exceed_count": 4, "exceed_fraction": 4 / 448, "nan_inf": {}, "nan_where_ref_finite": 0}}
+    rec["detail"] = {"per_expert": [0.1, 200.0, 0.2, 0.3]}
+    if verdicts:
+        rec["verdicts"] = {"accuracy": {"outcome": "PASS", "reason": None, "margin": 0.5},
+                           "conformance": {"outcome": "FAIL", "reason": "planted", "margin": 200.0}}
+        rec["gating"] = ["conformance"]
+    return rec
+
+
+def test_details_and_table_lead_with_the_diagnosis_and_the_verdicts(tmp_path):
+    rec = _diagnosed()
+    rs = _result_set([rec, _diagnosed("bf16-none-silu-M7N64K64E4k2-s1", verdicts=False), _case("p", "PASS", 0.1)])
+    payload = _payload(render_report(rs, tmp_path / "r.html").read_text())
+    i = payload["table"]["ids"].index(rec["case_id"])
+    det = payload["details"][str(i)]
+    assert det["diagnosis"]["summary"].startswith("expert 1 (4 of 4 worst elements; the only expert over its bound): "
+                                                  "constant ratio 1.5 (a scale bug?)"), det["diagnosis"]
+    assert ["where", det["diagnosis"]["lines"][0][1]] == det["diagnosis"]["lines"][0]
+    assert [(v["name"], v["outcome"], v["gating"]) for v in det["verdicts"]] == [
+        ("accuracy", "PASS", False), ("conformance", "FAIL", True)]
+    table = payload["table"]
+    assert table["diagnoses"][table["diagnosis"][i]] == "expert 1: scale x1.5"
+    codes = table["verdict_codes"]
+    assert [codes[c] for c in table["verdicts"][i]] == ["PASS", "FAIL"]
+    j = table["ids"].index("bf16-none-silu-M7N64K64E4k2-s1")
+    assert table["verdicts"][j] == 0 and payload["details"][str(j)]["verdicts"] is None  # none recorded: none shown
+    assert table["diagnosis"][table["ids"].index("p")] == -1
+
+
+def test_environment_names_the_backend_and_shows_no_null(tmp_path):
+    rs = _result_set([_case("a", "PASS", 0.1)], env=dict(synth.ENV, gpu=None, driver=None))
+    rs.headers[0].backend = "planted"
+    env = build_model(rs).summary.env
+    assert list(env)[0] == "backend" and env["backend"] == "planted"
+    assert "gpu" not in env and "null" not in env.values()
+
+
+def test_compare_leads_each_change_with_its_diagnosis_and_names_a_backend_change():
+    old = _result_set([_case("bf16-none-silu-M7N64K64E4k2-s0", "PASS", 0.1)])
+    new = _result_set([_diagnosed()])
+    new.headers[0].backend, old.headers[0].backend = "vllm", "triton"
+    text = format_diff(diff_runs(old, new))
+    assert "environment: same" not in text and "  backend: triton -> vllm" in text, text
+    line = next(x for x in text.splitlines() if x.startswith("  bf16-none-silu-M7N64K64E4k2-s0: PASS"))
+    assert "[expert 1 (4 of 4 worst elements" in line and "constant ratio 1.5 (a scale bug?)" in line, line
+
+
+def test_the_summary_says_the_coverage():
+    rs = _result_set([_case("a", "PASS", 0.1), _case("b", "SKIP", reason="too slow under the Triton interpreter: "
+                                                                            "~3.1e+07 MACs > 2e+07 (run it on a GPU)"),
+                      _case("c", "SKIP", reason="too slow under the Triton interpreter: ~4.5e+07 MACs > 2e+07 (run it on a GPU)")],
+                     expected=["a", "b", "c"])
+    assert build_model(rs).summary.coverage == ("ran 1 of 3 (2 skipped: too slow under the Triton interpreter: "
+                                                "# MACs > # (run it on a GPU))")

@@ -14,6 +14,7 @@
   AXES.forEach(function (a) { AXIS_BY_NAME[a.name] = a; });
   var TABLE_AXES = AXES.slice(0, 4).map(function (a) { return a.name; });
   var HAS_DIFF = T.diff.some(function (d) { return d >= 0; });
+  var HAS_VERDICTS = T.verdicts.some(function (v) { return !!v; });
   var idsLower = null;
   var idIndex = null;
 
@@ -104,7 +105,13 @@
   var COLUMNS = [{ key: "id", label: "case" }, { key: "severity", label: "outcome" }, { key: "margin", label: "worst margin" },
                  { key: "duration", label: "s" }].concat(TABLE_AXES.map(function (a) { return { key: a, label: a }; }));
   if (HAS_DIFF) COLUMNS.push({ key: "diff", label: "vs baseline" });
-  COLUMNS.push({ key: "reason", label: "reason" });
+  if (HAS_VERDICTS) COLUMNS.push({ key: "verdicts", label: "accuracy / conformance" });
+  COLUMNS.push({ key: "reason", label: "diagnosis / reason" });
+  function verdictCodes(i) {
+    var v = T.verdicts[i];
+    if (!v) return [];
+    return v.map(function (code, k) { var o = T.verdict_codes[code]; return el("span", { cls: "vbadge vbadge-" + o, "data-verdict": k ? "conformance" : "accuracy", text: (k ? "conf " : "acc ") + o }); });
+  }
 
   function renderHead() {
     var head = document.getElementById("case-head");
@@ -112,7 +119,7 @@
     COLUMNS.forEach(function (c) {
       var th = el("th", { text: c.label, "data-key": c.key });
       if (c.key === state.sortKey) th.className = state.sortDir > 0 ? "sorted-asc" : "sorted-desc";
-      if (c.key !== "diff") th.addEventListener("click", function () {
+      if (c.key !== "diff" && c.key !== "verdicts") th.addEventListener("click", function () {
         if (state.sortKey === c.key) state.sortDir = -state.sortDir;
         else { state.sortKey = c.key; state.sortDir = (c.key === "margin" || c.key === "severity" || c.key === "duration") ? -1 : 1; }
         state.page = 0; update();
@@ -134,7 +141,9 @@
       TABLE_AXES.forEach(function (a) { cells.push(el("td", { text: paramLabel(i, a) === null ? "" : paramLabel(i, a) })); });
       if (HAS_DIFF) cells.push(el("td", { text: T.diff[i] < 0 ? "" : T.diff_labels[T.diff[i]] }));
       var reason = T.reason[i] < 0 ? "" : T.reasons[T.reason[i]];
-      cells.push(el("td", { cls: "reason", text: reason, title: reason }));
+      if (HAS_VERDICTS) cells.push(el("td", { cls: "verdict-cell" }, verdictCodes(i)));
+      var short = T.diagnosis[i] < 0 ? null : T.diagnoses[T.diagnosis[i]];
+      cells.push(el("td", { cls: "reason", title: reason }, short ? [el("b", { cls: "diagnosis-short", text: short }), " " + reason] : [reason]));
       var tr = el("tr", { "data-case": T.ids[i], "data-index": String(i), cls: "case-row" }, cells);
       frag.appendChild(tr);
       if (state.open[i]) frag.appendChild(detailRow(i));
@@ -295,42 +304,133 @@
     var s = t < 0.5 ? 0 : 1, u = t < 0.5 ? t * 2 : (t - 0.5) * 2, a = stops[s], b = stops[s + 1];
     return "rgb(" + [0, 1, 2].map(function (j) { return Math.round(a[j] + (b[j] - a[j]) * u); }).join(",") + ")";
   }
+  function svgText(parent, x, y, text, attrs) {
+    var t = svg("text", Object.assign({ x: x, y: y, "font-size": 10, fill: "#444" }, attrs || {}));
+    t.textContent = text; parent.appendChild(t); return t;
+  }
+  function svgLine(parent, x1, y1, x2, y2, attrs) {
+    parent.appendChild(svg("line", Object.assign({ x1: x1, y1: y1, x2: x2, y2: y2, stroke: "#8c959f", "stroke-width": 1 }, attrs || {})));
+  }
+  var LIMIT = { stroke: "#cf222e", "stroke-width": 1.5, "stroke-dasharray": "5,3", "class": "limit-line" };
   function heatmapFigure(h) {
     var rows = h.rows, cols = h.cols, vmax = num(h.max);
-    var cw = Math.max(4, Math.min(32, Math.floor(560 / Math.max(cols, 1)))), ch = Math.max(4, Math.min(32, Math.floor(360 / Math.max(rows, 1))));
-    var W = cols * cw + 40, H = rows * ch + 24;
+    // Cells large enough to read: a small case's few cells are drawn big, a large one's small.
+    var cw = Math.max(4, Math.min(48, Math.floor(560 / Math.max(cols, 1)))), ch = Math.max(4, Math.min(40, Math.floor(220 / Math.max(rows, 1))));
+    var L = 44, T = 4, W = L + cols * cw + 8, H = T + rows * ch + 30;
     var s = svg("svg", { width: W, height: H, viewBox: "0 0 " + W + " " + H, "class": "heatmap", "data-rows": rows, "data-cols": cols });
-    var nonFinite = 0; // h.max/h.min cover the finite cells only: say how many cells they leave out
+    var nonFinite = 0, over = 0; // h.max/h.min cover the finite cells only: say how many cells they leave out
     h.values.forEach(function (row, r) {
       row.forEach(function (v, c) {
         var x = num(v), bad = typeof x === "number" && (isNaN(x) || !isFinite(x));
         if (bad) nonFinite++;
         var fill = (typeof x !== "number" || bad) ? "#ff00ff" : colour(vmax > 0 ? x / vmax : 0);
-        var rect = svg("rect", { x: 36 + c * cw, y: r * ch, width: cw, height: ch, fill: fill });
-        var title = svg("title", {}); title.textContent = "token tile " + r + ", column tile " + c + ": " + fmt(v);
+        var attrs = { x: L + c * cw, y: T + r * ch, width: cw, height: ch, fill: fill };
+        if (bad || (typeof x === "number" && x > 1)) { over++; attrs.stroke = "#1f2328"; attrs["stroke-width"] = 1; } // over the limit 1: outlined
+        var rect = svg("rect", attrs);
+        var title = svg("title", {}); title.textContent = "tokens " + (r * h.row_tile) + "-" + ((r + 1) * h.row_tile - 1) + ", columns " + (c * h.col_tile) + "-" + ((c + 1) * h.col_tile - 1) + ": " + fmt(v);
         rect.appendChild(title); s.appendChild(rect);
       });
     });
-    var lab = svg("text", { x: 0, y: H - 6, "font-size": 10 }); lab.textContent = "tok\\col"; s.appendChild(lab);
-    return el("figure", {}, [s, el("figcaption", { text: (h.metric ? h.metric + " " : "error ") + "by (token tile of " + fmt(h.row_tile) + " rows) x (column tile of " + fmt(h.col_tile) +
-      " columns); " + (nonFinite ? "finite cells: " : "") + "max " + fmt(h.max) + ", min " + fmt(h.min) +
+    // axes: token down, column across, first and last index of each
+    svgText(s, L - 4, T + 9, "0", { "text-anchor": "end" });
+    svgText(s, L - 4, T + rows * ch, String(rows * h.row_tile - 1), { "text-anchor": "end" });
+    svgText(s, 2, T + rows * ch / 2 + 3, "token");
+    svgText(s, L, T + rows * ch + 12, "0");
+    svgText(s, L + cols * cw, T + rows * ch + 12, String(cols * h.col_tile - 1), { "text-anchor": "end" });
+    svgText(s, L + cols * cw / 2, T + rows * ch + 24, "column", { "text-anchor": "middle" });
+    return el("figure", { cls: "heatmap-figure" }, [s, el("figcaption", { text: (h.metric ? h.metric + " " : "error ") + "per cell of " + fmt(h.row_tile) + " token(s) x " + fmt(h.col_tile) +
+      " column(s); " + (nonFinite ? "finite cells: " : "") + "max " + fmt(h.max) + ", min " + fmt(h.min) + "; " + over + " cell(s) over the limit 1 outlined" +
       (nonFinite ? "; " + nonFinite + " NaN/Inf cell" + (nonFinite > 1 ? "s" : "") + " in magenta" : "; magenta = NaN/Inf") +
-      (h.pooled[0] > 1 || h.pooled[1] > 1 ? "; max-pooled " + h.pooled[0] + "x" + h.pooled[1] + " from " + h.source_shape[0] + "x" + h.source_shape[1] + " tiles" : "") })]);
+      (h.pooled[0] > 1 || h.pooled[1] > 1 ? "; max-pooled " + h.pooled[0] + "x" + h.pooled[1] + " from " + h.source_shape[0] + "x" + h.source_shape[1] + " cells" : "") })]);
   }
-  function barsFigure(values, labels, caption, cls, titles) {
+  // Bars with a y axis, each bar's value, and (limit) a dashed line at the bound. A log y axis
+  // when the values span more than two decades, said on the axis.
+  function barsFigure(values, labels, caption, cls, opts) {
+    opts = opts || {};
     var n = values.length, nums = values.map(function (v) { return num(v); });
-    var vmax = Math.max.apply(null, nums.filter(function (v) { return typeof v === "number" && isFinite(v); }).concat([0]));
-    var bw = Math.max(3, Math.min(20, Math.floor(420 / Math.max(n, 1)))), H = 120, W = n * bw + 10;
-    var s = svg("svg", { width: W, height: H + 16, viewBox: "0 0 " + W + " " + (H + 16), "class": cls });
+    var finite = nums.filter(function (v) { return typeof v === "number" && isFinite(v); });
+    var vmax = Math.max.apply(null, finite.concat([opts.limit || 0, 0]));
+    var pos = finite.filter(function (v) { return v > 0; });
+    var vminPos = pos.length ? Math.min.apply(null, pos) : 1;
+    var logY = opts.limit !== undefined && vmax > 0 && vmax / Math.min(vminPos, opts.limit || vminPos) > 100;
+    var bw = Math.max(6, Math.min(36, Math.floor(440 / Math.max(n, 1)))), L = 46, T = 14, P = 110, B = 30;
+    var W = L + n * bw + 48, H = T + P + B;
+    var lo = logY ? Math.pow(10, Math.floor(Math.log10(Math.min(vminPos, opts.limit || 1) / 2))) : 0;
+    var hi = logY ? vmax * 1.5 : (vmax > 0 ? vmax * 1.1 : 1);
+    function y(v) {
+      if (logY) return T + P - P * (Math.log10(Math.max(v, lo)) - Math.log10(lo)) / (Math.log10(hi) - Math.log10(lo));
+      return T + P - P * v / hi;
+    }
+    var s = svg("svg", { width: W, height: H, viewBox: "0 0 " + W + " " + H, "class": cls });
+    svgLine(s, L, T, L, T + P); svgLine(s, L, T + P, L + n * bw, T + P);
+    var ticks = logY ? [] : [0, hi / 2, vmax];
+    if (logY) for (var e = Math.log10(lo); e <= Math.log10(hi); e++) ticks.push(Math.pow(10, e));
+    ticks.forEach(function (v) { svgLine(s, L - 3, y(v), L, y(v)); svgText(s, L - 5, y(v) + 3, fmt(v, 2), { "text-anchor": "end" }); });
+    svgText(s, 2, T - 4, (opts.yLabel || "") + (logY ? " (log scale)" : ""));
     nums.forEach(function (v, i) {
-      var bad = typeof v !== "number" || !isFinite(v), h = bad ? H : (vmax > 0 ? Math.max(0, v / vmax) * H : 0);
-      var rect = svg("rect", { x: 5 + i * bw, y: H - h, width: Math.max(1, bw - 1), height: h, fill: bad ? "#ff00ff" : "#0969da" });
-      var t = svg("title", {}); t.textContent = titles ? titles[i] : (labels[i] + ": " + fmt(values[i])); rect.appendChild(t);
+      var bad = typeof v !== "number" || !isFinite(v), top = bad ? T : y(v);
+      var rect = svg("rect", { x: L + i * bw + 1, y: top, width: Math.max(1, bw - 2), height: Math.max(0, T + P - top), fill: bad ? "#ff00ff" : (opts.limit !== undefined && v > opts.limit ? "#cf222e" : "#0969da") });
+      var t = svg("title", {}); t.textContent = (opts.titles ? opts.titles[i] : labels[i] + ": " + fmt(values[i])); rect.appendChild(t);
       s.appendChild(rect);
+      if (n <= 24) svgText(s, L + i * bw + bw / 2, top - 2, fmt(values[i], 3), { "text-anchor": "middle", "font-size": 9, "class": "bar-value" });
+      var every = Math.ceil(n / 16);
+      if (i % every === 0) svgText(s, L + i * bw + bw / 2, T + P + 12, labels[i], { "text-anchor": "middle", "font-size": 9 });
     });
-    var l0 = svg("text", { x: 2, y: H + 12, "font-size": 10 }); l0.textContent = labels[0] === undefined ? "" : labels[0]; s.appendChild(l0);
-    var l1 = svg("text", { x: W - 2, y: H + 12, "font-size": 10, "text-anchor": "end" }); l1.textContent = labels[n - 1] === undefined ? "" : labels[n - 1]; s.appendChild(l1);
+    if (opts.limit !== undefined) {
+      svgLine(s, L, y(opts.limit), L + n * bw + 4, y(opts.limit), LIMIT);
+      svgText(s, L + n * bw + 5, y(opts.limit) + 3, "limit " + fmt(opts.limit), { fill: "#cf222e", "font-size": 9 });
+    }
+    if (opts.xLabel) svgText(s, L + n * bw / 2, T + P + 26, opts.xLabel, { "text-anchor": "middle" });
     return el("figure", {}, [s, el("figcaption", { text: caption })]);
+  }
+  // A histogram over the recorded bin edges, on a log x axis (the edges grow geometrically;
+  // the first bin, from 0, is drawn one decade wide); every edge marked, the non-finite count
+  // apart, the limit 1 as a dashed line on the normalized-error histogram.
+  function histogramFigure(name, h) {
+    var edges = h.edges.map(function (e) { return num(e); }), counts = h.counts, n = counts.length;
+    var firstPos = edges.filter(function (e) { return e > 0; })[0] || 1;
+    // log x where the edges allow it (increasing, only the first may be 0); else linear, said so
+    var logX = edges.every(function (e, k) { return (k === 0 ? e >= 0 : e > 0) && (k === 0 || e > edges[k - 1]); });
+    function lx(e) { return !logX ? e : e <= 0 ? Math.log10(firstPos) - 1 : Math.log10(e); }
+    var L = 46, T = 14, P = 100, B = 44, PW = 430, extraW = h.extra.length ? 40 : 0;
+    var x0 = lx(edges[0]), x1 = lx(edges[edges.length - 1]);
+    function x(e) { return L + PW * (lx(e) - x0) / (x1 - x0 || 1); }
+    var cmax = Math.max.apply(null, counts.concat(h.extra.map(function (e) { return e[1]; })).concat([1]));
+    function y(c) { return T + P - P * c / (cmax * 1.15); }
+    var W = L + PW + extraW + 40, H = T + P + B;
+    var s = svg("svg", { width: W, height: H, viewBox: "0 0 " + W + " " + H, "class": "histogram", "data-name": name, "data-xscale": logX ? "log" : "linear" });
+    svgLine(s, L, T, L, T + P); svgLine(s, L, T + P, L + PW, T + P);
+    [0, cmax].forEach(function (c) { svgLine(s, L - 3, y(c), L, y(c)); svgText(s, L - 5, y(c) + 3, String(c), { "text-anchor": "end" }); });
+    svgText(s, 2, T - 4, "elements");
+    var lastLabel = -Infinity;
+    counts.forEach(function (c, k) {
+      var a = x(edges[k]), b = x(edges[k + 1]);
+      var rect = svg("rect", { x: a + 0.5, y: y(c), width: Math.max(1, b - a - 1), height: T + P - y(c), fill: "#0969da" });
+      var t = svg("title", {}); t.textContent = "[" + fmt(edges[k]) + ", " + fmt(edges[k + 1]) + (k === n - 1 ? ", and above): " : "): ") + c; rect.appendChild(t);
+      s.appendChild(rect);
+      if (c) svgText(s, (a + b) / 2, y(c) - 2, String(c), { "text-anchor": "middle", "font-size": 9, "class": "bar-value" });
+    });
+    edges.forEach(function (e) { // every edge ticked; labels where they do not collide
+      svgLine(s, x(e), T + P, x(e), T + P + 3);
+      if (x(e) - lastLabel >= 24) { svgText(s, x(e), T + P + 13, fmt(e, 3), { "text-anchor": "middle", "font-size": 9, "class": "edge-label" }); lastLabel = x(e); }
+    });
+    h.extra.forEach(function (e, k) {
+      var xa = L + PW + 12 + k * 36, rect = svg("rect", { x: xa, y: y(e[1]), width: 24, height: T + P - y(e[1]), fill: "#ff00ff" });
+      var t = svg("title", {}); t.textContent = e[0] + ": " + e[1]; rect.appendChild(t); s.appendChild(rect);
+      svgText(s, xa + 12, y(e[1]) - 2, String(e[1]), { "text-anchor": "middle", "font-size": 9, "class": "bar-value" });
+      svgText(s, xa + 12, T + P + 13, "NaN/Inf", { "text-anchor": "middle", "font-size": 9 });
+    });
+    if (name === "normalized_error" && edges[0] <= 1 && edges[edges.length - 1] >= 1) {
+      svgLine(s, x(1), T - 2, x(1), T + P, LIMIT);
+      svgText(s, x(1) + 3, T + 6, "limit 1", { fill: "#cf222e", "font-size": 9 });
+    }
+    var what = name === "normalized_error" ? "|diff| / allowed" : name === "ulp_distance" ? "ULP distance" : name;
+    svgText(s, L + PW / 2, T + P + 28, what + (logX ? " (log scale" + (edges[0] === 0 ? "; first bin from 0)" : ")") : " (linear scale)"),
+            { "text-anchor": "middle" });
+    var total = counts.reduce(function (a, b) { return a + b; }, 0);
+    return el("figure", {}, [s, el("figcaption", { text: "histogram: " + name + " (" + total + " elements in bins" +
+      h.extra.map(function (x) { return "; " + x[0] + ": " + x[1]; }).join("") + ")" + h.notes.map(function (x) { return "; " + x; }).join("") +
+      "; x: " + what + ", " + (logX ? "log" : "linear") + " scale, every bin edge marked" })]);
   }
   function panelTable(name, p) {
     var rows = [el("tr", {}, ["metric", "value", "allowed", "margin"].map(function (h) { return el("th", { text: h }); }))];
@@ -357,16 +457,47 @@
       el("ol", { cls: "derivation" }, b.derivation.map(function (line) { return el("li", { text: line }); }))]);
   }
 
+  function verdictBadges(vs) {
+    if (!vs || !vs.length) return null;
+    return el("span", { cls: "verdicts" }, vs.map(function (v) {
+      var label = v.name + " " + v.outcome + (v.gating === false ? " (not gating)" : "");
+      return el("span", { cls: "vbadge vbadge-" + v.outcome + (v.gating === false ? " vbadge-soft" : ""), "data-verdict": v.name,
+                          title: (v.reason || "") + (v.margin !== null && v.margin !== undefined ? " (margin " + fmt(v.margin) + ")" : ""), text: label });
+    }));
+  }
+  function diagnosisBlock(d, reason) {
+    var kids = [el("div", { cls: "diagnosis-summary", text: d.summary })];
+    if (d.lines.length) kids.push(el("ul", {}, d.lines.map(function (l) { return el("li", {}, [el("b", { text: l[0] + " " }), l[1]]); })));
+    if (reason) kids.push(el("div", { cls: "muted" }, ["reason: ", el("span", { cls: "reason-text", text: reason })]));
+    return el("div", { cls: "diagnosis" }, kids);
+  }
+
   function detailRow(i) {
     var o = OUT[T.outcome[i]], det = D.details[String(i)], parts = [];
     var reason = T.reason[i] < 0 ? null : T.reasons[T.reason[i]];
-    parts.push(el("div", {}, [el("strong", { cls: "outcome-" + o, text: o }), " worst margin " + fmt(T.margin[i]) + "  ",
-      reason ? el("span", { cls: "reason-text", text: reason }) : null]));
     if (det && det.omitted) {
+      parts.push(el("div", { cls: "detail-head" }, [el("strong", { cls: "outcome-" + o, text: o }), " worst margin " + fmt(T.margin[i]) + "  ",
+        reason ? el("span", { cls: "reason-text", text: reason }) : null]));
       parts.push(el("p", { cls: "muted details-omitted", text: det.omitted }));
       det = null;
     }
     if (det) {
+      // What broke and where first: outcome and verdicts, the diagnosis, the error panels.
+      parts.push(el("div", { cls: "detail-head" }, [el("strong", { cls: "outcome-" + o, text: o }), " worst margin " + fmt(T.margin[i]) + " ",
+        verdictBadges(det.verdicts)]));
+      if (det.diagnosis) parts.push(diagnosisBlock(det.diagnosis, reason));
+      else if (reason) parts.push(el("div", { cls: "reason-text", text: reason }));
+      var panels = Object.keys(det.panels);
+      if (panels.length) parts.push(el("div", { cls: "panels" }, panels.map(function (k) { return panelTable(k, det.panels[k]); })));
+      var charts = [];
+      if (det.heatmap) charts.push(heatmapFigure(det.heatmap));
+      if (det.per_expert) charts.push(barsFigure(det.per_expert, det.per_expert.map(function (_, e) { return "e" + e; }),
+        "max |diff| / allowed per expert (e0 .. e" + (det.per_expert.length - 1) + "); over the limit 1 in red", "per-expert",
+        { limit: 1, yLabel: "max |diff| / allowed", xLabel: "expert" }));
+      Object.keys(det.histograms).forEach(function (name) { charts.push(histogramFigure(name, det.histograms[name])); });
+      if (charts.length) parts.push(el("div", { cls: "charts" }, charts));
+      if (det.error) { parts.push(el("h4", { text: "error" })); parts.push(el("pre", { cls: "traceback", text: det.error })); }
+      panels.forEach(function (k) { var w = worstTable(k, det.panels[k]); if (w) parts.push(w); });
       parts.push(el("h4", { text: "parameters" }));
       var pr = det.params.slice(); if (det.backend) pr.push(["backend", det.backend]);
       if (det.config) pr.push(["config", JSON.stringify(det.config)]);
@@ -379,26 +510,14 @@
         })));
       }
       var bounds = Object.keys(det.tolerance);
-      if (bounds.length) parts.push(el("div", { cls: "panels" }, bounds.map(function (k) { return boundBlock(k, det.tolerance[k]); })));
-      var panels = Object.keys(det.panels);
-      if (panels.length) parts.push(el("div", { cls: "panels" }, panels.map(function (k) { return panelTable(k, det.panels[k]); })));
-      var charts = [];
-      if (det.heatmap) charts.push(heatmapFigure(det.heatmap));
-      if (det.per_expert) charts.push(barsFigure(det.per_expert, det.per_expert.map(function (_, e) { return "e" + e; }), "error per expert (e0 .. e" + (det.per_expert.length - 1) + ")", "per-expert"));
-      Object.keys(det.histograms).forEach(function (name) {
-        var h = det.histograms[name], labels = h.counts.map(function (_, k) { return fmt(h.edges[k], 3); });
-        labels[labels.length - 1] = fmt(h.edges[h.edges.length - 1], 3);
-        var titles = h.counts.map(function (c, k) { return "[" + fmt(h.edges[k]) + ", " + fmt(h.edges[k + 1]) + "): " + c; });
-        var total = h.counts.reduce(function (a, b) { return a + b; }, 0);
-        var caption = "histogram: " + name + " (" + total + " elements in bins" +
-          h.extra.map(function (x) { return "; " + x[0] + ": " + x[1]; }).join("") + ")" +
-          h.notes.map(function (x) { return "; " + x; }).join("");
-        charts.push(barsFigure(h.counts, labels, caption, "histogram", titles));
-      });
-      if (charts.length) parts.push(el("div", { cls: "charts" }, charts));
-      panels.forEach(function (k) { var w = worstTable(k, det.panels[k]); if (w) parts.push(w); });
-      if (det.error) { parts.push(el("h4", { text: "error" })); parts.push(el("pre", { cls: "traceback", text: det.error })); }
-    } else {
+      // The derivations explain the bounds; folded, so the errors come first.
+      if (bounds.length) parts.push(el("details", { cls: "derivations" }, [el("summary", { text: "how the bounds were derived (" + bounds.join(", ") + ")" }),
+        el("div", { cls: "panels" }, bounds.map(function (k) { return boundBlock(k, det.tolerance[k]); }))]));
+    } else if (!parts.length) {
+      parts.push(el("div", { cls: "detail-head" }, [el("strong", { cls: "outcome-" + o, text: o }), " worst margin " + fmt(T.margin[i]) + "  ",
+        reason ? el("span", { cls: "reason-text", text: reason }) : null]));
+    }
+    if (!det) {
       var pr2 = [];
       AXES.forEach(function (a) { var v = paramLabel(i, a.name); if (v !== null) pr2.push([a.name, v]); });
       parts.push(paramList(pr2));
