@@ -549,7 +549,9 @@ def _resolve_mutants(names: Optional[Sequence[str]]) -> List[Mutant]:
 def _default_workers(on_gpu: bool) -> int:
     # One subprocess per mutant; the interpreter is single-threaded, so one per core on CPU. On a
     # GPU a few processes share the device (each holds its own context and caches).
-    return 2 if on_gpu else max(1, min(8, os.cpu_count() or 1))
+    from moe_validate.cpus import usable_cpus
+
+    return 2 if on_gpu else min(8, usable_cpus())
 
 
 def run_selftest(suite: str = "smoke", mutant_names: Optional[Sequence[str]] = None, *,

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from moe_validate.backends import get_backend
+from moe_validate.cpus import intra_op_threads
 from moe_validate.devices import GpuInfo, GpuScheduler, gpu_budget_bytes, worker_gpus
 from moe_validate.results import CaseRecord, Outcome
 from moe_validate.run.case import CaseResult, base_record, run_case_inprocess
@@ -85,7 +86,8 @@ def _worker_main(conn, backend_spec: str, gpu: Optional[str], log_path: str, tim
     if cpu_threads:
         # Each worker's host-side math (tolerance model, statistics) would otherwise start one
         # thread per core: N workers oversubscribe the host N-fold. Measured on the H100 host
-        # (16 cores), nightly x7: 4 workers at 16 threads 0.85 s/case, 2 workers at 4 threads 0.23.
+        # (16 cores), nightly x7: 4 workers at 16 threads 0.85 s/case, 2 workers at 4 threads 0.23
+        # (the count: moe_validate.cpus.intra_op_threads).
         import torch
 
         torch.set_num_threads(cpu_threads)
@@ -246,7 +248,7 @@ def run_pool(cases, backend_spec: str, workers: int, timeout_s: Optional[float],
     scheduler = GpuScheduler(cases, budgets)
     sched_index = {g: i for i, g in enumerate(used_gpus)}
 
-    cpu_threads = max(1, (os.cpu_count() or 1) // count)  # the host's cores shared among the workers
+    cpu_threads = intra_op_threads(count)  # one under the interpreter; else the usable CPUs shared out
 
     def spawn(slot: int) -> _Worker:
         entry = gpus[gpu_of_slot[slot]].entry if gpus else None
