@@ -8,12 +8,14 @@ process's affinity (``os.sched_getaffinity``) capped by the cgroup quota (v2 ``c
 bursts at best.
 
 ``intra_op_threads(workers)``: one torch intra-op thread per worker whenever kernels are
-interpreted or the process is a pytest-xdist worker. Measured on a 2-core machine (issue 22):
-``run --suite smoke --workers 2`` took 144.6 s CPU with torch's default threads against 78.9 s
-with one, same results; ``pytest -n 2`` on 19 validation items 145-152 s against 95-106 s. The
-interpreter's work is many small tensor ops, where a second thread only adds hand-offs and
-contends with the other worker for the same cores. Native GPU runs share the usable CPUs among
-the workers (the host-side tolerance model and statistics are larger ops).
+interpreted or the process is a pytest-xdist worker. The interpreter's work is many small tensor
+ops, where a second thread only adds hand-offs and spins against the other processes for the
+same cores. Measured on a 2-core machine shared with other jobs (load average 14-19, 2026-12-02):
+``run --suite smoke --workers 1`` 81.7 s user CPU with torch's default two threads, 34.5 s with
+one (97 outputs bitwise-equal); ``pytest -n 2 tests/test_validation_suite.py`` (the 97 smoke
+items) 80.2 s against 33.8 s. ``OMP_NUM_THREADS=1`` on top of this rule gained nothing measurable
+on tests/kernels + tests/reference + the suite (126 s against 137 s user, the load rising). Native GPU runs share the usable CPUs among the workers (the
+host-side tolerance model and statistics are larger ops).
 """
 
 from __future__ import annotations
