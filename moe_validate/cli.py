@@ -110,14 +110,14 @@ def _load(paths, run=None, mixed_backends=False):
     return results
 
 
-def _render(results, out_path: Path, *, baseline=None, title: Optional[str] = None) -> Optional[Path]:
+def _render(results, out_path: Path, *, baseline=None, title: Optional[str] = None, history=None) -> Optional[Path]:
     """The HTML report, or None (with a note on stderr) where the renderer is unavailable."""
     try:
         from moe_validate.report import render_report
     except ImportError as exc:
         print(f"{PROG}: report.html not written: moe_validate.report is unavailable ({exc})", file=sys.stderr)
         return None
-    return render_report(results, out_path, baseline=baseline, title=title)
+    return render_report(results, out_path, baseline=baseline, title=title, history=history)
 
 
 def _summary_line(counts) -> str:
@@ -269,10 +269,14 @@ def cmd_run(args) -> int:
     # Coverage up front: what this run will and will not check, and about how long it takes.
     print(plan_line(suite, args.backend, cases, interpreting=interpreting(), workers=args.workers), file=sys.stderr,
           flush=True)
-    summary = _run_cases(cases, args, out_dir, suite=suite, shard=args.shard, header_extra=repeat_fields)
+    options, option_fields = _case_options(args)
+    summary = _run_cases(cases, args, out_dir, suite=suite, shard=args.shard, header_extra={**repeat_fields,
+                         **option_fields}, case_options=options)
     if summary.interrupted:
         print(f"{PROG}: interrupted: writing the report of the {summary.present} cases that finished", file=sys.stderr)
     print(f"results: {summary.results_path}")
+    if options.save_outputs:
+        print(f"outputs: {options.save_outputs}")
     if args.junitxml:  # issue 22: JUnit XML for CI dashboards
         from moe_validate.junit import write_junit
 
@@ -294,6 +298,30 @@ def cmd_run(args) -> int:
     code = summary.exit_code
     # A run that skipped more than --max-skip allows is incomplete (3), unless worse was said.
     return EXIT_INCOMPLETE if too_many_skipped and code in (EXIT_PASS, EXIT_FAILURES) else code
+
+
+def _case_options(args):
+    """(runner.CaseOptions, header fields) of --save-outputs and --against; bad values -> UsageError."""
+    from moe_validate.runner import CaseOptions
+
+    fields = {}
+    save = None
+    if args.save_outputs:
+        from moe_validate.golden import GoldenError, prepare_outputs_dir
+
+        try:
+            save = str(prepare_outputs_dir(args.save_outputs, resume=args.resume, overwrite=args.overwrite).resolve())
+        except GoldenError as exc:
+            raise UsageError(str(exc)) from None
+        except OSError as exc:
+            raise UsageError(f"--save-outputs {args.save_outputs} cannot be created: {exc.strerror or exc}") from None
+        fields["save_outputs"] = save
+    if args.against:
+        _backend_or_usage(args.against)
+        from moe_validate.against import AGAINST_BOUND
+
+        fields["against"] = {"backend": args.against, "bound": AGAINST_BOUND}
+    return CaseOptions(save_outputs=save, against=args.against), fields
 
 
 def _rerun_failed_or_usage(path: str, expr: Optional[str]):
@@ -386,15 +414,27 @@ def _verdict_code(results, *, failed: bool) -> int:
 
 
 def cmd_report(args) -> int:
-    results = _load(args.results, run=args.run, mixed_backends=args.mixed_backends)
+    history = None
+    if args.history:  # issue 22: the positional RESULTS are the runs; the report is of the newest
+        results, history = _history_or_usage(args)
+        default_out = Path(history.history.runs[-1].label)
+        # history.html: the newest run's own report.html stays as its run wrote it
+        default_out = (default_out if default_out.is_dir() else default_out.parent) / "history.html"
+    else:
+        results = _load(args.results, run=args.run, mixed_backends=args.mixed_backends)
+        default_out = Path(args.results[0]).with_name("report.html")
     baseline = _load([args.baseline]) if args.baseline else None
-    out = Path(args.out) if args.out else Path(args.results[0]).with_name("report.html")
+    out = Path(args.out) if args.out else default_out
     try:
-        report = _render(results, out, baseline=baseline)
+        report = _render(results, out, baseline=baseline, history=history)
     except OSError as exc:
         raise UsageError(f"--out {out} cannot be written: {exc.strerror or exc}") from None
     if report is not None:
         print(f"report: {report}")
+    if history is not None:
+        from moe_validate.report.history import format_history
+
+        print(format_history(history.history))
     print(_summary_line(results.counts()))
     print(results.completeness_line())
     failed = any(c.is_bad for c in results.cases)
@@ -402,7 +442,28 @@ def cmd_report(args) -> int:
     return EXIT_PASS if args.exit_zero else code
 
 
+def _history_or_usage(args):
+    """(the newest run's ResultSet, HistoryView) of report --history RESULTS..."""
+    from moe_validate.report.history import HistoryView, build_history, history_runs
+    from moe_validate.results import ResultsError
+
+    if args.run or args.mixed_backends:
+        raise UsageError("--history reads each run whole: --run and --mixed-backends do not apply")
+    try:
+        runs = history_runs(args.results)
+    except (ValueError, ResultsError) as exc:
+        raise UsageError(str(exc)) from None
+    for label, results in runs:
+        for problem in results.problems:
+            print(f"{PROG}: warning: {label}: {problem}", file=sys.stderr)
+    return runs[-1][1], HistoryView(build_history(runs))
+
+
 def cmd_compare(args) -> int:
+    if args.outputs:
+        return _compare_outputs(args)
+    if args.max_ulp is not None:
+        raise UsageError("--max-ulp applies to compare --outputs (two --save-outputs directories)")
     old, new = _load([args.old], run=args.old_run), _load([args.new], run=args.new_run)
     try:
         from moe_validate.report import diff_runs, format_diff
@@ -413,6 +474,20 @@ def cmd_compare(args) -> int:
     if diff.incomplete:
         return EXIT_INCOMPLETE
     return EXIT_FAILURES if diff.has_regressions else EXIT_PASS
+
+
+def _compare_outputs(args) -> int:
+    """compare --outputs OLD NEW: two golden-output stores, case by case, bitwise or within --max-ulp."""
+    from moe_validate.golden import GoldenError, compare_outputs, format_outputs_diff
+
+    if args.old_run or args.new_run:
+        raise UsageError("--old-run/--new-run select runs of results files; compare --outputs reads directories")
+    try:
+        diff = compare_outputs(args.old, args.new, max_ulp=args.max_ulp or 0)
+    except GoldenError as exc:
+        raise UsageError(str(exc)) from None
+    print(format_outputs_diff(diff))
+    return diff.exit_code
 
 
 def cmd_bench(args) -> int:
@@ -542,6 +617,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"fail the run (exit {EXIT_INCOMPLETE}, incomplete) when more than FRACTION (0..1) of its cases "
                         "are skipped: a CPU job that skipped most of its suite has not passed it")
     p.add_argument("--junitxml", metavar="FILE", help="also write the run as JUnit XML (one testcase per case) for CI")
+    p.add_argument("--save-outputs", metavar="DIR", help="also store each case's output bit for bit in DIR (one "
+                   ".npz per case with its seed, input digest and environment), for compare --outputs")
+    p.add_argument("--against", metavar="BACKEND", help="also run BACKEND on each case's inputs and compare the two "
+                   "outputs directly: allowed per element twice the gate's bound, no count test (docs/BRINGUP.md)")
     p.add_argument("--rerun-failed", metavar="RESULTS", help="run only the cases whose last outcome in this "
                    "results.jsonl was not PASS or SKIP (rebuilt from its records; --filter narrows them)")
     p.add_argument("--repeat", type=int, default=1, metavar="N",
@@ -590,6 +669,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", metavar="RUN_ID", help="report only this run (id or unique prefix) of a file holding several")
     p.add_argument("--mixed-backends", action="store_true",
                    help="merge runs of different backends (their case ids must be disjoint; by default refused)")
+    p.add_argument("--history", action="store_true",
+                   help="RESULTS are N runs (results files, or directories: each directory of results files under "
+                        "them is one run): add per-case outcome and margin trends, new failures, fixes and flaky "
+                        "cases; the report (default: history.html beside the newest run) and the exit status "
+                        "are the newest run's")
     p.add_argument("--exit-zero", action="store_true",
                    help="exit 0 once the report is written (default: 1 on failures, 3 on an incomplete run)")
     p.set_defaults(func=cmd_report)
@@ -597,8 +681,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="text diff of two runs: new failures, fixes, drift, missing cases (exit 1 on "
                                        "regressions, 3 when NEW is incomplete)",
                        epilog=exit_table, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("old", metavar="OLD.jsonl", help="the baseline run's results file")
-    p.add_argument("new", metavar="NEW.jsonl", help="the run to judge against it")
+    p.add_argument("old", metavar="OLD", help="results.jsonl (or, with --outputs, a --save-outputs directory)")
+    p.add_argument("new", metavar="NEW", help="as OLD")
+    p.add_argument("--outputs", action="store_true",
+                   help="OLD and NEW are run --save-outputs directories: per case bitwise-equal, max ulp distance, "
+                        "differing elements, the first one (exit 1 beyond --max-ulp, 3 when NEW lacks cases)")
+    p.add_argument("--max-ulp", type=float, metavar="N", help="with --outputs: the largest ulp distance that "
+                   "passes (default 0: bitwise)")
     p.add_argument("--old-run", metavar="RUN_ID", help="the run of OLD to compare (when it holds several)")
     p.add_argument("--new-run", metavar="RUN_ID", help="the run of NEW to compare (when it holds several)")
     p.set_defaults(func=cmd_compare)

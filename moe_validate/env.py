@@ -3,7 +3,7 @@
 ``capture_env()`` never raises: on a CPU machine the GPU fields are ``None``, and a missing
 ``git`` or ``nvidia-smi`` leaves its field ``None`` rather than failing the run. Keys follow
 ``moe_validate.results`` (gpu, capability, driver, cuda, torch, triton, interpreter, commit,
-host, python) plus ``cpu_count``, ``gpu_count``, ``platform`` and ``kernels_digest``.
+host, python) plus ``cpu_count``, ``usable_cpus``, ``gpu_count``, ``platform`` and ``kernels_digest``.
 
 ``kernels_digest`` names the kernel sources themselves (sha256 of ``kernels/**/*.py``, 16 hex
 digits): a copied tree can carry a stale ``.git`` (seen on the device machine, whose commit
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from moe_validate.contract.rules import interpreting
+from moe_validate.cpus import usable_cpus
 
 __all__ = ["capture_env", "format_env", "kernels_digest"]
 
@@ -82,6 +83,7 @@ def capture_env(device_index: Optional[int] = None) -> Dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        "usable_cpus": usable_cpus(),  # affinity and cgroup quota: what worker counts are sized by
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
     try:

@@ -9,7 +9,7 @@ EXIT_INTERRUPTED = 130
 
 EXIT_CODES = (
     (EXIT_PASS, "pass: every expected case ran and passed or was skipped (compare: no regressions)"),
-    (EXIT_FAILURES, "case failures: a case failed, crashed or timed out (compare: new failures or drift)"),
+    (EXIT_FAILURES, "case failures: a case failed, crashed or timed out (compare: new failures or drift; compare --outputs: outputs beyond --max-ulp)"),
     (EXIT_USAGE, "usage error: bad argument or input file, one line on stderr"),
     (EXIT_INCOMPLETE, "incomplete: expected cases missing or not run, a run without its footer, or (run --max-skip) "
                       "more cases skipped than allowed"),

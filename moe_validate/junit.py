@@ -10,7 +10,8 @@ path's: the case's message, then ``repro: <command>``.
 
 Checked once (2026-12-02) with xmlschema against the Jenkins xunit plugin's junit-10.xsd, which
 pytest's own tests use: valid except ``<error>``, which that schema spells ``errors`` and which
-pytest's ``--junitxml`` writes as ``<error>`` too (test_junit.py compares with pytest's output).
+pytest's ``--junitxml`` writes as ``<error>`` too (test_junit.py compares with pytest's output,
+and checks the structure CI readers rely on, as rules, on every test run).
 """
 
 from __future__ import annotations

@@ -282,6 +282,10 @@ def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "moe_case: a moe-validate case item (parametrized moe_case fixture)")
     state = _State(config)
     config.stash[_STATE] = state
+    from moe_validate.cpus import limit_torch_threads, single_threaded, xdist_workers
+
+    if single_threaded():  # xdist workers or the interpreter: torch imported only then (issue 22)
+        limit_torch_threads(max(1, xdist_workers()))
     _publish_gpus_for_workers(config)
     opt = config.option
     if opt.moe_suite is not None or opt.moe_filter:

@@ -11,7 +11,7 @@ The public face of ``moe_validate.run``; the work is split along its seams there
 - ``run.progress``: the progress bar or lines.
 """
 
-from moe_validate.run.case import CaseResult, classify_exception, default_device, repro_command, run_case_inprocess
+from moe_validate.run.case import CaseOptions, CaseResult, classify_exception, default_device, repro_command, run_case_inprocess
 from moe_validate.run.progress import Progress as _Progress
 from moe_validate.run.session import (DEFAULT_TIMEOUT_S, RunSummary, default_workers, footer_record, header_record,
                                       now_iso, run_cases, visible_gpus)
@@ -21,6 +21,7 @@ from moe_validate.run.shards import (REPEAT_SEED_STRIDE, failures_per_repetition
 
 __all__ = [
     "CaseResult",
+    "CaseOptions",
     "RunSummary",
     "run_case_inprocess",
     "run_cases",

@@ -259,8 +259,12 @@ def _child_main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
         return _CHILD_WRONG_KERNELS
     from moe_validate.backends import TritonBackend
+    from moe_validate.cpus import limit_torch_threads, single_threaded
     from moe_validate.matrix import Case
     from moe_validate.runner import run_case_inprocess
+
+    if single_threaded():  # one child per usable CPU runs at once under the interpreter
+        limit_torch_threads(1)
 
     backend = TritonBackend()
     with open(spec["results"], "a", encoding="utf-8") as out:
@@ -549,7 +553,9 @@ def _resolve_mutants(names: Optional[Sequence[str]]) -> List[Mutant]:
 def _default_workers(on_gpu: bool) -> int:
     # One subprocess per mutant; the interpreter is single-threaded, so one per core on CPU. On a
     # GPU a few processes share the device (each holds its own context and caches).
-    return 2 if on_gpu else max(1, min(8, os.cpu_count() or 1))
+    from moe_validate.cpus import usable_cpus
+
+    return 2 if on_gpu else min(8, usable_cpus())
 
 
 def run_selftest(suite: str = "smoke", mutant_names: Optional[Sequence[str]] = None, *,
@@ -642,7 +648,7 @@ def add_selftest_parser(subparsers) -> argparse.ArgumentParser:
                                                               "--list-mutants prints the names")
     p.add_argument("--out", help="directory for kill_matrix.json and kill_matrix.txt "
                                  "(default: reports/selftest-<suite>-<UTC timestamp>/)")
-    p.add_argument("--workers", type=int, help="mutant subprocesses at a time (default: CPU cores, max 8; 2 on a GPU)")
+    p.add_argument("--workers", type=int, help="mutant subprocesses at a time (default: usable CPUs, max 8; 2 on a GPU)")
     p.add_argument("--filter", help="narrow the suite first: the filter syntax of moe-validate run --filter "
                                     "(axis=value terms or id globs joined by and/or/not)")
     p.add_argument("--cap", type=int, default=DEFAULT_CAP, help=f"cases per mutant, cheapest first (default {DEFAULT_CAP})")

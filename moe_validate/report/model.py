@@ -736,6 +736,7 @@ class ReportModel:
     baseline: Optional[BaselineView] = None
     counts_order: Tuple[str, ...] = OUTCOMES
     calibration: Optional[CalibrationView] = None
+    history: Optional[Any] = None  # report.history.HistoryView (report --history)
 
     def margin_text(self, x: Optional[float]) -> str:
         return _fmt(x)
@@ -743,7 +744,7 @@ class ReportModel:
 
 def build_model(results: ResultSet, *, baseline: Optional[ResultSet] = None, title: Optional[str] = None,
                 diff: Optional[RunDiff] = None, now: Optional[_dt.datetime] = None,
-                baseline_list_limit: int = 500) -> ReportModel:
+                baseline_list_limit: int = 500, history: Optional[Any] = None) -> ReportModel:
     """Computes everything the report shows from a result set (and optionally a baseline)."""
     if not isinstance(results, ResultSet):
         raise TypeError(f"results must be a moe_validate.results.ResultSet; got {type(results).__name__}")
@@ -782,4 +783,4 @@ def build_model(results: ResultSet, *, baseline: Optional[ResultSet] = None, tit
     }
     generated = (now or _dt.datetime.now(_dt.timezone.utc)).strftime("%Y-%m-%d %H:%M:%S UTC")
     return ReportModel(title=title, generated=generated, summary=summary, axes=axes, payload=payload,
-                       baseline=baseline_view, calibration=_calibration_view(cases))
+                       baseline=baseline_view, calibration=_calibration_view(cases), history=history)

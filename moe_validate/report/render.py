@@ -83,14 +83,14 @@ def csp_hash(text: str) -> str:
 
 
 def render_report(results: ResultSet, out_path: Union[str, Path], *, baseline: Optional[ResultSet] = None,
-                  title: Optional[str] = None) -> Path:
-    """Writes the HTML report of ``results`` (with a baseline comparison when given) to ``out_path``."""
+                  title: Optional[str] = None, history=None) -> Path:
+    """Writes the HTML report of ``results`` (with a baseline comparison, a history section when given) to ``out_path``."""
     if not isinstance(out_path, (str, Path)):
         raise TypeError(f"out_path must be a str or Path; got {type(out_path).__name__}")
     out = Path(out_path)
     if out.is_dir():
         raise ValueError(f"out_path must be a file path, not a directory; got {out}")
-    model = build_model(results, baseline=baseline, title=title)
+    model = build_model(results, baseline=baseline, title=title, history=history)
     html = render_html(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

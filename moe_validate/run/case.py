@@ -23,7 +23,7 @@ from moe_validate.backends import CAPABILITIES, Backend, ReportsConfig, get_back
 from moe_validate.contract.rules import interpreting
 from moe_validate.results import CaseRecord, Outcome, make_json_safe
 
-__all__ = ["CaseResult", "run_case_inprocess", "repro_command", "classify_exception", "base_record",
+__all__ = ["CaseResult", "CaseOptions", "run_case_inprocess", "repro_command", "classify_exception", "base_record",
            "default_device", "one_line", "cuda_poisoned", "fill_diagnosis"]
 
 REPORTED_CONFIG = tuple(c.member for c in CAPABILITIES if c.protocol is ReportsConfig)  # config, source
@@ -36,6 +36,14 @@ _POISONED_CUDA = (
     "CUDA error",
     "CUDA_ERROR",
 )
+
+
+@dataclass(frozen=True)
+class CaseOptions:
+    """What a run asks of every case beyond running and judging it (picklable: each worker gets it)."""
+
+    save_outputs: Optional[str] = None  # directory of golden outputs (moe_validate.golden)
+    against: Optional[str] = None  # a backend spec whose output takes the oracle's place (moe_validate.against)
 
 
 @dataclass
@@ -169,13 +177,13 @@ def _backend_config(backend) -> Tuple[Any, Any]:
 
 
 def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[str] = None,
-                       backend_name: Optional[str] = None) -> CaseResult:
+                       backend_name: Optional[str] = None, options: CaseOptions = CaseOptions()) -> CaseResult:
     """Runs one case here and returns its result; never raises for a failure of the case itself.
 
     ``backend`` is a Backend or a spec for ``get_backend``; ``backend_name`` (default: the spec,
     or the backend's ``name``) is what the record and its repro line name. The record is
     JSON-safe whatever the backend returned (``make_json_safe``: changes listed in ``notes``), so
-    it can cross a pipe and be written.
+    it can cross a pipe and be written. ``options``: save the output, compare with another backend.
     """
     if isinstance(backend, str):
         backend_name = backend_name or backend
@@ -220,6 +228,11 @@ def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[s
             from moe_validate.invariance import run_checks
 
             checks = run_checks(case, inputs, out, contracted)
+            _save_output(options, case, inputs, out, backend_name, record)
+            if options.against:
+                from moe_validate.against import against_check
+
+                checks.append(against_check(case, inputs, out, options.against))
             if not evaluation.passed:  # where in the pipeline the output went wrong
                 record.stages, stage_check = localize(case, inputs, contracted, out)
                 checks.append(stage_check)
@@ -279,6 +292,18 @@ def fill_diagnosis(record: CaseRecord) -> None:
         record.diagnosis = make_json_safe(diagnose(record), record.notes, "diagnosis")
     except Exception as exc:  # the case's outcome stands whatever the diagnosis does
         record.notes.append(f"diagnosis: not made ({one_line(exc)})")
+
+
+def _save_output(options: CaseOptions, case, inputs, out, backend_name: str, record: CaseRecord) -> None:
+    """The golden output, when asked; a store that cannot be written is a note, not the case's failure."""
+    if not options.save_outputs:
+        return
+    from moe_validate.golden import save_output
+
+    try:
+        save_output(options.save_outputs, case, inputs, out, backend=backend_name)
+    except (OSError, ValueError) as exc:
+        record.notes.append(f"output not saved to {options.save_outputs}: {exc}")
 
 
 def _make_storable(record: CaseRecord) -> None:

@@ -24,7 +24,7 @@ from moe_validate.env import capture_env
 from moe_validate.exit_codes import EXIT_FAILURES, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_PASS
 from moe_validate.results import (CaseRecord, FooterRecord, HeaderRecord, Outcome, ResultsWriter,
                                   expected_digest)
-from moe_validate.run.case import fill_diagnosis, run_case_inprocess
+from moe_validate.run.case import CaseOptions, fill_diagnosis, run_case_inprocess
 from moe_validate.run.outdir import RESULTS_NAME, OutDirError, ResumePlan, locked, prepare
 from moe_validate.run.progress import Progress
 from moe_validate.run.workers import DEFAULT_MAX_CONSECUTIVE_TIMEOUTS, run_pool
@@ -134,6 +134,7 @@ def run_cases(
     resume: bool = False,
     overwrite: bool = False,
     max_consecutive_timeouts: Optional[int] = DEFAULT_MAX_CONSECUTIVE_TIMEOUTS,
+    case_options: CaseOptions = CaseOptions(),
 ) -> RunSummary:
     """Runs ``cases`` (already sharded) against the backend spec ``backend``.
 
@@ -154,7 +155,8 @@ def run_cases(
     and the rest of the cases are recorded NOT_RUN (None: no limit). Ctrl-C ends the run with a
     footer marked ``interrupted`` and returns (``RunSummary.interrupted``). Raises ValueError for a
     backend spec that cannot be loaded, before any case runs; ``ResultsWriteError`` when a record
-    cannot be written (the file keeps its whole lines).
+    cannot be written (the file keeps its whole lines). ``case_options``: what every case does
+    beyond its run and judgement (save its output, compare with another backend).
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a spec string (workers rebuild it); got {type(backend).__name__}")
@@ -183,11 +185,13 @@ def run_cases(
         plan = prepare(out_dir, resume=resume, overwrite=overwrite)
         return _run_locked(cases, backend, backend_obj, out_dir, plan, workers=workers, timeout_s=timeout_s,
                            suite=suite, shard=shard, argv=argv, progress=progress, gpus=gpus,
-                           header_extra=header_extra, max_consecutive_timeouts=max_consecutive_timeouts)
+                           header_extra=header_extra, max_consecutive_timeouts=max_consecutive_timeouts,
+                           case_options=case_options)
 
 
 def _run_locked(cases, backend, backend_obj, out_dir: Path, plan: Optional[ResumePlan], *, workers, timeout_s,
-                suite, shard, argv, progress, gpus, header_extra, max_consecutive_timeouts) -> RunSummary:
+                suite, shard, argv, progress, gpus, header_extra, max_consecutive_timeouts,
+                case_options) -> RunSummary:
     results_path = out_dir / RESULTS_NAME
     expected_ids = [c.id for c in cases]
     outcomes: Dict[str, str] = {}  # case id -> outcome, over the whole run (earlier segments too)
@@ -229,10 +233,10 @@ def _run_locked(cases, backend, backend_obj, out_dir: Path, plan: Optional[Resum
         try:
             if workers == 0:
                 for case in to_run:
-                    finish(run_case_inprocess(case, backend_obj, backend_name=backend).record)
+                    finish(run_case_inprocess(case, backend_obj, backend_name=backend, options=case_options).record)
             else:
                 stopped = run_pool(to_run, backend, workers, timeout_s, out_dir / "logs", finish, gpus,
-                                   max_consecutive_timeouts=max_consecutive_timeouts)
+                                   max_consecutive_timeouts=max_consecutive_timeouts, case_options=case_options)
         except KeyboardInterrupt:
             interrupted = True  # the cases that finished are kept; the footer says why the rest are missing
         finally:

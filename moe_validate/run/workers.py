@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from moe_validate.backends import get_backend
+from moe_validate.cpus import intra_op_threads
 from moe_validate.devices import GpuInfo, GpuScheduler, gpu_budget_bytes, worker_gpus
 from moe_validate.results import CaseRecord, Outcome
-from moe_validate.run.case import CaseResult, base_record, run_case_inprocess
+from moe_validate.run.case import CaseOptions, CaseResult, base_record, run_case_inprocess
 
 __all__ = ["run_pool", "LOG_TAIL_CHARS", "DEFAULT_MAX_CONSECUTIVE_TIMEOUTS"]
 
@@ -74,7 +75,8 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _worker_main(conn, backend_spec: str, gpu: Optional[str], log_path: str, timeout_s: Optional[float],
-                 cpu_threads: Optional[int] = None, parent_pid: Optional[int] = None) -> None:
+                 cpu_threads: Optional[int] = None, parent_pid: Optional[int] = None,
+                 case_options: CaseOptions = CaseOptions()) -> None:
     """Entry point of a spawned worker: receive cases, send records, until told to stop."""
     if parent_pid is not None:
         _die_with_parent(parent_pid)
@@ -85,7 +87,8 @@ def _worker_main(conn, backend_spec: str, gpu: Optional[str], log_path: str, tim
     if cpu_threads:
         # Each worker's host-side math (tolerance model, statistics) would otherwise start one
         # thread per core: N workers oversubscribe the host N-fold. Measured on the H100 host
-        # (16 cores), nightly x7: 4 workers at 16 threads 0.85 s/case, 2 workers at 4 threads 0.23.
+        # (16 cores), nightly x7: 4 workers at 16 threads 0.85 s/case, 2 workers at 4 threads 0.23
+        # (the count: moe_validate.cpus.intra_op_threads).
         import torch
 
         torch.set_num_threads(cpu_threads)
@@ -118,7 +121,7 @@ def _worker_main(conn, backend_spec: str, gpu: Optional[str], log_path: str, tim
             record.error = backend_error
             result = CaseResult(record)
         else:
-            result = run_case_inprocess(case, backend, backend_name=backend_spec)
+            result = run_case_inprocess(case, backend, backend_name=backend_spec, options=case_options)
         if timeout_s:
             faulthandler.cancel_dump_traceback_later()
         conn.send(("result", result.record, result.retire_worker))
@@ -152,14 +155,15 @@ class _Worker:
     gpu_index = 0  # the scheduler's index of this worker's GPU
 
     def __init__(self, ctx, slot: int, backend_spec: str, gpu: Optional[str], log_dir: Path,
-                 timeout_s: Optional[float], cpu_threads: Optional[int] = None):
+                 timeout_s: Optional[float], cpu_threads: Optional[int] = None,
+                 case_options: CaseOptions = CaseOptions()):
         self.slot = slot
         self.gpu = gpu
         self.log_path = log_dir / f"worker-{slot}-{uuid.uuid4().hex[:8]}.log"
         self.conn, child_conn = ctx.Pipe()
         self.proc = ctx.Process(
             target=_worker_main,
-            args=(child_conn, backend_spec, gpu, str(self.log_path), timeout_s, cpu_threads, os.getpid()),
+            args=(child_conn, backend_spec, gpu, str(self.log_path), timeout_s, cpu_threads, os.getpid(), case_options),
             name=f"moe-validate-worker-{slot}",
             daemon=True,
         )
@@ -224,7 +228,8 @@ def _exit_description(exitcode: Optional[int]) -> str:
 # ---------------------------------------------------------------------------------------------
 def run_pool(cases, backend_spec: str, workers: int, timeout_s: Optional[float], log_dir: Path,
              finish: Callable[[CaseRecord], None], gpus: Sequence[GpuInfo] = (), *,
-             max_consecutive_timeouts: Optional[int] = DEFAULT_MAX_CONSECUTIVE_TIMEOUTS) -> Optional[str]:
+             max_consecutive_timeouts: Optional[int] = DEFAULT_MAX_CONSECUTIVE_TIMEOUTS,
+             case_options: CaseOptions = CaseOptions()) -> Optional[str]:
     """Runs ``cases`` in ``workers`` processes, handing each record to ``finish`` as it ends.
 
     Returns None, or why the pool stopped early (``max_consecutive_timeouts`` TIMEOUTs in a row;
@@ -246,11 +251,11 @@ def run_pool(cases, backend_spec: str, workers: int, timeout_s: Optional[float],
     scheduler = GpuScheduler(cases, budgets)
     sched_index = {g: i for i, g in enumerate(used_gpus)}
 
-    cpu_threads = max(1, (os.cpu_count() or 1) // count)  # the host's cores shared among the workers
+    cpu_threads = intra_op_threads(count)  # one under the interpreter; else the usable CPUs shared out
 
     def spawn(slot: int) -> _Worker:
         entry = gpus[gpu_of_slot[slot]].entry if gpus else None
-        worker = _Worker(ctx, slot, backend_spec, entry, log_dir, timeout_s, cpu_threads)
+        worker = _Worker(ctx, slot, backend_spec, entry, log_dir, timeout_s, cpu_threads, case_options)
         worker.gpu_index = sched_index[gpu_of_slot[slot]]
         return worker
 

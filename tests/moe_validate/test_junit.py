@@ -124,3 +124,113 @@ def test_control_characters_in_an_error_stay_readable_xml(tmp_path):
                            error="\x1b[31mred traceback\x1b[0m\x00", repro="moe-validate repro c1"))
     root = ET.parse(write_junit(results, tmp_path / "j.xml")).getroot()
     assert "red traceback" in root.find("testsuite/testcase/error").text
+
+
+# --- the structure CI tools read, checked without a schema file -------------------------------
+# What Jenkins' junit plugin, GitLab and Surefire-style readers take from a JUnit file, written as
+# rules (no schema text copied): <testsuites> holding <testsuite>s; a suite's name, its counts
+# (non-negative integers that agree with its testcases), a decimal time, an ISO 8601 timestamp;
+# <properties> (only first, <property name value> inside) before the testcases and system-out/err
+# after them; each testcase with name, classname and a decimal time, and at most one of
+# <failure>/<error>/<skipped> (failure and error with a message and a type) plus system-out/err.
+_OUTCOME_TAGS = ("failure", "error", "skipped")
+
+
+def _junit_problems(root: ET.Element):
+    import datetime
+
+    problems = []
+
+    def number(el, name, kind, required=True):
+        value = el.get(name)
+        if value is None:
+            if required:
+                problems.append(f"<{el.tag} {el.get('name')!r}> lacks {name}")
+            return None
+        try:
+            parsed = kind(value)
+        except ValueError:
+            problems.append(f"<{el.tag}> {name}={value!r} is not a {kind.__name__}")
+            return None
+        if parsed < 0:
+            problems.append(f"<{el.tag}> {name}={value!r} is negative")
+        return parsed
+
+    if root.tag != "testsuites":
+        problems.append(f"root is <{root.tag}>, not <testsuites>")
+    for child in root:
+        if child.tag != "testsuite":
+            problems.append(f"<testsuites> holds <{child.tag}>")
+    for suite in root.iter("testsuite"):
+        if not suite.get("name"):
+            problems.append("a <testsuite> lacks its name")
+        counts = {k: number(suite, k, int, required=(k == "tests")) for k in ("tests", "failures", "errors", "skipped")}
+        number(suite, "time", float)
+        if suite.get("timestamp") is not None:
+            try:
+                datetime.datetime.fromisoformat(suite.get("timestamp"))
+            except ValueError:
+                problems.append(f"timestamp {suite.get('timestamp')!r} is not ISO 8601")
+        tags = [c.tag for c in suite]
+        body = [t for t in tags if t not in ("system-out", "system-err")]
+        if any(t not in ("properties", "testcase") for t in body):
+            problems.append(f"<testsuite> holds {sorted(set(body) - {'properties', 'testcase'})}")
+        if "properties" in tags and (tags.index("properties") != 0 or tags.count("properties") > 1):
+            problems.append("<properties> must be the suite's one first child")
+        tail = [i for i, t in enumerate(tags) if t in ("system-out", "system-err")]
+        if tail and "testcase" in tags and min(tail) < max(i for i, t in enumerate(tags) if t == "testcase"):
+            problems.append("system-out/err must follow the testcases")
+        for prop in suite.iter("property"):
+            if prop.get("name") is None or prop.get("value") is None:
+                problems.append(f"a <property> lacks name or value: {prop.attrib}")
+        cases = suite.findall("testcase")
+        found = {"tests": len(cases), "failures": 0, "errors": 0, "skipped": 0}
+        for tc in cases:
+            if not tc.get("name") or not tc.get("classname"):
+                problems.append(f"a <testcase> lacks name or classname: {tc.attrib}")
+            number(tc, "time", float)
+            outcome = [c for c in tc if c.tag in _OUTCOME_TAGS]
+            if len(outcome) > 1:
+                problems.append(f"testcase {tc.get('name')!r} has {len(outcome)} outcome elements")
+            if any(c.tag not in _OUTCOME_TAGS + ("system-out", "system-err") for c in tc):
+                problems.append(f"testcase {tc.get('name')!r} holds {[c.tag for c in tc]}")
+            for c in outcome:
+                found[{"failure": "failures", "error": "errors", "skipped": "skipped"}[c.tag]] += 1
+                if c.tag != "skipped" and not (c.get("message") and c.get("type")):
+                    problems.append(f"<{c.tag}> of {tc.get('name')!r} lacks message or type")
+        for key, n in found.items():
+            if counts.get(key) is not None and counts[key] != n:
+                problems.append(f"testsuite says {key}={counts[key]}, its testcases {n}")
+    return problems
+
+
+def test_run_junitxml_has_the_structure_ci_tools_read(tmp_path, monkeypatch, capsys):
+    from moe_validate.cli import main
+
+    monkeypatch.syspath_prepend(str(HERE))
+    xml = tmp_path / "ci" / "junit.xml"
+    code = main(["run", "--suite", "smoke", "--filter", "*-none-silu-M7N64K64E4k2-s[0-3]", "--backend",
+                 "fake_backends:Mixed", "--workers", "0", "--out", str(tmp_path / "run"), "--no-report",
+                 "--junitxml", str(xml)])
+    assert code == 1 and f"junit:   {xml}" in capsys.readouterr().out
+    root = ET.parse(xml).getroot()
+    assert _junit_problems(root) == []
+    (suite,) = root.iter("testsuite")
+    assert [c.tag for c in suite][0] == "properties"
+    assert sorted(child.tag for tc in suite.iter("testcase") for child in tc) == ["error", "failure", "skipped"]
+
+
+@pytest.mark.parametrize("plant, expected", [
+    (lambda s: s.set("failures", "7"), "failures=7, its testcases 1"),
+    (lambda s: s.set("time", "soon"), "time='soon' is not a float"),
+    (lambda s: s.find("testcase").append(ET.Element("failure", message="m", type="t"))
+     or s.find("testcase").append(ET.Element("skipped")), "outcome elements"),
+    (lambda s: s.append(ET.Element("properties")), "one first child"),
+    (lambda s: s.find("testcase").attrib.pop("classname"), "lacks name or classname"),
+    (lambda s: s.set("timestamp", "yesterday"), "not ISO 8601"),
+])
+def test_the_structure_check_catches_what_ci_tools_reject(mixed_run, tmp_path, plant, expected):
+    root = ET.parse(write_junit(mixed_run.results_path, tmp_path / "junit.xml")).getroot()
+    assert _junit_problems(root) == []
+    plant(root.find("testsuite"))
+    assert any(expected in p for p in _junit_problems(root)), _junit_problems(root)
