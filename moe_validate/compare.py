@@ -280,7 +280,7 @@ class Evaluation:
 
 def _anatomy(kernel, ref, allowed, which, label, token_of_row: Optional[List[int]] = None,
              expert_of: Optional[torch.Tensor] = None) -> dict:
-    k = kernel.detach().to("cpu", F64)
+    k = kernel.detach().to("cpu", F64).contiguous()  # a strided output (a layout the contract flags) still reads
     r = ref.detach().to("cpu", F64)
     a = allowed.detach().to("cpu", F64)
     n = r.numel()
