@@ -713,6 +713,42 @@ _FLIP_T = torch.exp(torch.linspace(math.log(0.05), math.log(500.0), 32, dtype=F6
 _FLIP_CHUNK_ELEMENTS = 1 << 22  # routes x K x I elements per step of the Chernoff sums
 
 
+def requant_c1_box(inputs: MoEInputs, exact: Dict[str, torch.Tensor], sigma_acc1: torch.Tensor) -> torch.Tensor:
+    """[M, T, N]: how far an accurate kernel's c1 may lie from exact's (c1 units; see above).
+
+    Each rounding to S moves a value by half an ulp of what it rounds: c1 itself, and with LoRA
+    the base product and the delta too (``round_S(base + round_S(d13))``, SPEC LoRA), whose
+    magnitudes can exceed |c1| where they cancel; the delta's fp32 rank-space products add at
+    most (K + r) u32 (|x| |A|^T) |B|^T (the deterministic bound of two fp32 dot products).
+    ``sigma_acc1``: the worst-case std of GEMM1's fp32 accumulation per c1 element.
+    """
+    S = storage_dtype(inputs.hidden_states.dtype)
+    uS = unit_roundoff(S)
+    c1 = exact["c1"].to(F64)
+    half_ulp = lambda v: 0.5 * ulp(v.abs() * (1.0 + 2.0 * uS), S)  # noqa: E731 (the kernel's value may sit a binade up)
+    extra = REQUANT_EXTRA_ROUNDINGS
+    if inputs.lora is None:
+        base, stores, lora_fp32 = c1.abs(), (1 + extra) * half_ulp(c1), torch.zeros_like(c1)
+    else:
+        import dataclasses
+
+        from reference import pipeline as ref  # the harness may import reference
+
+        valid, local = exact["route_valid"].to(torch.bool), exact["route_expert"].long()
+        x_unq = inputs.hidden_states.to(F64).to(c1.device)
+        zero = torch.zeros_like(c1)
+        d13 = ref.lora_w13(zero, x_unq, inputs.lora, valid, local, inputs.activation, lambda v: v)
+        absolute = (lambda w: tuple(a.abs() for a in w) if isinstance(w, (tuple, list)) else w.abs())
+        abs_lora = dataclasses.replace(inputs.lora, w13_a=absolute(inputs.lora.w13_a), w13_b=absolute(inputs.lora.w13_b))
+        mag = ref.lora_w13(zero, x_unq.abs(), abs_lora, valid, local, inputs.activation, lambda v: v)
+        rank = inputs.lora.w2_a.shape[2]
+        base = (c1 - d13).abs()
+        largest = torch.maximum(torch.maximum(base, d13.abs()), c1.abs())
+        stores = half_ulp(c1) + half_ulp(base) + half_ulp(d13) + extra * half_ulp(largest)
+        lora_fp32 = (x_unq.shape[1] + rank) * U32 * mag
+    return stores + lora_fp32 + Z_BUDGET * sigma_acc1 + _EPILOGUE_OPS_C1 * U32 * base
+
+
 def _code_grid(code_dtype: torch.dtype, device) -> torch.Tensor:
     """Every finite code value of the activation format, ascending (float64)."""
     if code_dtype == FP8_DTYPE:
@@ -1063,10 +1099,9 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             import reference  # the harness may import reference
 
             exact = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="exact")
-        c1e = exact["c1"].to(F64).to(dev)
-        b_c1 = ((n_round_c1 + REQUANT_EXTRA_ROUNDINGS) * 0.5 * ulp(c1e.abs() * (1.0 + 2.0 * uS), S)
-                + Z_BUDGET * sigma_c1 + _EPILOGUE_OPS_C1 * U32 * c1e.abs()) * vmask
-        flip_ev = requant_flip_events(inputs, {k: exact[k].to(dev) for k in ("route_valid", "c1", "c2")}, b_c1)
+        exact = {k: v.to(dev) for k, v in exact.items()}
+        b_c1 = requant_c1_box(inputs, exact, sigma_c1) * vmask
+        flip_ev = requant_flip_events(inputs, exact, b_c1)
         flip_b, flip_cap = _flip_sum_quantile(flip_ev, w2, rexp, valid, wts,
                                               group=128 if scheme.act_granularity == "token_group" else max(I, 1))
         # the dequantized shift: every code of a group is read with the kernel's scale s (1 + rho), so the
