@@ -13,7 +13,9 @@ Two oracles, two bounds:
   of the pipeline (c1, c2, requantization, c3, out) contributes a uniform rounding error; they
   propagate through the activation and GEMM2 as independent zero-mean errors, so the output
   error's standard deviation uses the scale ``sqrt(sum_i a_i^2 b_i^2)`` (never ``|ref|``, which
-  cancellation can make arbitrarily small).
+  cancellation can make arbitrarily small). Requantization codes flip against exact's only near
+  their midpoints: those flips are counted per output element from exact's codes
+  (``requant_flip_events``), with a Chernoff tail.
 
 The gate also counts: a correct kernel differs from the mirror only where a flip happened, so
 the number of differing elements must stay within a Chernoff tail of the modelled flips
@@ -33,7 +35,7 @@ named terms).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -677,32 +679,34 @@ def count_allowance(inputs: MoEInputs, stages: Dict[str, torch.Tensor], per_stag
 # kernel's quantizer input lands across a rounding midpoint from exact's. Which codes can flip is
 # known per case: exact's value v (c2 / scale, in code units) sits at a distance d from its code's
 # upper and lower midpoints, and an accurate kernel's input differs from v by
-#     e = (independent part, |.| <= b) + (common part of the group, |.| <= c).
-# b: the error a correct kernel's c2 can carry, in c2 units divided by the scale: the activation's
-#   image of a c1 box (each c1 within n1 ulp_S/2 of exact's, n1 = SPEC's roundings plus
-#   REQUANT_EXTRA_ROUNDINGS, plus Z sigma of the worst-case fp32 accumulation and 4 fp32
-#   epilogue operations), evaluated at the box's corners in float64 plus a curvature margin
-#   (|f''| <= _ACT_CURVATURE: the extremum of f inside the box), the fp32 activation math
-#   (ACT_FP32_ULPS u32 (|c2| + |g||u|)) and n2 = 1 + REQUANT_EXTRA_ROUNDINGS roundings of c2
-#   to S. "Accurate" is thus: every stored value within the SPEC's roundings plus one more of
-#   each (a double rounding, an activation computed in S, a bias or dequantization rounded apart).
-# c: a dynamic scale is amax / QMAX over the group, and amax moves with the group's errors: the
-#   kernel's amax lies in [max(|c2| - b), max(|c2| + b)], so its scale is off by a relative R at
-#   most, which moves every v of the group by up to R |v| (one sign for the whole group; taken
-#   toward each element's own midpoint, a sound over-bound), plus 4 u32 |v| for the fp32 divisions
-#   (a reciprocal multiply included).
+#     e = (independent part, |.| <= b) + (the group's common shift).
+# b: the error a correct kernel's c2 can carry, divided by the scale: the activation's image of
+#   a c1 box (requant_c1_box: the SPEC's roundings plus REQUANT_EXTRA_ROUNDINGS, each half an S
+#   ulp of what it rounds, Z sigma of the worst-case fp32 accumulation, fp32 epilogue operations),
+#   evaluated at the box's corners in float64, plus a curvature margin (|f''| <= _ACT_CURVATURE:
+#   an extremum of f inside the box), the fp32 activation math (ACT_FP32_ULPS u32 (|c2| + |g||u|))
+#   and 1 + REQUANT_EXTRA_ROUNDINGS roundings of c2 to S. "Accurate" is thus: every stored value
+#   within the SPEC's roundings plus one more of each (a double rounding, an activation computed
+#   in S, a bias or dequantization rounded apart).
+# The common shift: a dynamic scale is amax / QMAX over its group, and the kernel's amax lies in
+#   [max(|c2| - b), max(|c2| + b)]: a relative scale error rho in [rho_lo, rho_hi] (+- 2 u32 for
+#   the fp32 division), which moves every v of the group by -v rho / (1 + rho) together. The rho
+#   range is cut into REQUANT_SHIFT_CELLS cells; within a cell each element takes the cell's
+#   largest shift toward its midpoint. Plus _QUANTIZER_OPS u32 |v| for the fp32 divisions (a
+#   reciprocal multiply included). A static scale has one cell of rho = 0.
 # A code flips up only if e >= d_up: with the independent part symmetric and unimodal (a sum of
-# independent uniform rounding errors is), P(e_ind >= x) <= (b - x) / (2 b) for 0 <= x < b, 0 for
-# x >= b; so p_up <= 1 if d_up <= c, (b - (d_up - c)) / (2 b) if d_up - c < b, else 0 (the same
-# for down). The jump is the code distance to the farthest code v +- (b + c) reaches, times the
-# scale (1 + R). Measured (docs/BOUNDS.md): every code where mirror and exact differ has p > 0
-# here, and the model's expected flips are 1-3x the mirror's.
+# independent uniform rounding errors is), P(e_ind >= x) <= (b - x) / (2 b) for 0 <= x < b and 0
+# for x >= b; so p_up <= (b - x) / (2 b) with x = d_up - shift (1 if x <= 0), the same for down.
+# The jump is the code distance to the farthest code v + b + shift reaches, times s (1 + rho_hi).
+# Measured (docs/BOUNDS.md): every code where mirror and exact differ is such a flip, and the
+# model's sum p is 4-12x the mirror's flips (its b admits roundings the SPEC does not make).
 # Per output element, the flips of the token's routes add w_r w2[e, k, i] jump_i in a KNOWN
 # direction each (the jump's side times the sign of w2): out rises by X+ = sum of the raising ones
-# and falls by X- = sum of the lowering ones, each a sum of independent Bernoullis. Chernoff on
-# each: P(X >= x) <= exp(psi(t) - t x), psi(t) = sum log(1 + p (e^{t a} - 1)), so
-# x* = min_t (psi(t) + ln(1 / FLIP_ALPHA)) / t, and never more than sum a (all of them flip).
-# The flip term is max(x*+, x*-): exceeded with probability <= 2 FLIP_ALPHA per element.
+# and falls by X- = sum of the lowering ones, each a sum of independent Bernoullis for a given rho.
+# Chernoff on each: P(X >= x) <= exp(psi(t) - t x) with psi(t) = sum over (route, scale group) of
+# the cells' largest sum_i log(1 + p (e^{t a} - 1)) (so it holds whatever rho each group has), and
+# x* = min_t (psi(t) + ln(1 / FLIP_ALPHA)) / t, never more than sum a (all of them flip). The flip
+# term is max(x*+, x*-): exceeded with probability <= 2 FLIP_ALPHA per element.
 REQUANT_EXTRA_ROUNDINGS = 1  # roundings to S beyond the SPEC's an accurate kernel may add, at c1 and at c2
 FLIP_ALPHA = 1e-9  # per output element and direction: the one-sided Gaussian tail at Z = 6
 _ACT_CURVATURE = 2.0  # >= |f''| of every activation's gate function (silu 0.5, gelu 0.8, relu2 2)
@@ -730,8 +734,6 @@ def requant_c1_box(inputs: MoEInputs, exact: Dict[str, torch.Tensor], sigma_acc1
     if inputs.lora is None:
         base, stores, lora_fp32 = c1.abs(), (1 + extra) * half_ulp(c1), torch.zeros_like(c1)
     else:
-        import dataclasses
-
         from reference import pipeline as ref  # the harness may import reference
 
         valid, local = exact["route_valid"].to(torch.bool), exact["route_expert"].long()
@@ -739,9 +741,9 @@ def requant_c1_box(inputs: MoEInputs, exact: Dict[str, torch.Tensor], sigma_acc1
         zero = torch.zeros_like(c1)
         d13 = ref.lora_w13(zero, x_unq, inputs.lora, valid, local, inputs.activation, lambda v: v)
         absolute = (lambda w: tuple(a.abs() for a in w) if isinstance(w, (tuple, list)) else w.abs())
-        abs_lora = dataclasses.replace(inputs.lora, w13_a=absolute(inputs.lora.w13_a), w13_b=absolute(inputs.lora.w13_b))
+        abs_lora = replace(inputs.lora, w13_a=absolute(inputs.lora.w13_a), w13_b=absolute(inputs.lora.w13_b))
         mag = ref.lora_w13(zero, x_unq.abs(), abs_lora, valid, local, inputs.activation, lambda v: v)
-        rank = inputs.lora.w2_a.shape[2]
+        rank = inputs.lora.w13_slices[0][0].shape[2]
         base = (c1 - d13).abs()
         largest = torch.maximum(torch.maximum(base, d13.abs()), c1.abs())
         stores = half_ulp(c1) + half_ulp(base) + half_ulp(d13) + extra * half_ulp(largest)
