@@ -475,7 +475,7 @@ def _evaluate_rows(case, inputs: MoEInputs, out: torch.Tensor, token_of_row: Opt
     mirror = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="mirror")
     exact = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="exact")
     native_gpu = out.is_cuda and not interpreting()
-    bounds = _tol.derive(case, inputs, mirror, native_gpu=native_gpu)
+    bounds = _tol.derive(case, inputs, mirror, native_gpu=native_gpu, exact=exact)
     S = storage_dtype(inputs.hidden_states.dtype)
     oracles = {
         "mirror": (mirror["out"].to(F64), bounds["gate"].allowed, bounds["gate"].sigma, bounds["gate"].count_allowed),

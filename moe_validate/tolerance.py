@@ -13,7 +13,9 @@ Two oracles, two bounds:
   of the pipeline (c1, c2, requantization, c3, out) contributes a uniform rounding error; they
   propagate through the activation and GEMM2 as independent zero-mean errors, so the output
   error's standard deviation uses the scale ``sqrt(sum_i a_i^2 b_i^2)`` (never ``|ref|``, which
-  cancellation can make arbitrarily small).
+  cancellation can make arbitrarily small). Requantization codes flip against exact's only near
+  their midpoints: those flips are counted per output element from exact's codes
+  (``requant_flip_events``), with a Chernoff tail.
 
 The gate also counts: a correct kernel differs from the mirror only where a flip happened, so
 the number of differing elements must stay within a Chernoff tail of the modelled flips
@@ -33,7 +35,7 @@ named terms).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -671,10 +673,287 @@ def count_allowance(inputs: MoEInputs, stages: Dict[str, torch.Tensor], per_stag
 
 
 # =================================================================================================
+# The budget's requantization flips: counted per output element, not one worst jump each
+# =================================================================================================
+# Kernel and ``exact`` both requantize c2 (SPEC step 8); their codes differ only where the
+# kernel's quantizer input lands across a rounding midpoint from exact's. Which codes can flip is
+# known per case: exact's value v (c2 / scale, in code units) sits at a distance d from its code's
+# upper and lower midpoints, and an accurate kernel's input differs from v by
+#     e = (independent part, |.| <= b) + (the group's common shift).
+# b: the error a correct kernel's c2 can carry, divided by the scale: the activation's image of
+#   a c1 box (requant_c1_box: the SPEC's roundings plus REQUANT_EXTRA_ROUNDINGS, each half an S
+#   ulp of what it rounds, Z sigma of the worst-case fp32 accumulation, fp32 epilogue operations),
+#   evaluated at the box's corners in float64, plus a curvature margin (|f''| <= _ACT_CURVATURE:
+#   an extremum of f inside the box), the fp32 activation math (ACT_FP32_ULPS u32 (|c2| + |g||u|))
+#   and 1 + REQUANT_EXTRA_ROUNDINGS roundings of c2 to S. "Accurate" is thus: every stored value
+#   within the SPEC's roundings plus one more of each (a double rounding, an activation computed
+#   in S, a bias or dequantization rounded apart).
+# The common shift: a dynamic scale is amax / QMAX over its group, and the kernel's amax lies in
+#   [max(|c2| - b), max(|c2| + b)]: a relative scale error rho in [rho_lo, rho_hi] (+- 2 u32 for
+#   the fp32 division), which moves every v of the group by -v rho / (1 + rho) together. The rho
+#   range is cut into REQUANT_SHIFT_CELLS cells; within a cell each element takes the cell's
+#   largest shift toward its midpoint. Plus _QUANTIZER_OPS u32 |v| for the fp32 divisions (a
+#   reciprocal multiply included). A static scale has one cell of rho = 0.
+# A code flips up only if e >= d_up: with the independent part symmetric and unimodal (a sum of
+# independent uniform rounding errors is), P(e_ind >= x) <= (b - x) / (2 b) for 0 <= x < b and 0
+# for x >= b; so p_up <= (b - x) / (2 b) with x = d_up - shift (1 if x <= 0), the same for down.
+# The jump is the code distance to the farthest code v + b + shift reaches, times s (1 + rho_hi).
+# Measured (docs/BOUNDS.md): every code where mirror and exact differ is such a flip, and the
+# model's sum p is 4-12x the mirror's flips (its b admits roundings the SPEC does not make).
+# Per output element, the flips of the token's routes add w_r w2[e, k, i] jump_i in a KNOWN
+# direction each (the jump's side times the sign of w2): out rises by X+ = sum of the raising ones
+# and falls by X- = sum of the lowering ones, each a sum of independent Bernoullis for a given rho.
+# Chernoff on each: P(X >= x) <= exp(psi(t) - t x) with psi(t) = sum over (route, scale group) of
+# the cells' largest sum_i log(1 + p (e^{t a} - 1)) (so it holds whatever rho each group has), and
+# x* = min_t (psi(t) + ln(1 / FLIP_ALPHA)) / t, never more than sum a (all of them flip). The flip
+# term is max(x*+, x*-): exceeded with probability <= 2 FLIP_ALPHA per element.
+REQUANT_EXTRA_ROUNDINGS = 1  # roundings to S beyond the SPEC's an accurate kernel may add, at c1 and at c2
+FLIP_ALPHA = 1e-9  # per output element and direction: the one-sided Gaussian tail at Z = 6
+_ACT_CURVATURE = 2.0  # >= |f''| of every activation's gate function (silu 0.5, gelu 0.8, relu2 2)
+_EPILOGUE_OPS_C1 = 4.0  # fp32 operations after GEMM1's accumulation (dequantization, bias, LoRA adds)
+_QUANTIZER_OPS = 4.0  # fp32 roundings in x / s, kernel's and exact's (conversion and division each)
+REQUANT_SHIFT_CELLS = 6  # cells of a dynamic scale's relative error rho, each bounded apart
+_FLIP_T = torch.exp(torch.linspace(math.log(0.05), math.log(500.0), 32, dtype=F64))  # theta x max jump
+_FLIP_CHUNK_ELEMENTS = 1 << 22  # routes x K x I elements per step of the Chernoff sums
+
+
+def requant_c1_box(inputs: MoEInputs, exact: Dict[str, torch.Tensor], sigma_acc1: torch.Tensor) -> torch.Tensor:
+    """[M, T, N]: how far an accurate kernel's c1 may lie from exact's (c1 units; see above).
+
+    Each rounding to S moves a value by half an ulp of what it rounds: c1 itself, and with LoRA
+    the base product and the delta too (``round_S(base + round_S(d13))``, SPEC LoRA), whose
+    magnitudes can exceed |c1| where they cancel; the delta's fp32 rank-space products add at
+    most (K + r) u32 (|x| |A|^T) |B|^T (the deterministic bound of two fp32 dot products).
+    ``sigma_acc1``: the worst-case std of GEMM1's fp32 accumulation per c1 element.
+    """
+    S = storage_dtype(inputs.hidden_states.dtype)
+    uS = unit_roundoff(S)
+    c1 = exact["c1"].to(F64)
+    half_ulp = lambda v: 0.5 * ulp(v.abs() * (1.0 + 2.0 * uS), S)  # noqa: E731 (the kernel's value may sit a binade up)
+    extra = REQUANT_EXTRA_ROUNDINGS
+    if inputs.lora is None:
+        base, stores, lora_fp32 = c1.abs(), (1 + extra) * half_ulp(c1), torch.zeros_like(c1)
+    else:
+        from reference import pipeline as ref  # the harness may import reference
+
+        valid, local = exact["route_valid"].to(torch.bool), exact["route_expert"].long()
+        x_unq = inputs.hidden_states.to(F64).to(c1.device)
+        zero = torch.zeros_like(c1)
+        d13 = ref.lora_w13(zero, x_unq, inputs.lora, valid, local, inputs.activation, lambda v: v)
+        absolute = (lambda w: tuple(a.abs() for a in w) if isinstance(w, (tuple, list)) else w.abs())
+        abs_lora = replace(inputs.lora, w13_a=absolute(inputs.lora.w13_a), w13_b=absolute(inputs.lora.w13_b))
+        mag = ref.lora_w13(zero, x_unq.abs(), abs_lora, valid, local, inputs.activation, lambda v: v)
+        rank = inputs.lora.w13_slices[0][0].shape[2]
+        base = (c1 - d13).abs()
+        largest = torch.maximum(torch.maximum(base, d13.abs()), c1.abs())
+        stores = half_ulp(c1) + half_ulp(base) + half_ulp(d13) + extra * half_ulp(largest)
+        lora_fp32 = (x_unq.shape[1] + rank) * U32 * mag
+    return stores + lora_fp32 + Z_BUDGET * sigma_acc1 + _EPILOGUE_OPS_C1 * U32 * base
+
+
+def _code_grid(code_dtype: torch.dtype, device) -> torch.Tensor:
+    """Every finite code value of the activation format, ascending (float64)."""
+    if code_dtype == FP8_DTYPE:
+        vals = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8_DTYPE).to(F64)
+        return torch.unique(vals[torch.isfinite(vals)]).to(device)  # unique: +0 and -0 are one code
+    return torch.arange(-127, 128, dtype=F64, device=device)
+
+
+def _group_max(t: torch.Tensor, valid: torch.Tensor, gran: str) -> torch.Tensor:
+    """t [M, T, I] reduced by max over each quantization group of the scheme, broadcast back."""
+    if gran == "token":
+        return t.amax(-1, keepdim=True).expand_as(t)
+    if gran == "token_group":
+        out = torch.empty_like(t)
+        for g0 in range(0, t.shape[-1], 128):
+            grp = slice(g0, g0 + 128)
+            out[..., grp] = t[..., grp].amax(-1, keepdim=True)
+        return out
+    top = t[valid].max() if valid.any() else torch.zeros((), dtype=F64, device=t.device)
+    return top.expand_as(t)
+
+
+def _c2_error_bound(inputs: MoEInputs, c1e: torch.Tensor, c2e: torch.Tensor, b_c1: torch.Tensor,
+                    S: torch.dtype) -> torch.Tensor:
+    """[M, T, I]: |kernel's c2 - exact's c2| for an accurate kernel (see above), c2 units."""
+    from reference.activations import apply_activation  # the harness may import reference
+
+    act = inputs.activation
+    clamp_limit = inputs.quant.gemm1_clamp_limit if inputs.quant is not None else None
+    N = c1e.shape[-1]
+    gate = torch.zeros(N, dtype=F64, device=c1e.device)
+    if not act.is_gated:
+        gate[:] = 1.0
+    elif act.is_interleaved:
+        gate[0::2] = 1.0
+    else:
+        gate[:N // 2] = 1.0
+    up = 1.0 - gate
+    corners = [(sg, su) for sg in (-1.0, 1.0) for su in ((-1.0, 1.0) if act.is_gated else (0.0,))]
+    dev = torch.zeros_like(c2e)
+    for sg, su in corners:
+        moved = apply_activation(c1e + b_c1 * (sg * gate + su * up), act, clamp_limit)
+        dev = torch.maximum(dev, (moved - c2e).abs())
+    g, u = _gate_up(c1e.abs(), act)
+    bg, bu = _gate_up(b_c1, act)
+    if u is None:
+        curvature = 0.5 * _ACT_CURVATURE * bg ** 2
+        act_scale = c2e.abs() + g
+    else:
+        curvature = 0.5 * _ACT_CURVATURE * bg ** 2 * (u + bu + 1.0)  # swigluoai multiplies by (u + 1)
+        act_scale = c2e.abs() + g * u
+    uS = unit_roundoff(S)
+    n2 = 1 + REQUANT_EXTRA_ROUNDINGS
+    stores = n2 * 0.5 * ulp(c2e.abs() * (1.0 + 2.0 * uS), S)  # the kernel's value may sit one binade up
+    return dev + curvature + ACT_FP32_ULPS * U32 * act_scale + stores
+
+
+def requant_flip_events(inputs: MoEInputs, exact: Dict[str, torch.Tensor], b_c1: torch.Tensor
+                        ) -> Dict[str, torch.Tensor]:
+    """The requantization flips an accurate kernel may have against ``exact`` (see above).
+
+    Per common-shift cell (leading dimension, REQUANT_SHIFT_CELLS cells of the scale's relative
+    error rho in [rho_lo, rho_hi]) and c2_in element [M, T, I]: ``p_up``, ``p_down`` (probability
+    bounds), ``jump_up``, ``jump_down`` (the dequantized change, >= 0). Per element: ``b`` (the
+    independent error, code units), ``codes`` and ``scale`` (exact's), ``rho_lo``, ``rho_hi``.
+    ``b_c1`` [M, T, N]: how far an accurate kernel's c1 may lie from exact's (c1 units).
+    """
+    from reference.quant import expand_act_scale, quantize_activation_codes  # the harness may import reference
+
+    scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None)
+    gran = scheme.act_granularity
+    S = storage_dtype(inputs.hidden_states.dtype)
+    valid = exact["route_valid"].to(torch.bool)
+    c1e, c2e = exact["c1"].to(F64), exact["c2"].to(F64)
+    M, T, I = c2e.shape
+    vm = valid[..., None]
+    codes = torch.zeros_like(c2e)
+    scale = torch.ones_like(c2e)
+    flat = c2e.reshape(M * T, I)
+    rows = torch.nonzero(valid.reshape(-1), as_tuple=False).reshape(-1)
+    if rows.numel():
+        a2 = inputs.quant.a2_scale if gran == "tensor_static" else None
+        q, s = quantize_activation_codes(flat[rows], scheme, static_scale=a2)  # exact's own requantization
+        codes.view(M * T, I)[rows] = q.to(F64)
+        scale.view(M * T, I)[rows] = expand_act_scale(s, rows.numel(), I)
+    b_abs = _c2_error_bound(inputs, c1e, c2e, b_c1, S) * vm
+    mag = c2e.abs() * vm
+    if gran == "tensor_static":
+        rho_lo = rho_hi = torch.zeros_like(c2e)
+        cells = 1
+    else:  # the kernel's amax lies in [max(|c2| - b), max(|c2| + b)]; its fp32 scale rounds once more
+        amax = _group_max(mag, valid, gran).clamp_min(1e-300)
+        rho_hi = torch.clamp(_group_max(mag + b_abs, valid, gran) / amax - 1.0 + 2.0 * U32, max=0.5)
+        rho_lo = torch.clamp(_group_max((mag - b_abs).clamp_min(0.0), valid, gran) / amax - 1.0 - 2.0 * U32, min=-0.5)
+        cells = REQUANT_SHIFT_CELLS
+    v = c2e / scale
+    b = b_abs / (scale * (1.0 + rho_lo))
+    fuzz = _QUANTIZER_OPS * U32 * v.abs()
+    grid = _code_grid(scheme.act_dtype, c2e.device)
+    mids = 0.5 * (grid[1:] + grid[:-1])
+    idx = torch.searchsorted(grid, codes.contiguous())
+    last = grid.numel() - 1
+    d_up = torch.where(idx < last, mids[idx.clamp(max=last - 1)], torch.full_like(v, math.inf)) - v
+    d_dn = v - torch.where(idx > 0, mids[(idx - 1).clamp(min=0)], torch.full_like(v, -math.inf))
+    bs = b.clamp_min(1e-300)
+
+    def tail(x):  # P(e_ind >= x): symmetric unimodal on [-b, b]; 1 where the common shift alone may cross
+        return torch.where(x <= 0, torch.ones_like(x), torch.clamp((bs - x) / (2.0 * bs), min=0.0))
+
+    dq = scale * (1.0 + rho_hi.clamp_min(0.0))
+    out = {k: [] for k in ("p_up", "p_down", "jump_up", "jump_down")}
+    for j in range(cells):
+        r0 = rho_lo + (rho_hi - rho_lo) * (j / cells)
+        r1 = rho_lo + (rho_hi - rho_lo) * ((j + 1) / cells)
+        # v moves to v / (1 + rho): by -v rho / (1 + rho), monotone in rho, so the cell's extremes
+        s0, s1 = -v * r0 / (1.0 + r0), -v * r1 / (1.0 + r1)
+        s_hi, s_lo = torch.maximum(s0, s1) + fuzz, torch.minimum(s0, s1) - fuzz
+        top = grid[torch.searchsorted(mids, (v + b + s_hi).contiguous(), right=True)]  # farthest codes reached
+        bottom = grid[torch.searchsorted(mids, (v - b + s_lo).contiguous(), right=False)]
+        jump_up = (top - codes).clamp_min(0.0) * dq * vm
+        jump_dn = (codes - bottom).clamp_min(0.0) * dq * vm
+        out["p_up"].append(torch.where(jump_up > 0, tail(d_up - s_hi), torch.zeros_like(v)))
+        out["p_down"].append(torch.where(jump_dn > 0, tail(d_dn + s_lo), torch.zeros_like(v)))
+        out["jump_up"].append(jump_up)
+        out["jump_down"].append(jump_dn)
+    ev = {k: torch.stack(t) for k, t in out.items()}
+    ev.update(b=b * vm, codes=codes, scale=scale, rho_lo=rho_lo * vm, rho_hi=rho_hi * vm)
+    return ev
+
+
+def _flip_sum_quantile(ev: Dict[str, torch.Tensor], w2: torch.Tensor, route_expert, valid, wts, group: int,
+                       alpha: float = FLIP_ALPHA) -> Tuple[torch.Tensor, torch.Tensor]:
+    """([M, K] flip term, [M, K] its all-flip cap): per output element max(x*+, x*-) (above).
+
+    ``group``: the width of the columns that share one scale (one common shift rho). For every
+    theta, each (route, group) contributes its log-MGF maximized over the rho cells: a bound that
+    holds whatever rho each group has (P(X >= x | rho) <= exp(psi_rho(t) - t x) <= exp(psi(t) - t x)).
+    """
+    C, M, T, I = ev["p_up"].shape
+    K = w2.shape[1]
+    dev = ev["p_up"].device
+    L = math.log(1.0 / alpha)
+    ts = _FLIP_T.to(dev)
+    chunk = max(1, _FLIP_CHUNK_ELEMENTS // max(1, C * K * I))
+    G = -(-I // group)
+    bounds, caps = [], []
+    for raising in (True, False):
+        # out rises where an up flip meets w2 > 0 or a down flip meets w2 < 0; it falls otherwise
+        def pieces():
+            for e in range(w2.shape[0]):
+                m_idx, j_idx = torch.nonzero(valid & (route_expert == e), as_tuple=True)
+                pos, neg = w2[e].to(F64).clamp_min(0.0), (-w2[e].to(F64)).clamp_min(0.0)
+                up_w, dn_w = (pos, neg) if raising else (neg, pos)
+                for c0 in range(0, m_idx.numel(), chunk):
+                    mi, ji = m_idx[c0:c0 + chunk], j_idx[c0:c0 + chunk]
+                    w = wts[mi, ji][None, :, None, None]
+                    terms = []
+                    for key, wk in (("up", up_w), ("down", dn_w)):
+                        p = ev["p_" + key][:, mi, ji][:, :, None, :]  # [C, R, 1, I]
+                        a = ev["jump_" + key][:, mi, ji][:, :, None, :] * wk[None, None] * w * (p > 0)
+                        terms.append((p, a))  # a jump that cannot happen must not reach exp (0 * inf)
+                    yield mi, terms
+
+        def by_group(t):  # [C, R, K, I] -> [C, R, K, G]: sum over each group's columns
+            pad = G * group - I
+            if pad:
+                t = torch.nn.functional.pad(t, (0, pad))
+            return t.reshape(*t.shape[:-1], G, group).sum(-1)
+
+        J = torch.zeros(M, K, dtype=F64, device=dev)
+        cap = torch.zeros(M, K, dtype=F64, device=dev)
+        for mi, terms in pieces():
+            top = torch.stack([a.amax(-1) for _, a in terms]).amax(0).amax(0)  # [R, K]
+            J.scatter_reduce_(0, mi[:, None].expand_as(top), top, reduce="amax")
+            cap.index_add_(0, mi, by_group(sum(a for _, a in terms)).amax(0).sum(-1))
+        psi = torch.zeros(M, K, ts.numel(), dtype=F64, device=dev)
+        Js = J.clamp_min(1e-300)
+        for mi, terms in pieces():
+            theta = ts[None, None, :] / Js[mi][:, :, None]  # [R, K, t]
+            acc = torch.zeros(mi.numel(), K, ts.numel(), dtype=F64, device=dev)
+            for it in range(ts.numel()):
+                th = theta[None, :, :, it:it + 1]
+                lg = sum(torch.log1p(p * torch.expm1(th * a)) for p, a in terms)  # [C, R, K, I]
+                acc[:, :, it] = by_group(lg).amax(0).sum(-1)
+            psi.index_add_(0, mi, acc)
+        x_star = ((psi + L) / (ts[None, None, :] / Js[:, :, None])).amin(-1)
+        bounds.append(torch.where(J > 0, torch.minimum(x_star, cap), torch.zeros_like(J)))
+        caps.append(cap)
+    return torch.maximum(*bounds), torch.maximum(*caps)
+
+
+# =================================================================================================
 # The derivation
 # =================================================================================================
-def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu: bool) -> Dict[str, Bound]:
+def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu: bool,
+           exact: Optional[Dict[str, torch.Tensor]] = None,
+           budget_detail: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, Bound]:
     """{"gate": Bound, "budget": Bound} for ``case`` from the MIRROR stages of its inputs.
+
+    ``exact``: the reference's ``exact`` stages of the same inputs, where the caller has them (the
+    budget's requantization flips are counted from exact's codes); computed here otherwise.
+    ``budget_detail``: a dict to fill with the budget's requantization flip events
+    (``requant_flip_events``' keys, ``b_c1``, ``flip_term`` and ``flip_cap``), for tests and probes.
 
     ``native_gpu``: the kernel ran compiled on a GPU (not the interpreter); only then is the
     Hopper fp8-MMA accumulation unit used. The CPU interpreter needs no widening: its fp8 casts
@@ -813,6 +1092,33 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     # ===================== budget: kernel vs exact ==============================================
     # Each rounding to nearest leaves a uniform error of std ulp/sqrt(12).
     r12 = 1.0 / math.sqrt(12.0)
+    # Requantization flips are counted from exact's codes (requant_flip_events). With the router
+    # weight applied on input, c1 also carries input-code flips (x * w rounded to S, then
+    # quantized), which that c1 box does not bound: those cases keep the one-jump rule below.
+    counted = scheme.act_granularity is not None and not inputs.apply_router_weight_on_input and bool(valid.any())
+    if counted:
+        if exact is None:
+            import reference  # the harness may import reference
+
+            exact = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="exact")
+        exact = {k: v.to(dev) for k, v in exact.items()}
+        b_c1 = requant_c1_box(inputs, exact, sigma_c1) * vmask
+        flip_ev = requant_flip_events(inputs, exact, b_c1)
+        flip_b, flip_cap = _flip_sum_quantile(flip_ev, w2, rexp, valid, wts,
+                                              group=128 if scheme.act_granularity == "token_group" else max(I, 1))
+        # the dequantized shift: every code of a group is read with the kernel's scale s (1 + rho), so the
+        # group adds rho w sum_{i in group} w2[k, i] c2_in[i] (signed: exact's partial GEMM2), |rho| <= R
+        rho_abs = torch.maximum(flip_ev["rho_lo"].abs(), flip_ev["rho_hi"].abs())
+        c2_in_e = exact["c2_in"].to(F64).to(dev)
+        width = 128 if scheme.act_granularity == "token_group" else max(I, 1)
+        scale_shift_b = torch.zeros(M, K, dtype=F64, device=dev)
+        for g0 in range(0, I, width):
+            part = torch.zeros_like(c2_in_e)
+            part[..., g0:g0 + width] = c2_in_e[..., g0:g0 + width]
+            partial = _per_expert_matmul(part, w2, rexp, valid).abs()  # [M, T, K]
+            scale_shift_b += (rho_abs[..., g0:g0 + 1] * wts[..., None] * partial * vmask).sum(1)
+        if budget_detail is not None:
+            budget_detail.update(flip_ev, b_c1=b_c1, flip_term=flip_b, flip_cap=flip_cap)
     def budget_terms(sig_acc1, sig_acc2, with_hard: bool):
         """(var_b, hard_b, var_flip) for given accumulation std of GEMM1 (per c1) and GEMM2 (per c3)."""
         var_c1 = n_round_c1 * (ulp_c1 * r12) ** 2 + sig_acc1 ** 2
@@ -842,24 +1148,32 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             #     variance p * step^2.
             sig_pre = var_c2.sqrt()
             amax = c2.abs().amax(-1)
-            if gran in ("token", "token_group"):
+            if counted:
+                # the scale shift R of requant_flip_events (per group); the flips counted per element
+                hard_b = scale_shift_b
+                if with_hard:
+                    hard_b = hard_b + flip_b
+                var_flip = (flip_ev["p_up"] * flip_ev["jump_up"] ** 2 + flip_ev["p_down"] * flip_ev["jump_down"] ** 2).amax(0)
+                var_c2 = torch.zeros_like(var_c2)
+            elif gran in ("token", "token_group"):
                 rel = Z_BUDGET * sig_pre.amax(-1) / amax.clamp_min(1e-300)
             elif gran == "tensor_dynamic" and valid.any():
                 rel = (Z_BUDGET * sig_pre[valid].max() / amax[valid].max().clamp_min(1e-300)).expand_as(amax)
             else:  # a static scale does not move
                 rel = torch.zeros_like(amax)
-            rel = torch.clamp(rel, max=1.0)
-            mass, _ = _per_expert_gemm_scales(c2_in, w2, rexp, valid, power=1)
-            hard_b = (rel[..., None] * wts[..., None] * mass * vmask).sum(1)
-            p_b = torch.clamp((0.8 * sig_pre + rel[..., None] * c2.abs()) / step.clamp_min(1e-300), max=1.0)
-            # Flips are rare, large jumps (a big element's step can be 100x the median): a Gaussian
-            # Z sigma misses them. Count them as a Poisson number of jumps instead: per route and
-            # column, J = max_i step_i |w2[e,k,i]| and lambda = sum_i p_i step_i |w2[e,k,i]| / J
-            # (each event worth <= one J); allow ceil(lambda + 4 sqrt(lambda)) jumps of J.
-            if with_hard:
-                hard_b = hard_b + _flip_jumps(p_b, step, w2, rexp, valid, wts)
-            var_flip = p_b * step ** 2  # kept for the z-scores only (the hard term bounds the flips)
-            var_c2 = torch.zeros_like(var_c2)
+            if not counted:
+                rel = torch.clamp(rel, max=1.0)
+                mass, _ = _per_expert_gemm_scales(c2_in, w2, rexp, valid, power=1)
+                hard_b = (rel[..., None] * wts[..., None] * mass * vmask).sum(1)
+                p_b = torch.clamp((0.8 * sig_pre + rel[..., None] * c2.abs()) / step.clamp_min(1e-300), max=1.0)
+                # Flips are rare, large jumps (a big element's step can be 100x the median): a Gaussian
+                # Z sigma misses them. Count them as a Poisson number of jumps instead: per route and
+                # column, J = max_i step_i |w2[e,k,i]| and lambda = sum_i p_i step_i |w2[e,k,i]| / J
+                # (each event worth <= one J); allow ceil(lambda + 4 sqrt(lambda)) jumps of J.
+                if with_hard:
+                    hard_b = hard_b + _flip_jumps(p_b, step, w2, rexp, valid, wts)
+                var_flip = p_b * step ** 2  # kept for the z-scores only (the hard term bounds the flips)
+                var_c2 = torch.zeros_like(var_c2)
         else:
             var_flip = torch.zeros_like(var_c2)
         prop_sq_b, _ = _per_expert_gemm_scales(var_c2.sqrt(), w2, rexp, valid)
@@ -881,6 +1195,45 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     flip_sq, _ = _per_expert_gemm_scales(var_flip.sqrt(), w2, rexp, valid)
     sigma_z = (var_bz + (flip_sq * wts[..., None] ** 2 * vmask).sum(1)).sqrt()
     q_note = {None: "none"}.get(scheme.act_granularity, f"{scheme.act_dtype} step (ulp at the value x scale)".replace("torch.", ""))
+    requant_terms: Dict[str, float] = {}
+    if counted:
+        vsel = valid[..., None].expand_as(flip_ev["b"])
+        p_any = flip_ev["p_up"] + flip_ev["p_down"]  # [cells, M, T, I]
+        n_codes, n_cand = int(vsel.sum()), int(((p_any > 0).any(0) & vsel).sum())
+        expected = float((p_any * vsel).sum((1, 2, 3)).max())
+        b_med = float(flip_ev["b"][vsel].median()) if n_codes else 0.0
+        rel_max = float(torch.maximum(flip_ev["rho_lo"].abs(), flip_ev["rho_hi"].abs())[vsel].max()) if n_codes else 0.0
+        n_cells = flip_ev["p_up"].shape[0]
+        ratio = (flip_b / flip_cap.clamp_min(1e-300))[flip_cap > 0]
+        requant_terms = {"requant_codes": float(n_codes), "requant_codes_may_flip": float(n_cand),
+                         "requant_flips_expected": expected, "requant_scale_rel_max": rel_max,
+                         "requant_flip_term_max": float(flip_b.max())}
+        requant_lines = [
+            f"requantization ({q_note}): exact requantizes too; its codes flip only where an accurate kernel's input "
+            f"v + e crosses a midpoint: e = independent (|.| <= b, code units, median {b_med:.3g}: corners of the c1 box "
+            f"(SPEC roundings +{REQUANT_EXTRA_ROUNDINGS}, Z sigma acc, fp32 epilogue) through the activation, curvature, "
+            f"fp32 activation, {1 + REQUANT_EXTRA_ROUNDINGS} c2 roundings) + the group's common shift -v rho / (1 + rho) "
+            f"(scale error |rho| <= {rel_max:.3g}, from amax in [max(|c2| - b), max(|c2| + b)]; {n_cells} cell(s) of rho) + 4 u32 |v|",
+            f"flip p <= (b - x) / 2b, x = d - (the cell's largest shift toward the midpoint at distance d) "
+            f"(symmetric unimodal e; 1 if x <= 0): {n_cand} of {n_codes} codes may flip, sum p <= {expected:.3g}",
+            "dequantized scale shift (hard): per group |rho| w |sum_{i in group} w2 c2_in| (exact's partial GEMM2)",
+            f"flips per output element: X+ (raising) and X- (lowering) sums of w w2 jump_i in known directions; "
+            f"Chernoff x* = min_t (sum_(route, group) max_cell sum_i log(1 + p (e^(t a) - 1)) + ln(1/{FLIP_ALPHA:g})) / t, "
+            "capped by sum a; "
+            f"allow max(x*+, x*-): median {float(ratio.median()) if ratio.numel() else 0.0:.3g} of the all-flip cap",
+        ]
+    elif scheme.act_granularity is not None:
+        requant_lines = [
+            f"requantization ({q_note}): exact requantizes too; a dynamic scale shifts by rel = Z sigma(argmax)/amax "
+            "(hard: rel w sum_i |c2_in||w2|), and codes flip with p = (0.8 sigma_c2 + rel |c2|) / step"
+            + (" (router weight on input: the c1 box of the counted rule does not hold, input codes flip too)"
+               if inputs.apply_router_weight_on_input else ""),
+            "flips are rare large jumps: per route and column J = max_i step_i |w2|, lambda = sum_i p_i step_i |w2| / J, "
+            "allow min(ceil(lambda + 4 sqrt(lambda)) J [one-signed, Poisson tail < 1e-4], "
+            "sqrt(2 V ln 1e6) + J ln(1e6)/3 [random signs, Bernstein], V = sum p step^2 |w2|^2) x w",
+        ]
+    else:
+        requant_lines = []
     budget = Bound(
         name="budget", allowed=allowed_b, sigma=sigma_z.clamp_min(1e-300), atol=0.0, rtol=uS, z=Z_BUDGET,
         derivation=[
@@ -888,11 +1241,7 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             f"rounding stages: c1 x{n_round_c1}, c2, c3 x{n_round_c3}, out"
             + (", x * w (router weight on input)" if inputs.apply_router_weight_on_input else "")
             + "; each uniform with std ulp/sqrt(12)",
-            f"requantization ({q_note}): exact requantizes too; a dynamic scale shifts by rel = Z sigma(argmax)/amax "
-            "(hard: rel w sum_i |c2_in||w2|), and codes flip with p = (0.8 sigma_c2 + rel |c2|) / step",
-            "flips are rare large jumps: per route and column J = max_i step_i |w2|, lambda = sum_i p_i step_i |w2| / J, "
-            "allow min(ceil(lambda + 4 sqrt(lambda)) J [one-signed, Poisson tail < 1e-4], "
-            "sqrt(2 V ln 1e6) + J ln(1e6)/3 [random signs, Bernstein], V = sum p step^2 |w2|^2) x w",
+        ] + requant_lines + [
             "c1 errors reach c2 through |f'| <= 1.13 (|u| dg + |g| du); relu2: 2|g| dg",
             "GEMM2 propagates independent c2_in errors as sqrt(sum_i w2^2 sigma_i^2) (the s_ij scale, not |ref|)",
             f"{acc_note}",
@@ -901,6 +1250,6 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             f"({typ1 / U32:.3g} u32 s1, {typ2 / U32:.3g} u32 s2; flip_aware_sigma's constants) plus the flips' variance",
         ],
         terms={"u_S": uS, "u_acc": u_acc, "sigma_max": float(sigma_b.max()) if sigma_b.numel() else 0.0,
-               "scale_shift_max": float(hard_b.max()) if hard_b.numel() else 0.0},
+               "scale_shift_max": float(hard_b.max()) if hard_b.numel() else 0.0, **requant_terms},
     )
     return {"gate": gate, "budget": budget}
