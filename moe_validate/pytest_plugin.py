@@ -67,6 +67,11 @@ def pytest_addoption(parser) -> None:
                          "parentheses; commas join with and, last (as moe-validate --filter)")
     group.addoption("--moe-backend", default="triton",
                     help="backend under test: triton | reference | module:attr | entry-point name")
+    from moe_validate.verdicts import GATE_CHOICES  # torch-free
+
+    group.addoption("--moe-gate", default=None, choices=tuple(GATE_CHOICES),
+                    help="which verdicts decide a case (as moe-validate --gate): accuracy, or both (also "
+                         "conformance); default: both for our own backends, accuracy for a third-party one")
     group.addoption("--moe-results", default=None, metavar="DIR",
                     help="append each finished case to DIR/results-<worker>.jsonl")
     group.addoption("--moe-report", default=None, metavar="FILE",
@@ -339,13 +344,16 @@ def moe_run(request):
         from moe_validate.runner import run_case_inprocess
 
         result = run_case_inprocess(case, state.backend(), device=state.device(),
-                                    backend_name=request.config.option.moe_backend)
+                                    backend_name=request.config.option.moe_backend,
+                                    gate=request.config.option.moe_gate)
         state.record(result.record)
         rec = result.record
         request.node.user_properties.append(("moe_outcome", rec["outcome"]))
         request.node.user_properties.append(("moe_repro", rec["repro"]))
         if rec.get("worst_margin") is not None:
             request.node.user_properties.append(("moe_worst_margin", rec["worst_margin"]))
+        for verdict, v in (rec.get("verdicts") or {}).items():
+            request.node.user_properties.append((f"moe_{verdict}", v["outcome"]))
         if rec["outcome"] == "SKIP":
             pytest.skip(rec["reason"] or "not supported")
         if result.outcome.is_bad:

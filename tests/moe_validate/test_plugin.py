@@ -94,7 +94,7 @@ def test_skips_carry_the_reason_and_results_are_written(suite, tmp_path):
 def test_failure_message_is_the_evaluation(suite):
     result = suite.runpytest(*SMOKE, "--moe-filter", "*-M7N64K64E4k2-s0", "--moe-backend", "fake_backends:Wrong")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*bf16-none-silu-M7N64K64E4k2-s0: FAIL: gate (mirror)*",
+    result.stdout.fnmatch_lines(["*bf16-none-silu-M7N64K64E4k2-s0: FAIL: accuracy (budget vs exact)*",
                                  "*Mismatched elements*",
                                  "*repro: *moe-validate repro bf16-none-silu-M7N64K64E4k2-s0 "
                                  "--backend fake_backends:Wrong"])
