@@ -10,7 +10,9 @@ path's: the case's message, then ``repro: <command>``; a failure's message leads
 verdict that failed ("accuracy (budget vs exact): ..." or "conformance (gate vs mirror): ...").
 A compared case carries both verdicts as testcase properties (``accuracy``, ``conformance``:
 PASS or FAIL, with ``*_margin``), plus ``gating`` and ``profile``; a conformance FAIL that does
-not gate shows there and in the case's ``<system-out>``, on a passing testcase.
+not gate shows there and in the case's ``<system-out>``, on a passing testcase. Testcase
+properties are where pytest writes ``record_property`` (its xunit1 layout, read by Jenkins and
+GitLab); the xunit2 schema has no place for them.
 
 Checked once (2026-12-02) with xmlschema against the Jenkins xunit plugin's junit-10.xsd, which
 pytest's own tests use: valid except ``<error>``, which that schema spells ``errors`` and which
