@@ -688,7 +688,9 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
             po = torch.clamp(po + p3[:, j] * vm[:, j], max=1.0)
             if coherent_out is not None and j == T - 1:
                 Vo = Vo + coherent_out * out ** 2
-            Vo, Ao, po = round_both(Vo, torch.zeros_like(Vo), Ao, po, ulp(pr.topk_partials[:, j - 1], S))
+            # as for the final rounding below: V gains the rounding's q^2 h, A is kept, and p stays the
+            # incoming probability (an upper bound of the stored partial's)
+            Vo, _, _ = round_both(Vo, torch.zeros_like(Vo), Ao, po, ulp(pr.topk_partials[:, j - 1], S))
     else:
         Vo = (V3 * vm).sum(1)
         Ao = torch.minimum((A3 * vm).sum(1), _MEAN_ABS * Vo.sqrt())

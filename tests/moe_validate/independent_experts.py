@@ -11,8 +11,8 @@ declared in ``INDEPENDENT_PROFILE``:
 
 ``IndependentExperts(declared=...)`` says which profile it declares (default its own; ``None``:
 none, i.e. SPEC's). ``plant=`` adds one real accuracy loss: ``"ignore_expert_scale"`` (expert 1's
-GEMM2 weight scale read as expert 0's) or ``"accumulate_in_storage"`` (GEMM2's K loop accumulated
-in S, rounded after every add). Importable by name so the runner can load it as
+GEMM2 weight scale read as expert 0's) or ``"accumulate_in_storage"`` (every floating dot's K loop
+accumulated in S, rounded after every add). Importable by name so the runner can load it as
 ``independent_experts:IndependentExperts`` (the tests put this directory on ``sys.path``).
 """
 
