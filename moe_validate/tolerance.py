@@ -423,7 +423,9 @@ class _ProfileRoundings:
             return []
         out = [f"profile {p.name}: the mirror follows it ({'; '.join(p.differences())})"]
         if self.gemm_grid != S:
-            out.append("GEMM outputs in fp32 (quantized): c1 and c3 round to the fp32 grid, ulp_32 in place of ulp_S")
+            grid = str(self.gemm_grid).replace("torch.", "")
+            out.append(f"GEMM outputs in {grid} (quantized activations): c1 and c3 round to the {grid} grid, "
+                       f"ulp_{grid} in place of ulp_S")
         if self.act_gate is not None:
             out.append("double activation rounding: c2 = round_S(round_S(a) u'), a = act(g): one more rounding on "
                        "ulp_S(a); flip p = 2 sigma_a / ulp_S(a) with sigma_a = 4 u32 |a| + 1.13 sigma_c1(g); one flip "
@@ -445,11 +447,14 @@ class _ProfileRoundings:
 
 
 def _gemm_grid(inputs: MoEInputs, profile: NumericsProfile) -> torch.dtype:
-    """The dtype c1 and c3 are stored in: S, or fp32 for a quantized scheme whose profile keeps
-    GEMM outputs in fp32 (reference.pipeline.gemm_output_rounder)."""
+    """The dtype c1 and c3 are stored in: S, or for quantized activations the profile's
+    ``quantized_gemm_output`` (reference.pipeline.gemm_output_rounder)."""
     scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None)
-    if scheme is not QuantScheme.NONE and profile.quantized_gemm_output is GemmOutputDtype.FP32:
-        return torch.float32
+    if scheme.act_granularity is not None:
+        if profile.quantized_gemm_output is GemmOutputDtype.FP32:
+            return torch.float32
+        if profile.quantized_gemm_output is GemmOutputDtype.BF16:
+            return torch.bfloat16
     return storage_dtype(inputs.hidden_states.dtype)
 
 

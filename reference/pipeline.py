@@ -114,11 +114,13 @@ def dot_operand(shape: CallShape, profile: NumericsProfile, precision: str) -> R
 
 
 def gemm_output_rounder(shape: CallShape, profile: NumericsProfile, precision: str) -> RoundFn:
-    """How c1 and c3 are stored: round_S (SPEC), or fp32 for a quantized scheme whose profile keeps
-    GEMM outputs in fp32."""
-    if (precision == "mirror" and shape.scheme is not QuantScheme.NONE
-            and profile.quantized_gemm_output is GemmOutputDtype.FP32):
-        return _round_fp32
+    """How c1 and c3 are stored: round_S (SPEC), or, for quantized (fp8 / int8) activations, in
+    the dtype the profile's ``quantized_gemm_output`` names (bf16 or fp32)."""
+    if precision == "mirror" and shape.scheme.act_granularity is not None:
+        if profile.quantized_gemm_output is GemmOutputDtype.FP32:
+            return _round_fp32
+        if profile.quantized_gemm_output is GemmOutputDtype.BF16:
+            return storage_rounder(torch.bfloat16, precision)
     return storage_rounder(shape.storage_dtype, precision)
 
 

@@ -63,9 +63,10 @@ class WeightPrecision(str, Enum):
 
 
 class GemmOutputDtype(str, Enum):
-    """Where a GEMM of a quantized scheme stores its output (c1, c3)."""
+    """Where a GEMM with quantized (fp8 / int8) activations stores its output (c1, c3)."""
 
     STORAGE = "storage"  # round_S once after dequantization, bias and router weight (SPEC steps 6, 9)
+    BF16 = "bf16"  # rounded to bf16 whatever S (then held in S: exact unless out of fp16's range)
     FP32 = "fp32"  # kept in fp32 (rounded to fp32 only)
 
 
@@ -250,9 +251,11 @@ VLLM_PROFILE = NumericsProfile(
     # prepare_finalize/no_dp_ep.py prepare: `a1 * topk_weights.to(a1.dtype)` (w rounded to S, then
     # the product rounded to S)
     router_weight_input=WeightPrecision.STORAGE,
-    # fused_moe.py fused_moe_kernel: `accumulator.to(compute_type)`, compute_type = S (bf16 for fp8 and
-    # int8 hidden states): every GEMM output, quantized or not, is cast once to S
-    quantized_gemm_output=GemmOutputDtype.STORAGE,
+    # fused_moe.py fused_moe_kernel: `accumulator.to(compute_type)`, one cast; experts/triton_moe.py
+    # TritonExperts.apply picks compute_type from the hidden states it is given, which with fp8 / int8
+    # activations are the quantized ones (prepare quantizes first): `compute_type = tl.bfloat16` for
+    # float8_e4m3fn / int8, so an fp16 call's c1 and c3 are rounded to bf16 (stored in fp16 workspaces)
+    quantized_gemm_output=GemmOutputDtype.BF16,
     # fused_moe.py fused_moe_kernel_gptq_awq (TritonWNA16Experts): `b = ((b.to(tl.float32) - b_zp) *
     # b_scale).to(compute_type)` before `tl.dot(a, b, acc=accumulator)`: the dequantized weight in S
     weight_only_dequantized=WeightPrecision.STORAGE,

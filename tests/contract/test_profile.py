@@ -89,7 +89,7 @@ def test_vllm_profile_values():
     assert p.activation_rounding is ActivationRounding.DOUBLE
     assert p.double_rounded_activations == ("silu", "gelu", "gelu_tanh")
     assert p.router_weight_gemm2 is WeightPrecision.FP32 and p.router_weight_input is WeightPrecision.STORAGE
-    assert p.quantized_gemm_output is GemmOutputDtype.STORAGE and p.weight_only_dequantized is WeightPrecision.STORAGE
+    assert p.quantized_gemm_output is GemmOutputDtype.BF16 and p.weight_only_dequantized is WeightPrecision.STORAGE
     assert p.fp32_dot is DotPrecision.TF32 and p.topk_sum is TopkSum.STORAGE_UP_TO_4
     min_scale = 1.0 / (448.0 * 512.0)
     assert p.fp8_token_group == Quantizer(ScaleFormula.FLOOR_THEN_RECIPROCAL, 1e-10, CodeRounding.DIVIDE_RNE)
@@ -98,7 +98,7 @@ def test_vllm_profile_values():
     assert p.fp8_tensor_static.codes is CodeRounding.RECIPROCAL_RNE
     assert p.int8_token == Quantizer(ScaleFormula.FLOOR_THEN_DIVIDE, 1e-10, CodeRounding.QMAX_OVER_ABSMAX_HALF_AWAY)
     assert p.fp8_token_group_fused == Quantizer(ScaleFormula.DIVIDE_THEN_FLOOR, min_scale, CodeRounding.DIVIDE_RNE)
-    assert len(p.differences()) == 12  # every field but the name and the GEMM2 router weight / GEMM output
+    assert len(p.differences()) == 13  # every field but the name and the GEMM2 router weight
 
 
 def test_the_vllm_backend_declares_it():
@@ -140,6 +140,13 @@ def test_vllm_source_gemm_outputs_dots_and_weight_only_dequantization():
     assert "accumulator.to(compute_type)" in kernel and "input_precision" not in kernel.split("\ndef ")[0]
     wna16 = source[source.index("def fused_moe_kernel_gptq_awq("):source.index("def fused_moe_kernel(")]
     assert "* b_scale).to(compute_type)" in wna16 and "tl.dot(a, b, acc=accumulator)" in wna16
+
+
+def test_vllm_source_compute_type_of_quantized_activations_is_bf16():
+    source = _vllm_source("fused_moe/experts/triton_moe.py")
+    apply = source[source.index("compute_type = tl.bfloat16"):]
+    branch = apply[apply.index("hidden_states.dtype == torch.float8_e4m3fn"):]
+    assert branch.index("compute_type = tl.bfloat16") < branch.index("else:")
 
 
 def test_vllm_source_topk_sum():

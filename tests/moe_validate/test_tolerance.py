@@ -273,7 +273,8 @@ def test_topk_sum_in_storage_counts_every_partial_rounding():
     (dict(router_weight_input="storage"), "router weight rounded to S: the same function of an input"),
     (dict(weight_only_dequantized="storage"), "weight-only weights dequantized to S before the dot"),
     (dict(fp32_dot="tf32"), "TF32 dots: both sides read TF32 operands"),
-    (dict(quantized_gemm_output="fp32"), "GEMM outputs in fp32 (quantized)"),
+    (dict(quantized_gemm_output="fp32"), "GEMM outputs in float32 (quantized activations)"),
+    (dict(quantized_gemm_output="bf16"), "GEMM outputs in bfloat16 (quantized activations)"),
 ])
 def test_every_other_profile_rounding_says_what_it_adds(change, words):
     from moe_validate.contract import profile as p
@@ -284,6 +285,6 @@ def test_every_other_profile_rounding_says_what_it_adds(change, words):
     case_id = {"router_weight_input": "bf16-none-silu-M7N64K64E4k1-rwin-s31",
                "weight_only_dequantized": "bf16-int4_w4a16-silu-M5N64K64E4k2-g32-s100",
                "fp32_dot": "fp32-none-silu-M7N64K64E4k2-s2",
-               "quantized_gemm_output": "bf16-fp8_channel_token-silu-M6N48K40E3k2-s175"}[next(iter(change))]
+               "quantized_gemm_output": "fp16-int8_channel_token-silu-M9N64K64E4k2-bias-s116"}[next(iter(change))]
     gate = _profile_gate(case_id, _one_change(**typed))
     assert any(line.startswith(words) for line in gate.derivation), gate.derivation
