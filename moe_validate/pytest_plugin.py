@@ -13,7 +13,9 @@ untouched (five options and two fixtures are all that it adds).
   check) for ``-m``.
 - ``moe_run(case)`` runs a case in this process through ``runner.run_case_inprocess`` with
   ``--moe-backend``; a device skip becomes ``pytest.skip(reason)``, anything but PASS a failure
-  with the evaluation's message.
+  with the evaluation's message. ``--moe-gate accuracy|both`` picks the verdicts that decide
+  (docs/PROFILES.md); a pass whose conformance verdict failed without gating is a
+  ``ConformanceWarning`` in pytest's warnings summary.
 - With ``--moe-results DIR`` (or ``--moe-report FILE``) every process appends its finished cases
   to ``DIR/results-<worker>.jsonl`` (one file per xdist worker, so no two processes share a
   file); at the end the controller merges them and renders one report (``--moe-report``, default
@@ -33,6 +35,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -54,6 +57,11 @@ _VALUE_MARKERS = (
 _FLAG_MARKERS = ("bias", "router_on_input", "clamp")  # present when truthy / not None
 
 _STATE = pytest.StashKey()
+
+
+class ConformanceWarning(UserWarning):
+    """A case passed (its gating verdicts held) but its conformance verdict failed (docs/PROFILES.md)."""
+
 _PUBLISHED = pytest.StashKey()  # the controller's previous MOE_VALIDATE_XDIST_GPUS, restored at the end
 
 
@@ -358,6 +366,10 @@ def moe_run(request):
             pytest.skip(rec["reason"] or "not supported")
         if result.outcome.is_bad:
             pytest.fail(f"{result.message()}\nrepro: {rec['repro']}", pytrace=False)
+        from moe_validate.verdicts import not_gating_conformance_failure
+
+        if not_gating_conformance_failure(rec):  # a pass, but said: in pytest's warnings summary
+            warnings.warn(f"{rec['case_id']}: {rec['reason']}", ConformanceWarning, stacklevel=2)
         return result
 
     return run
