@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from moe_validate.verdicts import GATE_CHOICES
 from moe_validate.exit_codes import (EXIT_CODES, EXIT_FAILURES, EXIT_HARNESS, EXIT_INCOMPLETE, EXIT_INTERRUPTED,
                                      EXIT_PASS, EXIT_USAGE)
 
@@ -185,7 +186,7 @@ def _run_cases(cases, args, out_dir, **kwargs):
             argv=[PROG] + list(args.argv), progress=sys.stderr, resume=getattr(args, "resume", False),
             overwrite=getattr(args, "overwrite", False),
             max_consecutive_timeouts=(max_timeouts or None) if max_timeouts is not None
-            else runner.DEFAULT_MAX_CONSECUTIVE_TIMEOUTS, **kwargs)
+            else runner.DEFAULT_MAX_CONSECUTIVE_TIMEOUTS, gate=getattr(args, "gate", None), **kwargs)
     except OutDirError as exc:
         raise UsageError(str(exc)) from None
     except ResultsWriteError as exc:
@@ -396,7 +397,7 @@ def cmd_repro(args) -> int:
     if not valid:
         raise UsageError(f"case {args.case_id!r} is not a valid case: {why}")
     backend = _backend_or_usage(args.backend)
-    result = run_case_inprocess(case, backend, backend_name=args.backend)
+    result = run_case_inprocess(case, backend, backend_name=args.backend, gate=args.gate)
     print(result.message())
     rec = result.record
     if rec.get("config"):
@@ -596,6 +597,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true",
                        help="replace the results in --out (by default a non-empty --out is refused)")
 
+    def gate_arg(p):
+        p.add_argument("--gate", choices=tuple(GATE_CHOICES), default=None,
+                       help="which verdicts decide a case's outcome: accuracy (budget vs exact) or both (also "
+                            "conformance, gate vs mirror); default: both for our own backends, accuracy for a "
+                            "third-party one (docs/PROFILES.md)")
+
     def suite_args(p):
         p.add_argument("--suite", help="smoke | premerge | nightly | bringup (default: smoke on CPU, premerge on a GPU)")
         p.add_argument("--filter", help="terms axis=value, axis!=value (scheme=fp8_block128) or a glob on the case "
@@ -612,6 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "0 = in this process, no isolation and no timeout)")
     p.add_argument("--timeout", type=float, default=600.0, help="per-case limit in seconds (default 600)")
     out_args(p)
+    gate_arg(p)
     p.add_argument("--no-report", action="store_true", help="write results.jsonl only")
     p.add_argument("--max-skip", metavar="FRACTION",
                    help=f"fail the run (exit {EXIT_INCOMPLETE}, incomplete) when more than FRACTION (0..1) of its cases "
@@ -642,6 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="worker processes (as for run)")
     p.add_argument("--timeout", type=float, default=600.0, help="per-case limit in seconds (default 600)")
     out_args(p)
+    gate_arg(p)
     p.add_argument("--no-report", action="store_true", help="write results.jsonl only")
     p.add_argument("--strict", action="store_true",
                    help="exit 1 when a row's RMS leaves the band (default: the flag is printed only)")
@@ -658,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a case id as run, list and the report print it, e.g. bf16-none-silu-M7N64K64E4k2-s0")
     p.add_argument("--backend", default="triton",
                    help="triton | reference | module:attr | entry-point name (default triton), as for run")
+    gate_arg(p)
     p.set_defaults(func=cmd_repro)
 
     p = sub.add_parser("report", help="merge results files (shards) and render one HTML report", epilog=exit_table,

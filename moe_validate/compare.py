@@ -15,6 +15,12 @@ deciding metric, allowed 1), ``rel_frobenius``, ``cosine``, ``norm_ratio``, ``z_
 storage dtype S), ``differing`` (elements not bit-equal to the oracle, with ``of`` = all; its
 ``allowed`` is the gate's count test), each ``{"value", "allowed", "margin"}``; plus ``worst``,
 ``nan_inf``, ``exceed_count`` and ``exceed_fraction``.
+
+Two verdicts (docs/PROFILES.md): **accuracy** (the ``exact`` panel against the budget: as accurate
+as the scheme allows, whatever the implementation rounds) and **conformance** (the ``mirror``
+panel against the gate, count test included: rounds exactly where its declared numerics profile
+says). ``moe_validate.verdicts.gating_policy`` decides which of them decide a case's outcome
+(``from_arrays(gating=...)``). A conformance FAIL that does not gate is still said in the reason.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ import torch
 
 from moe_validate import tolerance as _tol
 from moe_validate.diagnosis import TILE  # nominal (token, column) tile used to name where an element lives
+from moe_validate.contract.profile import SPEC_PROFILE, NumericsProfile
 from moe_validate.contract.spec import MoEInputs, QuantScheme, storage_dtype
+from moe_validate.verdicts import GATE_CHOICES, VERDICT_ORACLE, VERDICTS, conformance_note
 
 __all__ = ["Evaluation", "evaluate", "metric_panel", "passes", "sampled_rows", "TILE", "WORST_COUNT",
            "SAMPLE_HEAD_ROWS", "SAMPLE_TAIL_ROWS"]
@@ -162,6 +170,23 @@ def passes(panel: dict) -> Tuple[bool, Optional[str]]:
     return True, None
 
 
+_VERDICT_LABEL = {"accuracy": "accuracy (budget vs exact)", "conformance": "conformance (gate vs mirror)"}
+
+
+def _verdict(panel: Optional[dict]) -> dict:
+    """{"outcome", "reason", "margin"} of one panel: margin = the largest observed / allowed of the
+    tests that decide it (max_normalized and, where there is one, the count)."""
+    if panel is None:
+        return {"outcome": "SKIP", "reason": "not compared", "margin": None}
+    ok, why = passes(panel)
+    margins = [panel["max_normalized"]["margin"]]
+    diff = panel.get("differing") or {}
+    if diff.get("allowed") is not None:
+        margins.append(diff.get("margin"))
+    margins = [m for m in margins if m is not None]
+    return {"outcome": "PASS" if ok else "FAIL", "reason": why, "margin": max(margins) if margins else None}
+
+
 @dataclass
 class Evaluation:
     passed: bool
@@ -173,6 +198,10 @@ class Evaluation:
     case_id: str = ""
     # None: every token row was compared; else {"compared", "of", "mode", "rows"} (a row sample)
     compared_rows: Optional[dict] = None
+    # {"accuracy": {"outcome", "reason", "margin"}, "conformance": {...}} (results.py CaseRecord.verdicts)
+    verdicts: Dict[str, dict] = field(default_factory=dict)
+    gating: Tuple[str, ...] = GATE_CHOICES["both"]  # the verdicts that decide ``passed``
+    profile: str = SPEC_PROFILE.name  # the numerics profile the mirror followed
     _anatomy: dict = field(default_factory=dict, repr=False)
 
     # --- construction -----------------------------------------------------------------------
@@ -180,12 +209,17 @@ class Evaluation:
     def from_arrays(cls, case, kernel: torch.Tensor, oracles: Dict[str, tuple], tolerance: Optional[dict] = None,
                     expert_of: Optional[torch.Tensor] = None, num_experts: Optional[int] = None,
                     storage: Optional[torch.dtype] = None, always_detail: bool = False,
-                    token_of_row: Optional[List[int]] = None) -> "Evaluation":
+                    token_of_row: Optional[List[int]] = None, gating: Tuple[str, ...] = GATE_CHOICES["both"],
+                    profile: str = SPEC_PROFILE.name) -> "Evaluation":
         """``oracles``: {"mirror": (ref, allowed, sigma[, count_allowed]), "exact": (...)}.
 
         ``token_of_row``: for a comparison of selected rows, the token (row of the whole batch)
         each compared row is; reasons, worst elements and messages then name those tokens.
+        ``gating``: the verdicts (VERDICTS) that decide ``passed``; ``profile``: the name of the
+        numerics profile the mirror followed (said when conformance fails).
         """
+        if not gating or any(v not in VERDICTS for v in gating):
+            raise ValueError(f"gating must be a non-empty tuple of {', '.join(VERDICTS)}; got {gating!r}")
         storage = storage or storage_dtype(kernel.dtype)
         panels = {name: metric_panel(kernel, o[0], o[1], o[2], storage, expert_of,
                                      count_allowed=o[3] if len(o) > 3 else None)
@@ -195,21 +229,24 @@ class Evaluation:
                 for w in panel["worst"]:
                     w["token"] = token_of_row[w["token"]]
                     w["tile"] = f"r{w['token'] // TILE[0]}c{w['column'] // TILE[1]}"
-        verdicts = {name: passes(p) for name, p in panels.items()}
-        label = {"mirror": "gate (mirror)", "exact": "budget (exact)"}
-        passed = all(ok for ok, _ in verdicts.values())
-        reason = None
-        failing = None
-        for name in ("mirror", "exact"):
-            if name in verdicts and not verdicts[name][0]:
-                failing = name
-                reason = f"{label[name]}: {verdicts[name][1]}"
-                break
+        verdicts = {v: _verdict(panels.get(VERDICT_ORACLE[v])) for v in VERDICTS}
+        failed = [v for v in VERDICTS if verdicts[v]["outcome"] == "FAIL"]
+        gating_failed = [v for v in failed if v in gating]
+        passed = not gating_failed
+        # the failing gating verdict leads (accuracy first: it is the one that matters to everyone),
+        # then a conformance failure that does not gate, in words
+        reasons = [f"{_VERDICT_LABEL[v]}: {verdicts[v]['reason']}" for v in gating_failed]
+        if "conformance" in failed and "conformance" not in gating:
+            reasons.append(conformance_note(profile, verdicts["conformance"]["reason"]))
+        reason = "; ".join(reasons) or None
+        failing = VERDICT_ORACLE[gating_failed[0]] if gating_failed else None
         gate = panels.get("mirror") or next(iter(panels.values()))
         worst_margin = gate["max_normalized"]["margin"]
         ev = cls(passed=passed, reason=reason, tolerance=tolerance or {}, metrics=panels, detail=None,
-                 worst_margin=worst_margin, case_id=getattr(case, "id", str(case)))
-        which = failing or "mirror"
+                 worst_margin=worst_margin, case_id=getattr(case, "id", str(case)), verdicts=verdicts,
+                 gating=tuple(v for v in VERDICTS if v in gating), profile=profile)
+        which = failing or ("mirror" if "mirror" in oracles else next(iter(oracles)))
+        label = {o: _VERDICT_LABEL[v] for v, o in VERDICT_ORACLE.items()}
         ref, allowed = oracles[which][:2]
         ev._anatomy = _anatomy(kernel, ref, allowed, which, label.get(which, which), token_of_row, expert_of)
         if not passed or always_detail:
@@ -222,7 +259,8 @@ class Evaluation:
     def record(self) -> dict:
         """The case-record fields this evaluation fills (results.py schema)."""
         return {"tolerance": self.tolerance, "metrics": self.metrics, "detail": self.detail,
-                "worst_margin": self.worst_margin, "reason": self.reason, "compared_rows": self.compared_rows}
+                "worst_margin": self.worst_margin, "reason": self.reason, "compared_rows": self.compared_rows,
+                "verdicts": self.verdicts, "gating": list(self.gating), "profile": self.profile}
 
     def rows_note(self) -> Optional[str]:
         """"compared rows: 256 of 16512, sampled (...)" for a row-sampled comparison, else None."""
@@ -435,8 +473,13 @@ def _default_rows(case, M: int) -> Optional[torch.Tensor]:
     return None
 
 
-def evaluate(case, inputs: MoEInputs, out: torch.Tensor, rows: Optional[torch.Tensor] = None) -> Evaluation:
+def evaluate(case, inputs: MoEInputs, out: torch.Tensor, rows: Optional[torch.Tensor] = None, *,
+             profile: NumericsProfile = SPEC_PROFILE, gating: Tuple[str, ...] = GATE_CHOICES["both"]) -> Evaluation:
     """Runs the reference (mirror and exact) and judges ``out`` (the kernel's [M, K] output).
+
+    ``profile``: the numerics profile the backend declares: the mirror rounds where it says and
+    the gate's flip model counts its roundings (conformance); ``exact`` and the budget do not
+    depend on it (accuracy). ``gating``: the verdicts that decide ``passed`` (``gating_policy``).
 
     ``rows`` (1-D token indices): run the reference on those tokens only and compare those rows
     of ``out``; sound where each output row depends on its own token alone (no batch-wide
@@ -460,22 +503,30 @@ def evaluate(case, inputs: MoEInputs, out: torch.Tensor, rows: Optional[torch.Te
             raise ValueError("a row-sampled reference needs every output row to depend on its own token "
                              f"only; {scheme.value} has a batch-wide dynamic scale")
         tokens = rows.tolist()
-        ev = _evaluate_rows(case, select_tokens(inputs, rows), out[rows.to(out.device)], tokens)
+        ev = _evaluate_rows(case, select_tokens(inputs, rows), out[rows.to(out.device)], tokens, profile=profile,
+                            gating=gating)
         _note_sampled_rows(ev, tokens, M)
         return ev
-    return _evaluate_rows(case, inputs, out)
+    return _evaluate_rows(case, inputs, out, profile=profile, gating=gating)
 
 
-def _evaluate_rows(case, inputs: MoEInputs, out: torch.Tensor, token_of_row: Optional[List[int]] = None) -> Evaluation:
+def _evaluate_rows(case, inputs: MoEInputs, out: torch.Tensor, token_of_row: Optional[List[int]] = None, *,
+                   profile: NumericsProfile = SPEC_PROFILE, gating: Tuple[str, ...] = GATE_CHOICES["both"]) -> Evaluation:
     import reference  # lazily: the comparison needs it, importing the harness must not
 
     from moe_validate.contract.rules import interpreting
 
     dev = inputs.hidden_states.device
-    mirror = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="mirror")
+    if not isinstance(profile, NumericsProfile):
+        raise TypeError(f"profile must be a NumericsProfile; got {type(profile).__name__}")
+    mirror = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="mirror", profile=profile)
     exact = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="exact")
     native_gpu = out.is_cuda and not interpreting()
-    bounds = _tol.derive(case, inputs, mirror, native_gpu=native_gpu, exact=exact)
+    bounds = _tol.derive(case, inputs, mirror, native_gpu=native_gpu, exact=exact, profile=profile)
+    if profile != SPEC_PROFILE:
+        # accuracy does not depend on the profile: the budget is the one SPEC's mirror gives
+        spec_mirror = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="mirror")
+        bounds["budget"] = _tol.derive(case, inputs, spec_mirror, native_gpu=native_gpu, exact=exact)["budget"]
     S = storage_dtype(inputs.hidden_states.dtype)
     oracles = {
         "mirror": (mirror["out"].to(F64), bounds["gate"].allowed, bounds["gate"].sigma, bounds["gate"].count_allowed),
@@ -485,5 +536,5 @@ def _evaluate_rows(case, inputs: MoEInputs, out: torch.Tensor, token_of_row: Opt
     ev = Evaluation.from_arrays(case, out.to(dev), oracles,
                                 tolerance={k: b.to_dict() for k, b in bounds.items()},
                                 expert_of=_expert_of_element(mirror), num_experts=num_experts, storage=S,
-                                token_of_row=token_of_row)
+                                token_of_row=token_of_row, gating=gating, profile=profile.name)
     return ev

@@ -6,7 +6,13 @@ holding one ``<testsuite>`` (counts, time, timestamp, hostname, the run's proper
 dashboard groups cases by suite and precision; ``name`` is the case id. A FAIL is a
 ``<failure>``, a case that reached no verdict (CRASH, COMPILE_ERROR, OOM, TIMEOUT, NOT_RUN) an
 ``<error>``, a SKIP a ``<skipped>`` with its reason. Failure and error texts are the pytest
-path's: the case's message, then ``repro: <command>``.
+path's: the case's message, then ``repro: <command>``; a failure's message leads with the
+verdict that failed ("accuracy (budget vs exact): ..." or "conformance (gate vs mirror): ...").
+A compared case carries both verdicts as testcase properties (``accuracy``, ``conformance``:
+PASS or FAIL, with ``*_margin``), plus ``gating`` and ``profile``; a conformance FAIL that does
+not gate shows there and in the case's ``<system-out>``, on a passing testcase. Testcase
+properties are where pytest writes ``record_property`` (its xunit1 layout, read by Jenkins and
+GitLab); the xunit2 schema has no place for them.
 
 Checked once (2026-12-02) with xmlschema against the Jenkins xunit plugin's junit-10.xsd, which
 pytest's own tests use: valid except ``<error>``, which that schema spells ``errors`` and which
@@ -24,6 +30,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Union
 
 from moe_validate.results import CaseRecord, Outcome, load_results
+from moe_validate.verdicts import not_gating_conformance_failure
 
 __all__ = ["write_junit", "junit_tree"]
 
@@ -55,6 +62,7 @@ def _case_message(rec: CaseRecord) -> str:
 def _testcase(suite: str, rec: CaseRecord) -> ET.Element:
     el = ET.Element("testcase", classname=_classname(suite, rec), name=rec.case_id,
                     time=f"{float(rec.duration_s or 0.0):.3f}")
+    _verdict_properties(el, rec)
     outcome = rec.outcome_enum
     if outcome is Outcome.SKIP:
         reason = _xml_text(rec.reason or "not supported")
@@ -64,7 +72,24 @@ def _testcase(suite: str, rec: CaseRecord) -> ET.Element:
         tag = "error" if outcome in _ERROR_OUTCOMES else "failure"
         child = ET.SubElement(el, tag, type=outcome.value, message=message.splitlines()[0])
         child.text = f"{message}\nrepro: {_xml_text(rec.repro)}" if rec.repro else message
+    elif not_gating_conformance_failure(rec):
+        ET.SubElement(el, "system-out").text = _xml_text(rec.reason or "conformance FAIL (not gating)")
     return el
+
+
+def _verdict_properties(el: ET.Element, rec: CaseRecord) -> None:
+    """Both verdicts (and what gated, which profile) as ``<properties>`` of a compared case."""
+    if not rec.verdicts:
+        return
+    props = ET.SubElement(el, "properties")
+    for name, verdict in rec.verdicts.items():
+        ET.SubElement(props, "property", name=name, value=str(verdict.get("outcome")))
+        if verdict.get("margin") is not None:
+            ET.SubElement(props, "property", name=f"{name}_margin", value=f"{float(verdict['margin']):.4g}")
+    if rec.gating:
+        ET.SubElement(props, "property", name="gating", value=",".join(rec.gating))
+    if rec.profile:
+        ET.SubElement(props, "property", name="profile", value=_xml_text(rec.profile))
 
 
 def junit_tree(results: Union[str, Path, Iterable[Union[str, Path]]], *, suite: Optional[str] = None,

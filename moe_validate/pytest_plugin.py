@@ -13,7 +13,9 @@ untouched (five options and two fixtures are all that it adds).
   check) for ``-m``.
 - ``moe_run(case)`` runs a case in this process through ``runner.run_case_inprocess`` with
   ``--moe-backend``; a device skip becomes ``pytest.skip(reason)``, anything but PASS a failure
-  with the evaluation's message.
+  with the evaluation's message. ``--moe-gate accuracy|both`` picks the verdicts that decide
+  (docs/PROFILES.md); a pass whose conformance verdict failed without gating is a
+  ``ConformanceWarning`` in pytest's warnings summary.
 - With ``--moe-results DIR`` (or ``--moe-report FILE``) every process appends its finished cases
   to ``DIR/results-<worker>.jsonl`` (one file per xdist worker, so no two processes share a
   file); at the end the controller merges them and renders one report (``--moe-report``, default
@@ -33,6 +35,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -54,6 +57,11 @@ _VALUE_MARKERS = (
 _FLAG_MARKERS = ("bias", "router_on_input", "clamp")  # present when truthy / not None
 
 _STATE = pytest.StashKey()
+
+
+class ConformanceWarning(UserWarning):
+    """A case passed (its gating verdicts held) but its conformance verdict failed (docs/PROFILES.md)."""
+
 _PUBLISHED = pytest.StashKey()  # the controller's previous MOE_VALIDATE_XDIST_GPUS, restored at the end
 
 
@@ -67,6 +75,11 @@ def pytest_addoption(parser) -> None:
                          "parentheses; commas join with and, last (as moe-validate --filter)")
     group.addoption("--moe-backend", default="triton",
                     help="backend under test: triton | reference | module:attr | entry-point name")
+    from moe_validate.verdicts import GATE_CHOICES  # torch-free
+
+    group.addoption("--moe-gate", default=None, choices=tuple(GATE_CHOICES),
+                    help="which verdicts decide a case (as moe-validate --gate): accuracy, or both (also "
+                         "conformance); default: both for our own backends, accuracy for a third-party one")
     group.addoption("--moe-results", default=None, metavar="DIR",
                     help="append each finished case to DIR/results-<worker>.jsonl")
     group.addoption("--moe-report", default=None, metavar="FILE",
@@ -343,17 +356,24 @@ def moe_run(request):
         from moe_validate.runner import run_case_inprocess
 
         result = run_case_inprocess(case, state.backend(), device=state.device(),
-                                    backend_name=request.config.option.moe_backend)
+                                    backend_name=request.config.option.moe_backend,
+                                    gate=request.config.option.moe_gate)
         state.record(result.record)
         rec = result.record
         request.node.user_properties.append(("moe_outcome", rec["outcome"]))
         request.node.user_properties.append(("moe_repro", rec["repro"]))
         if rec.get("worst_margin") is not None:
             request.node.user_properties.append(("moe_worst_margin", rec["worst_margin"]))
+        for verdict, v in (rec.get("verdicts") or {}).items():
+            request.node.user_properties.append((f"moe_{verdict}", v["outcome"]))
         if rec["outcome"] == "SKIP":
             pytest.skip(rec["reason"] or "not supported")
         if result.outcome.is_bad:
             pytest.fail(f"{result.message()}\nrepro: {rec['repro']}", pytrace=False)
+        from moe_validate.verdicts import not_gating_conformance_failure
+
+        if not_gating_conformance_failure(rec):  # a pass, but said: in pytest's warnings summary
+            warnings.warn(f"{rec['case_id']}: {rec['reason']}", ConformanceWarning, stacklevel=2)
         return result
 
     return run

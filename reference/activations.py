@@ -15,7 +15,7 @@ import torch
 
 from moe_validate.contract.spec import SWIGLU_LIMIT, Activation
 
-__all__ = ["apply_activation", "split_gate_up"]
+__all__ = ["apply_activation", "split_gate_up", "gated_factors"]
 
 SWIGLUOAI_ALPHA = 1.702  # swigluoai: xc * sigmoid(1.702 * xc)
 GELU_TANH_COEFF = 0.044715
@@ -75,4 +75,31 @@ def apply_activation(c1: torch.Tensor, activation, clamp_limit: Optional[float] 
         return (uc + 1.0) * xc * torch.sigmoid(SWIGLUOAI_ALPHA * xc)
     if act is Activation.SWIGLUSTEP:
         return torch.clamp_max(_silu(x), SWIGLU_LIMIT) * torch.clamp(u, -SWIGLU_LIMIT, SWIGLU_LIMIT)
+    raise AssertionError(act)  # pragma: no cover
+
+
+def gated_factors(c1: torch.Tensor, activation, clamp_limit: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(act(g), u') of a gated activation, with value = act(g) * u' (SPEC.md, "Activations"): the
+    two factors an implementation that stores act(g) before the product rounds separately
+    (``reference.pipeline.activation_rounded_twice``). swigluoai: (xc sigmoid(1.702 xc), uc + 1)."""
+    act = Activation.parse(activation)
+    if not act.is_gated:
+        raise ValueError(f"activation must be gated to split into factors; got {act}")
+    if clamp_limit is not None and act is not Activation.SILU:
+        raise ValueError(f"clamp_limit applies to activation silu only; got {act}")
+    x, u = split_gate_up(c1, act)
+    if act is Activation.SILU:
+        if clamp_limit is not None:
+            limit = float(clamp_limit)
+            return _silu(torch.clamp_max(x, limit)), torch.clamp(u, -limit, limit)
+        return _silu(x), u
+    if act is Activation.GELU:
+        return _gelu(x), u
+    if act is Activation.GELU_TANH:
+        return _gelu_tanh(x), u
+    if act is Activation.SWIGLUOAI:
+        xc = torch.clamp_max(x, SWIGLU_LIMIT)
+        return xc * torch.sigmoid(SWIGLUOAI_ALPHA * xc), torch.clamp(u, -SWIGLU_LIMIT, SWIGLU_LIMIT) + 1.0
+    if act is Activation.SWIGLUSTEP:
+        return torch.clamp_max(_silu(x), SWIGLU_LIMIT), torch.clamp(u, -SWIGLU_LIMIT, SWIGLU_LIMIT)
     raise AssertionError(act)  # pragma: no cover

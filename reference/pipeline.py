@@ -15,6 +15,13 @@ Two precisions:
   activation and the router-weighted input are computed in fp32 as the kernels do, and the
   final top-k sum accumulates in fp32 in slot order. A kernel and the mirror then differ only by
   fp32 accumulation order and the rounding flips it causes.
+
+The mirror follows a numerics profile (``profile=``, a ``moe_validate.contract.profile.NumericsProfile``;
+default ``SPEC_PROFILE``, exactly the text above): where an implementation declares that it rounds
+elsewhere or quantizes with other formulas, the mirror does so too, one small function per choice
+(``router_weight``, ``dot_operand``, ``gemm_output_rounder``, ``activation_rounded_twice``, the
+quantizer of ``reference.quant``, ``combine_in_storage``). ``exact`` follows no profile: it is the
+scheme itself, the yardstick of accuracy whatever an implementation rounds.
 """
 
 from __future__ import annotations
@@ -24,10 +31,18 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from moe_validate.contract.checks import CallShape, validate_call, validate_index_values
+from moe_validate.contract.profile import (
+    SPEC_PROFILE,
+    DotPrecision,
+    GemmOutputDtype,
+    NumericsProfile,
+    TopkSum,
+    WeightPrecision,
+)
 from moe_validate.contract.rules import fused_silu_fp8_group
 from moe_validate.contract.spec import Activation, LoRASpec, QuantConfig, QuantScheme
 
-from reference.activations import apply_activation
+from reference.activations import apply_activation, gated_factors
 from reference.quant import dequantize_activation, dequantize_weights, quantize_activation_codes
 
 __all__ = [
@@ -69,6 +84,47 @@ def storage_rounder(S: torch.dtype, precision: str) -> RoundFn:
 
 
 # ---------------------------------------------------------------------------------------------
+# A profile's rounding choices (mirror mode), one function each.
+# ---------------------------------------------------------------------------------------------
+def _round_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32).to(F64)
+
+
+def router_weight(topk_weights: torch.Tensor, S: torch.dtype, precision: WeightPrecision) -> torch.Tensor:
+    """The router weights as a product uses them (float64): as given (fp32), or rounded to S first."""
+    if precision is WeightPrecision.STORAGE:
+        return topk_weights.to(S).to(F64)
+    return topk_weights.to(F64)
+
+
+def dot_operand(shape: CallShape, profile: NumericsProfile, precision: str) -> RoundFn:
+    """What an fp32 x fp32 GEMM reads of its operands: TF32 (the low 13 mantissa bits cleared, as
+    sm_80+ tensor cores read fp32) where the profile says so and both operands are fp32 (S = fp32,
+    nothing quantized); the operand itself otherwise."""
+    scheme = shape.scheme
+    if (precision != "mirror" or profile.fp32_dot is not DotPrecision.TF32 or shape.storage_dtype != torch.float32
+            or scheme.act_granularity is not None or scheme.weight_dtype is not None):
+        return _identity
+
+    def tf32(t: torch.Tensor) -> torch.Tensor:
+        bits = t.to(torch.float32).contiguous().view(torch.int32) & ~0x1FFF
+        return bits.view(torch.float32).to(F64)
+
+    return tf32
+
+
+def gemm_output_rounder(shape: CallShape, profile: NumericsProfile, precision: str) -> RoundFn:
+    """How c1 and c3 are stored: round_S (SPEC), or, for quantized (fp8 / int8) activations, in
+    the dtype the profile's ``quantized_gemm_output`` names (bf16 or fp32)."""
+    if precision == "mirror" and shape.scheme.act_granularity is not None:
+        if profile.quantized_gemm_output is GemmOutputDtype.FP32:
+            return _round_fp32
+        if profile.quantized_gemm_output is GemmOutputDtype.BF16:
+            return storage_rounder(torch.bfloat16, precision)
+    return storage_rounder(shape.storage_dtype, precision)
+
+
+# ---------------------------------------------------------------------------------------------
 # Step 2: routing.
 # ---------------------------------------------------------------------------------------------
 def route(topk_ids: torch.Tensor, E: int, global_num_experts: int,
@@ -102,12 +158,13 @@ def _routes_of_expert(valid: torch.Tensor, local: torch.Tensor, e: int) -> torch
 # ---------------------------------------------------------------------------------------------
 def prepare_input(hidden_states: torch.Tensor, topk_weights: torch.Tensor, shape: CallShape, *,
                   apply_router_weight_on_input: bool, a1q_scale: Optional[torch.Tensor],
-                  precision: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                  precision: str, profile: NumericsProfile = SPEC_PROFILE) -> Tuple[torch.Tensor, torch.Tensor]:
     """(x as GEMM1 uses it, x unquantized for LoRA), both float64 [M, K].
 
-    Step 3: ``x = round_S(x * w[m])`` (product in fp32 in mirror mode, as the kernels do; float64
-    in exact mode). Step 4: quantize->dequantize per the scheme's activation key; pre-quantized
-    input (fp8/int8 with ``a1q_scale``) is only dequantized.
+    Step 3: ``x = round_S(x * w[m])`` (product in fp32 in mirror mode, as the kernels do, with w
+    as the profile's ``router_weight_input`` says; float64 in exact mode). Step 4:
+    quantize->dequantize per the scheme's activation key (mirror: the profile's quantizer);
+    pre-quantized input (fp8/int8 with ``a1q_scale``) is only dequantized.
     """
     scheme = shape.scheme
     if hidden_states.dtype in (torch.float8_e4m3fn, torch.int8):
@@ -115,7 +172,8 @@ def prepare_input(hidden_states: torch.Tensor, topk_weights: torch.Tensor, shape
         return x_used, x_used
     if apply_router_weight_on_input:
         if precision == "mirror":
-            scaled = (hidden_states.to(torch.float32) * topk_weights[:, :1].to(torch.float32))
+            w = router_weight(topk_weights[:, :1], shape.storage_dtype, profile.router_weight_input)
+            scaled = hidden_states.to(torch.float32) * w.to(torch.float32)
             x_unq = scaled.to(shape.storage_dtype).to(F64)
         else:
             x_unq = hidden_states.to(F64) * topk_weights[:, :1].to(F64)
@@ -123,8 +181,15 @@ def prepare_input(hidden_states: torch.Tensor, topk_weights: torch.Tensor, shape
         x_unq = hidden_states.to(F64)
     if scheme.act_granularity is None:
         return x_unq, x_unq
-    codes, scale = quantize_activation_codes(x_unq, scheme, static_scale=shape.quant.a1_scale)
+    codes, scale = quantize_activation_codes(x_unq, scheme, static_scale=shape.quant.a1_scale,
+                                             quantizer=_quantizer(scheme, profile, precision))
     return dequantize_activation(codes, scale), x_unq
+
+
+def _quantizer(scheme: QuantScheme, profile: NumericsProfile, precision: str, fused: bool = False):
+    """The activation quantizer the mirror follows (the profile's; exact: SPEC's)."""
+    chosen = profile if precision == "mirror" else SPEC_PROFILE
+    return chosen.quantizer("int8" if scheme.act_dtype == torch.int8 else "fp8", scheme.act_granularity, fused)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +217,8 @@ def gemm2(c2_in: torch.Tensor, w2: torch.Tensor, w2_bias: Optional[torch.Tensor]
           apply_router_weight_on_input: bool) -> torch.Tensor:
     """c3 [M, topk, K]: ``round_S((c2_in[r] . w2[e] + b2[e]) * w[r])`` per valid route.
 
-    No ``* w[r]`` when the router weight was applied on the input.
+    No ``* w[r]`` when the router weight was applied on the input. ``topk_weights``: as the
+    product uses them (``router_weight``).
     """
     M, topk = valid.shape
     E, K, _ = w2.shape
@@ -247,12 +313,25 @@ def lora_w2(c3: torch.Tensor, c2_unq: torch.Tensor, lora: Optional[LoRASpec], to
 # ---------------------------------------------------------------------------------------------
 # Step 8: activation and requantization.
 # ---------------------------------------------------------------------------------------------
+def activation_rounded_twice(c1: torch.Tensor, activation: Activation, clamp_limit: Optional[float],
+                             round_S: RoundFn) -> torch.Tensor:
+    """c2 = round_S(round_S(act(g)) * u) in fp32: the gate's activation stored to S, then the
+    product with up rounded again (a profile's ``ActivationRounding.DOUBLE``)."""
+    act_g, up = gated_factors(c1.to(torch.float32), activation, clamp_limit)
+    stored = round_S(act_g.to(F64)).to(torch.float32)
+    return round_S((stored * up).to(F64))
+
+
 def activation_stage(c1: torch.Tensor, valid: torch.Tensor, activation: Activation,
                      clamp_limit: Optional[float], round_S: RoundFn, *, precision: str,
-                     fused: bool) -> torch.Tensor:
+                     fused: bool, twice: bool = False) -> torch.Tensor:
     """c2 [M, topk, I]: the activation in fp32 (mirror) or float64 (exact), one rounding to S
-    in mirror mode unless ``fused``; zeros for invalid routes."""
+    in mirror mode unless ``fused`` (none) or ``twice`` (``activation_rounded_twice``); zeros for
+    invalid routes."""
     compute_dtype = torch.float32 if precision == "mirror" else F64
+    if twice and not fused and precision == "mirror":
+        c2 = activation_rounded_twice(c1, activation, clamp_limit, round_S)
+        return torch.where(valid.unsqueeze(2), c2, torch.zeros_like(c2))
     c2 = apply_activation(c1.to(compute_dtype), activation, clamp_limit).to(F64)
     if not fused:
         c2 = round_S(c2)
@@ -260,11 +339,11 @@ def activation_stage(c1: torch.Tensor, valid: torch.Tensor, activation: Activati
 
 
 def requantize(c2: torch.Tensor, valid: torch.Tensor, scheme: QuantScheme,
-               a2_scale: Optional[torch.Tensor]) -> torch.Tensor:
+               a2_scale: Optional[torch.Tensor], quantizer=None) -> torch.Tensor:
     """c2_in [M, topk, I]: the GEMM2 input, quantize->dequantize per the scheme (float64).
 
     Only valid routes' rows are quantized; a dynamic per-tensor scale spans all of them (never
-    per expert).
+    per expert). ``quantizer``: a profile's formulas (default SPEC's).
     """
     if scheme.act_granularity is None:
         return c2
@@ -273,7 +352,8 @@ def requantize(c2: torch.Tensor, valid: torch.Tensor, scheme: QuantScheme,
     rows = torch.nonzero(valid.reshape(-1), as_tuple=False).reshape(-1)
     c2_in = torch.zeros_like(flat)
     if rows.numel():
-        codes, scale = quantize_activation_codes(flat[rows], scheme, static_scale=a2_scale)
+        extra = {} if quantizer is None else {"quantizer": quantizer}
+        codes, scale = quantize_activation_codes(flat[rows], scheme, static_scale=a2_scale, **extra)
         c2_in[rows] = dequantize_activation(codes, scale)
     return c2_in.reshape(M, topk, I)
 
@@ -281,13 +361,27 @@ def requantize(c2: torch.Tensor, valid: torch.Tensor, scheme: QuantScheme,
 # ---------------------------------------------------------------------------------------------
 # Step 10: the top-k sum.
 # ---------------------------------------------------------------------------------------------
-def combine(c3: torch.Tensor, valid: torch.Tensor, storage_dtype: torch.dtype, *, precision: str) -> torch.Tensor:
+def combine_in_storage(c3: torch.Tensor, valid: torch.Tensor, storage_dtype: torch.dtype) -> torch.Tensor:
+    """out [M, K] = sum over slots j in order, accumulated in S: each add in fp32, rounded to S
+    (a profile's ``TopkSum.STORAGE_UP_TO_4``, topk 2..4); invalid slots add exact zeros."""
+    acc = torch.zeros(c3.shape[0], c3.shape[2], dtype=torch.float32, device=c3.device)
+    for j in range(c3.shape[1]):
+        term = c3[:, j].to(torch.float32)
+        acc = (acc + torch.where(valid[:, j:j + 1], term, torch.zeros_like(term))).to(storage_dtype).to(torch.float32)
+    return acc.to(F64)
+
+
+def combine(c3: torch.Tensor, valid: torch.Tensor, storage_dtype: torch.dtype, *, precision: str,
+            topk_sum: TopkSum = TopkSum.FP32) -> torch.Tensor:
     """out [M, K] = round_S(sum over valid slots j, in slot order, of c3[m, j]).
 
-    Mirror mode accumulates in fp32 (``float(c3)``) and rounds once to S; exact mode sums in
-    float64. A token without a valid route gets exact zeros.
+    Mirror mode accumulates in fp32 (``float(c3)``) and rounds once to S (or, where ``topk_sum``
+    says so, in S: ``combine_in_storage``); exact mode sums in float64. A token without a valid
+    route gets exact zeros.
     """
     M, topk, K = c3.shape
+    if precision == "mirror" and topk_sum is TopkSum.STORAGE_UP_TO_4 and 2 <= topk <= 4:
+        return combine_in_storage(c3, valid, storage_dtype)
     acc_dtype = torch.float32 if precision == "mirror" else F64
     acc = torch.zeros(M, K, dtype=acc_dtype, device=c3.device)
     for j in range(topk):
@@ -308,6 +402,15 @@ def _dequantized_weights(shape: CallShape, w1: torch.Tensor, w2: torch.Tensor) -
     return w1_f, w2_f
 
 
+def weight_only_operand(shape: CallShape, profile: NumericsProfile, precision: str) -> RoundFn:
+    """A weight-only scheme's dequantized weight as the dot reads it: (q - zp) * s (exact in
+    float64), or, where the profile says STORAGE, that product in fp32 rounded to S."""
+    if (precision != "mirror" or shape.scheme.weight_dtype is None or shape.scheme.act_granularity is not None
+            or profile.weight_only_dequantized is not WeightPrecision.STORAGE):
+        return _identity
+    return lambda w: w.to(torch.float32).to(shape.storage_dtype).to(F64)
+
+
 def _bias(b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Biases are used in fp32 (SPEC.md): any float dtype -> fp32 -> float64."""
     return None if b is None else b.to(torch.float32).to(F64)
@@ -316,7 +419,8 @@ def _bias(b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 def run_stages(hidden_states, w1, w2, topk_weights, topk_ids, *, activation="silu",
                quant: Optional[QuantConfig] = None, expert_map=None, global_num_experts: int = -1,
                apply_router_weight_on_input: bool = False, lora: Optional[LoRASpec] = None,
-               a1q_scale=None, precision: str = "exact", out_dtype=None) -> Dict[str, torch.Tensor]:
+               a1q_scale=None, precision: str = "exact", out_dtype=None,
+               profile: NumericsProfile = SPEC_PROFILE) -> Dict[str, torch.Tensor]:
     """Every named intermediate of one call (SPEC.md, Pipeline), float64 unless noted.
 
     Keys: ``x`` [M, K] GEMM1 input as used; ``route_valid`` bool [M, topk]; ``route_expert``
@@ -325,9 +429,12 @@ def run_stages(hidden_states, w1, w2, topk_weights, topk_ids, *, activation="sil
     requantization; ``c2_in`` [M, topk, I] GEMM2 input as used; ``c3`` [M, topk, K] after bias,
     router weight and LoRA; ``out`` [M, K]. Rows of invalid routes are zeros. ``out_dtype`` is
     accepted (and ignored) so that the keyword arguments of ``fused_experts`` pass through.
+    ``profile``: the numerics profile the mirror follows (ignored by ``exact``).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+    if not isinstance(profile, NumericsProfile):
+        raise TypeError(f"profile must be a NumericsProfile; got {type(profile).__name__}")
     shape = validate_call(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation, quant=quant,
                           expert_map=expert_map, global_num_experts=global_num_experts,
                           apply_router_weight_on_input=apply_router_weight_on_input, lora=lora,
@@ -337,22 +444,30 @@ def run_stages(hidden_states, w1, w2, topk_weights, topk_ids, *, activation="sil
     round_S = storage_rounder(shape.storage_dtype, precision)
 
     valid, local = route(topk_ids, shape.E, shape.global_num_experts, expert_map)
+    if precision == "exact":
+        profile = SPEC_PROFILE  # exact is the scheme itself, whatever an implementation rounds
     x, x_unq = prepare_input(hidden_states, topk_weights, shape,
                              apply_router_weight_on_input=apply_router_weight_on_input,
-                             a1q_scale=a1q_scale, precision=precision)
-    w1_f, w2_f = _dequantized_weights(shape, w1, w2)
+                             a1q_scale=a1q_scale, precision=precision, profile=profile)
+    w1_f, w2_f = (weight_only_operand(shape, profile, precision)(w) for w in _dequantized_weights(shape, w1, w2))
+    operand = dot_operand(shape, profile, precision)
+    round_gemm = gemm_output_rounder(shape, profile, precision)
 
-    c1 = gemm1(x, w1_f, _bias(q.w1_bias), valid, local, round_S)
+    c1 = gemm1(operand(x), operand(w1_f), _bias(q.w1_bias), valid, local, round_gemm)
     c1 = lora_w13(c1, x_unq, lora, valid, local, shape.activation, round_S)
     fused = fused_silu_fp8_group(shape.activation, shape.scheme, q.gemm1_clamp_limit, lora is not None)
+    twice = profile.rounds_activation_twice(shape.activation, q.gemm1_clamp_limit)
     c2 = activation_stage(c1, valid, shape.activation, q.gemm1_clamp_limit, round_S,
-                          precision=precision, fused=fused)
-    c2_in = requantize(c2, valid, shape.scheme, q.a2_scale)
-    c3 = gemm2(c2_in, w2_f, _bias(q.w2_bias), topk_weights, valid, local, round_S,
+                          precision=precision, fused=fused, twice=twice)
+    quantizer = _quantizer(shape.scheme, profile, precision, fused) if shape.scheme.act_granularity else None
+    c2_in = requantize(c2, valid, shape.scheme, q.a2_scale, quantizer)
+    w_gemm2 = router_weight(topk_weights, shape.storage_dtype,
+                            profile.router_weight_gemm2 if precision == "mirror" else WeightPrecision.FP32)
+    c3 = gemm2(operand(c2_in), operand(w2_f), _bias(q.w2_bias), w_gemm2, valid, local, round_gemm,
                apply_router_weight_on_input=apply_router_weight_on_input)
     c3 = lora_w2(c3, c2, lora, topk_weights, valid, local, round_S,
                  apply_router_weight_on_input=apply_router_weight_on_input)
-    out = combine(c3, valid, shape.storage_dtype, precision=precision)
+    out = combine(c3, valid, shape.storage_dtype, precision=precision, topk_sum=profile.topk_sum)
     return {"x": x, "route_valid": valid, "route_expert": local, "w1": w1_f, "w2": w2_f,
             "c1": c1, "c2": c2, "c2_in": c2_in, "c3": c3, "out": out}
 
@@ -360,14 +475,16 @@ def run_stages(hidden_states, w1, w2, topk_weights, topk_ids, *, activation="sil
 def fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, *, activation="silu",
                   quant: Optional[QuantConfig] = None, expert_map=None, global_num_experts: int = -1,
                   apply_router_weight_on_input: bool = False, lora: Optional[LoRASpec] = None,
-                  a1q_scale=None, precision: str = "exact", out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+                  a1q_scale=None, precision: str = "exact", out_dtype: torch.dtype = torch.float64,
+                  profile: NumericsProfile = SPEC_PROFILE) -> torch.Tensor:
     """The reference output [M, K]: ``run_stages(...)["out"]`` cast to ``out_dtype``.
 
     In mirror mode the values are representable in the storage dtype S, so casting to S is
-    exact. Inputs are never modified; computation stays on the inputs' device.
+    exact. Inputs are never modified; computation stays on the inputs' device. ``profile``: the
+    numerics profile the mirror follows (``run_stages``).
     """
     stages = run_stages(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation, quant=quant,
                         expert_map=expert_map, global_num_experts=global_num_experts,
                         apply_router_weight_on_input=apply_router_weight_on_input, lora=lora,
-                        a1q_scale=a1q_scale, precision=precision)
+                        a1q_scale=a1q_scale, precision=precision, profile=profile)
     return stages["out"].to(out_dtype)

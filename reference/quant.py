@@ -10,6 +10,10 @@ Quantizer arithmetic is defined in fp32, as the kernels do it:
   ``torch.round`` (half to even) then a clamp to +-127;
 - a static scale is used as given (shape ``()`` or ``(1,)``).
 
+That is SPEC's quantizer. ``quantizer=`` (a ``moe_validate.contract.profile.Quantizer``, default
+SPEC's) selects another implementation's formulas for the ``mirror`` to follow: one small
+function per choice below (``_dynamic_scale``, ``_codes``).
+
 Activation granularity (``QuantScheme.act_granularity``): ``"token"`` -> scale [R, 1];
 ``"token_group"`` -> scale [R, ceil(C/128)], one per row per 128 columns (the last group may be
 short); ``"tensor_dynamic"`` -> scale [1] over the rows selected by ``valid_rows`` (all rows when
@@ -42,6 +46,7 @@ from moe_validate.contract.spec import (
     QUANT_EPS,
     QuantScheme,
 )
+from moe_validate.contract.profile import SPEC_QUANTIZER, CodeRounding, Quantizer, ScaleFormula
 
 __all__ = [
     "quantize_activation",
@@ -88,6 +93,44 @@ def _scale_from_absmax(absmax_fp32: torch.Tensor, qmax: float) -> torch.Tensor:
     return _div(torch.clamp_min(absmax_fp32, QUANT_EPS), qmax)
 
 
+# ---------------------------------------------------------------------------------------------
+# A profile's quantizer: one function per scale formula and per code rounding.
+# ---------------------------------------------------------------------------------------------
+def _dynamic_scale(absmax_fp32: torch.Tensor, qmax: float, quantizer: Quantizer) -> torch.Tensor:
+    """s from absmax (fp32) per ``quantizer.scale``; SPEC's (floor 1e-10, then divide) is
+    ``_scale_from_absmax``."""
+    if quantizer.scale is ScaleFormula.FLOOR_THEN_DIVIDE:
+        return _div(torch.clamp_min(absmax_fp32, quantizer.floor), qmax)
+    if quantizer.scale is ScaleFormula.FLOOR_THEN_RECIPROCAL:
+        return torch.clamp_min(absmax_fp32, quantizer.floor) * torch.tensor(1.0 / qmax, dtype=torch.float32)
+    if quantizer.scale is ScaleFormula.DIVIDE_THEN_FLOOR:
+        return torch.clamp_min(_div(absmax_fp32, qmax), quantizer.floor)
+    raise AssertionError(quantizer.scale)  # pragma: no cover
+
+
+def _round_half_away(v: torch.Tensor) -> torch.Tensor:
+    """round(v) with ties away from zero (libdevice round), exact: |v| + 0.5 in float64."""
+    v64 = v.to(torch.float64)
+    return (torch.sign(v64) * torch.floor(v64.abs() + 0.5)).to(torch.float32)
+
+
+def _codes(x32: torch.Tensor, scale: torch.Tensor, absmax_fp32: Optional[torch.Tensor], code_dtype: torch.dtype,
+           quantizer: Quantizer) -> torch.Tensor:
+    """sat(round(x / s)) in the form ``quantizer.codes`` names (fp32 codes; SPEC: rne(x / s))."""
+    rule = quantizer.codes
+    if rule is CodeRounding.DIVIDE_RNE:
+        return _round_to_codes(x32 / scale, code_dtype)
+    if rule is CodeRounding.RECIPROCAL_RNE:
+        return _round_to_codes(x32 * torch.reciprocal(scale), code_dtype)
+    if rule is CodeRounding.QMAX_OVER_ABSMAX_HALF_AWAY:
+        if code_dtype != torch.int8 or absmax_fp32 is None:
+            raise ValueError(f"codes {rule.value} are defined for dynamic int8 scales only; got {code_dtype}")
+        qmax = _qmax(code_dtype)
+        inverse = torch.full_like(absmax_fp32, qmax) / torch.clamp_min(absmax_fp32, quantizer.floor)
+        return _round_half_away(x32 * inverse).clamp(-qmax, qmax)
+    raise AssertionError(rule)  # pragma: no cover
+
+
 def _finite_absmax(x_fp32: torch.Tensor) -> torch.Tensor:
     """absmax over the finite entries only (0 when there are none), fp32, shape [1]."""
     magnitudes = torch.where(torch.isfinite(x_fp32), x_fp32.abs(), torch.zeros_like(x_fp32))
@@ -97,12 +140,14 @@ def _finite_absmax(x_fp32: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_activation_codes(x: torch.Tensor, scheme, *, static_scale: Optional[torch.Tensor] = None,
-                              valid_rows: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                              valid_rows: Optional[torch.Tensor] = None,
+                              quantizer: Quantizer = SPEC_QUANTIZER) -> Tuple[torch.Tensor, torch.Tensor]:
     """Quantize a 2-D activation [R, C] per the scheme; return (codes as fp32, scale fp32).
 
     Codes are kept as fp32 values (every fp8 and int8 code is exact in fp32) so that a NaN input
     stays visible as NaN instead of becoming an arbitrary int8. See the module docstring for the
     arithmetic. ``valid_rows`` (bool [R]) selects the rows a ``"tensor_dynamic"`` scale spans.
+    ``quantizer``: the scale formula and code rounding (default SPEC's).
     """
     scheme = QuantScheme.parse(scheme)
     granularity = scheme.act_granularity
@@ -116,27 +161,30 @@ def quantize_activation_codes(x: torch.Tensor, scheme, *, static_scale: Optional
     R, C = x32.shape
 
     if granularity == "token":
-        scale = _scale_from_absmax(x32.abs().amax(dim=1, keepdim=True) if C else
-                                   torch.zeros(R, 1, dtype=torch.float32, device=x.device), qmax)
-        codes = _round_to_codes(x32 / scale, code_dtype)
+        absmax = (x32.abs().amax(dim=1, keepdim=True) if C else
+                  torch.zeros(R, 1, dtype=torch.float32, device=x.device))
+        scale = _dynamic_scale(absmax, qmax, quantizer)
+        codes = _codes(x32, scale, absmax, code_dtype, quantizer)
     elif granularity == "token_group":
         num_groups = math.ceil(C / FP8_BLOCK)
         scale = torch.empty(R, num_groups, dtype=torch.float32, device=x.device)
         codes = torch.empty_like(x32)
         for g in range(num_groups):
             cols = slice(g * FP8_BLOCK, min((g + 1) * FP8_BLOCK, C))
-            group_scale = _scale_from_absmax(x32[:, cols].abs().amax(dim=1, keepdim=True), qmax)
+            absmax = x32[:, cols].abs().amax(dim=1, keepdim=True)
+            group_scale = _dynamic_scale(absmax, qmax, quantizer)
             scale[:, g:g + 1] = group_scale
-            codes[:, cols] = _round_to_codes(x32[:, cols] / group_scale, code_dtype)
+            codes[:, cols] = _codes(x32[:, cols], group_scale, absmax, code_dtype, quantizer)
     elif granularity == "tensor_dynamic":
         rows = x32 if valid_rows is None else x32[valid_rows.to(torch.bool)]
-        scale = _scale_from_absmax(_finite_absmax(rows), qmax)
-        codes = _round_to_codes(x32 / scale, code_dtype)
+        absmax = _finite_absmax(rows)
+        scale = _dynamic_scale(absmax, qmax, quantizer)
+        codes = _codes(x32, scale, absmax, code_dtype, quantizer)
     elif granularity == "tensor_static":
         if static_scale is None:
             raise ValueError(f"static_scale is required for scheme {scheme}")
         scale = static_scale.to(torch.float32).reshape(1)
-        codes = _round_to_codes(x32 / scale, code_dtype)
+        codes = _codes(x32, scale, None, code_dtype, quantizer)
     else:  # pragma: no cover -- the enum has no other granularity
         raise AssertionError(granularity)
     return codes, scale

@@ -177,11 +177,14 @@ def _backend_config(backend) -> Tuple[Any, Any]:
 
 
 def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[str] = None,
-                       backend_name: Optional[str] = None, options: CaseOptions = CaseOptions()) -> CaseResult:
+                       backend_name: Optional[str] = None, options: CaseOptions = CaseOptions(),
+                       gate: Optional[str] = None) -> CaseResult:
     """Runs one case here and returns its result; never raises for a failure of the case itself.
 
     ``backend`` is a Backend or a spec for ``get_backend``; ``backend_name`` (default: the spec,
-    or the backend's ``name``) is what the record and its repro line name. The record is
+    or the backend's ``name``) is what the record and its repro line name. ``gate`` ("accuracy"
+    or "both", ``--gate``): which verdicts decide the outcome, overriding ``verdicts.gating_policy``'s
+    default for this backend. The mirror follows the backend's declared numerics profile. The record is
     JSON-safe whatever the backend returned (``make_json_safe``: changes listed in ``notes``), so
     it can cross a pipe and be written. ``options``: save the output, compare with another backend.
     """
@@ -190,6 +193,8 @@ def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[s
         backend = get_backend(backend)
     backend_name = backend_name or getattr(backend, "name", "?")
     record = base_record(case, backend_name)
+    if gate is not None:
+        record.repro += f" --gate {shlex.quote(gate)}"
     evaluation = None
     retire = False
     start = time.perf_counter()
@@ -200,6 +205,7 @@ def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[s
             return CaseResult(record)
         from moe_validate.call_contract import CHECK_NAMES as CONTRACT_CHECKS, ContractedBackend
         from moe_validate.compare import evaluate
+        from moe_validate.verdicts import declared_profile, gating_policy
         from moe_validate.inputs import make_inputs
         from moe_validate.stages import CHECK_NAME as STAGE_CHECK, localize, no_stages
 
@@ -222,7 +228,8 @@ def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[s
                 return CaseResult(record)
             if contracted.mutated:  # judge against the inputs as they were, never the mutated ones
                 inputs = contracted.untouched_inputs(case, device)
-            evaluation = evaluate(case, inputs, out)
+            evaluation = evaluate(case, inputs, out, profile=declared_profile(backend),
+                                  gating=gating_policy(backend, backend_name, gate))
             # The alignment contract and the case's bitwise invariances (re-runs of the backend),
             # right after the run whose launch config routing_stages describes.
             from moe_validate.invariance import run_checks
@@ -261,6 +268,9 @@ def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[s
         record.worst_margin = evaluation.worst_margin
         record.checks = checks or None
         record.compared_rows = evaluation.compared_rows
+        record.verdicts = evaluation.verdicts  # accuracy and conformance, gating or not
+        record.gating = list(evaluation.gating)
+        record.profile = evaluation.profile
     except Exception as exc:  # every failure of the case is a recorded outcome
         record.outcome = classify_exception(exc).value
         record.reason = one_line(exc)

@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from moe_validate.backends import capability_summary, get_backend
 from moe_validate.devices import GpuInfo, detect_gpus, visible_entries
@@ -28,6 +28,7 @@ from moe_validate.run.case import CaseOptions, fill_diagnosis, run_case_inproces
 from moe_validate.run.outdir import RESULTS_NAME, OutDirError, ResumePlan, locked, prepare
 from moe_validate.run.progress import Progress
 from moe_validate.run.workers import DEFAULT_MAX_CONSECUTIVE_TIMEOUTS, run_pool
+from moe_validate.verdicts import GATE_CHOICES, not_gating_conformance_failure
 
 __all__ = ["RunSummary", "run_cases", "header_record", "footer_record", "default_workers", "visible_gpus",
            "DEFAULT_TIMEOUT_S", "now_iso"]
@@ -71,6 +72,8 @@ class RunSummary:
     present: int = 0  # of them, cases with a result (not NOT_RUN)
     interrupted: bool = False
     stopped: Optional[str] = None  # why the runner gave up on the rest (too many timeouts in a row)
+    # PASS cases whose conformance verdict failed without gating: (case id, declared profile)
+    conformance_only: List[Tuple[str, Optional[str]]] = field(default_factory=list)
 
     @property
     def incomplete(self) -> bool:
@@ -93,6 +96,13 @@ class RunSummary:
             line += f"; {self.present} of {self.expected} expected cases present"
             line += " (interrupted)" if self.interrupted else ""
             line += f" (stopped: {self.stopped})" if self.stopped else ""
+        if self.conformance_only:
+            profiles = sorted({p or "spec" for _, p in self.conformance_only})
+            shown = ", ".join(cid for cid, _ in self.conformance_only[:5])
+            line += (f"\nconformance FAIL (not gating) in {len(self.conformance_only)} passing case(s): they round "
+                     f"differently from their declared profile {', '.join(profiles)}; accuracy held (exit status "
+                     f"unchanged; --gate both makes it gate): {shown}"
+                     + (" ..." if len(self.conformance_only) > 5 else ""))
         return line
 
 
@@ -135,6 +145,7 @@ def run_cases(
     overwrite: bool = False,
     max_consecutive_timeouts: Optional[int] = DEFAULT_MAX_CONSECUTIVE_TIMEOUTS,
     case_options: CaseOptions = CaseOptions(),
+    gate: Optional[str] = None,
 ) -> RunSummary:
     """Runs ``cases`` (already sharded) against the backend spec ``backend``.
 
@@ -156,7 +167,9 @@ def run_cases(
     footer marked ``interrupted`` and returns (``RunSummary.interrupted``). Raises ValueError for a
     backend spec that cannot be loaded, before any case runs; ``ResultsWriteError`` when a record
     cannot be written (the file keeps its whole lines). ``case_options``: what every case does
-    beyond its run and judgement (save its output, compare with another backend).
+    beyond its run and judgement (save its output, compare with another backend). ``gate``
+    ("accuracy" or "both"): which verdicts decide outcomes, overriding the backend's default
+    (``verdicts.gating_policy``); the header records it.
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a spec string (workers rebuild it); got {type(backend).__name__}")
@@ -166,6 +179,10 @@ def run_cases(
         raise ValueError(f"timeout_s must be positive and finite, or None; got {timeout_s}")
     if max_consecutive_timeouts is not None and max_consecutive_timeouts < 1:
         raise ValueError(f"max_consecutive_timeouts must be >= 1 or None; got {max_consecutive_timeouts}")
+    if gate is not None:
+        if gate not in GATE_CHOICES:
+            raise ValueError(f"gate must be one of {', '.join(GATE_CHOICES)} or None; got {gate!r}")
+        header_extra = {**(header_extra or {}), "gate": gate}
     backend_obj = get_backend(backend)  # fail fast on a bad spec
     out_dir = Path(out_dir)
     if gpus is None:
@@ -186,12 +203,12 @@ def run_cases(
         return _run_locked(cases, backend, backend_obj, out_dir, plan, workers=workers, timeout_s=timeout_s,
                            suite=suite, shard=shard, argv=argv, progress=progress, gpus=gpus,
                            header_extra=header_extra, max_consecutive_timeouts=max_consecutive_timeouts,
-                           case_options=case_options)
+                           case_options=case_options, gate=gate)
 
 
 def _run_locked(cases, backend, backend_obj, out_dir: Path, plan: Optional[ResumePlan], *, workers, timeout_s,
                 suite, shard, argv, progress, gpus, header_extra, max_consecutive_timeouts,
-                case_options) -> RunSummary:
+                case_options, gate=None) -> RunSummary:
     results_path = out_dir / RESULTS_NAME
     expected_ids = [c.id for c in cases]
     outcomes: Dict[str, str] = {}  # case id -> outcome, over the whole run (earlier segments too)
@@ -218,6 +235,7 @@ def _run_locked(cases, backend, backend_obj, out_dir: Path, plan: Optional[Resum
                            expected_cases=expected_ids, run_id=run_id, segment=segment, workers=workers,
                            timeout_s=timeout_s, gpus=[g.entry for g in gpus] if workers else [], **extra)
     interrupted, stopped = False, None
+    conformance_only: List[Tuple[str, Optional[str]]] = []  # (case id, profile) of this segment
 
     with ResultsWriter(results_path) as writer:
         writer.write(header)
@@ -228,15 +246,19 @@ def _run_locked(cases, backend, backend_obj, out_dir: Path, plan: Optional[Resum
             writer.write(record)
             new_counts[record.outcome] = new_counts.get(record.outcome, 0) + 1
             outcomes[record.case_id] = record.outcome
+            if record.outcome == Outcome.PASS.value and not_gating_conformance_failure(record):
+                conformance_only.append((record.case_id, record.profile))
             bar.update(record)
 
         try:
             if workers == 0:
                 for case in to_run:
-                    finish(run_case_inprocess(case, backend_obj, backend_name=backend, options=case_options).record)
+                    finish(run_case_inprocess(case, backend_obj, backend_name=backend, options=case_options,
+                                              gate=gate).record)
             else:
                 stopped = run_pool(to_run, backend, workers, timeout_s, out_dir / "logs", finish, gpus,
-                                   max_consecutive_timeouts=max_consecutive_timeouts, case_options=case_options)
+                                   max_consecutive_timeouts=max_consecutive_timeouts, case_options=case_options,
+                                   gate=gate)
         except KeyboardInterrupt:
             interrupted = True  # the cases that finished are kept; the footer says why the rest are missing
         finally:
@@ -250,4 +272,4 @@ def _run_locked(cases, backend, backend_obj, out_dir: Path, plan: Optional[Resum
     bad = [cid for cid in expected_ids if cid in outcomes and Outcome(outcomes[cid]).is_bad]
     present = sum(1 for cid in expected_ids if outcomes.get(cid, Outcome.NOT_RUN.value) != Outcome.NOT_RUN.value)
     return RunSummary(results_path, counts, duration, bad, header.run_id, expected=len(expected_ids),
-                      present=present, interrupted=interrupted, stopped=stopped)
+                      present=present, interrupted=interrupted, stopped=stopped, conformance_only=conformance_only)

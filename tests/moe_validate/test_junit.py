@@ -27,19 +27,21 @@ def mixed_run(tmp_path_factory):
         sys.path.remove(str(HERE))
 
 
-def _pytest_junit(tmp_path) -> ET.Element:
-    """pytest's own --junitxml of a pass, a failure, a skip and an error: the reference layout."""
+def _pytest_junit(tmp_path, family: str = "xunit2") -> ET.Element:
+    """pytest's own --junitxml of a pass, a failure, a skip and an error: the reference layout.
+    ``family="xunit1"``: the layout in which pytest writes testcase properties (record_property)."""
     (tmp_path / "test_ref.py").write_text(
         "import pytest\n"
         "def test_pass(): pass\n"
         "def test_fail(): assert 1 == 2, 'planted'\n"
         "def test_skip(): pytest.skip('planted skip')\n"
+        "def test_property(record_property): record_property('accuracy', 'PASS')\n"
         "@pytest.fixture\n"
         "def broken(): raise RuntimeError('planted')\n"
         "def test_error(broken): pass\n")
-    xml = tmp_path / "ref.xml"
+    xml = tmp_path / f"ref-{family}.xml"
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-                    "-o", "junit_family=xunit2", f"--junitxml={xml}", str(tmp_path / "test_ref.py")],
+                    "-o", f"junit_family={family}", f"--junitxml={xml}", str(tmp_path / "test_ref.py")],
                    capture_output=True, cwd=tmp_path, timeout=120)
     return ET.parse(xml).getroot()
 
@@ -68,7 +70,17 @@ def test_one_testcase_per_case_with_outcome_elements(mixed_run, tmp_path):
     for case in CASES:
         tc, outcome = cases[case.id], OUTCOME_BY_SEED[case.seed]
         assert tc.get("classname") == f"moe_validate.smoke.{case.dtype}.none"
-        kinds = [child.tag for child in tc]
+        kinds = [child.tag for child in tc if child.tag != "properties"]
+        verdicts = {p.get("name"): p.get("value") for p in tc.iter("property")}
+        if outcome in ("PASS", "FAIL"):  # compared: both verdicts, what gated, the profile
+            assert verdicts["accuracy"] in ("PASS", "FAIL") and verdicts["conformance"] in ("PASS", "FAIL")
+            assert verdicts["gating"] == "accuracy" and verdicts["profile"] == "spec"
+            assert float(verdicts["accuracy_margin"]) >= 0
+        else:
+            assert verdicts == {}
+        if outcome == "FAIL":
+            assert verdicts["accuracy"] == "FAIL"
+            assert tc.find("failure").get("message").startswith(f"{case.id}: FAIL (accuracy (budget vs exact): ")
         if outcome == "SKIP":
             assert kinds == ["skipped"] and "planted: fp32 not supported" in tc.find("skipped").get("message")
         elif outcome == "CRASH":
@@ -98,6 +110,10 @@ def test_layout_is_the_one_pytest_writes(mixed_run, tmp_path):
     ref = _pytest_junit(tmp_path)
     assert ours.tag == ref.tag == "testsuites"
     ref_attrs, ref_children = _attributes_by_tag(ref), _children_by_tag(ref)
+    # testcase properties (the verdicts) are where pytest's xunit1 layout writes record_property
+    legacy = _children_by_tag(_pytest_junit(tmp_path, "xunit1"))
+    assert "properties" in legacy["testcase"]
+    ref_children["testcase"] = ref_children["testcase"] | {"properties"}
     for tag, attrs in _attributes_by_tag(ours).items():
         assert tag in ref_attrs or tag in ("properties", "property"), tag
         if tag in ref_attrs:

@@ -96,7 +96,7 @@ def test_failure_message_is_the_evaluation(suite):
     result.assert_outcomes(failed=1)
     # the diagnosis leads (issue 25): where and the planted x1.5's pattern, then the deciding reason
     result.stdout.fnmatch_lines(["*bf16-none-silu-M7N64K64E4k2-s0: FAIL: everywhere (*constant ratio 1.5 (a scale bug?)*",
-                                 "reason: gate (mirror)*",
+                                 "reason: accuracy (budget vs exact)*",
                                  "*Mismatched elements*",
                                  "*repro: *moe-validate repro bf16-none-silu-M7N64K64E4k2-s0 "
                                  "--backend fake_backends:Wrong"])
@@ -154,3 +154,15 @@ def test_plugin_import_is_light():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=str(REPO)), check=True).stdout
     assert json.loads(out.strip().replace("'", '"')) == []
+
+
+def test_a_conformance_only_failure_is_a_warned_pass_unless_moe_gate_both(suite):
+    args = (*SMOKE, "--moe-filter", "*-M7N64K64E4k2-s0", "--moe-backend", "independent_experts:declared_as_spec")
+    result = suite.runpytest(*args)
+    result.assert_outcomes(passed=1, warnings=1)
+    result.stdout.fnmatch_lines(["*ConformanceWarning: bf16-none-silu-M7N64K64E4k2-s0: conformance FAIL (not gating): "
+                                 "rounds differently from its declared profile spec*"])
+    gated = suite.runpytest(*args, "--moe-gate", "both")
+    gated.assert_outcomes(failed=1)
+    gated.stdout.fnmatch_lines(["*bf16-none-silu-M7N64K64E4k2-s0: FAIL: conformance (gate vs mirror)*",
+                                "*--backend independent_experts:declared_as_spec --gate both"])

@@ -44,7 +44,7 @@ def test_cases_fixture_is_what_the_fakes_expect():
 # --- in-process outcomes ----------------------------------------------------------------------
 @pytest.mark.parametrize("backend, outcome, reason_part", [
     ("fake_backends:Pass", Outcome.PASS, None),
-    ("fake_backends:Wrong", Outcome.FAIL, "gate"),
+    ("fake_backends:Wrong", Outcome.FAIL, "accuracy (budget vs exact)"),
     ("fake_backends:Oom", Outcome.OOM, "out of memory"),
     ("fake_backends:CompileError", Outcome.COMPILE_ERROR, "kernel launch failed"),
 ])

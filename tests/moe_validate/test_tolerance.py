@@ -217,3 +217,74 @@ def test_count_test_waits_for_a_gpu_calibration_but_records_the_expected_count()
     assert gate.count_allowed is None and not {"count_allowed", "differing_allowed"} & set(gate.to_dict())
     assert gate.terms["differing_expected"] > 0  # calibrate on a GPU pools it
     assert any("not applied on a GPU" in line for line in gate.derivation)
+
+
+# --- a numerics profile's roundings in the gate (issue 17) ------------------------------------------
+def _profile_gate(case_id, profile):
+    case = Case.from_id(case_id)
+    x = make_inputs(case)
+    st = reference.run_stages(*x.args(), **x.kwargs(), precision="mirror", profile=profile)
+    return derive(case, x, st, native_gpu=False, profile=profile)["gate"]
+
+
+def _one_change(**fields):
+    import dataclasses
+
+    from moe_validate.contract.profile import SPEC_PROFILE
+
+    return dataclasses.replace(SPEC_PROFILE, name="one-change", **fields)
+
+
+def test_spec_profile_adds_nothing_to_the_gate():
+    from moe_validate.contract.profile import SPEC_PROFILE
+
+    case_id = "bf16-none-silu-M7N64K64E4k2-s0"
+    default, spec = _profile_gate(case_id, SPEC_PROFILE), _bounds(Case.from_id(case_id))[2]["gate"]
+    assert torch.equal(default.allowed, spec.allowed) and default.count_allowed == spec.count_allowed
+    assert not [line for line in default.derivation if line.startswith("profile ")]
+
+
+def test_double_activation_rounding_adds_a_rounding_of_act_g():
+    from moe_validate.contract.profile import SPEC_PROFILE, ActivationRounding
+
+    twice = _one_change(activation_rounding=ActivationRounding.DOUBLE, double_rounded_activations=("silu",))
+    case_id = "bf16-none-silu-M7N64K64E4k2-s0"
+    spec, double = _profile_gate(case_id, SPEC_PROFILE), _profile_gate(case_id, twice)
+    assert any(line.startswith("double activation rounding: c2 = round_S(round_S(a) u')") for line in double.derivation)
+    # one more rounding between c1 and c2: more expected flips, a larger count allowance, wider per-element bounds
+    assert double.terms["flip_events_expected"] > spec.terms["flip_events_expected"]
+    assert double.count_allowed > spec.count_allowed
+    assert float(double.allowed.median()) > float(spec.allowed.median())
+
+
+def test_topk_sum_in_storage_counts_every_partial_rounding():
+    from moe_validate.contract.profile import SPEC_PROFILE, TopkSum
+
+    in_s = _one_change(topk_sum=TopkSum.STORAGE_UP_TO_4)
+    case_id = "bf16-none-silu-M5N32K32E3k3-s173"  # topk 3: two partial sums
+    spec, summed = _profile_gate(case_id, SPEC_PROFILE), _profile_gate(case_id, in_s)
+    assert any(line.startswith("top-k sum in S: topk - 1 partial sums round to S") for line in summed.derivation)
+    # each partial rounding may flip: a larger modelled spread and a wider hard out term
+    assert summed.terms["sigma_flip_median"] > spec.terms["sigma_flip_median"]
+    assert float(summed.allowed.median()) > float(spec.allowed.median())
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(router_weight_input="storage"), "router weight rounded to S: the same function of an input"),
+    (dict(weight_only_dequantized="storage"), "weight-only weights dequantized to S before the dot"),
+    (dict(fp32_dot="tf32"), "TF32 dots: both sides read TF32 operands"),
+    (dict(quantized_gemm_output="fp32"), "GEMM outputs in float32 (quantized activations)"),
+    (dict(quantized_gemm_output="bf16"), "GEMM outputs in bfloat16 (quantized activations)"),
+])
+def test_every_other_profile_rounding_says_what_it_adds(change, words):
+    from moe_validate.contract import profile as p
+
+    kinds = {"router_weight_input": p.WeightPrecision, "weight_only_dequantized": p.WeightPrecision,
+             "fp32_dot": p.DotPrecision, "quantized_gemm_output": p.GemmOutputDtype}
+    typed = {k: kinds[k](v) for k, v in change.items()}
+    case_id = {"router_weight_input": "bf16-none-silu-M7N64K64E4k1-rwin-s31",
+               "weight_only_dequantized": "bf16-int4_w4a16-silu-M5N64K64E4k2-g32-s100",
+               "fp32_dot": "fp32-none-silu-M7N64K64E4k2-s2",
+               "quantized_gemm_output": "fp16-int8_channel_token-silu-M9N64K64E4k2-bias-s116"}[next(iter(change))]
+    gate = _profile_gate(case_id, _one_change(**typed))
+    assert any(line.startswith(words) for line in gate.derivation), gate.derivation
