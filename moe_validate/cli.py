@@ -267,12 +267,11 @@ def cmd_run(args) -> int:
     out_dir = _out_dir(args, suite)
     repeat_fields = ({"repeat": args.repeat, "fresh_seeds": args.fresh_seeds, "first_repetition": args.first_repetition}
                      if (args.repeat > 1 or args.fresh_seeds) else {})
-    # Coverage up front: what this run will and will not check, and about how long it takes.
-    print(plan_line(suite, args.backend, cases, interpreting=interpreting(), workers=args.workers), file=sys.stderr,
-          flush=True)
     options, option_fields = _case_options(args)
+    # Coverage up front: what this run will and will not check, and about how long it takes.
     summary = _run_cases(cases, args, out_dir, suite=suite, shard=args.shard, header_extra={**repeat_fields,
-                         **option_fields}, case_options=options)
+                         **option_fields}, case_options=options,
+                         announce=plan_line(suite, args.backend, cases, interpreting=interpreting(), workers=args.workers))
     if summary.interrupted:
         print(f"{PROG}: interrupted: writing the report of the {summary.present} cases that finished", file=sys.stderr)
     print(f"results: {summary.results_path}")

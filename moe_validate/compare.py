@@ -239,7 +239,12 @@ class Evaluation:
         if "conformance" in failed and "conformance" not in gating:
             reasons.append(conformance_note(profile, verdicts["conformance"]["reason"]))
         reason = "; ".join(reasons) or None
-        failing = VERDICT_ORACLE[gating_failed[0]] if gating_failed else None
+        # The anatomy and the detail of a failed case are drawn against the mirror where conformance
+        # failed too (gating or not): its bound is the tighter one, so it names where the error lives
+        # most sharply; against the exact oracle where only accuracy failed.
+        failing = None
+        if gating_failed:
+            failing = VERDICT_ORACLE["conformance" if "conformance" in failed else gating_failed[0]]
         gate = panels.get("mirror") or next(iter(panels.values()))
         worst_margin = gate["max_normalized"]["margin"]
         ev = cls(passed=passed, reason=reason, tolerance=tolerance or {}, metrics=panels, detail=None,

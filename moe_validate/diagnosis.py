@@ -138,6 +138,13 @@ def _g(x: float, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
+def _reported_failure(rec: Any) -> bool:
+    """A verdict the record itself says FAIL (on a PASS: one that does not gate)."""
+    verdicts = _get(rec, "verdicts")
+    return isinstance(verdicts, dict) and any((v or {}).get("outcome") == "FAIL" for v in verdicts.values()
+                                              if isinstance(v, dict))
+
+
 def _failed_verdicts(rec: Any) -> Tuple[List[str], bool]:
     """(names of the failed verdicts, whether the record said so itself in ``verdicts``)."""
     verdicts = _get(rec, "verdicts")
@@ -556,10 +563,11 @@ def _label(where: Mapping) -> str:
 
 
 def diagnose(rec: Any) -> Optional[Dict[str, Any]]:
-    """The diagnosis of a finished case record (see the module docstring); None for a PASS."""
+    """The diagnosis of a finished case record (see the module docstring); None for a PASS,
+    unless a verdict that does not gate failed (a PASS with its conformance FAIL reported)."""
     rec = _view(rec)
     outcome = str(_get(rec, "outcome", ""))
-    if outcome in ("", "PASS"):
+    if outcome == "" or (outcome == "PASS" and not _reported_failure(rec)):
         return None
     reason = _first_line(_get(rec, "reason"))
     if outcome in _NOT_COMPARED:

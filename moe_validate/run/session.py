@@ -144,6 +144,7 @@ def run_cases(
     resume: bool = False,
     overwrite: bool = False,
     max_consecutive_timeouts: Optional[int] = DEFAULT_MAX_CONSECUTIVE_TIMEOUTS,
+    announce: Optional[str] = None,
     case_options: CaseOptions = CaseOptions(),
     gate: Optional[str] = None,
 ) -> RunSummary:
@@ -203,12 +204,12 @@ def run_cases(
         return _run_locked(cases, backend, backend_obj, out_dir, plan, workers=workers, timeout_s=timeout_s,
                            suite=suite, shard=shard, argv=argv, progress=progress, gpus=gpus,
                            header_extra=header_extra, max_consecutive_timeouts=max_consecutive_timeouts,
-                           case_options=case_options, gate=gate)
+                           case_options=case_options, gate=gate, announce=announce)
 
 
 def _run_locked(cases, backend, backend_obj, out_dir: Path, plan: Optional[ResumePlan], *, workers, timeout_s,
                 suite, shard, argv, progress, gpus, header_extra, max_consecutive_timeouts,
-                case_options, gate=None) -> RunSummary:
+                case_options, gate=None, announce=None) -> RunSummary:
     results_path = out_dir / RESULTS_NAME
     expected_ids = [c.id for c in cases]
     outcomes: Dict[str, str] = {}  # case id -> outcome, over the whole run (earlier segments too)
@@ -228,6 +229,8 @@ def _run_locked(cases, backend, backend_obj, out_dir: Path, plan: Optional[Resum
         to_run = [c for c in cases if c.id not in plan.done]
         if plan.notes:
             extra["resume_notes"] = plan.notes
+    if announce and progress is not None:  # once the out dir is accepted: a refusal stays the only line
+        print(announce, file=progress, flush=True)
     start = time.monotonic()
     new_counts = {o.value: 0 for o in Outcome}
     bar = Progress(len(to_run), progress)

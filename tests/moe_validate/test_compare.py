@@ -172,7 +172,7 @@ def test_message_anatomy():
     # the diagnosis leads: where (column 2) and the pattern (a NaN)
     assert lines[0] == f"{case.id}: FAIL: column 2 only: NaN at 1 element(s) where the reference is finite; " \
                        "accuracy and conformance FAIL", lines[0]
-    assert lines[1].startswith("reason: gate (mirror): kernel NaN/Inf")
+    assert lines[1].startswith("reason: accuracy (budget vs exact): kernel NaN/Inf")
     assert "Mismatched elements: 2 / 6 (33.3%)" in msg
     assert "Worst element: index (0, 2): kernel nan where the reference is 3" in msg
     assert "NaN/Inf: kernel NaN at 1 element(s) where the reference is finite" in msg

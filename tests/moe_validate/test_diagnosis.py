@@ -89,7 +89,8 @@ def one_ulp_up(inputs, case, out):
 
 
 def _run(plant, case):
-    result = run_case_inprocess(case, Planted(plant.__name__, plant), backend_name=plant.__name__)
+    # --gate both: the planted few-ulp bugs are conformance failures, which gate for our own kernels
+    result = run_case_inprocess(case, Planted(plant.__name__, plant), backend_name=plant.__name__, gate="both")
     rec = result.record
     assert rec.outcome == "FAIL", (rec.outcome, rec.reason)
     assert rec.diagnosis is not None and rec.diagnosis["summary"], rec

@@ -47,7 +47,8 @@ def _cli(*argv):
 
 def _one_line_error(capsys, argv, code, needle):
     assert main(argv) == code
-    err = capsys.readouterr().err
+    # a run that started announced itself first ("run: suite ..., N cases"): the error is the one line after
+    err = "".join(line for line in capsys.readouterr().err.splitlines(True) if not line.startswith("run: suite "))
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert needle in err, err
     return err
