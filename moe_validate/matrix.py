@@ -660,6 +660,39 @@ def _smoke() -> List[Case]:
         # the one 128-column group (the rest is zeros on both paths), enough to reach every line
         Case(M=4, N=64, K=64, E=4, topk=2, scheme="fp8_block128", invariance="paths", seed=198),
     ]
+    # coverage the independent mutant set (docs/MUTANTS_INDEPENDENT.md) found missing, one line each:
+    cases += [
+        # int4 zero points read per K group when a group spans two K tiles (g64 > BLOCK_K 32; odd
+        # seed: explicit zero points)
+        Case(M=5, N=64, K=64, E=4, topk=2, scheme="int4_w4a16", activation="silu_no_mul", group_size=64,
+             config="BM16BN32BK32GM1W4S2", seed=201),
+        # fp8_block128 with a gated activation fused into GEMM1 and I = 128: a tile's gate rows
+        # and its up rows (I + j) lie in different 128-row weight scale blocks
+        Case(M=3, N=256, K=64, E=2, topk=1, scheme="fp8_block128", activation="gelu", seed=202),
+        # GROUP_M swizzle with a partial last group of row tiles that all hold routes (the naive
+        # path: one route per tile) and two column tiles per GEMM
+        Case(M=3, N=64, K=64, E=16, topk=1, config="BM16BN32BK32GM4W4S2", seed=203),
+        # invalid ids (-1, E, huge) together with an expert_map: bound checks before the map lookup
+        Case(M=9, N=64, K=64, E=4, topk=2, expert_map="half", routing="invalid_ids", seed=204),
+        # the combine's slot order and its one rounding with topk = 3, where both matter: moe_sum
+        # against GEMM2's fused top-k sum (the paths invariance) in bf16 (an extra rounding per
+        # slot) and in fp32 (a reordered fp32 sum shows in the bits)
+        Case(M=6, N=64, K=64, E=4, topk=3, invariance="paths", seed=205),
+        Case(M=6, N=64, K=64, E=4, topk=3, dtype="fp32", invariance="paths", seed=206),
+        # the +-7 clamps of swigluoai and swiglustep reached from both sides (outliers push c1 past
+        # +-7, which randn data never does), in fp32 where a clamp on the wrong side shows
+        Case(M=5, N=64, K=64, E=4, topk=2, dtype="fp32", activation="swigluoai", data="outliers", seed=207),
+        Case(M=5, N=64, K=64, E=4, topk=2, dtype="fp32", activation="swiglustep", data="outliers", seed=208),
+        # the per-tensor dynamic absmax on rows whose width (K = 40, I = 24) is not a power of two,
+        # so the column loop ends on a partial chunk
+        Case(M=5, N=48, K=40, E=4, topk=2, scheme="fp8_tensor_dynamic", seed=209),
+        # two w13 LoRA slices (even seed) with swigluoai: slice 0 on the even rows, slice 1 on the odd
+        Case(M=6, N=64, K=64, E=3, topk=2, activation="swigluoai", lora="single", seed=210),
+        # LoRA with the router weight on the input: the w13 delta reads round_S(x * w), not x
+        Case(M=6, N=64, K=64, E=4, topk=1, router_on_input=True, lora="single", seed=211),
+        # silu + fp8_block128 with gemm1_clamp_limit: the clamp rules out the fused fp8 group path
+        Case(M=5, N=64, K=64, E=4, topk=2, scheme="fp8_block128", clamp=1.0, seed=212),
+    ]
     return _dedupe(cases)
 
 
@@ -698,6 +731,9 @@ def _premerge() -> List[Case]:
         # silu + fp8_block128: the fp8 group quantization fused into GEMM1 (BLOCK_N = 256, forced
         # by run_paths) vs the separate quantizer, two column tiles of c2
         Case(M=48, N=512, K=256, E=8, topk=2, scheme="fp8_block128", invariance="paths", seed=1157),
+        # fp32 storage on the naive path, both top-k sum placements: where the GPU compiler could
+        # contract the fused sum's add with the epilogue's product (docs/MUTANTS_INDEPENDENT.md)
+        Case(M=3, N=256, K=128, E=64, topk=3, dtype="fp32", invariance="paths", seed=1158),
     ]
     return _dedupe(cases)
 

@@ -1,6 +1,8 @@
 """``moe-validate selftest``: prove the harness can fail, by planting bugs and watching it catch them.
 
-For each mutant of ``moe_validate.mutants.MUTANTS`` (an exact-text patch of ``kernels/``):
+For each mutant of a catalogue (an exact-text patch of ``kernels/``): ``planted``, the selftest's own
+``moe_validate.mutants.MUTANTS`` (written beside the suites), or ``independent``,
+``moe_validate.mutants_independent.INDEPENDENT_MUTANTS`` (written without seeing the suites, issue 26):
 
 1. copy the ``kernels`` package into a temporary directory and apply the patch there (the
    production source is never touched; a hunk that does not match exactly once makes the mutant
@@ -16,7 +18,8 @@ For each mutant of ``moe_validate.mutants.MUTANTS`` (an exact-text patch of ``ke
 
 Cases per mutant: the suite's cases that can reach the mutated code (``Mutant.reaches``), those
 that resolve it best first (``Mutant.prefer``), then cheapest first (``matrix.interpreter_cost``),
-at most ``cap``. The kill matrix (mutant x case ->
+at most ``cap``; with ``all_cases`` every case of the suite, in cost order, whatever the mutant's
+reach (what a team that has only the suite would run). The kill matrix (mutant x case ->
 killed / survived, with the metric that caught it) is written as JSON and as a short text table.
 
 Exit status of the command: 0 when the clean copy passes every selected case, no patch is stale
@@ -42,6 +45,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from moe_validate.contract.rules import interpreting
 from moe_validate.mutants import MUTANTS, REQUIRED_MUTANTS, Hunk, Mutant, mutant_by_name
+from moe_validate.mutants_independent import INDEPENDENT_MUTANTS, IndependentMutant, independent_mutant_by_name
 
 __all__ = [
     "StalePatch",
@@ -60,11 +64,16 @@ __all__ = [
     "DEFAULT_CAP",
     "SUITE_ORDER",
     "BAD_OUTCOMES",
+    "CATALOGUES",
 ]
 
 DEFAULT_CAP = 3  # cases per mutant: enough to reach the code from two or three angles, cheap on CPU
 SUITE_ORDER = ("smoke", "premerge", "nightly", "bringup")
 BAD_OUTCOMES = ("FAIL", "CRASH", "COMPILE_ERROR", "OOM", "TIMEOUT")
+# The mutant sets: "planted" was written beside the suites (and tunes them), "independent" without
+# seeing them (issue 26), so its kill rate is the suites' coverage of bugs nobody aimed them at.
+CATALOGUES: Dict[str, Tuple[Mutant, ...]] = {"planted": MUTANTS, "independent": INDEPENDENT_MUTANTS}
+_BY_NAME = {"planted": mutant_by_name, "independent": independent_mutant_by_name}
 # Subprocess limits: interpreter start (torch + triton import) plus a generous per-case allowance;
 # a case that hangs is a TIMEOUT outcome (a kill, as for a user's run), not a hung selftest.
 STARTUP_ALLOWANCE_S = 120.0
@@ -157,10 +166,12 @@ def _on_gpu() -> bool:
 
 
 def select_cases(mutant: Mutant, suite: str, cap: Optional[int] = DEFAULT_CAP,
-                 on_gpu: Optional[bool] = None, filter_expr: Optional[str] = None) -> List:
+                 on_gpu: Optional[bool] = None, filter_expr: Optional[str] = None,
+                 all_cases: bool = False) -> List:
     """The suite's cases that reach the mutant's code, preferred then cheapest first, at most ``cap``.
 
     ``filter_expr`` (``matrix.filter_cases`` syntax, e.g. ``dtype=bf16``) narrows the suite first.
+    ``all_cases``: every case of the (filtered) suite, cheapest first, neither reach nor cap applied.
 
     The mutant's ``extra_case_ids`` (cases no suite holds, e.g. > 2^31 elements) are added where
     the mutant is expected to be caught. Cases the interpreter would skip as too slow are left out
@@ -172,12 +183,13 @@ def select_cases(mutant: Mutant, suite: str, cap: Optional[int] = DEFAULT_CAP,
     cases = matrix.suite_cases(suite)
     if filter_expr:
         cases = matrix.filter_cases(cases, filter_expr)
-    cases = [c for c in cases if mutant.reaches(c)]
+    if not all_cases:
+        cases = [c for c in cases if mutant.reaches(c)]
     if not on_gpu:
         cases = [c for c in cases if matrix.interpreter_cost(c) <= matrix.INTERPRETER_COST_LIMIT]
     prefer = mutant.prefer or (lambda c: False)
     cases.sort(key=lambda c: (not prefer(c), matrix.interpreter_cost(c), c.id))
-    if cap is not None:
+    if cap is not None and not all_cases:
         cases = cases[:cap]
     if mutant.extra_case_ids and expected_here(mutant, suite, on_gpu)[0]:
         known = {c.id for c in cases}
@@ -455,6 +467,8 @@ class MutantReport:
         return {
             "name": m.name, "bug": m.bug, "catch": m.catch, "why": m.why, "gpu_only": m.gpu_only,
             "reach": m.reach_doc, "required": m.name in REQUIRED_MUTANTS,
+            "area": m.area if isinstance(m, IndependentMutant) else None,
+            "equivalent_reason": (m.equivalent_reason or None) if isinstance(m, IndependentMutant) else None,
             "hunks": [{"file": f"kernels/{h.file}", "old": h.old, "new": h.new} for h in m.hunks],
             "expected_here": self.expected, "not_expected_reason": self.not_expected_reason or None,
             "verdict": self.verdict(clean), "problem": self.problem(clean), "stale": self.stale,
@@ -474,6 +488,8 @@ class SelftestReport:
     started: str
     duration_s: float = 0.0
     clean_log_tail: str = ""
+    catalogue: str = "planted"
+    all_cases: bool = False
 
     def clean_problems(self) -> List[str]:
         """Selected cases the clean copy does not pass (a SKIP is this device's limit, not a failure)."""
@@ -496,9 +512,17 @@ class SelftestReport:
             out[v] = out.get(v, 0) + 1
         return out
 
+    def kill_rate(self) -> Tuple[int, int]:
+        """(killed, mutants that can be killed): the argued equivalents (catch "none") and the
+        mutants not run here leave the denominator."""
+        live = [m for m in self.mutants if m.mutant.catch != "none" and not m.not_run_reason and not m.stale]
+        return sum(m.verdict(self.clean) == "killed" for m in live), len(live)
+
     def to_dict(self) -> dict:
+        killed, live = self.kill_rate()
         return {
             "kind": "selftest", "suite": self.suite, "device": self.device, "interpreting": self.interpreting,
+            "catalogue": self.catalogue, "all_cases": self.all_cases, "kill_rate": {"killed": killed, "of": live},
             "cap": self.cap, "started": self.started, "duration_s": round(self.duration_s, 3),
             "clean": {cid: r.to_dict() for cid, r in self.clean.items()},
             "clean_passes_all": not self.clean_problems(),
@@ -508,9 +532,10 @@ class SelftestReport:
 
     def format_table(self) -> str:
         """A short text table: one row per mutant, then the problems."""
+        scope = "every case of the suite" if self.all_cases else f"reaching cases, cap {self.cap}"
         lines = [f"selftest: suite {self.suite} on {self.device}"
-                 f"{' (Triton interpreter)' if self.interpreting else ''}, {len(self.mutants)} mutants, "
-                 f"{self.duration_s:.0f}s",
+                 f"{' (Triton interpreter)' if self.interpreting else ''}, {self.catalogue} catalogue, "
+                 f"{len(self.mutants)} mutants ({scope}), {self.duration_s:.0f}s",
                  f"clean copy: {sum(r.outcome == 'PASS' for r in self.clean.values())}/{len(self.clean)} "
                  f"selected cases pass"]
         width = max([len(m.mutant.name) for m in self.mutants] + [6])
@@ -527,6 +552,10 @@ class SelftestReport:
                      "kills: killing cases / cases the clean copy passes")
         counts = self.counts()
         lines.append("mutants: " + ", ".join(f"{n} {v}" for v, n in sorted(counts.items())))
+        killed, live = self.kill_rate()
+        if live:
+            lines.append(f"kill rate: {killed}/{live} ({100.0 * killed / live:.0f}%) of the mutants that are neither "
+                         f"argued equivalent nor unrunnable here")
         problems = self.problems()
         if problems:
             lines.append(f"PROBLEMS ({len(problems)}):")
@@ -544,10 +573,12 @@ class SelftestReport:
         return js, txt
 
 
-def _resolve_mutants(names: Optional[Sequence[str]]) -> List[Mutant]:
+def _resolve_mutants(names: Optional[Sequence[str]], catalogue: str = "planted") -> List[Mutant]:
+    if catalogue not in CATALOGUES:
+        raise ValueError(f"catalogue must be one of {', '.join(CATALOGUES)}; got {catalogue!r}")
     if not names:
-        return list(MUTANTS)
-    return [mutant_by_name(n) for n in names]
+        return list(CATALOGUES[catalogue])
+    return [_BY_NAME[catalogue](n) for n in names]
 
 
 def _default_workers(on_gpu: bool) -> int:
@@ -561,13 +592,13 @@ def _default_workers(on_gpu: bool) -> int:
 def run_selftest(suite: str = "smoke", mutant_names: Optional[Sequence[str]] = None, *,
                  cap: Optional[int] = DEFAULT_CAP, workers: Optional[int] = None,
                  stop_on_kill: bool = False, filter_expr: Optional[str] = None,
-                 progress=None) -> SelftestReport:
+                 progress=None, catalogue: str = "planted", all_cases: bool = False) -> SelftestReport:
     """Clean copy first (every selected case), then every chosen mutant; returns the report."""
     from moe_validate import matrix
 
     if suite not in SUITE_ORDER:
         raise ValueError(f"suite must be one of {', '.join(SUITE_ORDER)}; got {suite!r}")
-    mutants = _resolve_mutants(mutant_names)
+    mutants = _resolve_mutants(mutant_names, catalogue)
     if cap is not None and cap < 1:
         raise ValueError(f"cap must be >= 1 (cases per mutant); got {cap}")
     on_gpu = _on_gpu()
@@ -587,7 +618,7 @@ def run_selftest(suite: str = "smoke", mutant_names: Optional[Sequence[str]] = N
     for m in mutants:
         ok, why = expected_here(m, suite, on_gpu)
         runnable = not (m.gpu_only and not on_gpu)
-        ids = [c.id for c in select_cases(m, suite, cap, on_gpu, filter_expr)] if runnable else []
+        ids = [c.id for c in select_cases(m, suite, cap, on_gpu, filter_expr, all_cases)] if runnable else []
         reports.append(MutantReport(m, ok, why, ids, stale=stale.get(m.name),
                                     not_run_reason=None if runnable else f"GPU only: {m.why}"))
         if m.name in stale:
@@ -629,7 +660,7 @@ def run_selftest(suite: str = "smoke", mutant_names: Optional[Sequence[str]] = N
         list(pool.map(one, reports))
     return SelftestReport(suite=suite, device=device, interpreting=interpreting(), cap=cap, clean=clean,
                           mutants=reports, started=started, duration_s=time.perf_counter() - start,
-                          clean_log_tail=clean_tail)
+                          clean_log_tail=clean_tail, catalogue=catalogue, all_cases=all_cases)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -654,6 +685,12 @@ def add_selftest_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cap", type=int, default=DEFAULT_CAP, help=f"cases per mutant, cheapest first (default {DEFAULT_CAP})")
     p.add_argument("--first-kill", action="store_true", help="stop each mutant at its first killing case (faster; "
                                                              "the matrix then shows fewer cells)")
+    p.add_argument("--catalogue", choices=tuple(CATALOGUES), default="planted",
+                   help="planted: the selftest's mutants, written beside the suites (default); independent: "
+                        "realistic bugs written without seeing the suites (issue 26, docs/MUTANTS_INDEPENDENT.md)")
+    p.add_argument("--all-cases", action="store_true",
+                   help="run every case of the suite on each mutant, whatever its reach, and no --cap "
+                        "(the coverage a team with only the suite gets; use --first-kill to keep it short)")
     p.add_argument("--list-mutants", action="store_true", help="print the catalogue and exit")
     p.set_defaults(func=run_selftest_command)
     return p
@@ -666,8 +703,9 @@ def _usage(message: str) -> int:
 
 def run_selftest_command(args) -> int:
     """The ``selftest`` subcommand: 0 all good, 1 a problem (listed), 2 bad input (one stderr line)."""
+    catalogue = getattr(args, "catalogue", "planted")
     if getattr(args, "list_mutants", False):
-        for m in MUTANTS:
+        for m in CATALOGUES[catalogue]:
             where = m.catch + (" (GPU only)" if m.gpu_only else "")
             print(f"{m.name:<34} {where:<20} {m.bug}")
         return 0
@@ -678,7 +716,7 @@ def run_selftest_command(args) -> int:
         return _usage(f"--suite must be one of {', '.join(matrix.SUITES)}; got {suite!r}")
     names = args.mutant or None
     if names:
-        unknown = [n for n in names if n not in {m.name for m in MUTANTS}]
+        unknown = [n for n in names if n not in {m.name for m in CATALOGUES[catalogue]}]
         if unknown:
             return _usage(f"unknown mutant {', '.join(map(repr, unknown))}; see --list-mutants")
     if args.workers is not None and args.workers < 1:
@@ -699,7 +737,8 @@ def run_selftest_command(args) -> int:
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out_dir = Path(args.out) if args.out else Path("reports") / f"selftest-{suite}-{stamp}"
     report = run_selftest(suite, names, cap=args.cap, workers=args.workers, stop_on_kill=args.first_kill,
-                          filter_expr=args.filter, progress=sys.stderr)
+                          filter_expr=args.filter, progress=sys.stderr, catalogue=catalogue,
+                          all_cases=getattr(args, "all_cases", False))
     js, txt = report.write(out_dir)
     print(report.format_table())
     print(f"kill matrix: {js}\n             {txt}")

@@ -166,10 +166,14 @@ def test_smoke_is_tiny_and_cheap_for_the_interpreter():
     big = [c.id for c in cases if not (c.M <= 9 and c.N <= 64 and c.K <= 64 and c.E <= 4)]
     # the exceptions: int4 with group 128 needs K and I of 128; fp8 block scales need more than one
     # 128-block per expert along N and K for a wrong block-scale index to read a different scale;
-    # the tiny-M naive path with topk 3 (and after dropping a token) needs E >= 4 * M * topk
+    # the tiny-M naive path with topk 3 (and after dropping a token) needs E >= 4 * M * topk;
+    # fp8 gate and up rows in different 128-row scale blocks need I = 128; GROUP_M's partial group
+    # of real tiles needs the naive path (E >= 4 * M * topk)
     assert sorted(big) == sorted(["bf16-int4_w4a16-gelu_no_mul-M3N128K128E2k1-g128-s102",
                                   "bf16-fp8_block128-silu-M5N320K256E4k2-s4",
-                                  "fp32-none-silu-M3N32K32E40k3-invar_perm+sub-s191"]), big
+                                  "fp32-none-silu-M3N32K32E40k3-invar_perm+sub-s191",
+                                  "bf16-fp8_block128-gelu-M3N256K64E2k1-s202",
+                                  "bf16-none-silu-M3N64K64E16k1-cfg_BM16BN32BK32GM4W4S2-s203"]), big
     assert all(c.device_skip_reason(None, interpreting=True) is None for c in cases)
     # Time proxy: total MACs over the suite. ~7e6 MACs take well under a minute of interpreter
     # time on one core at the kernels' tile sizes; the 4-minute CI budget allows ~10x that.
