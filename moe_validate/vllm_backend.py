@@ -149,7 +149,7 @@ def load_vllm() -> types.SimpleNamespace:
 
     from moe_validate import vllm_cpu_ops
 
-    substituted = vllm_cpu_ops.install(custom_ops, activation_module)
+    substituted = vllm_cpu_ops.install(custom_ops, activation_module, triton_moe)
     _loaded = types.SimpleNamespace(
         version=installed[1], distribution=installed[0], substituted_ops=tuple(substituted), fp32_dot=fp32_dot,
         config=config, mk=mk,

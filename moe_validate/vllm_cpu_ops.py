@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 __all__ = ["install", "moe_sum", "moe_align_block_size", "silu_and_mul_per_block_quant", "act_and_mul",
-           "swigluoai_and_mul", "dynamic_per_token_scaled_fp8_quant", "static_scaled_fp8_quant",
+           "swigluoai_and_mul", "silu_and_mul_with_clamp", "dynamic_per_token_scaled_fp8_quant", "static_scaled_fp8_quant",
            "dynamic_scaled_fp8_quant", "FP8_MIN_SCALING_FACTOR"]
 
 FP8_E4M3_MAX = 448.0
@@ -178,11 +178,32 @@ def swigluoai_and_mul(out: torch.Tensor, input: torch.Tensor, alpha: float = 1.7
     out.copy_(((up + 1.0) * (gate / (1.0 + torch.exp(-alpha * gate)))).to(out.dtype))
 
 
+def silu_and_mul_with_clamp(out: torch.Tensor, input: torch.Tensor, limit: float, alpha: float = 1.0,
+                            beta: float = 0.0) -> None:
+    """``torch.ops._C.silu_and_mul_with_clamp(out, input, limit, alpha, beta)``, the CUDA op that
+    ``fused_moe/utils.py swiglu_limit_func`` calls on CUDA for the silu clamp (and
+    ``apply_moe_activation`` for ``SWIGLUOAI_UNINTERLEAVE``). Gate = first half, up = second half;
+    in fp32 ``g = min(gate, limit)``, ``u = clamp(up, -limit, limit)``; the activation
+    ``g / (1 + exp(-alpha g))`` is ROUNDED TO THE STORAGE DTYPE, then multiplied by ``u + beta`` in
+    fp32 and rounded again (two roundings, as the unclamped ``act_and_mul_kernel``). The CUDA file
+    was not read (the v0.32 ``csrc/`` is not in the wheel); this follows vLLM 0.32's own
+    descriptions of the op: ``models/deepseek_v41/amd/mono/stages/moe.py`` (``_silu_mul``: "silu
+    = g / (1 + expf(-g)) rounded to bf16, then times up"), ``models/minimax_m3/amd/model.py`` and
+    ``experts/mxfp8_native_moe.py`` ("rounds intermediates to bf16"). The clamp semantics (which
+    side of which half) are pinned against vLLM's ``SiluAndMulWithClamp.forward_native``."""
+    d = input.shape[-1] // 2
+    gate = input[..., :d].float().clamp(max=limit)
+    up = input[..., d:].float().clamp(-limit, limit)
+    activated = (gate / (1.0 + torch.exp(-alpha * gate))).to(input.dtype).float()
+    out.copy_((activated * (up + beta)).to(out.dtype))
+
+
 _ACTIVATIONS: Dict[str, Callable] = {
     "silu_and_mul": act_and_mul(lambda x: x / (1.0 + torch.exp(-x))),
     "gelu_and_mul": act_and_mul(lambda x: x * 0.5 * (1.0 + torch.erf(x * 0.7071067811865476))),
     "gelu_tanh_and_mul": act_and_mul(_gelu_tanh),
     "swigluoai_and_mul": swigluoai_and_mul,
+    "silu_and_mul_with_clamp": silu_and_mul_with_clamp,
 }
 
 
@@ -226,10 +247,24 @@ def _has_op(namespace: str, name: str) -> bool:
         return False
 
 
-def install(custom_ops, activation_module) -> List[str]:  # noqa: C901 - one branch per op
-    """Patch vLLM's ``_custom_ops`` (``custom_ops``) and the fused-MoE activation module's view of
-    ``torch.ops._C`` where the compiled op is missing (activations: always, see the module doc).
-    Idempotent; returns the substituted op names."""
+def _swiglu_limit_as_on_cuda(original: Callable) -> Callable:
+    """``fused_moe/utils.py swiglu_limit_func`` as it runs on CUDA: without ``topk_ids`` it calls
+    ``torch.ops._C.silu_and_mul_with_clamp(out, x, limit, 1.0, 0.0)`` (here the stand-in); off
+    CUDA vLLM would take its torch fallback ``_swiglu_limit_torch`` instead, a different rounding.
+    With ``topk_ids`` vLLM's own pad-aware Triton kernel runs on every platform."""
+    def swiglu_limit_func(output, input, swiglu_limit=0.0, topk_ids=None, expert_map=None):
+        if topk_ids is not None:
+            return original(output, input, swiglu_limit, topk_ids, expert_map)
+        return silu_and_mul_with_clamp(output, input, swiglu_limit, 1.0, 0.0)
+    swiglu_limit_func.__wrapped__ = original
+    return swiglu_limit_func
+
+
+def install(custom_ops, activation_module, triton_moe) -> List[str]:  # noqa: C901 - one branch per op
+    """Patch vLLM's ``_custom_ops`` (``custom_ops``), the fused-MoE activation module's view of
+    ``torch.ops._C`` and ``triton_moe``'s silu clamp where the compiled op is missing
+    (activations: always on a CPU, see the module doc). Idempotent; returns the substituted op
+    names."""
     substituted: List[str] = []
     if not _has_op("_moe_C", "moe_sum"):
         custom_ops.moe_sum = moe_sum
@@ -251,6 +286,9 @@ def install(custom_ops, activation_module) -> List[str]:  # noqa: C901 - one bra
     if stand_ins:
         activation_module.torch = _TorchOpsHolder(_TorchOpsView(_OpsWithStandIns(torch.ops._C, stand_ins)))
         substituted += [f"_C.{name}" for name in stand_ins]
+    if "silu_and_mul_with_clamp" in stand_ins:  # the silu clamp reaches the op through utils, not activation
+        original = getattr(triton_moe.swiglu_limit_func, "__wrapped__", triton_moe.swiglu_limit_func)
+        triton_moe.swiglu_limit_func = _swiglu_limit_as_on_cuda(original)
     return substituted
 
 

@@ -102,6 +102,20 @@ def test_cuda_act_and_mul_rounds_the_activation_before_the_product():
     assert out.item() == ((gate * torch.sigmoid(gate)).to(torch.bfloat16) * up).item()
 
 
+def test_clamped_silu_rounds_the_activation_before_the_product():
+    # gate 9.0 is clamped to the limit 7.25 (exact in bf16: 29/4), up -10.0 to -7.25; in the
+    # second column (1.7, 5.1) both halves are inside the limit and the two roundings show
+    x = torch.tensor([[9.0, 1.7, -10.0, 5.1]], dtype=torch.bfloat16)
+    out = torch.empty(1, 2, dtype=torch.bfloat16)
+    vllm_cpu_ops.silu_and_mul_with_clamp(out, x, 7.25)
+    gate = torch.tensor([7.25, 1.7], dtype=torch.bfloat16).float()
+    up = torch.tensor([-7.25, 5.1], dtype=torch.bfloat16).float()
+    activated = (gate / (1 + torch.exp(-gate))).to(torch.bfloat16).float()
+    assert torch.equal(out[0], (activated * up).to(torch.bfloat16))
+    single = (gate / (1 + torch.exp(-gate)) * up).to(torch.bfloat16)
+    assert not torch.equal(out[0], single)  # one rounding would differ here: the test tells them apart
+
+
 def test_per_token_fp8_divides_and_per_tensor_fp8_multiplies_by_the_inverted_scale():
     x = torch.tensor([[448.0 * 3, 1.0, 2.5]])
     out, scale = torch.empty(1, 3, dtype=torch.float8_e4m3fn), torch.empty(1, 1)
@@ -188,6 +202,38 @@ def test_gemm_outputs_are_cast_once_to_the_compute_type(vllm):
     source = inspect.getsource(fused_moe.fused_moe_kernel.fn)
     assert "accumulator *= moe_weight[:, None]" in source
     assert source.count("accumulator.to(compute_type)") == 1
+
+
+@needs_vllm
+def test_clamped_silu_clamps_as_vllms_native_silu_and_mul_with_clamp(vllm):
+    """The clamp semantics of the stand-in (gate from above only, up on both sides, alpha and beta)
+    against vLLM's own torch version of the op, ``SiluAndMulWithClamp.forward_native``, in fp32
+    (where the stand-in's S roundings are no-ops; the two differ only by sigmoid vs 1/(1+exp))."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.activation import SiluAndMulWithClamp
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 32) * 6
+    for limit, alpha, beta in [(7.0, 1.0, 0.0), (2.5, 1.702, 1.0)]:
+        with set_current_vllm_config(VllmConfig()):
+            native = SiluAndMulWithClamp(limit, alpha, beta).forward_native(x)
+        out = torch.empty(64, 16)
+        vllm_cpu_ops.silu_and_mul_with_clamp(out, x, limit, alpha, beta)
+        torch.testing.assert_close(out, native, rtol=2e-6, atol=1e-6)
+
+
+@needs_vllm
+def test_the_silu_clamp_reaches_the_cuda_op_stand_in(vllm, monkeypatch):
+    """TritonExperts.activation calls utils.swiglu_limit_func without topk_ids, which on CUDA is
+    torch.ops._C.silu_and_mul_with_clamp: on the CPU the backend routes it to the stand-in."""
+    calls = []
+    monkeypatch.setattr(vllm_cpu_ops, "silu_and_mul_with_clamp", lambda *a: calls.append(a[2:]))
+    x = torch.zeros(2, 8, dtype=torch.bfloat16)
+    vllm.triton_moe.swiglu_limit_func(torch.empty(2, 4, dtype=torch.bfloat16), x, 7.0)
+    if "_C.silu_and_mul_with_clamp" in vllm.substituted_ops:
+        assert calls == [(7.0, 1.0, 0.0)]
+    else:
+        assert calls == []
 
 
 # ---------------------------------------------------------------------------------------------
