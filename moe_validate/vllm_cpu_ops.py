@@ -260,11 +260,36 @@ def _swiglu_limit_as_on_cuda(original: Callable) -> Callable:
     return swiglu_limit_func
 
 
-def install(custom_ops, activation_module, triton_moe) -> List[str]:  # noqa: C901 - one branch per op
+def per_token_group_fp8_quant_by_vllms_triton(fp8_utils) -> Callable:
+    """``torch.ops._C.per_token_group_fp8_quant``, which ``fp8_utils.per_token_group_quant_fp8``
+    calls on CUDA only, as vLLM's own Triton fallback in the same function computes it
+    (``_per_token_group_quant_fp8`` / ``_colmajor``, launched as that fallback launches them: the
+    path a CPU takes). For a GPU without vLLM's compiled ops (the bundle of
+    scripts/build_vllm_gpu_bundle.sh); the CUDA kernel's own arithmetic was not read, and the
+    fallback's scale is ``max(absmax, eps) * (1/448)`` (VLLM_PROFILE.fp8_group_scale)."""
+    def per_token_group_fp8_quant(x, x_q, x_s, group_size, eps, fp8_min, fp8_max, use_ue8m0,
+                                  column_major_scales, tma_aligned_scales=False):
+        if tma_aligned_scales:
+            raise NotImplementedError("per_token_group_fp8_quant stand-in: no TMA-aligned scales")
+        import triton
+
+        block = triton.next_power_of_2(group_size)
+        launch = dict(eps=eps, fp8_min=fp8_min, fp8_max=fp8_max, use_ue8m0=use_ue8m0, BLOCK=block,
+                      num_warps=min(max(block // 256, 1), 8), num_stages=1)
+        grid = (x.numel() // group_size,)
+        if column_major_scales:
+            fp8_utils._per_token_group_quant_fp8_colmajor[grid](
+                x, x_q, x_s, group_size, x.shape[1], x.stride(0), x_s.stride(1), **launch)
+        else:
+            fp8_utils._per_token_group_quant_fp8[grid](x, x_q, x_s, group_size, x.shape[1], x.stride(0), **launch)
+    return per_token_group_fp8_quant
+
+
+def install(custom_ops, activation_module, triton_moe, fp8_utils) -> List[str]:  # noqa: C901 - one branch per op
     """Patch vLLM's ``_custom_ops`` (``custom_ops``), the fused-MoE activation module's view of
-    ``torch.ops._C`` and ``triton_moe``'s silu clamp where the compiled op is missing
-    (activations: always on a CPU, see the module doc). Idempotent; returns the substituted op
-    names."""
+    ``torch.ops._C``, ``triton_moe``'s silu clamp and ``fp8_utils``' CUDA-only group quantizer
+    where the compiled op is missing (activations: always on a CPU, see the module doc).
+    Idempotent; returns the substituted op names."""
     substituted: List[str] = []
     if not _has_op("_moe_C", "moe_sum"):
         custom_ops.moe_sum = moe_sum
@@ -286,6 +311,11 @@ def install(custom_ops, activation_module, triton_moe) -> List[str]:  # noqa: C9
     if stand_ins:
         activation_module.torch = _TorchOpsHolder(_TorchOpsView(_OpsWithStandIns(torch.ops._C, stand_ins)))
         substituted += [f"_C.{name}" for name in stand_ins]
+    # taken on CUDA only (is_cuda_alike): substituted, and listed, on a GPU without the op
+    if torch.cuda.is_available() and not _has_op("_C", "per_token_group_fp8_quant"):
+        fp8_utils.torch = _TorchOpsHolder(_TorchOpsView(_OpsWithStandIns(
+            torch.ops._C, {"per_token_group_fp8_quant": per_token_group_fp8_quant_by_vllms_triton(fp8_utils)})))
+        substituted.append("_C.per_token_group_fp8_quant (vLLM's Triton fallback)")
     if "silu_and_mul_with_clamp" in stand_ins:  # the silu clamp reaches the op through utils, not activation
         original = getattr(triton_moe.swiglu_limit_func, "__wrapped__", triton_moe.swiglu_limit_func)
         triton_moe.swiglu_limit_func = _swiglu_limit_as_on_cuda(original)

