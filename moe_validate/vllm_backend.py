@@ -241,9 +241,9 @@ class VllmBackend:
     # --- which cases ------------------------------------------------------------------------
     def refusal(self, case: "Case") -> str:
         """Why vLLM's API cannot run ``case`` as specified ("" if it can)."""
-        if case.lora != "none":
-            return ("LoRA: vLLM's TritonExperts takes adapters through a LoRA context built by vllm.lora's "
-                    "PunicaWrapper; this backend does not build one yet")
+        if case.lora == "dual" and not _cuda_available():
+            return ("lora dual: vLLM's dual-stream LoRA schedule (MoELoRAContext.aux_stream and events) needs a "
+                    "torch.cuda.Stream and four torch.cuda.Events, which a CPU has not (lora single maps here)")
         if case.routing == "invalid_ids":
             return ("vLLM requires every topk id in [0, global_num_experts): out-of-range ids index its "
                     "alignment and the tiny-M path unchecked, and moe_sum adds their unwritten rows")
@@ -366,8 +366,6 @@ class VllmBackend:
 
         scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None).value
         activation = Activation.parse(inputs.activation)
-        if inputs.lora is not None:
-            raise ValueError("lora: the vllm backend does not map LoRA (see supports)")
         hidden = inputs.hidden_states
         M, K = hidden.shape
         E, N, _ = inputs.w1.shape
@@ -381,7 +379,8 @@ class VllmBackend:
             intermediate_size=N // 2 if activation.is_gated else N, num_local_experts=E, num_logical_experts=G,
             activation=vllm_activation, device=hidden.device, routing_method=config.RoutingMethodType.TopK,
             moe_parallel_config=config.FusedMoEParallelConfig.make_no_parallel(), in_dtype=hidden.dtype,
-            has_bias=inputs.quant is not None and inputs.quant.w1_bias is not None, swiglu_limit=clamp), config)
+            has_bias=inputs.quant is not None and inputs.quant.w1_bias is not None, swiglu_limit=clamp,
+            is_lora_enabled=inputs.lora is not None), config)
         quant_config = self._quant_config(inputs, scheme)
         if clamp is not None:
             from dataclasses import replace
@@ -389,6 +388,8 @@ class VllmBackend:
             quant_config = replace(quant_config, gemm1_clamp_limit=clamp)
         experts_class = self._experts_class(scheme)
         experts = experts_class(moe_config, quant_config)
+        if inputs.lora is not None:
+            experts.set_lora_context(self._lora_context(inputs.lora, M, topk, E))
         kernel = vllm.mk.FusedMoEKernel(vllm.prepare_finalize(), experts)
         # int4: [E, N, K/2] uint8, low nibble = even k, is vLLM's WNA16 layout as well
         w1, w2 = inputs.w1, inputs.w2
@@ -402,6 +403,37 @@ class VllmBackend:
         out = kernel.apply(hidden, w1, w2, inputs.topk_weights, inputs.topk_ids, vllm_activation, G,
                            inputs.expert_map, inputs.apply_router_weight_on_input)
         return out
+
+    @staticmethod
+    def _lora_context(lora, M: int, topk: int, E: int):
+        """Our LoRASpec as vLLM's MoELoRAContext, the state vLLM's FusedMoEWithLoRA hands
+        TritonExperts: the stacked adapters as they are ([L, E, r, K] / [L, E, N or N/2, r], one or
+        two w13 slices; swigluoai's two slices are interleaved by vLLM's LoRAExpertsMixin as SPEC
+        says), ``adapter_enabled`` per adapter, and vLLM's PunicaWrapperGPU holding the token ->
+        adapter mapping (``LoRAKernelMeta.prepare_tensors``, what ``update_metadata`` does from a
+        LoRAMapping). ``dual``: vLLM's own aux stream and four events."""
+        import torch
+        from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
+        from vllm.model_executor.layers.fused_moe.experts.lora_context import MoELoRAContext
+
+        L = lora.num_adapters
+        device = lora.w2_a.device
+        wrapper = PunicaWrapperGPU(M, 1, device, lora_config=types.SimpleNamespace(
+            max_loras=L, specialize_active_lora=False))
+        wrapper.token_mapping_meta.prepare_tensors(lora.token_lora_ids.to(device=device, dtype=torch.int32))
+        # (max_loras + 1,) as vLLM allocates it; the kernels read entry l for adapter l
+        enabled = torch.zeros(L + 1, dtype=torch.int32, device=device)
+        enabled[:L] = lora.enabled_mask().to(device=device, dtype=torch.int32)
+        slices = lora.w13_slices
+        context = MoELoRAContext(
+            w13_lora_a_stacked=tuple(a for a, _ in slices), w13_lora_b_stacked=tuple(b for _, b in slices),
+            w2_lora_a_stacked=(lora.w2_a,), w2_lora_b_stacked=(lora.w2_b,), adapter_enabled=enabled,
+            max_loras=L, top_k=topk, w13_num_slices=len(slices), fully_sharded=False, tp_rank=0, tp_size=1,
+            local_num_experts=E, punica_wrapper=wrapper, use_tuned_config=False)
+        if lora.stream == "dual":
+            context.aux_stream = torch.cuda.Stream()
+            context.events = tuple(torch.cuda.Event() for _ in range(4))
+        return context
 
     @staticmethod
     def _config_source(inputs, quant_config) -> Optional[dict]:
@@ -429,6 +461,12 @@ class VllmBackend:
                                                    block_shape=quant_config.block_shape))
         except Exception as exc:  # recording only: the run itself reports a real failure
             return {"error": repr(exc)}
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _int8_group_size(inputs) -> int:

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["install", "moe_sum", "moe_align_block_size", "silu_and_mul_per_block_quant", "act_and_mul",
+__all__ = ["install", "moe_sum", "moe_align_block_size", "moe_lora_align_block_size", "silu_and_mul_per_block_quant", "act_and_mul",
            "swigluoai_and_mul", "silu_and_mul_with_clamp", "dynamic_per_token_scaled_fp8_quant", "static_scaled_fp8_quant",
            "dynamic_scaled_fp8_quant", "FP8_MIN_SCALING_FACTOR"]
 
@@ -89,6 +89,32 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
             scatter_idx[routes, 0] = routes.to(scatter_idx.dtype)
         position += padded
     num_tokens_post_pad.fill_(position)
+
+
+def moe_lora_align_block_size(topk_ids: torch.Tensor, token_lora_mapping: torch.Tensor, num_experts: int,
+                              block_size: int, max_loras: int, max_num_tokens_padded: int, max_num_m_blocks: int,
+                              sorted_token_ids: torch.Tensor, experts_ids: torch.Tensor,
+                              num_tokens_post_pad: torch.Tensor, adapter_enabled: torch.Tensor,
+                              lora_ids: torch.Tensor, expert_map: Optional[torch.Tensor] = None) -> None:
+    """``ops.moe_lora_align_block_size`` (``_moe_C``; called by vLLM's
+    ``PunicaWrapperGPU.moe_lora_align_block_size``): ``moe_align_block_size`` above once per
+    adapter ``l``, over the routes of the tokens whose ``token_lora_mapping`` is ``l``, into row
+    ``l`` of ``sorted_token_ids`` viewed ``[max_loras, max_num_tokens_padded]`` and of
+    ``experts_ids`` viewed ``[max_loras, max_num_m_blocks]``; ``num_tokens_post_pad[l]`` its padded
+    total. The layout is read from its callers (the wrapper allocates it; vLLM's
+    ``fused_moe_lora`` kernels index it by lora id, mask rows >= ``topk_ids.numel()`` and skip
+    blocks of expert -1 and adapters that are disabled or not active); the CUDA file was not read.
+    Every adapter slot is filled, active or not (the kernels never read an inactive one)."""
+    topk = topk_ids.shape[1]
+    token_of_route = torch.arange(topk_ids.numel(), device=topk_ids.device) // topk
+    route_lora = token_lora_mapping.long()[token_of_route]
+    sorted_rows = sorted_token_ids.view(max_loras, max_num_tokens_padded)
+    expert_rows = experts_ids.view(max_loras, max_num_m_blocks)
+    for lora in range(max_loras):
+        ids = torch.where(route_lora == lora, topk_ids.reshape(-1).long(), -1).view_as(topk_ids)
+        moe_align_block_size(ids, num_experts, block_size, sorted_rows[lora], expert_rows[lora],
+                             num_tokens_post_pad[lora:lora + 1], expert_map)
+    # moe_align_block_size pads with its own numel: the same numel, topk_ids.numel()
 
 
 def silu_and_mul_per_block_quant(input: torch.Tensor, group_size: int, quant_dtype: torch.dtype,
@@ -297,6 +323,9 @@ def install(custom_ops, activation_module, triton_moe, fp8_utils) -> List[str]: 
     if not _has_op("_moe_C", "moe_align_block_size"):
         custom_ops.moe_align_block_size = moe_align_block_size
         substituted.append("_moe_C.moe_align_block_size")
+    if not _has_op("_moe_C", "moe_lora_align_block_size"):
+        custom_ops.moe_lora_align_block_size = moe_lora_align_block_size
+        substituted.append("_moe_C.moe_lora_align_block_size")
     if not _has_op("_C", "silu_and_mul_per_block_quant"):
         custom_ops.silu_and_mul_per_block_quant = silu_and_mul_per_block_quant
         substituted.append("_C.silu_and_mul_per_block_quant")

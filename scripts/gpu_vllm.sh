@@ -47,6 +47,7 @@ print(f"vllm {v.version} ({v.distribution}; bundle: {v.bundle}); platform {type(
 print("substituted ops:", ", ".join(v.substituted_ops) or "none")
 EOF
 
+mkdir -p "$out"
 status=0
 for suite in "${suites[@]}"; do
   dir="$out/vllm-$suite"
