@@ -148,6 +148,23 @@ def test_per_token_fp8_divides_and_per_tensor_fp8_multiplies_by_the_inverted_sca
     assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))
 
 
+def test_moe_lora_align_block_size_aligns_each_adapters_routes_in_its_own_row():
+    ids = torch.tensor([[2, 0], [0, 3], [1, 1]], dtype=torch.int32)  # routes 0..5
+    token_lora = torch.tensor([1, -1, 1], dtype=torch.int32)  # tokens 0 and 2: adapter 1; token 1: none
+    loras, padded, blocks = 2, 12, 6
+    sorted_ids = torch.empty(loras * padded, dtype=torch.int32)
+    expert_ids = torch.empty(loras * blocks, dtype=torch.int32)
+    post = torch.empty(loras, dtype=torch.int32)
+    vllm_cpu_ops.moe_lora_align_block_size(ids, token_lora, 4, 2, loras, padded, blocks, sorted_ids, expert_ids,
+                                           post, torch.ones(3, dtype=torch.int32), torch.tensor([1, -1, -1]))
+    assert post.tolist() == [0, 6]
+    sentinel = ids.numel()
+    # adapter 1: expert 0 <- route 1, expert 1 <- routes 4, 5, expert 2 <- route 0
+    assert sorted_ids.view(loras, padded)[1, :6].tolist() == [1, sentinel, 4, 5, 0, sentinel]
+    assert expert_ids.view(loras, blocks)[1, :4].tolist() == [0, 1, 2, -1]
+    assert expert_ids.view(loras, blocks)[0].tolist() == [-1] * blocks
+
+
 def test_fused_silu_fp8_group_refuses_what_the_cuda_op_refuses():
     with pytest.raises(RuntimeError, match="hidden_size must be divisible by group_size"):
         vllm_cpu_ops.silu_and_mul_per_block_quant(torch.zeros(2, 64, dtype=torch.bfloat16), 128, torch.float8_e4m3fn)
@@ -213,6 +230,45 @@ def test_fp32_dots_use_the_default_input_precision(vllm):
 
 
 @needs_vllm
+def test_lora_rank_intermediate_is_rounded_to_the_storage_dtype(vllm):
+    """docs/VLLM.md profile, LoRA: vLLM's fused_moe_lora kernels round the shrink result x.A^T
+    (fp32 accumulator) to S before the expand dot (SPEC keeps it fp32), then add the expand
+    result rounded to S to c1/c3 (``prev + acc.to(S)``, as SPEC)."""
+    import inspect
+
+    from vllm.lora.ops.triton_ops import fused_moe_lora_op
+
+    source = inspect.getsource(fused_moe_lora_op)
+    assert "tmp_typed = tmp.to(out_ptr.dtype.element_ty)" in source
+    assert "acc = tl.dot(tmp_typed, b)" in source
+    assert "prev + acc.to(out_ptr.dtype.element_ty)" in source
+
+
+@needs_vllm
+def test_vllms_lora_w2_delta_takes_the_router_weight_even_when_it_was_applied_on_input(vllm):
+    """docs/VLLM.md, upstream finding: PunicaWrapperGPU.add_lora_w2 passes mul_routed_weight=True
+    whatever apply_router_weight_on_input says, and the w13 LoRA reads the hidden states from
+    before prepare() weighted them. When vLLM changes this, the rwin + LoRA FAIL changes."""
+    import inspect
+
+    from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
+
+    source = inspect.getsource(PunicaWrapperGPU.add_lora_w2)
+    assert "True,  # mul_routed_weight" in source and "apply_router_weight_on_input" not in source
+
+
+@needs_vllm
+def test_vllms_weight_only_experts_accept_lora_and_ignore_it(vllm):
+    """docs/VLLM.md, upstream finding: TritonWNA16Experts inherits supports_lora() = True from
+    TritonExperts but its own apply() never reads the LoRA context: the adapters are dropped."""
+    import inspect
+
+    experts = vllm.triton_moe.TritonWNA16Experts
+    assert experts.supports_lora()
+    assert "lora" not in inspect.getsource(experts.apply)
+
+
+@needs_vllm
 def test_gemm_outputs_are_cast_once_to_the_compute_type(vllm):
     """VLLM_PROFILE.gemm_output_dtype and the fp32 router-weight product in the epilogue."""
     import inspect
@@ -261,7 +317,8 @@ def test_the_silu_clamp_reaches_the_cuda_op_stand_in(vllm, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 @needs_vllm
 @pytest.mark.parametrize("overrides, reason", [
-    (dict(lora="single"), "LoRA"),
+    pytest.param(dict(lora="dual"), "torch.cuda.Stream",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="lora dual maps on a GPU")),
     (dict(routing="invalid_ids"), "topk id in [0, global_num_experts)"),
     (dict(scheme="fp8_block128"), "I % 128 == 0"),
     (dict(scheme="int4_w4a16", group_size=32, bias=True), "takes no bias"),
@@ -280,6 +337,8 @@ def test_refusals_carry_their_reason(vllm, overrides, reason):
     "bf16-none-gelu_no_mul-M7N64K64E4k2-s18",
     "bf16-int8_w8a16-silu-M7N64K64E4k2-s10",  # signed per-channel int8 as vLLM's uint8 group layout
     "bf16-fp8_block128-silu-M4N256K128E2k2-s5",  # the fused silu + fp8 group quantization (I = 128)
+    "bf16-none-swigluoai-lora_single-M4N64K64E4k2-s4",  # LoRA through MoELoRAContext, two w13 slices interleaved
+    "bf16-none-gelu_no_mul-lora_single-M4N64K64E4k2-s4",  # one w13 slice
 ])
 def test_cases_pass_end_to_end_and_say_what_was_substituted(vllm, case_id):
     from moe_validate.matrix import Case
