@@ -56,5 +56,7 @@ for suite in "${suites[@]}"; do
   rc=$?
   [ $rc -eq 0 ] || status=$rc
   echo "== $suite: rc=$rc after $(( $(date +%s) - t0 )) s: $(tail -n 2 "$dir.log" | tr '\n' ' ')"
+  # a device machine returns at most 8 files, 2 folders down: keep results.jsonl and the log
+  [ -z "${OUT:-}" ] || rm -rf "$dir/logs" "$dir/.moe-validate.lock"
 done
 exit $status
