@@ -174,6 +174,9 @@ def load_vllm() -> types.SimpleNamespace:
     from moe_validate import vllm_cpu_ops
 
     substituted = vllm_cpu_ops.install(custom_ops, activation_module, triton_moe, fp8_utils)
+    if not _cuda_available():
+        triton_moe.maybe_execute_in_parallel = _sequential_streams(triton_moe.maybe_execute_in_parallel)
+        substituted.append("multi_stream_utils.maybe_execute_in_parallel (sequential: no CUDA streams)")
     marker = os.path.join(os.path.dirname(vllm.__file__), BUNDLE_MARKER)
     bundle = open(marker).read().strip() if os.path.exists(marker) else None
     _loaded = types.SimpleNamespace(
@@ -249,9 +252,6 @@ class VllmBackend:
     # --- which cases ------------------------------------------------------------------------
     def refusal(self, case: "Case") -> str:
         """Why vLLM's API cannot run ``case`` as specified ("" if it can)."""
-        if case.lora == "dual" and not _cuda_available():
-            return ("lora dual: vLLM's dual-stream LoRA schedule (MoELoRAContext.aux_stream and events) needs a "
-                    "torch.cuda.Stream and four torch.cuda.Events, which a CPU has not (lora single maps here)")
         if case.routing == "invalid_ids":
             return ("vLLM requires every topk id in [0, global_num_experts): out-of-range ids index its "
                     "alignment and the tiny-M path unchecked, and moe_sum adds their unwritten rows")
@@ -438,9 +438,14 @@ class VllmBackend:
             w2_lora_a_stacked=(lora.w2_a,), w2_lora_b_stacked=(lora.w2_b,), adapter_enabled=enabled,
             max_loras=L, top_k=topk, w13_num_slices=len(slices), fully_sharded=False, tp_rank=0, tp_size=1,
             local_num_experts=E, punica_wrapper=wrapper, use_tuned_config=False)
-        if lora.stream == "dual":
+        if lora.stream == "dual" and torch.cuda.is_available():
             context.aux_stream = torch.cuda.Stream()
             context.events = tuple(torch.cuda.Event() for _ in range(4))
+        elif lora.stream == "dual":
+            # no CUDA stream on a CPU: vLLM's dual schedule (the delta into a zeroed buffer, added
+            # after) still runs, its two halves in sequence (see _sequential_streams)
+            context.aux_stream = CPU_AUX_STREAM
+            context.events = (None,) * 4
         return context
 
     @staticmethod
@@ -469,6 +474,24 @@ class VllmBackend:
                                                    block_shape=quant_config.block_shape))
         except Exception as exc:  # recording only: the run itself reports a real failure
             return {"error": repr(exc)}
+
+
+# what MoELoRAContext.aux_stream holds for lora=dual on a CPU: not None, so that TritonExperts takes
+# its dual-stream branch; _sequential_streams never hands it to CUDA
+CPU_AUX_STREAM = "cpu: no CUDA stream (the dual schedule runs its halves in sequence)"
+
+
+def _sequential_streams(original):
+    """vllm.utils.multi_stream_utils.maybe_execute_in_parallel with its own sequential branch
+    (``aux_stream=None``: fn0 then fn1, as under CUDA graph capture) for the CPU's placeholder
+    stream: what lora=dual can check on a CPU is vLLM's delta-buffer arithmetic (SPEC: bitwise
+    the single schedule's), not the overlap."""
+    original = getattr(original, "__wrapped__", original)
+
+    def maybe_execute_in_parallel(fn0, fn1, event0, event1, aux_stream=None):
+        return original(fn0, fn1, event0, event1, None if aux_stream == CPU_AUX_STREAM else aux_stream)
+    maybe_execute_in_parallel.__wrapped__ = original
+    return maybe_execute_in_parallel
 
 
 def _cuda_available() -> bool:

@@ -317,8 +317,6 @@ def test_the_silu_clamp_reaches_the_cuda_op_stand_in(vllm, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 @needs_vllm
 @pytest.mark.parametrize("overrides, reason", [
-    pytest.param(dict(lora="dual"), "torch.cuda.Stream",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="lora dual maps on a GPU")),
     (dict(routing="invalid_ids"), "topk id in [0, global_num_experts)"),
     (dict(scheme="fp8_block128"), "I % 128 == 0"),
     (dict(scheme="int4_w4a16", group_size=32, bias=True), "takes no bias"),
@@ -349,6 +347,25 @@ def test_cases_pass_end_to_end_and_say_what_was_substituted(vllm, case_id):
     assert record["config"]["substituted_ops"] == list(vllm.substituted_ops)
     if not torch.cuda.is_available():
         assert "_moe_C.moe_sum" in record["config"]["substituted_ops"]
+
+
+@needs_vllm
+def test_lora_dual_is_bitwise_lora_single(vllm):
+    """SPEC LoRA: the dual schedule (vLLM's delta into a zeroed buffer, added after; on a CPU its
+    two halves in sequence) gives the single schedule's bits."""
+    import dataclasses
+
+    from moe_validate.inputs import make_inputs
+    from moe_validate.matrix import Case
+
+    case = Case.from_id("bf16-none-swigluoai-lora_dual-M4N64K64E4k2-s4")
+    inputs = make_inputs(case)
+    backend = vllm_backend.VllmBackend()
+    dual = backend.run(inputs, case)
+    single = backend.run(dataclasses.replace(inputs, lora=dataclasses.replace(inputs.lora, stream="single")), case)
+    assert torch.equal(dual, single)
+    if not torch.cuda.is_available():
+        assert any(op.startswith("multi_stream_utils") for op in vllm.substituted_ops)
 
 
 @needs_vllm
