@@ -45,6 +45,9 @@ print(f"torch {torch.__version__}, triton {triton.__version__}, device "
       f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
 print(f"vllm {v.version} ({v.distribution}; bundle: {v.bundle}); platform {type(current_platform).__name__}")
 print("substituted ops:", ", ".join(v.substituted_ops) or "none")
+if torch.cuda.is_available() and not current_platform.is_cuda():
+    raise SystemExit("on a GPU vLLM chose " + type(current_platform).__name__ + ", not CudaPlatform: its "
+                     "kernels would not take their CUDA paths (is the bundle built with --target gpu?)")
 EOF
 
 mkdir -p "$out"
