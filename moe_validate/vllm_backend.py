@@ -124,8 +124,13 @@ def load_vllm() -> types.SimpleNamespace:
     if not _show_triton_to_vllm():
         raise VllmUnavailableError("vLLM disabled Triton on this machine (vllm.triton_utils.HAS_TRITON is False)")
 
+    from moe_validate import vllm_cpu_ops
+
     try:
         import vllm._custom_ops as custom_ops
+
+        # before the modules that ask them at import time (w8a8_utils' cutlass checks)
+        queries = vllm_cpu_ops.install_capability_queries(custom_ops)
         import vllm.model_executor.layers.fused_moe.activation as activation_module
         import vllm.model_executor.layers.fused_moe.config as config
         import vllm.model_executor.layers.fused_moe.modular_kernel as mk
@@ -137,9 +142,7 @@ def load_vllm() -> types.SimpleNamespace:
 
     import vllm
 
-    from moe_validate import vllm_cpu_ops
-
-    substituted = vllm_cpu_ops.install(custom_ops, activation_module, triton_moe, fp8_utils)
+    substituted = queries + vllm_cpu_ops.install(custom_ops, activation_module, triton_moe, fp8_utils)
     if not _cuda_available():
         triton_moe.maybe_execute_in_parallel = _sequential_streams(triton_moe.maybe_execute_in_parallel)
         substituted.append("multi_stream_utils.maybe_execute_in_parallel (sequential: no CUDA streams)")

@@ -313,6 +313,24 @@ def per_token_group_fp8_quant_by_vllms_triton(fp8_utils) -> Callable:
     return per_token_group_fp8_quant
 
 
+# vLLM asks the compiled library whether its CUTLASS kernels exist for a capability; without the
+# library (the GPU bundle of CPU-wheel sources) they do not, which is the truthful answer, and vLLM
+# then takes its Triton paths, the ones under test.
+_CAPABILITY_QUERIES = ("cutlass_scaled_mm_supports_fp4", "cutlass_scaled_mm_supports_fp8",
+                       "cutlass_scaled_mm_supports_block_fp8", "cutlass_group_gemm_supported")
+
+
+def install_capability_queries(custom_ops) -> List[str]:
+    """Answer vLLM's CUTLASS capability queries with False where ``_C`` lacks them (call right
+    after importing ``vllm._custom_ops``, before modules that ask at import time)."""
+    substituted = []
+    for name in _CAPABILITY_QUERIES:
+        if hasattr(custom_ops, name) and not _has_op("_C", name):
+            setattr(custom_ops, name, lambda cuda_device_capability: False)
+            substituted.append(f"_C.{name} (False: no CUTLASS library)")
+    return substituted
+
+
 def install(custom_ops, activation_module, triton_moe, fp8_utils) -> List[str]:  # noqa: C901 - one branch per op
     """Patch vLLM's ``_custom_ops`` (``custom_ops``), the fused-MoE activation module's view of
     ``torch.ops._C``, ``triton_moe``'s silu clamp and ``fp8_utils``' CUDA-only group quantizer

@@ -107,7 +107,7 @@ class IndependentExperts:
         w = inputs.topk_weights.float()
         if inputs.apply_router_weight_on_input:
             x = (x.float() * w[:, :1].to(S).float()).to(S)
-        out3 = torch.zeros(M, topk, K, dtype=torch.float32)
+        out3 = torch.zeros(M, topk, K, dtype=torch.float32, device=x.device)
         for e in range(E):
             sel = valid & (local == e)
             if not sel.any():
@@ -153,7 +153,7 @@ class IndependentExperts:
             return acc * sx * scale[e_scale].float()[None, :]
         if scheme == "fp8_block128":
             Kin = a.shape[1]
-            acc = torch.zeros(a.shape[0], w_q.shape[0], dtype=torch.float32)
+            acc = torch.zeros(a.shape[0], w_q.shape[0], dtype=torch.float32, device=a.device)
             for g0 in range(0, Kin, GROUP):
                 cols = slice(g0, min(Kin, g0 + GROUP))
                 codes, sx = _fp8_group(a.float()[:, cols])
@@ -168,7 +168,7 @@ class IndependentExperts:
 
     def _dot(self, a32, w32, S):
         if self.plant == "accumulate_in_storage":
-            acc = torch.zeros(a32.shape[0], w32.shape[0], dtype=torch.float32)
+            acc = torch.zeros(a32.shape[0], w32.shape[0], dtype=torch.float32, device=a32.device)
             for k in range(a32.shape[1]):  # every add rounded to S: the planted accuracy loss
                 acc = (acc + a32[:, k:k + 1] * w32[:, k][None, :]).to(S).float()
             return acc
