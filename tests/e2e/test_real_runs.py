@@ -135,7 +135,8 @@ def test_filter_selects_a_cheap_varied_subset():
     """Guards the premise of this file: if the smoke suite changes shape, say so here, not as a
     puzzling count mismatch or a slow CI job."""
     cases = [c for c in matrix.filter_cases(matrix.suite_cases("smoke"), SMOKE_FILTER) if c.is_valid()[0]]
-    assert 6 <= len(cases) <= 12, [c.id for c in cases]
+    # 13 since issue 26 added s201 (int4 zero points over two K tiles) and s212 (fp8_block128 + clamp)
+    assert 6 <= len(cases) <= 13, [c.id for c in cases]
     assert len({c.scheme for c in cases}) >= 3 and len({c.activation for c in cases}) >= 5
     # 82k is the costliest of the family; the M7 default cases cost 86k (about 0.5 s each).
     assert max(matrix.interpreter_cost(c) for c in cases) <= 86016
