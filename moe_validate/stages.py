@@ -329,6 +329,15 @@ def localize(case, inputs: MoEInputs, backend, out: Optional[torch.Tensor] = Non
         return ({**no_stages(backend), "error": one_line(exc)},
                 {"name": CHECK_NAME, "outcome": "SKIP", "reason": f"stage localization could not run: {one_line(exc)}"})
     outcome, reason = _summary(record)
+    from moe_validate.contract.profile import SPEC_PROFILE
+    from moe_validate.verdicts import declared_profile
+
+    profile = declared_profile(backend)
+    if profile != SPEC_PROFILE:
+        # The stage functions are SPEC's: a declared rounding elsewhere is not modelled stage by stage.
+        record["profile_note"] = (f"stages compared with SPEC's stage functions; the backend declares profile "
+                                  f"{profile.name!r}, whose own roundings can read as a divergence")
+        reason += f"; NOTE {record['profile_note']}"
     if out is not None and not _same_bits(out, exposed["out"]):
         record["rerun_differs"] = True
         reason += "; NOTE the stage run's output differs from the judged run's (the backend is not deterministic)"

@@ -103,3 +103,29 @@ def test_a_localization_that_cannot_run_is_skipped_and_the_case_still_fails():
     check = next(c for c in record.checks if c["name"] == "stage_localization")
     assert check["outcome"] == "SKIP" and "planted: no stages today" in check["reason"]
     assert record.stages["exposed"] is True and "planted" in record.stages["error"]
+
+
+def test_a_declared_profile_other_than_specs_is_said_in_the_localization():
+    """The stage functions are SPEC's: under another declared profile the check says so, rather than
+    presenting that profile's own roundings as a divergence without a word."""
+    import dataclasses
+
+    from moe_validate.backends import ReferenceBackend
+    from moe_validate.contract.profile import SPEC_PROFILE
+    from moe_validate.run.case import run_case_inprocess
+
+    class WrongWithStagesAndAProfile(ReferenceBackend):
+        name = "profiled-stages"
+        numerics_profile = dataclasses.replace(SPEC_PROFILE, name="mine")
+
+        def run(self, inputs, case=None):
+            return super().run(inputs, case) * 1.5
+
+        def run_stages(self, inputs, case=None):
+            return {"out": self.run(inputs, case)}
+
+    record = run_case_inprocess(Case(M=7, N=64, K=64, E=4, topk=2, dtype="bf16", seed=0),
+                                WrongWithStagesAndAProfile(), backend_name="profiled").record
+    assert record.outcome == "FAIL"
+    assert "profile 'mine'" in record.stages["profile_note"]
+    assert "NOTE stages compared with SPEC's stage functions" in record.reason
