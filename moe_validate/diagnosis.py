@@ -128,14 +128,19 @@ def _finite(x: Any) -> bool:
     return _num(x) and math.isfinite(x)
 
 
-def _g(x: float, digits: int = 3) -> str:
+def format_number(x: Any, digits: int = 3, missing: str = "?") -> str:
+    """``x`` to ``digits`` significant digits, NaN and infinities by name, ``missing`` for a
+    non-number (the report's tables say "-", a diagnosis "?")."""
     if not _num(x):
-        return "?"
+        return missing
     if math.isnan(x):
         return "NaN"
     if math.isinf(x):
         return "inf" if x > 0 else "-inf"
     return f"{x:.{digits}g}"
+
+
+_g = format_number
 
 
 def _reported_failure(rec: Any) -> bool:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from moe_validate.coverage import ran_line
-from moe_validate.diagnosis import diagnosis_of
+from moe_validate.diagnosis import diagnosis_of, format_number
 from moe_validate.report.diff import RunDiff, merged_env
 from moe_validate.results import CaseRecord, Outcome, ResultSet, cap_text, record_from_json
 
@@ -167,13 +167,7 @@ class WorstEntry:
 
 
 def _fmt(x: Optional[float], digits: int = 3) -> str:
-    if x is None:
-        return "-"
-    if math.isnan(x):
-        return "NaN"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return f"{x:.{digits}g}"
+    return format_number(x, digits, missing="-")
 
 
 def worst_cases(cases: Sequence[Dict[str, Any]], limit: int = WORST_LIST_LENGTH) -> List[WorstEntry]:
