@@ -23,6 +23,7 @@ them, so ``moe-validate --help`` and ``list`` start quickly.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -180,13 +181,16 @@ def _run_cases(cases, args, out_dir, **kwargs):
     from moe_validate.run.outdir import OutDirError
 
     max_timeouts = getattr(args, "max_timeouts", None)
+    # --gate (run, calibrate) travels with every case's options
+    kwargs["case_options"] = dataclasses.replace(kwargs.get("case_options", runner.CaseOptions()),
+                                                 gate=getattr(args, "gate", None))
     try:
         return runner.run_cases(
             cases, args.backend, out_dir, workers=args.workers, timeout_s=args.timeout,
             argv=[PROG] + list(args.argv), progress=sys.stderr, resume=getattr(args, "resume", False),
             overwrite=getattr(args, "overwrite", False),
             max_consecutive_timeouts=(max_timeouts or None) if max_timeouts is not None
-            else runner.DEFAULT_MAX_CONSECUTIVE_TIMEOUTS, gate=getattr(args, "gate", None), **kwargs)
+            else runner.DEFAULT_MAX_CONSECUTIVE_TIMEOUTS, **kwargs)
     except OutDirError as exc:
         raise UsageError(str(exc)) from None
     except ResultsWriteError as exc:
@@ -386,7 +390,7 @@ def cmd_list(args) -> int:
 
 def cmd_repro(args) -> int:
     from moe_validate.matrix import Case
-    from moe_validate.runner import run_case_inprocess
+    from moe_validate.runner import CaseOptions, run_case_inprocess
 
     try:
         case = Case.from_id(args.case_id)
@@ -396,7 +400,7 @@ def cmd_repro(args) -> int:
     if not valid:
         raise UsageError(f"case {args.case_id!r} is not a valid case: {why}")
     backend = _backend_or_usage(args.backend)
-    result = run_case_inprocess(case, backend, backend_name=args.backend, gate=args.gate)
+    result = run_case_inprocess(case, backend, backend_name=args.backend, options=CaseOptions(gate=args.gate))
     print(result.message())
     rec = result.record
     if rec.get("config"):

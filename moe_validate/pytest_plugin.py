@@ -353,11 +353,11 @@ def moe_run(request):
     state: _State = request.config.stash[_STATE]
 
     def run(case):
-        from moe_validate.runner import run_case_inprocess
+        from moe_validate.runner import CaseOptions, run_case_inprocess
 
         result = run_case_inprocess(case, state.backend(), device=state.device(),
                                     backend_name=request.config.option.moe_backend,
-                                    gate=request.config.option.moe_gate)
+                                    options=CaseOptions(gate=request.config.option.moe_gate))
         state.record(result.record)
         rec = result.record
         request.node.user_properties.append(("moe_outcome", rec["outcome"]))

@@ -44,6 +44,15 @@ class CaseOptions:
 
     save_outputs: Optional[str] = None  # directory of golden outputs (moe_validate.golden)
     against: Optional[str] = None  # a backend spec whose output takes the oracle's place (moe_validate.against)
+    # "accuracy" or "both" (--gate): which verdicts decide the outcome, overriding the backend's
+    # default (verdicts.gating_policy); None: that default
+    gate: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        from moe_validate.verdicts import GATE_CHOICES
+
+        if self.gate is not None and self.gate not in GATE_CHOICES:
+            raise ValueError(f"gate must be one of {', '.join(GATE_CHOICES)} or None; got {self.gate!r}")
 
 
 @dataclass
@@ -177,24 +186,22 @@ def _backend_config(backend) -> Tuple[Any, Any]:
 
 
 def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[str] = None,
-                       backend_name: Optional[str] = None, options: CaseOptions = CaseOptions(),
-                       gate: Optional[str] = None) -> CaseResult:
+                       backend_name: Optional[str] = None, options: CaseOptions = CaseOptions()) -> CaseResult:
     """Runs one case here and returns its result; never raises for a failure of the case itself.
 
     ``backend`` is a Backend or a spec for ``get_backend``; ``backend_name`` (default: the spec,
-    or the backend's ``name``) is what the record and its repro line name. ``gate`` ("accuracy"
-    or "both", ``--gate``): which verdicts decide the outcome, overriding ``verdicts.gating_policy``'s
-    default for this backend. The mirror follows the backend's declared numerics profile. The record is
-    JSON-safe whatever the backend returned (``make_json_safe``: changes listed in ``notes``), so
-    it can cross a pipe and be written. ``options``: save the output, compare with another backend.
+    or the backend's ``name``) is what the record and its repro line name. ``options``: which
+    verdicts gate, save the output, compare with another backend (``CaseOptions``). The mirror
+    follows the backend's declared numerics profile. The record is JSON-safe whatever the backend
+    returned (``make_json_safe``: changes listed in ``notes``), so it can cross a pipe and be written.
     """
     if isinstance(backend, str):
         backend_name = backend_name or backend
         backend = get_backend(backend)
     backend_name = backend_name or getattr(backend, "name", "?")
     record = base_record(case, backend_name)
-    if gate is not None:
-        record.repro += f" --gate {shlex.quote(gate)}"
+    if options.gate is not None:
+        record.repro += f" --gate {shlex.quote(options.gate)}"
     evaluation = None
     retire = False
     start = time.perf_counter()
@@ -229,7 +236,7 @@ def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[s
             if contracted.mutated:  # judge against the inputs as they were, never the mutated ones
                 inputs = contracted.untouched_inputs(case, device)
             evaluation = evaluate(case, inputs, out, profile=declared_profile(backend),
-                                  gating=gating_policy(backend, backend_name, gate))
+                                  gating=gating_policy(backend, backend_name, options.gate))
             # The alignment contract and the case's bitwise invariances (re-runs of the backend),
             # right after the run whose launch config routing_stages describes.
             from moe_validate.invariance import run_checks

@@ -28,7 +28,7 @@ from moe_validate.run.case import CaseOptions, fill_diagnosis, run_case_inproces
 from moe_validate.run.outdir import RESULTS_NAME, OutDirError, ResumePlan, locked, prepare
 from moe_validate.run.progress import Progress
 from moe_validate.run.workers import DEFAULT_MAX_CONSECUTIVE_TIMEOUTS, run_pool
-from moe_validate.verdicts import GATE_CHOICES, not_gating_conformance_failure
+from moe_validate.verdicts import not_gating_conformance_failure
 
 __all__ = ["RunSummary", "run_cases", "header_record", "footer_record", "default_workers", "visible_gpus",
            "DEFAULT_TIMEOUT_S", "now_iso"]
@@ -146,7 +146,6 @@ def run_cases(
     max_consecutive_timeouts: Optional[int] = DEFAULT_MAX_CONSECUTIVE_TIMEOUTS,
     announce: Optional[str] = None,
     case_options: CaseOptions = CaseOptions(),
-    gate: Optional[str] = None,
 ) -> RunSummary:
     """Runs ``cases`` (already sharded) against the backend spec ``backend``.
 
@@ -168,9 +167,8 @@ def run_cases(
     footer marked ``interrupted`` and returns (``RunSummary.interrupted``). Raises ValueError for a
     backend spec that cannot be loaded, before any case runs; ``ResultsWriteError`` when a record
     cannot be written (the file keeps its whole lines). ``case_options``: what every case does
-    beyond its run and judgement (save its output, compare with another backend). ``gate``
-    ("accuracy" or "both"): which verdicts decide outcomes, overriding the backend's default
-    (``verdicts.gating_policy``); the header records it.
+    beyond its run (which verdicts gate, save its output, compare with another backend); the header
+    records a ``gate`` that overrides the backend's default.
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a spec string (workers rebuild it); got {type(backend).__name__}")
@@ -180,10 +178,8 @@ def run_cases(
         raise ValueError(f"timeout_s must be positive and finite, or None; got {timeout_s}")
     if max_consecutive_timeouts is not None and max_consecutive_timeouts < 1:
         raise ValueError(f"max_consecutive_timeouts must be >= 1 or None; got {max_consecutive_timeouts}")
-    if gate is not None:
-        if gate not in GATE_CHOICES:
-            raise ValueError(f"gate must be one of {', '.join(GATE_CHOICES)} or None; got {gate!r}")
-        header_extra = {**(header_extra or {}), "gate": gate}
+    if case_options.gate is not None:
+        header_extra = {**(header_extra or {}), "gate": case_options.gate}
     backend_obj = get_backend(backend)  # fail fast on a bad spec
     out_dir = Path(out_dir)
     if gpus is None:
@@ -204,12 +200,12 @@ def run_cases(
         return _run_locked(cases, backend, backend_obj, out_dir, plan, workers=workers, timeout_s=timeout_s,
                            suite=suite, shard=shard, argv=argv, progress=progress, gpus=gpus,
                            header_extra=header_extra, max_consecutive_timeouts=max_consecutive_timeouts,
-                           case_options=case_options, gate=gate, announce=announce)
+                           case_options=case_options, announce=announce)
 
 
 def _run_locked(cases, backend, backend_obj, out_dir: Path, plan: Optional[ResumePlan], *, workers, timeout_s,
                 suite, shard, argv, progress, gpus, header_extra, max_consecutive_timeouts,
-                case_options, gate=None, announce=None) -> RunSummary:
+                case_options, announce=None) -> RunSummary:
     results_path = out_dir / RESULTS_NAME
     expected_ids = [c.id for c in cases]
     outcomes: Dict[str, str] = {}  # case id -> outcome, over the whole run (earlier segments too)
@@ -256,12 +252,10 @@ def _run_locked(cases, backend, backend_obj, out_dir: Path, plan: Optional[Resum
         try:
             if workers == 0:
                 for case in to_run:
-                    finish(run_case_inprocess(case, backend_obj, backend_name=backend, options=case_options,
-                                              gate=gate).record)
+                    finish(run_case_inprocess(case, backend_obj, backend_name=backend, options=case_options).record)
             else:
                 stopped = run_pool(to_run, backend, workers, timeout_s, out_dir / "logs", finish, gpus,
-                                   max_consecutive_timeouts=max_consecutive_timeouts, case_options=case_options,
-                                   gate=gate)
+                                   max_consecutive_timeouts=max_consecutive_timeouts, case_options=case_options)
         except KeyboardInterrupt:
             interrupted = True  # the cases that finished are kept; the footer says why the rest are missing
         finally:

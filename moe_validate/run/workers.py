@@ -76,9 +76,8 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def _worker_main(conn, backend_spec: str, gpu: Optional[str], log_path: str, timeout_s: Optional[float],
                  cpu_threads: Optional[int] = None, parent_pid: Optional[int] = None,
-                 case_options: CaseOptions = CaseOptions(), gate: Optional[str] = None) -> None:
-    """Entry point of a spawned worker: receive cases, send records, until told to stop. ``gate``:
-    the run's ``--gate`` (``run_case_inprocess``)."""
+                 case_options: CaseOptions = CaseOptions()) -> None:
+    """Entry point of a spawned worker: receive cases, send records, until told to stop."""
     if parent_pid is not None:
         _die_with_parent(parent_pid)
     # Ctrl-C reaches the whole process group; the parent ends the run and kills the workers.
@@ -122,7 +121,7 @@ def _worker_main(conn, backend_spec: str, gpu: Optional[str], log_path: str, tim
             record.error = backend_error
             result = CaseResult(record)
         else:
-            result = run_case_inprocess(case, backend, backend_name=backend_spec, options=case_options, gate=gate)
+            result = run_case_inprocess(case, backend, backend_name=backend_spec, options=case_options)
         if timeout_s:
             faulthandler.cancel_dump_traceback_later()
         conn.send(("result", result.record, result.retire_worker))
@@ -157,15 +156,14 @@ class _Worker:
 
     def __init__(self, ctx, slot: int, backend_spec: str, gpu: Optional[str], log_dir: Path,
                  timeout_s: Optional[float], cpu_threads: Optional[int] = None,
-                 case_options: CaseOptions = CaseOptions(), gate: Optional[str] = None):
+                 case_options: CaseOptions = CaseOptions()):
         self.slot = slot
         self.gpu = gpu
         self.log_path = log_dir / f"worker-{slot}-{uuid.uuid4().hex[:8]}.log"
         self.conn, child_conn = ctx.Pipe()
         self.proc = ctx.Process(
             target=_worker_main,
-            args=(child_conn, backend_spec, gpu, str(self.log_path), timeout_s, cpu_threads, os.getpid(), case_options,
-                  gate),
+            args=(child_conn, backend_spec, gpu, str(self.log_path), timeout_s, cpu_threads, os.getpid(), case_options),
             name=f"moe-validate-worker-{slot}",
             daemon=True,
         )
@@ -231,9 +229,8 @@ def _exit_description(exitcode: Optional[int]) -> str:
 def run_pool(cases, backend_spec: str, workers: int, timeout_s: Optional[float], log_dir: Path,
              finish: Callable[[CaseRecord], None], gpus: Sequence[GpuInfo] = (), *,
              max_consecutive_timeouts: Optional[int] = DEFAULT_MAX_CONSECUTIVE_TIMEOUTS,
-             case_options: CaseOptions = CaseOptions(), gate: Optional[str] = None) -> Optional[str]:
-    """Runs ``cases`` in ``workers`` processes, handing each record to ``finish`` as it ends
-    (``gate``: the run's ``--gate``, see ``run_case_inprocess``).
+             case_options: CaseOptions = CaseOptions()) -> Optional[str]:
+    """Runs ``cases`` in ``workers`` processes, handing each record to ``finish`` as it ends.
 
     Returns None, or why the pool stopped early (``max_consecutive_timeouts`` TIMEOUTs in a row;
     every case left was then recorded NOT_RUN).
@@ -258,7 +255,7 @@ def run_pool(cases, backend_spec: str, workers: int, timeout_s: Optional[float],
 
     def spawn(slot: int) -> _Worker:
         entry = gpus[gpu_of_slot[slot]].entry if gpus else None
-        worker = _Worker(ctx, slot, backend_spec, entry, log_dir, timeout_s, cpu_threads, case_options, gate)
+        worker = _Worker(ctx, slot, backend_spec, entry, log_dir, timeout_s, cpu_threads, case_options)
         worker.gpu_index = sched_index[gpu_of_slot[slot]]
         return worker
 

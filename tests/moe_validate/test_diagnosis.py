@@ -20,7 +20,7 @@ from moe_validate.backends import ReferenceBackend
 from moe_validate.diagnosis import diagnose, diagnosis_of, summary_of
 from moe_validate.matrix import Case
 from moe_validate.results import CaseRecord, storable
-from moe_validate.run.case import CaseResult, run_case_inprocess
+from moe_validate.run.case import CaseOptions, CaseResult, run_case_inprocess
 
 pytest.importorskip("reference", reason="the planted backends wrap the float64 reference")
 
@@ -90,7 +90,8 @@ def one_ulp_up(inputs, case, out):
 
 def _run(plant, case):
     # --gate both: the planted few-ulp bugs are conformance failures, which gate for our own kernels
-    result = run_case_inprocess(case, Planted(plant.__name__, plant), backend_name=plant.__name__, gate="both")
+    result = run_case_inprocess(case, Planted(plant.__name__, plant), backend_name=plant.__name__,
+                                options=CaseOptions(gate="both"))
     rec = result.record
     assert rec.outcome == "FAIL", (rec.outcome, rec.reason)
     assert rec.diagnosis is not None and rec.diagnosis["summary"], rec

@@ -125,9 +125,10 @@ SMOKE_LIKE = [
 
 
 def _run(case_id, backend, gate=None):
-    from moe_validate.runner import run_case_inprocess
+    from moe_validate.runner import CaseOptions, run_case_inprocess
 
-    return run_case_inprocess(Case.from_id(case_id), backend, backend_name=SPEC_NAME, gate=gate).record
+    return run_case_inprocess(Case.from_id(case_id), backend, backend_name=SPEC_NAME,
+                              options=CaseOptions(gate=gate)).record
 
 
 @pytest.mark.parametrize("case_id", SMOKE_LIKE)
@@ -188,7 +189,7 @@ def test_a_run_with_conformance_only_failures_exits_0_and_says_so(tmp_path):
         assert tc.find("failure") is None and "conformance FAIL (not gating)" in tc.find("system-out").text
 
     gated = runner.run_cases(RUN_CASES, "independent_experts:declared_as_spec", tmp_path / "b", workers=0,
-                             progress=None, suite="smoke", gate="both")
+                             progress=None, suite="smoke", case_options=runner.CaseOptions(gate="both"))
     assert gated.exit_code == EXIT_FAILURES and "conformance FAIL (not gating)" not in gated.format()
     root = ET.parse(write_junit(gated.results_path, tmp_path / "k.xml")).getroot()
     for tc in root.iter("testcase"):
