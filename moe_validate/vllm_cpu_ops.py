@@ -337,18 +337,12 @@ def install(custom_ops, activation_module, triton_moe, fp8_utils) -> List[str]: 
     where the compiled op is missing (activations: always on a CPU, see the module doc).
     Idempotent; returns the substituted op names."""
     substituted: List[str] = []
-    if not _has_op("_moe_C", "moe_sum"):
-        custom_ops.moe_sum = moe_sum
-        substituted.append("_moe_C.moe_sum")
-    if not _has_op("_moe_C", "moe_align_block_size"):
-        custom_ops.moe_align_block_size = moe_align_block_size
-        substituted.append("_moe_C.moe_align_block_size")
-    if not _has_op("_moe_C", "moe_lora_align_block_size"):
-        custom_ops.moe_lora_align_block_size = moe_lora_align_block_size
-        substituted.append("_moe_C.moe_lora_align_block_size")
-    if not _has_op("_C", "silu_and_mul_per_block_quant"):
-        custom_ops.silu_and_mul_per_block_quant = silu_and_mul_per_block_quant
-        substituted.append("_C.silu_and_mul_per_block_quant")
+    # ops vLLM's _custom_ops wraps under the stand-in's own name
+    for namespace, op in (("_moe_C", moe_sum), ("_moe_C", moe_align_block_size),
+                          ("_moe_C", moe_lora_align_block_size), ("_C", silu_and_mul_per_block_quant)):
+        if not _has_op(namespace, op.__name__):
+            setattr(custom_ops, op.__name__, op)
+            substituted.append(f"{namespace}.{op.__name__}")
     missing_quant = {name: op for name, op in _FP8_QUANT.items() if not _has_op("_C", name)}
     if missing_quant:  # ops.scaled_fp8_quant (vLLM's own wrapper) calls torch.ops._C.<name>
         custom_ops.torch = _TorchOpsHolder(_TorchOpsView(_OpsWithStandIns(torch.ops._C, missing_quant)))
