@@ -34,7 +34,9 @@ OWN_BACKENDS = frozenset({"triton", "reference", "torch-grouped", "ordered-rever
 
 def declared_profile(backend) -> NumericsProfile:
     """The numerics profile ``backend`` declares (``numerics_profile``; None or absent: SPEC_PROFILE)."""
-    profile = getattr(backend, "numerics_profile", None)
+    from moe_validate.backends import declared
+
+    profile = declared(backend, "numerics_profile")
     if profile is None:
         return SPEC_PROFILE
     if not isinstance(profile, NumericsProfile):
@@ -43,21 +45,28 @@ def declared_profile(backend) -> NumericsProfile:
     return profile
 
 
+def check_gate(gate: Optional[str]) -> None:
+    """ValueError unless ``gate`` (``--gate``) is None or one of GATE_CHOICES."""
+    if gate is not None and gate not in GATE_CHOICES:
+        raise ValueError(f"gate must be one of {', '.join(GATE_CHOICES)}; got {gate!r}")
+
+
 def gating_policy(backend, backend_name: str, gate: Optional[str] = None) -> Tuple[str, ...]:
     """The verdicts that decide ``backend``'s outcomes: ``gate`` ("accuracy" or "both", from
     ``--gate``) if given; else what the backend declares (``gating``: a tuple of VERDICTS that
     includes accuracy); else both for OWN_BACKENDS and accuracy alone for a third-party backend."""
+    from moe_validate.backends import declared
+
+    check_gate(gate)
     if gate is not None:
-        if gate not in GATE_CHOICES:
-            raise ValueError(f"gate must be one of {', '.join(GATE_CHOICES)}; got {gate!r}")
         return GATE_CHOICES[gate]
-    declared = getattr(backend, "gating", None)
-    if declared is not None:
-        if (not isinstance(declared, (tuple, list)) or any(v not in VERDICTS for v in declared)
-                or "accuracy" not in declared):
+    gating = declared(backend, "gating")
+    if gating is not None:
+        if (not isinstance(gating, (tuple, list)) or any(v not in VERDICTS for v in gating)
+                or "accuracy" not in gating):
             raise ValueError(f"backend {backend_name!r}: gating must be a tuple of {', '.join(VERDICTS)} that "
-                             f"includes accuracy; got {declared!r}")
-        return tuple(v for v in VERDICTS if v in declared)
+                             f"includes accuracy; got {gating!r}")
+        return tuple(v for v in VERDICTS if v in gating)
     return GATE_CHOICES["both"] if backend_name in OWN_BACKENDS else GATE_CHOICES["accuracy"]
 
 

@@ -49,10 +49,9 @@ class CaseOptions:
     gate: Optional[str] = None
 
     def __post_init__(self) -> None:
-        from moe_validate.verdicts import GATE_CHOICES
+        from moe_validate.verdicts import check_gate
 
-        if self.gate is not None and self.gate not in GATE_CHOICES:
-            raise ValueError(f"gate must be one of {', '.join(GATE_CHOICES)} or None; got {self.gate!r}")
+        check_gate(self.gate)
 
 
 @dataclass
