@@ -889,8 +889,10 @@ _ACT_CURVATURE = 2.0  # >= |f''| of every activation's gate function (silu 0.5, 
 _EPILOGUE_OPS_C1 = 4.0  # fp32 operations after GEMM1's accumulation (dequantization, bias, LoRA adds)
 _QUANTIZER_OPS = 4.0  # fp32 roundings in x / s, kernel's and exact's (conversion and division each)
 REQUANT_SHIFT_CELLS = 6  # cells of a dynamic scale's relative error rho, each bounded apart
-_FLIP_T = torch.exp(torch.linspace(math.log(0.05), math.log(500.0), 32, dtype=F64))  # theta x max jump
-_FLIP_CHUNK_ELEMENTS = 1 << 22  # routes x K x I elements per step of the Chernoff sums
+_FLIP_U_RANGE = (math.log(0.05), math.log(500.0))  # ln(theta x the largest jump) searched for x*
+_FLIP_GOLDEN_STEPS = 10  # the last bracket: 0.62^11 of the range, about 4% in theta
+_FLIP_BLOCK_ELEMENTS = 1 << 22  # cells x routes x columns x I per block of the Chernoff sums
+_FLIP_BLOCK_ELEMENTS_CUDA = 1 << 25  # fewer launches where memory is plentiful (8 bytes each)
 
 
 def requant_c1_box(inputs: MoEInputs, exact: Dict[str, torch.Tensor], sigma_acc1: torch.Tensor) -> torch.Tensor:
@@ -1057,6 +1059,21 @@ def requant_flip_events(inputs: MoEInputs, exact: Dict[str, torch.Tensor], b_c1:
     return ev
 
 
+def _directed_flips(ev: Dict[str, torch.Tensor], w2_routes: torch.Tensor, w: torch.Tensor, ms: slice,
+                    raising: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(p, a) [C, tokens, T, cols, I]: each code's flip probability and its move of the output
+    column in one direction. Out rises where an up flip meets w w2 > 0 or a down flip meets
+    w w2 < 0, falls otherwise: per (i, column) only one of the code's two flips moves it that way."""
+    gain = w2_routes * w[:, :, None, None]  # [tokens, T, cols, I]: the output's change per unit of c2_in
+    pos = gain > 0
+    up_key, down_key = ("up", "down") if raising else ("down", "up")
+    p = torch.where(pos[None], ev["p_" + up_key][:, ms, :, None, :], ev["p_" + down_key][:, ms, :, None, :])
+    jump = torch.where(pos[None], ev["jump_" + up_key][:, ms, :, None, :], ev["jump_" + down_key][:, ms, :, None, :])
+    # a jump that cannot happen must not reach exp (0 * inf)
+    a = jump * gain.abs()[None] * (p > 0)
+    return p, a
+
+
 def _flip_sum_quantile(ev: Dict[str, torch.Tensor], w2: torch.Tensor, route_expert, valid, wts, group: int,
                        alpha: float = FLIP_ALPHA) -> Tuple[torch.Tensor, torch.Tensor]:
     """([M, K] flip term, [M, K] its all-flip cap): per output element max(x*+, x*-) (above).
@@ -1064,58 +1081,73 @@ def _flip_sum_quantile(ev: Dict[str, torch.Tensor], w2: torch.Tensor, route_expe
     ``group``: the width of the columns that share one scale (one common shift rho). For every
     theta, each (route, group) contributes its log-MGF maximized over the rho cells: a bound that
     holds whatever rho each group has (P(X >= x | rho) <= exp(psi_rho(t) - t x) <= exp(psi(t) - t x)).
+    x*(t) = (psi(t) + ln(1/alpha)) / t is a valid bound at every t and unimodal in t (psi convex,
+    psi(0) = 0), so a golden-section search per element finds its minimum with a few evaluations.
+    Output elements are independent: the work runs in blocks of tokens x columns, each block's
+    search on its own tensors.
     """
     C, M, T, I = ev["p_up"].shape
-    K = w2.shape[1]
+    E, K = w2.shape[0], w2.shape[1]
     dev = ev["p_up"].device
     L = math.log(1.0 / alpha)
-    ts = _FLIP_T.to(dev)
-    chunk = max(1, _FLIP_CHUNK_ELEMENTS // max(1, C * K * I))
     G = -(-I // group)
-    bounds, caps = [], []
-    for raising in (True, False):
-        # out rises where an up flip meets w2 > 0 or a down flip meets w2 < 0; it falls otherwise
-        def pieces():
-            for e in range(w2.shape[0]):
-                m_idx, j_idx = torch.nonzero(valid & (route_expert == e), as_tuple=True)
-                pos, neg = w2[e].to(F64).clamp_min(0.0), (-w2[e].to(F64)).clamp_min(0.0)
-                up_w, dn_w = (pos, neg) if raising else (neg, pos)
-                for c0 in range(0, m_idx.numel(), chunk):
-                    mi, ji = m_idx[c0:c0 + chunk], j_idx[c0:c0 + chunk]
-                    w = wts[mi, ji][None, :, None, None]
-                    terms = []
-                    for key, wk in (("up", up_w), ("down", dn_w)):
-                        p = ev["p_" + key][:, mi, ji][:, :, None, :]  # [C, R, 1, I]
-                        a = ev["jump_" + key][:, mi, ji][:, :, None, :] * wk[None, None] * w * (p > 0)
-                        terms.append((p, a))  # a jump that cannot happen must not reach exp (0 * inf)
-                    yield mi, terms
+    budget = _FLIP_BLOCK_ELEMENTS_CUDA if dev.type == "cuda" else _FLIP_BLOCK_ELEMENTS
+    cols = max(1, min(K, budget // max(1, C * T * I)))
+    tokens = max(1, min(M, budget // max(1, C * T * cols * I)))
+    experts = route_expert.clamp(0, max(E - 1, 0))  # invalid routes carry weight 0 below
+    w_all = wts.to(F64) * valid
 
-        def by_group(t):  # [C, R, K, I] -> [C, R, K, G]: sum over each group's columns
-            pad = G * group - I
-            if pad:
-                t = torch.nn.functional.pad(t, (0, pad))
-            return t.reshape(*t.shape[:-1], G, group).sum(-1)
+    def by_group(t):  # [..., I] -> [..., G]: sum over each group's columns
+        pad = G * group - I
+        if pad:
+            t = torch.nn.functional.pad(t, (0, pad))
+        return t.reshape(*t.shape[:-1], G, group).sum(-1)
 
-        J = torch.zeros(M, K, dtype=F64, device=dev)
-        cap = torch.zeros(M, K, dtype=F64, device=dev)
-        for mi, terms in pieces():
-            top = torch.stack([a.amax(-1) for _, a in terms]).amax(0).amax(0)  # [R, K]
-            J.scatter_reduce_(0, mi[:, None].expand_as(top), top, reduce="amax")
-            cap.index_add_(0, mi, by_group(sum(a for _, a in terms)).amax(0).sum(-1))
-        psi = torch.zeros(M, K, ts.numel(), dtype=F64, device=dev)
-        Js = J.clamp_min(1e-300)
-        for mi, terms in pieces():
-            theta = ts[None, None, :] / Js[mi][:, :, None]  # [R, K, t]
-            acc = torch.zeros(mi.numel(), K, ts.numel(), dtype=F64, device=dev)
-            for it in range(ts.numel()):
-                th = theta[None, :, :, it:it + 1]
-                lg = sum(torch.log1p(p * torch.expm1(th * a)) for p, a in terms)  # [C, R, K, I]
-                acc[:, :, it] = by_group(lg).amax(0).sum(-1)
-            psi.index_add_(0, mi, acc)
-        x_star = ((psi + L) / (ts[None, None, :] / Js[:, :, None])).amin(-1)
-        bounds.append(torch.where(J > 0, torch.minimum(x_star, cap), torch.zeros_like(J)))
-        caps.append(cap)
-    return torch.maximum(*bounds), torch.maximum(*caps)
+    bound = torch.zeros(M, K, dtype=F64, device=dev)
+    cap = torch.zeros(M, K, dtype=F64, device=dev)
+    for m0 in range(0, M, tokens):
+        ms = slice(m0, min(M, m0 + tokens))
+        if not bool(valid[ms].any()):
+            continue
+        for k0 in range(0, K, cols):
+            ks = slice(k0, min(K, k0 + cols))
+            w2_routes = w2[:, ks][experts[ms]].to(F64)  # [tokens, T, cols, I]
+            for raising in (True, False):
+                p, a = _directed_flips(ev, w2_routes, w_all[ms], ms, raising)
+                J = a.amax(-1).amax(2).amax(0)  # [tokens, cols]: the largest single move
+                c = by_group(a).amax(0).sum(-1).sum(1)
+                Js = J.clamp_min(1e-300)
+
+                def x_at(u):  # the Chernoff bound at theta = e^u / J, per element
+                    theta = u.exp() / Js
+                    lg = torch.log1p(p * torch.expm1(theta[None, :, None, :, None] * a))
+                    return (by_group(lg).amax(0).sum(-1).sum(1) + L) / theta
+
+                x_star = _golden_section_min(x_at, J.shape, dev)
+                b = torch.where(J > 0, torch.minimum(x_star, c), torch.zeros_like(J))
+                bound[ms, ks] = torch.maximum(bound[ms, ks], b)
+                cap[ms, ks] = torch.maximum(cap[ms, ks], c)
+    return bound, cap
+
+
+def _golden_section_min(f, shape, dev) -> torch.Tensor:
+    """The smallest of f's values seen by an elementwise golden-section search for the minimum of a
+    unimodal f over u in _FLIP_U_RANGE (f is evaluated at both ends too)."""
+    inv_phi = (math.sqrt(5.0) - 1.0) / 2.0
+    lo = torch.full(shape, _FLIP_U_RANGE[0], dtype=F64, device=dev)
+    hi = torch.full(shape, _FLIP_U_RANGE[1], dtype=F64, device=dev)
+    x1, x2 = hi - inv_phi * (hi - lo), lo + inv_phi * (hi - lo)
+    f1, f2 = f(x1), f(x2)
+    best = torch.minimum(torch.minimum(f(lo), f(hi)), torch.minimum(f1, f2))
+    for _ in range(_FLIP_GOLDEN_STEPS):
+        left = f1 <= f2  # the minimum lies in [lo, x2]
+        hi, lo = torch.where(left, x2, hi), torch.where(left, lo, x1)
+        xn = torch.where(left, hi - inv_phi * (hi - lo), lo + inv_phi * (hi - lo))
+        fn = f(xn)
+        best = torch.minimum(best, fn)
+        x1, x2 = torch.where(left, xn, x2), torch.where(left, x1, xn)
+        f1, f2 = torch.where(left, fn, f2), torch.where(left, f1, fn)
+    return best
 
 
 # =================================================================================================
