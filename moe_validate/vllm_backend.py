@@ -130,7 +130,7 @@ def load_vllm() -> types.SimpleNamespace:
         import vllm._custom_ops as custom_ops
 
         # before the modules that ask them at import time (w8a8_utils' cutlass checks)
-        queries = vllm_cpu_ops.install_capability_queries(custom_ops)
+        queries = vllm_cpu_ops.install_capability_queries(custom_ops) + vllm_cpu_ops.install_import_stand_ins()
         import vllm.model_executor.layers.fused_moe.activation as activation_module
         import vllm.model_executor.layers.fused_moe.config as config
         import vllm.model_executor.layers.fused_moe.modular_kernel as mk
@@ -155,6 +155,18 @@ def load_vllm() -> types.SimpleNamespace:
         triton_moe=triton_moe, activation=activation_module, quant_utils=quant_utils,
         prepare_finalize=MoEPrepareAndFinalizeNoDPEPModular)
     return _loaded
+
+
+def _ensure_workspace_manager(device) -> None:
+    """On CUDA the modular kernel takes its buffers from vLLM's workspace manager, which vLLM's GPU
+    model runner initializes at start-up; a caller of the kernel alone does the same, once per
+    device (on a CPU the kernel allocates its own and never asks)."""
+    if device.type != "cuda":
+        return
+    from vllm.v1.worker import workspace
+
+    if not workspace.is_workspace_manager_initialized():
+        workspace.init_workspace_manager(device)
 
 
 # our scheme -> (vLLM weight QuantKey name, activation QuantKey name) as quant_utils spells them
@@ -377,6 +389,7 @@ class VllmBackend:
                             "moe_config": self._launch_config(vllm, inputs, quant_config, M, topk),
                             "substituted_ops": list(vllm.substituted_ops),
                             "interpreted_fp32_dot": vllm.fp32_dot}
+        _ensure_workspace_manager(hidden.device)
         out = kernel.apply(hidden, w1, w2, inputs.topk_weights, inputs.topk_ids, vllm_activation, G,
                            inputs.expert_map, inputs.apply_router_weight_on_input)
         return out

@@ -19,6 +19,7 @@ inputs.
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -329,6 +330,47 @@ def install_capability_queries(custom_ops) -> List[str]:
             setattr(custom_ops, name, lambda cuda_device_capability: False)
             substituted.append(f"_C.{name} (False: no CUTLASS library)")
     return substituted
+
+
+# The fused-MoE package's import reaches vLLM's attention utilities, whose CUDA branch imports
+# the flash-attention extension; the GPU bundle of CPU-wheel sources has none. Attention is not
+# on the fused-MoE path: a stand-in package that raises when called lets the import through.
+_FLASH_ATTN = "vllm.vllm_flash_attn"
+_FLASH_ATTN_NAMES = ("compile_flash_attn_varlen_func_from_specs", "flash_attn_varlen_func",
+                     "get_scheduler_metadata", "fa_version_unsupported_reason", "is_fa_version_supported")
+
+
+def install_import_stand_ins() -> List[str]:
+    """Stand in for ``vllm.vllm_flash_attn`` where its compiled extension is missing (call before
+    importing the fused-MoE path). A real installation's package is left alone."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    if _FLASH_ATTN in sys.modules or importlib.util.find_spec("vllm") is None:
+        return []
+    try:
+        importlib.import_module(_FLASH_ATTN)
+        return []
+    except ImportError as exc:
+        reason = str(exc)
+    spec = importlib.util.find_spec(_FLASH_ATTN.rpartition(".")[0])
+    stand_in = types.ModuleType(_FLASH_ATTN, "stand-in: no flash-attention extension (" + reason + ")")
+
+    def refuse(name):
+        def call(*args, **kwargs):
+            raise NotImplementedError(f"{_FLASH_ATTN}.{name}: a stand-in (no flash-attention extension on this "
+                                      "machine); attention is not on the fused-MoE path under test")
+        call.__name__ = name
+        return call
+
+    for name in _FLASH_ATTN_NAMES:
+        setattr(stand_in, name, refuse(name))
+    stand_in.FA2_AVAILABLE = stand_in.FA3_AVAILABLE = False
+    stand_in.__path__ = [os.path.join(os.path.dirname(spec.origin), "vllm_flash_attn")] if spec and spec.origin else []
+    sys.modules[_FLASH_ATTN] = stand_in
+    return [f"{_FLASH_ATTN} (attention, not on the fused-MoE path: raises if called)"]
 
 
 def install(custom_ops, activation_module, triton_moe, fp8_utils) -> List[str]:  # noqa: C901 - one branch per op

@@ -241,6 +241,9 @@ def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[s
             from moe_validate.invariance import run_checks
 
             checks = run_checks(case, inputs, out, contracted)
+            count_skipped = evaluation.tolerance.get("gate", {}).get("count_not_applied")
+            if count_skipped:
+                checks.append({"name": "conformance_count", "outcome": "SKIP", "reason": count_skipped})
             _save_output(options, case, inputs, out, backend_name, record)
             if options.against:
                 from moe_validate.against import against_check

@@ -140,8 +140,18 @@ def test_independent_implementation_passes_both_verdicts_under_its_own_profile(c
     assert record.profile == INDEPENDENT_PROFILE.name and record.gating == ["accuracy"]
 
 
+@pytest.fixture
+def count_test_on(monkeypatch):
+    """On a GPU the conformance count test is off by default (its flip rates are not calibrated
+    there: tolerance.COUNT_TEST_ON_GPU), and a rounding done one ulp differently is visible to the
+    count alone; these tests are about the verdicts, so they turn it on (a CPU always has it)."""
+    from moe_validate import tolerance
+
+    monkeypatch.setattr(tolerance, "COUNT_TEST_ON_GPU", True)
+
+
 @pytest.mark.parametrize("case_id", SMOKE_LIKE)
-def test_declared_as_spec_it_fails_conformance_and_passes_accuracy(case_id):
+def test_declared_as_spec_it_fails_conformance_and_passes_accuracy(case_id, count_test_on):
     record = _run(case_id, IndependentExperts(declared=None))
     assert record.profile == "spec"
     assert record.verdicts["accuracy"]["outcome"] == "PASS", record.verdicts["accuracy"]["reason"]
@@ -167,13 +177,40 @@ def test_a_planted_accuracy_loss_fails_accuracy(case_id, plant):
     assert record.reason.startswith("accuracy (budget vs exact): ")
 
 
+def test_a_gpu_derivation_says_its_count_test_is_not_applied():
+    # derived as for a GPU (no kernel runs): the count is expected but not applied, and says why
+    from moe_validate import tolerance
+    from moe_validate.inputs import make_inputs
+
+    reference = pytest.importorskip("reference")
+    case = Case.from_id("bf16-none-silu-M7N64K64E4k2-s0")
+    inputs = make_inputs(case, device="cpu")
+    mirror = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="mirror")
+    gpu = tolerance.derive(case, inputs, mirror, native_gpu=True)["gate"]
+    assert gpu.count_allowed is None and gpu.terms["differing_expected"] > 0
+    assert gpu.to_dict()["count_not_applied"].startswith("conformance count test (elements differing from the "
+                                                         "mirror): not applied on a GPU")
+    cpu = tolerance.derive(case, inputs, mirror, native_gpu=False)["gate"]
+    assert cpu.count_allowed is not None and cpu.count_not_applied is None
+    assert "count_not_applied" not in cpu.to_dict()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the count test is always applied on a CPU")
+def test_on_a_gpu_a_pass_says_its_count_test_was_skipped():
+    record = _run("bf16-none-silu-M7N64K64E4k2-s0", IndependentExperts(declared=None))
+    skipped = [c for c in record.checks if c["outcome"] == "SKIP"]
+    assert [c["name"] for c in skipped if c["name"] == "conformance_count"] == ["conformance_count"]
+    assert record.outcome == "PASS" and "check(s) skipped" in record.reason
+    assert "SKIPPED conformance count test" in record.reason
+
+
 # ---------------------------------------------------------------------------------------------
 # a run: the summary says it, the exit status and JUnit show both verdicts
 # ---------------------------------------------------------------------------------------------
 RUN_CASES = [Case.from_id(i) for i in ("bf16-none-silu-M7N64K64E4k2-s0", "bf16-none-gelu_no_mul-M7N64K64E4k2-s18")]
 
 
-def test_a_run_with_conformance_only_failures_exits_0_and_says_so(tmp_path):
+def test_a_run_with_conformance_only_failures_exits_0_and_says_so(tmp_path, count_test_on):
     from moe_validate.junit import write_junit
 
     summary = runner.run_cases(RUN_CASES, "independent_experts:declared_as_spec", tmp_path / "a", workers=0,
