@@ -371,21 +371,29 @@ def sums_in_storage(topk: int, precision: str, topk_sum: TopkSum) -> bool:
     return precision == "mirror" and topk_sum is TopkSum.STORAGE_UP_TO_4 and 2 <= topk <= 4
 
 
-def storage_partial_sums(c3: torch.Tensor, valid: torch.Tensor, storage_dtype: torch.dtype) -> torch.Tensor:
-    """[M, topk, K]: the partial sums over slots 0..j of a sum accumulated in S, each add in fp32
-    and rounded to S (``sums_in_storage``); invalid slots add exact zeros. The last is the output."""
+def _storage_sums(c3: torch.Tensor, valid: torch.Tensor, storage_dtype: torch.dtype):
+    """Yield the partial sums over slots 0..j (fp32 holding S values) of a sum accumulated in S:
+    each add in fp32, rounded to S; invalid slots add exact zeros."""
     acc = torch.zeros(c3.shape[0], c3.shape[2], dtype=torch.float32, device=c3.device)
-    partials = []
     for j in range(c3.shape[1]):
         term = c3[:, j].to(torch.float32)
         acc = (acc + torch.where(valid[:, j:j + 1], term, torch.zeros_like(term))).to(storage_dtype).to(torch.float32)
-        partials.append(acc.to(F64))
-    return torch.stack(partials, 1)
+        yield acc
+
+
+def storage_partial_sums(c3: torch.Tensor, valid: torch.Tensor, storage_dtype: torch.dtype) -> torch.Tensor:
+    """[M, topk, K] float64: every partial sum of a top-k sum accumulated in S (``sums_in_storage``);
+    the last is the output."""
+    return torch.stack([acc.to(F64) for acc in _storage_sums(c3, valid, storage_dtype)], 1)
 
 
 def combine_in_storage(c3: torch.Tensor, valid: torch.Tensor, storage_dtype: torch.dtype) -> torch.Tensor:
-    """out [M, K] = sum over slots j in order, accumulated in S: the last of ``storage_partial_sums``."""
-    return storage_partial_sums(c3, valid, storage_dtype)[:, -1]
+    """out [M, K] = sum over slots j in order, accumulated in S: each add in fp32, rounded to S
+    (a profile's ``TopkSum.STORAGE_UP_TO_4``, topk 2..4); invalid slots add exact zeros."""
+    acc = torch.zeros(c3.shape[0], c3.shape[2], dtype=torch.float32, device=c3.device)
+    for acc in _storage_sums(c3, valid, storage_dtype):
+        pass
+    return acc.to(F64)
 
 
 def combine(c3: torch.Tensor, valid: torch.Tensor, storage_dtype: torch.dtype, *, precision: str,
