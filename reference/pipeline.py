@@ -22,6 +22,10 @@ elsewhere or quantizes with other formulas, the mirror does so too, one small fu
 (``router_weight``, ``dot_operand``, ``gemm_output_rounder``, ``activation_rounded_twice``, the
 quantizer of ``reference.quant``, ``combine_in_storage``). ``exact`` follows no profile: it is the
 scheme itself, the yardstick of accuracy whatever an implementation rounds.
+
+``StageFunctions`` (``stage_functions(...)``) holds one call's stages after routing under one
+precision and profile, each a function of its upstream stage; ``run_stages`` chains them, and the
+harness's stage localization applies them to a backend's own intermediates.
 """
 
 from __future__ import annotations
