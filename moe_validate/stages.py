@@ -2,14 +2,18 @@
 
 A backend that exposes its intermediates (``backends.ExposesStages``: ``run_stages(inputs, case)``)
 is run once more for a case whose output failed, and every stage it hands back is compared with
-what SPEC's stage function makes of the backend's *own* upstream stage (the mirror reference's
-stage functions, ``reference.pipeline``, in ``mirror`` precision):
+what the mirror's stage function makes of the backend's *own* upstream stage. The stage functions
+are the mirror reference's (``reference.pipeline.StageFunctions``, ``mirror`` precision) under the
+backend's declared numerics profile (``numerics_profile``; SPEC's when none), the profile its
+conformance verdict is judged under, so a rounding the profile declares is the stage function's
+too and never reads as a divergence:
 
-  c1     GEMM1 (+ bias, + LoRA w13)         from the inputs
-  c2     activation, one rounding to S      from the backend's c1
-  c2_in  requantized GEMM2 input            from the backend's c2   (schemes that requantize)
-  c3     GEMM2 (+ bias, * w, + LoRA w2)     from the backend's c2_in (c2 for the LoRA delta)
-  out    the top-k sum in slot order        from the backend's c3
+  c1     GEMM1 (+ bias, + LoRA w13)           from the inputs           (x, quantizer, TF32, stored dtype)
+  c2     activation, rounded once (or twice)  from the backend's c1     (activation_rounding)
+  c2_in  requantized GEMM2 input              from the backend's c2     (the profile's quantizer)
+  c3     GEMM2 (+ bias, * w, + LoRA w2)       from the backend's c2_in  (router weight, stored dtype)
+                                              (c2 for the LoRA delta)
+  out    the top-k sum in slot order          from the backend's c3     (in fp32, or in S)
 
 Judged against its own input, a stage's bound holds only that stage's arithmetic, so the first
 stage over its bound is where the error entered (a wrong activation shows in c2 even though every
@@ -24,16 +28,24 @@ where it is a standard deviation:
   GEMM stages  Z * u_acc * (1 + sqrt(n/6)) * s (the sequential fp32 accumulation model of
                ``tolerance._acc_growth``, s = sqrt(sum_k a_k^2 b_k^2), u_acc = 2^-24, or the Hopper
                fp8-MMA unit on a native GPU, 0 for int8 x int8 in int32) + one fp32 rounding per
-               epilogue operation (dequantization, bias, router weight) + one S ulp per rounding of
-               the stored value (three with LoRA: base, delta, sum; the LoRA rank-space product
-               gets a second accumulation term);
+               epilogue operation (dequantization, bias, router weight) + one ulp of the stored
+               value's grid (S, or the profile's GEMM output dtype under quantized activations;
+               ``reference.pipeline.gemm_output_dtype``) and, with LoRA, one S ulp for each of the
+               delta and the sum (the LoRA rank-space product gets a second accumulation term);
   c2           ``tolerance.ACT_FP32_ULPS`` fp32 ulps of (|c2| + |g||u|) (fp32 math on both
-               sides) + one S ulp (none on the fused silu + fp8 path, which never rounds c2);
-  c2_in        one requantization step (``tolerance._requant_step``): both sides quantize the
-               same values with the same formulas, a step is the most a division tie can move;
-  out          the fp32 sum of topk S values: topk fp32 ulps of sum |c3| + one S ulp.
+               sides) + one S ulp (none on the fused silu + fp8 path, which never rounds c2); where
+               the profile rounds twice, c2 = round_S(round_S(a) u'), a flip of the first rounding
+               (a within those fp32 ulps, plus the carried c1 slack, on either side) adds ulp_S(a) |u'|;
+  c2_in        one requantization step (``tolerance._requant_step``, with the profile's quantizer):
+               both sides quantize the same values with the same formulas, a step is the most a
+               division tie can move;
+  out          the fp32 sum of topk S values: topk fp32 ulps of sum |c3| + one S ulp; where the profile
+               sums in S, one S ulp per partial sum (``reference.pipeline.storage_partial_sums``).
 
-``localize`` fills the case record's ``stages`` (results.py) and returns one check row.
+Every field of ``NumericsProfile`` is followed: the router weight, the quantizers, TF32 operands and
+weight-only weights in S enter through the mirror's x, w1, w2 and the stage functions, the rest as
+above. ``localize`` fills the case record's ``stages`` (results.py; ``profile`` names the profile
+the stage functions followed) and returns one check row.
 """
 
 from __future__ import annotations
@@ -44,10 +56,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from moe_validate.backends import ExposesStages, capability
-from moe_validate.contract.rules import fused_silu_fp8_group, interpreting
+from moe_validate.contract.profile import SPEC_PROFILE, NumericsProfile
+from moe_validate.contract.rules import interpreting
 from moe_validate.contract.spec import MoEInputs, QuantScheme, storage_dtype
-from moe_validate.tolerance import (ACT_FP32_ULPS, U32, U_ACC_FP8_NATIVE, Z_GATE, _acc_growth, _act_sensitivity,
-                                    _gate_up, _per_expert_gemm_scales, _requant_step, ulp)
+from moe_validate.tolerance import (ACT_FP32_ULPS, ACT_LIPSCHITZ, U32, U_ACC_FP8_NATIVE, Z_GATE, _acc_growth,
+                                    _act_sensitivity, _gate_up, _per_expert_gemm_scales, _requant_step, ulp)
 
 __all__ = ["STAGES", "ROUTE_STAGES", "CHECK_NAME", "localize", "compare_stages", "no_stages"]
 
@@ -77,18 +90,23 @@ def _route_major(t: torch.Tensor, M: int, topk: int, name: str, device) -> torch
 
 
 class _Pipeline:
-    """The mirror's stage functions and the per-stage bounds of one call (see the module docstring)."""
+    """The mirror's stage functions under the declared profile and the per-stage bounds of one call
+    (see the module docstring)."""
 
-    def __init__(self, inputs: MoEInputs, mirror: Dict[str, torch.Tensor], native_gpu: bool) -> None:
-        self.inputs, self.mirror = inputs, mirror
+    def __init__(self, inputs: MoEInputs, profile: NumericsProfile, native_gpu: bool) -> None:
+        from reference.pipeline import stage_functions
+
+        self.inputs, self.profile = inputs, profile
+        self.fns = stage_functions(*inputs.args(), **inputs.kwargs(), precision="mirror", profile=profile)
+        self.mirror = self.fns.run()
         quant = inputs.quant
         self.scheme = QuantScheme.parse(quant.scheme if quant is not None else None)
         self.S = storage_dtype(inputs.hidden_states.dtype)
-        self.valid = mirror["route_valid"].to(torch.bool)
-        self.local = mirror["route_expert"].long()
+        self.gemm_grid = self.fns.gemm_output_dtype  # where c1 and c3 round (S, or the profile's)
+        self.valid = self.fns.valid.to(torch.bool)
+        self.local = self.fns.local.long()
         self.clamp = quant.gemm1_clamp_limit if quant is not None else None
-        self.fused = fused_silu_fp8_group(inputs.activation, self.scheme, self.clamp, inputs.lora is not None)
-        self.weights = inputs.topk_weights.to(F64).to(self.valid.device)
+        self.fused = self.fns.fused
         if self.scheme.act_dtype == torch.int8:
             self.u_acc, self.exact_dot = U32, True
         else:
@@ -107,10 +125,19 @@ class _Pipeline:
             acc = 2.0 * acc  # the rank-space LoRA product accumulates in fp32 too (bounded like the base)
         return acc + epilogue_ops * U32 * value.abs()
 
-    def _stored(self, slack: torch.Tensor, expected: torch.Tensor, n_round: int) -> torch.Tensor:
-        """A slack before rounding to S, plus ``n_round`` S ulps at the value the slack reaches."""
-        # either side rounds by up to half an ulp of its own binade: one ulp above both bounds the pair
-        return slack + n_round * ulp(expected.abs() + slack + ulp(expected, self.S), self.S)
+    def _reached(self, slack: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """One ulp of ``dtype`` at the value ``slack`` can reach: either side rounds by up to half
+        an ulp of its own binade, so one ulp above both bounds the pair."""
+        return ulp(expected.abs() + slack + ulp(expected, dtype), dtype)
+
+    def _stored(self, slack: torch.Tensor, expected: torch.Tensor, n_round: int,
+                grid: Optional[torch.dtype] = None) -> torch.Tensor:
+        """A slack before rounding, plus one ulp of ``grid`` (default S: the profile's GEMM output
+        dtype for c1 and c3) for the first rounding and one S ulp for each of the others."""
+        grid = grid or self.S
+        if grid == self.S:
+            return slack + n_round * self._reached(slack, expected, self.S)
+        return slack + self._reached(slack, expected, grid) + (n_round - 1) * self._reached(slack, expected, self.S)
 
     # --- the stages: (expected from the upstream used, allowed given the upstream's slack) --------
     def c1(self, _upstream, _slack):
@@ -119,27 +146,37 @@ class _Pipeline:
         ops = int(self.scheme.act_dtype is not None) + int(self.scheme.weight_dtype is not None) \
             + int(q is not None and q.w1_bias is not None)
         expected = m["c1"]
-        return expected, self._stored(self._gemm_slack(x, m["w1"], expected, ops), expected, self.n_round)
+        slack = self._gemm_slack(x, m["w1"], expected, ops)
+        return expected, self._stored(slack, expected, self.n_round, self.gemm_grid)
 
     def c2(self, c1, c1_slack):
-        from reference.pipeline import activation_stage, storage_rounder
-
         act = self.inputs.activation
-        expected = activation_stage(c1, self.valid, act, self.clamp, storage_rounder(self.S, "mirror"),
-                                    precision="mirror", fused=self.fused)
+        expected = self.fns.c2(c1)
         g, u = _gate_up(c1.abs(), act)
         gu = g * u if u is not None else g  # the |g||u| term: where gelu's 1 + erf cancels
         slack = ACT_FP32_ULPS * U32 * (expected.abs() + gu)
         if c1_slack is not None:
             slack = slack + _act_sensitivity(c1.abs() + c1_slack, c1_slack, act)
+        if self.fns.twice and not self.fused:
+            slack = slack + self._first_of_two_roundings(c1, c1_slack)
         return expected, (slack if self.fused else self._stored(slack, expected, 1))
 
-    def c2_in(self, c2, c2_slack):
-        from reference.pipeline import requantize
+    def _first_of_two_roundings(self, c1, c1_slack):
+        """c2 = round_S(round_S(a) u'), a = act(g): where the two sides' a differ by a few fp32 ulps
+        (or by the carried c1's slack), round_S(a) may differ by one ulp_S(a), which u' multiplies."""
+        from reference.activations import gated_factors
 
-        q = self.inputs.quant
-        expected = requantize(c2, self.valid, self.scheme, q.a2_scale if q is not None else None)
-        step = _requant_step(expected, self.valid, self.scheme, self.inputs)
+        a, up = gated_factors(c1.to(torch.float32), self.inputs.activation, self.clamp)
+        a, up = a.to(F64).abs(), up.to(F64).abs()
+        a_err = ACT_FP32_ULPS * U32 * a
+        if c1_slack is not None:
+            dg, du = _gate_up(c1_slack, self.inputs.activation)
+            a_err, up = a_err + ACT_LIPSCHITZ * dg, up + du
+        return ulp(a + a_err, self.S) * up
+
+    def c2_in(self, c2, c2_slack):
+        expected = self.fns.c2_in(c2)
+        step = _requant_step(expected, self.valid, self.scheme, self.inputs, quantizer=self.fns.quantizer)
         allowed = step.clone()
         if c2_slack is not None:
             # 1-Lipschitz up to one step, and a dynamic scale moves with its absmax: relative
@@ -149,34 +186,34 @@ class _Pipeline:
         return expected, allowed
 
     def c3(self, c2_in, c2_in_slack, c2_for_lora):
-        from reference.pipeline import gemm2, lora_w2, storage_rounder
-
         inp, q = self.inputs, self.inputs.quant
-        round_S = storage_rounder(self.S, "mirror")
-        bias = None if q is None or q.w2_bias is None else q.w2_bias.to(torch.float32).to(F64)
-        expected = gemm2(c2_in, self.mirror["w2"], bias, inp.topk_weights, self.valid, self.local, round_S,
-                         apply_router_weight_on_input=inp.apply_router_weight_on_input)
-        expected = lora_w2(expected, c2_for_lora, inp.lora, inp.topk_weights, self.valid, self.local, round_S,
-                           apply_router_weight_on_input=inp.apply_router_weight_on_input)
-        w = torch.ones_like(self.weights) if inp.apply_router_weight_on_input else self.weights.abs()
+        expected = self.fns.c3(c2_in, c2_for_lora)
+        has_bias = q is not None and q.w2_bias is not None
+        w = torch.ones_like(self.valid, dtype=F64) if inp.apply_router_weight_on_input \
+            else self.fns.gemm2_weights.to(F64).to(self.valid.device).abs()
         ops = int(self.scheme.act_dtype is not None) + int(self.scheme.weight_dtype is not None) \
-            + int(bias is not None) + int(not inp.apply_router_weight_on_input)
+            + int(has_bias) + int(not inp.apply_router_weight_on_input)
         slack = self._gemm_slack(c2_in, self.mirror["w2"], expected, ops, scale_rows=w)
         if c2_in_slack is not None:
             carried, _ = _per_expert_gemm_scales(c2_in_slack, self.mirror["w2"], self.local, self.valid, power=1)
             slack = slack + carried * w[..., None]
-        return expected, self._stored(slack, expected, self.n_round)
+        return expected, self._stored(slack, expected, self.n_round, self.gemm_grid)
 
     def out(self, c3, c3_slack):
-        from reference.pipeline import combine
-
-        expected = combine(c3, self.valid, self.S, precision="mirror")
+        expected = self.fns.out(c3)
         vm = self.valid[..., None].to(F64)
         topk = self.valid.shape[1]
         slack = topk * U32 * (c3.abs() * vm).sum(1)
         if c3_slack is not None:
             slack = slack + (c3_slack * vm).sum(1)
-        return expected, self._stored(slack, expected, 1)
+        if not self.fns.sums_in_storage:
+            return expected, self._stored(slack, expected, 1)
+        # the sum in S: every partial sum rounds to S, each by up to an ulp of its own, and a
+        # rounding passes on the difference it was given (nearest rounding is monotone)
+        from reference.pipeline import storage_partial_sums
+
+        partials = storage_partial_sums(c3, self.valid, self.S)
+        return expected, slack + sum(self._reached(slack, partials[:, j], self.S) for j in range(topk))
 
 
 def _worst(kernel: torch.Tensor, expected: torch.Tensor, allowed: torch.Tensor, mask: torch.Tensor,
@@ -213,10 +250,11 @@ def _worst(kernel: torch.Tensor, expected: torch.Tensor, allowed: torch.Tensor, 
     return value, where
 
 
-def compare_stages(inputs: MoEInputs, exposed: Dict[str, Any], mirror: Dict[str, torch.Tensor],
-                   native_gpu: bool) -> Dict[str, Any]:
-    """The record's ``stages`` for a backend's ``run_stages`` result ``exposed`` (see the module docstring)."""
-    pipe = _Pipeline(inputs, mirror, native_gpu)
+def compare_stages(inputs: MoEInputs, exposed: Dict[str, Any], native_gpu: bool = False,
+                   profile: NumericsProfile = SPEC_PROFILE) -> Dict[str, Any]:
+    """The record's ``stages`` for a backend's ``run_stages`` result ``exposed``, every stage
+    function following ``profile`` (the backend's declared one; see the module docstring)."""
+    pipe = _Pipeline(inputs, profile, native_gpu)
     M, topk = pipe.valid.shape
     device = pipe.valid.device
     mask3 = pipe.valid[..., None]
@@ -266,7 +304,7 @@ def compare_stages(inputs: MoEInputs, exposed: Dict[str, Any], mirror: Dict[str,
         c2_in, c2_in_slack = used["c2"], slack_of["c2"]
     judge("c3", *pipe.c3(c2_in, c2_in_slack, used["c2"]))
     judge("out", *pipe.out(used["c3"], slack_of["c3"]))
-    return {"exposed": True, "first_diverging": first, "stages": results}
+    return {"exposed": True, "first_diverging": first, "stages": results, "profile": profile.name}
 
 
 def _summary(record: Dict[str, Any]) -> Tuple[str, str]:
@@ -305,8 +343,8 @@ def localize(case, inputs: MoEInputs, backend, out: Optional[torch.Tensor] = Non
             "name": CHECK_NAME, "outcome": "SKIP",
             "reason": (f"stage localization: backend {getattr(backend, 'name', '?')!r} exposes no intermediates "
                        "(no run_stages method); the failure is located by token, column and expert only")}
-    import reference
     from moe_validate import matrix
+    from moe_validate.verdicts import declared_profile
 
     if isinstance(case, matrix.Case) and matrix.reference_is_sampled(case):
         return no_stages(backend), {
@@ -317,9 +355,9 @@ def localize(case, inputs: MoEInputs, backend, out: Optional[torch.Tensor] = Non
         if not isinstance(exposed, dict) or not isinstance(exposed.get("out"), torch.Tensor):
             raise TypeError(f"run_stages must return a dict with the run's output under 'out'; got "
                             f"{type(exposed).__name__}")
-        mirror = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="mirror")
+        profile = declared_profile(backend)
         native_gpu = inputs.hidden_states.is_cuda and not interpreting()
-        record = compare_stages(inputs, exposed, mirror, native_gpu)
+        record = compare_stages(inputs, exposed, native_gpu, profile)
     except Exception as exc:
         from moe_validate.run.case import cuda_poisoned, one_line
 
@@ -329,15 +367,8 @@ def localize(case, inputs: MoEInputs, backend, out: Optional[torch.Tensor] = Non
         return ({**no_stages(backend), "error": one_line(exc)},
                 {"name": CHECK_NAME, "outcome": "SKIP", "reason": f"stage localization could not run: {one_line(exc)}"})
     outcome, reason = _summary(record)
-    from moe_validate.contract.profile import SPEC_PROFILE
-    from moe_validate.verdicts import declared_profile
-
-    profile = declared_profile(backend)
     if profile != SPEC_PROFILE:
-        # The stage functions are SPEC's: a declared rounding elsewhere is not modelled stage by stage.
-        record["profile_note"] = (f"stages compared with SPEC's stage functions; the backend declares profile "
-                                  f"{profile.name!r}, whose own roundings can read as a divergence")
-        reason += f"; NOTE {record['profile_note']}"
+        reason += f"; the stage functions follow the declared profile {profile.name!r}"
     if out is not None and not _same_bits(out, exposed["out"]):
         record["rerun_differs"] = True
         reason += "; NOTE the stage run's output differs from the judged run's (the backend is not deterministic)"

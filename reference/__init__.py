@@ -4,7 +4,8 @@
 can say where a result diverged; the quantizers are public so that tests and input generators
 produce exactly the formats SPEC.md defines. Each pipeline stage is also callable on its own
 from ``reference.pipeline`` (``route``, ``prepare_input``, ``gemm1``, ``lora_w13``,
-``activation_stage``, ``requantize``, ``gemm2``, ``lora_w2``, ``combine``).
+``activation_stage``, ``requantize``, ``gemm2``, ``lora_w2``, ``combine``), and as the functions of
+one call's upstream stage under a precision and numerics profile (``stage_functions``).
 """
 
 from reference.pipeline import fused_experts, run_stages

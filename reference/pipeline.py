@@ -22,10 +22,15 @@ elsewhere or quantizes with other formulas, the mirror does so too, one small fu
 (``router_weight``, ``dot_operand``, ``gemm_output_rounder``, ``activation_rounded_twice``, the
 quantizer of ``reference.quant``, ``combine_in_storage``). ``exact`` follows no profile: it is the
 scheme itself, the yardstick of accuracy whatever an implementation rounds.
+
+``StageFunctions`` (``stage_functions(...)``) holds one call's stages after routing under one
+precision and profile, each a function of its upstream stage; ``run_stages`` chains them, and the
+harness's stage localization applies them to a backend's own intermediates.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -57,6 +62,8 @@ __all__ = [
     "gemm2",
     "lora_w2",
     "combine",
+    "StageFunctions",
+    "stage_functions",
     "run_stages",
     "fused_experts",
 ]
@@ -86,10 +93,6 @@ def storage_rounder(S: torch.dtype, precision: str) -> RoundFn:
 # ---------------------------------------------------------------------------------------------
 # A profile's rounding choices (mirror mode), one function each.
 # ---------------------------------------------------------------------------------------------
-def _round_fp32(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float32).to(F64)
-
-
 def router_weight(topk_weights: torch.Tensor, S: torch.dtype, precision: WeightPrecision) -> torch.Tensor:
     """The router weights as a product uses them (float64): as given (fp32), or rounded to S first."""
     if precision is WeightPrecision.STORAGE:
@@ -113,15 +116,20 @@ def dot_operand(shape: CallShape, profile: NumericsProfile, precision: str) -> R
     return tf32
 
 
-def gemm_output_rounder(shape: CallShape, profile: NumericsProfile, precision: str) -> RoundFn:
-    """How c1 and c3 are stored: round_S (SPEC), or, for quantized (fp8 / int8) activations, in
-    the dtype the profile's ``quantized_gemm_output`` names (bf16 or fp32)."""
+def gemm_output_dtype(shape: CallShape, profile: NumericsProfile, precision: str) -> torch.dtype:
+    """The dtype c1 and c3 are stored in: S (SPEC), or, for quantized (fp8 / int8) activations in
+    mirror mode, the dtype the profile's ``quantized_gemm_output`` names (bf16 or fp32)."""
     if precision == "mirror" and shape.scheme.act_granularity is not None:
         if profile.quantized_gemm_output is GemmOutputDtype.FP32:
-            return _round_fp32
+            return torch.float32
         if profile.quantized_gemm_output is GemmOutputDtype.BF16:
-            return storage_rounder(torch.bfloat16, precision)
-    return storage_rounder(shape.storage_dtype, precision)
+            return torch.bfloat16
+    return shape.storage_dtype
+
+
+def gemm_output_rounder(shape: CallShape, profile: NumericsProfile, precision: str) -> RoundFn:
+    """How c1 and c3 are stored: rounded to ``gemm_output_dtype`` (mirror), unrounded (exact)."""
+    return storage_rounder(gemm_output_dtype(shape, profile, precision), precision)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,13 +369,34 @@ def requantize(c2: torch.Tensor, valid: torch.Tensor, scheme: QuantScheme,
 # ---------------------------------------------------------------------------------------------
 # Step 10: the top-k sum.
 # ---------------------------------------------------------------------------------------------
-def combine_in_storage(c3: torch.Tensor, valid: torch.Tensor, storage_dtype: torch.dtype) -> torch.Tensor:
-    """out [M, K] = sum over slots j in order, accumulated in S: each add in fp32, rounded to S
-    (a profile's ``TopkSum.STORAGE_UP_TO_4``, topk 2..4); invalid slots add exact zeros."""
+def sums_in_storage(topk: int, precision: str, topk_sum: TopkSum) -> bool:
+    """Whether the top-k sum accumulates in S (each add rounded to S) rather than in fp32 with one
+    rounding: a profile's ``TopkSum.STORAGE_UP_TO_4`` with topk 2..4, in mirror mode."""
+    return precision == "mirror" and topk_sum is TopkSum.STORAGE_UP_TO_4 and 2 <= topk <= 4
+
+
+def _storage_sums(c3: torch.Tensor, valid: torch.Tensor, storage_dtype: torch.dtype):
+    """Yield the partial sums over slots 0..j (fp32 holding S values) of a sum accumulated in S:
+    each add in fp32, rounded to S; invalid slots add exact zeros."""
     acc = torch.zeros(c3.shape[0], c3.shape[2], dtype=torch.float32, device=c3.device)
     for j in range(c3.shape[1]):
         term = c3[:, j].to(torch.float32)
         acc = (acc + torch.where(valid[:, j:j + 1], term, torch.zeros_like(term))).to(storage_dtype).to(torch.float32)
+        yield acc
+
+
+def storage_partial_sums(c3: torch.Tensor, valid: torch.Tensor, storage_dtype: torch.dtype) -> torch.Tensor:
+    """[M, topk, K] float64: every partial sum of a top-k sum accumulated in S (``sums_in_storage``);
+    the last is the output."""
+    return torch.stack([acc.to(F64) for acc in _storage_sums(c3, valid, storage_dtype)], 1)
+
+
+def combine_in_storage(c3: torch.Tensor, valid: torch.Tensor, storage_dtype: torch.dtype) -> torch.Tensor:
+    """out [M, K] = sum over slots j in order, accumulated in S: each add in fp32, rounded to S
+    (a profile's ``TopkSum.STORAGE_UP_TO_4``, topk 2..4); invalid slots add exact zeros."""
+    acc = torch.zeros(c3.shape[0], c3.shape[2], dtype=torch.float32, device=c3.device)
+    for acc in _storage_sums(c3, valid, storage_dtype):
+        pass
     return acc.to(F64)
 
 
@@ -376,11 +405,11 @@ def combine(c3: torch.Tensor, valid: torch.Tensor, storage_dtype: torch.dtype, *
     """out [M, K] = round_S(sum over valid slots j, in slot order, of c3[m, j]).
 
     Mirror mode accumulates in fp32 (``float(c3)``) and rounds once to S (or, where ``topk_sum``
-    says so, in S: ``combine_in_storage``); exact mode sums in float64. A token without a valid
-    route gets exact zeros.
+    says so, in S: ``sums_in_storage``, ``combine_in_storage``); exact mode sums in float64. A
+    token without a valid route gets exact zeros.
     """
     M, topk, K = c3.shape
-    if precision == "mirror" and topk_sum is TopkSum.STORAGE_UP_TO_4 and 2 <= topk <= 4:
+    if sums_in_storage(topk, precision, topk_sum):
         return combine_in_storage(c3, valid, storage_dtype)
     acc_dtype = torch.float32 if precision == "mirror" else F64
     acc = torch.zeros(M, K, dtype=acc_dtype, device=c3.device)
@@ -416,6 +445,147 @@ def _bias(b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if b is None else b.to(torch.float32).to(F64)
 
 
+@dataclass(frozen=True)
+class StageFunctions:
+    """The pipeline of one validated call, stage by stage, under one precision and profile.
+
+    Every stage after the input preparation is a function of its upstream stage: ``c1(x, x_unq)``,
+    ``c2(c1)``, ``c2_in(c2)``, ``c3(c2_in, c2)``, ``out(c3)``. ``run`` chains them from the inputs
+    (``run_stages``); stage localization (moe_validate/stages.py) applies each one to a backend's
+    own upstream stage, so both follow the profile through the same functions. Made by
+    ``stage_functions``; ``w1`` and ``w2`` are the dequantized weights as the dots read them
+    (``weight_only_operand``), ``valid`` and ``local`` the routes (``route``).
+    """
+
+    shape: CallShape
+    precision: str
+    profile: NumericsProfile  # SPEC_PROFILE for exact: the scheme itself, whatever an implementation rounds
+    hidden_states: torch.Tensor
+    topk_weights: torch.Tensor
+    a1q_scale: Optional[torch.Tensor]
+    lora: Optional[LoRASpec]
+    apply_router_weight_on_input: bool
+    valid: torch.Tensor
+    local: torch.Tensor
+    w1: torch.Tensor
+    w2: torch.Tensor
+
+    # --- the profile's choices for this call (each one of the functions above) -----------------
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return self.shape.storage_dtype
+
+    @property
+    def round_S(self) -> RoundFn:
+        return storage_rounder(self.storage_dtype, self.precision)
+
+    @property
+    def gemm_output_dtype(self) -> torch.dtype:
+        """The dtype c1 and c3 are stored in (``gemm_output_dtype``)."""
+        return gemm_output_dtype(self.shape, self.profile, self.precision)
+
+    @property
+    def fused(self) -> bool:
+        """The fused silu + fp8 1x128 path (c2 never stored in S)."""
+        return fused_silu_fp8_group(self.shape.activation, self.shape.scheme, self.shape.quant.gemm1_clamp_limit,
+                                    self.lora is not None)
+
+    @property
+    def twice(self) -> bool:
+        """Whether c2 is rounded twice (``activation_rounded_twice``)."""
+        return self.profile.rounds_activation_twice(self.shape.activation, self.shape.quant.gemm1_clamp_limit)
+
+    @property
+    def quantizer(self):
+        """The requantization quantizer (the profile's; exact: SPEC's), None when GEMM2 reads c2 as is."""
+        scheme = self.shape.scheme
+        return _quantizer(scheme, self.profile, self.precision, self.fused) if scheme.act_granularity else None
+
+    @property
+    def gemm2_weights(self) -> torch.Tensor:
+        """The router weights as GEMM2's epilogue multiplies by them (``router_weight``)."""
+        precision = self.profile.router_weight_gemm2 if self.precision == "mirror" else WeightPrecision.FP32
+        return router_weight(self.topk_weights, self.storage_dtype, precision)
+
+    @property
+    def sums_in_storage(self) -> bool:
+        """Whether the top-k sum accumulates in S (``sums_in_storage``)."""
+        return sums_in_storage(self.valid.shape[1], self.precision, self.profile.topk_sum)
+
+    # --- the stages ------------------------------------------------------------------------------
+    def x(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Steps 3-4: (x as GEMM1 uses it, x unquantized for LoRA) (``prepare_input``)."""
+        return prepare_input(self.hidden_states, self.topk_weights, self.shape,
+                             apply_router_weight_on_input=self.apply_router_weight_on_input,
+                             a1q_scale=self.a1q_scale, precision=self.precision, profile=self.profile)
+
+    def c1(self, x: torch.Tensor, x_unq: torch.Tensor) -> torch.Tensor:
+        """Steps 6-7: GEMM1 (+ bias), stored per ``gemm_output_dtype``, then the LoRA w13 delta."""
+        operand = dot_operand(self.shape, self.profile, self.precision)
+        c1 = gemm1(operand(x), operand(self.w1), _bias(self.shape.quant.w1_bias), self.valid, self.local,
+                   gemm_output_rounder(self.shape, self.profile, self.precision))
+        return lora_w13(c1, x_unq, self.lora, self.valid, self.local, self.shape.activation, self.round_S)
+
+    def c2(self, c1: torch.Tensor) -> torch.Tensor:
+        """Step 8: the activation, rounded once, twice or (fused) not at all (``activation_stage``)."""
+        return activation_stage(c1, self.valid, self.shape.activation, self.shape.quant.gemm1_clamp_limit,
+                                self.round_S, precision=self.precision, fused=self.fused, twice=self.twice)
+
+    def c2_in(self, c2: torch.Tensor) -> torch.Tensor:
+        """Step 8: the GEMM2 input, requantized with the profile's quantizer (``requantize``)."""
+        return requantize(c2, self.valid, self.shape.scheme, self.shape.quant.a2_scale, self.quantizer)
+
+    def c3(self, c2_in: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
+        """Step 9: GEMM2 (+ bias, * router weight), stored per ``gemm_output_dtype``, then the LoRA
+        w2 delta (from the unquantized ``c2``)."""
+        operand = dot_operand(self.shape, self.profile, self.precision)
+        c3 = gemm2(operand(c2_in), operand(self.w2), _bias(self.shape.quant.w2_bias), self.gemm2_weights,
+                   self.valid, self.local, gemm_output_rounder(self.shape, self.profile, self.precision),
+                   apply_router_weight_on_input=self.apply_router_weight_on_input)
+        return lora_w2(c3, c2, self.lora, self.topk_weights, self.valid, self.local, self.round_S,
+                       apply_router_weight_on_input=self.apply_router_weight_on_input)
+
+    def out(self, c3: torch.Tensor) -> torch.Tensor:
+        """Step 10: the top-k sum (``combine``)."""
+        return combine(c3, self.valid, self.storage_dtype, precision=self.precision, topk_sum=self.profile.topk_sum)
+
+    def run(self) -> Dict[str, torch.Tensor]:
+        """Every named intermediate, each stage from the one before (``run_stages``)."""
+        x, x_unq = self.x()
+        c1 = self.c1(x, x_unq)
+        c2 = self.c2(c1)
+        c2_in = self.c2_in(c2)
+        c3 = self.c3(c2_in, c2)
+        return {"x": x, "route_valid": self.valid, "route_expert": self.local, "w1": self.w1, "w2": self.w2,
+                "c1": c1, "c2": c2, "c2_in": c2_in, "c3": c3, "out": self.out(c3)}
+
+
+def stage_functions(hidden_states, w1, w2, topk_weights, topk_ids, *, activation="silu",
+                    quant: Optional[QuantConfig] = None, expert_map=None, global_num_experts: int = -1,
+                    apply_router_weight_on_input: bool = False, lora: Optional[LoRASpec] = None,
+                    a1q_scale=None, precision: str = "exact", out_dtype=None,
+                    profile: NumericsProfile = SPEC_PROFILE) -> StageFunctions:
+    """The ``StageFunctions`` of one call: validated (as the kernels validate), routed (step 2),
+    weights dequantized. Arguments as ``run_stages``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+    if not isinstance(profile, NumericsProfile):
+        raise TypeError(f"profile must be a NumericsProfile; got {type(profile).__name__}")
+    shape = validate_call(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation, quant=quant,
+                          expert_map=expert_map, global_num_experts=global_num_experts,
+                          apply_router_weight_on_input=apply_router_weight_on_input, lora=lora,
+                          a1q_scale=a1q_scale)
+    validate_index_values(shape.E, expert_map=expert_map, lora=lora, quant=quant)  # as the kernels do
+    valid, local = route(topk_ids, shape.E, shape.global_num_experts, expert_map)
+    if precision == "exact":
+        profile = SPEC_PROFILE  # exact is the scheme itself, whatever an implementation rounds
+    w1_f, w2_f = (weight_only_operand(shape, profile, precision)(w) for w in _dequantized_weights(shape, w1, w2))
+    return StageFunctions(shape=shape, precision=precision, profile=profile, hidden_states=hidden_states,
+                          topk_weights=topk_weights, a1q_scale=a1q_scale, lora=lora,
+                          apply_router_weight_on_input=apply_router_weight_on_input, valid=valid, local=local,
+                          w1=w1_f, w2=w2_f)
+
+
 def run_stages(hidden_states, w1, w2, topk_weights, topk_ids, *, activation="silu",
                quant: Optional[QuantConfig] = None, expert_map=None, global_num_experts: int = -1,
                apply_router_weight_on_input: bool = False, lora: Optional[LoRASpec] = None,
@@ -429,47 +599,13 @@ def run_stages(hidden_states, w1, w2, topk_weights, topk_ids, *, activation="sil
     requantization; ``c2_in`` [M, topk, I] GEMM2 input as used; ``c3`` [M, topk, K] after bias,
     router weight and LoRA; ``out`` [M, K]. Rows of invalid routes are zeros. ``out_dtype`` is
     accepted (and ignored) so that the keyword arguments of ``fused_experts`` pass through.
-    ``profile``: the numerics profile the mirror follows (ignored by ``exact``).
+    ``profile``: the numerics profile the mirror follows (ignored by ``exact``). The stages are
+    those of ``stage_functions``, each computed from the one before.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
-    if not isinstance(profile, NumericsProfile):
-        raise TypeError(f"profile must be a NumericsProfile; got {type(profile).__name__}")
-    shape = validate_call(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation, quant=quant,
-                          expert_map=expert_map, global_num_experts=global_num_experts,
-                          apply_router_weight_on_input=apply_router_weight_on_input, lora=lora,
-                          a1q_scale=a1q_scale)
-    validate_index_values(shape.E, expert_map=expert_map, lora=lora, quant=quant)  # as the kernels do
-    q = shape.quant
-    round_S = storage_rounder(shape.storage_dtype, precision)
-
-    valid, local = route(topk_ids, shape.E, shape.global_num_experts, expert_map)
-    if precision == "exact":
-        profile = SPEC_PROFILE  # exact is the scheme itself, whatever an implementation rounds
-    x, x_unq = prepare_input(hidden_states, topk_weights, shape,
-                             apply_router_weight_on_input=apply_router_weight_on_input,
-                             a1q_scale=a1q_scale, precision=precision, profile=profile)
-    w1_f, w2_f = (weight_only_operand(shape, profile, precision)(w) for w in _dequantized_weights(shape, w1, w2))
-    operand = dot_operand(shape, profile, precision)
-    round_gemm = gemm_output_rounder(shape, profile, precision)
-
-    c1 = gemm1(operand(x), operand(w1_f), _bias(q.w1_bias), valid, local, round_gemm)
-    c1 = lora_w13(c1, x_unq, lora, valid, local, shape.activation, round_S)
-    fused = fused_silu_fp8_group(shape.activation, shape.scheme, q.gemm1_clamp_limit, lora is not None)
-    twice = profile.rounds_activation_twice(shape.activation, q.gemm1_clamp_limit)
-    c2 = activation_stage(c1, valid, shape.activation, q.gemm1_clamp_limit, round_S,
-                          precision=precision, fused=fused, twice=twice)
-    quantizer = _quantizer(shape.scheme, profile, precision, fused) if shape.scheme.act_granularity else None
-    c2_in = requantize(c2, valid, shape.scheme, q.a2_scale, quantizer)
-    w_gemm2 = router_weight(topk_weights, shape.storage_dtype,
-                            profile.router_weight_gemm2 if precision == "mirror" else WeightPrecision.FP32)
-    c3 = gemm2(operand(c2_in), operand(w2_f), _bias(q.w2_bias), w_gemm2, valid, local, round_gemm,
-               apply_router_weight_on_input=apply_router_weight_on_input)
-    c3 = lora_w2(c3, c2, lora, topk_weights, valid, local, round_S,
-                 apply_router_weight_on_input=apply_router_weight_on_input)
-    out = combine(c3, valid, shape.storage_dtype, precision=precision, topk_sum=profile.topk_sum)
-    return {"x": x, "route_valid": valid, "route_expert": local, "w1": w1_f, "w2": w2_f,
-            "c1": c1, "c2": c2, "c2_in": c2_in, "c3": c3, "out": out}
+    return stage_functions(hidden_states, w1, w2, topk_weights, topk_ids, activation=activation, quant=quant,
+                           expert_map=expert_map, global_num_experts=global_num_experts,
+                           apply_router_weight_on_input=apply_router_weight_on_input, lora=lora,
+                           a1q_scale=a1q_scale, precision=precision, profile=profile).run()
 
 
 def fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, *, activation="silu",

@@ -12,7 +12,8 @@ declared in ``INDEPENDENT_PROFILE``:
 ``IndependentExperts(declared=...)`` says which profile it declares (default its own; ``None``:
 none, i.e. SPEC's). ``plant=`` adds one real accuracy loss: ``"ignore_expert_scale"`` (expert 1's
 GEMM2 weight scale read as expert 0's) or ``"accumulate_in_storage"`` (every floating dot's K loop
-accumulated in S, rounded after every add). Importable by name so the runner can load it as
+accumulated in S, rounded after every add). ``run_stages`` exposes its intermediates for the stage
+localization (``ExposesStages``). Importable by name so the runner can load it as
 ``independent_experts:IndependentExperts`` (the tests put this directory on ``sys.path``).
 """
 
@@ -89,13 +90,25 @@ class IndependentExperts:
 
     # --- one call ---------------------------------------------------------------------------
     def run(self, inputs, case=None):
+        return self._forward(inputs)
+
+    def run_stages(self, inputs, case=None):
+        """``run`` once more, keeping its intermediates route-major [M, topk, X] (``ExposesStages``):
+        ``c1`` and ``c3`` in S; ``c2`` in S (in fp32 on the fused silu + fp8 1x128 path, which never
+        stores it); ``c2_in``, the requantized GEMM2 input as its codes times its scales, in float64
+        (schemes that quantize activations)."""
+        stages = {}
+        out = self._forward(inputs, stages)
+        return {"out": out, **stages}
+
+    def _forward(self, inputs, stages=None):
         x = inputs.hidden_states
         S = x.dtype
         q = inputs.quant
         scheme = q.scheme.value if q is not None else "none"
         act = inputs.activation.value
         M, K = x.shape
-        E = inputs.w1.shape[0]
+        E, N = inputs.w1.shape[:2]
         topk = inputs.topk_ids.shape[1]
         G = inputs.global_num_experts if inputs.global_num_experts > 0 else E
         ids = inputs.topk_ids.long()
@@ -107,7 +120,14 @@ class IndependentExperts:
         w = inputs.topk_weights.float()
         if inputs.apply_router_weight_on_input:
             x = (x.float() * w[:, :1].to(S).float()).to(S)
+        fused = act == "silu" and scheme == "fp8_block128"
         out3 = torch.zeros(M, topk, K, dtype=torch.float32, device=x.device)
+        if stages is not None:
+            I = inputs.w2.shape[2]
+            kept = {"c1": torch.zeros(M, topk, N, dtype=S, device=x.device),
+                    "c2": torch.zeros(M, topk, I, dtype=torch.float32 if fused else S, device=x.device),
+                    "c2_in": torch.zeros(M, topk, I, dtype=torch.float64, device=x.device),
+                    "c3": torch.zeros(M, topk, K, dtype=S, device=x.device)}
         for e in range(E):
             sel = valid & (local == e)
             if not sel.any():
@@ -117,13 +137,23 @@ class IndependentExperts:
             if q is not None and q.w1_bias is not None:
                 c1 = c1 + q.w1_bias[e].float()
             c1 = c1.to(S)
-            c2 = self._activation(c1, act, S, fused=(act == "silu" and scheme == "fp8_block128"))
-            c3 = self._gemm(c2, inputs.w2[e], q, scheme, e, "w2", S)
+            c2 = self._activation(c1, act, S, fused=fused)
+            requantized = [] if stages is not None else None
+            c3 = self._gemm(c2, inputs.w2[e], q, scheme, e, "w2", S, requantized)
             if q is not None and q.w2_bias is not None:
                 c3 = c3 + q.w2_bias[e].float()
             if not inputs.apply_router_weight_on_input:
                 c3 = c3 * w[m_idx, j_idx].to(S).float()[:, None]
             out3[m_idx, j_idx] = c3.to(S).float()
+            if stages is not None:
+                kept["c1"][m_idx, j_idx], kept["c2"][m_idx, j_idx] = c1, c2
+                kept["c3"][m_idx, j_idx] = c3.to(S)
+                if requantized:
+                    kept["c2_in"][m_idx, j_idx] = requantized[0]
+        if stages is not None:
+            if scheme == "none":
+                kept["c2_in"] = "not a stage of this scheme: GEMM2 reads c2 unquantized"
+            stages.update(kept)
         return self._topk_sum(out3, valid, S)
 
     # --- pieces ------------------------------------------------------------------------------
@@ -138,8 +168,9 @@ class IndependentExperts:
             return _silu(gate) * up
         return (_ACT[act](gate).to(S).float() * up).to(S)
 
-    def _gemm(self, a, w_q, q, scheme, e, which, S):
-        """a [R, Kin] . w[e] [N, Kin]^T in fp32 with the scheme's dequantization (fp32 out)."""
+    def _gemm(self, a, w_q, q, scheme, e, which, S, requantized=None):
+        """a [R, Kin] . w[e] [N, Kin]^T in fp32 with the scheme's dequantization (fp32 out).
+        ``requantized``: a list to receive a's quantized form, codes times scales in float64."""
         scale = None if q is None else (q.w1_scale if which == "w1" else q.w2_scale)
         if self.plant == "ignore_expert_scale" and which == "w2" and e == 1:
             e_scale = 0  # the planted accuracy loss: expert 1 reads expert 0's weight scale
@@ -149,19 +180,25 @@ class IndependentExperts:
             return self._dot(a.float(), w_q.float(), S)
         if scheme == "int8_channel_token":
             codes, sx = _int8_per_token(a.float())
+            _keep(requantized, codes, sx)
             acc = (codes.double() @ w_q.double().T).float()  # exact integer dot
             return acc * sx * scale[e_scale].float()[None, :]
         if scheme == "fp8_block128":
             Kin = a.shape[1]
             acc = torch.zeros(a.shape[0], w_q.shape[0], dtype=torch.float32, device=a.device)
+            pieces = []
             for g0 in range(0, Kin, GROUP):
                 cols = slice(g0, min(Kin, g0 + GROUP))
                 codes, sx = _fp8_group(a.float()[:, cols])
+                _keep(pieces, codes, sx)
                 block = self._dot(codes, w_q[:, cols].float(), S)
                 sw = scale[e_scale][:, g0 // GROUP].float().repeat_interleave(GROUP)[: w_q.shape[0]]
                 acc = acc + block * sx * sw[None, :]
+            if requantized is not None:
+                requantized.append(torch.cat(pieces, 1))
             return acc
         codes, sx = _fp8_per_token(a.float())
+        _keep(requantized, codes, sx)
         sw = scale[e_scale].float()
         sw = sw.reshape(-1)[None, :] if scheme == "fp8_channel_token" else sw.reshape(1, 1)
         return self._dot(codes, w_q.float(), S) * sx * sw
@@ -184,6 +221,12 @@ class IndependentExperts:
                 acc = (acc.float() + c3[:, j]).to(S)
             return acc
         return c3.sum(1).to(S)
+
+
+def _keep(requantized, codes, scale):
+    """Append codes * scale (float64: exact) to ``requantized`` unless it is None."""
+    if requantized is not None:
+        requantized.append(codes.double() * scale.double())
 
 
 def _int8_per_token(x):
