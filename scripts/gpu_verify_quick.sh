@@ -6,6 +6,7 @@
 #                           (it declares its own numerics profile; issue 17: no false FAIL)
 #   vllm                    the vllm backend on smoke and premerge through the carried bundle (.gpu_vllm)
 #   nightly-fresh           nightly with fresh seeds (issue 23: no false alarm)
+#   selftest                independent mutants ($MUTANTS; default the GPU-only ones) against premerge
 # STEPS (default "premerge nightly pytest independent vllm") picks them, in that order; the call
 # ends inside LIMIT seconds (default 560). Everything lands in one tarball, $OUT/gpu.tar.gz (a
 # device machine returns few files), with a summary in $OUT/summary.log.
@@ -41,9 +42,14 @@ for s in $steps; do
       step independent $? "$(tail -n 3 "$o/r/independent.log" | tr '\n' ' ')";;
     vllm)
       if [ -d .gpu_vllm ]; then
-        OUT="$o/r" timeout "$(cap 400)" bash scripts/gpu_vllm.sh smoke premerge > "$o/r/vllm.log" 2>&1
+        OUT="$o/r" timeout "$(cap ${VLLM_LIMIT:-400})" bash scripts/gpu_vllm.sh ${VLLM_SUITES:-smoke premerge} > "$o/r/vllm.log" 2>&1
         step vllm $? "$(tail -n 4 "$o/r/vllm.log" | tr '\n' ' ')"
       else step vllm skip "no .gpu_vllm carried"; fi;;
+    selftest)  # the independent set's GPU-only mutants and smoke's survivors against premerge (issue 26)
+      timeout "$(cap 200)" python3 -m moe_validate.cli selftest --suite premerge --catalogue independent --all-cases \
+        --first-kill --workers 4 --mutant ${MUTANTS:-ind_gemm_topk_sum_contractible_add ind_shim_fp32_dot_default_precision} \
+        --out "$o/r/selftest" > "$o/r/selftest.log" 2>&1
+      step selftest $? "$(tail -n 4 "$o/r/selftest.log" | tr '\n' ' ')";;
     *) step "$s" skip "unknown step";;
   esac
 done
