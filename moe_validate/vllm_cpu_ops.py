@@ -404,7 +404,24 @@ def install(custom_ops, activation_module, triton_moe, fp8_utils) -> List[str]: 
     if "silu_and_mul_with_clamp" in stand_ins:  # the silu clamp reaches the op through utils, not activation
         original = getattr(triton_moe.swiglu_limit_func, "__wrapped__", triton_moe.swiglu_limit_func)
         triton_moe.swiglu_limit_func = _swiglu_limit_as_on_cuda(original)
+    # the fused-MoE LoRA kernels size their tiles by the device's shared memory (mem_utils asks
+    # _custom_ops at call time); CUDA-only, so only a GPU without the compiled library needs it
+    if torch.cuda.is_available() and not _has_op("_C_cuda_utils", "get_max_shared_memory_per_block_device_attribute"):
+        custom_ops.get_max_shared_memory_per_block_device_attribute = max_shared_memory_per_block_optin
+        substituted.append("_C_cuda_utils.get_max_shared_memory_per_block_device_attribute (torch's device properties)")
     return substituted
+
+
+def max_shared_memory_per_block_optin(device: int) -> int:
+    """``_C_cuda_utils.get_max_shared_memory_per_block_device_attribute``: the CUDA attribute it
+    reads is cudaDevAttrMaxSharedMemoryPerBlockOptin, which torch reports as the device property
+    ``shared_memory_per_block_optin`` (227 KiB on sm_90)."""
+    props = torch.cuda.get_device_properties(device)
+    if hasattr(props, "shared_memory_per_block_optin"):
+        return int(props.shared_memory_per_block_optin)
+    import triton  # older torch: Triton's driver reads the same attribute
+
+    return int(triton.runtime.driver.active.utils.get_device_properties(device)["max_shared_mem"])
 
 
 class _TorchOpsHolder:

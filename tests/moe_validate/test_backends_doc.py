@@ -14,6 +14,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from moe_validate.backends import get_backend
 from moe_validate.matrix import Case
@@ -49,7 +50,9 @@ def test_the_example_loads_and_passes_what_it_supports(monkeypatch):
     for case in CASES:
         record = run_case_inprocess(case, backend, backend_name="my_experts:PlainTorchBackend").record
         assert record.outcome == "PASS", (case.id, record.reason)
-        assert record.reason.startswith("PASS with 1 check(s) skipped: SKIPPED alignment contract")
+        # on a GPU the conformance count test is skipped too (not calibrated there: docs/BOUNDS.md)
+        skips = 2 if torch.cuda.is_available() else 1
+        assert record.reason.startswith(f"PASS with {skips} check(s) skipped: SKIPPED alignment contract")
         assert record.stages["exposed"] is True
     skipped = run_case_inprocess(Case(M=7, N=64, K=64, E=4, topk=2, scheme="int8_w8a16", seed=3), backend).record
     assert skipped.outcome == "SKIP" and "unquantized silu" in skipped.reason

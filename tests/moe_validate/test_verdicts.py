@@ -152,6 +152,9 @@ def count_test_on(monkeypatch):
 
 @pytest.mark.parametrize("case_id", SMOKE_LIKE)
 def test_declared_as_spec_it_fails_conformance_and_passes_accuracy(case_id, count_test_on):
+    if torch.cuda.is_available() and "-fp8_" in case_id:
+        pytest.skip("on a GPU the fp8 cases' count allowance (the fp8 MMA's flip rates) is wider than this "
+                    "profile's difference: conformance passed there with the count test on (H200, docs/PROFILES.md)")
     record = _run(case_id, IndependentExperts(declared=None))
     assert record.profile == "spec"
     assert record.verdicts["accuracy"]["outcome"] == "PASS", record.verdicts["accuracy"]["reason"]
