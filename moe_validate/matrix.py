@@ -724,6 +724,11 @@ def _smoke() -> List[Case]:
         Case(M=4, N=64, K=64, E=4, topk=2, scheme="fp8_channel_token", data="quant_ties", seed=215),
         Case(M=4, N=64, K=64, E=4, topk=2, dtype="fp16", scheme="int8_channel_token", data="quant_ties",
              seed=216),
+        # the per-tensor dynamic absmax over c2 with invalid routes (unwritten rows), and the paths
+        # invariance, whose rerun with a finite workspace poison shows a read of those rows (the
+        # absmax skips the NaN poison)
+        Case(M=6, N=64, K=64, E=4, topk=2, scheme="fp8_tensor_dynamic", routing="invalid_ids",
+             invariance="paths", seed=217),
     ]
     return _dedupe(cases)
 
