@@ -23,7 +23,8 @@ Curated kinds (``matrix.CURATED_ROUTINGS`` / ``CURATED_DATAS``), each for one pr
 data never has: ``strided_ids`` hands ``topk_ids`` over as a strided view, made after the move to
 the device (``Tensor.to`` copies a non-dense view into a dense tensor); ``tiny_row`` puts one
 token at ~4e-8, where a floor on absmax larger than SPEC's 1e-10 shows; ``quant_ties`` makes every entry of
-the hidden states an exact rounding tie of its row's dynamic scale (``quant_tie_rows``).
+the hidden states an exact rounding tie of its row's dynamic scale (``quant_tie_rows``);
+``nan_token`` gives one token a NaN and an Inf (``compare.evaluate`` leaves its row out).
 """
 
 from __future__ import annotations
@@ -101,6 +102,12 @@ def _hidden_states(case: Case, g: torch.Generator) -> torch.Tensor:
         x[int(torch.randint(M, (1,), generator=g))] *= TINY_ROW_FACTOR
     elif case.data == "quant_ties":
         x = quant_tie_rows(x, case.quant)
+    elif case.data == "nan_token" and M >= 2:
+        # not token 0, so that a token precedes it: a load running past the end of that token's
+        # row (a dropped K mask) reads this one's column 0
+        m = 1 + int(torch.randint(M - 1, (1,), generator=g))
+        x[m, 0] = math.nan
+        x[m, K - 1] = math.inf
     return x
 
 
@@ -317,14 +324,22 @@ def _calibrate_static_scales(inputs: MoEInputs) -> None:
     x = inputs.hidden_states.to(torch.float64)
     if inputs.apply_router_weight_on_input and x.shape[0]:
         x = x * inputs.topk_weights.to(torch.float64)[:, :1]
-    amax1 = float(x.abs().max()) if x.numel() else 1.0
+    amax1 = _finite_absmax(x)
     q = inputs.quant
     q.a1_scale = torch.tensor([max(amax1, 1e-10) * STATIC_SCALE_HEADROOM / FP8_MAX], dtype=torch.float32)
     q.a2_scale = torch.tensor([1.0], dtype=torch.float32)
     stages = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="exact")
     c2 = stages["c2"][stages["route_valid"]]
-    amax2 = float(c2.abs().max()) if c2.numel() else 1.0
+    amax2 = _finite_absmax(c2)
     q.a2_scale = torch.tensor([max(amax2, 1e-10) * STATIC_SCALE_HEADROOM / FP8_MAX], dtype=torch.float32)
+
+
+def _finite_absmax(x: torch.Tensor) -> float:
+    """max |x| over the finite entries (a nan_token row is calibrated around, as the kernels'
+    dynamic per-tensor absmax skips it); 1.0 for an empty tensor."""
+    if not x.numel():
+        return 1.0
+    return float(torch.where(torch.isfinite(x), x.abs(), torch.zeros_like(x)).max())
 
 
 def select_tokens(inputs: MoEInputs, index: torch.Tensor) -> MoEInputs:

@@ -66,8 +66,11 @@ DATAS = ("randn", "outliers", "zero_blocks", "positive")
 #   data quant_ties      every entry an exact rounding tie of its row's dynamic scale
 #                        (x / s = a midpoint of the code grid; s = 7 * 2^k, 1 / s inexact):
 #                        the division and the ties-to-even rounding of the activation quantizer
+#   data nan_token       one token (not the first) with NaN in column 0 and +Inf in its last
+#                        column; the comparison leaves its row out (compare.evaluate): SPEC only
+#                        asks that nothing of it leaks into the other tokens' rows
 CURATED_ROUTINGS = ("strided_ids",)
-CURATED_DATAS = ("tiny_row", "quant_ties")
+CURATED_DATAS = ("tiny_row", "quant_ties", "nan_token")
 INT4_GROUP_SIZES = (32, 64, 128)
 # An explicit launch config: ``config_token`` spells it, ``parse_config_token`` reads it back.
 _CONFIG_RE = re.compile(r"^BM(\d+)BN(\d+)BK(\d+)GM(\d+)W(\d+)S(\d+)$")
@@ -336,6 +339,13 @@ class Case:
                 return f"data=quant_ties with int8 activations needs fp16 storage (11-bit ties); got dtype={self.dtype}"
             if self.router_on_input:
                 return "data=quant_ties excludes router_on_input (round_S(x * w) moves the entries off their ties)"
+        if self.data == "nan_token":
+            if self.M < 2:
+                return f"data=nan_token needs M >= 2 (a token it could leak into); got M={self.M}"
+            # the comparison runs the reference without that token (compare.evaluate's row selection)
+            if scheme.has_dynamic_tensor_scale:
+                return (f"data=nan_token needs every output row to depend on its own token only; {scheme} has a "
+                        f"batch-wide dynamic scale")
         if cfg is not None:
             bm, bn, bk, gm, w, s = (cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"))
             for name, v in (("BLOCK_M", bm), ("BLOCK_N", bn), ("BLOCK_K", bk)):
@@ -729,6 +739,10 @@ def _smoke() -> List[Case]:
         # absmax skips the NaN poison)
         Case(M=6, N=64, K=64, E=4, topk=2, scheme="fp8_tensor_dynamic", routing="invalid_ids",
              invariance="paths", seed=217),
+        # NaN and Inf in one token's input, compared on the other tokens (SPEC Bad input: it must
+        # not leak); K = 63 ends on a partial K tile, where a load past a row's end reads the next
+        # token's column 0
+        Case(M=6, N=64, K=63, E=4, topk=2, data="nan_token", seed=218),
     ]
     return _dedupe(cases)
 

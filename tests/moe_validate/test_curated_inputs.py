@@ -1,5 +1,6 @@
 """The curated input kinds (matrix.CURATED_ROUTINGS / CURATED_DATAS): each has the one property it
-exists for, checked against the reference quantizer's own formula, not against the kernels."""
+exists for, checked against the reference's own formulas, not against the kernels; and the
+comparison that nan_token needs (compare.evaluate leaves the non-finite token's row out)."""
 
 from __future__ import annotations
 
@@ -106,8 +107,53 @@ def test_tie_rows_are_exact_ties_of_their_own_dynamic_scale(case):
     assert 0 < moved < int(on_tie.sum()), moved
 
 
+# --- nan_token ----------------------------------------------------------------------------------
+NAN_CASE = Case(M=6, N=64, K=63, E=4, topk=2, data="nan_token", seed=218)
+
+
+def test_nan_token_is_one_later_token_with_nan_and_inf():
+    from moe_validate.compare import nonfinite_tokens
+
+    x = make_inputs(NAN_CASE).hidden_states
+    bad = nonfinite_tokens(make_inputs(NAN_CASE))
+    assert len(bad) == 1 and bad[0] >= 1
+    m = bad[0]
+    assert bool(torch.isnan(x[m, 0])) and bool(torch.isposinf(x[m, -1])) and bool(torch.isfinite(x[m, 1:-1]).all())
+    others = torch.cat([x[:m], x[m + 1:]])
+    assert bool(torch.isfinite(others).all())
+    assert nonfinite_tokens(make_inputs(Case(M=6, N=64, K=63, E=4, topk=2, seed=218))) == []
+
+
+def test_static_scales_are_calibrated_on_the_finite_entries():
+    q = make_inputs(Case(**SHAPE, scheme="fp8_tensor_static", data="nan_token", seed=5)).quant
+    assert torch.isfinite(q.a1_scale).all() and torch.isfinite(q.a2_scale).all() and float(q.a1_scale) > 0
+
+
+def test_the_comparison_leaves_the_nonfinite_token_out_and_sees_a_leak():
+    """The reference's output (the NaN token's own row NaN) with that row overwritten passes, compared
+    on the other rows; one NaN in another token's row fails as a leak."""
+    from moe_validate.backends import ReferenceBackend
+    from moe_validate.compare import evaluate, nonfinite_tokens
+
+    inputs = make_inputs(NAN_CASE)
+    (m,) = nonfinite_tokens(inputs)
+    out = ReferenceBackend().run(inputs, NAN_CASE)
+    assert not torch.isfinite(out[m]).all() and torch.isfinite(torch.cat([out[:m], out[m + 1:]])).all()
+    out[m] = 12345.0  # unspecified: anything may be there
+    ev = evaluate(NAN_CASE, inputs, out)
+    assert ev.passed, ev.reason
+    assert ev.compared_rows["rows"] == [r for r in range(6) if r != m] and ev.compared_rows["of"] == 6
+    assert f"token(s) [{m}] hold NaN/Inf" in ev.reason
+    leaked = out.clone()
+    leaked[m - 1, 3] = float("nan")
+    bad = evaluate(NAN_CASE, inputs, leaked)
+    assert not bad.passed and "kernel NaN/Inf where the reference is finite at 1 element" in bad.reason
+
+
 @pytest.mark.parametrize("case, rule", [
     (Case(**SHAPE, dtype="fp16", data="tiny_row"), "tiny_row needs bf16 or fp32"),
+    (Case(M=1, N=64, K=64, E=4, topk=2, data="nan_token"), "nan_token needs M >= 2"),
+    (Case(**SHAPE, scheme="fp8_tensor_dynamic", data="nan_token"), "batch-wide dynamic scale"),
     (Case(**SHAPE, data="quant_ties"), "quant_ties needs a dynamic activation scale"),
     (Case(**SHAPE, scheme="fp8_tensor_static", data="quant_ties"), "quant_ties needs a dynamic activation scale"),
     (Case(**SHAPE, scheme="int8_channel_token", data="quant_ties"), "int8 activations needs fp16 storage"),
