@@ -37,8 +37,8 @@ from moe_validate.contract.profile import SPEC_PROFILE, NumericsProfile
 from moe_validate.contract.spec import MoEInputs, QuantScheme, storage_dtype
 from moe_validate.verdicts import GATE_CHOICES, VERDICT_ORACLE, VERDICTS, conformance_note
 
-__all__ = ["Evaluation", "evaluate", "metric_panel", "passes", "sampled_rows", "nonfinite_tokens", "TILE", "WORST_COUNT",
-           "SAMPLE_HEAD_ROWS", "SAMPLE_TAIL_ROWS"]
+__all__ = ["Evaluation", "evaluate", "metric_panel", "passes", "sampled_rows", "nonfinite_tokens", "TILE",
+           "WORST_COUNT", "SAMPLE_HEAD_ROWS", "SAMPLE_TAIL_ROWS"]
 
 F64 = torch.float64
 WORST_COUNT = 8
@@ -524,8 +524,8 @@ def evaluate(case, inputs: MoEInputs, out: torch.Tensor, rows: Optional[torch.Te
         sampled = rows is not None
         left_out = nonfinite_tokens(inputs)
         if left_out:
-            keep = rows.tolist() if sampled else range(M)
-            rows = torch.tensor([m for m in keep if m not in set(left_out)], dtype=torch.int64)
+            keep, out_set = (rows.tolist() if sampled else range(M)), set(left_out)
+            rows = torch.tensor([m for m in keep if m not in out_set], dtype=torch.int64)
     if rows is not None:
         from moe_validate.inputs import select_tokens
 

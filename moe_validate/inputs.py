@@ -22,9 +22,10 @@ data is unchanged.
 Curated kinds (``matrix.CURATED_ROUTINGS`` / ``CURATED_DATAS``), each for one property random
 data never has: ``strided_ids`` hands ``topk_ids`` over as a strided view, made after the move to
 the device (``Tensor.to`` copies a non-dense view into a dense tensor); ``tiny_row`` puts one
-token at ~4e-8, where a floor on absmax larger than SPEC's 1e-10 shows; ``quant_ties`` makes every entry of
-the hidden states an exact rounding tie of its row's dynamic scale (``quant_tie_rows``);
-``nan_token`` gives one token a NaN and an Inf (``compare.evaluate`` leaves its row out).
+token at ~4e-8, where a floor on absmax larger than SPEC's 1e-10 shows; ``quant_ties`` makes
+every entry of the hidden states an exact rounding tie of its row's dynamic scale
+(``quant_tie_rows``); ``nan_token`` gives one token a NaN and an Inf (``compare.evaluate``
+leaves its row out).
 """
 
 from __future__ import annotations

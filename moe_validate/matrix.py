@@ -334,7 +334,7 @@ class Case:
         if self.data == "quant_ties":
             if scheme.act_granularity not in ("token", "token_group", "tensor_dynamic"):
                 return f"data=quant_ties needs a dynamic activation scale (per token, group or tensor); got scheme={scheme}"
-            # int8 ties 7 * (2j + 1) * 2^-11 need 11 significant bits, fp8 ties at most 8
+            # int8 ties (j + 1/2) * 7 * 2^-8 need 11 significant bits, fp8 ties at most 8
             if scheme.value.startswith("int8") and self.dtype != "fp16":
                 return f"data=quant_ties with int8 activations needs fp16 storage (11-bit ties); got dtype={self.dtype}"
             if self.router_on_input:
