@@ -5,8 +5,9 @@ can run. Built in:
 
 - ``triton``: ``kernels.TritonExperts`` through its modular ``apply`` (output and workspaces
   allocated from ``workspace_shapes`` and poisoned with NaN before every call, so a kernel
-  that leaves a row unwritten, or reads a workspace row it never wrote, shows up as NaN). It
-  declares the optional methods below; its ``run_stages`` asks ``TritonExperts.apply`` for
+  that leaves a row unwritten, or reads a workspace row it never wrote, shows up as NaN; its
+  ``run_paths`` runs once more with a large finite poison, which a reduction that skips NaN
+  cannot skip). It declares the optional methods below; its ``run_stages`` asks ``TritonExperts.apply`` for
   copies of the intermediates it materializes on the paths it takes.
 - ``reference``: the float64 reference in ``mirror`` mode, cast to the storage dtype: a sanity
   backend that must pass every case (if it does not, the tolerance model or the comparison is
@@ -302,6 +303,15 @@ def _storage_dtype(inputs: "MoEInputs"):
     return storage_dtype(inputs.hidden_states.dtype)
 
 
+# The second poison (``TritonBackend.run_paths``): finite and exact in fp32, fp16 and bf16, far above
+# any O(1) activation. NaN catches an unwritten row that reaches the output through arithmetic;
+# this one catches a read that NaN slips through: a max that skips NaN (the per-tensor absmax skips
+# non-finite entries on purpose, SPEC "Bad input") or a select on isfinite. A correct kernel never
+# reads an unwritten row (SPEC step 10), so its output bits cannot depend on the poison.
+FINITE_POISON = 2.0 ** 14
+POISON_VARIANT = f"default paths, output and workspaces poisoned with {FINITE_POISON:g} instead of NaN"
+
+
 class TritonBackend:
     """``kernels.TritonExperts`` through its modular ``workspace_shapes`` + ``apply`` API."""
 
@@ -332,12 +342,15 @@ class TritonBackend:
         return True, ""
 
     def run(self, inputs: "MoEInputs", case: Optional["Case"] = None, *, assignment: str = "auto",
-            fuse_activation="auto", fuse_topk_sum="auto", config=None, stages=None) -> "torch.Tensor":
+            fuse_activation="auto", fuse_topk_sum="auto", config=None, stages=None,
+            poison: float = math.nan) -> "torch.Tensor":
         """``assignment``, ``fuse_activation`` and ``fuse_topk_sum`` pick TritonExperts' internal
         paths (the ``paths`` invariance re-runs with the ones not taken); the defaults let the
         kernels choose. ``last_paths`` records the ones taken. ``config`` (a kernels.KernelConfig)
         overrides the case's and the forced config. ``stages``: a dict for ``TritonExperts.apply`` to
-        copy its intermediates into (``run_stages``); None, the default, copies nothing."""
+        copy its intermediates into (``run_stages``); None, the default, copies nothing. ``poison``:
+        what the output and workspaces hold before the call (NaN; ``run_paths`` also uses
+        ``FINITE_POISON``)."""
         import torch
 
         import kernels
@@ -359,9 +372,9 @@ class TritonBackend:
         dtype = _storage_dtype(inputs)
         # NaN poison: every element the kernel should write is overwritten; anything left (or
         # read back before being written) propagates as NaN into the output and fails the case.
-        output = torch.full(tuple(out_shape), math.nan, dtype=dtype, device=hidden.device)
-        workspace13 = torch.full(tuple(ws13_shape), math.nan, dtype=dtype, device=hidden.device)
-        workspace2 = torch.full(tuple(ws2_shape), math.nan, dtype=dtype, device=hidden.device)
+        output = torch.full(tuple(out_shape), poison, dtype=dtype, device=hidden.device)
+        workspace13 = torch.full(tuple(ws13_shape), poison, dtype=dtype, device=hidden.device)
+        workspace2 = torch.full(tuple(ws2_shape), poison, dtype=dtype, device=hidden.device)
         self.last_config = self.last_config_source = None
         try:
             experts.apply(
@@ -449,7 +462,11 @@ class TritonBackend:
         other top-k sum and activation placements where the call allows them). Every one must
         give the bits of the default run: a ``(label, output)`` pair; or, for a path at another
         launch config (which may move accumulation order), a ``(label, output, output at that
-        config on the default path)`` triple. A run that takes another path than declared raises."""
+        config on the default path)`` triple. A run that takes another path than declared raises.
+
+        Last, the default paths again with the output and workspaces poisoned with
+        ``FINITE_POISON`` instead of NaN: what they held before the call must not change a bit
+        (SPEC step 10)."""
         import kernels
 
         self.run(inputs, case)  # the default paths, recorded as last_paths
@@ -472,6 +489,7 @@ class TritonBackend:
                     variants.append((alternative.label, out))
                 else:
                     variants.append((alternative.label, out, self._run_switches(inputs, case, alternative.versus)))
+            variants.append((POISON_VARIANT, self.run(inputs, case, poison=FINITE_POISON)))
         finally:
             self.last_paths, self.last_config = taken, taken_config  # describe the default run again
         return variants

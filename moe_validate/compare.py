@@ -37,8 +37,8 @@ from moe_validate.contract.profile import SPEC_PROFILE, NumericsProfile
 from moe_validate.contract.spec import MoEInputs, QuantScheme, storage_dtype
 from moe_validate.verdicts import GATE_CHOICES, VERDICT_ORACLE, VERDICTS, conformance_note
 
-__all__ = ["Evaluation", "evaluate", "metric_panel", "passes", "sampled_rows", "TILE", "WORST_COUNT",
-           "SAMPLE_HEAD_ROWS", "SAMPLE_TAIL_ROWS"]
+__all__ = ["Evaluation", "evaluate", "metric_panel", "passes", "sampled_rows", "nonfinite_tokens", "TILE",
+           "WORST_COUNT", "SAMPLE_HEAD_ROWS", "SAMPLE_TAIL_ROWS"]
 
 F64 = torch.float64
 WORST_COUNT = 8
@@ -478,6 +478,23 @@ def _default_rows(case, M: int) -> Optional[torch.Tensor]:
     return None
 
 
+def nonfinite_tokens(inputs: MoEInputs) -> List[int]:
+    """The tokens whose hidden-state row holds a NaN or an Inf (CPU ints, ascending)."""
+    x = inputs.hidden_states
+    if not x.is_floating_point() or x.element_size() == 1:  # pre-quantized fp8/int8 codes
+        return []
+    return torch.nonzero(~torch.isfinite(x).all(dim=1)).view(-1).cpu().tolist()
+
+
+def _note_finite_rows(ev: Evaluation, rows: List[int], M: int, left_out: List[int]) -> None:
+    ev.compared_rows = {"compared": len(rows), "of": M, "mode": "tokens with finite input",
+                        "how": f"token(s) {left_out} hold NaN/Inf: their own rows are unspecified, the others "
+                               f"must not see it (SPEC Bad input)",
+                        "rows": rows}
+    note = ev.rows_note()
+    ev.reason = f"{ev.reason} [{note}]" if ev.reason else note
+
+
 def evaluate(case, inputs: MoEInputs, out: torch.Tensor, rows: Optional[torch.Tensor] = None, *,
              profile: NumericsProfile = SPEC_PROFILE, gating: Tuple[str, ...] = GATE_CHOICES["both"]) -> Evaluation:
     """Runs the reference (mirror and exact) and judges ``out`` (the kernel's [M, K] output).
@@ -491,26 +508,40 @@ def evaluate(case, inputs: MoEInputs, out: torch.Tensor, rows: Optional[torch.Te
     dynamic scale). Default: all rows, except for a case ``matrix.reference_is_sampled`` marks
     (its full float64 reference would not fit), which is compared on ``sampled_rows``. A sampled
     evaluation says so in ``compared_rows``, its reason and its message.
+
+    Tokens whose input holds NaN or Inf (``nonfinite_tokens``) are left out the same way, and the
+    reference runs without them: SPEC leaves their own rows unspecified and asks only that the
+    other rows do not see them. Sound under the same condition (no batch-wide dynamic scale).
     """
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor; got {type(out).__name__}")
     M, K = inputs.hidden_states.shape
     if tuple(out.shape) != (M, K):
         raise ValueError(f"out must be [M, K] = [{M}, {K}]; got {tuple(out.shape)}")
+    sampled, left_out = False, []
     if rows is None:
         rows = _default_rows(case, M)
+        sampled = rows is not None
+        left_out = nonfinite_tokens(inputs)
+        if left_out:
+            keep, out_set = (rows.tolist() if sampled else range(M)), set(left_out)
+            rows = torch.tensor([m for m in keep if m not in out_set], dtype=torch.int64)
     if rows is not None:
         from moe_validate.inputs import select_tokens
 
         rows = torch.as_tensor(rows, dtype=torch.int64).cpu()
         scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None)
         if scheme.has_dynamic_tensor_scale:
-            raise ValueError("a row-sampled reference needs every output row to depend on its own token "
+            why = f"token(s) {left_out} hold NaN/Inf and are left out" if left_out else "a row-sampled reference"
+            raise ValueError(f"comparing selected rows ({why}) needs every output row to depend on its own token "
                              f"only; {scheme.value} has a batch-wide dynamic scale")
         tokens = rows.tolist()
         ev = _evaluate_rows(case, select_tokens(inputs, rows), out[rows.to(out.device)], tokens, profile=profile,
                             gating=gating)
-        _note_sampled_rows(ev, tokens, M)
+        if left_out and not sampled:
+            _note_finite_rows(ev, tokens, M, left_out)
+        else:
+            _note_sampled_rows(ev, tokens, M)
         return ev
     return _evaluate_rows(case, inputs, out, profile=profile, gating=gating)
 

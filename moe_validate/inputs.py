@@ -18,6 +18,14 @@ between experts and blocks. With iid weights every 128x128 block has nearly the 
 inside the fp8 tolerance at realistic sizes (seen on the H100: a scale read from expert 0
 passed premerge). The factors are drawn after every other tensor, so the rest of a case's
 data is unchanged.
+
+Curated kinds (``matrix.CURATED_ROUTINGS`` / ``CURATED_DATAS``), each for one property random
+data never has: ``strided_ids`` hands ``topk_ids`` over as a strided view, made after the move to
+the device (``Tensor.to`` copies a non-dense view into a dense tensor); ``tiny_row`` puts one
+token at ~4e-8, where a floor on absmax larger than SPEC's 1e-10 shows; ``quant_ties`` makes
+every entry of the hidden states an exact rounding tie of its row's dynamic scale
+(``quant_tie_rows``); ``nan_token`` gives one token a NaN and an Inf (``compare.evaluate``
+leaves its row out).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import torch
 
 from moe_validate.matrix import Case
 from moe_validate.contract.spec import (
+    FP8_BLOCK,
     FP8_MAX,
     LoRASpec,
     MoEInputs,
@@ -37,7 +46,8 @@ from moe_validate.contract.spec import (
     QuantScheme,
 )
 
-__all__ = ["make_inputs", "select_tokens", "torch_dtype", "LORA_RANK", "LORA_ADAPTERS", "OUTLIER_FACTOR", "STATIC_SCALE_HEADROOM"]
+__all__ = ["make_inputs", "select_tokens", "torch_dtype", "quant_tie_rows", "LORA_RANK", "LORA_ADAPTERS",
+           "OUTLIER_FACTOR", "STATIC_SCALE_HEADROOM", "TINY_ROW_FACTOR", "tie_scale"]
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LORA_RANK = 5  # SPEC LoRA: ranks need not be powers of two, so the default is not one
@@ -48,6 +58,16 @@ OUTLIER_FACTOR = 64.0  # outlier entries are this many sigmas: far beyond randn'
 # saturate on the case's own data.
 STATIC_SCALE_HEADROOM = 1.25
 HUGE_EXPERT_ID = 2**30  # a padded row's id far beyond any E: must be bound-checked
+# tiny_row: randn times 2^-26 (exact) has absmax ~4e-8, between SPEC's floor 1e-10 and any floor
+# from ~1e-7 up; GEMM1 and an activation linear near 0 keep GEMM2's input above 1e-10 too
+TINY_ROW_FACTOR = 2.0 ** -26
+# quant_ties: each row's dynamic scale s = absmax / QMAX is exactly 7 * 2^k, the power of two
+# chosen so that absmax is ~3, like a randn row's (k = -10 for fp8, -8 for int8). fl32(1 / 7) is
+# 0.43 of an ulp off, so x * (1 / s) leaves the tie x / s for every tie whose mantissa exceeds 1.33
+# (half of those then round to the other code); with s = 3 * 2^k (1/3 ulp off) no tie would move.
+def tie_scale(qmax: float) -> float:
+    """The dynamic scale of a ``quant_ties`` row for a format with this QMAX: 7 * 2^k."""
+    return 7.0 * 2.0 ** round(math.log2(3.0 / (7.0 * qmax)))
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -79,7 +99,49 @@ def _hidden_states(case: Case, g: torch.Generator) -> torch.Tensor:
         x[:, start:start + width] = 0.0
     elif case.data == "positive":
         x = x.abs()
+    elif case.data == "tiny_row" and M:
+        x[int(torch.randint(M, (1,), generator=g))] *= TINY_ROW_FACTOR
+    elif case.data == "quant_ties":
+        x = quant_tie_rows(x, case.quant)
+    elif case.data == "nan_token" and M >= 2:
+        # not token 0, so that a token precedes it: a load running past the end of that token's
+        # row (a dropped K mask) reads this one's column 0
+        m = 1 + int(torch.randint(M - 1, (1,), generator=g))
+        x[m, 0] = math.nan
+        x[m, K - 1] = math.inf
     return x
+
+
+def _code_grid(code_dtype: torch.dtype) -> torch.Tensor:
+    """The non-negative codes of an activation format, ascending (float64)."""
+    if code_dtype == torch.int8:
+        return torch.arange(128, dtype=torch.float64)
+    # every non-negative e4m3fn bit pattern but 0x7f (NaN): 0, the subnormals, ..., 448
+    return torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float64)
+
+
+def quant_tie_rows(z: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """``z`` [M, K] (randn) turned into rows of exact rounding ties of their own dynamic scale.
+
+    Every entry becomes ``sign * t * s`` with ``s = tie_scale(QMAX)`` and ``t`` the midpoint of two
+    adjacent codes of the scheme's activation format nearest to ``|z| * QMAX / 3`` (fp8: 1.0625,
+    1.1875, ... times a power of two; int8: j + 1/2); column 0 of every 128-column group becomes
+    ``sign * QMAX * s``, the absmax. So max(absmax, 1e-10) / QMAX = s exactly for a per-token,
+    per-group or per-tensor scale, x / s = t exactly, and rne(x / s) is decided by ties-to-even
+    alone. Exact in S: fp8 ties need at most 8 significant bits (bf16), int8 ties 11 (fp16).
+    """
+    qmax = scheme.act_qmax
+    scale = tie_scale(qmax)
+    codes = _code_grid(scheme.act_dtype)
+    ties = (codes[:-1] + codes[1:]) / 2
+    t = z.abs().to(torch.float64).clamp(max=3.0) * (qmax / 3.0)
+    nearest = torch.bucketize(t, ties).clamp(max=ties.numel() - 1)
+    lower = (nearest - 1).clamp(min=0)
+    pick = torch.where((ties[lower] - t).abs() < (ties[nearest] - t).abs(), lower, nearest)
+    sign = torch.where(z < 0, -1.0, 1.0).to(torch.float64)
+    x = sign * ties[pick]
+    x[:, ::FP8_BLOCK] = sign[:, ::FP8_BLOCK] * qmax
+    return (x * scale).to(torch.float32)
 
 
 def _routing(case: Case, g: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -235,7 +297,19 @@ def make_inputs(case: Case, device="cpu") -> MoEInputs:
     )
     if scheme.needs_static_act_scales:
         _calibrate_static_scales(inputs)
-    return inputs.to(device) if str(device) != "cpu" else inputs
+    if str(device) != "cpu":
+        inputs = inputs.to(device)
+    if case.routing == "strided_ids":
+        inputs = dataclasses.replace(inputs, topk_ids=_strided_ids(inputs.topk_ids, case.E))
+    return inputs
+
+
+def _strided_ids(ids: torch.Tensor, E: int) -> torch.Tensor:
+    """``ids`` [M, topk] as the first topk columns of a [M, 2 * topk] tensor on their device (row
+    stride 2 * topk). The other columns hold other valid ids, (id + 1) mod E: a kernel that reads
+    the flat route index m * topk + j instead of going through the strides gets a wrong routing,
+    not an out-of-range id."""
+    return torch.cat([ids, (ids + 1) % E], dim=1)[:, :ids.shape[1]]
 
 
 def _calibrate_static_scales(inputs: MoEInputs) -> None:
@@ -251,14 +325,22 @@ def _calibrate_static_scales(inputs: MoEInputs) -> None:
     x = inputs.hidden_states.to(torch.float64)
     if inputs.apply_router_weight_on_input and x.shape[0]:
         x = x * inputs.topk_weights.to(torch.float64)[:, :1]
-    amax1 = float(x.abs().max()) if x.numel() else 1.0
+    amax1 = _finite_absmax(x)
     q = inputs.quant
     q.a1_scale = torch.tensor([max(amax1, 1e-10) * STATIC_SCALE_HEADROOM / FP8_MAX], dtype=torch.float32)
     q.a2_scale = torch.tensor([1.0], dtype=torch.float32)
     stages = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="exact")
     c2 = stages["c2"][stages["route_valid"]]
-    amax2 = float(c2.abs().max()) if c2.numel() else 1.0
+    amax2 = _finite_absmax(c2)
     q.a2_scale = torch.tensor([max(amax2, 1e-10) * STATIC_SCALE_HEADROOM / FP8_MAX], dtype=torch.float32)
+
+
+def _finite_absmax(x: torch.Tensor) -> float:
+    """max |x| over the finite entries (a nan_token row is calibrated around, as the kernels'
+    dynamic per-tensor absmax skips it); 1.0 for an empty tensor."""
+    if not x.numel():
+        return 1.0
+    return float(torch.where(torch.isfinite(x), x.abs(), torch.zeros_like(x)).max())
 
 
 def select_tokens(inputs: MoEInputs, index: torch.Tensor) -> MoEInputs:

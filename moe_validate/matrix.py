@@ -57,6 +57,20 @@ ROUTINGS = ("uniform", "skewed", "one_expert", "empty_experts", "ties", "invalid
 #   zero_blocks  a whole token row and a whole column group are zero (scale floor QUANT_EPS)
 #   positive     |normal| (no cancellation; the output has a large mean)
 DATAS = ("randn", "outliers", "zero_blocks", "positive")
+# Values for curated cases only: valid everywhere, but not in AXES, so the generators do not cross
+# them (a new crossed value would renumber the seed of every generated case after it).
+#   routing strided_ids  uniform ids handed over as a strided view, the first topk columns of a
+#                        [M, 2 * topk] tensor (SPEC: any int32/int64 [M, topk])
+#   data tiny_row        one token row scaled by 2^-26 (absmax ~4e-8, below 1e-7): the dynamic
+#                        scale's floor (SPEC 1e-10) is all that keeps its codes
+#   data quant_ties      every entry an exact rounding tie of its row's dynamic scale
+#                        (x / s = a midpoint of the code grid; s = 7 * 2^k, 1 / s inexact):
+#                        the division and the ties-to-even rounding of the activation quantizer
+#   data nan_token       one token (not the first) with NaN in column 0 and +Inf in its last
+#                        column; the comparison leaves its row out (compare.evaluate): SPEC only
+#                        asks that nothing of it leaks into the other tokens' rows
+CURATED_ROUTINGS = ("strided_ids",)
+CURATED_DATAS = ("tiny_row", "quant_ties", "nan_token")
 INT4_GROUP_SIZES = (32, 64, 128)
 # An explicit launch config: ``config_token`` spells it, ``parse_config_token`` reads it back.
 _CONFIG_RE = re.compile(r"^BM(\d+)BN(\d+)BK(\d+)GM(\d+)W(\d+)S(\d+)$")
@@ -268,10 +282,10 @@ class Case:
             return f"lora must be one of {', '.join(LORA_MODES)}; got {self.lora!r}"
         if self.expert_map not in EXPERT_MAPS:
             return f"expert_map must be one of {', '.join(EXPERT_MAPS)}; got {self.expert_map!r}"
-        if self.routing not in ROUTINGS:
-            return f"routing must be one of {', '.join(ROUTINGS)}; got {self.routing!r}"
-        if self.data not in DATAS:
-            return f"data must be one of {', '.join(DATAS)}; got {self.data!r}"
+        if self.routing not in ROUTINGS + CURATED_ROUTINGS:
+            return f"routing must be one of {', '.join(ROUTINGS + CURATED_ROUTINGS)}; got {self.routing!r}"
+        if self.data not in DATAS + CURATED_DATAS:
+            return f"data must be one of {', '.join(DATAS + CURATED_DATAS)}; got {self.data!r}"
         reason = self._invariance_invalid_reason(scheme)
         if reason:
             return reason
@@ -315,6 +329,23 @@ class Case:
             return f"routing=empty_experts routes to E//2 experts, so it needs E >= 2*topk; got E={self.E}, topk={self.topk}"
         if self.routing == "one_expert" and self.E < 2:
             return "routing=one_expert needs E >= 2 (with E=1 every routing is one expert)"
+        if self.data == "tiny_row" and self.dtype == "fp16":
+            return "data=tiny_row needs bf16 or fp32 storage (fp16's normal range ends at 6e-5; the row would be subnormal)"
+        if self.data == "quant_ties":
+            if scheme.act_granularity not in ("token", "token_group", "tensor_dynamic"):
+                return f"data=quant_ties needs a dynamic activation scale (per token, group or tensor); got scheme={scheme}"
+            # int8 ties (j + 1/2) * 7 * 2^-8 need 11 significant bits, fp8 ties at most 8
+            if scheme.value.startswith("int8") and self.dtype != "fp16":
+                return f"data=quant_ties with int8 activations needs fp16 storage (11-bit ties); got dtype={self.dtype}"
+            if self.router_on_input:
+                return "data=quant_ties excludes router_on_input (round_S(x * w) moves the entries off their ties)"
+        if self.data == "nan_token":
+            if self.M < 2:
+                return f"data=nan_token needs M >= 2 (a token it could leak into); got M={self.M}"
+            # the comparison runs the reference without that token (compare.evaluate's row selection)
+            if scheme.has_dynamic_tensor_scale:
+                return (f"data=nan_token needs every output row to depend on its own token only; {scheme} has a "
+                        f"batch-wide dynamic scale")
         if cfg is not None:
             bm, bn, bk, gm, w, s = (cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"))
             for name, v in (("BLOCK_M", bm), ("BLOCK_N", bn), ("BLOCK_K", bk)):
@@ -692,6 +723,26 @@ def _smoke() -> List[Case]:
         Case(M=6, N=64, K=64, E=4, topk=1, router_on_input=True, lora="single", seed=211),
         # silu + fp8_block128 with gemm1_clamp_limit: the clamp rules out the fused fp8 group path
         Case(M=5, N=64, K=64, E=4, topk=2, scheme="fp8_block128", clamp=1.0, seed=212),
+        # topk_ids as a strided view (row stride 2 * topk): the ids are read through their strides
+        Case(M=6, N=64, K=64, E=4, topk=2, routing="strided_ids", seed=213),
+        # one token at ~4e-8 (below 1e-7), activation linear near 0 so that GEMM2's input stays
+        # tiny too: the dynamic scale's floor is SPEC's 1e-10, nothing larger
+        Case(M=4, N=64, K=64, E=4, topk=2, scheme="int8_channel_token", activation="silu_no_mul",
+             data="tiny_row", seed=214),
+        # hidden states of exact rounding ties for their per-token scale, fp8 (bf16) and int8 (fp16):
+        # the quantizer divides (x * (1 / s) moves ties) and rounds ties to even
+        Case(M=4, N=64, K=64, E=4, topk=2, scheme="fp8_channel_token", data="quant_ties", seed=215),
+        Case(M=4, N=64, K=64, E=4, topk=2, dtype="fp16", scheme="int8_channel_token", data="quant_ties",
+             seed=216),
+        # the per-tensor dynamic absmax over c2 with invalid routes (unwritten rows), and the paths
+        # invariance, whose rerun with a finite workspace poison shows a read of those rows (the
+        # absmax skips the NaN poison)
+        Case(M=6, N=64, K=64, E=4, topk=2, scheme="fp8_tensor_dynamic", routing="invalid_ids",
+             invariance="paths", seed=217),
+        # NaN and Inf in one token's input, compared on the other tokens (SPEC Bad input: it must
+        # not leak); K = 63 ends on a partial K tile, where a load past a row's end reads the next
+        # token's column 0
+        Case(M=6, N=64, K=63, E=4, topk=2, data="nan_token", seed=218),
     ]
     return _dedupe(cases)
 
@@ -844,7 +895,8 @@ def _value_matches(actual, text: str) -> bool:
 # Axes whose values form a closed set: a value (or glob) matching none of them is a typo, not "0 cases".
 _CLOSED_AXES: Dict[str, Tuple[str, ...]] = {
     "dtype": DTYPES, "scheme": tuple(s.value for s in QuantScheme), "activation": tuple(a.value for a in Activation),
-    "lora": LORA_MODES, "expert_map": EXPERT_MAPS, "routing": ROUTINGS, "data": DATAS,
+    "lora": LORA_MODES, "expert_map": EXPERT_MAPS, "routing": ROUTINGS + CURATED_ROUTINGS,
+    "data": DATAS + CURATED_DATAS,
 }
 _BOOL_WORDS = ("true", "false", "1", "0", "yes", "no")
 _NONE_WORDS = ("none", "null")

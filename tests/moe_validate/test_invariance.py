@@ -437,8 +437,9 @@ def _sum_variant_label(naive_fuses: bool) -> str:
 def test_triton_backend_offers_the_paths_it_did_not_take():
     """The kernels' own path choice is recorded; run_paths flips the assignment, runs the naive
     assignment with the top-k sum placement that naive run did not take, flips the activation
-    placement (fused <-> unfused), and every variant has the default's bits."""
-    from moe_validate.backends import TritonBackend
+    placement (fused <-> unfused), reruns the default with a finite poison, and every variant has
+    the default's bits."""
+    from moe_validate.backends import POISON_VARIANT, TritonBackend
 
     backend = TritonBackend()
     inputs = make_inputs(PATHS_CASE, device=default_device())
@@ -451,7 +452,8 @@ def test_triton_backend_offers_the_paths_it_did_not_take():
     assert [label for label, _ in variants] == [
         "assignment=naive (default aligned)" + (", top-k sum fused into GEMM2" if naive_fuses else ""),
         _sum_variant_label(naive_fuses),
-        "activation unfused (default fused into GEMM1)"]
+        "activation unfused (default fused into GEMM1)",
+        POISON_VARIANT]
     for _, got in variants:
         assert invariance.bitwise_difference(out, got, lambda r: r, ("a", "b")) is None
     assert backend.last_paths == default_paths
@@ -481,15 +483,16 @@ def test_triton_backend_paths_from_the_naive_path():
 
 def test_triton_backend_paths_with_lora_offer_no_fused_top_k_sum():
     """LoRA adds its w2 delta into c3 before the sum: neither the default nor any variant fuses it."""
-    from moe_validate.backends import TritonBackend
+    from moe_validate.backends import POISON_VARIANT, TritonBackend
 
     backend = TritonBackend()
     inputs = make_inputs(LORA_NAIVE_PATHS_CASE, device=default_device())
     out = backend.run(inputs, LORA_NAIVE_PATHS_CASE)
     assert backend.last_paths["assignment"] == "naive" and backend.last_paths["fused_topk_sum"] is False
     variants = backend.run_paths(inputs, LORA_NAIVE_PATHS_CASE)
-    assert [label for label, _ in variants] == ["assignment=aligned (default naive)"]
-    assert invariance.bitwise_difference(out, variants[0][1], lambda r: r, ("a", "b")) is None
+    assert [label for label, _ in variants] == ["assignment=aligned (default naive)", POISON_VARIANT]
+    for _, got in variants:
+        assert invariance.bitwise_difference(out, got, lambda r: r, ("a", "b")) is None
 
 
 class PairedPaths(_Declared):
@@ -523,7 +526,7 @@ def test_triton_backend_compares_the_fused_fp8_group_quantization_at_block_n_256
     default config): run_paths runs both placements at the default config with that BLOCK_N and
     hands them over as a triple; the backend afterwards describes the default run again."""
     from kernels import experts as experts_module
-    from moe_validate.backends import TritonBackend
+    from moe_validate.backends import POISON_VARIANT, TritonBackend
 
     fused_launches = []
     real = experts_module.invoke_grouped_gemm
@@ -542,7 +545,7 @@ def test_triton_backend_compares_the_fused_fp8_group_quantization_at_block_n_256
     default_config, default_paths = backend.last_config, dict(backend.last_paths)
     assert default_paths["fused_activation"] is False and default_config["BLOCK_N"] < 256
     variants = backend.run_paths(inputs, FP8_GROUP_PATHS_CASE)
-    assert [len(v) for v in variants] == [2, 2, 3]
+    assert [len(v) for v in variants] == [2, 2, 3, 2] and variants[3][0] == POISON_VARIANT
     label, fused, unfused = variants[2]
     assert "fused into GEMM1 vs unfused" in label and "BLOCK_N=256" in label
     assert invariance.bitwise_difference(unfused, fused, lambda r: r, ("a", "b")) is None
