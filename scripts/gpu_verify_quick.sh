@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device call of GPU evidence for a tree (one H200). Steps, each under its own time limit:
+#   smoke                   the triton backend on the CPU suite's cases ($SMOKE_FILTER)
 #   premerge, nightly       the triton backend on the GPU suites
 #   pytest                  the native tests of the kernels, the contract and the newest harness modules
+#                           ($PYTEST_FILES overrides the list)
 #   independent             tests/moe_validate/independent_experts.py as a third-party backend on premerge
 #                           (it declares its own numerics profile; issue 17: no false FAIL)
 #   vllm                    the vllm backend on smoke and premerge through the carried bundle (.gpu_vllm)
@@ -23,6 +25,10 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for s in $steps; do
   [ "$(left)" -gt 20 ] || { step "$s" skip "no time left"; continue; }
   case $s in
+    smoke)  # the CPU suite's cases natively ($SMOKE_FILTER narrows them)
+      timeout "$(cap 150)" python3 -m moe_validate.cli run --suite smoke ${SMOKE_FILTER:+--filter "$SMOKE_FILTER"} \
+        --out "$o/r/smoke" --no-report > "$o/r/smoke.log" 2>&1
+      step smoke $? "$(tail -n 3 "$o/r/smoke.log" | tr '\n' ' ')";;
     premerge|nightly)
       timeout "$(cap 200)" python3 -m moe_validate.cli run --suite $s --out "$o/r/$s" --no-report > "$o/r/$s.log" 2>&1
       step $s $? "$(tail -n 3 "$o/r/$s.log" | tr '\n' ' ')";;
@@ -31,10 +37,10 @@ for s in $steps; do
         --out "$o/r/$s" --no-report > "$o/r/$s.log" 2>&1
       step $s $? "$(tail -n 3 "$o/r/$s.log" | tr '\n' ' ')";;
     pytest)
-      timeout "$(cap 170)" python3 -m pytest -q -n 16 -p no:cacheprovider tests/kernels tests/contract \
+      timeout "$(cap 170)" python3 -m pytest -q -n 16 -p no:cacheprovider ${PYTEST_FILES:-tests/kernels tests/contract \
         tests/moe_validate/test_call_contract.py tests/moe_validate/test_stage_localization.py \
         tests/moe_validate/test_routing_contract.py tests/moe_validate/test_backends_doc.py \
-        tests/moe_validate/test_golden.py tests/moe_validate/test_verdicts.py > "$o/r/pytest.log" 2>&1
+        tests/moe_validate/test_golden.py tests/moe_validate/test_verdicts.py} > "$o/r/pytest.log" 2>&1
       step pytest $? "$(tail -n 1 "$o/r/pytest.log")"; grep -E "^(FAILED|ERROR)" "$o/r/pytest.log" | head -n 20 | tee -a "$o/summary.log";;
     independent)
       PYTHONPATH=$PWD:$PWD/tests/moe_validate timeout "$(cap 120)" python3 -m moe_validate.cli run --suite premerge \
