@@ -43,7 +43,6 @@ import torch
 from moe_validate.contract.profile import (
     SPEC_PROFILE,
     DotPrecision,
-    GemmOutputDtype,
     NumericsProfile,
     ScaleFormula,
     TopkSum,
@@ -453,15 +452,13 @@ class _ProfileRoundings:
 
 
 def _gemm_grid(inputs: MoEInputs, profile: NumericsProfile) -> torch.dtype:
-    """The dtype c1 and c3 are stored in: S, or for quantized activations the profile's
-    ``quantized_gemm_output`` (reference.pipeline.gemm_output_rounder)."""
-    scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None)
-    if scheme.act_granularity is not None:
-        if profile.quantized_gemm_output is GemmOutputDtype.FP32:
-            return torch.float32
-        if profile.quantized_gemm_output is GemmOutputDtype.BF16:
-            return torch.bfloat16
-    return storage_dtype(inputs.hidden_states.dtype)
+    """The dtype c1 and c3 are stored in under ``profile``: the mirror's rule
+    (reference.pipeline.gemm_output_dtype), applied to this call's shape."""
+    from reference.pipeline import gemm_output_dtype  # the harness may import reference
+
+    from moe_validate.contract.checks import validate_call
+
+    return gemm_output_dtype(validate_call(*inputs.args(), **inputs.kwargs()), profile, "mirror")
 
 
 def _profile_roundings(inputs: MoEInputs, stages: Dict[str, torch.Tensor], profile: NumericsProfile) -> _ProfileRoundings:
@@ -478,13 +475,9 @@ def _profile_roundings(inputs: MoEInputs, stages: Dict[str, torch.Tensor], profi
     valid = stages["route_valid"].to(torch.bool)
     T = valid.shape[1] if valid.dim() == 2 else 1
     if profile.topk_sum is TopkSum.STORAGE_UP_TO_4 and 2 <= T <= 4:
-        c3 = stages["c3"].to(F64) * valid[..., None].to(F64)
-        acc = c3[:, 0].to(torch.float32)
-        steps = []
-        for j in range(1, T):
-            acc = (acc + c3[:, j].to(torch.float32)).to(S).to(torch.float32)
-            steps.append(acc.to(F64))
-        partials = torch.stack(steps, 1)
+        from reference.pipeline import storage_partial_sums  # the harness may import reference
+
+        partials = storage_partial_sums(stages["c3"], valid, S)[:, 1:]  # after each add: where it rounds
     quantizer = None
     if scheme.act_granularity is not None:
         quantizer = profile.quantizer("int8" if scheme.act_dtype == torch.int8 else "fp8", scheme.act_granularity, fused)
