@@ -265,8 +265,9 @@ class CaseRecord(_Record):
     gating: Optional[List[str]] = None  # the verdicts that decide ``outcome`` ("accuracy", "conformance")
     profile: Optional[str] = None  # name of the numerics profile the mirror followed
     # Stage localization (moe_validate/stages.py): {"exposed": bool, "first_diverging": stage name
-    # or None, "stages": {stage: {"max_normalized", "worst": {token, column, expert, tile, ...}} or
-    # {"unavailable": why}}}; stages are compared only for a case whose output failed.
+    # or None, "profile": the numerics profile whose stage functions were used, "stages": {stage:
+    # {"max_normalized", "worst": {token, column, expert, tile, ...}} or {"unavailable": why}}};
+    # stages are compared only for a case whose output failed.
     stages: Optional[Dict[str, Any]] = None
     # What broke and where, in words (moe_validate/diagnosis.py): {"summary": one line, "where",
     # "pattern", "verdict", "stage", ...}; None for a PASS.
