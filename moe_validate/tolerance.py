@@ -926,6 +926,45 @@ def requant_c1_box(inputs: MoEInputs, exact: Dict[str, torch.Tensor], sigma_acc1
     return stores + lora_fp32 + Z_BUDGET * sigma_acc1 + _EPILOGUE_OPS_C1 * U32 * base
 
 
+def input_tie_c1_box(inputs: MoEInputs, w1: torch.Tensor, route_expert: torch.Tensor, valid: torch.Tensor
+                     ) -> Tuple[torch.Tensor, int]:
+    """([M, T, N] c1 units, how many input codes): GEMM1's input codes an accurate kernel may round
+    the other way than exact's, read through |w1| (dequantized, [E, N, K]).
+
+    Where x / s lies within the quantizer's fp32 fuzz (_QUANTIZER_OPS u32 |x / s|) of a midpoint
+    between two codes, an exact tie included, another accurate quantizer (x * (1 / s), a tie taken
+    half away from zero instead of to even, the scale in another fp32 order) may take the
+    neighbouring code: one step of x. Random data has no such element (a zero box); data built
+    on ties has many (the ``quant_ties`` data kind), and without this box a kernel that breaks its
+    ties otherwise would read as inaccurate.
+    """
+    from reference.quant import expand_act_scale, quantize_activation_codes  # the harness may import reference
+
+    scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None)
+    dev = w1.device
+    x = inputs.hidden_states.to(F64).to(dev)
+    M, K = x.shape
+    T = valid.shape[1]
+    a1 = inputs.quant.a1_scale if scheme.act_granularity == "tensor_static" else None
+    q, s = quantize_activation_codes(x, scheme, static_scale=a1)
+    scale = expand_act_scale(s, M, K).to(dev)
+    v = x / scale
+    grid = _code_grid(scheme.act_dtype, dev)
+    mids = 0.5 * (grid[1:] + grid[:-1])
+    last = grid.numel() - 1
+    idx = torch.searchsorted(grid, q.to(F64).to(dev).contiguous()).clamp(0, last)
+    fuzz = _QUANTIZER_OPS * U32 * v.abs()
+    near_up = (idx < last) & ((mids[idx.clamp(max=last - 1)] - v).abs() <= fuzz)
+    near_down = (idx > 0) & ((v - mids[(idx - 1).clamp(min=0)]).abs() <= fuzz)
+    step_up = grid[(idx + 1).clamp(max=last)] - grid[idx]
+    step_down = grid[idx] - grid[(idx - 1).clamp(min=0)]
+    jump = torch.maximum(torch.where(near_up, step_up, torch.zeros_like(v)),
+                         torch.where(near_down, step_down, torch.zeros_like(v)))
+    jump = torch.nan_to_num(jump, nan=0.0)  # a NaN token has no code to flip
+    box = _per_expert_matmul((jump * scale)[:, None, :].expand(M, T, K), w1.abs(), route_expert, valid)
+    return box, int((jump > 0).sum())
+
+
 def _code_grid(code_dtype: torch.dtype, device) -> torch.Tensor:
     """Every finite code value of the activation format, ascending (float64)."""
     if code_dtype == FP8_DTYPE:
@@ -1330,7 +1369,8 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
 
             exact = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="exact")
         exact = {k: v.to(dev) for k, v in exact.items()}
-        b_c1 = requant_c1_box(inputs, exact, sigma_c1) * vmask
+        tie_c1, n_ties = input_tie_c1_box(inputs, w1, rexp, valid)
+        b_c1 = (requant_c1_box(inputs, exact, sigma_c1) + tie_c1) * vmask
         flip_ev = requant_flip_events(inputs, exact, b_c1)
         flip_b, flip_cap = _flip_sum_quantile(flip_ev, w2, rexp, valid, wts,
                                               group=128 if scheme.act_granularity == "token_group" else max(I, 1))
@@ -1346,7 +1386,7 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             partial = _per_expert_matmul(part, w2, rexp, valid).abs()  # [M, T, K]
             scale_shift_b += (rho_abs[..., g0:g0 + 1] * wts[..., None] * partial * vmask).sum(1)
         if budget_detail is not None:
-            budget_detail.update(flip_ev, b_c1=b_c1, flip_term=flip_b, flip_cap=flip_cap)
+            budget_detail.update(flip_ev, b_c1=b_c1, tie_c1=tie_c1, flip_term=flip_b, flip_cap=flip_cap)
     def budget_terms(sig_acc1, sig_acc2, with_hard: bool):
         """(var_b, hard_b, var_flip) for given accumulation std of GEMM1 (per c1) and GEMM2 (per c3)."""
         var_c1 = n_round_c1 * (ulp_c1 * r12) ** 2 + sig_acc1 ** 2
@@ -1433,7 +1473,8 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
         rel_max = float(torch.maximum(flip_ev["rho_lo"].abs(), flip_ev["rho_hi"].abs())[vsel].max()) if n_codes else 0.0
         n_cells = flip_ev["p_up"].shape[0]
         ratio = (flip_b / flip_cap.clamp_min(1e-300))[flip_cap > 0]
-        requant_terms = {"requant_codes": float(n_codes), "requant_codes_may_flip": float(n_cand),
+        requant_terms = {"input_codes_at_ties": float(n_ties),
+                         "requant_codes": float(n_codes), "requant_codes_may_flip": float(n_cand),
                          "requant_flips_expected": expected, "requant_scale_rel_max": rel_max,
                          "requant_flip_term_max": float(flip_b.max())}
         requant_lines = [
@@ -1445,6 +1486,8 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             f"flip p <= (b - x) / 2b, x = d - (the cell's largest shift toward the midpoint at distance d) "
             f"(symmetric unimodal e; 1 if x <= 0): {n_cand} of {n_codes} codes may flip, sum p <= {expected:.3g}",
             "dequantized scale shift (hard): per group |rho| w |sum_{i in group} w2 c2_in| (exact's partial GEMM2)",
+            f"GEMM1 input codes at ties: {n_ties} x / s within {_QUANTIZER_OPS:g} u32 of a midpoint, where another accurate "
+            "quantizer may take the neighbouring code: one step each, through |w1|, added to the c1 box",
             f"flips per output element: X+ (raising) and X- (lowering) sums of w w2 jump_i in known directions; "
             f"Chernoff x* = min_t (sum_(route, group) max_cell sum_i log(1 + p (e^(t a) - 1)) + ln(1/{FLIP_ALPHA:g})) / t, "
             "capped by sum a; "

@@ -199,3 +199,54 @@ def test_flip_term_is_within_its_all_flip_cap_and_records_its_terms():
     d = (mirror["out"] - exact["out"]).abs()
     assert float((d / budget.allowed).max()) <= 1.0
     assert math.isfinite(budget.terms["requant_flip_term_max"])
+
+
+TIE_CASES = [
+    "bf16-fp8_channel_token-silu-M4N64K64E4k2-d_quant_ties-s215",
+    "fp16-int8_channel_token-silu-M4N64K64E4k2-d_quant_ties-s216",
+]
+
+
+@pytest.mark.parametrize("case_id", TIE_CASES)
+def test_an_implementation_breaking_input_ties_otherwise_stays_in_the_budget(case_id):
+    # every hidden-state entry of the quant_ties data sits on a midpoint between two codes: a kernel
+    # rounding ties half away (int8) or scaling by the reciprocal takes other codes than exact's,
+    # and must still be accurate (tolerance.input_tie_c1_box)
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from independent_experts import IndependentExperts
+
+    case = Case.from_id(case_id)
+    inputs = make_inputs(case)
+    mirror, exact, budget, detail = _budget(case, inputs)
+    assert budget.terms["input_codes_at_ties"] >= inputs.hidden_states.numel() // 2
+    assert float(detail["tie_c1"].max()) > 0
+    out = IndependentExperts().run(inputs, case).to(F64)
+    worst = float(((out - exact["out"].to(F64)).abs() / budget.allowed).max())
+    assert worst <= 1.0, f"{case_id}: an implementation breaking ties otherwise uses {worst:.3g} of the budget"
+
+
+def test_the_input_tie_box_is_zero_off_the_ties():
+    # the same int8 tie rows moved a quarter step off their midpoints (the absmax entry, a code
+    # itself, stays): no entry is near a midpoint any more, and the box is exactly zero
+    from reference.quant import expand_act_scale, quantize_activation_codes
+
+    case = Case.from_id("fp16-int8_channel_token-silu-M4N64K64E4k2-d_quant_ties-s216")
+    inputs = make_inputs(case)
+    x = inputs.hidden_states.to(F64)
+    q, scale = quantize_activation_codes(x, QuantScheme.parse(case.scheme))
+    s_full = expand_act_scale(scale, *x.shape)
+    v = x / s_full
+    off = torch.where(q.abs() == INT8_MAX, v, torch.floor(v) + 0.25)
+    moved = dataclasses.replace(inputs, hidden_states=(off * s_full).to(inputs.hidden_states.dtype))
+    # storing to fp16 moves each entry by < 2^-11 of itself, far less than the quarter step
+    M, T = inputs.topk_ids.shape
+    valid = torch.ones(M, T, dtype=torch.bool)
+    experts = inputs.topk_ids.long()
+    w1 = inputs.w1.to(F64) * inputs.quant.w1_scale.to(F64).reshape(inputs.w1.shape[0], -1, 1)
+    on_ties, n_on = tol.input_tie_c1_box(inputs, w1, experts, valid)
+    assert n_on >= x.numel() // 2 and float(on_ties.max()) > 0
+    box, n = tol.input_tie_c1_box(moved, w1, experts, valid)
+    assert n == 0 and float(box.abs().max()) == 0.0
