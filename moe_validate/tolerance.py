@@ -328,6 +328,12 @@ _MEAN_ABS = math.sqrt(2.0 / math.pi)  # E|C| / sigma for a Gaussian C
 TF32_BITS = 11  # TF32: 10 stored mantissa bits and the implicit one
 
 
+def _tf32_ulp(v: torch.Tensor) -> torch.Tensor:
+    """The spacing of the TF32 grid (TF32_BITS significant bits) at |v|; 0 at 0."""
+    _, exponent = torch.frexp(v.abs())
+    return torch.where(v == 0, torch.zeros_like(v), torch.ldexp(torch.ones_like(v), exponent - TF32_BITS))
+
+
 def product_bits(scheme: QuantScheme, S: torch.dtype, tf32: bool = False,
                  weight_in_storage: bool = False) -> Optional[int]:
     """Significant bits of one GEMM product for ``scheme`` with storage ``S`` (None: int8 x int8,
@@ -404,6 +410,8 @@ def _act_partials(c1: torch.Tensor, act: Activation, clamp_limit) -> Tuple[torch
 # - TF32 dots: both sides read the same TF32 operands (the mirror truncates them too); the products
 #   carry 22 bits (exact in fp32) and are accumulated by the same fp32 tensor-core accumulator the
 #   model uses for bf16 and fp16 dots, so only the product bits change (same accumulation class);
+#   GEMM2's operand c2 is an intermediate, though: its TF32 rounding flips where c2 differs (the
+#   per-element gate takes it as a requantization step of one TF32 ulp);
 # - router weight rounded to S, other quantizer formulas: a function of the inputs alone, computed
 #   the same on both sides: no flip of their own (their flips come from differing c2, modelled already).
 @dataclass
@@ -444,7 +452,8 @@ class _ProfileRoundings:
                        "sides (no flip term); the products carry 2 x S bits (accumulation class by product_bits)")
         if self.tf32:
             out.append("TF32 dots: both sides read TF32 operands (22-bit products, exact in fp32): same accumulation "
-                       "unit and class as other fp32-accumulated dots")
+                       "unit and class as other fp32-accumulated dots; GEMM2's operand c2 is an intermediate, so its "
+                       "TF32 rounding is a flip event of one TF32 ulp (the gate's requantization step)")
         if p.router_weight_gemm2 != SPEC_PROFILE.router_weight_gemm2 or \
                 p.router_weight_input != SPEC_PROFILE.router_weight_input:
             out.append("router weight rounded to S: the same function of an input on both sides: no flip term")
@@ -1268,6 +1277,11 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     else:
         p_q = torch.zeros_like(c2)
         step = step_gate = torch.zeros_like(c2)
+        if pr.tf32:
+            # GEMM2 reads c2, an intermediate, as TF32 (the profile's fp32 dots): a rounding to the
+            # TF32 grid that differing c2 can flip, as a requantization step is
+            step_gate = _tf32_ulp(c2)
+            p_q = torch.clamp(FLIP_SIGMAS * sigma_c2_pre / step_gate.clamp_min(1e-300), max=1.0)
     # one flip event moves one c2_in element i by at most delta_i: an S ulp of c2, the
     # activation's image of an S ulp of c1, and (quantized activations) one requantization step
     delta = ulp_c2 + _act_sensitivity(c1, ulp_c1, act) + step_gate

