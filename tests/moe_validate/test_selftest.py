@@ -13,14 +13,16 @@ What is proved here, cheapest first:
   kill matrix and exits 0; the verdict logic (exit 1 on a survivor, a stale patch or a failing
   clean copy) on hand-made runs.
 
-Layout for pytest-xdist: every mutant is its own test item (one subprocess each) and the clean
+Layout for pytest-xdist: every mutant is its own test item (one child process each) and the clean
 run is split into chunks, so two workers share the work evenly.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -205,6 +207,29 @@ def test_gap_mutant_is_killed_by_the_case_smoke_lacks(name):
     assert mutant.reaches(Case.from_id(case_id))
     (run,), tail = selftest.run_copy(mutant, [case_id])
     assert run.outcome == "FAIL" and run.caught_by == "mirror:max_normalized", f"{run}\n{tail[-1500:]}"
+
+
+def test_a_forked_child_gives_what_a_fresh_interpreter_gives(monkeypatch):
+    """run_copy's children fork from a server that imported torch and triton (_server_context);
+    the same mutant and cases through a fresh interpreter give the same runs, margins bit for bit."""
+    mutant = mutant_by_name("tile_owner_off_by_one")  # its first case passes, its second kills
+    ids = [c.id for c in selftest.select_cases(mutant, SUITE, on_gpu=ON_GPU)][:2]
+    assert selftest._server_context() is not None
+    forked, _ = selftest.run_copy(mutant, ids)
+    monkeypatch.setattr(selftest, "_server_context", lambda: None)
+    fresh, tail = selftest.run_copy(mutant, ids)
+    assert [r.outcome for r in fresh] == ["PASS", "FAIL"], tail[-1500:]
+    untimed = [dataclasses.replace(r, duration_s=0.0) for r in forked + fresh]
+    assert untimed[:len(ids)] == untimed[len(ids):]
+
+
+def test_the_server_serves_only_the_environment_it_started_with(monkeypatch):
+    """Its imports read the environment once (thread counts): after a change, fresh interpreters."""
+    assert selftest._server_context() is not None
+    monkeypatch.setenv("PYTEST_CURRENT_TEST", "rewritten by pytest per test: ignored")
+    assert selftest._server_context() is not None
+    monkeypatch.setenv("OMP_NUM_THREADS", str(os.cpu_count() + 1))
+    assert selftest._server_context() is None
 
 
 # ---------------------------------------------------------------------------------------------
