@@ -7,8 +7,10 @@ For each mutant of a catalogue (an exact-text patch of ``kernels/``): ``planted`
 1. copy the ``kernels`` package into a temporary directory and apply the patch there (the
    production source is never touched; a hunk that does not match exactly once makes the mutant
    *stale*, reported loudly and counted as a failure of the selftest);
-2. run the mutant's cases in ONE subprocess whose ``sys.path`` starts with that directory, so
-   ``import kernels`` gets the mutant; ``TRITON_INTERPRET`` is inherited from this process. Inside,
+2. run the mutant's cases in ONE child process whose ``sys.path`` starts with that directory, so
+   ``import kernels`` gets the mutant; ``TRITON_INTERPRET`` is inherited from this process. The
+   child is forked from a server that has imported torch, triton and numpy, never ``kernels``
+   (``_server_context``); where that cannot be, it is a fresh interpreter. Inside,
    each case goes through the harness exactly as a user's run does
    (``runner.run_case_inprocess`` -> ``inputs.make_inputs`` -> ``backends.TritonBackend`` with NaN-
    poisoned workspaces -> ``compare.evaluate`` against the reference);
@@ -33,11 +35,13 @@ import concurrent.futures
 import datetime as _dt
 import importlib.util
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,6 +316,54 @@ def _child_env(root: Path) -> Dict[str, str]:
     return env
 
 
+# A child forked from one server that has imported torch, triton and numpy skips the ~2.3 s a
+# fresh interpreter spends importing them (issue 22, on the 2-core CI host: a smoke selftest starts
+# ~55 children; tests/moe_validate/test_selftest.py on 2 xdist workers went from 207 s to 49 s).
+# The server imports neither ``kernels`` nor anything that initialises CUDA, so a fork starts as
+# clean as a fresh interpreter. Its imports read the environment once (thread counts: OpenBLAS,
+# OpenMP), so the server serves only while this process's environment is the one it started with.
+_SERVER_PRELOAD = ["torch", "triton", "triton.language", "triton.experimental.gluon", "numpy"]
+_SERVER_ENV_IGNORED = ("PYTEST_CURRENT_TEST",)  # pytest rewrites it per test; no import reads it
+_server_lock = threading.Lock()
+_server_env: Optional[Dict[str, str]] = None
+
+
+def _server_context():
+    """The ``forkserver`` context for the children, or None: a fresh interpreter then (no
+    forkserver on this platform, or the environment changed since the server started)."""
+    global _server_env
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    main_file = getattr(sys.modules["__main__"], "__file__", None)
+    if main_file is not None and not os.path.exists(main_file):
+        return None  # '<stdin>': a forked child re-imports __main__ (multiprocessing), there is none
+    env = {k: v for k, v in os.environ.items() if k not in _SERVER_ENV_IGNORED}
+    with _server_lock:
+        if _server_env is None:
+            from multiprocessing import forkserver
+
+            forkserver.set_forkserver_preload(_SERVER_PRELOAD)
+            forkserver.ensure_running()  # now, with the environment recorded here
+            _server_env = env
+    return multiprocessing.get_context("forkserver") if env == _server_env else None
+
+
+def _forked_child(root: str, spec_path: str, log_path: str, env: Dict[str, str]) -> None:
+    """A forked child takes what ``python -c`` started in ``root`` with ``env`` would have (its
+    output in the log, that environment, that working directory first on ``sys.path``, then
+    ``PYTHONPATH``, no bytecode written), then runs ``_child_main``."""
+    log = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(root)
+    sys.path[:0] = [""] + env["PYTHONPATH"].split(os.pathsep)
+    sys.dont_write_bytecode = True
+    sys.exit(_child_main([spec_path]))
+
+
 def run_copy(mutant: Optional[Mutant], case_ids: Sequence[str], *, device: Optional[str] = None,
              stop_on_kill: bool = False, timeout_s: Optional[float] = None) -> Tuple[List[CaseRun], str]:
     """Run ``case_ids`` against a copy of the kernels (patched with ``mutant``, or clean for None).
@@ -386,19 +438,34 @@ def _run_child(root: Path, kernels_dir: Path, results: Path, case_ids: Sequence[
                                      "kernels_dir": str(kernels_dir), "stop_on_kill": stop_on_kill}),
                          encoding="utf-8")
     log_path = root / f"child{attempt}.log"
-    cmd = [sys.executable, "-c", "import sys; from moe_validate.selftest import _child_main; "
-                                 "sys.exit(_child_main())", str(spec_path)]
+    env = _child_env(root)
     ended = "exit"
+    context = _server_context()
     with open(log_path, "w", encoding="utf-8") as log:
-        # cwd = the copy's root: `python -c` puts the cwd first on sys.path, so it must hold the
-        # (mutated) kernels copy and nothing else.
-        proc = subprocess.Popen(cmd, cwd=root, env=_child_env(root), stdout=log, stderr=subprocess.STDOUT)
-        try:
-            rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            rc, ended = None, "timeout"
+        if context is not None:
+            proc = context.Process(target=_forked_child, args=(str(root), str(spec_path), str(log_path), env))
+            proc.start()
+            try:
+                proc.join(timeout_s)
+            finally:
+                if proc.exitcode is None:  # over the limit (or this process interrupted)
+                    proc.kill()
+                    proc.join()
+                    ended = "timeout"
+            rc = None if ended == "timeout" else proc.exitcode
+            proc.close()
+        else:
+            # cwd = the copy's root: `python -c` puts the cwd first on sys.path, so it must hold the
+            # (mutated) kernels copy and nothing else.
+            cmd = [sys.executable, "-c", "import sys; from moe_validate.selftest import _child_main; "
+                                         "sys.exit(_child_main())", str(spec_path)]
+            proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                rc = proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                rc, ended = None, "timeout"
     return rc, ended, log_path.read_text(encoding="utf-8", errors="replace")
 
 

@@ -164,12 +164,19 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _line(rec: Dict[str, Any]) -> str:
+    try:  # the common case, every float finite: _json_safe would copy the record unchanged
+        return json.dumps(rec, sort_keys=True, allow_nan=False)
+    except ValueError:
+        return json.dumps(_json_safe(rec), sort_keys=True)
+
+
 def write_jsonl(path: Path, records: Sequence[Dict[str, Any]]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
         for rec in records:
-            fh.write(json.dumps(_json_safe(rec), sort_keys=True) + "\n")
+            fh.write(_line(rec) + "\n")
     return path
 
 
