@@ -243,9 +243,12 @@ VLLM_PROFILE = NumericsProfile(
     # activations (F.silu / F.gelu on S tensors) round once; the fused silu + fp8_block128 path
     # (ops.silu_and_mul_per_block_quant) quantizes the fp32 activation, as SPEC's fused path does.
     activation_rounding=ActivationRounding.DOUBLE,
-    # silu with a clamp: experts/triton_moe.py TritonExperts.activation -> utils.py swiglu_limit_func
-    # (one store of the fp32 result on the Triton/torch paths); swiglustep: swiglustep_and_mul_triton
-    double_rounded_activations=("silu", "gelu", "gelu_tanh"),
+    # silu with a clamp: experts/triton_moe.py TritonExperts.activation -> utils.py swiglu_limit_func,
+    # which on CUDA (without topk_ids) calls torch.ops._C.silu_and_mul_with_clamp: the clamped
+    # silu(g) stored to S, then the product (csrc's act_and_mul pattern; vllm_cpu_ops stands in for
+    # it); off CUDA its torch fallback stores once. The backend validates the CUDA path.
+    # swiglustep: swiglustep_and_mul_triton (one store)
+    double_rounded_activations=("silu", "gelu", "gelu_tanh", "silu_clamped"),
     # fused_moe.py fused_moe_kernel: `accumulator *= moe_weight[:, None]` in fp32 before the one cast
     router_weight_gemm2=WeightPrecision.FP32,
     # prepare_finalize/no_dp_ep.py prepare: `a1 * topk_weights.to(a1.dtype)` (w rounded to S, then

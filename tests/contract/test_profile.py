@@ -68,7 +68,9 @@ def test_double_rounding_names_gated_activations_and_silu_clamped_apart():
             act = Activation.parse("silu" if name == "silu_clamped" else name)
             assert act.is_gated, f"{profile.name}: {name} is not a gated activation"
     assert VLLM_PROFILE.rounds_activation_twice(Activation.GELU, None)
-    assert not VLLM_PROFILE.rounds_activation_twice("silu", 7.0)  # the clamped path stores once
+    # the clamped silu goes through CUDA's silu_and_mul_with_clamp, which stores silu(g) first
+    assert VLLM_PROFILE.rounds_activation_twice("silu", 7.0)
+    assert not SPEC_PROFILE.rounds_activation_twice("silu", 7.0)
     assert not VLLM_PROFILE.rounds_activation_twice("swigluoai", None)
     assert not SPEC_PROFILE.rounds_activation_twice("silu", None)
 
@@ -87,7 +89,7 @@ def test_vllm_profile_values():
     p = VLLM_PROFILE
     assert p.name == "vllm-0.32"
     assert p.activation_rounding is ActivationRounding.DOUBLE
-    assert p.double_rounded_activations == ("silu", "gelu", "gelu_tanh")
+    assert p.double_rounded_activations == ("silu", "gelu", "gelu_tanh", "silu_clamped")
     assert p.router_weight_gemm2 is WeightPrecision.FP32 and p.router_weight_input is WeightPrecision.STORAGE
     assert p.quantized_gemm_output is GemmOutputDtype.BF16 and p.weight_only_dequantized is WeightPrecision.STORAGE
     assert p.fp32_dot is DotPrecision.TF32 and p.topk_sum is TopkSum.STORAGE_UP_TO_4
