@@ -413,7 +413,9 @@ def _act_partials(c1: torch.Tensor, act: Activation, clamp_limit) -> Tuple[torch
 #   GEMM2's operand c2 is an intermediate, though: its TF32 rounding flips where c2 differs (the
 #   per-element gate takes it as a requantization step of one TF32 ulp);
 # - router weight rounded to S, other quantizer formulas: a function of the inputs alone, computed
-#   the same on both sides: no flip of their own (their flips come from differing c2, modelled already).
+#   the same on both sides: no flip of their own (their flips come from differing c2, modelled already);
+# - LoRA rank intermediate stored to S: rounded alike on both sides; a shrink accumulated in another
+#   fp32 order could flip it, which is not modelled (said in the derivation).
 @dataclass
 class _ProfileRoundings:
     """What ``profile`` changes for one call (see above); float64 tensors from the mirror's stages."""
@@ -428,6 +430,7 @@ class _ProfileRoundings:
     tf32: bool
     weight_in_storage: bool  # a weight-only scheme's dequantized weight rounded to S before the dot
     quantizer: object  # the profile's requantization quantizer (None: unquantized)
+    lora_rank_in_storage: bool = False  # the call has LoRA and the profile stores its rank intermediate to S
 
     def lines(self, S: torch.dtype) -> List[str]:
         """The derivation lines of what this profile adds (empty for SPEC's)."""
@@ -454,6 +457,10 @@ class _ProfileRoundings:
             out.append("TF32 dots: both sides read TF32 operands (22-bit products, exact in fp32): same accumulation "
                        "unit and class as other fp32-accumulated dots; GEMM2's operand c2 is an intermediate, so its "
                        "TF32 rounding is a flip event of one TF32 ulp (the gate's requantization step)")
+        if self.lora_rank_in_storage:
+            out.append("LoRA rank intermediate stored to S: rounded the same on both sides; its flips (an fp32 shrink "
+                       "in another order crossing an S midpoint) are not modelled: an implementation that declares it "
+                       "is judged as if its shrink matched the mirror's order")
         if p.router_weight_gemm2 != SPEC_PROFILE.router_weight_gemm2 or \
                 p.router_weight_input != SPEC_PROFILE.router_weight_input:
             out.append("router weight rounded to S: the same function of an input on both sides: no flip term")
@@ -493,8 +500,9 @@ def _profile_roundings(inputs: MoEInputs, stages: Dict[str, torch.Tensor], profi
     tf32 = profile.fp32_dot is DotPrecision.TF32 and product_bits(scheme, S, True) == 2 * TF32_BITS
     weight_in_storage = (scheme.weight_dtype is not None and scheme.act_granularity is None
                          and profile.weight_only_dequantized is WeightPrecision.STORAGE)
+    lora_rank_in_storage = inputs.lora is not None and profile.lora_rank_intermediate is WeightPrecision.STORAGE
     return _ProfileRoundings(profile, gemm_grid, act_gate, act_up, gate_partial, up_partial, partials, tf32,
-                             weight_in_storage, quantizer)
+                             weight_in_storage, quantizer, lora_rank_in_storage)
 
 
 def _gate_factors(c1: torch.Tensor, act: Activation, clamp_limit):

@@ -93,6 +93,14 @@ def storage_rounder(S: torch.dtype, precision: str) -> RoundFn:
 # ---------------------------------------------------------------------------------------------
 # A profile's rounding choices (mirror mode), one function each.
 # ---------------------------------------------------------------------------------------------
+def lora_rank_rounder(S: torch.dtype, profile: NumericsProfile, precision: str) -> RoundFn:
+    """LoRA's shrink result as the expand dot reads it: kept (SPEC) or, where the profile's
+    ``lora_rank_intermediate`` says so, stored to S first (mirror mode)."""
+    if profile.lora_rank_intermediate is WeightPrecision.STORAGE:
+        return storage_rounder(S, precision)
+    return _identity
+
+
 def router_weight(topk_weights: torch.Tensor, S: torch.dtype, precision: WeightPrecision) -> torch.Tensor:
     """The router weights as a product uses them (float64): as given (fp32), or rounded to S first."""
     if precision is WeightPrecision.STORAGE:
@@ -271,11 +279,13 @@ def _lora_groups(adapter: torch.Tensor, local: torch.Tensor, E: int, L: int):
 
 
 def lora_w13(c1: torch.Tensor, x_unq: torch.Tensor, lora: Optional[LoRASpec], valid: torch.Tensor,
-             local: torch.Tensor, activation: Activation, round_S: RoundFn) -> torch.Tensor:
-    """c1 with the LoRA w13 delta added: ``round_S(c1 + round_S((x_unq . A^T) . B^T))``.
+             local: torch.Tensor, activation: Activation, round_S: RoundFn,
+             round_rank: RoundFn = _identity) -> torch.Tensor:
+    """c1 with the LoRA w13 delta added: ``round_S(c1 + round_S(round_rank(x_unq . A^T) . B^T))``.
 
     Two slices (gate, up) land on rows [0, N/2) and [N/2, N), or on even and odd rows for
-    swigluoai. Routes without an active adapter keep c1 bit for bit.
+    swigluoai. Routes without an active adapter keep c1 bit for bit. ``round_rank``: how the
+    rank-space intermediate is stored (SPEC: not rounded; a profile's ``lora_rank_intermediate``).
     """
     if lora is None:
         return c1
@@ -286,7 +296,7 @@ def lora_w13(c1: torch.Tensor, x_unq: torch.Tensor, lora: Optional[LoRASpec], va
     slices = lora.w13_slices
     for l, e, routes in _lora_groups(adapter, local, E, lora.num_adapters):
         x_rows = x_unq[routes // topk]
-        deltas = [(x_rows @ a[l, e].to(F64).T) @ b[l, e].to(F64).T for a, b in slices]
+        deltas = [round_rank(x_rows @ a[l, e].to(F64).T) @ b[l, e].to(F64).T for a, b in slices]
         if len(deltas) == 1:
             d13 = deltas[0]
         elif activation.is_interleaved:
@@ -300,8 +310,9 @@ def lora_w13(c1: torch.Tensor, x_unq: torch.Tensor, lora: Optional[LoRASpec], va
 
 def lora_w2(c3: torch.Tensor, c2_unq: torch.Tensor, lora: Optional[LoRASpec], topk_weights: torch.Tensor,
             valid: torch.Tensor, local: torch.Tensor, round_S: RoundFn, *,
-            apply_router_weight_on_input: bool) -> torch.Tensor:
-    """c3 with ``round_S(c3 + round_S((c2 . A^T) . B^T * w[r]))`` added (no ``* w[r]`` on input)."""
+            apply_router_weight_on_input: bool, round_rank: RoundFn = _identity) -> torch.Tensor:
+    """c3 with ``round_S(c3 + round_S(round_rank(c2 . A^T) . B^T * w[r]))`` added (no ``* w[r]`` on
+    input; ``round_rank`` as in ``lora_w13``)."""
     if lora is None:
         return c3
     M, topk, K = c3.shape
@@ -311,7 +322,7 @@ def lora_w2(c3: torch.Tensor, c2_unq: torch.Tensor, lora: Optional[LoRASpec], to
     flat_c2 = c2_unq.reshape(M * topk, c2_unq.shape[2])
     flat_w = topk_weights.to(F64).reshape(M * topk)
     for l, e, routes in _lora_groups(adapter, local, E, lora.num_adapters):
-        d2 = (flat_c2[routes] @ lora.w2_a[l, e].to(F64).T) @ lora.w2_b[l, e].to(F64).T
+        d2 = round_rank(flat_c2[routes] @ lora.w2_a[l, e].to(F64).T) @ lora.w2_b[l, e].to(F64).T
         if not apply_router_weight_on_input:
             d2 = d2 * flat_w[routes].unsqueeze(1)
         out[routes] = round_S(out[routes] + round_S(d2))
@@ -480,6 +491,11 @@ class StageFunctions:
         return storage_rounder(self.storage_dtype, self.precision)
 
     @property
+    def round_rank(self) -> RoundFn:
+        """How LoRA's rank-space intermediate is stored (``lora_rank_rounder``)."""
+        return lora_rank_rounder(self.storage_dtype, self.profile, self.precision)
+
+    @property
     def gemm_output_dtype(self) -> torch.dtype:
         """The dtype c1 and c3 are stored in (``gemm_output_dtype``)."""
         return gemm_output_dtype(self.shape, self.profile, self.precision)
@@ -524,7 +540,8 @@ class StageFunctions:
         operand = dot_operand(self.shape, self.profile, self.precision)
         c1 = gemm1(operand(x), operand(self.w1), _bias(self.shape.quant.w1_bias), self.valid, self.local,
                    gemm_output_rounder(self.shape, self.profile, self.precision))
-        return lora_w13(c1, x_unq, self.lora, self.valid, self.local, self.shape.activation, self.round_S)
+        return lora_w13(c1, x_unq, self.lora, self.valid, self.local, self.shape.activation, self.round_S,
+                        self.round_rank)
 
     def c2(self, c1: torch.Tensor) -> torch.Tensor:
         """Step 8: the activation, rounded once, twice or (fused) not at all (``activation_stage``)."""
@@ -543,7 +560,7 @@ class StageFunctions:
                    self.valid, self.local, gemm_output_rounder(self.shape, self.profile, self.precision),
                    apply_router_weight_on_input=self.apply_router_weight_on_input)
         return lora_w2(c3, c2, self.lora, self.topk_weights, self.valid, self.local, self.round_S,
-                       apply_router_weight_on_input=self.apply_router_weight_on_input)
+                       apply_router_weight_on_input=self.apply_router_weight_on_input, round_rank=self.round_rank)
 
     def out(self, c3: torch.Tensor) -> torch.Tensor:
         """Step 10: the top-k sum (``combine``)."""

@@ -144,6 +144,8 @@ class NumericsProfile:
     weight_only_dequantized: WeightPrecision = WeightPrecision.FP32
     fp32_dot: DotPrecision = DotPrecision.IEEE
     topk_sum: TopkSum = TopkSum.FP32
+    # LoRA's shrink result x . A^T (and c2 . A2^T) as the expand dot reads it
+    lora_rank_intermediate: WeightPrecision = WeightPrecision.FP32
     fp8_token_group: Quantizer = SPEC_QUANTIZER
     fp8_token: Quantizer = SPEC_QUANTIZER
     fp8_tensor_dynamic: Quantizer = SPEC_QUANTIZER
@@ -222,6 +224,7 @@ _FIELD_TYPES = {
     "weight_only_dequantized": WeightPrecision,
     "fp32_dot": DotPrecision,
     "topk_sum": TopkSum,
+    "lora_rank_intermediate": WeightPrecision,
     "fp8_token_group": Quantizer,
     "fp8_token": Quantizer,
     "fp8_tensor_dynamic": Quantizer,
@@ -268,6 +271,9 @@ VLLM_PROFILE = NumericsProfile(
     # experts/triton_moe.py TritonExperts.moe_sum -> ops.moe_sum (csrc/moe/moe_align_sum_kernels.cu
     # moe_sum_kernel: `scalar_t x = 0; x += input[...]` for topk 2..4, at::sum_out (fp32) above)
     topk_sum=TopkSum.STORAGE_UP_TO_4,
+    # lora/ops/triton_ops/fused_moe_lora_op.py: the shrink's fp32 accumulator is stored to the
+    # output dtype (`tmp_typed = tmp.to(out_ptr.dtype.element_ty)`) before `acc = tl.dot(tmp_typed, b)`
+    lora_rank_intermediate=WeightPrecision.STORAGE,
     # quantization/utils/fp8_utils.py _per_token_group_quant_fp8 (the Triton path, taken on a CPU):
     # `_absmax = tl.maximum(tl.max(tl.abs(y)), eps)`, `scale_raw = _absmax * (1.0 / fp8_max)`,
     # `y_q = tl.clamp(y / y_s, ...)`. On CUDA per_token_group_quant_fp8 calls the compiled

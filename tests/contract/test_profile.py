@@ -90,6 +90,7 @@ def test_vllm_profile_values():
     assert p.name == "vllm-0.32"
     assert p.activation_rounding is ActivationRounding.DOUBLE
     assert p.double_rounded_activations == ("silu", "gelu", "gelu_tanh", "silu_clamped")
+    assert p.lora_rank_intermediate is WeightPrecision.STORAGE
     assert p.router_weight_gemm2 is WeightPrecision.FP32 and p.router_weight_input is WeightPrecision.STORAGE
     assert p.quantized_gemm_output is GemmOutputDtype.BF16 and p.weight_only_dequantized is WeightPrecision.STORAGE
     assert p.fp32_dot is DotPrecision.TF32 and p.topk_sum is TopkSum.STORAGE_UP_TO_4
@@ -100,7 +101,7 @@ def test_vllm_profile_values():
     assert p.fp8_tensor_static.codes is CodeRounding.RECIPROCAL_RNE
     assert p.int8_token == Quantizer(ScaleFormula.FLOOR_THEN_DIVIDE, 1e-10, CodeRounding.QMAX_OVER_ABSMAX_HALF_AWAY)
     assert p.fp8_token_group_fused == Quantizer(ScaleFormula.DIVIDE_THEN_FLOOR, min_scale, CodeRounding.DIVIDE_RNE)
-    assert len(p.differences()) == 13  # every field but the name and the GEMM2 router weight
+    assert len(p.differences()) == 14  # every field but the name and the GEMM2 router weight
 
 
 def test_the_vllm_backend_declares_it():

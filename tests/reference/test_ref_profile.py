@@ -211,7 +211,25 @@ def test_no_profile_field_is_left_without_a_mirror_rule():
         assert not torch.equal(base, changed), name
     # the rest have their own tests above
     covered = set(probes) | {"name", "double_rounded_activations", "router_weight_input", "quantized_gemm_output",
+                             "lora_rank_intermediate",
                              "fp32_dot", "fp8_token_group", "fp8_token", "fp8_tensor_dynamic", "fp8_tensor_static",
                              "int8_token", "fp8_token_group_fused"}
     assert covered == {f.name for f in dataclasses.fields(NumericsProfile)}
 
+
+
+def test_the_lora_rank_intermediate_is_stored_to_s_under_its_profile():
+    # LoRA's shrink result rounded to S before the expand dot (vLLM's fused_moe_lora kernels): the
+    # mirror's output moves, exact's does not, and without LoRA the field changes nothing
+    from moe_validate.inputs import make_inputs
+    from moe_validate.matrix import Case
+
+    inputs = make_inputs(Case.from_id("bf16-none-silu-lora_single-M7N64K64E4k2-s22"))
+    stored = _one_change(lora_rank_intermediate=WeightPrecision.STORAGE)
+    run = lambda precision, profile: reference.fused_experts(*inputs.args(), **inputs.kwargs(),  # noqa: E731
+                                                             precision=precision, profile=profile)
+    assert not torch.equal(run("mirror", stored), run("mirror", SPEC_PROFILE))
+    assert torch.equal(run("exact", stored), run("exact", SPEC_PROFILE))
+    plain = make_inputs(Case.from_id("bf16-none-silu-M7N64K64E4k2-s0"))
+    assert torch.equal(reference.fused_experts(*plain.args(), **plain.kwargs(), precision="mirror", profile=stored),
+                       reference.fused_experts(*plain.args(), **plain.kwargs(), precision="mirror"))
