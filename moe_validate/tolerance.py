@@ -96,7 +96,12 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 
 def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The spacing of ``dtype`` at |values| (float64 out; 0 -> the smallest subnormal spacing)."""
-    p, emin = PRECISION_BITS[dtype], _EMIN[dtype]
+    return _spacing(values, PRECISION_BITS[dtype], _EMIN[dtype])
+
+
+def _spacing(values: torch.Tensor, p: int, emin: int) -> torch.Tensor:
+    """The spacing at |values| of a binary format with ``p`` significant bits and smallest normal
+    exponent ``emin`` (float64 out; below 2^emin the subnormal spacing)."""
     v = values.to(F64).abs()
     _, e = torch.frexp(v)  # v = m * 2^e with m in [0.5, 1): the binade's ulp is 2^(e-1+1-p)
     e = torch.where(v == 0, torch.full_like(v, emin), torch.clamp(e.to(F64) - 1, min=emin))
@@ -329,9 +334,8 @@ TF32_BITS = 11  # TF32: 10 stored mantissa bits and the implicit one
 
 
 def _tf32_ulp(v: torch.Tensor) -> torch.Tensor:
-    """The spacing of the TF32 grid (TF32_BITS significant bits) at |v|; 0 at 0."""
-    _, exponent = torch.frexp(v.abs())
-    return torch.where(v == 0, torch.zeros_like(v), torch.ldexp(torch.ones_like(v), exponent - TF32_BITS))
+    """The spacing of the TF32 grid at |v|: TF32_BITS significant bits, fp32's exponent range."""
+    return _spacing(v, TF32_BITS, _EMIN[torch.float32])
 
 
 def product_bits(scheme: QuantScheme, S: torch.dtype, tf32: bool = False,
@@ -543,12 +547,14 @@ def _sum_over_inputs(V, A, p, w, route_expert, valid, wts):
 def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, native_gpu: bool,
                      per_stage: Optional[Dict[str, torch.Tensor]] = None,
                      profile: NumericsProfile = SPEC_PROFILE,
+                     roundings: Optional[_ProfileRoundings] = None,
                      ) -> Tuple[torch.Tensor, List[str], Dict[str, float]]:
     """[M, K] modelled std of kernel - mirror, with derivation lines and summary terms (see above).
 
     ``per_stage``: a dict to fill with the modelled (V, p) of every stored stage (``V_c1``,
     ``p_c1``, ... ``V_out``, ``p_out``), for tests that compare them stage by stage.
     ``profile``: the numerics profile the mirror ``stages`` followed (its extra roundings are modelled).
+    ``roundings``: ``_profile_roundings`` of these inputs, stages and profile, where the caller has it.
     """
     act = inputs.activation
     scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None)
@@ -571,7 +577,7 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
         return zeros_out, ["no output element: nothing to model"], {"flip_events_expected": 0.0}
     clamp_limit = quant.gemm1_clamp_limit if quant is not None else None
     fused = fused_silu_fp8_group(act, scheme, clamp_limit, inputs.lora is not None)
-    pr = _profile_roundings(inputs, stages, profile)
+    pr = roundings if roundings is not None else _profile_roundings(inputs, stages, profile)
     G = pr.gemm_grid  # the grid c1 and c3 are stored on (S unless the profile keeps them in fp32)
     bits = product_bits(scheme, S, pr.tf32, pr.weight_in_storage)
     native_fp8 = scheme.is_fp8 and native_gpu
@@ -967,19 +973,28 @@ def input_tie_c1_box(inputs: MoEInputs, w1: torch.Tensor, route_expert: torch.Te
     scale = expand_act_scale(s, M, K).to(dev)
     v = x / scale
     grid = _code_grid(scheme.act_dtype, dev)
-    mids = 0.5 * (grid[1:] + grid[:-1])
+    idx, d_up, d_down = _midpoint_distances(grid, q.to(F64).to(dev), v)
     last = grid.numel() - 1
-    idx = torch.searchsorted(grid, q.to(F64).to(dev).contiguous()).clamp(0, last)
     fuzz = _QUANTIZER_OPS * U32 * v.abs()
-    near_up = (idx < last) & ((mids[idx.clamp(max=last - 1)] - v).abs() <= fuzz)
-    near_down = (idx > 0) & ((v - mids[(idx - 1).clamp(min=0)]).abs() <= fuzz)
     step_up = grid[(idx + 1).clamp(max=last)] - grid[idx]
     step_down = grid[idx] - grid[(idx - 1).clamp(min=0)]
-    jump = torch.maximum(torch.where(near_up, step_up, torch.zeros_like(v)),
-                         torch.where(near_down, step_down, torch.zeros_like(v)))
-    jump = torch.nan_to_num(jump, nan=0.0)  # a NaN token has no code to flip
-    box = _per_expert_matmul((jump * scale)[:, None, :].expand(M, T, K), w1.abs(), route_expert, valid)
+    zero = torch.zeros_like(v)
+    jump = torch.maximum(torch.where(d_up.abs() <= fuzz, step_up, zero), torch.where(d_down.abs() <= fuzz, step_down, zero))
+    dx = torch.where(jump > 0, jump * scale, zero)  # a NaN token has no code to flip
+    box = _per_expert_matmul(dx[:, None, :].expand(M, T, K), w1.abs(), route_expert, valid)
     return box, int((jump > 0).sum())
+
+
+def _midpoint_distances(grid: torch.Tensor, codes: torch.Tensor, v: torch.Tensor
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(index of each code in ``grid``, distance from ``v`` up to the midpoint above its code, down
+    to the one below), in code units; inf past the format's largest and smallest codes."""
+    mids = 0.5 * (grid[1:] + grid[:-1])
+    last = grid.numel() - 1
+    idx = torch.searchsorted(grid, codes.contiguous()).clamp(0, last)
+    d_up = torch.where(idx < last, mids[idx.clamp(max=last - 1)], torch.full_like(v, math.inf)) - v
+    d_down = v - torch.where(idx > 0, mids[(idx - 1).clamp(min=0)], torch.full_like(v, -math.inf))
+    return idx, d_up, d_down
 
 
 def _code_grid(code_dtype: torch.dtype, device) -> torch.Tensor:
@@ -1082,10 +1097,7 @@ def requant_flip_events(inputs: MoEInputs, exact: Dict[str, torch.Tensor], b_c1:
     fuzz = _QUANTIZER_OPS * U32 * v.abs()
     grid = _code_grid(scheme.act_dtype, c2e.device)
     mids = 0.5 * (grid[1:] + grid[:-1])
-    idx = torch.searchsorted(grid, codes.contiguous())
-    last = grid.numel() - 1
-    d_up = torch.where(idx < last, mids[idx.clamp(max=last - 1)], torch.full_like(v, math.inf)) - v
-    d_dn = v - torch.where(idx > 0, mids[(idx - 1).clamp(min=0)], torch.full_like(v, -math.inf))
+    _, d_up, d_dn = _midpoint_distances(grid, codes, v)
     bs = b.clamp_min(1e-300)
 
     def tail(x):  # P(e_ind >= x): symmetric unimodal on [-b, b]; 1 where the common shift alone may cross
@@ -1332,7 +1344,7 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     # hard terms; the continuous sigma alone would read flips as 100-1000 sigma events)
     model_stages: Dict[str, torch.Tensor] = {}
     sigma_flip, flip_lines, flip_terms = flip_aware_sigma(inputs, stages, native_gpu=native_gpu,
-                                                          per_stage=model_stages, profile=profile)
+                                                          per_stage=model_stages, profile=profile, roundings=pr)
     count_allowed, _, count_lines, count_terms = count_allowance(inputs, stages, model_stages, profile=profile)
     count_not_applied = None
     if native_gpu and not COUNT_TEST_ON_GPU:
