@@ -9,6 +9,8 @@
 #   vllm                    the vllm backend on smoke and premerge through the carried bundle (.gpu_vllm)
 #   nightly-fresh           nightly with fresh seeds (issue 23: no false alarm)
 #   selftest                independent mutants ($MUTANTS; default the GPU-only ones) against premerge
+#   planted                 the planted skipped-rounding / one-ulp mutants the count test kills
+#                           ($PLANTED), against premerge (issue 23: the count test on a GPU)
 # STEPS (default "premerge nightly pytest independent vllm") picks them, in that order; the call
 # ends inside LIMIT seconds (default 560). Everything lands in one tarball, $OUT/gpu.tar.gz (a
 # device machine returns few files), with a summary in $OUT/summary.log.
@@ -33,7 +35,7 @@ for s in $steps; do
       timeout "$(cap 200)" python3 -m moe_validate.cli run --suite $s --out "$o/r/$s" --no-report > "$o/r/$s.log" 2>&1
       step $s $? "$(tail -n 3 "$o/r/$s.log" | tr '\n' ' ')";;
     nightly-fresh)
-      timeout "$(cap 200)" python3 -m moe_validate.cli run --suite nightly --repeat 1 --fresh-seeds --first-repetition ${FRESH_REP:-7} \
+      timeout "$(cap ${FRESH_LIMIT:-200})" python3 -m moe_validate.cli run --suite nightly --repeat ${FRESH_REPEAT:-1} --fresh-seeds --first-repetition ${FRESH_REP:-7} \
         --out "$o/r/$s" --no-report > "$o/r/$s.log" 2>&1
       step $s $? "$(tail -n 3 "$o/r/$s.log" | tr '\n' ' ')";;
     pytest)
@@ -56,6 +58,11 @@ for s in $steps; do
         --first-kill --workers 4 --mutant ${MUTANTS:-ind_gemm_topk_sum_contractible_add ind_shim_fp32_dot_default_precision} \
         --out "$o/r/selftest" > "$o/r/selftest.log" 2>&1
       step selftest $? "$(tail -n 4 "$o/r/selftest.log" | tr '\n' ' ')";;
+    planted)  # the mutants the count test exists for (docs/BOUNDS.md), against premerge natively
+      timeout "$(cap 200)" python3 -m moe_validate.cli selftest --suite premerge --first-kill --workers 4 --cap 8 \
+        --mutant ${PLANTED:-c1_kept_in_fp32 c2_kept_in_fp32 c3_kept_in_fp32 acc_rounded_to_bf16_per_k_tile output_one_ulp_high} \
+        --out "$o/r/planted" > "$o/r/planted.log" 2>&1
+      step planted $? "$(tail -n 8 "$o/r/planted.log" | tr '\n' ' ')";;
     *) step "$s" skip "unknown step";;
   esac
 done

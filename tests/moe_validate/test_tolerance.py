@@ -206,14 +206,53 @@ def test_count_test_flags_a_one_ulp_systematic_error_the_per_element_gate_allows
     assert any(line.startswith("count: allowed") for line in d["derivation"])
 
 
-def test_count_test_waits_for_a_gpu_calibration_but_records_the_expected_count():
+def test_a_gpu_derivation_applies_the_count_test_with_the_tensor_cores_bias():
     import reference
 
     case = Case.from_id("bf16-none-silu-M7N64K64E4k2-s0")
     inputs = make_inputs(case)
     mirror = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="mirror")
+    gpu = tol.derive(case, inputs, mirror, native_gpu=True)["gate"]
+    cpu = tol.derive(case, inputs, mirror, native_gpu=False)["gate"]
+    assert tol.COUNT_TEST_ON_GPU is True
+    assert gpu.count_allowed is not None and gpu.count_not_applied is None
+    assert any(line.startswith("compiled tensor-core dots") for line in gpu.derivation)
+    assert not any(line.startswith("compiled tensor-core dots") for line in cpu.derivation)
+    # the bias only adds flips: more expected, a wider allowance, never a narrower one
+    assert gpu.terms["differing_expected"] > cpu.terms["differing_expected"] > 0
+    assert gpu.count_allowed >= cpu.count_allowed
+
+
+def test_the_tensor_core_bias_grows_with_the_dot_length_and_reaches_large_elements():
+    s = torch.ones(3, dtype=torch.float64)
+    size = torch.tensor([0.0, 1.0, 4.0], dtype=torch.float64)
+    short, long_ = tol._mma_truncation(128, 16, size, s), tol._mma_truncation(512, 16, size, s)
+    assert torch.allclose(long_, 4 * short)  # linear in n: a bias added at every accumulation step
+    assert bool((short[1:] > short[0]).all())  # unlike an s-proportional error, it grows with |c|
+    assert torch.allclose(tol._mma_truncation(128, 12, size, s) / short,
+                          torch.tensor(tol.GPU_MMA_TRUNCATION_SHORT / tol.GPU_MMA_TRUNCATION, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("case_id", ["bf16-fp8_tensor_token-silu-M7N64K64E4k2-s0",
+                                     "bf16-int8_channel_token-silu-M7N64K64E4k2-s0"])
+def test_the_tensor_core_bias_is_not_added_to_the_fp8_unit_or_to_exact_int8_dots(case_id):
+    import reference
+
+    case = Case.from_id(case_id)
+    inputs = make_inputs(case)
+    mirror = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="mirror")
+    _, lines, _ = tol.flip_aware_sigma(inputs, mirror, native_gpu=True)
+    assert not any(line.startswith("compiled tensor-core dots") for line in lines)
+
+
+def test_with_the_gpu_switch_off_the_count_is_recorded_but_not_applied(monkeypatch):
+    import reference
+
+    monkeypatch.setattr(tol, "COUNT_TEST_ON_GPU", False)
+    case = Case.from_id("bf16-none-silu-M7N64K64E4k2-s0")
+    inputs = make_inputs(case)
+    mirror = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="mirror")
     gate = tol.derive(case, inputs, mirror, native_gpu=True)["gate"]
-    assert tol.COUNT_TEST_ON_GPU is False
     assert gate.count_allowed is None and not {"count_allowed", "differing_allowed"} & set(gate.to_dict())
     assert gate.terms["differing_expected"] > 0  # calibrate on a GPU pools it
     assert any("not applied on a GPU" in line for line in gate.derivation)

@@ -142,9 +142,9 @@ def test_independent_implementation_passes_both_verdicts_under_its_own_profile(c
 
 @pytest.fixture
 def count_test_on(monkeypatch):
-    """On a GPU the conformance count test is off by default (its flip rates are not calibrated
-    there: tolerance.COUNT_TEST_ON_GPU), and a rounding done one ulp differently is visible to the
-    count alone; these tests are about the verdicts, so they turn it on (a CPU always has it)."""
+    """A rounding done one ulp differently is visible to the conformance count test alone, which a
+    device can switch off (tolerance.COUNT_TEST_ON_GPU); these tests are about the verdicts, so they
+    hold it on (a CPU always has it)."""
     from moe_validate import tolerance
 
     monkeypatch.setattr(tolerance, "COUNT_TEST_ON_GPU", True)
@@ -180,9 +180,11 @@ def test_a_planted_accuracy_loss_fails_accuracy(case_id, plant):
     assert record.reason.startswith("accuracy (budget vs exact): ")
 
 
-def test_a_gpu_derivation_says_its_count_test_is_not_applied():
+def test_a_gpu_derivation_with_the_switch_off_says_its_count_test_is_not_applied(monkeypatch):
     # derived as for a GPU (no kernel runs): the count is expected but not applied, and says why
     from moe_validate import tolerance
+
+    monkeypatch.setattr(tolerance, "COUNT_TEST_ON_GPU", False)
     from moe_validate.inputs import make_inputs
 
     reference = pytest.importorskip("reference")
@@ -199,7 +201,10 @@ def test_a_gpu_derivation_says_its_count_test_is_not_applied():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the count test is always applied on a CPU")
-def test_on_a_gpu_a_pass_says_its_count_test_was_skipped():
+def test_on_a_gpu_with_the_switch_off_a_pass_says_its_count_test_was_skipped(monkeypatch):
+    from moe_validate import tolerance
+
+    monkeypatch.setattr(tolerance, "COUNT_TEST_ON_GPU", False)
     record = _run("bf16-none-silu-M7N64K64E4k2-s0", IndependentExperts(declared=None))
     skipped = [c for c in record.checks if c["outcome"] == "SKIP"]
     assert [c["name"] for c in skipped if c["name"] == "conformance_count"] == ["conformance_count"]
