@@ -35,7 +35,7 @@ for s in $steps; do
       timeout "$(cap 200)" python3 -m moe_validate.cli run --suite $s --out "$o/r/$s" --no-report > "$o/r/$s.log" 2>&1
       step $s $? "$(tail -n 3 "$o/r/$s.log" | tr '\n' ' ')";;
     nightly-fresh)
-      timeout "$(cap ${FRESH_LIMIT:-200})" python3 -m moe_validate.cli run --suite nightly --repeat ${FRESH_REPEAT:-1} --fresh-seeds --first-repetition ${FRESH_REP:-7} \
+      timeout "$(cap ${FRESH_LIMIT:-200})" python3 -m moe_validate.cli run --suite nightly --repeat ${FRESH_REPEAT:-1} --fresh-seeds --first-repetition ${FRESH_REP:-7} --workers ${FRESH_WORKERS:-1} \
         --out "$o/r/$s" --no-report > "$o/r/$s.log" 2>&1
       step $s $? "$(tail -n 3 "$o/r/$s.log" | tr '\n' ' ')";;
     pytest)
