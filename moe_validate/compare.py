@@ -267,6 +267,11 @@ class Evaluation:
                 "worst_margin": self.worst_margin, "reason": self.reason, "compared_rows": self.compared_rows,
                 "verdicts": self.verdicts, "gating": list(self.gating), "profile": self.profile}
 
+    def skipped_checks(self) -> List[dict]:
+        """A SKIP check row for every part of the judgment a bound did not apply (NOT_APPLIED_NOTES)."""
+        return [{"name": check, "outcome": "SKIP", "reason": self.tolerance[bound][key]}
+                for bound, key, check in NOT_APPLIED_NOTES if self.tolerance.get(bound, {}).get(key)]
+
     def rows_note(self) -> Optional[str]:
         """"compared rows: 256 of 16512, sampled (...)" for a row-sampled comparison, else None."""
         c = self.compared_rows
@@ -547,6 +552,10 @@ def evaluate(case, inputs: MoEInputs, out: torch.Tensor, rows: Optional[torch.Te
 
 
 OVERFLOW_KEY = "overflow_not_judged"  # the budget's note where SPEC's own stores overflow S
+# Parts of the judgment a bound derives but does not apply, each said by a note in its tolerance
+# dict: (bound, note key, the SKIP check a case record shows for it)
+NOT_APPLIED_NOTES = (("gate", "count_not_applied", "conformance_count"),
+                     ("budget", OVERFLOW_KEY, "accuracy_overflow"))
 
 
 def _without_storage_overflow(exact_out: torch.Tensor, spec_mirror_out: torch.Tensor, S: torch.dtype):

@@ -394,8 +394,12 @@ def _mma_truncation(n: int, bits: int, size: torch.Tensor, s: torch.Tensor) -> t
     """E|B| of a compiled tensor-core dot's accumulation bias (GPU_MMA_TRUNCATION) for dots of
     length ``n`` whose results are at most ``size`` in magnitude, with scales ``s`` and products of
     ``bits`` significant bits."""
-    tau = GPU_MMA_TRUNCATION if bits >= 16 else GPU_MMA_TRUNCATION_SHORT
-    return tau * U32 * n * (size + 0.5 * s)
+    return _mma_tau(bits) * U32 * n * (size + 0.5 * s)
+
+
+def _mma_tau(bits: int) -> float:
+    """GPU_MMA_TRUNCATION's tau for products of ``bits`` significant bits."""
+    return GPU_MMA_TRUNCATION if bits >= 16 else GPU_MMA_TRUNCATION_SHORT
 
 
 def _route_bias(bias: Optional[torch.Tensor], route_expert: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -625,9 +629,11 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
     epi1 = EPILOGUE_OP_SIGMA * U32 * c1.abs() * math.sqrt(n_epi1)
     s1_eff = s1_sq.sqrt()
     mma_bias = native_gpu and bits is not None and not native_fp8  # GPU_MMA_TRUNCATION
-    # the partial sums run to the dot's own result, before the bias: |acc| <= |c| + |b|
-    b1 = _route_bias(quant.w1_bias if quant is not None else None, rexp, valid)
-    trunc1 = _mma_truncation(x.shape[1], bits, c1.abs() + b1, s1_eff) if mma_bias else torch.zeros_like(c1)
+    trunc1 = torch.zeros_like(c1)
+    if mma_bias:
+        # the partial sums run to the dot's own result, before the bias: |acc| <= |c| + |b|
+        b1 = _route_bias(quant.w1_bias if quant is not None else None, rexp, valid)
+        trunc1 = _mma_truncation(x.shape[1], bits, c1.abs() + b1, s1_eff)
     var_c1_pre = ((k1 * s1_eff) ** 2 + epi1 ** 2 + (trunc1 / _MEAN_ABS) ** 2) * vm
     A1_pre = (a1 * s1_eff + _MEAN_ABS * epi1 + trunc1) * vm
     zero1 = torch.zeros_like(c1)
@@ -682,8 +688,7 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
         "GEMM2 sums independent c2_in differences: V w^2 sum_i w2^2 V_i, A <= min(w sum_i |w2| A_i, 0.8 sqrt(V))",
     ]
     if mma_bias:
-        tau = GPU_MMA_TRUNCATION if bits >= 16 else GPU_MMA_TRUNCATION_SHORT
-        lines.append(f"compiled tensor-core dots (measured on an H200): + {tau:g} u32 n (|c| + s/2) "
+        lines.append(f"compiled tensor-core dots (measured on an H200): + {_mma_tau(bits):g} u32 n (|c| + s/2) "
                      "flip-driving accumulation bias in GEMM1 and GEMM2 (GPU_MMA_TRUNCATION)")
 
     # --- requantization of c2 (codes and, for dynamic scales, the scale itself) -----------------
@@ -738,8 +743,10 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
     s2_sq, _ = _per_expert_gemm_scales(c2_in, w2, rexp, valid)
     epi2 = EPILOGUE_OP_SIGMA * U32 * c3.abs() * math.sqrt(n_epi2)
     s2_eff = s2_sq.sqrt() * wts[..., None]
-    b2 = _route_bias(quant.w2_bias if quant is not None else None, rexp, valid) * wts[..., None]
-    trunc3 = _mma_truncation(I, bits, c3.abs() + b2, s2_eff) if mma_bias else torch.zeros_like(c3)
+    trunc3 = torch.zeros_like(c3)
+    if mma_bias:
+        b2 = _route_bias(quant.w2_bias if quant is not None else None, rexp, valid) * wts[..., None]
+        trunc3 = _mma_truncation(I, bits, c3.abs() + b2, s2_eff)
     var_c3_cont = ((k2 * s2_eff) ** 2 + epi2 ** 2 + (trunc3 / _MEAN_ABS) ** 2) * vm
     A3c = (a2 * s2_eff + _MEAN_ABS * epi2 + trunc3) * vm
     V3 = V3 + var_c3_cont

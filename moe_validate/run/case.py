@@ -210,7 +210,7 @@ def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[s
             record.outcome, record.reason = Outcome.SKIP.value, why or "not supported by this backend"
             return CaseResult(record)
         from moe_validate.call_contract import CHECK_NAMES as CONTRACT_CHECKS, ContractedBackend
-        from moe_validate.compare import OVERFLOW_KEY, evaluate
+        from moe_validate.compare import evaluate
         from moe_validate.verdicts import declared_profile, gating_policy
         from moe_validate.inputs import make_inputs
         from moe_validate.stages import CHECK_NAME as STAGE_CHECK, localize, no_stages
@@ -241,12 +241,7 @@ def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[s
             from moe_validate.invariance import run_checks
 
             checks = run_checks(case, inputs, out, contracted)
-            count_skipped = evaluation.tolerance.get("gate", {}).get("count_not_applied")
-            if count_skipped:
-                checks.append({"name": "conformance_count", "outcome": "SKIP", "reason": count_skipped})
-            overflow = evaluation.tolerance.get("budget", {}).get(OVERFLOW_KEY)
-            if overflow:
-                checks.append({"name": "accuracy_overflow", "outcome": "SKIP", "reason": overflow})
+            checks += evaluation.skipped_checks()  # a count not applied, elements not judged: said
             _save_output(options, case, inputs, out, backend_name, record)
             if options.against:
                 from moe_validate.against import against_check

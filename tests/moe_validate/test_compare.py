@@ -260,6 +260,7 @@ def test_where_specs_own_stores_overflow_a_correct_kernel_passes_and_the_record_
     assert note.startswith(f"accuracy not judged at {int(over.sum())} output element(s): SPEC's own stores "
                            "overflow float16 there")
     assert ev.metrics["exact"]["nan_inf"]["ref_nan"] >= int(over.sum())
+    assert ev.skipped_checks() == [{"name": "accuracy_overflow", "outcome": "SKIP", "reason": note}]  # the record's row
 
 
 def test_a_kernel_nan_outside_the_overflow_still_fails():
@@ -283,3 +284,4 @@ def test_without_an_overflow_the_budget_carries_no_note():
                                   out_dtype=torch.float16)
     ev = evaluate(case, inputs, out)
     assert ev.passed and "overflow_not_judged" not in ev.tolerance["budget"]
+    assert ev.skipped_checks() == []
