@@ -10,6 +10,10 @@ import json
 import sys
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling measurement script
+from gpu_stage_rates import expected_count  # noqa: E402
 
 
 def rederive(rec):
@@ -30,12 +34,8 @@ def rederive(rec):
     allowed, expected, _, _ = tol.count_allowance(inputs, mirror, per_stage)
     valid = fns.valid.to(torch.bool)
 
-    def model(key, stage):
-        if key not in per_stage:
-            return 0.0
-        p = per_stage[key]
-        keep = valid[..., None] & torch.isfinite(mirror[stage])
-        return float(p[keep].sum())
+    def model(key, stage):  # the measurement's own sum of p (gpu_stage_rates.expected_count)
+        return float(expected_count(per_stage[key], valid, mirror[stage])) if key in per_stage else 0.0
 
     return {"case_id": rec["case_id"], "dtype": rec["dtype"], "scheme": rec["scheme"], "activation": rec["activation"],
             "observed": rec["stages"]["out"]["total"]["observed"], "n": rec["stages"]["out"]["total"]["n"],
