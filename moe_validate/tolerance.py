@@ -42,6 +42,7 @@ import torch
 
 from moe_validate.contract.profile import (
     SPEC_PROFILE,
+    Division,
     DotPrecision,
     NumericsProfile,
     ScaleFormula,
@@ -584,6 +585,7 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
                      per_stage: Optional[Dict[str, torch.Tensor]] = None,
                      profile: NumericsProfile = SPEC_PROFILE,
                      roundings: Optional[_ProfileRoundings] = None,
+                     ties: Optional[DivisionTies] = None,
                      ) -> Tuple[torch.Tensor, List[str], Dict[str, float]]:
     """[M, K] modelled std of kernel - mirror, with derivation lines and summary terms (see above).
 
@@ -591,6 +593,7 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
     ``p_c1``, ... ``V_out``, ``p_out``), for tests that compare them stage by stage.
     ``profile``: the numerics profile the mirror ``stages`` followed (its extra roundings are modelled).
     ``roundings``: ``_profile_roundings`` of these inputs, stages and profile, where the caller has it.
+    ``ties``: ``division_ties`` of the same, where the caller has it (computed here otherwise).
     """
     act = inputs.activation
     scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None)
@@ -614,6 +617,8 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
     clamp_limit = quant.gemm1_clamp_limit if quant is not None else None
     fused = fused_silu_fp8_group(act, scheme, clamp_limit, inputs.lora is not None)
     pr = roundings if roundings is not None else _profile_roundings(inputs, stages, profile)
+    if ties is None:
+        ties = division_ties(inputs, stages, profile, native_gpu)
     G = pr.gemm_grid  # the grid c1 and c3 are stored on (S unless the profile keeps them in fp32)
     bits = product_bits(scheme, S, pr.tf32, pr.weight_in_storage)
     native_fp8 = scheme.is_fp8 and native_gpu
@@ -636,6 +641,13 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
         trunc1 = _mma_truncation(x.shape[1], bits, c1.abs() + b1, s1_eff)
     var_c1_pre = ((k1 * s1_eff) ** 2 + epi1 ** 2 + (trunc1 / _MEAN_ABS) ** 2) * vm
     A1_pre = (a1 * s1_eff + _MEAN_ABS * epi1 + trunc1) * vm
+    if ties is not None:
+        # a near-tie input code flips with p, by E[D^2] <= p (sum_k jump_k |w1|)^2; it moves the whole row
+        # of c1 together, so its flips are not independent per element: the count takes it as one event
+        # per token (count_allowance), and only its variance enters here (the z-scores)
+        shift1 = ties.scale_shift(c1) if ties.input_scale else torch.zeros_like(c1)
+        var_c1_pre = var_c1_pre + TRITON_DIVISION_P * (ties.c1 ** 2 + shift1 ** 2) * vm
+        A1_pre = A1_pre + TRITON_DIVISION_P * shift1 * vm
     zero1 = torch.zeros_like(c1)
     V1, A1, p1 = round_both(var_c1_pre, A1_pre, zero1, zero1, ulp(c1, G))
 
@@ -687,6 +699,8 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
         "propagation: c1 -> c2 by |df/dg|, |df/du| (float64 autograd at the mirror's c1); "
         "GEMM2 sums independent c2_in differences: V w^2 sum_i w2^2 V_i, A <= min(w sum_i |w2| A_i, 0.8 sqrt(V))",
     ]
+    if ties is not None:
+        lines += ties.lines()
     if mma_bias:
         lines.append(f"compiled tensor-core dots (measured on an H200): + {_mma_tau(bits):g} u32 n (|c| + s/2) "
                      "flip-driving accumulation bias in GEMM1 and GEMM2 (GPU_MMA_TRUNCATION)")
@@ -730,6 +744,9 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
             p2d_q = torch.clamp(p2d + rho_p, max=1.0)
         else:
             A2d_q, p2d_q = A2d, p2d
+        if ties is not None:  # a near-tie code flips by one step with p: A_c / q gains p
+            A2c = A2c + TRITON_DIVISION_P * ties.c2_in * vm
+            V2 = V2 + TRITON_DIVISION_P * ties.c2_in ** 2 * vm
         V2, A2, p2 = round_both(V2, A2c, A2d_q, p2d_q, step)
         A2c = torch.zeros_like(A2)
         lines.append(f"requantization ({gran}): a rounding to the code step; a dynamic scale moves with its "
@@ -749,6 +766,10 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
         trunc3 = _mma_truncation(I, bits, c3.abs() + b2, s2_eff)
     var_c3_cont = ((k2 * s2_eff) ** 2 + epi2 ** 2 + (trunc3 / _MEAN_ABS) ** 2) * vm
     A3c = (a2 * s2_eff + _MEAN_ABS * epi2 + trunc3) * vm
+    if ties is not None and ties.requant_scale:
+        shift3 = ties.scale_shift(c3)
+        var_c3_cont = var_c3_cont + TRITON_DIVISION_P * shift3 ** 2 * vm
+        A3c = A3c + TRITON_DIVISION_P * shift3 * vm
     V3 = V3 + var_c3_cont
     if coherent is not None:
         V3 = V3 + coherent * vm
@@ -786,6 +807,9 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
         q2 = _requant_step(c2_in, valid, scheme, inputs, pr.quantizer) if gran is not None else ulp(c2, S)
         if gran is None and pr.act_gate is not None:
             q2 = q2 + ulp(pr.act_gate, S) * pr.act_up  # an act(g) flip moves c2 by ulp_S(a) |u'|, then c2 rounds
+        if ties is not None:
+            per_stage["p_token_input_ties"] = 1.0 - (1.0 - TRITON_DIVISION_P) ** ties.tokens
+            per_stage["p_c2_in_ties"] = TRITON_DIVISION_P * (ties.c2_in > 0).to(F64) * vm
         per_stage.update(V_c1=V1, p_c1=p1, V_c2=V_c2, p_c2=p_c2, p_c2_own=p_c2_own, V_c2_in=V2, p_c2_in=p2, q_c2_in=q2,
                          p_c3_direct=p3_direct, V_c3=V3, p_c3=p3,
                          V_out=Vo, p_out=po)
@@ -902,9 +926,23 @@ def count_allowance(inputs: MoEInputs, stages: Dict[str, torch.Tensor], per_stag
     p_e = per_stage["p_c2_in"] * vm
     carry = torch.clamp(c3_ulp / out_ulp[:, None, :].clamp_min(1e-300), max=1.0)  # a c3 flip reaches out
     p_d = torch.clamp((per_stage["p_c3_direct"] * carry * vm).sum(1), max=1.0)  # [M, K]
+    p_e, m_e = p_e.reshape(-1), m_e.reshape(-1)
+    p_tie = per_stage.get("p_c2_in_ties")
+    if p_tie is None:
+        p_rates = torch.clamp(slack * p_e, max=1.0)
+    else:  # a near-tie code's p is measured, not modelled: the slack scales the rest of p only
+        p_tie = p_tie.reshape(-1)
+        p_rates = torch.clamp(slack * (p_e - p_tie).clamp_min(0.0) + p_tie, max=1.0)
+    ties = per_stage.get("p_token_input_ties")
+    if ties is not None:
+        # a token whose input codes differ (DivisionTies) may differ in its whole output row; its
+        # probability is measured, not modelled (TRITON_DIVISION_P, about 2x the flips seen): no slack
+        K = out.shape[1]
+        p_tok = ties.to(F64) * valid.any(1).to(F64)
+        p_e, m_e = torch.cat([p_e, p_tok]), torch.cat([m_e, torch.full_like(p_tok, float(K))])
+        p_rates = torch.cat([p_rates, p_tok])
     expected = float(min(n, p_d.sum() + (p_e * m_e).sum()))
-    c_star = chernoff_count_quantile(torch.clamp(slack * p_d, max=1.0).reshape(-1),
-                                     torch.clamp(slack * p_e, max=1.0).reshape(-1), m_e.reshape(-1), alpha)
+    c_star = chernoff_count_quantile(torch.clamp(slack * p_d, max=1.0).reshape(-1), p_rates, m_e, alpha)
     allowed = int(min(n, max(0, math.ceil(c_star) - 1)))  # C >= c* fails
     lines = [
         f"count: C = #(kernel != mirror) of {n}; expected {expected:.3g} = sum p_d min(1, ulp(c3)/ulp(out)) "
@@ -914,6 +952,10 @@ def count_allowance(inputs: MoEInputs, stages: Dict[str, torch.Tensor], per_stag
         f"x{slack:g} (the calibration limit), c* = min_t (psi(t) + ln(1/alpha)) / t = {c_star:.4g}"
         + (" (>= n: no count test possible here)" if allowed >= n else ""),
     ]
+    if ties is not None:
+        lines.append(f"count: {int((ties > 0).sum())} token(s) with near-tie input codes under a Triton-division "
+                     f"quantizer: one event each, p = 1 - (1 - {TRITON_DIVISION_P})^(their count), of K = {out.shape[1]} "
+                     "elements (the whole output row), their p without the rate slack (measured)")
     terms = {"differing_expected": expected, "differing_allowed": float(allowed),
              "differing_direct_expected": float(p_d.sum()), "differing_events_expected": float(p_e.sum()),
              "count_rate_slack": slack, "count_alpha": alpha}
@@ -1013,28 +1055,125 @@ def input_tie_c1_box(inputs: MoEInputs, w1: torch.Tensor, route_expert: torch.Te
     on ties has many (the ``quant_ties`` data kind), and without this box a kernel that breaks its
     ties otherwise would read as inaccurate.
     """
+    scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None)
+    a1 = inputs.quant.a1_scale if scheme.act_granularity == "tensor_static" else None
+    dx, n = _tie_jumps(inputs.hidden_states.to(F64).to(w1.device), scheme, None, _QUANTIZER_OPS, a1)
+    M, K = dx.shape
+    box = _per_expert_matmul(dx[:, None, :].expand(M, valid.shape[1], K), w1.abs(), route_expert, valid)
+    return box, n
+
+
+def _tie_jumps(x: torch.Tensor, scheme: QuantScheme, quantizer, fuzz_u32: float, static_scale
+               ) -> Tuple[torch.Tensor, int]:
+    """([R, C] dequantized jump, how many): one code step (toward the nearer midpoint's far side)
+    where x / s of ``quantizer``'s codes (None: SPEC's) lies within ``fuzz_u32`` u32 |x / s| of a
+    midpoint, 0 elsewhere (and at a NaN, which has no code to flip)."""
     from reference.quant import expand_act_scale, quantize_activation_codes  # the harness may import reference
 
-    scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None)
-    dev = w1.device
-    x = inputs.hidden_states.to(F64).to(dev)
-    M, K = x.shape
-    T = valid.shape[1]
-    a1 = inputs.quant.a1_scale if scheme.act_granularity == "tensor_static" else None
-    q, s = quantize_activation_codes(x, scheme, static_scale=a1)
-    scale = expand_act_scale(s, M, K).to(dev)
+    dev = x.device
+    R, C = x.shape
+    kwargs = {} if quantizer is None else {"quantizer": quantizer}
+    q, s = quantize_activation_codes(x, scheme, static_scale=static_scale, **kwargs)
+    scale = expand_act_scale(s, R, C).to(dev)
     v = x / scale
     grid = _code_grid(scheme.act_dtype, dev)
     idx, d_up, d_down = _midpoint_distances(grid, q.to(F64).to(dev), v)
     last = grid.numel() - 1
-    fuzz = _QUANTIZER_OPS * U32 * v.abs()
+    fuzz = fuzz_u32 * U32 * v.abs()
     step_up = grid[(idx + 1).clamp(max=last)] - grid[idx]
     step_down = grid[idx] - grid[(idx - 1).clamp(min=0)]
     zero = torch.zeros_like(v)
     jump = torch.maximum(torch.where(d_up.abs() <= fuzz, step_up, zero), torch.where(d_down.abs() <= fuzz, step_down, zero))
-    dx = torch.where(jump > 0, jump * scale, zero)  # a NaN token has no code to flip
-    box = _per_expert_matmul(dx[:, None, :].expand(M, T, K), w1.abs(), route_expert, valid)
-    return box, int((jump > 0).sum())
+    return torch.where(jump > 0, jump * scale, zero), int((jump > 0).sum())
+
+
+# --- quantizers that divide with Triton's fp32 `/` (Division.TRITON), on a GPU ----------------
+# Compiled for an NVIDIA GPU, Triton's fp32 `/` is an approximation (docs/TRITON_FACTS.md): on an
+# H200 28% of 127 / absmax and 4.7% of absmax / 127 came out one ulp off the correctly rounded
+# quotient, 0.06% two (scripts/gpu_vllm_int8_probe.py; PTX's div.full.f32 is specified to 2 ulp).
+# The mirror divides correctly, so where the kernel's x / s lies within the division's reach of a
+# midpoint between two codes it may take the other code. Such near ties are common, not rare: the
+# fp32 product x * (QMAX / absmax) of a bf16 x lands exactly on a half code for 0.15-0.2% of codes
+# of normal data and 4.7% of uniform data (bf16 has 8 significant bits, so x / absmax is a ratio of
+# small integers). Each near tie is a flip event of one code with probability TRITON_DIVISION_P (the
+# share of quotients off at all; an exact tie flips in one direction of the error only, so this is
+# about 2x the measured code flip rate: 4e-4 of normal codes flipped, 2.5e-3 were near ties). On
+# GEMM1's input a flipped code moves c1 by one step times |w1| along the whole row; the scale, off
+# by up to TRITON_DIVISION_ULPS, moves the dequantized GEMM output by up to 4 u32 |c| with the same
+# probability. The interpreter divides correctly: nothing of this applies off a GPU.
+TRITON_DIVISION_ULPS = 2
+TRITON_DIVISION_P = 0.3
+# u32 |x / s| around a midpoint: the quotient's 2 ulp (<= 4 u32), the product's rounding on each
+# side (2 u32) and the float64 x / s against the mirror's own fp32 one (2 u32)
+_TRITON_DIVISION_FUZZ = 8.0
+
+
+@dataclass
+class DivisionTies:
+    """Where a Division.TRITON quantizer on a GPU may take another code than the mirror (see above)."""
+
+    c1: torch.Tensor  # [M, T, N]: sum over GEMM1's near-tie input codes of one step x |w1| (c1 units)
+    c2_in: torch.Tensor  # [M, T, I]: one requantization step at a near-tie code of c2 (dequantized), else 0
+    tokens: torch.Tensor  # [M]: GEMM1 input codes near a tie, per token
+    n_input: int  # GEMM1 input codes near a tie
+    n_requant: int  # requantization codes near a tie
+    input_scale: bool  # GEMM1's input scale is divided the Triton way (its dequantization may shift)
+    requant_scale: bool  # the requantization scale is
+
+    def scale_shift(self, c: torch.Tensor) -> torch.Tensor:
+        """|shift| of a dequantized GEMM output when its activation scale is TRITON_DIVISION_ULPS off."""
+        return 2.0 * TRITON_DIVISION_ULPS * U32 * c.abs()
+
+    def lines(self) -> List[str]:
+        return [f"Triton fp32 division in the quantizer (approximate on a GPU, measured on an H200): codes whose "
+                f"x / s lies within {_TRITON_DIVISION_FUZZ:g} u32 |x / s| of a midpoint may take the other code "
+                f"with p = {TRITON_DIVISION_P}: {self.n_input} GEMM1 input code(s) (one step x |w1| into c1) and "
+                f"{self.n_requant} requantization code(s) (one step into c2_in); a scale {TRITON_DIVISION_ULPS} ulp "
+                f"off moves the dequantized c1 / c3 by 4 u32 |c| with the same p"]
+
+
+def division_ties(inputs: MoEInputs, stages: Dict[str, torch.Tensor], profile: NumericsProfile, native_gpu: bool
+                  ) -> Optional[DivisionTies]:
+    """The near-tie codes of ``profile``'s Triton-division quantizers on a GPU (None where none applies)."""
+    scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None)
+    gran = scheme.act_granularity
+    if not native_gpu or gran is None:
+        return None
+    dtype_name = "int8" if scheme.act_dtype == torch.int8 else "fp8"
+    clamp_limit = inputs.quant.gemm1_clamp_limit
+    fused = fused_silu_fp8_group(inputs.activation, scheme, clamp_limit, inputs.lora is not None)
+    q_in, q_re = profile.quantizer(dtype_name, gran), profile.quantizer(dtype_name, gran, fused)
+    pre_quantized = inputs.hidden_states.dtype in (FP8_DTYPE, torch.int8)
+    input_triton = q_in.division is Division.TRITON and not pre_quantized
+    requant_triton = q_re.division is Division.TRITON
+    if not (input_triton or requant_triton):
+        return None
+    valid = stages["route_valid"].to(torch.bool)
+    rexp = stages["route_expert"].long()
+    c1, c2 = stages["c1"].to(F64), stages["c2"].to(F64)
+    M, T, I = c2.shape
+    tie1, n1 = torch.zeros_like(c1), 0
+    per_token = torch.zeros(M, dtype=F64, device=c1.device)
+    if input_triton:
+        from reference.pipeline import router_weight  # the harness may import reference
+
+        x = inputs.hidden_states.to(c1.device)
+        if inputs.apply_router_weight_on_input:  # the mirror quantizes round_S(x * w) (reference.prepare_input)
+            S = storage_dtype(x.dtype)
+            w = router_weight(inputs.topk_weights[:, :1].to(x.device), S, profile.router_weight_input)
+            x = (x.to(torch.float32) * w.to(torch.float32)).to(S)
+        a1 = inputs.quant.a1_scale if gran == "tensor_static" else None
+        dx, n1 = _tie_jumps(x.to(F64), scheme, q_in, _TRITON_DIVISION_FUZZ, a1)
+        per_token = (dx > 0).sum(1).to(F64)
+        tie1 = _per_expert_matmul(dx[:, None, :].expand(M, T, dx.shape[1]), stages["w1"].to(F64).abs(), rexp, valid)
+    tie2, n2 = torch.zeros_like(c2), 0
+    rows = torch.nonzero(valid.reshape(-1), as_tuple=False).reshape(-1)
+    if requant_triton and rows.numel():
+        a2 = inputs.quant.a2_scale if gran == "tensor_static" else None
+        dx, n2 = _tie_jumps(c2.reshape(M * T, I)[rows], scheme, q_re, _TRITON_DIVISION_FUZZ, a2)
+        tie2.view(M * T, I)[rows] = dx
+    return DivisionTies(tie1, tie2, per_token, n1, n2, input_triton and gran != "tensor_static",
+                        requant_triton and gran != "tensor_static")
 
 
 def _midpoint_distances(grid: torch.Tensor, codes: torch.Tensor, v: torch.Tensor
@@ -1337,6 +1476,13 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     ulp_c2 = ulp(c2, S)
     sigma_c2_pre = ACT_FP32_ULPS * U32 * c2.abs() + _act_sensitivity(c1, sigma_c1, act)
     p_c1 = torch.clamp(n_round_c1 * FLIP_SIGMAS * sigma_c1 / ulp_c1, max=1.0)
+    c1_jump = ulp_c1  # how far one c1 flip moves c1
+    ties = division_ties(inputs, stages, profile, native_gpu)
+    if ties is not None:
+        # near-tie input codes (and a shifted input scale) may move c1 by more than one ulp
+        shift1 = ties.scale_shift(c1) if ties.input_scale else torch.zeros_like(c1)
+        p_c1 = torch.clamp(p_c1 + TRITON_DIVISION_P * torch.clamp((ties.c1 + shift1) / ulp_c1, max=1.0), max=1.0)
+        c1_jump = ulp_c1 + ties.c1 + shift1
     p_c2 = torch.clamp(FLIP_SIGMAS * sigma_c2_pre / ulp_c2, max=1.0)
     step = _requant_step(c2_in, valid, scheme, inputs)
     step_gate = _requant_step(c2_in, valid, scheme, inputs, pr.quantizer)
@@ -1356,7 +1502,10 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             p_q = torch.clamp(FLIP_SIGMAS * sigma_c2_pre / step_gate.clamp_min(1e-300), max=1.0)
     # one flip event moves one c2_in element i by at most delta_i: an S ulp of c2, the
     # activation's image of an S ulp of c1, and (quantized activations) one requantization step
-    delta = ulp_c2 + _act_sensitivity(c1, ulp_c1, act) + step_gate
+    delta = ulp_c2 + _act_sensitivity(c1, c1_jump, act) + step_gate
+    if ties is not None:  # a near-tie requantization code: one more event, by up to its own step
+        p_q = torch.clamp(p_q + TRITON_DIVISION_P * (ties.c2_in > 0), max=1.0)
+        delta = delta + (ties.c2_in - step_gate).clamp_min(0.0)
     # c1 flips map onto the c2 element they feed (gate and up rows)
     pg, pu = _gate_up(p_c1, act)
     p_events = pg + (pu if pu is not None else 0.0) + p_c2 + p_q
@@ -1396,7 +1545,8 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     # hard terms; the continuous sigma alone would read flips as 100-1000 sigma events)
     model_stages: Dict[str, torch.Tensor] = {}
     sigma_flip, flip_lines, flip_terms = flip_aware_sigma(inputs, stages, native_gpu=native_gpu,
-                                                          per_stage=model_stages, profile=profile, roundings=pr)
+                                                          per_stage=model_stages, profile=profile, roundings=pr,
+                                                          ties=ties)
     count_allowed, _, count_lines, count_terms = count_allowance(inputs, stages, model_stages, profile=profile)
     count_not_applied = None
     if native_gpu and not COUNT_TEST_ON_GPU:
@@ -1438,6 +1588,8 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             "flip_term_max": float(flip_term.max()) if flip_term.numel() else 0.0,
             "sigma_cont_max": float(sigma_gate.max()) if sigma_gate.numel() else 0.0,
             "n_round_c1": n_round_c1, "n_round_c3": n_round_c3,
+            **({"division_ties_input": float(ties.n_input), "division_ties_requant": float(ties.n_requant)}
+               if ties is not None else {}),
             **flip_terms, **count_terms,
         },
     )

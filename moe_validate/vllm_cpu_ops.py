@@ -34,6 +34,13 @@ FP8_E4M3_MAX = 448.0
 FP8_MIN_SCALING_FACTOR = 1.0 / (FP8_E4M3_MAX * 512.0)
 
 
+def _divide(numerator: torch.Tensor, denominator: float) -> torch.Tensor:
+    """IEEE division by a Python number on any device, as CUDA's ``float / float`` in vLLM's kernels:
+    torch's CUDA ``tensor / python_scalar`` multiplies by the reciprocal instead (one ulp off for
+    some absmax values, docs/TRITON_FACTS.md), which would flip fp8 codes the CUDA op does not."""
+    return numerator / torch.full_like(numerator, denominator)
+
+
 def moe_sum(input: torch.Tensor, output: torch.Tensor, topk_ids: Optional[torch.Tensor] = None,
             expert_map: Optional[torch.Tensor] = None) -> None:
     """``ops.moe_sum`` (csrc/moe/moe_align_sum_kernels.cu, ``moe_sum_kernel<scalar_t, TOPK>``):
@@ -140,7 +147,7 @@ def silu_and_mul_per_block_quant(input: torch.Tensor, group_size: int, quant_dty
     gate, up = input[:, :hidden].float(), input[:, hidden:].float()
     result = (gate * (1.0 / (1.0 + torch.exp(-gate)))) * up
     groups = result.view(tokens, hidden // group_size, group_size)
-    scale = groups.abs().amax(-1) / FP8_E4M3_MAX
+    scale = _divide(groups.abs().amax(-1), FP8_E4M3_MAX)
     if scale_ub is not None:
         scale = torch.minimum(scale, scale_ub.float())
     scale = torch.clamp(scale, min=FP8_MIN_SCALING_FACTOR)
@@ -156,7 +163,7 @@ def dynamic_per_token_scaled_fp8_quant(out: torch.Tensor, input: torch.Tensor, s
     ``s = max(min(absmax / 448, scale_ub), 1 / (448 * 512))``; ``q = sat(rne(x / s))`` (a division:
     ``scaled_fp8_conversion<false>``)."""
     x = input.float()
-    s = x.abs().amax(-1, keepdim=True) / FP8_E4M3_MAX
+    s = _divide(x.abs().amax(-1, keepdim=True), FP8_E4M3_MAX)
     if scale_ub is not None:
         s = torch.minimum(s, scale_ub.float())
     s = torch.clamp(s, min=FP8_MIN_SCALING_FACTOR)
@@ -177,7 +184,7 @@ def static_scaled_fp8_quant(out: torch.Tensor, input: torch.Tensor, scale: torch
 def dynamic_scaled_fp8_quant(out: torch.Tensor, input: torch.Tensor, scale: torch.Tensor) -> None:
     """csrc/quantization/w8a8/fp8/common.cu ``dynamic_scaled_fp8_quant``: ``s = absmax / 448`` over
     the whole tensor (``segmented_max_reduction``, no floor), then the static kernel above."""
-    scale.copy_((input.float().abs().amax() / FP8_E4M3_MAX).reshape(scale.shape))
+    scale.copy_(_divide(input.float().abs().amax(), FP8_E4M3_MAX).reshape(scale.shape))
     static_scaled_fp8_quant(out, input, scale)
 
 

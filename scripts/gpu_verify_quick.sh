@@ -4,8 +4,9 @@
 #   premerge, nightly       the triton backend on the GPU suites
 #   pytest                  the native tests of the kernels, the contract and the newest harness modules
 #                           ($PYTEST_FILES overrides the list)
-#   independent             tests/moe_validate/independent_experts.py as a third-party backend on premerge
-#                           (it declares its own numerics profile; issue 17: no false FAIL)
+#   independent             tests/moe_validate/independent_experts.py as a third-party backend on
+#                           $INDEPENDENT_SUITE (default premerge; it declares its own numerics profile;
+#                           issue 17: no false FAIL)
 #   vllm                    the vllm backend on smoke and premerge through the carried bundle (.gpu_vllm)
 #   nightly-fresh           nightly with fresh seeds (issue 23: no false alarm)
 #   selftest                independent mutants ($MUTANTS; default the GPU-only ones) against premerge
@@ -45,7 +46,7 @@ for s in $steps; do
         tests/moe_validate/test_golden.py tests/moe_validate/test_verdicts.py} > "$o/r/pytest.log" 2>&1
       step pytest $? "$(tail -n 1 "$o/r/pytest.log")"; grep -E "^(FAILED|ERROR)" "$o/r/pytest.log" | head -n 20 | tee -a "$o/summary.log";;
     independent)
-      PYTHONPATH=$PWD:$PWD/tests/moe_validate timeout "$(cap 120)" python3 -m moe_validate.cli run --suite premerge \
+      PYTHONPATH=$PWD:$PWD/tests/moe_validate timeout "$(cap ${INDEPENDENT_LIMIT:-120})" python3 -m moe_validate.cli run --suite ${INDEPENDENT_SUITE:-premerge} --workers ${INDEPENDENT_WORKERS:-1} \
         --backend independent_experts:IndependentExperts --out "$o/r/independent" --no-report > "$o/r/independent.log" 2>&1
       step independent $? "$(tail -n 3 "$o/r/independent.log" | tr '\n' ' ')";;
     vllm)

@@ -2,7 +2,9 @@
 # Runs the vllm backend on a machine without vLLM and without network (the project's GPU image),
 # from the bundle scripts/build_vllm_gpu_bundle.sh wrote to .gpu_vllm/ (carry it):
 #
-#   scripts/gpu_vllm.sh [SUITE ...]        (default: smoke premerge)
+#   scripts/gpu_vllm.sh [SUITE ...]        (default: smoke premerge; "none": no suite)
+#   VLLM_PROBE=script.py scripts/gpu_vllm.sh none   (a script run with the bundle loaded, first)
+#   VLLM_RUN_ARGS="--filter scheme=int8_* --repeat 2 --fresh-seeds" scripts/gpu_vllm.sh nightly
 #
 # It unpacks vLLM's sources and the carried wheels into a scratch site directory (outside the
 # repository), puts it after the repository on PYTHONPATH, prints what the backend loaded
@@ -52,9 +54,16 @@ EOF
 
 mkdir -p "$out"
 status=0
+if [ -n "${VLLM_PROBE:-}" ]; then  # a script to run with the bundle loaded, before the suites
+  "$python" "$VLLM_PROBE" > "$out/probe.log" 2>&1; rc=$?
+  [ $rc -eq 0 ] || status=$rc
+  echo "== probe $VLLM_PROBE: rc=$rc"; cat "$out/probe.log"
+fi
 for suite in "${suites[@]}"; do
+  [ "$suite" != none ] || continue
   dir="$out/vllm-$suite"
-  "$python" -m moe_validate.cli run --backend vllm --suite "$suite" --out "$dir" --overwrite --no-report \
+  # shellcheck disable=SC2086  # VLLM_RUN_ARGS: more `run` arguments, word-split (--filter ... --repeat 2)
+  "$python" -m moe_validate.cli run --backend vllm --suite "$suite" --out "$dir" --overwrite --no-report ${VLLM_RUN_ARGS:-} \
     > "$dir.log" 2>&1
   rc=$?
   [ $rc -eq 0 ] || status=$rc

@@ -29,6 +29,7 @@ __all__ = [
     "TopkSum",
     "ScaleFormula",
     "CodeRounding",
+    "Division",
     "Quantizer",
     "NumericsProfile",
     "SPEC_PROFILE",
@@ -100,24 +101,38 @@ class CodeRounding(str, Enum):
     QMAX_OVER_ABSMAX_HALF_AWAY = "round_half_away(x * (QMAX / max(absmax, floor)))"
 
 
+class Division(str, Enum):
+    """How a quantizer's fp32 divisions (``x / s``, ``absmax / QMAX``, ``QMAX / absmax``) round."""
+
+    CORRECTLY_ROUNDED = "correctly rounded"  # IEEE (tl.div_rn, torch's tensor / tensor, CUDA C's float /)
+    # Triton's plain fp32 `/`: correctly rounded in the interpreter, an approximation up to 2 ulp off
+    # on NVIDIA GPUs (docs/TRITON_FACTS.md); the mirror cannot follow it bit for bit, so the gate
+    # counts the codes it may flip there (tolerance.division_ties)
+    TRITON = "triton"
+
+
 @dataclass(frozen=True)
 class Quantizer:
-    """One activation quantizer: the scale formula (dynamic scales only) with its floor, and the
-    rounding of the codes."""
+    """One activation quantizer: the scale formula (dynamic scales only) with its floor, the
+    rounding of the codes, and how its divisions round."""
 
     scale: ScaleFormula = ScaleFormula.FLOOR_THEN_DIVIDE
     floor: float = QUANT_FLOOR
     codes: CodeRounding = CodeRounding.DIVIDE_RNE
+    division: Division = Division.CORRECTLY_ROUNDED
 
     def __post_init__(self) -> None:
         _check_enum(self, "scale", ScaleFormula)
         _check_enum(self, "codes", CodeRounding)
+        _check_enum(self, "division", Division)
         if not isinstance(self.floor, (int, float)) or self.floor < 0:
             raise ValueError(f"floor must be a number >= 0; got {self.floor!r}")
 
     def describe(self) -> str:
         scale = self.scale.value.replace("floor", f"{self.floor:g}")
-        return f"s = {scale}, q = sat({self.codes.value})"
+        division = "" if self.division is Division.CORRECTLY_ROUNDED else \
+            ", / is Triton's fp32 division (approximate on NVIDIA GPUs)"
+        return f"s = {scale}, q = sat({self.codes.value}){division}"
 
 
 SPEC_QUANTIZER = Quantizer()  # SPEC.md: s = max(absmax, 1e-10) / QMAX, q = sat(rne(x / s))
@@ -278,7 +293,10 @@ VLLM_PROFILE = NumericsProfile(
     # `_absmax = tl.maximum(tl.max(tl.abs(y)), eps)`, `scale_raw = _absmax * (1.0 / fp8_max)`,
     # `y_q = tl.clamp(y / y_s, ...)`. On CUDA per_token_group_quant_fp8 calls the compiled
     # torch.ops._C.per_token_group_fp8_quant instead, whose source is not in the wheel: not read here.
-    fp8_token_group=Quantizer(ScaleFormula.FLOOR_THEN_RECIPROCAL, QUANT_FLOOR, CodeRounding.DIVIDE_RNE),
+    # Its `y / y_s` is Triton's plain fp32 `/`; on the GPU bundle (scripts/gpu_vllm.sh) this Triton
+    # path runs there too, in place of the compiled op.
+    fp8_token_group=Quantizer(ScaleFormula.FLOOR_THEN_RECIPROCAL, QUANT_FLOOR, CodeRounding.DIVIDE_RNE,
+                              Division.TRITON),
     # ops.scaled_fp8_quant(use_per_token_if_dynamic=True) -> csrc/quantization/w8a8/fp8/common.cu
     # dynamic_per_token_scaled_fp8_quant_kernel: s = max(absmax / 448, min_scaling_factor =
     # 1 / (448 * 512)), q = sat(x / s) (scaled_fp8_conversion<false>); vllm_cpu_ops.py stands in for it
@@ -290,8 +308,10 @@ VLLM_PROFILE = NumericsProfile(
     fp8_tensor_static=Quantizer(ScaleFormula.FLOOR_THEN_DIVIDE, QUANT_FLOOR, CodeRounding.RECIPROCAL_RNE),
     # quantization/utils/int8_utils.py _per_token_quant_int8: `absmax = tl.maximum(tl.max(tl.abs(x)),
     # 1e-10)`, `scale_x = absmax / 127`, `x_q = round_int8(x * (127 / absmax))` with round_int8 =
-    # libdevice.round (half away from zero)
-    int8_token=Quantizer(ScaleFormula.FLOOR_THEN_DIVIDE, QUANT_FLOOR, CodeRounding.QMAX_OVER_ABSMAX_HALF_AWAY),
+    # libdevice.round (half away from zero); both `/` are Triton's plain fp32 division (on an H200 28%
+    # of its 127 / absmax came out an ulp off: scripts/gpu_vllm_int8_probe.py)
+    int8_token=Quantizer(ScaleFormula.FLOOR_THEN_DIVIDE, QUANT_FLOOR, CodeRounding.QMAX_OVER_ABSMAX_HALF_AWAY,
+                         Division.TRITON),
     # experts/triton_moe.py apply (silu + fp8 block [128, 128], no clamp, no LoRA) ->
     # ops.silu_and_mul_per_block_quant (csrc/quantization/fused_kernels/fused_silu_mul_block_quant.cu;
     # vllm_cpu_ops.py stands in for it): s = max(absmax / 448, 1 / (448 * 512)), q = sat(r / s)

@@ -18,6 +18,7 @@ from moe_validate.contract.profile import (
     VLLM_PROFILE,
     ActivationRounding,
     CodeRounding,
+    Division,
     DotPrecision,
     GemmOutputDtype,
     NumericsProfile,
@@ -58,6 +59,8 @@ def test_a_profile_is_frozen_and_typed():
         NumericsProfile(name="")
     with pytest.raises(ValueError, match="floor must be a number >= 0"):
         Quantizer(floor=-1.0)
+    with pytest.raises(TypeError, match="division must be a Division"):
+        Quantizer(division="triton")
     with pytest.raises(ValueError, match="no quantizer for int8 activations per 'token_group'"):
         SPEC_PROFILE.quantizer("int8", "token_group")
 
@@ -95,11 +98,17 @@ def test_vllm_profile_values():
     assert p.quantized_gemm_output is GemmOutputDtype.BF16 and p.weight_only_dequantized is WeightPrecision.STORAGE
     assert p.fp32_dot is DotPrecision.TF32 and p.topk_sum is TopkSum.STORAGE_UP_TO_4
     min_scale = 1.0 / (448.0 * 512.0)
-    assert p.fp8_token_group == Quantizer(ScaleFormula.FLOOR_THEN_RECIPROCAL, 1e-10, CodeRounding.DIVIDE_RNE)
+    assert p.fp8_token_group == Quantizer(ScaleFormula.FLOOR_THEN_RECIPROCAL, 1e-10, CodeRounding.DIVIDE_RNE,
+                                          Division.TRITON)
     assert p.fp8_token == Quantizer(ScaleFormula.DIVIDE_THEN_FLOOR, min_scale, CodeRounding.DIVIDE_RNE)
     assert p.fp8_tensor_dynamic == Quantizer(ScaleFormula.FLOOR_THEN_DIVIDE, 0.0, CodeRounding.RECIPROCAL_RNE)
     assert p.fp8_tensor_static.codes is CodeRounding.RECIPROCAL_RNE
-    assert p.int8_token == Quantizer(ScaleFormula.FLOOR_THEN_DIVIDE, 1e-10, CodeRounding.QMAX_OVER_ABSMAX_HALF_AWAY)
+    assert p.int8_token == Quantizer(ScaleFormula.FLOOR_THEN_DIVIDE, 1e-10, CodeRounding.QMAX_OVER_ABSMAX_HALF_AWAY,
+                                     Division.TRITON)
+    # vLLM's CUDA ops (here its stand-ins) divide correctly: only its two Triton quantizers are marked
+    assert [f for f in ("fp8_token", "fp8_tensor_dynamic", "fp8_tensor_static", "fp8_token_group_fused")
+            if getattr(p, f).division is not Division.CORRECTLY_ROUNDED] == []
+    assert "Triton's fp32 division" in p.int8_token.describe()
     assert p.fp8_token_group_fused == Quantizer(ScaleFormula.DIVIDE_THEN_FLOOR, min_scale, CodeRounding.DIVIDE_RNE)
     assert len(p.differences()) == 14  # every field but the name and the GEMM2 router weight
 
@@ -166,3 +175,5 @@ def test_vllm_source_quantizers():
     assert "absmax = tl.maximum(tl.max(tl.abs(x)), 1e-10)" in token and "scale_x = absmax / 127" in token
     assert "x_q = x * (127 / absmax)" in token and "x_q = round_int8(x_q)" in token
     assert "libdevice.round(x).to(tl.int8)" in int8  # round half away from zero
+    # both divide with Triton's plain fp32 `/` (Division.TRITON), not tl.div_rn
+    assert "div_rn" not in group.split("\ndef ")[0] and "div_rn" not in token.split("\ndef ")[0]

@@ -258,6 +258,88 @@ def test_with_the_gpu_switch_off_the_count_is_recorded_but_not_applied(monkeypat
     assert any("not applied on a GPU" in line for line in gate.derivation)
 
 
+# --- quantizers that divide with Triton's fp32 `/` (Division.TRITON), on a GPU ---------------------
+# vLLM's per-token int8 quantizer computes 127 / absmax with Triton's `/`, which a compiled kernel
+# evaluates approximately: on an H200 28% of those quotients came out an ulp off (0.06% two) and
+# 4.7% of absmax / 127 (scripts/gpu_vllm_int8_probe.py). The emulation below gives the CPU that
+# behaviour: per row, the multiplier one ulp off with p = 0.28 and the scale with p = 0.047. On the
+# GPU premerge case s1009 it reproduced the H200's count (1569-1823 differing elements emulated,
+# 1936 on the GPU, against the 724 the model allowed before it knew of these codes).
+TIE_CASE = "bf16-int8_channel_token-silu-M32N256K128E4k2-s7"  # 13 input and 20 requantization near ties
+
+
+def _triton_division_emulated(monkeypatch, seed):
+    """reference.quant with vLLM's int8 quantizer as a compiled Triton kernel divides (see above)."""
+    import reference.quant as rq
+
+    gen = torch.Generator().manual_seed(seed)
+    codes, scale = rq._codes, rq._dynamic_scale
+
+    def one_ulp_off(t, p):
+        r = torch.rand(t.shape, generator=gen)
+        up = torch.nextafter(t, torch.full_like(t, math.inf))
+        down = torch.nextafter(t, torch.zeros_like(t))
+        return torch.where(r < p / 2, up, torch.where(r < p, down, t))
+
+    def emulated_codes(x32, s, absmax, code_dtype, quantizer):
+        if quantizer.codes is not rq.CodeRounding.QMAX_OVER_ABSMAX_HALF_AWAY:
+            return codes(x32, s, absmax, code_dtype, quantizer)
+        inverse = one_ulp_off(torch.full_like(absmax, 127.0) / torch.clamp_min(absmax, quantizer.floor), 0.28)
+        return rq._round_half_away(x32 * inverse).clamp(-127, 127)
+
+    def emulated_scale(absmax, qmax, quantizer):
+        s = scale(absmax, qmax, quantizer)
+        return one_ulp_off(s, 0.047) if quantizer.codes is rq.CodeRounding.QMAX_OVER_ABSMAX_HALF_AWAY else s
+
+    monkeypatch.setattr(rq, "_codes", emulated_codes)
+    monkeypatch.setattr(rq, "_dynamic_scale", emulated_scale)
+
+
+def _vllm_gate(case_id, native_gpu):
+    from moe_validate.contract.profile import VLLM_PROFILE
+
+    case = Case.from_id(case_id)
+    x = make_inputs(case)
+    st = reference.run_stages(*x.args(), **x.kwargs(), precision="mirror", profile=VLLM_PROFILE)
+    return x, st, derive(case, x, st, native_gpu=native_gpu, profile=VLLM_PROFILE)["gate"]
+
+
+def test_triton_division_ties_count_on_a_gpu_only_and_only_where_a_profile_declares_them():
+    _, _, gpu = _vllm_gate(TIE_CASE, native_gpu=True)
+    _, _, cpu = _vllm_gate(TIE_CASE, native_gpu=False)
+    spec_gpu = _bounds(Case.from_id(TIE_CASE), native_gpu=True)[2]["gate"]
+    assert gpu.terms["division_ties_input"] == 13 and gpu.terms["division_ties_requant"] == 20
+    assert any(line.startswith("Triton fp32 division in the quantizer") for line in gpu.derivation)
+    assert any("near-tie input codes" in line for line in gpu.derivation)
+    for other in (cpu, spec_gpu):  # the interpreter divides correctly; SPEC's quantizer is IEEE
+        assert "division_ties_input" not in other.terms
+        assert not any("Triton fp32 division" in line for line in other.derivation)
+    # the ties only add events: wider where they are, never narrower anywhere
+    assert gpu.count_allowed > cpu.count_allowed and bool((gpu.allowed >= cpu.allowed).all())
+
+
+def test_a_kernel_dividing_the_triton_way_passes_the_gpu_gate_the_old_model_failed(monkeypatch):
+    x, mirror, gate = _vllm_gate(TIE_CASE, native_gpu=True)
+    with monkeypatch.context() as m:  # the model before it knew of these codes
+        m.setattr(tol, "division_ties", lambda *args, **kwargs: None)
+        _, _, old = _vllm_gate(TIE_CASE, native_gpu=True)
+    from moe_validate.contract.profile import VLLM_PROFILE
+
+    counts, old_alarms = [], 0
+    for seed in range(6):
+        with monkeypatch.context() as m:
+            _triton_division_emulated(m, seed)
+            kernel = reference.run_stages(*x.args(), **x.kwargs(), precision="mirror", profile=VLLM_PROFILE)["out"]
+        d = (kernel - mirror["out"]).abs()
+        count = int((d > 0).sum())
+        assert count <= gate.count_allowed and bool((d <= gate.allowed).all()), (seed, count, gate.count_allowed)
+        old_alarms += count > old.count_allowed or bool((d > old.allowed).any())
+        counts.append(count)
+    assert max(counts) > 0 and old_alarms >= 1, (counts, old.count_allowed)
+    # still a test: a uniform one-ulp error (every element differs) exceeds the allowance
+    assert gate.count_allowed < mirror["out"].numel()
+
+
 # --- a numerics profile's roundings in the gate (issue 17) ------------------------------------------
 def _profile_gate(case_id, profile):
     case = Case.from_id(case_id)
