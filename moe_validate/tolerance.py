@@ -645,7 +645,7 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
         # a near-tie input code flips with p, by E[D^2] <= p (sum_k jump_k |w1|)^2; it moves the whole row
         # of c1 together, so its flips are not independent per element: the count takes it as one event
         # per token (count_allowance), and only its variance enters here (the z-scores)
-        shift1 = ties.scale_shift(c1) if ties.input_scale else torch.zeros_like(c1)
+        shift1 = ties.c1_shift(c1)
         var_c1_pre = var_c1_pre + TRITON_DIVISION_P * (ties.c1 ** 2 + shift1 ** 2) * vm
         A1_pre = A1_pre + TRITON_DIVISION_P * shift1 * vm
     zero1 = torch.zeros_like(c1)
@@ -766,8 +766,8 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
         trunc3 = _mma_truncation(I, bits, c3.abs() + b2, s2_eff)
     var_c3_cont = ((k2 * s2_eff) ** 2 + epi2 ** 2 + (trunc3 / _MEAN_ABS) ** 2) * vm
     A3c = (a2 * s2_eff + _MEAN_ABS * epi2 + trunc3) * vm
-    if ties is not None and ties.requant_scale:
-        shift3 = ties.scale_shift(c3)
+    if ties is not None:
+        shift3 = ties.c3_shift(c3)
         var_c3_cont = var_c3_cont + TRITON_DIVISION_P * shift3 ** 2 * vm
         A3c = A3c + TRITON_DIVISION_P * shift3 * vm
     V3 = V3 + var_c3_cont
@@ -1120,9 +1120,13 @@ class DivisionTies:
     input_scale: bool  # GEMM1's input scale is divided the Triton way (its dequantization may shift)
     requant_scale: bool  # the requantization scale is
 
-    def scale_shift(self, c: torch.Tensor) -> torch.Tensor:
-        """|shift| of a dequantized GEMM output when its activation scale is TRITON_DIVISION_ULPS off."""
-        return 2.0 * TRITON_DIVISION_ULPS * U32 * c.abs()
+    def c1_shift(self, c1: torch.Tensor) -> torch.Tensor:
+        """|shift| of c1 when GEMM1's input scale is TRITON_DIVISION_ULPS off (0 if it is not divided so)."""
+        return _scale_shift(c1, self.input_scale)
+
+    def c3_shift(self, c3: torch.Tensor) -> torch.Tensor:
+        """The same for c3 and the requantization scale."""
+        return _scale_shift(c3, self.requant_scale)
 
     def lines(self) -> List[str]:
         return [f"Triton fp32 division in the quantizer (approximate on a GPU, measured on an H200): codes whose "
@@ -1130,6 +1134,11 @@ class DivisionTies:
                 f"with p = {TRITON_DIVISION_P}: {self.n_input} GEMM1 input code(s) (one step x |w1| into c1) and "
                 f"{self.n_requant} requantization code(s) (one step into c2_in); a scale {TRITON_DIVISION_ULPS} ulp "
                 f"off moves the dequantized c1 / c3 by 4 u32 |c| with the same p"]
+
+
+def _scale_shift(c: torch.Tensor, divided: bool) -> torch.Tensor:
+    """|shift| of a dequantized GEMM output whose activation scale is TRITON_DIVISION_ULPS off (4 u32 |c|)."""
+    return 2.0 * TRITON_DIVISION_ULPS * U32 * c.abs() if divided else torch.zeros_like(c)
 
 
 def division_ties(inputs: MoEInputs, stages: Dict[str, torch.Tensor], profile: NumericsProfile, native_gpu: bool
@@ -1155,15 +1164,17 @@ def division_ties(inputs: MoEInputs, stages: Dict[str, torch.Tensor], profile: N
     tie1, n1 = torch.zeros_like(c1), 0
     per_token = torch.zeros(M, dtype=F64, device=c1.device)
     if input_triton:
-        from reference.pipeline import router_weight  # the harness may import reference
+        from reference.pipeline import prepare_input  # the harness may import reference
 
-        x = inputs.hidden_states.to(c1.device)
-        if inputs.apply_router_weight_on_input:  # the mirror quantizes round_S(x * w) (reference.prepare_input)
-            S = storage_dtype(x.dtype)
-            w = router_weight(inputs.topk_weights[:, :1].to(x.device), S, profile.router_weight_input)
-            x = (x.to(torch.float32) * w.to(torch.float32)).to(S)
+        from moe_validate.contract.checks import validate_call
+
+        # what the mirror quantizes: the hidden states, or round_S(x * w) with the router weight on input
+        _, x = prepare_input(inputs.hidden_states, inputs.topk_weights,
+                             validate_call(*inputs.args(), **inputs.kwargs()),
+                             apply_router_weight_on_input=inputs.apply_router_weight_on_input, a1q_scale=None,
+                             precision="mirror", profile=profile)
         a1 = inputs.quant.a1_scale if gran == "tensor_static" else None
-        dx, n1 = _tie_jumps(x.to(F64), scheme, q_in, _TRITON_DIVISION_FUZZ, a1)
+        dx, n1 = _tie_jumps(x.to(c1.device), scheme, q_in, _TRITON_DIVISION_FUZZ, a1)
         per_token = (dx > 0).sum(1).to(F64)
         tie1 = _per_expert_matmul(dx[:, None, :].expand(M, T, dx.shape[1]), stages["w1"].to(F64).abs(), rexp, valid)
     tie2, n2 = torch.zeros_like(c2), 0
@@ -1480,7 +1491,7 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     ties = division_ties(inputs, stages, profile, native_gpu)
     if ties is not None:
         # near-tie input codes (and a shifted input scale) may move c1 by more than one ulp
-        shift1 = ties.scale_shift(c1) if ties.input_scale else torch.zeros_like(c1)
+        shift1 = ties.c1_shift(c1)
         p_c1 = torch.clamp(p_c1 + TRITON_DIVISION_P * torch.clamp((ties.c1 + shift1) / ulp_c1, max=1.0), max=1.0)
         c1_jump = ulp_c1 + ties.c1 + shift1
     p_c2 = torch.clamp(FLIP_SIGMAS * sigma_c2_pre / ulp_c2, max=1.0)
