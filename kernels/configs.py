@@ -37,13 +37,14 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from moe_validate.contract.profile import Fp8Accumulation
 from moe_validate.contract.rules import interpreting
 from moe_validate.contract.spec import FP8_BLOCK, QuantScheme
 
 __all__ = ["KernelConfig", "Gemm2Tiles", "DeviceFacts", "ConfigSource", "select_config", "lookup_config",
            "untuned_config", "batch_invariant_config", "check_config", "config_file_name", "tuned_devices",
            "current_device_facts", "config_dirs", "vllm_config_file_name", "vllm_dtype_token", "to_vllm_entry",
-           "from_vllm_entry", "vllm_sidecar_name"]
+           "from_vllm_entry", "vllm_sidecar_name", "fp8_accumulation"]
 
 
 def _from_dict(cls, d, what: str, required):
@@ -133,6 +134,26 @@ class KernelConfig:
         if self.gemm2 is None:
             return self
         return KernelConfig(BLOCK_M=self.BLOCK_M, **asdict(self.gemm2))
+
+
+# Where the accumulator of an fp8 tl.dot was measured (docs/TRITON_FACTS.md): Hopper, Triton 3.6.
+_FP8_ACCUMULATION_MEASURED = ((9, 0),)
+
+
+def fp8_accumulation(config: KernelConfig, capability: Optional[Tuple[int, int]]) -> Optional[Fp8Accumulation]:
+    """How ``config``'s fp8 dots accumulate when compiled for a GPU of ``capability``; None where
+    that is not known (not a GPU, or one it was not measured on).
+
+    Triton lowers a dot to Hopper's warpgroup MMA only when a warpgroup can own the tile: M a
+    multiple of 64 and num_warps a multiple of 4; narrower tiles take mma.sync. Measured on an H200
+    (fresh-seed nightly, docs/BOUNDS.md): fp8 cases with BLOCK_M = 16 differ from an fp32-accumulated
+    mirror in ~1/2000 of the elements the fp8 MMA's accumulator gives (BLOCK_M = 64). One GEMM on the
+    warpgroup MMA makes the launch FP8_MMA."""
+    if capability is None or tuple(capability) not in _FP8_ACCUMULATION_MEASURED:
+        return None
+    gemm2_warps = config.gemm2.num_warps if config.gemm2 is not None else config.num_warps
+    warpgroup = config.BLOCK_M % 64 == 0 and (config.num_warps % 4 == 0 or gemm2_warps % 4 == 0)
+    return Fp8Accumulation.FP8_MMA if warpgroup else Fp8Accumulation.FP32
 
 
 def _is_pow2(v: int) -> bool:

@@ -36,12 +36,14 @@ import triton
 
 from kernels.activation import apply_activation
 from kernels.align import align_routes, route_experts
-from kernels.configs import ConfigSource, Gemm2Tiles, KernelConfig, batch_invariant_config, check_config, lookup_config
+from kernels.configs import (ConfigSource, Gemm2Tiles, KernelConfig, batch_invariant_config, check_config,
+                             fp8_accumulation, lookup_config)
 from kernels.grouped_gemm import fp8_group_quant_blocker, invoke_grouped_gemm
 from kernels.lora import apply_lora_w13, apply_lora_w2
 from kernels.moe_sum import moe_sum
 from kernels.quantize import ACT_GROUP_SIZE, fp8_group_outputs, quantize_activation, silu_and_mul_quant_fp8_group
 from moe_validate.contract.checks import CallShape, validate_call, validate_index_values
+from moe_validate.contract.profile import Fp8Accumulation
 from moe_validate.contract.rules import fused_silu_fp8_group, interpreting, takes_naive_path
 from moe_validate.contract.spec import Activation, QuantConfig, QuantScheme
 
@@ -200,6 +202,8 @@ class TritonExperts:
         self.fuse_topk_sum = fuse_topk_sum
         self.last_config: Optional[KernelConfig] = None
         self.last_config_source: Optional[ConfigSource] = None  # which table served last_config
+        # how last_config's fp8 dots accumulate on this device (configs.fp8_accumulation; None: unknown)
+        self.last_fp8_accumulation: Optional[Fp8Accumulation] = None
         self.last_assignment: Optional[str] = None
         self.last_fused_activation: Optional[bool] = None
         self.last_fused_topk_sum: Optional[bool] = None
@@ -414,6 +418,7 @@ class TritonExperts:
         config, self.last_config_source = _resolve_config(config, M, E, N, K, topk, S, scheme, quant.group_size,
                                                           batch_invariant, I)
         self.last_config = config
+        self.last_fp8_accumulation = fp8_accumulation(config, capability) if scheme.is_fp8 else None
         clamp = quant.gemm1_clamp_limit
         fused_silu_quant = fused_silu_fp8_group(shape.activation, scheme, clamp, lora is not None)
         paths = self._paths(shape, lora, config, hidden_states.device)

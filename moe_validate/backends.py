@@ -18,7 +18,7 @@ can run. Built in:
 
 Optional capabilities are typed Protocols (below; ``docs/BACKENDS.md`` is the page for a team
 wrapping its own kernel): ``SupportsInvariance``, ``ExposesRouting``, ``RunsPaths``,
-``ExposesStages``, ``ReportsConfig`` and ``DeclaresNumerics``. ``capability(backend, Protocol)``
+``ExposesStages``, ``ReportsConfig``, ``ReportsAccumulation`` and ``DeclaresNumerics``. ``capability(backend, Protocol)``
 is the one place that answers "does this backend have X" (a member set to None declares its
 absence); ``check_backend`` checks every declared one when the backend loads (a non-callable
 member or a method that cannot take the arguments the harness passes is a TypeError naming the
@@ -56,6 +56,7 @@ __all__ = [
     "RunsPaths",
     "ExposesStages",
     "ReportsConfig",
+    "ReportsAccumulation",
     "DeclaresNumerics",
     "CAPABILITIES",
     "capability",
@@ -138,6 +139,16 @@ class ReportsConfig(Protocol):
 
 
 @runtime_checkable
+class ReportsAccumulation(Protocol):
+    """How the last ``run``'s fp8 dots accumulated on the GPU (a ``contract.profile.Fp8Accumulation``,
+    or None: not known). Its tiles pick the instruction, so it is a fact of the launch; the gate
+    models those dots by it. Without it (or None) a GPU's fp8 dots are taken to be Hopper's fp8 MMA,
+    the coarser accumulator: never a false alarm, less sensitivity where the dots were exact."""
+
+    last_fp8_accumulation: Any
+
+
+@runtime_checkable
 class DeclaresNumerics(Protocol):
     """The backend's numerics: ``numerics_profile`` (a NumericsProfile; None = ours, SPEC.md), which
     the mirror reference follows, and ``gating`` (the verdicts that decide the outcome, a tuple of
@@ -173,6 +184,9 @@ CAPABILITIES: Tuple[Capability, ...] = (
                "no config recorded"),
     Capability(ReportsConfig, "last_config_source", None, "where the launch config came from",
                "no config source recorded"),
+    Capability(ReportsAccumulation, "last_fp8_accumulation", None,
+               "the gate models a GPU run's fp8 dots by the accumulator they used",
+               "a GPU's fp8 dots are modelled as Hopper's fp8 MMA (the coarser accumulator)"),
     Capability(DeclaresNumerics, "numerics_profile", None, "the mirror follows the declared numerics",
                "the mirror follows SPEC.md's numerics"),
     Capability(DeclaresNumerics, "gating", None, "the verdicts that decide the outcome",
@@ -260,7 +274,7 @@ def capability_summary(backend: Any) -> Dict[str, Any]:
     """What the run header records: the optional capabilities the backend declares and lacks."""
     has, lacking = [], []
     for cap in CAPABILITIES:
-        if cap.protocol is ReportsConfig:  # reported as None before the first run: present all the same
+        if cap.protocol in (ReportsConfig, ReportsAccumulation):  # None before the first run: present all the same
             present = hasattr(backend, cap.member)
         else:
             present = declared(backend, cap.member) is not None
@@ -323,6 +337,7 @@ class TritonBackend:
         self.forced_config = config
         self.last_config: Optional[dict] = None
         self.last_config_source: Optional[dict] = None  # kernels.configs.ConfigSource of last_config
+        self.last_fp8_accumulation = None  # kernels.configs.fp8_accumulation of last_config on this device
 
     def supports(self, case: "Case") -> Tuple[bool, str]:
         reason = case.device_skip_reason(device_capability(), interpreting())
@@ -375,7 +390,7 @@ class TritonBackend:
         output = torch.full(tuple(out_shape), poison, dtype=dtype, device=hidden.device)
         workspace13 = torch.full(tuple(ws13_shape), poison, dtype=dtype, device=hidden.device)
         workspace2 = torch.full(tuple(ws2_shape), poison, dtype=dtype, device=hidden.device)
-        self.last_config = self.last_config_source = None
+        self.last_config = self.last_config_source = self.last_fp8_accumulation = None
         try:
             experts.apply(
                 output,
@@ -403,6 +418,7 @@ class TritonBackend:
             self.last_config = _config_to_dict(getattr(experts, "last_config", None))
             source = getattr(experts, "last_config_source", None)
             self.last_config_source = None if source is None else source.to_dict()
+            self.last_fp8_accumulation = getattr(experts, "last_fp8_accumulation", None)
         self.last_paths = {"assignment": experts.last_assignment, "fused_activation": experts.last_fused_activation,
                            "fused_topk_sum": experts.last_fused_topk_sum}
         return output

@@ -33,7 +33,7 @@ import torch
 
 from moe_validate import tolerance as _tol
 from moe_validate.diagnosis import TILE  # nominal (token, column) tile used to name where an element lives
-from moe_validate.contract.profile import SPEC_PROFILE, NumericsProfile
+from moe_validate.contract.profile import SPEC_PROFILE, Fp8Accumulation, NumericsProfile
 from moe_validate.contract.spec import MoEInputs, QuantScheme, storage_dtype
 from moe_validate.verdicts import GATE_CHOICES, VERDICT_ORACLE, VERDICTS, conformance_note
 
@@ -501,12 +501,15 @@ def _note_finite_rows(ev: Evaluation, rows: List[int], M: int, left_out: List[in
 
 
 def evaluate(case, inputs: MoEInputs, out: torch.Tensor, rows: Optional[torch.Tensor] = None, *,
-             profile: NumericsProfile = SPEC_PROFILE, gating: Tuple[str, ...] = GATE_CHOICES["both"]) -> Evaluation:
+             profile: NumericsProfile = SPEC_PROFILE, gating: Tuple[str, ...] = GATE_CHOICES["both"],
+             fp8_accumulation: Optional[Fp8Accumulation] = None) -> Evaluation:
     """Runs the reference (mirror and exact) and judges ``out`` (the kernel's [M, K] output).
 
     ``profile``: the numerics profile the backend declares: the mirror rounds where it says and
     the gate's flip model counts its roundings (conformance); ``exact`` and the budget do not
     depend on it (accuracy). ``gating``: the verdicts that decide ``passed`` (``gating_policy``).
+    ``fp8_accumulation``: how the run's fp8 dots accumulated, as the backend reports it
+    (``backends.ReportsAccumulation``); None: a GPU's are taken to be Hopper's fp8 MMA.
 
     ``rows`` (1-D token indices): run the reference on those tokens only and compare those rows
     of ``out``; sound where each output row depends on its own token alone (no batch-wide
@@ -520,6 +523,9 @@ def evaluate(case, inputs: MoEInputs, out: torch.Tensor, rows: Optional[torch.Te
     """
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor; got {type(out).__name__}")
+    if fp8_accumulation is not None and not isinstance(fp8_accumulation, Fp8Accumulation):
+        raise TypeError(f"fp8_accumulation (a backend's last_fp8_accumulation) must be a "
+                        f"contract.profile.Fp8Accumulation or None; got {fp8_accumulation!r}")
     M, K = inputs.hidden_states.shape
     if tuple(out.shape) != (M, K):
         raise ValueError(f"out must be [M, K] = [{M}, {K}]; got {tuple(out.shape)}")
@@ -542,13 +548,13 @@ def evaluate(case, inputs: MoEInputs, out: torch.Tensor, rows: Optional[torch.Te
                              f"only; {scheme.value} has a batch-wide dynamic scale")
         tokens = rows.tolist()
         ev = _evaluate_rows(case, select_tokens(inputs, rows), out[rows.to(out.device)], tokens, profile=profile,
-                            gating=gating)
+                            gating=gating, fp8_accumulation=fp8_accumulation)
         if left_out and not sampled:
             _note_finite_rows(ev, tokens, M, left_out)
         else:
             _note_sampled_rows(ev, tokens, M)
         return ev
-    return _evaluate_rows(case, inputs, out, profile=profile, gating=gating)
+    return _evaluate_rows(case, inputs, out, profile=profile, gating=gating, fp8_accumulation=fp8_accumulation)
 
 
 OVERFLOW_KEY = "overflow_not_judged"  # the budget's note where SPEC's own stores overflow S
@@ -577,7 +583,8 @@ def _without_storage_overflow(exact_out: torch.Tensor, spec_mirror_out: torch.Te
 
 
 def _evaluate_rows(case, inputs: MoEInputs, out: torch.Tensor, token_of_row: Optional[List[int]] = None, *,
-                   profile: NumericsProfile = SPEC_PROFILE, gating: Tuple[str, ...] = GATE_CHOICES["both"]) -> Evaluation:
+                   profile: NumericsProfile = SPEC_PROFILE, gating: Tuple[str, ...] = GATE_CHOICES["both"],
+                   fp8_accumulation: Optional[Fp8Accumulation] = None) -> Evaluation:
     import reference  # lazily: the comparison needs it, importing the harness must not
 
     from moe_validate.contract.rules import interpreting
@@ -588,12 +595,14 @@ def _evaluate_rows(case, inputs: MoEInputs, out: torch.Tensor, token_of_row: Opt
     mirror = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="mirror", profile=profile)
     exact = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="exact")
     native_gpu = out.is_cuda and not interpreting()
-    bounds = _tol.derive(case, inputs, mirror, native_gpu=native_gpu, exact=exact, profile=profile)
+    bounds = _tol.derive(case, inputs, mirror, native_gpu=native_gpu, exact=exact, profile=profile,
+                         fp8_accumulation=fp8_accumulation)
     spec_mirror = mirror
     if profile != SPEC_PROFILE:
         # accuracy does not depend on the profile: the budget is the one SPEC's mirror gives
         spec_mirror = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="mirror")
-        bounds["budget"] = _tol.derive(case, inputs, spec_mirror, native_gpu=native_gpu, exact=exact)["budget"]
+        bounds["budget"] = _tol.derive(case, inputs, spec_mirror, native_gpu=native_gpu, exact=exact,
+                                       fp8_accumulation=fp8_accumulation)["budget"]
     S = storage_dtype(inputs.hidden_states.dtype)
     exact_out, overflow_note = _without_storage_overflow(exact["out"].to(F64), spec_mirror["out"], S)
     oracles = {

@@ -55,12 +55,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from moe_validate.backends import ExposesStages, capability
-from moe_validate.contract.profile import SPEC_PROFILE, NumericsProfile
+from moe_validate.backends import ExposesStages, capability, declared
+from moe_validate.contract.profile import SPEC_PROFILE, Fp8Accumulation, NumericsProfile
 from moe_validate.contract.rules import interpreting
 from moe_validate.contract.spec import MoEInputs, QuantScheme, storage_dtype
 from moe_validate.tolerance import (ACT_FP32_ULPS, ACT_LIPSCHITZ, U32, U_ACC_FP8_NATIVE, Z_GATE, _acc_growth,
-                                    _act_sensitivity, _gate_up, _per_expert_gemm_scales, _requant_step, ulp)
+                                    _act_sensitivity, fp8_mma, _gate_up, _per_expert_gemm_scales, _requant_step, ulp)
 
 __all__ = ["STAGES", "ROUTE_STAGES", "CHECK_NAME", "localize", "compare_stages", "no_stages"]
 
@@ -93,7 +93,8 @@ class _Pipeline:
     """The mirror's stage functions under the declared profile and the per-stage bounds of one call
     (see the module docstring)."""
 
-    def __init__(self, inputs: MoEInputs, profile: NumericsProfile, native_gpu: bool) -> None:
+    def __init__(self, inputs: MoEInputs, profile: NumericsProfile, native_gpu: bool,
+                 fp8_accumulation: Optional[Fp8Accumulation] = None) -> None:
         from reference.pipeline import stage_functions
 
         self.inputs, self.profile = inputs, profile
@@ -110,7 +111,8 @@ class _Pipeline:
         if self.scheme.act_dtype == torch.int8:
             self.u_acc, self.exact_dot = U32, True
         else:
-            self.u_acc, self.exact_dot = (U_ACC_FP8_NATIVE if self.scheme.is_fp8 and native_gpu else U32), False
+            self.u_acc = U_ACC_FP8_NATIVE if fp8_mma(self.scheme, native_gpu, fp8_accumulation) else U32
+            self.exact_dot = False
         self.n_round = 3 if inputs.lora is not None else 1
 
     def _gemm_slack(self, a: torch.Tensor, w: torch.Tensor, value: torch.Tensor, epilogue_ops: int,
@@ -251,10 +253,12 @@ def _worst(kernel: torch.Tensor, expected: torch.Tensor, allowed: torch.Tensor, 
 
 
 def compare_stages(inputs: MoEInputs, exposed: Dict[str, Any], native_gpu: bool = False,
-                   profile: NumericsProfile = SPEC_PROFILE) -> Dict[str, Any]:
+                   profile: NumericsProfile = SPEC_PROFILE,
+                   fp8_accumulation: Optional[Fp8Accumulation] = None) -> Dict[str, Any]:
     """The record's ``stages`` for a backend's ``run_stages`` result ``exposed``, every stage
-    function following ``profile`` (the backend's declared one; see the module docstring)."""
-    pipe = _Pipeline(inputs, profile, native_gpu)
+    function following ``profile`` (the backend's declared one; see the module docstring), the fp8
+    dots modelled by ``fp8_accumulation`` (the backend's report of that run, ``tolerance.fp8_mma``)."""
+    pipe = _Pipeline(inputs, profile, native_gpu, fp8_accumulation)
     M, topk = pipe.valid.shape
     device = pipe.valid.device
     mask3 = pipe.valid[..., None]
@@ -357,7 +361,8 @@ def localize(case, inputs: MoEInputs, backend, out: Optional[torch.Tensor] = Non
                             f"{type(exposed).__name__}")
         profile = declared_profile(backend)
         native_gpu = inputs.hidden_states.is_cuda and not interpreting()
-        record = compare_stages(inputs, exposed, native_gpu, profile)
+        record = compare_stages(inputs, exposed, native_gpu, profile,
+                                declared(backend, "last_fp8_accumulation"))
     except Exception as exc:
         from moe_validate.run.case import cuda_poisoned, one_line
 

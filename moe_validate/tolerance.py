@@ -44,6 +44,7 @@ from moe_validate.contract.profile import (
     SPEC_PROFILE,
     Division,
     DotPrecision,
+    Fp8Accumulation,
     NumericsProfile,
     ScaleFormula,
     TopkSum,
@@ -86,6 +87,24 @@ U32 = 2.0 ** -24
 # data, i.e. an effective unit ~1.6e-5 = 2^-16 under the model below); 2^-14 gives 4x headroom.
 # The interpreter's fp8 dot is exact, and int8 dots accumulate exactly in int32.
 U_ACC_FP8_NATIVE = 2.0 ** -14
+
+
+def fp8_mma(scheme: QuantScheme, native_gpu: bool, fp8_accumulation: Optional[Fp8Accumulation]) -> bool:
+    """Whether ``scheme``'s dots are modelled with the fp8 MMA's accumulator (U_ACC_FP8_NATIVE): fp8
+    dots compiled for a GPU, unless the backend reported that its launch accumulated them in full fp32
+    (``backends.ReportsAccumulation``; the kernels' mma.sync tiles, ``kernels.configs.fp8_accumulation``)."""
+    return scheme.is_fp8 and native_gpu and fp8_accumulation is not Fp8Accumulation.FP32
+
+
+def _fp8_unit_note(scheme: QuantScheme, native_gpu: bool, fp8_accumulation: Optional[Fp8Accumulation]) -> str:
+    """The derivation's word on which accumulator the fp8 dots were modelled with, and why."""
+    if not (scheme.is_fp8 and native_gpu):
+        return ""
+    if fp8_accumulation is Fp8Accumulation.FP32:
+        return "; fp8 dots: fp32 accumulation, as the backend reported for this launch (mma.sync tiles)"
+    if fp8_accumulation is Fp8Accumulation.FP8_MMA:
+        return "; fp8 dots: Hopper's fp8 MMA, as the backend reported for this launch"
+    return "; fp8 dots: taken to be Hopper's fp8 MMA (the backend did not report its accumulator)"
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -586,6 +605,7 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
                      profile: NumericsProfile = SPEC_PROFILE,
                      roundings: Optional[_ProfileRoundings] = None,
                      ties: Optional[DivisionTies] = None,
+                     fp8_accumulation: Optional[Fp8Accumulation] = None,
                      ) -> Tuple[torch.Tensor, List[str], Dict[str, float]]:
     """[M, K] modelled std of kernel - mirror, with derivation lines and summary terms (see above).
 
@@ -594,6 +614,7 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
     ``profile``: the numerics profile the mirror ``stages`` followed (its extra roundings are modelled).
     ``roundings``: ``_profile_roundings`` of these inputs, stages and profile, where the caller has it.
     ``ties``: ``division_ties`` of the same, where the caller has it (computed here otherwise).
+    ``fp8_accumulation``: how the run's fp8 dots accumulated (``fp8_mma``), as its backend reported.
     """
     act = inputs.activation
     scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None)
@@ -621,7 +642,7 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
         ties = division_ties(inputs, stages, profile, native_gpu)
     G = pr.gemm_grid  # the grid c1 and c3 are stored on (S unless the profile keeps them in fp32)
     bits = product_bits(scheme, S, pr.tf32, pr.weight_in_storage)
-    native_fp8 = scheme.is_fp8 and native_gpu
+    native_fp8 = fp8_mma(scheme, native_gpu, fp8_accumulation)
     (k1, a1), (k2, a2) = acc_error_typical(x.shape[1], bits, native_fp8), acc_error_typical(I, bits, native_fp8)
     n_epi1 = int(scheme.act_dtype is not None) + int(scheme.weight_dtype is not None) \
         + int(quant is not None and quant.w1_bias is not None)
@@ -633,7 +654,10 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
     s1_sq, _ = _per_expert_gemm_scales(xr, w1, rexp, valid)
     epi1 = EPILOGUE_OP_SIGMA * U32 * c1.abs() * math.sqrt(n_epi1)
     s1_eff = s1_sq.sqrt()
-    mma_bias = native_gpu and bits is not None and not native_fp8  # GPU_MMA_TRUNCATION
+    # GPU_MMA_TRUNCATION: the 16-bit and weight-only tensor-core dots. Not fp8 x fp8: on the fp8 MMA its
+    # own unit covers it, and on mma.sync tiles (fp32 accumulation) the H200's counts fit without it
+    # (fresh-seed nightly, BLOCK_M 16: observed / model 0.24-2.1 per row; 0.11-0.90 with tau 1.5e-3)
+    mma_bias = native_gpu and bits is not None and not scheme.is_fp8
     trunc1 = torch.zeros_like(c1)
     if mma_bias:
         # the partial sums run to the dot's own result, before the bias: |acc| <= |c| + |b|
@@ -1423,7 +1447,8 @@ def _golden_section_min(f, shape, dev) -> torch.Tensor:
 def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu: bool,
            exact: Optional[Dict[str, torch.Tensor]] = None,
            budget_detail: Optional[Dict[str, torch.Tensor]] = None,
-           profile: NumericsProfile = SPEC_PROFILE) -> Dict[str, Bound]:
+           profile: NumericsProfile = SPEC_PROFILE,
+           fp8_accumulation: Optional[Fp8Accumulation] = None) -> Dict[str, Bound]:
     """{"gate": Bound, "budget": Bound} for ``case`` from the MIRROR stages of its inputs.
 
     ``exact``: the reference's ``exact`` stages of the same inputs, where the caller has them (the
@@ -1437,6 +1462,7 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     ``profile``: the numerics profile the mirror ``stages`` followed; the gate counts its
     roundings. The budget is meant from SPEC's mirror stages (accuracy does not depend on a
     profile): ``compare.evaluate`` derives it from those.
+    ``fp8_accumulation``: how the run's fp8 dots accumulated, as its backend reported (``fp8_mma``).
     """
     act = inputs.activation
     scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None)
@@ -1466,11 +1492,12 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
         growth1 = growth2 = 1.0
         acc_note = "int8 dots accumulate exactly in int32: only the fp32 dequantization rounds (1 u32)"
     else:
-        u_acc = U_ACC_FP8_NATIVE if (scheme.is_fp8 and native_gpu) else U32
+        u_acc = U_ACC_FP8_NATIVE if fp8_mma(scheme, native_gpu, fp8_accumulation) else U32
         growth1, growth2 = _acc_growth(K), _acc_growth(I)
         acc_note = (f"accumulation unit {u_acc:.3g} ("
-                    + ("Hopper fp8 MMA, TRITON_NOTES" if u_acc != U32 else "fp32") + f"); growth 1+sqrt(n/6): "
-                    f"GEMM1 n=K={K} -> {growth1:.3g}, GEMM2 n=I={I} -> {growth2:.3g}")
+                    + ("Hopper fp8 MMA, docs/TRITON_FACTS.md" if u_acc != U32 else "fp32") + f"); growth 1+sqrt(n/6): "
+                    f"GEMM1 n=K={K} -> {growth1:.3g}, GEMM2 n=I={I} -> {growth2:.3g}"
+                    + _fp8_unit_note(scheme, native_gpu, fp8_accumulation))
 
     # --- GEMM scales s = sqrt(sum a^2 b^2) per route element ----------------------------------
     xr = x[:, None, :].expand(M, T, K) if T else x[:, None, :]
@@ -1557,7 +1584,7 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     model_stages: Dict[str, torch.Tensor] = {}
     sigma_flip, flip_lines, flip_terms = flip_aware_sigma(inputs, stages, native_gpu=native_gpu,
                                                           per_stage=model_stages, profile=profile, roundings=pr,
-                                                          ties=ties)
+                                                          ties=ties, fp8_accumulation=fp8_accumulation)
     count_allowed, _, count_lines, count_terms = count_allowance(inputs, stages, model_stages, profile=profile)
     count_not_applied = None
     if native_gpu and not COUNT_TEST_ON_GPU:
@@ -1705,7 +1732,7 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     # z-scores: the same model at the typical accumulation error (acc_error_typical plus one fp32
     # epilogue operation), not the sequential worst case the bound uses
     bits = product_bits(scheme, S)
-    native_fp8 = scheme.is_fp8 and native_gpu
+    native_fp8 = fp8_mma(scheme, native_gpu, fp8_accumulation)
     typ1, typ2 = acc_error_typical(K, bits, native_fp8)[0], acc_error_typical(I, bits, native_fp8)[0]
     var_bz, _, var_flip = budget_terms(((typ1 * s1) ** 2 + (EPILOGUE_OP_SIGMA * U32 * c1) ** 2).sqrt(),
                                        ((typ2 * s2) ** 2 + (EPILOGUE_OP_SIGMA * U32 * c3) ** 2).sqrt(), False)

@@ -30,7 +30,11 @@ def rederive(rec):
     fns = stage_functions(*inputs.args(), **inputs.kwargs(), precision="mirror")
     mirror = fns.run()
     per_stage = {}
-    tol.flip_aware_sigma(inputs, mirror, native_gpu=True, per_stage=per_stage)
+    from moe_validate.contract.profile import Fp8Accumulation
+
+    unit = rec.get("fp8_accumulation")  # what the GPU run's backend reported (absent in older rates files)
+    tol.flip_aware_sigma(inputs, mirror, native_gpu=True, per_stage=per_stage,
+                         fp8_accumulation=None if unit is None else Fp8Accumulation(unit))
     allowed, expected, _, _ = tol.count_allowance(inputs, mirror, per_stage)
     valid = fns.valid.to(torch.bool)
 

@@ -62,7 +62,8 @@ def measure(case, device):
     mirror = fns.run()
     per_stage = {}
     native_gpu = device == "cuda"
-    tol.flip_aware_sigma(inputs, mirror, native_gpu=native_gpu, per_stage=per_stage)
+    fp8_unit = backend.last_fp8_accumulation  # how this launch's fp8 dots accumulated (ReportsAccumulation)
+    tol.flip_aware_sigma(inputs, mirror, native_gpu=native_gpu, per_stage=per_stage, fp8_accumulation=fp8_unit)
     allowed, expected, _, _ = tol.count_allowance(inputs, mirror, per_stage)
     valid = fns.valid.to(torch.bool)
     M, T = valid.shape
@@ -75,7 +76,8 @@ def measure(case, device):
     requant = scheme.act_granularity is not None
     rec = {"case_id": case.id, "dtype": case.dtype, "scheme": case.scheme, "activation": case.activation,
            "lora": case.lora, "bias": case.bias, "router_on_input": case.router_on_input,
-           "paths": dict(backend.last_paths), "stages": {}}
+           "paths": dict(backend.last_paths), "config": backend.last_config,
+           "fp8_accumulation": None if fp8_unit is None else fp8_unit.value, "stages": {}}
 
     def put(stage, kind, kernel, ref, p, rel=0.0):
         """Record one stage count: kernel vs ref over the valid routes (all of out), beside the model's sum p."""

@@ -30,6 +30,7 @@ __all__ = [
     "ScaleFormula",
     "CodeRounding",
     "Division",
+    "Fp8Accumulation",
     "Quantizer",
     "NumericsProfile",
     "SPEC_PROFILE",
@@ -109,6 +110,17 @@ class Division(str, Enum):
     # on NVIDIA GPUs (docs/TRITON_FACTS.md); the mirror cannot follow it bit for bit, so the gate
     # counts the codes it may flip there (tolerance.division_ties)
     TRITON = "triton"
+
+
+class Fp8Accumulation(str, Enum):
+    """How a launch's fp8 x fp8 dots accumulated on the GPU: a fact of the launch (its tiles pick the
+    instruction), not of the profile, so a backend reports it per run (``last_fp8_accumulation``)."""
+
+    # Hopper's warpgroup fp8 MMA (wgmma): its accumulator keeps fewer bits than fp32 (relF 7e-5 at
+    # K = 64, docs/TRITON_FACTS.md); what the gate assumes on a GPU when a backend does not say
+    FP8_MMA = "fp8 mma"
+    # a full fp32 accumulation, as the mma.sync path of tiles narrower than a warpgroup's M = 64
+    FP32 = "fp32"
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple, Union
 
-from moe_validate.backends import CAPABILITIES, Backend, ReportsConfig, get_backend
+from moe_validate.backends import CAPABILITIES, Backend, ReportsConfig, declared, get_backend
 from moe_validate.contract.rules import interpreting
 from moe_validate.results import CaseRecord, Outcome, make_json_safe
 
@@ -235,7 +235,8 @@ def run_case_inprocess(case, backend: Union[str, Backend], *, device: Optional[s
             if contracted.mutated:  # judge against the inputs as they were, never the mutated ones
                 inputs = contracted.untouched_inputs(case, device)
             evaluation = evaluate(case, inputs, out, profile=declared_profile(backend),
-                                  gating=gating_policy(backend, backend_name, options.gate))
+                                  gating=gating_policy(backend, backend_name, options.gate),
+                                  fp8_accumulation=declared(backend, "last_fp8_accumulation"))
             # The alignment contract and the case's bitwise invariances (re-runs of the backend),
             # right after the run whose launch config routing_stages describes.
             from moe_validate.invariance import run_checks

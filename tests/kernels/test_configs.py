@@ -441,3 +441,25 @@ def test_every_table_vllm_ships_is_read(tmp_path):
             continue
         assert table and all(isinstance(c, KernelConfig) for c in table.values()), path
     assert not unread, f"{len(unread)} of {len(files)} shipped tables unread: {unread}"
+
+
+def test_fp8_accumulation_follows_the_warpgroup_rule_where_measured():
+    # Hopper: a tile a warpgroup owns (M % 64 == 0, num_warps % 4 == 0) takes the fp8 wgmma; one GEMM
+    # on it makes the launch FP8_MMA; elsewhere (not measured) nothing is claimed.
+    from kernels.configs import Gemm2Tiles, fp8_accumulation
+    from moe_validate.contract.profile import Fp8Accumulation
+
+    hopper = (9, 0)
+    narrow = KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4)
+    assert fp8_accumulation(narrow, hopper) is Fp8Accumulation.FP32
+    assert fp8_accumulation(KernelConfig(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=8), hopper) is Fp8Accumulation.FP32
+    for warps in (4, 8):
+        wide = KernelConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=warps)
+        assert fp8_accumulation(wide, hopper) is Fp8Accumulation.FP8_MMA
+    two_warps = KernelConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=2)
+    assert fp8_accumulation(two_warps, hopper) is Fp8Accumulation.FP32
+    gemm2_wide = KernelConfig(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=2, gemm2=Gemm2Tiles(64, 64, num_warps=4))
+    assert fp8_accumulation(gemm2_wide, hopper) is Fp8Accumulation.FP8_MMA
+    assert fp8_accumulation(narrow, None) is None  # the interpreter, or no GPU
+    assert fp8_accumulation(narrow, (10, 0)) is None  # not measured there
+    assert fp8_accumulation(narrow, (8, 9)) is None

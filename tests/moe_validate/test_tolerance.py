@@ -119,6 +119,43 @@ def test_hopper_fp8_accumulation_widens_only_native_fp8():
     assert i["gate"].terms["growth_gemm1"] == 1.0  # int8 dots are exact in int32
 
 
+def test_a_reported_fp32_accumulation_models_gpu_fp8_dots_as_fp32():
+    # The kernels' mma.sync tiles (BLOCK_M 16) accumulate fp8 dots in full fp32 on an H200: a backend
+    # that reports it (ReportsAccumulation) gets the fp32 unit; unreported stays the fp8 MMA's.
+    from moe_validate.contract.profile import Fp8Accumulation
+
+    case = Case(M=16, N=128, K=128, E=4, topk=2, scheme="fp8_tensor_token", seed=2)
+    x = make_inputs(case)
+    st = reference.run_stages(*x.args(), **x.kwargs(), precision="mirror")
+    unreported = derive(case, x, st, native_gpu=True)
+    fp8_unit = derive(case, x, st, native_gpu=True, fp8_accumulation=Fp8Accumulation.FP8_MMA)
+    fp32_unit = derive(case, x, st, native_gpu=True, fp8_accumulation=Fp8Accumulation.FP32)
+    interp = derive(case, x, st, native_gpu=False, fp8_accumulation=Fp8Accumulation.FP32)
+    assert torch.equal(unreported["gate"].allowed, fp8_unit["gate"].allowed)
+    assert unreported["gate"].terms["u_acc"] == 2.0 ** -14 and fp32_unit["gate"].terms["u_acc"] == 2.0 ** -24
+    for name in ("gate", "budget"):
+        assert bool((fp32_unit[name].allowed <= unreported[name].allowed).all()), name
+    assert fp32_unit["gate"].terms["differing_expected"] < unreported["gate"].terms["differing_expected"] / 10
+    assert "as the backend reported for this launch (mma.sync" in "\n".join(fp32_unit["gate"].derivation)
+    assert "did not report its accumulator" in "\n".join(unreported["gate"].derivation)
+    assert interp["gate"].terms["u_acc"] == 2.0 ** -24  # the interpreter's fp8 dots are exact anyway
+    bf16 = Case(M=16, N=128, K=128, E=4, topk=2, seed=2)
+    xb = make_inputs(bf16)
+    sb = reference.run_stages(*xb.args(), **xb.kwargs(), precision="mirror")
+    assert torch.equal(derive(bf16, xb, sb, native_gpu=True)["gate"].allowed,
+                       derive(bf16, xb, sb, native_gpu=True, fp8_accumulation=Fp8Accumulation.FP32)["gate"].allowed)
+
+
+def test_evaluate_refuses_an_accumulation_that_is_not_the_enum():
+    from moe_validate.compare import evaluate
+
+    case = Case(M=4, N=64, K=64, E=3, topk=2, scheme="fp8_tensor_token", seed=1)
+    x = make_inputs(case)
+    out = reference.run_stages(*x.args(), **x.kwargs(), precision="mirror")["out"]
+    with pytest.raises(TypeError, match="last_fp8_accumulation\\) must be a contract.profile.Fp8Accumulation"):
+        evaluate(case, x, out, fp8_accumulation="fp32")
+
+
 def test_bound_grows_with_reduction_length():
     small = Case(M=32, N=64, K=64, E=2, topk=1, dtype="fp32", seed=1)
     large = Case(M=32, N=64, K=1024, E=2, topk=1, dtype="fp32", seed=1)
