@@ -250,3 +250,21 @@ def test_the_run_header_records_what_the_backend_declares(tmp_path):
     capabilities = header["capabilities"]
     assert "supports_invariance" in capabilities["declared"]
     assert {"routing_stages", "run_paths", "run_stages"} <= set(capabilities["lacking"])
+
+
+def test_a_reported_fp8_accumulation_reaches_the_gate_and_a_wrong_one_is_said():
+    # ReportsAccumulation: the triton backend declares it; the runner hands the value to the
+    # comparison, which refuses anything but the enum with the member's name
+    from moe_validate.contract.profile import Fp8Accumulation
+
+    assert "last_fp8_accumulation" in capability_summary(get_backend("triton"))["declared"]
+
+    class Reports(ReferenceBackend):
+        name = "reports-accumulation"
+        last_fp8_accumulation = "fp32"  # a string, not contract.profile.Fp8Accumulation
+
+    case = Case.from_id("bf16-fp8_tensor_token-silu-M4N64K64E3k2-s1")
+    record = run_case_inprocess(case, Reports(), device="cpu").record
+    assert record.outcome in ("ERROR", "CRASH") and "last_fp8_accumulation" in record.reason, record.reason
+    Reports.last_fp8_accumulation = Fp8Accumulation.FP32
+    assert run_case_inprocess(case, Reports(), device="cpu").record.outcome == "PASS"
