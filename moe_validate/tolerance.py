@@ -654,10 +654,11 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
     s1_sq, _ = _per_expert_gemm_scales(xr, w1, rexp, valid)
     epi1 = EPILOGUE_OP_SIGMA * U32 * c1.abs() * math.sqrt(n_epi1)
     s1_eff = s1_sq.sqrt()
-    # GPU_MMA_TRUNCATION: the 16-bit and weight-only tensor-core dots. Not fp8 x fp8: on the fp8 MMA its
-    # own unit covers it, and on mma.sync tiles (fp32 accumulation) the H200's counts fit without it
-    # (fresh-seed nightly, BLOCK_M 16: observed / model 0.24-2.1 per row; 0.11-0.90 with tau 1.5e-3)
-    mma_bias = native_gpu and bits is not None and not scheme.is_fp8
+    # GPU_MMA_TRUNCATION: every tensor-core dot but the fp8 MMA's (its own unit covers it) and int8 x int8.
+    # fp8 x fp8 on mma.sync tiles (8-bit products: the short tau) was measured on the H200: without the
+    # term c1's and c3's own flips ran up to 4.5x the model in fp16 (fp8_block128), with it 0.22-0.96
+    # (scripts/gpu_stage_rates.py, docs/BOUNDS.md)
+    mma_bias = native_gpu and bits is not None and not native_fp8
     trunc1 = torch.zeros_like(c1)
     if mma_bias:
         # the partial sums run to the dot's own result, before the bias: |acc| <= |c| + |b|
