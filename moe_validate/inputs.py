@@ -113,11 +113,11 @@ def _hidden_states(case: Case, g: torch.Generator) -> torch.Tensor:
 
 
 def _code_grid(code_dtype: torch.dtype) -> torch.Tensor:
-    """The non-negative codes of an activation format, ascending (float64)."""
-    if code_dtype == torch.int8:
-        return torch.arange(128, dtype=torch.float64)
-    # every non-negative e4m3fn bit pattern but 0x7f (NaN): 0, the subnormals, ..., 448
-    return torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float64)
+    """The non-negative codes of an activation format, ascending (float64): the reference's own."""
+    from reference.quant import code_values  # lazily: importing the harness must not load the reference
+
+    codes = code_values(code_dtype)
+    return codes[codes >= 0]
 
 
 def quant_tie_rows(z: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:

@@ -1225,11 +1225,10 @@ def _midpoint_distances(grid: torch.Tensor, codes: torch.Tensor, v: torch.Tensor
 
 
 def _code_grid(code_dtype: torch.dtype, device) -> torch.Tensor:
-    """Every finite code value of the activation format, ascending (float64)."""
-    if code_dtype == FP8_DTYPE:
-        vals = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8_DTYPE).to(F64)
-        return torch.unique(vals[torch.isfinite(vals)]).to(device)  # unique: +0 and -0 are one code
-    return torch.arange(-127, 128, dtype=F64, device=device)
+    """Every finite code value of the activation format, ascending (float64): the reference's own."""
+    from reference.quant import code_values  # the harness may import reference
+
+    return code_values(code_dtype, device)
 
 
 def _group_max(t: torch.Tensor, valid: torch.Tensor, gran: str) -> torch.Tensor:

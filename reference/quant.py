@@ -52,6 +52,7 @@ __all__ = [
     "quantize_activation",
     "quantize_activation_codes",
     "dequantize_activation",
+    "code_values",
     "quantize_weights",
     "dequantize_weights",
     "pack_int4",
@@ -71,6 +72,17 @@ def _round_to_codes(x_over_s: torch.Tensor, code_dtype: torch.dtype) -> torch.Te
         return x_over_s.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(torch.float32)
     if code_dtype == torch.int8:
         return torch.round(x_over_s).clamp(-INT8_MAX, INT8_MAX)
+    raise ValueError(f"code_dtype must be float8_e4m3fn or int8; got {code_dtype}")
+
+
+def code_values(code_dtype: torch.dtype, device=None) -> torch.Tensor:
+    """Every code ``_round_to_codes`` can return for a finite input, ascending (float64): fp8 e4m3fn's
+    finite values (+0 and -0 are one code) or the integers -INT8_MAX..INT8_MAX."""
+    if code_dtype == torch.float8_e4m3fn:
+        values = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).to(torch.float64)
+        return torch.unique(values[torch.isfinite(values)]).to(device)
+    if code_dtype == torch.int8:
+        return torch.arange(-INT8_MAX, INT8_MAX + 1, dtype=torch.float64, device=device)
     raise ValueError(f"code_dtype must be float8_e4m3fn or int8; got {code_dtype}")
 
 
