@@ -1487,12 +1487,13 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     n_round_c3 = 3 if has_lora else 1
 
     # --- accumulation units ------------------------------------------------------------------
+    native_fp8 = fp8_mma(scheme, native_gpu, fp8_accumulation)  # the fp8 MMA's unit (bound and z-scores)
     if scheme.act_dtype == torch.int8:
         u_acc = U32  # int8 x int8 -> int32 is exact; only the fp32 dequant multiply rounds
         growth1 = growth2 = 1.0
         acc_note = "int8 dots accumulate exactly in int32: only the fp32 dequantization rounds (1 u32)"
     else:
-        u_acc = U_ACC_FP8_NATIVE if fp8_mma(scheme, native_gpu, fp8_accumulation) else U32
+        u_acc = U_ACC_FP8_NATIVE if native_fp8 else U32
         growth1, growth2 = _acc_growth(K), _acc_growth(I)
         acc_note = (f"accumulation unit {u_acc:.3g} ("
                     + ("Hopper fp8 MMA, docs/TRITON_FACTS.md" if u_acc != U32 else "fp32") + f"); growth 1+sqrt(n/6): "
@@ -1732,7 +1733,6 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     # z-scores: the same model at the typical accumulation error (acc_error_typical plus one fp32
     # epilogue operation), not the sequential worst case the bound uses
     bits = product_bits(scheme, S)
-    native_fp8 = fp8_mma(scheme, native_gpu, fp8_accumulation)
     typ1, typ2 = acc_error_typical(K, bits, native_fp8)[0], acc_error_typical(I, bits, native_fp8)[0]
     var_bz, _, var_flip = budget_terms(((typ1 * s1) ** 2 + (EPILOGUE_OP_SIGMA * U32 * c1) ** 2).sqrt(),
                                        ((typ2 * s2) ** 2 + (EPILOGUE_OP_SIGMA * U32 * c3) ** 2).sqrt(), False)
