@@ -139,6 +139,17 @@ def _acc_growth(n: int) -> float:
     return 1.0 + math.sqrt(max(n, 1) / 6.0)
 
 
+def _acc_sigma_drifting(u: float, n: int, s: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """``_acc_growth``'s sequential std, u (1 + sqrt(n/6)) s, where the partial sums also drift to the
+    result: S_k = (k/n) c + a random walk of size s, so E S_k^2 = (k/n)^2 c^2 + (k/n) s^2 and the
+    roundings' variance sums to u^2 n (c^2/9 + s^2/6): u (s + sqrt(n/6) sqrt(s^2 + 2 c^2 / 3)).
+    ``size``: |c|, the dot's result before its epilogue (|c| + |bias|). Where |c| >> s (products of
+    one sign, or an element several s out) the random-walk model alone undercounts: an fp32 nightly
+    case on the H200 (session 11) had c = 1.07 at s = 0.30 and a GEMM2 error of 1.43e-6, 7.7x its
+    u (1 + sqrt(n/6)) s = 1.85e-7 (a sequential fp32 sum of the same products errs by 1.04e-6)."""
+    return u * (s + math.sqrt(max(n, 1) / 6.0) * (s ** 2 + (2.0 / 3.0) * size ** 2).sqrt())
+
+
 @dataclass
 class Bound:
     """One oracle's per-element bound and how it was derived."""
@@ -745,7 +756,8 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
             for g0 in range(0, I, width):
                 grp = slice(g0, min(I, g0 + width))
                 amax, arg = amax_src[..., grp].max(-1, keepdim=True)
-                inv = 1.0 / amax.clamp_min(1e-300)
+                # an all-zero group (an invalid route, zero blocks) has no scale to shift: 0, not 0 x inf = NaN
+                inv = torch.where(amax > 0, 1.0 / amax.clamp_min(1e-300), torch.zeros_like(amax))
                 rv = torch.gather(V2[..., grp], -1, arg) * inv ** 2
                 ra = torch.gather(A2d[..., grp] + A2c[..., grp], -1, arg) * inv
                 rp = torch.gather(p2d[..., grp], -1, arg)
@@ -939,7 +951,7 @@ def count_allowance(inputs: MoEInputs, stages: Dict[str, torch.Tensor], per_stag
     valid = stages["route_valid"].to(torch.bool)
     if n == 0 or not valid.any() or "p_c2_in" not in per_stage:
         return n, 0.0, ["count: no valid route, every output element is an exact zero on both sides"], \
-            {"differing_expected": 0.0, "differing_allowed": float(n)}
+            {"differing_expected": 0.0, "differing_allowed": float(n), "differing_second_moment": 0.0}
     wts = inputs.topk_weights.to(F64).to(out.device).abs()
     if inputs.apply_router_weight_on_input:
         wts = torch.ones_like(wts)
@@ -967,6 +979,10 @@ def count_allowance(inputs: MoEInputs, stages: Dict[str, torch.Tensor], per_stag
         p_e, m_e = torch.cat([p_e, p_tok]), torch.cat([m_e, torch.full_like(p_tok, float(K))])
         p_rates = torch.cat([p_rates, p_tok])
     expected = float(min(n, p_d.sum() + (p_e * m_e).sum()))
+    # E[C^2]'s sum over events, sum p_d + sum_e p_e (m_e + m_e^2) (a Bernoulli sum X_e has Var <= m_e): it
+    # says how many independent events the expected count stands for, (E C)^2 / this; calibrate
+    # judges a pooled ratio only where they are enough to tell it from chance (calibration.py)
+    second_moment = float(p_d.sum() + (p_e * (m_e + m_e ** 2)).sum())
     c_star = chernoff_count_quantile(torch.clamp(slack * p_d, max=1.0).reshape(-1), p_rates, m_e, alpha)
     allowed = int(min(n, max(0, math.ceil(c_star) - 1)))  # C >= c* fails
     lines = [
@@ -983,6 +999,7 @@ def count_allowance(inputs: MoEInputs, stages: Dict[str, torch.Tensor], per_stag
                      "elements (the whole output row), their p without the rate slack (measured)")
     terms = {"differing_expected": expected, "differing_allowed": float(allowed),
              "differing_direct_expected": float(p_d.sum()), "differing_events_expected": float(p_e.sum()),
+             "differing_second_moment": second_moment,
              "count_rate_slack": slack, "count_alpha": alpha}
     return allowed, expected, lines, terms
 
@@ -1032,6 +1049,52 @@ _FLIP_U_RANGE = (math.log(0.05), math.log(500.0))  # ln(theta x the largest jump
 _FLIP_GOLDEN_STEPS = 10  # the last bracket: 0.62^11 of the range, about 4% in theta
 _FLIP_BLOCK_ELEMENTS = 1 << 22  # cells x routes x columns x I per block of the Chernoff sums
 _FLIP_BLOCK_ELEMENTS_CUDA = 1 << 25  # fewer launches where memory is plentiful (8 bytes each)
+
+
+def lora_accumulation_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], factor
+                            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """([M, T, N], [M, T, K]): the std of the LoRA deltas' own fp32 accumulation, at c1 and at c3 (0
+    without LoRA), in the units of ``factor(n)`` x u32 per unit scale (``_acc_growth`` for the bound,
+    the typical ``acc_error_typical`` for the z-scores).
+
+    A delta is two dots, ``t = a . A^T`` over the n inputs, then ``d = t . B^T`` over the rank r, so
+    its error is the shrink's, carried through B, plus the expand's own:
+        var = (u f(n))^2 sum_r B^2 sum_i a^2 A^2 + (u f(r))^2 sum_r t^2 B^2
+    (the base GEMM's scale rule, s^2 = sum a^2 b^2, applied to each dot). Its scale is not small next
+    to the base GEMM's: the rank-space t can be large where B cancels it (an fp32 nightly case on the
+    H200, session 11: sum_r |t| |B| = 2.3 where the base s2 = 0.3, which failed the budget by 8%).
+    """
+    M, T = stages["route_valid"].shape[:2]
+    N, K = stages["c1"].shape[-1], stages["c3"].shape[-1]
+    dev = stages["c1"].device
+    zeros = (torch.zeros(M, T, N, dtype=F64, device=dev), torch.zeros(M, T, K, dtype=F64, device=dev))
+    lora = inputs.lora
+    if lora is None or M == 0 or T == 0:
+        return zeros
+    from reference import pipeline as ref  # the harness may import reference
+
+    valid, local = stages["route_valid"].to(torch.bool), stages["route_expert"].long()
+    x, c2 = stages["x"].to(F64), stages["c2"].to(F64)
+    rank = lora.w2_a.shape[2]
+    square = (lambda w: tuple(t.to(F64) ** 2 for t in w) if isinstance(w, (tuple, list)) else w.to(F64) ** 2)
+    keep = (lambda w: tuple(t.to(F64) for t in w) if isinstance(w, (tuple, list)) else w.to(F64))
+    ident = lambda v: v  # noqa: E731
+    sq = lambda v: v * v  # noqa: E731 (the rank-space t, squared before the expand)
+    zero1, zero3 = torch.zeros(M, T, N, dtype=F64, device=dev), torch.zeros(M, T, K, dtype=F64, device=dev)
+    both_sq = replace(lora, w13_a=square(lora.w13_a), w13_b=square(lora.w13_b), w2_a=square(lora.w2_a),
+                      w2_b=square(lora.w2_b))
+    b_sq = replace(lora, w13_a=keep(lora.w13_a), w13_b=square(lora.w13_b), w2_a=lora.w2_a.to(F64),
+                   w2_b=square(lora.w2_b))
+    shrink1 = ref.lora_w13(zero1, x ** 2, both_sq, valid, local, inputs.activation, ident)
+    expand1 = ref.lora_w13(zero1, x, b_sq, valid, local, inputs.activation, ident, round_rank=sq)
+    w_sq = inputs.topk_weights.to(F64).to(dev) ** 2
+    rwin = inputs.apply_router_weight_on_input
+    shrink2 = ref.lora_w2(zero3, c2 ** 2, both_sq, w_sq, valid, local, ident, apply_router_weight_on_input=rwin)
+    expand2 = ref.lora_w2(zero3, c2, b_sq, w_sq, valid, local, ident, apply_router_weight_on_input=rwin, round_rank=sq)
+    n1, n2 = x.shape[-1], c2.shape[-1]
+    sig1 = U32 * (factor(n1) ** 2 * shrink1 + factor(rank) ** 2 * expand1).clamp_min(0.0).sqrt()
+    sig2 = U32 * (factor(n2) ** 2 * shrink2 + factor(rank) ** 2 * expand2).clamp_min(0.0).sqrt()
+    return sig1, sig2
 
 
 def requant_c1_box(inputs: MoEInputs, exact: Dict[str, torch.Tensor], sigma_acc1: torch.Tensor) -> torch.Tensor:
@@ -1640,6 +1703,15 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     # weight applied on input, c1 also carries input-code flips (x * w rounded to S, then
     # quantized), which that c1 box does not bound: those cases keep the one-jump rule below.
     counted = scheme.act_granularity is not None and not inputs.apply_router_weight_on_input and bool(valid.any())
+    # the bound's fp32 accumulation std with the partial sums' drift to the result (the fp8 MMA's unit
+    # and exact int8 x int8 dots keep theirs; the gate's flip model is measured, not this worst case)
+    if scheme.act_dtype != torch.int8 and not native_fp8:
+        bias1 = _route_bias(inputs.quant.w1_bias if inputs.quant is not None else None, rexp, valid)
+        bias2 = _route_bias(inputs.quant.w2_bias if inputs.quant is not None else None, rexp, valid) * wts[..., None]
+        sigma_c1_b = _acc_sigma_drifting(u_acc, K, s1, c1.abs() + bias1) * vmask
+        sigma_c3_b = _acc_sigma_drifting(u_acc, I, s2, c3.abs() + bias2) * vmask
+    else:
+        sigma_c1_b, sigma_c3_b = sigma_c1, u_acc * growth2 * s2
     if counted:
         if exact is None:
             import reference  # the harness may import reference
@@ -1647,7 +1719,7 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             exact = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="exact")
         exact = {k: v.to(dev) for k, v in exact.items()}
         tie_c1, n_ties = input_tie_c1_box(inputs, w1, rexp, valid)
-        b_c1 = (requant_c1_box(inputs, exact, sigma_c1) + tie_c1) * vmask
+        b_c1 = (requant_c1_box(inputs, exact, sigma_c1_b) + tie_c1) * vmask
         flip_ev = requant_flip_events(inputs, exact, b_c1)
         flip_b, flip_cap = _flip_sum_quantile(flip_ev, w2, rexp, valid, wts,
                                               group=128 if scheme.act_granularity == "token_group" else max(I, 1))
@@ -1700,13 +1772,17 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
                     hard_b = hard_b + flip_b
                 var_flip = (flip_ev["p_up"] * flip_ev["jump_up"] ** 2 + flip_ev["p_down"] * flip_ev["jump_down"] ** 2).amax(0)
                 var_c2 = torch.zeros_like(var_c2)
-            elif gran in ("token", "token_group"):
-                rel = Z_BUDGET * sig_pre.amax(-1) / amax.clamp_min(1e-300)
-            elif gran == "tensor_dynamic" and valid.any():
-                rel = (Z_BUDGET * sig_pre[valid].max() / amax[valid].max().clamp_min(1e-300)).expand_as(amax)
-            else:  # a static scale does not move
-                rel = torch.zeros_like(amax)
-            if not counted:
+            else:
+                # the bound takes the scale's error at Z sigma of its amax element; the z-scores at its
+                # typical size, E|D| = 0.8 sigma, like the codes' own p (at Z sigma the router-weight-on-input
+                # cases' z RMS read 0.06-0.1 on the H200, fp16 per-tensor fp8)
+                shift_sigmas = Z_BUDGET if with_hard else _MEAN_ABS
+                if gran in ("token", "token_group"):
+                    rel = shift_sigmas * sig_pre.amax(-1) / amax.clamp_min(1e-300)
+                elif gran == "tensor_dynamic" and valid.any():
+                    rel = (shift_sigmas * sig_pre[valid].max() / amax[valid].max().clamp_min(1e-300)).expand_as(amax)
+                else:  # a static scale does not move
+                    rel = torch.zeros_like(amax)
                 rel = torch.clamp(rel, max=1.0)
                 mass, _ = _per_expert_gemm_scales(c2_in, w2, rexp, valid, power=1)
                 hard_b = (rel[..., None] * wts[..., None] * mass * vmask).sum(1)
@@ -1727,15 +1803,21 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
         var_b = var_b + (ulp(out, S) * (out != 0) * r12) ** 2 + (sum_err * r12) ** 2
         return var_b, hard_b, var_flip
 
-    var_b, hard_b, var_flip = budget_terms(sigma_c1, u_acc * growth2 * s2, True)
+    # the LoRA deltas' own fp32 dots (fp32 operands: S x S products, never the fp8 MMA)
+    lora_bits = product_bits(QuantScheme.parse(None), S)
+    lora1_b, lora2_b = lora_accumulation_sigma(inputs, stages, _acc_growth)
+    var_b, hard_b, var_flip = budget_terms((sigma_c1_b ** 2 + lora1_b ** 2).sqrt(),
+                                           (sigma_c3_b ** 2 + lora2_b ** 2).sqrt(), True)
     sigma_b = var_b.sqrt()
     allowed_b = hard_b + Z_BUDGET * sigma_b
     # z-scores: the same model at the typical accumulation error (acc_error_typical plus one fp32
     # epilogue operation), not the sequential worst case the bound uses
     bits = product_bits(scheme, S)
     typ1, typ2 = acc_error_typical(K, bits, native_fp8)[0], acc_error_typical(I, bits, native_fp8)[0]
-    var_bz, _, var_flip = budget_terms(((typ1 * s1) ** 2 + (EPILOGUE_OP_SIGMA * U32 * c1) ** 2).sqrt(),
-                                       ((typ2 * s2) ** 2 + (EPILOGUE_OP_SIGMA * U32 * c3) ** 2).sqrt(), False)
+    lora1_z, lora2_z = lora_accumulation_sigma(inputs, stages, lambda n: acc_error_typical(n, lora_bits)[0] / U32)
+    var_bz, _, var_flip = budget_terms(((typ1 * s1) ** 2 + (EPILOGUE_OP_SIGMA * U32 * c1) ** 2 + lora1_z ** 2).sqrt(),
+                                       ((typ2 * s2) ** 2 + (EPILOGUE_OP_SIGMA * U32 * c3) ** 2 + lora2_z ** 2).sqrt(),
+                                       False)
     flip_sq, _ = _per_expert_gemm_scales(var_flip.sqrt(), w2, rexp, valid)
     sigma_z = (var_bz + (flip_sq * wts[..., None] ** 2 * vmask).sum(1)).sqrt()
     q_note = {None: "none"}.get(scheme.act_granularity, f"{scheme.act_dtype} step (ulp at the value x scale)".replace("torch.", ""))
