@@ -66,8 +66,23 @@ expected number (``tolerance.gate.differing_expected``). The count test allows
 ``tolerance.COUNT_RATE_SLACK`` = 4 times the modelled rates, so the pooled ratio observed /
 expected of a row must stay within ``COUNT_RATIO_LIMIT`` = 4 either way: above, the count test
 would fail correct kernels; below, it has lost that much sensitivity. A ratio is judged only where
-it means something: high when at least ``MIN_FLIP_EVENTS`` elements differ, low when the model
-expects at least that many.
+it means something, counted in independent events, not elements: one rounding flip of a
+requantized code moves a whole cluster of output elements together (tolerance.count_allowance's
+``m_e``, up to K of them), so a count of 200 elements may be one event, and a model whose expected
+count is mostly such rare clusters (p 0.08 per case of ~160 elements on the fp16 per-tensor fp8
+cases an H200 runs on mma.sync tiles) reads a pooled ratio near 0 in most samples and 8x in a few,
+whatever its accuracy. Each gate record carries the count's second moment under the model
+(``tolerance.gate.differing_second_moment`` = sum p_d + sum_e p_e (m_e + m_e^2)); pooled over the
+row's cases (independent), its dispersion ``phi = second moment / expected`` (>= 1; 1 for
+independent single elements, a Poisson count) is the size of a typical event, so ``expected / phi``
+is the number of independent events the model expects and ``observed / phi`` the number seen (a
+quasi-Poisson reading). The ratio is judged high when the observed count holds at least
+``MIN_FLIP_EVENTS`` events, low when the model expects at least that many: for a Poisson count
+(phi = 1) that is the element rule, and with 20 events a 4x departure is never chance (a Poisson
+count of mean 20 is <= 5 with probability 7e-5; one of mean 5 is >= 20 with probability 3e-6). A
+record without the second moment (written before it existed) counts as phi = 1: its row is judged
+by elements, as before. The gate's RMS is a sum over the same events, so a gate row whose count
+expects under ``MIN_FLIP_EVENTS`` independent events is "few flips" too.
 
 The flag is information for a person (printed and shown in the report), not a verdict:
 ``moe-validate calibrate --strict`` turns it into exit status 1.
@@ -136,13 +151,17 @@ class OracleStats:
     differing: Optional[int] = None
     differing_expected: Optional[float] = None
     differing_known: bool = True
+    # gate only: the count's second moment under the model, pooled (None: some record did not carry it)
+    differing_second_moment: Optional[float] = None
+    second_moment_known: bool = True
 
     @property
     def z_rms(self) -> Optional[float]:
         return math.sqrt(self.sum_sq / self.elements) if self.elements else None
 
     def add(self, n: int, z_rms: float, z_max: float, events: Optional[float] = None,
-            count: Optional[Tuple[int, float]] = None) -> None:
+            count: Optional[Tuple[int, float, Optional[float]]] = None) -> None:
+        """Pool one case. ``count``: (observed, expected, second moment or None) of its differing elements."""
         if n <= 0:
             return
         if self.oracle == "gate":
@@ -156,6 +175,10 @@ class OracleStats:
                 self.differing_expected = (self.differing_expected or 0.0) + count[1]
             else:
                 self.differing = self.differing_expected = None
+            if count is None or count[2] is None:
+                self.second_moment_known = False
+            self.differing_second_moment = (None if not (self.differing_known and self.second_moment_known)
+                                            else (self.differing_second_moment or 0.0) + count[2])
         self.cases += 1
         self.elements += n
         self.sum_sq += n * z_rms * z_rms
@@ -171,10 +194,27 @@ class OracleStats:
         return self.cases > 0 and self.z_max == 0.0
 
     @property
+    def dispersion(self) -> float:
+        """phi: differing elements per independent event, second moment / expected (module docstring);
+        1 (each element its own event) where the records did not carry the second moment."""
+        if not self.differing_second_moment or not self.differing_expected:
+            return 1.0
+        return max(1.0, self.differing_second_moment / self.differing_expected)
+
+    @property
+    def independent_events(self) -> Optional[float]:
+        """The number of independent events the pooled model expects, expected / phi (gate only)."""
+        return None if self.differing_expected is None else self.differing_expected / self.dispersion
+
+    @property
     def few_events(self) -> bool:
-        """A gate row whose model expects under ``MIN_FLIP_EVENTS`` differing elements: its RMS is
-        counting noise, so it is not flagged (module docstring)."""
-        return self.oracle == "gate" and self.events is not None and self.events < MIN_FLIP_EVENTS
+        """A gate row whose model expects under ``MIN_FLIP_EVENTS`` differing elements, or under that
+        many independent events: its RMS is counting noise, so it is not flagged (module docstring)."""
+        if self.oracle != "gate":
+            return False
+        few_elements = self.events is not None and self.events < MIN_FLIP_EVENTS
+        events = self.independent_events if self.differing_second_moment is not None else None
+        return few_elements or (events is not None and events < MIN_FLIP_EVENTS)
 
     @property
     def count_ratio(self) -> Optional[float]:
@@ -185,16 +225,20 @@ class OracleStats:
 
     def count_flag(self) -> Optional[str]:
         """None unless the observed count leaves the model by more than COUNT_RATIO_LIMIT with
-        enough elements to tell (module docstring)."""
+        enough independent events to tell (module docstring)."""
         ratio = self.count_ratio
         if ratio is None:
             return None
-        if self.differing >= MIN_FLIP_EVENTS and ratio > COUNT_RATIO_LIMIT:
+        phi = self.dispersion
+        per_event = f" ({phi:.3g} elements per independent event)" if phi > 1.0 else ""
+        if self.differing / phi >= MIN_FLIP_EVENTS and ratio > COUNT_RATIO_LIMIT:
             return (f"count {self.differing} / expected {self.differing_expected:.3g} = {ratio:.3g} > "
-                    f"{COUNT_RATIO_LIMIT:g}: the flip model undercounts; the count test would fail correct kernels")
-        if self.differing_expected >= MIN_FLIP_EVENTS and ratio < 1.0 / COUNT_RATIO_LIMIT:
+                    f"{COUNT_RATIO_LIMIT:g}{per_event}: the flip model undercounts; the count test would fail "
+                    "correct kernels")
+        if self.differing_expected / phi >= MIN_FLIP_EVENTS and ratio < 1.0 / COUNT_RATIO_LIMIT:
             return (f"count {self.differing} / expected {self.differing_expected:.3g} = {ratio:.3g} < "
-                    f"1/{COUNT_RATIO_LIMIT:g}: the flip model overcounts; the count test lost that much sensitivity")
+                    f"1/{COUNT_RATIO_LIMIT:g}{per_event}: the flip model overcounts; the count test lost that much "
+                    "sensitivity")
         return None
 
     def flag(self, band: Tuple[float, float]) -> Optional[str]:
@@ -217,6 +261,8 @@ class OracleStats:
                 "case_rms_min": self.case_rms_min, "case_rms_max": self.case_rms_max, "identical": self.identical,
                 "events": self.events, "few_events": self.few_events, "flag": self.flag(band),
                 "differing": self.differing, "differing_expected": self.differing_expected,
+                "differing_second_moment": self.differing_second_moment,
+                "independent_events": self.independent_events,
                 "count_ratio": self.count_ratio, "count_flag": self.count_flag()}
 
 
@@ -239,15 +285,21 @@ class CalibrationTable:
     rows: List[CalibrationRow]
     band: Tuple[float, float] = DEFAULT_BAND
     ignored: int = 0  # case records without a usable metric panel (SKIP, CRASH, ...)
+    # evaluated records (PASS or FAIL, with both panels) whose z is not a number: a model sigma that is
+    # NaN somewhere. Not pooled, and a flag of their own: calibration cannot vouch for rows it lost
+    not_a_number: List[str] = field(default_factory=list)
 
     @property
-    def flagged(self) -> List[Tuple[CalibrationRow, str]]:
-        return [(row, f) for row in self.rows for f in row.flags(self.band)]
+    def flagged(self) -> List[Tuple[Optional[CalibrationRow], str]]:
+        lost = ([(None, f"{len(self.not_a_number)} evaluated case(s) with a z-score that is not a number (the "
+                        f"model's sigma is NaN there: a bug), not pooled: {', '.join(self.not_a_number[:3])}"
+                        + (" ..." if len(self.not_a_number) > 3 else ""))] if self.not_a_number else [])
+        return [(row, f) for row in self.rows for f in row.flags(self.band)] + lost
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready: what the report embeds."""
         return {
-            "band": list(self.band), "ignored": self.ignored,
+            "band": list(self.band), "ignored": self.ignored, "not_a_number": list(self.not_a_number),
             "rows": [{"scheme": r.scheme, "dtype": r.dtype, "failed": r.failed, "seeds": len(r.seeds),
                       **{name: r.oracles[name].to_dict(self.band) for name, _ in ORACLES}} for r in self.rows],
         }
@@ -258,11 +310,13 @@ class CalibrationTable:
             return "-" if x is None else f"{x:.3g}"
 
         head = (f"{'scheme':<20} {'dtype':<5} {'cases':>5} {'elements':>9} | {'budget RMS':>10} {'max':>8} | "
-                f"{'gate RMS':>8} {'max':>8} {'flips':>8} {'differ':>7} {'/model':>7} | flag")
+                f"{'gate RMS':>8} {'max':>8} {'flips':>8} {'differ':>7} {'/model':>7} {'events':>7} | flag")
         lines = [f"normalized error z = |kernel - oracle| / sigma, pooled over cases and seeds; "
                  f"band for the RMS: [{self.band[0]:g}, {self.band[1]:g}] (SPEC: near 1; "
                  "see moe_validate/calibration.py for why); flips = differing output elements the gate's "
-                 f"model expects (under {MIN_FLIP_EVENTS:g}: too few to calibrate)", head, "-" * len(head)]
+                 "model expects, events = the independent events they stand for (a requantized code's flip moves "
+                 f"a cluster of elements; under {MIN_FLIP_EVENTS:g} of either: too few to calibrate)",
+                 head, "-" * len(head)]
         for r in self.rows:
             b, g = r.oracles["budget"], r.oracles["gate"]
             notes = []
@@ -274,18 +328,24 @@ class CalibrationTable:
                     notes.append(f"{name} = oracle")
                 elif stats.few_events:
                     notes.append(f"{name}: few flips")
+            ratio = r.oracles["gate"].count_ratio
             if r.oracles["gate"].count_flag():
-                notes.append(f"count {'HIGH' if r.oracles['gate'].count_ratio > 1 else 'LOW'}")
+                notes.append(f"count {'HIGH' if ratio > 1 else 'LOW'}")
+            elif ratio is not None and not 1.0 / COUNT_RATIO_LIMIT <= ratio <= COUNT_RATIO_LIMIT:
+                notes.append("count: few events")
             flag = "; ".join(notes)
             if r.failed:
                 flag = (flag + "; " if flag else "") + f"{r.failed} FAIL included"
             lines.append(f"{r.scheme:<20} {r.dtype:<5} {b.cases:>5} {b.elements:>9} | {num(b.z_rms):>10} "
                          f"{num(b.z_max):>8} | {num(g.z_rms):>8} {num(g.z_max):>8} {num(g.events):>8} "
-                         f"{'-' if g.differing is None else g.differing:>7} {num(g.count_ratio):>7} | {flag or 'ok'}")
+                         f"{'-' if g.differing is None else g.differing:>7} {num(g.count_ratio):>7} "
+                         f"{num(g.independent_events if g.differing_second_moment is not None else None):>7} "
+                         f"| {flag or 'ok'}")
         if not self.rows:
             lines.append("(no evaluated case: nothing to calibrate)")
         if self.ignored:
             lines.append(f"{self.ignored} case record(s) without metrics (skipped, crashed, ...) are not pooled")
+        lines += [f for row, f in self.flagged if row is None]
         return "\n".join(lines)
 
 
@@ -305,16 +365,31 @@ def _expected_flips(rec: Dict[str, Any]) -> Optional[float]:
     return float(value) if _finite_number(value) and value >= 0 else None
 
 
-def _differing(rec: Dict[str, Any]) -> Optional[Tuple[int, float]]:
-    """(observed, modelled) output elements differing from the mirror, as the record carries them."""
+def _differing(rec: Dict[str, Any]) -> Optional[Tuple[int, float, Optional[float]]]:
+    """(observed, modelled, the model's second moment or None) output elements differing from the
+    mirror, as the record carries them."""
     tol, metrics = rec.get("tolerance"), rec.get("metrics")
     gate = tol.get("gate") if isinstance(tol, dict) else None
     expected = gate.get("differing_expected") if isinstance(gate, dict) else None
+    second = gate.get("differing_second_moment") if isinstance(gate, dict) else None
     panel = metrics.get("mirror") if isinstance(metrics, dict) else None
     observed = (panel.get("differing") or {}).get("value") if isinstance(panel, dict) else None
     if not (_finite_number(expected) and _finite_number(observed)) or expected < 0 or observed < 0:
         return None
-    return int(observed), float(expected)
+    return int(observed), float(expected), float(second) if _finite_number(second) and second >= 0 else None
+
+
+def _z_not_a_number(rec: Dict[str, Any]) -> bool:
+    """An evaluated record (PASS or FAIL, both panels present) whose z_rms or z_max is NaN."""
+    metrics = rec.get("metrics")
+    if rec.get("outcome") not in ("PASS", "FAIL") or not isinstance(metrics, dict):
+        return False
+    panels = [metrics.get(key) for _, key in ORACLES]
+    if not all(isinstance(p, dict) for p in panels):
+        return False
+    values = [(p.get(m) or {}).get("value") if isinstance(p.get(m), dict) else None
+              for p in panels for m in ("z_rms", "z_max")]
+    return any((isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and v.lower() == "nan") for v in values)
 
 
 def _observations(rec: Dict[str, Any]) -> Optional[Dict[str, Tuple[int, float, float]]]:
@@ -360,13 +435,17 @@ def calibrate(results: Union[ResultSet, Iterable[Dict[str, Any]]], *,
         raise TypeError(f"results must be a ResultSet or an iterable of case records; got {type(results).__name__}")
     rows: Dict[Tuple[str, str], CalibrationRow] = {}
     ignored = 0
+    not_a_number: List[str] = []
     for rec in records:
         rec = rec.to_json() if isinstance(rec, CaseRecord) else rec  # a typed record: its JSON fields
         if not isinstance(rec, dict):
             raise TypeError(f"case records must be dicts; got {type(rec).__name__}")
         observed = _observations(rec)
         if observed is None:
-            ignored += 1
+            if _z_not_a_number(rec):
+                not_a_number.append(str(rec.get("case_id")))
+            else:
+                ignored += 1
             continue
         params = rec["params"]
         key = (str(params.get("scheme", "none")), str(params.get("dtype", "?")))
@@ -382,4 +461,4 @@ def calibrate(results: Union[ResultSet, Iterable[Dict[str, Any]]], *,
             else:
                 row.oracles[name].add(n, z_rms, z_max)
     ordered = sorted(rows.values(), key=lambda r: (_order(r.scheme, _SCHEME_ORDER), _order(r.dtype, _DTYPE_ORDER)))
-    return CalibrationTable(rows=ordered, band=band, ignored=ignored)
+    return CalibrationTable(rows=ordered, band=band, ignored=ignored, not_a_number=not_a_number)

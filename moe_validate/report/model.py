@@ -689,18 +689,20 @@ class CalibrationView:
     """The calibration section: ``calibration.calibrate`` of the cases, formatted for the page."""
 
     band: Tuple[float, float]
-    rows: List[Dict[str, Any]]  # scheme, dtype, failed, seeds, budget/gate {cases, elements, rms, max, events, flag}
+    # scheme, dtype, failed, seeds, budget/gate {cases, elements, rms, max, events, flag}, count {differing,
+    # ratio, events, flag, few_events}
+    rows: List[Dict[str, Any]]
     ignored: int
-    min_events: float  # gate rows expecting fewer differing elements are not judged
+    min_events: float  # gate rows expecting fewer differing elements (or independent events) are not judged
 
     @property
     def flagged(self) -> int:
-        return sum(1 for r in self.rows for o in ("budget", "gate") if r[o]["flag"])
+        return sum(1 for r in self.rows for o in ("budget", "gate", "count") if r[o]["flag"])
 
 
 def _calibration_view(cases) -> Optional[CalibrationView]:
     """None when no case was evaluated (a run of skips and crashes has nothing to calibrate)."""
-    from moe_validate.calibration import MIN_FLIP_EVENTS, calibrate
+    from moe_validate.calibration import COUNT_RATIO_LIMIT, MIN_FLIP_EVENTS, calibrate
 
     table = calibrate([c.to_json() for c in cases])  # calibration reads the JSON records
     if not table.rows:
@@ -716,6 +718,15 @@ def _calibration_view(cases) -> Optional[CalibrationView]:
                            "events": _fmt(o["events"]) if o["events"] is not None else "-",
                            "max": _fmt(o["z_max"]) if o["cases"] else "-", "flag": o["flag"],
                            "side": (None if not o["flag"] else ("high" if o["z_rms"] > table.band[1] else "low"))}
+        g = r["gate"]
+        ratio = g["count_ratio"]
+        row["count"] = {"differing": "-" if g["differing"] is None else g["differing"],
+                        "ratio": _fmt(ratio) if ratio is not None else "-",
+                        "events": _fmt(g["independent_events"]) if g["differing_second_moment"] is not None else "-",
+                        "flag": g["count_flag"],
+                        "side": None if not g["count_flag"] else ("high" if ratio > 1 else "low"),
+                        "few_events": (not g["count_flag"] and ratio is not None
+                                       and not 1.0 / COUNT_RATIO_LIMIT <= ratio <= COUNT_RATIO_LIMIT)}
         rows.append(row)
     return CalibrationView(band=table.band, rows=rows, ignored=table.ignored, min_events=MIN_FLIP_EVENTS)
 

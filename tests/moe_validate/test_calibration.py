@@ -320,12 +320,16 @@ def test_first_repetition_continues_a_stability_run_with_new_seeds(tmp_path, cap
     assert "--first-repetition must be >= 0" in capsys.readouterr().err
 
 
-def _gate_count_record(seed: int, differing: int, expected: float) -> dict:
+def _gate_count_record(seed: int, differing: int, expected: float, second_moment=None, z_rms=1.0) -> dict:
     panel = {"z_rms": {"value": 1.0}, "z_max": {"value": 2.0}, "nan_inf": {}, "nan_where_ref_finite": 0}
+    gate = {"flip_events_expected": 100.0, "differing_expected": expected}
+    if second_moment is not None:
+        gate["differing_second_moment"] = second_moment
     return {"case_id": f"bf16-none-silu-M7N64K64E4k2-s{seed}", "outcome": "PASS",
             "params": {"M": 7, "K": 64, "scheme": "none", "dtype": "bf16", "seed": seed},
-            "metrics": {"exact": dict(panel), "mirror": {**panel, "differing": {"value": differing}}},
-            "tolerance": {"gate": {"flip_events_expected": 100.0, "differing_expected": expected}}}
+            "metrics": {"exact": dict(panel), "mirror": {**panel, "z_rms": {"value": z_rms},
+                                                         "differing": {"value": differing}}},
+            "tolerance": {"gate": gate}}
 
 
 @pytest.mark.parametrize("observed, expected, flagged", [
@@ -353,3 +357,76 @@ def test_calibration_pools_the_gate_count_and_flags_it_beyond_the_slack(observed
     else:
         assert len(flags) == 1 and flags[0].startswith("gate count:"), flags
         assert f"count {flagged}" in table.format()
+
+
+@pytest.mark.parametrize("observed, expected, second_moment, flagged", [
+    # the fp16 fp8_tensor_static rows of an H200 nightly: ~7 direct flips and p 0.08 of one cluster of
+    # ~160 elements per case, so the expected 20.7 per case is mostly a rare event; 0 clusters seen
+    (11, 5 * 20.7, 5 * (7.4 + 0.083 * (160 + 160 ** 2)), None),
+    (4 * 202, 5 * 20.7, 5 * (7.4 + 0.083 * (160 + 160 ** 2)), None),  # a cluster in every case: still chance
+    (5, 30.0, 30.0, "LOW"),  # a Poisson count (second moment = mean): judged by elements, as before
+    (130, 30.0, 30.0, "HIGH"),
+    (5, 600.0, 6000.0, "LOW"),  # 10 elements per event, 60 events expected, ~0.5 seen
+    (2500, 600.0, 6000.0, "HIGH"),  # 250 events seen where 60 were expected
+    (300, 50.0, 5000.0, None),  # 100 per event: 3 seen, 0.5 expected; too few to tell
+])
+def test_calibration_judges_the_count_by_independent_events(observed, expected, second_moment, flagged):
+    records = [_gate_count_record(1, observed // 2, expected / 2, second_moment / 2),
+               _gate_count_record(2, observed - observed // 2, expected / 2, second_moment / 2)]
+    table = calibrate(records)
+    gate = table.rows[0].oracles["gate"]
+    assert gate.differing_second_moment == pytest.approx(second_moment)
+    assert gate.independent_events == pytest.approx(expected ** 2 / second_moment)
+    flags = table.rows[0].flags(table.band)
+    text = table.format()
+    if flagged is None:
+        assert not flags, flags
+        ratio = observed / expected
+        if not 0.25 <= ratio <= 4:
+            assert "count: few events" in text
+    else:
+        assert len(flags) == 1 and flags[0].startswith("gate count:"), flags
+        assert f"count {flagged}" in text
+
+
+def test_a_gate_rms_over_few_independent_events_is_not_judged():
+    # the same rare clusters carry the z-scores' variance: an RMS of 0.03 there is chance, not a model off
+    # 30x; a record without the second moment keeps the element rule (judged)
+    few = [_gate_count_record(s, 3, 20.7, 7.4 + 0.083 * (160 + 160 ** 2), z_rms=0.03) for s in range(5)]
+    table = calibrate(few)
+    assert table.rows[0].oracles["gate"].few_events and not table.flagged
+    assert "gate: few flips" in table.format()
+    old = [_gate_count_record(s, 3, 20.7, None, z_rms=0.03) for s in range(5)]
+    assert [f.split(":")[0] for _, f in calibrate(old).flagged] == ["gate", "gate count"]  # RMS 0.03, count 0.145
+    mixed = calibrate(few[:4] + old[:1]).rows[0].oracles["gate"]  # one record without it: the row cannot tell
+    assert mixed.differing_second_moment is None and mixed.independent_events == pytest.approx(mixed.differing_expected)
+
+
+def test_the_report_shows_the_count_calibration(tmp_path):
+    from moe_validate.report.model import _calibration_view
+
+    class Rec:
+        def __init__(self, d):
+            self.d = d
+
+        def to_json(self):
+            return self.d
+
+    view = _calibration_view([Rec(_gate_count_record(s, 1, 30.0, 30.0)) for s in (1, 2)])
+    row = view.rows[0]
+    assert row["count"]["flag"] and row["count"]["side"] == "low" and view.flagged == 1
+    assert row["count"]["differing"] == 2 and row["count"]["events"] != "-"
+
+
+def test_a_record_whose_z_is_not_a_number_is_named_and_flagged_not_silently_dropped():
+    # the records store a NaN z as the string "NaN" (results.py); such a case was evaluated, so its
+    # row lost data: calibrate says which, and --strict fails on it
+    good = _gate_count_record(1, 30, 30.0, 30.0)
+    lost = _gate_count_record(2, 30, 30.0, 30.0)
+    lost["metrics"]["mirror"]["z_rms"] = {"allowed": None, "margin": None, "value": "NaN"}
+    skipped = {"case_id": "x", "outcome": "SKIP", "params": {}}
+    table = calibrate([good, lost, skipped])
+    assert table.ignored == 1 and table.not_a_number == [lost["case_id"]]
+    assert [row for row, _ in table.flagged] == [None]
+    assert "not a number" in table.format() and lost["case_id"] in table.format()
+    assert table.to_dict()["not_a_number"] == [lost["case_id"]]

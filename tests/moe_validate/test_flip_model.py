@@ -168,7 +168,11 @@ def test_flip_counts_per_stage_match_the_interpreted_kernel():
 # interpreter runs few, large tiles: ~1 s a case). Expected differing outputs per case (the model's
 # flip_events_expected): fp32 all (continuous regime), fp16 ~200, bf16 ~10: the bf16 row pools
 # 14 cases over five activations for ~140 expected flips. The gate's RMS is a sum over rare events
-# of skewed sizes (a flip at a large value dominates), so the band is the issue's [0.5, 2].
+# of skewed sizes (a flip at a large value dominates), so the band is the issue's [0.5, 2]. In 16-bit
+# storage most differing outputs come in clusters (one c2 flip moves ~25-100 c3 elements), so these
+# rows stand on ~10 (fp16) and ~2 (bf16) independent events: calibrate calls them "few flips" and
+# does not judge them; the band here is a coarse regression check on fixed seeds, and the fp32 row
+# (continuous regime, ~70 events) is the one calibrate judges.
 _CFG = "M64N256K256E4k2-cfg_BM64BN64BK64GM8W4S3"
 CALIBRATION_CASES = (
     [f"fp32-none-silu-{_CFG}-s{s}" for s in (1, 2)]
@@ -193,9 +197,12 @@ def test_gate_and_budget_z_rms_are_calibrated_on_cpu():
     assert [(r.scheme, r.dtype) for r in table.rows] == [("none", "fp32"), ("none", "fp16"), ("none", "bf16")]
     for row in table.rows:
         gate, budget = row.oracles["gate"], row.oracles["budget"]
-        assert gate.events >= MIN_FLIP_EVENTS and not gate.few_events, table.format()
+        assert gate.events >= MIN_FLIP_EVENTS, table.format()
+        assert gate.few_events is (gate.independent_events < MIN_FLIP_EVENTS), table.format()
         assert GATE_BAND[0] <= gate.z_rms <= GATE_BAND[1], table.format()
         assert DEFAULT_BAND[0] <= budget.z_rms <= DEFAULT_BAND[1], table.format()
+    fp32 = table.rows[0].oracles["gate"]
+    assert not fp32.few_events and fp32.flag(table.band) is None and fp32.count_flag() is None, table.format()
 
 
 def test_the_gate_records_its_flip_model_and_runs_under_inference_mode():
