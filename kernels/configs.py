@@ -38,7 +38,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from moe_validate.contract.profile import Fp8Accumulation
-from moe_validate.contract.rules import interpreting
+from moe_validate.contract.rules import fp8_tile_accumulation, interpreting
 from moe_validate.contract.spec import FP8_BLOCK, QuantScheme
 
 __all__ = ["KernelConfig", "Gemm2Tiles", "DeviceFacts", "ConfigSource", "select_config", "lookup_config",
@@ -136,24 +136,14 @@ class KernelConfig:
         return KernelConfig(BLOCK_M=self.BLOCK_M, **asdict(self.gemm2))
 
 
-# Where the accumulator of an fp8 tl.dot was measured (docs/TRITON_FACTS.md): Hopper, Triton 3.6.
-_FP8_ACCUMULATION_MEASURED = ((9, 0),)
-
-
 def fp8_accumulation(config: KernelConfig, capability: Optional[Tuple[int, int]]) -> Optional[Fp8Accumulation]:
-    """How ``config``'s fp8 dots accumulate when compiled for a GPU of ``capability``; None where
-    that is not known (not a GPU, or one it was not measured on).
-
-    Triton lowers a dot to Hopper's warpgroup MMA only when a warpgroup can own the tile: M a
-    multiple of 64 and num_warps a multiple of 4; narrower tiles take mma.sync. Measured on an H200
-    (fresh-seed nightly, docs/BOUNDS.md): fp8 cases with BLOCK_M = 16 differ from an fp32-accumulated
-    mirror in ~1/2000 of the elements the fp8 MMA's accumulator gives (BLOCK_M = 64). One GEMM on the
-    warpgroup MMA makes the launch FP8_MMA."""
-    if capability is None or tuple(capability) not in _FP8_ACCUMULATION_MEASURED:
+    """How ``config``'s fp8 dots accumulate when compiled for a GPU of ``capability``
+    (``contract.rules.fp8_tile_accumulation`` for each GEMM's tile); None where that is not known.
+    One GEMM on the warpgroup MMA makes the launch FP8_MMA."""
+    tiles = [fp8_tile_accumulation(c.BLOCK_M, c.num_warps, capability) for c in (config, config.for_gemm2())]
+    if any(t is None for t in tiles):
         return None
-    gemm2_warps = config.gemm2.num_warps if config.gemm2 is not None else config.num_warps
-    warpgroup = config.BLOCK_M % 64 == 0 and (config.num_warps % 4 == 0 or gemm2_warps % 4 == 0)
-    return Fp8Accumulation.FP8_MMA if warpgroup else Fp8Accumulation.FP32
+    return Fp8Accumulation.FP8_MMA if Fp8Accumulation.FP8_MMA in tiles else Fp8Accumulation.FP32
 
 
 def _is_pow2(v: int) -> bool:

@@ -30,9 +30,10 @@ reference follows it, so the conformance verdict asks whether vLLM rounds where 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import types
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from moe_validate.contract.profile import VLLM_PROFILE
 from moe_validate.contract.rules import interpreting
@@ -390,8 +391,14 @@ class VllmBackend:
                             "substituted_ops": list(vllm.substituted_ops),
                             "interpreted_fp32_dot": vllm.fp32_dot}
         _ensure_workspace_manager(hidden.device)
-        out = kernel.apply(hidden, w1, w2, inputs.topk_weights, inputs.topk_ids, vllm_activation, G,
-                           inputs.expert_map, inputs.apply_router_weight_on_input)
+        # No backends.ReportsAccumulation from these configs: the warpgroup rule measured on our
+        # kernels does not carry over. On the H200 (session 11) vLLM's fp8 cases on BLOCK_SIZE_M 32
+        # tiles differed from the mirror in 4-6x the count an fp32 accumulation allows, so its fp8
+        # dots keep the wider fp8-MMA model on every tile (docs/VLLM.md)
+        with _recording_launch_configs(vllm.triton_moe) as launched:
+            out = kernel.apply(hidden, w1, w2, inputs.topk_weights, inputs.topk_ids, vllm_activation, G,
+                               inputs.expert_map, inputs.apply_router_weight_on_input)
+        self.last_config["launched"] = launched
         return out
 
     @staticmethod
@@ -456,6 +463,29 @@ class VllmBackend:
                                                    block_shape=quant_config.block_shape))
         except Exception as exc:  # recording only: the run itself reports a real failure
             return {"error": repr(exc)}
+
+
+@contextlib.contextmanager
+def _recording_launch_configs(triton_moe):
+    """Record every launch config vLLM's experts take from try_get_optimal_moe_config (their module's
+    own name for it) while the block runs, without changing what it returns: the list yielded is
+    filled with plain dicts. A vLLM whose experts look it up elsewhere leaves the list empty."""
+    original = getattr(triton_moe, "try_get_optimal_moe_config", None)
+    launched: List[dict] = []
+    if original is None:
+        yield launched
+        return
+
+    def recording(*args, **kwargs):
+        config = original(*args, **kwargs)
+        launched.append(dict(config))
+        return config
+
+    triton_moe.try_get_optimal_moe_config = recording
+    try:
+        yield launched
+    finally:
+        triton_moe.try_get_optimal_moe_config = original
 
 
 # what MoELoRAContext.aux_stream holds for lora=dual on a CPU: not None, so that TritonExperts takes

@@ -350,6 +350,35 @@ def test_cases_pass_end_to_end_and_say_what_was_substituted(vllm, case_id):
     assert record["config"]["substituted_ops"] == list(vllm.substituted_ops)
     if not torch.cuda.is_available():
         assert "_moe_C.moe_sum" in record["config"]["substituted_ops"]
+    # the launch configs vLLM took, as it took them (one try_get_optimal_moe_config per call)
+    launched = record["config"]["launched"]
+    assert launched and all("BLOCK_SIZE_M" in c for c in launched), launched
+    assert launched[0] == record["config"]["moe_config"]
+
+
+def test_the_vllm_backend_reports_no_fp8_accumulation():
+    # the warpgroup rule measured on our kernels did not hold for vLLM's (docs/VLLM.md): its fp8 dots
+    # keep the wider fp8-MMA model, which cannot cry wolf
+    from moe_validate.backends import ReportsAccumulation, capability
+
+    assert capability(vllm_backend.VllmBackend, ReportsAccumulation) is None
+
+
+def test_recording_the_launch_configs_changes_nothing_and_restores_the_function():
+    calls = []
+
+    def chooser(*args, **kwargs):
+        calls.append((args, kwargs))
+        return {"BLOCK_SIZE_M": 32}
+
+    module = type("triton_moe", (), {"try_get_optimal_moe_config": staticmethod(chooser)})
+    with vllm_backend._recording_launch_configs(module) as launched:
+        assert module.try_get_optimal_moe_config(1, k=2) == {"BLOCK_SIZE_M": 32}
+    assert launched == [{"BLOCK_SIZE_M": 32}] and calls == [((1,), {"k": 2})]
+    assert module.try_get_optimal_moe_config is chooser
+    with vllm_backend._recording_launch_configs(object()) as launched:  # a vLLM without the name
+        pass
+    assert launched == []
 
 
 @needs_vllm
