@@ -167,6 +167,7 @@ class Capability:
     args: Optional[Tuple[str, ...]]  # the positional arguments the harness passes; None: an attribute
     enables: str
     without: str  # what happens when the backend lacks it
+    per_run: bool = False  # an attribute each run sets: None before the first run, declared all the same
 
 
 CAPABILITIES: Tuple[Capability, ...] = (
@@ -181,12 +182,12 @@ CAPABILITIES: Tuple[Capability, ...] = (
                "a failing case localized to the first diverging stage and its expert/tile",
                "stage localization is SKIPPED (a failure is located by token, column and expert)"),
     Capability(ReportsConfig, "last_config", None, "the launch config recorded with each case",
-               "no config recorded"),
+               "no config recorded", per_run=True),
     Capability(ReportsConfig, "last_config_source", None, "where the launch config came from",
-               "no config source recorded"),
+               "no config source recorded", per_run=True),
     Capability(ReportsAccumulation, "last_fp8_accumulation", None,
                "the gate models a GPU run's fp8 dots by the accumulator they used",
-               "a GPU's fp8 dots are modelled as Hopper's fp8 MMA (the coarser accumulator)"),
+               "a GPU's fp8 dots are modelled as Hopper's fp8 MMA (the coarser accumulator)", per_run=True),
     Capability(DeclaresNumerics, "numerics_profile", None, "the mirror follows the declared numerics",
                "the mirror follows SPEC.md's numerics"),
     Capability(DeclaresNumerics, "gating", None, "the verdicts that decide the outcome",
@@ -274,10 +275,7 @@ def capability_summary(backend: Any) -> Dict[str, Any]:
     """What the run header records: the optional capabilities the backend declares and lacks."""
     has, lacking = [], []
     for cap in CAPABILITIES:
-        if cap.protocol in (ReportsConfig, ReportsAccumulation):  # None before the first run: present all the same
-            present = hasattr(backend, cap.member)
-        else:
-            present = declared(backend, cap.member) is not None
+        present = hasattr(backend, cap.member) if cap.per_run else declared(backend, cap.member) is not None
         (has if present else lacking).append(cap.member)
     profile = declared(backend, "numerics_profile")
     gating = declared(backend, "gating")
