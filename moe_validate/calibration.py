@@ -270,9 +270,18 @@ class OracleStats:
 class CalibrationRow:
     scheme: str
     dtype: str
+    # a GPU run's fp8 dots as the gate modelled them (tolerance.Bound.fp8_accumulation: "fp32",
+    # "fp8 mma", "unreported"); None off a GPU and without fp8 dots. Its own row: pooled, the
+    # fp8 MMA's many flips hid the fp32 tiles' few (docs/BOUNDS.md, session 10)
+    accumulation: Optional[str] = None
     oracles: Dict[str, OracleStats] = field(default_factory=lambda: {name: OracleStats(name) for name, _ in ORACLES})
     failed: int = 0  # FAIL cases among those pooled (their errors are in the numbers)
     seeds: set = field(default_factory=set)
+
+    @property
+    def label(self) -> str:
+        """The scheme, with the accumulator where the row has one: ``fp8_tensor_token/fp32``."""
+        return self.scheme if self.accumulation is None else f"{self.scheme}/{self.accumulation}"
 
     def flags(self, band: Tuple[float, float]) -> List[str]:
         out = [f"{name}: {f}" for name, _ in ORACLES if (f := self.oracles[name].flag(band))]
@@ -300,7 +309,8 @@ class CalibrationTable:
         """JSON-ready: what the report embeds."""
         return {
             "band": list(self.band), "ignored": self.ignored, "not_a_number": list(self.not_a_number),
-            "rows": [{"scheme": r.scheme, "dtype": r.dtype, "failed": r.failed, "seeds": len(r.seeds),
+            "rows": [{"scheme": r.scheme, "dtype": r.dtype, "accumulation": r.accumulation, "label": r.label,
+                      "failed": r.failed, "seeds": len(r.seeds),
                       **{name: r.oracles[name].to_dict(self.band) for name, _ in ORACLES}} for r in self.rows],
         }
 
@@ -309,7 +319,7 @@ class CalibrationTable:
         def num(x: Optional[float]) -> str:
             return "-" if x is None else f"{x:.3g}"
 
-        head = (f"{'scheme':<20} {'dtype':<5} {'cases':>5} {'elements':>9} | {'budget RMS':>10} {'max':>8} | "
+        head = (f"{'scheme':<28} {'dtype':<5} {'cases':>5} {'elements':>9} | {'budget RMS':>10} {'max':>8} | "
                 f"{'gate RMS':>8} {'max':>8} {'flips':>8} {'differ':>7} {'/model':>7} {'events':>7} | flag")
         lines = [f"normalized error z = |kernel - oracle| / sigma, pooled over cases and seeds; "
                  f"band for the RMS: [{self.band[0]:g}, {self.band[1]:g}] (SPEC: near 1; "
@@ -336,7 +346,7 @@ class CalibrationTable:
             flag = "; ".join(notes)
             if r.failed:
                 flag = (flag + "; " if flag else "") + f"{r.failed} FAIL included"
-            lines.append(f"{r.scheme:<20} {r.dtype:<5} {b.cases:>5} {b.elements:>9} | {num(b.z_rms):>10} "
+            lines.append(f"{r.label:<28} {r.dtype:<5} {b.cases:>5} {b.elements:>9} | {num(b.z_rms):>10} "
                          f"{num(b.z_max):>8} | {num(g.z_rms):>8} {num(g.z_max):>8} {num(g.events):>8} "
                          f"{'-' if g.differing is None else g.differing:>7} {num(g.count_ratio):>7} "
                          f"{num(g.independent_events if g.differing_second_moment is not None else None):>7} "
@@ -377,6 +387,14 @@ def _differing(rec: Dict[str, Any]) -> Optional[Tuple[int, float, Optional[float
     if not (_finite_number(expected) and _finite_number(observed)) or expected < 0 or observed < 0:
         return None
     return int(observed), float(expected), float(second) if _finite_number(second) and second >= 0 else None
+
+
+def _accumulation(rec: Dict[str, Any]) -> Optional[str]:
+    """The gate's ``fp8_accumulation`` as the record carries it (None: none recorded)."""
+    tol = rec.get("tolerance")
+    gate = tol.get("gate") if isinstance(tol, dict) else None
+    value = gate.get("fp8_accumulation") if isinstance(gate, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _z_not_a_number(rec: Dict[str, Any]) -> bool:
@@ -448,7 +466,7 @@ def calibrate(results: Union[ResultSet, Iterable[Dict[str, Any]]], *,
                 ignored += 1
             continue
         params = rec["params"]
-        key = (str(params.get("scheme", "none")), str(params.get("dtype", "?")))
+        key = (str(params.get("scheme", "none")), str(params.get("dtype", "?")), _accumulation(rec))
         row = rows.setdefault(key, CalibrationRow(*key))
         if rec["outcome"] == "FAIL":
             row.failed += 1
@@ -460,5 +478,6 @@ def calibrate(results: Union[ResultSet, Iterable[Dict[str, Any]]], *,
                 row.oracles[name].add(n, z_rms, z_max, flips, count)
             else:
                 row.oracles[name].add(n, z_rms, z_max)
-    ordered = sorted(rows.values(), key=lambda r: (_order(r.scheme, _SCHEME_ORDER), _order(r.dtype, _DTYPE_ORDER)))
+    ordered = sorted(rows.values(), key=lambda r: (_order(r.scheme, _SCHEME_ORDER), _order(r.dtype, _DTYPE_ORDER),
+                                                   r.accumulation or ""))
     return CalibrationTable(rows=ordered, band=band, ignored=ignored, not_a_number=not_a_number)

@@ -166,6 +166,9 @@ class Bound:
     count_allowed: Optional[int] = None
     # why this bound's count test is derived but not applied (a skipped check in the record)
     count_not_applied: Optional[str] = None
+    # a GPU run's fp8 dots, as modelled: the reported Fp8Accumulation's value, or "unreported" (taken
+    # as the fp8 MMA); None off a GPU or without fp8 dots. calibrate splits its rows by it
+    fp8_accumulation: Optional[str] = None
 
     def to_dict(self) -> dict:
         a = self.allowed[torch.isfinite(self.allowed)]
@@ -180,6 +183,8 @@ class Bound:
             out["count_allowed"] = int(self.count_allowed)
         if self.count_not_applied is not None:
             out["count_not_applied"] = self.count_not_applied
+        if self.fp8_accumulation is not None:
+            out["fp8_accumulation"] = self.fp8_accumulation
         return out
 
 
@@ -1896,4 +1901,7 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
         terms={"u_S": uS, "u_acc": u_acc, "sigma_max": float(sigma_b.max()) if sigma_b.numel() else 0.0,
                "scale_shift_max": float(hard_b.max()) if hard_b.numel() else 0.0, **requant_terms},
     )
+    if native_gpu and scheme.act_dtype == FP8_DTYPE:
+        unit = "unreported" if fp8_accumulation is None else Fp8Accumulation(fp8_accumulation).value
+        gate.fp8_accumulation = budget.fp8_accumulation = unit
     return {"gate": gate, "budget": budget}

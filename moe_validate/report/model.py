@@ -710,7 +710,7 @@ def _calibration_view(cases) -> Optional[CalibrationView]:
     data = table.to_dict()
     rows = []
     for r in data["rows"]:
-        row = {k: r[k] for k in ("scheme", "dtype", "failed", "seeds")}
+        row = {k: r[k] for k in ("scheme", "dtype", "label", "accumulation", "failed", "seeds")}
         for oracle in ("budget", "gate"):
             o = r[oracle]
             row[oracle] = {"cases": o["cases"], "elements": o["elements"], "rms": _fmt(o["z_rms"]),

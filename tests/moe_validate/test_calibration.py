@@ -242,7 +242,7 @@ def test_report_shows_the_calibration_table(tmp_path):
                                                 '"int4_w4a16" data-dtype="bf16"']
     assert ">1.73<" in rows[1] and "cal-high" in rows[1]  # sqrt(3), three significant digits
     assert ">25<" in rows[1]  # the gate's expected flips, 15 + 10
-    assert ">9<" in rows[4] and "cal-high" not in rows[4] and "too few flips expected" in rows[4]
+    assert ">9<" in rows[4] and "cal-high" not in rows[4] and "too few flips (or independent events) expected" in rows[4]
     assert ">0.1<" in rows[2] and "cal-low" in rows[2] and "identical to the oracle" in rows[2]
     assert "1 FAIL case(s) included" in rows[2]
     assert "3 case record(s) without metrics" in html
@@ -430,3 +430,18 @@ def test_a_record_whose_z_is_not_a_number_is_named_and_flagged_not_silently_drop
     assert [row for row, _ in table.flagged] == [None]
     assert "not a number" in table.format() and lost["case_id"] in table.format()
     assert table.to_dict()["not_a_number"] == [lost["case_id"]]
+
+
+def test_rows_are_split_by_the_fp8_accumulator_the_gate_modelled():
+    # pooled, the fp8 MMA's many flips hid the fp32 tiles' few (docs/BOUNDS.md, session 10)
+    wide, narrow, plain = (_gate_count_record(s, 300, 300.0, 300.0) for s in (1, 2, 3))
+    for rec, unit in ((wide, "fp8 mma"), (narrow, "fp32")):
+        rec["params"]["scheme"] = "fp8_tensor_token"
+        rec["tolerance"]["gate"]["fp8_accumulation"] = unit
+    plain["params"]["scheme"] = "fp8_tensor_token"  # a CPU run: no accumulator recorded
+    table = calibrate([wide, narrow, plain])
+    assert [(r.scheme, r.accumulation) for r in table.rows] == [
+        ("fp8_tensor_token", None), ("fp8_tensor_token", "fp32"), ("fp8_tensor_token", "fp8 mma")]
+    assert "fp8_tensor_token/fp32" in table.format()
+    assert [r["label"] for r in table.to_dict()["rows"]] == ["fp8_tensor_token", "fp8_tensor_token/fp32",
+                                                             "fp8_tensor_token/fp8 mma"]

@@ -489,3 +489,21 @@ def test_the_count_records_its_second_moment_for_calibration():
     terms = tol.derive(case, inputs, mirror, native_gpu=True)["gate"].terms
     # E[C^2]-type sum >= E[C] (integer counts), and a requantized code's flip is a cluster, so > E[C] here
     assert terms["differing_second_moment"] > terms["differing_expected"] > 0
+
+
+def test_a_gpu_derivation_records_how_it_modelled_the_fp8_dots():
+    import reference
+    from moe_validate.contract.profile import Fp8Accumulation
+
+    case = Case.from_id("bf16-fp8_tensor_token-silu-M7N64K64E4k2-s6")
+    inputs = make_inputs(case)
+    mirror = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="mirror")
+    for native_gpu, acc, unit in ((True, Fp8Accumulation.FP32, "fp32"), (True, None, "unreported"),
+                                  (True, Fp8Accumulation.FP8_MMA, "fp8 mma"), (False, None, None)):
+        bounds = tol.derive(case, inputs, mirror, native_gpu=native_gpu, fp8_accumulation=acc)
+        assert bounds["gate"].fp8_accumulation == bounds["budget"].fp8_accumulation == unit
+        assert bounds["gate"].to_dict().get("fp8_accumulation") == unit
+    none = Case.from_id("bf16-none-silu-M7N64K64E4k2-s0")
+    inputs = make_inputs(none)
+    mirror = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="mirror")
+    assert tol.derive(none, inputs, mirror, native_gpu=True)["gate"].fp8_accumulation is None
