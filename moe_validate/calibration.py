@@ -1,4 +1,5 @@
-"""Calibration of the error model: how large the normalized errors really are, per scheme and dtype.
+"""Calibration of the error model: how large the normalized errors really are, per scheme and dtype
+(and, for a GPU run's fp8 dots, per accumulator the gate modelled: ``CalibrationRow.accumulation``).
 
 ``tolerance.derive`` models, per output element, the standard deviation ``sigma`` of the
 kernel's error against each oracle; ``compare.metric_panel`` records for every evaluated case
