@@ -20,10 +20,13 @@ for path in sys.argv[1:]:
             continue
         inputs = make_inputs(case, device="cpu")
         mirror = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="mirror")
-        # the fp8 accumulator the run was modelled with: its recorded u_acc (2^-24: the backend reported fp32)
-        fp32_unit = case.quant.is_fp8 and r["tolerance"]["gate"].get("u_acc") == tol.U32
+        # the fp8 accumulator the run was modelled with: the record's fp8_accumulation (since session 11),
+        # else its u_acc (2^-24: the backend reported fp32)
+        unit = r["tolerance"]["gate"].get("fp8_accumulation")
+        if unit is None:
+            unit = "fp32" if case.quant.is_fp8 and r["tolerance"]["gate"].get("u_acc") == tol.U32 else "unreported"
         b = tol.derive(case, inputs, mirror, native_gpu=True,
-                       fp8_accumulation=Fp8Accumulation.FP32 if fp32_unit else None)
+                       fp8_accumulation=None if unit == "unreported" else Fp8Accumulation(unit))
         d = r["metrics"]["mirror"]["differing"]
         rows.append((d["value"] / max(b["gate"].count_allowed, 1), int(d["value"]), b["gate"].count_allowed,
                      r["tolerance"]["gate"].get("differing_expected"), d["of"], r["case_id"]))
