@@ -5,7 +5,7 @@ A thin shell over ``moe_validate.runner``. Exit statuses, the same for every com
 
     0    pass: every expected case ran and passed or was skipped (compare: no regressions)
     1    case failures: a case failed, crashed, timed out, ... (compare: new failures or drift;
-         calibrate --strict: a row outside its band; bench: nothing could be timed)
+         calibrate --strict: a row flagged or a z that is NaN; bench: nothing could be timed)
     2    usage error: bad argument or input file (unknown suite, malformed case id or filter,
          unreadable or mixed results, an --out that holds another run or cannot be written)
     3    incomplete: expected cases missing or not run, a run without its footer (killed), or
@@ -349,9 +349,12 @@ def _render_or_note(results_path: Path, out_path: Path, *, title: str) -> Option
 
 
 def cmd_calibrate(args) -> int:
-    from moe_validate import runner
     from moe_validate.calibration import calibrate
 
+    if args.from_results:
+        return _calibrate_recorded(args)
+    args.seeds = 5 if args.seeds is None else args.seeds
+    args.backend = args.backend or "triton"
     suite, cases = _select_cases(args.suite, args.filter)
     if args.filter and not cases:
         raise UsageError(f"--filter {args.filter!r} matches no case of suite {suite!r}")
@@ -375,6 +378,27 @@ def cmd_calibrate(args) -> int:
     print(table.format())
     if summary.bad_cases:
         return 1
+    return 1 if (args.strict and table.flagged) else 0
+
+
+def _calibrate_recorded(args) -> int:
+    """``calibrate --from``: the table of recorded results (a nightly's, several runs' shards or
+    fresh-seed repetitions pooled), without running anything."""
+    from moe_validate.calibration import calibrate
+
+    run_only = [name for name, given in (("--suite", args.suite), ("--filter", args.filter),
+                                         ("--seeds", args.seeds is not None), ("--backend", args.backend is not None),
+                                         ("--out", args.out), ("--workers", args.workers is not None),
+                                         ("--resume", args.resume), ("--overwrite", args.overwrite),
+                                         ("--gate", args.gate is not None)) if given]
+    if run_only:
+        raise UsageError(f"--from pools recorded results; {', '.join(run_only)} only apply to a calibration run")
+    table = calibrate(_load(args.from_results))
+    print(table.format())
+    if not table.rows:
+        print(f"{PROG}: no evaluated case in {', '.join(map(str, args.from_results))}: nothing calibrated",
+              file=sys.stderr)
+        return 1 if args.strict else 0
     return 1 if (args.strict and table.flagged) else 0
 
 
@@ -647,8 +671,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="run a suite over fresh seeds and print the normalized-error (z) "
                                          "calibration table per scheme and dtype")
     suite_args(p)
-    p.add_argument("--seeds", type=int, default=5, metavar="N", help="fresh seeds per case (default 5)")
-    p.add_argument("--backend", default="triton", help="triton | reference | module:attr | entry-point name")
+    p.add_argument("--seeds", type=int, default=None, metavar="N", help="fresh seeds per case (default 5)")
+    p.add_argument("--backend", default=None, help="triton | reference | module:attr | entry-point name "
+                                                   "(default triton)")
+    p.add_argument("--from", dest="from_results", nargs="+", metavar="RESULTS",
+                   help="pool these results.jsonl files (runs, shards, fresh-seed repetitions) instead of "
+                        "running: the same table and --strict, nothing run")
     p.add_argument("--out", help="output directory (default: reports/calibrate-<suite>-<UTC timestamp>/)")
     p.add_argument("--workers", type=int, help="worker processes (as for run)")
     p.add_argument("--timeout", type=float, default=600.0, help="per-case limit in seconds (default 600)")
@@ -656,7 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
     gate_arg(p)
     p.add_argument("--no-report", action="store_true", help="write results.jsonl only")
     p.add_argument("--strict", action="store_true",
-                   help="exit 1 when a row's RMS leaves the band (default: the flag is printed only)")
+                   help="exit 1 when a row is flagged (its RMS out of the band, its count beyond 4x the model with "
+                        "enough independent events) or an evaluated case's z is NaN; with --from, also when no "
+                        "case was evaluated (default: the flags are printed only)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("list", help="print the case ids of a suite, one per line")

@@ -299,6 +299,22 @@ def test_calibrate_strict_exits_1_on_an_out_of_band_row(tmp_path, capsys):
     assert main(argv + ["--out", str(tmp_path / "b"), "--strict"]) == 1
     assert "budget LOW" in capsys.readouterr().out
     assert not (tmp_path / "b" / "report.html").exists()
+    # the same table from the records, without running: a nightly's results pooled afterwards
+    recorded = [str(tmp_path / "a" / "results.jsonl")]
+    assert main(["calibrate", "--from", *recorded]) == 0
+    assert "budget LOW" in capsys.readouterr().out
+    assert main(["calibrate", "--strict", "--from", *recorded]) == 1
+    assert main(["calibrate", "--from", *recorded, "--seeds", "3"]) == 2  # a run's option
+    assert "--seeds only apply to a calibration run" in capsys.readouterr().err
+
+
+def test_calibrate_from_records_without_an_evaluated_case_is_not_a_pass_under_strict(tmp_path, capsys):
+    path = tmp_path / "results.jsonl"
+    with ResultsWriter(path) as writer:
+        writer.write(next(r for r in HAND if r["outcome"] == "SKIP"))
+    assert main(["calibrate", "--from", str(path)]) == 0
+    assert main(["calibrate", "--from", str(path), "--strict"]) == 1
+    assert "nothing calibrated" in capsys.readouterr().err
 
 
 def test_first_repetition_continues_a_stability_run_with_new_seeds(tmp_path, capsys):
