@@ -8,7 +8,8 @@
 #                           $INDEPENDENT_SUITE (default premerge; it declares its own numerics profile;
 #                           issue 17: no false FAIL)
 #   vllm                    the vllm backend on smoke and premerge through the carried bundle (.gpu_vllm)
-#   nightly-fresh           nightly with fresh seeds (issue 23: no false alarm)
+#   nightly-fresh           nightly with fresh seeds (issue 23: no false alarm), then calibrate --strict --from
+#                           its records
 #   selftest                independent mutants ($MUTANTS; default the GPU-only ones) against premerge
 #   planted                 the planted skipped-rounding / one-ulp mutants the count test kills
 #                           ($PLANTED), against premerge (issue 23: the count test on a GPU)
@@ -38,7 +39,10 @@ for s in $steps; do
     nightly-fresh)
       timeout "$(cap ${FRESH_LIMIT:-200})" python3 -m moe_validate.cli run --suite nightly --repeat ${FRESH_REPEAT:-1} --fresh-seeds --first-repetition ${FRESH_REP:-7} --workers ${FRESH_WORKERS:-1} \
         --out "$o/r/$s" --no-report > "$o/r/$s.log" 2>&1
-      step $s $? "$(tail -n 3 "$o/r/$s.log" | tr '\n' ' ')";;
+      step $s $? "$(tail -n 3 "$o/r/$s.log" | tr '\n' ' ')"
+      # the calibration table of those records (issue 23: calibrate --strict on a GPU nightly)
+      python3 -m moe_validate.cli calibrate --strict --from "$o/r/$s/results.jsonl" > "$o/r/$s-calibrate.txt" 2>&1
+      step calibrate $? "$(grep -cE '(HIGH|LOW)' "$o/r/$s-calibrate.txt") flagged row(s), table in r/$s-calibrate.txt";;
     pytest)
       timeout "$(cap 170)" python3 -m pytest -q -n 16 -p no:cacheprovider ${PYTEST_FILES:-tests/kernels tests/contract \
         tests/moe_validate/test_call_contract.py tests/moe_validate/test_stage_localization.py \
