@@ -96,15 +96,25 @@ def fp8_mma(scheme: QuantScheme, native_gpu: bool, fp8_accumulation: Optional[Fp
     return scheme.is_fp8 and native_gpu and fp8_accumulation is not Fp8Accumulation.FP32
 
 
+FP8_UNREPORTED = "unreported"  # Bound.fp8_accumulation where the backend did not say (modelled as the fp8 MMA)
+
+
+def fp8_unit(scheme: QuantScheme, native_gpu: bool, fp8_accumulation: Optional[Fp8Accumulation]) -> Optional[str]:
+    """Which accumulator a GPU run's fp8 dots were modelled with, as recorded (``Bound.fp8_accumulation``):
+    the reported ``Fp8Accumulation``'s value, or FP8_UNREPORTED; None off a GPU or without fp8 dots."""
+    if not (scheme.is_fp8 and native_gpu):
+        return None
+    return FP8_UNREPORTED if fp8_accumulation is None else Fp8Accumulation(fp8_accumulation).value
+
+
 def _fp8_unit_note(scheme: QuantScheme, native_gpu: bool, fp8_accumulation: Optional[Fp8Accumulation]) -> str:
     """The derivation's word on which accumulator the fp8 dots were modelled with, and why."""
-    if not (scheme.is_fp8 and native_gpu):
-        return ""
-    if fp8_accumulation is Fp8Accumulation.FP32:
-        return "; fp8 dots: fp32 accumulation, as the backend reported for this launch (mma.sync tiles)"
-    if fp8_accumulation is Fp8Accumulation.FP8_MMA:
-        return "; fp8 dots: Hopper's fp8 MMA, as the backend reported for this launch"
-    return "; fp8 dots: taken to be Hopper's fp8 MMA (the backend did not report its accumulator)"
+    return {None: "",
+            Fp8Accumulation.FP32.value: "; fp8 dots: fp32 accumulation, as the backend reported for this launch "
+                                        "(mma.sync tiles)",
+            Fp8Accumulation.FP8_MMA.value: "; fp8 dots: Hopper's fp8 MMA, as the backend reported for this launch",
+            FP8_UNREPORTED: "; fp8 dots: taken to be Hopper's fp8 MMA (the backend did not report its accumulator)",
+            }[fp8_unit(scheme, native_gpu, fp8_accumulation)]
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -166,8 +176,7 @@ class Bound:
     count_allowed: Optional[int] = None
     # why this bound's count test is derived but not applied (a skipped check in the record)
     count_not_applied: Optional[str] = None
-    # a GPU run's fp8 dots, as modelled: the reported Fp8Accumulation's value, or "unreported" (taken
-    # as the fp8 MMA); None off a GPU or without fp8 dots. calibrate splits its rows by it
+    # a GPU run's fp8 dots, as modelled (fp8_unit); calibrate splits its rows by it
     fp8_accumulation: Optional[str] = None
 
     def to_dict(self) -> dict:
@@ -1056,11 +1065,12 @@ _FLIP_BLOCK_ELEMENTS = 1 << 22  # cells x routes x columns x I per block of the 
 _FLIP_BLOCK_ELEMENTS_CUDA = 1 << 25  # fewer launches where memory is plentiful (8 bytes each)
 
 
-def lora_accumulation_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], factor
-                            ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """([M, T, N], [M, T, K]): the std of the LoRA deltas' own fp32 accumulation, at c1 and at c3 (0
-    without LoRA), in the units of ``factor(n)`` x u32 per unit scale (``_acc_growth`` for the bound,
-    the typical ``acc_error_typical`` for the z-scores).
+def lora_accumulation_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *factors
+                            ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """For each ``factor`` ([M, T, N], [M, T, K]): the std of the LoRA deltas' own fp32 accumulation,
+    at c1 and at c3 (0 without LoRA), in the units of ``factor(n)`` x u32 per unit scale
+    (``_acc_growth`` for the bound, the typical ``acc_error_typical`` for the z-scores). The sums
+    below are computed once for all factors.
 
     A delta is two dots, ``t = a . A^T`` over the n inputs, then ``d = t . B^T`` over the rank r, so
     its error is the shrink's, carried through B, plus the expand's own:
@@ -1072,10 +1082,10 @@ def lora_accumulation_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], 
     M, T = stages["route_valid"].shape[:2]
     N, K = stages["c1"].shape[-1], stages["c3"].shape[-1]
     dev = stages["c1"].device
-    zeros = (torch.zeros(M, T, N, dtype=F64, device=dev), torch.zeros(M, T, K, dtype=F64, device=dev))
+    zero1, zero3 = torch.zeros(M, T, N, dtype=F64, device=dev), torch.zeros(M, T, K, dtype=F64, device=dev)
     lora = inputs.lora
     if lora is None or M == 0 or T == 0:
-        return zeros
+        return [(zero1, zero3) for _ in factors]
     from reference import pipeline as ref  # the harness may import reference
 
     valid, local = stages["route_valid"].to(torch.bool), stages["route_expert"].long()
@@ -1085,10 +1095,9 @@ def lora_accumulation_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], 
     keep = (lambda w: tuple(t.to(F64) for t in w) if isinstance(w, (tuple, list)) else w.to(F64))
     ident = lambda v: v  # noqa: E731
     sq = lambda v: v * v  # noqa: E731 (the rank-space t, squared before the expand)
-    zero1, zero3 = torch.zeros(M, T, N, dtype=F64, device=dev), torch.zeros(M, T, K, dtype=F64, device=dev)
     both_sq = replace(lora, w13_a=square(lora.w13_a), w13_b=square(lora.w13_b), w2_a=square(lora.w2_a),
                       w2_b=square(lora.w2_b))
-    b_sq = replace(lora, w13_a=keep(lora.w13_a), w13_b=square(lora.w13_b), w2_a=lora.w2_a.to(F64),
+    b_sq = replace(lora, w13_a=keep(lora.w13_a), w13_b=square(lora.w13_b), w2_a=keep(lora.w2_a),
                    w2_b=square(lora.w2_b))
     shrink1 = ref.lora_w13(zero1, x ** 2, both_sq, valid, local, inputs.activation, ident)
     expand1 = ref.lora_w13(zero1, x, b_sq, valid, local, inputs.activation, ident, round_rank=sq)
@@ -1097,9 +1106,8 @@ def lora_accumulation_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], 
     shrink2 = ref.lora_w2(zero3, c2 ** 2, both_sq, w_sq, valid, local, ident, apply_router_weight_on_input=rwin)
     expand2 = ref.lora_w2(zero3, c2, b_sq, w_sq, valid, local, ident, apply_router_weight_on_input=rwin, round_rank=sq)
     n1, n2 = x.shape[-1], c2.shape[-1]
-    sig1 = U32 * (factor(n1) ** 2 * shrink1 + factor(rank) ** 2 * expand1).clamp_min(0.0).sqrt()
-    sig2 = U32 * (factor(n2) ** 2 * shrink2 + factor(rank) ** 2 * expand2).clamp_min(0.0).sqrt()
-    return sig1, sig2
+    return [(U32 * (f(n1) ** 2 * shrink1 + f(rank) ** 2 * expand1).clamp_min(0.0).sqrt(),
+             U32 * (f(n2) ** 2 * shrink2 + f(rank) ** 2 * expand2).clamp_min(0.0).sqrt()) for f in factors]
 
 
 def requant_c1_box(inputs: MoEInputs, exact: Dict[str, torch.Tensor], sigma_acc1: torch.Tensor) -> torch.Tensor:
@@ -1823,9 +1831,11 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
         var_b = var_b + (ulp(out, S) * (out != 0) * r12) ** 2 + (sum_err * r12) ** 2
         return var_b, hard_b, var_flip
 
-    # the LoRA deltas' own fp32 dots (fp32 operands: S x S products, never the fp8 MMA)
+    # the LoRA deltas' own fp32 dots (fp32 operands: S x S products, never the fp8 MMA), for the bound
+    # (the sequential worst case) and the z-scores (typical)
     lora_bits = product_bits(QuantScheme.parse(None), S)
-    lora1_b, lora2_b = lora_accumulation_sigma(inputs, stages, _acc_growth)
+    (lora1_b, lora2_b), (lora1_z, lora2_z) = lora_accumulation_sigma(
+        inputs, stages, _acc_growth, lambda n: acc_error_typical(n, lora_bits)[0] / U32)
     var_b, hard_b, var_flip = budget_terms((sigma_c1_b ** 2 + lora1_b ** 2).sqrt(),
                                            (sigma_c3_b ** 2 + lora2_b ** 2).sqrt(), True)
     sigma_b = var_b.sqrt()
@@ -1834,7 +1844,6 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     # epilogue operation), not the sequential worst case the bound uses
     bits = product_bits(scheme, S)
     typ1, typ2 = acc_error_typical(K, bits, native_fp8)[0], acc_error_typical(I, bits, native_fp8)[0]
-    lora1_z, lora2_z = lora_accumulation_sigma(inputs, stages, lambda n: acc_error_typical(n, lora_bits)[0] / U32)
     var_bz, _, var_flip = budget_terms(((typ1 * s1) ** 2 + (EPILOGUE_OP_SIGMA * U32 * c1) ** 2 + lora1_z ** 2).sqrt(),
                                        ((typ2 * s2) ** 2 + (EPILOGUE_OP_SIGMA * U32 * c3) ** 2 + lora2_z ** 2).sqrt(),
                                        False)
@@ -1901,7 +1910,5 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
         terms={"u_S": uS, "u_acc": u_acc, "sigma_max": float(sigma_b.max()) if sigma_b.numel() else 0.0,
                "scale_shift_max": float(hard_b.max()) if hard_b.numel() else 0.0, **requant_terms},
     )
-    if native_gpu and scheme.act_dtype == FP8_DTYPE:
-        unit = "unreported" if fp8_accumulation is None else Fp8Accumulation(fp8_accumulation).value
-        gate.fp8_accumulation = budget.fp8_accumulation = unit
+    gate.fp8_accumulation = budget.fp8_accumulation = fp8_unit(scheme, native_gpu, fp8_accumulation)
     return {"gate": gate, "budget": budget}
