@@ -208,13 +208,18 @@ class OracleStats:
         return None if self.differing_expected is None else self.differing_expected / self.dispersion
 
     @property
+    def recorded_events(self) -> Optional[float]:
+        """``independent_events`` where every pooled record carried the second moment, else None."""
+        return None if self.differing_second_moment is None else self.independent_events
+
+    @property
     def few_events(self) -> bool:
         """A gate row whose model expects under ``MIN_FLIP_EVENTS`` differing elements, or under that
         many independent events: its RMS is counting noise, so it is not flagged (module docstring)."""
         if self.oracle != "gate":
             return False
         few_elements = self.events is not None and self.events < MIN_FLIP_EVENTS
-        events = self.independent_events if self.differing_second_moment is not None else None
+        events = self.recorded_events
         return few_elements or (events is not None and events < MIN_FLIP_EVENTS)
 
     @property
@@ -263,7 +268,7 @@ class OracleStats:
                 "events": self.events, "few_events": self.few_events, "flag": self.flag(band),
                 "differing": self.differing, "differing_expected": self.differing_expected,
                 "differing_second_moment": self.differing_second_moment,
-                "independent_events": self.independent_events,
+                "independent_events": self.independent_events, "recorded_events": self.recorded_events,
                 "count_ratio": self.count_ratio, "count_flag": self.count_flag()}
 
 
@@ -350,7 +355,7 @@ class CalibrationTable:
             lines.append(f"{r.label:<28} {r.dtype:<5} {b.cases:>5} {b.elements:>9} | {num(b.z_rms):>10} "
                          f"{num(b.z_max):>8} | {num(g.z_rms):>8} {num(g.z_max):>8} {num(g.events):>8} "
                          f"{'-' if g.differing is None else g.differing:>7} {num(g.count_ratio):>7} "
-                         f"{num(g.independent_events if g.differing_second_moment is not None else None):>7} "
+                         f"{num(g.recorded_events):>7} "
                          f"| {flag or 'ok'}")
         if not self.rows:
             lines.append("(no evaluated case: nothing to calibrate)")
@@ -368,21 +373,24 @@ def _z_value(panel: Dict[str, Any], metric: str) -> Optional[float]:
     return float(value)
 
 
-def _expected_flips(rec: Dict[str, Any]) -> Optional[float]:
-    """The gate's expected number of differing output elements, as its bound recorded it (or None)."""
+def _gate_bound(rec: Dict[str, Any]) -> Dict[str, Any]:
+    """The record's gate tolerance (``tolerance.gate``), or {} where it has none."""
     tol = rec.get("tolerance")
     gate = tol.get("gate") if isinstance(tol, dict) else None
-    value = gate.get("flip_events_expected") if isinstance(gate, dict) else None
+    return gate if isinstance(gate, dict) else {}
+
+
+def _expected_flips(rec: Dict[str, Any]) -> Optional[float]:
+    """The gate's expected number of differing output elements, as its bound recorded it (or None)."""
+    value = _gate_bound(rec).get("flip_events_expected")
     return float(value) if _finite_number(value) and value >= 0 else None
 
 
 def _differing(rec: Dict[str, Any]) -> Optional[Tuple[int, float, Optional[float]]]:
     """(observed, modelled, the model's second moment or None) output elements differing from the
     mirror, as the record carries them."""
-    tol, metrics = rec.get("tolerance"), rec.get("metrics")
-    gate = tol.get("gate") if isinstance(tol, dict) else None
-    expected = gate.get("differing_expected") if isinstance(gate, dict) else None
-    second = gate.get("differing_second_moment") if isinstance(gate, dict) else None
+    gate, metrics = _gate_bound(rec), rec.get("metrics")
+    expected, second = gate.get("differing_expected"), gate.get("differing_second_moment")
     panel = metrics.get("mirror") if isinstance(metrics, dict) else None
     observed = (panel.get("differing") or {}).get("value") if isinstance(panel, dict) else None
     if not (_finite_number(expected) and _finite_number(observed)) or expected < 0 or observed < 0:
@@ -392,9 +400,7 @@ def _differing(rec: Dict[str, Any]) -> Optional[Tuple[int, float, Optional[float
 
 def _accumulation(rec: Dict[str, Any]) -> Optional[str]:
     """The gate's ``fp8_accumulation`` as the record carries it (None: none recorded)."""
-    tol = rec.get("tolerance")
-    gate = tol.get("gate") if isinstance(tol, dict) else None
-    value = gate.get("fp8_accumulation") if isinstance(gate, dict) else None
+    value = _gate_bound(rec).get("fp8_accumulation")
     return value if isinstance(value, str) else None
 
 

@@ -722,7 +722,7 @@ def _calibration_view(cases) -> Optional[CalibrationView]:
         ratio = g["count_ratio"]
         row["count"] = {"differing": "-" if g["differing"] is None else g["differing"],
                         "ratio": _fmt(ratio) if ratio is not None else "-",
-                        "events": _fmt(g["independent_events"]) if g["differing_second_moment"] is not None else "-",
+                        "events": "-" if g["recorded_events"] is None else _fmt(g["recorded_events"]),
                         "flag": g["count_flag"],
                         "side": None if not g["count_flag"] else ("high" if ratio > 1 else "low"),
                         "few_events": (not g["count_flag"] and ratio is not None
