@@ -26,8 +26,10 @@ slots). Rows of invalid routes are never compared (a kernel never writes them).
 Per-stage bound (``allowed``, elementwise), every term a worst case scaled by ``tolerance.Z_GATE``
 where it is a standard deviation:
   GEMM stages  Z * u_acc * (1 + sqrt(n/6)) * s (the sequential fp32 accumulation model of
-               ``tolerance._acc_growth``, s = sqrt(sum_k a_k^2 b_k^2), u_acc = 2^-24, or the Hopper
-               fp8-MMA unit on a native GPU, 0 for int8 x int8 in int32) + one fp32 rounding per
+               ``tolerance._acc_growth``, s = sqrt(sum_k a_k^2 b_k^2); in fp32 with the partial sums'
+               drift to |c|, ``tolerance._acc_sigma_drifting``, as the budget; u_acc = 2^-24, or the Hopper
+               fp8-MMA unit on a native GPU, 0 for int8 x int8 in int32; a chained fp8 MMA adds its
+               |c| part at the unit's headroom, ``tolerance.FP8_MMA_TRUNCATION``) + one fp32 rounding per
                epilogue operation (dequantization, bias, router weight) + one ulp of the stored
                value's grid (S, or the profile's GEMM output dtype under quantized activations;
                ``reference.pipeline.gemm_output_dtype``) and, with LoRA, one S ulp for each of the
@@ -59,8 +61,9 @@ from moe_validate.backends import ExposesStages, capability, declared
 from moe_validate.contract.profile import SPEC_PROFILE, Fp8Accumulation, NumericsProfile
 from moe_validate.contract.rules import interpreting
 from moe_validate.contract.spec import MoEInputs, QuantScheme, storage_dtype
-from moe_validate.tolerance import (ACT_FP32_ULPS, ACT_LIPSCHITZ, U32, U_ACC_FP8_NATIVE, Z_GATE, _acc_growth,
-                                    _act_sensitivity, fp8_mma, _gate_up, _per_expert_gemm_scales, _requant_step, ulp)
+from moe_validate.tolerance import (ACT_FP32_ULPS, ACT_LIPSCHITZ, U32, U_ACC_FP8_NATIVE, U_ACC_FP8_NATIVE_TYPICAL, Z_GATE,
+                                    _acc_growth, _acc_sigma_drifting, _act_sensitivity, fp8_mma, fp8_mma_chained, _gate_up,
+                                    _mma_truncation, _per_expert_gemm_scales, _requant_step, ulp)
 
 __all__ = ["STAGES", "ROUTE_STAGES", "CHECK_NAME", "localize", "compare_stages", "no_stages"]
 
@@ -108,21 +111,31 @@ class _Pipeline:
         self.local = self.fns.local.long()
         self.clamp = quant.gemm1_clamp_limit if quant is not None else None
         self.fused = self.fns.fused
+        self.chained_fp8 = False
         if self.scheme.act_dtype == torch.int8:
             self.u_acc, self.exact_dot = U32, True
         else:
-            self.u_acc = U_ACC_FP8_NATIVE if fp8_mma(self.scheme, native_gpu, fp8_accumulation) else U32
+            native_fp8 = fp8_mma(self.scheme, native_gpu, fp8_accumulation)
+            self.u_acc = U_ACC_FP8_NATIVE if native_fp8 else U32
             self.exact_dot = False
+            self.chained_fp8 = fp8_mma_chained(self.scheme, native_fp8)
         self.n_round = 3 if inputs.lora is not None else 1
 
     def _gemm_slack(self, a: torch.Tensor, w: torch.Tensor, value: torch.Tensor, epilogue_ops: int,
                     scale_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Accumulation + epilogue error of a grouped GEMM, before the stored rounding."""
         sq, _ = _per_expert_gemm_scales(a, w, self.local, self.valid)
-        growth = 1.0 if self.exact_dot else _acc_growth(a.shape[-1])
-        acc = Z_GATE * self.u_acc * growth * sq.sqrt()
-        if scale_rows is not None:
-            acc = acc * scale_rows[..., None]
+        s = sq.sqrt() if scale_rows is None else sq.sqrt() * scale_rows[..., None]
+        if self.exact_dot:
+            acc = Z_GATE * self.u_acc * s
+        elif self.u_acc == U32:
+            # fp32 accumulation with the partial sums' drift to the result, as the budget takes it (homogeneous
+            # in (s, |c|), so the router weight's scaling may come first)
+            acc = Z_GATE * _acc_sigma_drifting(U32, a.shape[-1], s, value.abs())
+        else:  # the fp8 MMA's unit keeps its own growth
+            acc = Z_GATE * self.u_acc * _acc_growth(a.shape[-1]) * s
+        if self.chained_fp8:  # the accumulator's |c| part, at the fp8 unit's headroom (tolerance.FP8_MMA_TRUNCATION)
+            acc = acc + U_ACC_FP8_NATIVE / U_ACC_FP8_NATIVE_TYPICAL * _mma_truncation(a.shape[-1], 0, value.abs(), sq, True)
         if self.inputs.lora is not None:
             acc = 2.0 * acc  # the rank-space LoRA product accumulates in fp32 too (bounded like the base)
         return acc + epilogue_ops * U32 * value.abs()

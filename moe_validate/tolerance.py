@@ -99,6 +99,13 @@ def fp8_mma(scheme: QuantScheme, native_gpu: bool, fp8_accumulation: Optional[Fp
 FP8_UNREPORTED = "unreported"  # Bound.fp8_accumulation where the backend did not say (modelled as the fp8 MMA)
 
 
+def fp8_mma_chained(scheme: QuantScheme, native_fp8: bool) -> bool:
+    """Whether the fp8 MMA's accumulator carries the dot's running sum across the K loop (its |c| part,
+    FP8_MMA_TRUNCATION): every fp8 scheme modelled on the MMA but the block-scaled one, whose partials are
+    scaled per block and added in fp32."""
+    return native_fp8 and scheme.weight_granularity != "block"
+
+
 def fp8_unit(scheme: QuantScheme, native_gpu: bool, fp8_accumulation: Optional[Fp8Accumulation]) -> Optional[str]:
     """Which accumulator a GPU run's fp8 dots were modelled with, as recorded (``Bound.fp8_accumulation``):
     the reported ``Fp8Accumulation``'s value, or FP8_UNREPORTED; None off a GPU or without fp8 dots."""
@@ -384,6 +391,17 @@ GPU_MMA_TRUNCATION = 7e-3
 GPU_MMA_TRUNCATION_SHORT = 1.5e-3  # products of < 16 significant bits
 ACC_TILE = 64
 U_ACC_FP8_NATIVE_TYPICAL = 2.0 ** -16
+# The fp8 MMA's accumulator also loses bits in proportion to the running sum where it carries that sum
+# across the K loop (acc = dot(a, b, acc): every fp8 scheme but the block-scaled one, whose partials
+# restart every scale block and are added in fp32). Measured on one H200 (Triton 3.6,
+# scripts/gpu_stage_rates.py --bins, premerge + nightly fp8 cases x 8 fresh seeds, docs/BOUNDS.md):
+# with the unit alone, c1's and c3's own flips ran 1.6-5x the model where |c| >= s and the amax
+# elements of the dynamic scales' groups flipped 2.7-3.1x (the unit is s-proportional, so it fades
+# where |c| >> s, and the amax element is the largest |c|); the rate levels off at
+# about 1.0e-4 x n in bf16, 8x that in fp16 (an error relative to |c|, linear in n). As
+# E|B| = FP8_MMA_TRUNCATION u32 n |c|, tau = 6 puts those bins at 0.83-1.39 of the model and the
+# amax flips at 0.84-1.25; block-scaled rows (no such term) read 0.49-1.03 without it.
+FP8_MMA_TRUNCATION = 6.0
 EPILOGUE_OP_SIGMA = 0.42  # x u32 |value| per fp32 operation
 ACT_SIGMA = 0.25  # x u32 (|c2| + |g| |u|)
 ACT_FLIP = {Activation.GELU_TANH: 0.15, Activation.GELU_TANH_NO_MUL: 0.15, Activation.RELU2_NO_MUL: 0.0}
@@ -435,10 +453,14 @@ def acc_error_typical(n: int, bits: Optional[int], native_fp8: bool = False) -> 
     return sigma_k * U32 * math.sqrt(bk + n / bk), flip_k * U32 * math.sqrt(n)
 
 
-def _mma_truncation(n: int, bits: int, size: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def _mma_truncation(n: int, bits: int, size: torch.Tensor, s: torch.Tensor, native_fp8: bool = False
+                    ) -> torch.Tensor:
     """E|B| of a compiled tensor-core dot's accumulation bias (GPU_MMA_TRUNCATION) for dots of
     length ``n`` whose results are at most ``size`` in magnitude, with scales ``s`` and products of
-    ``bits`` significant bits."""
+    ``bits`` significant bits. ``native_fp8``: the fp8 MMA's (FP8_MMA_TRUNCATION), whose random-walk
+    part is its unit's (acc_error_typical), so only the |c| part."""
+    if native_fp8:
+        return FP8_MMA_TRUNCATION * U32 * n * size
     return _mma_tau(bits) * U32 * n * (size + 0.5 * s)
 
 
@@ -679,16 +701,19 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
     s1_sq, _ = _per_expert_gemm_scales(xr, w1, rexp, valid)
     epi1 = EPILOGUE_OP_SIGMA * U32 * c1.abs() * math.sqrt(n_epi1)
     s1_eff = s1_sq.sqrt()
-    # GPU_MMA_TRUNCATION: every tensor-core dot but the fp8 MMA's (its own unit covers it) and int8 x int8.
+    # GPU_MMA_TRUNCATION: every tensor-core dot but int8 x int8 (the fp8 MMA's at its own tau).
     # fp8 x fp8 on mma.sync tiles (8-bit products: the short tau) was measured on the H200: without the
     # term c1's and c3's own flips ran up to 4.5x the model in fp16 (fp8_block128), with it 0.22-0.96
     # (scripts/gpu_stage_rates.py, docs/BOUNDS.md)
-    mma_bias = native_gpu and bits is not None and not native_fp8
+    # the fp8 MMA's |c| part needs an accumulator that carries the running sum across the K loop: a
+    # block-scaled dot restarts it every scale block (its partials are scaled and added in fp32)
+    chained_fp8 = fp8_mma_chained(scheme, native_fp8)
+    mma_bias = native_gpu and bits is not None and (chained_fp8 or not native_fp8)
     trunc1 = torch.zeros_like(c1)
     if mma_bias:
         # the partial sums run to the dot's own result, before the bias: |acc| <= |c| + |b|
         b1 = _route_bias(quant.w1_bias if quant is not None else None, rexp, valid)
-        trunc1 = _mma_truncation(x.shape[1], bits, c1.abs() + b1, s1_eff)
+        trunc1 = _mma_truncation(x.shape[1], bits, c1.abs() + b1, s1_eff, chained_fp8)
     var_c1_pre = ((k1 * s1_eff) ** 2 + epi1 ** 2 + (trunc1 / _MEAN_ABS) ** 2) * vm
     A1_pre = (a1 * s1_eff + _MEAN_ABS * epi1 + trunc1) * vm
     if ties is not None:
@@ -751,7 +776,11 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
     ]
     if ties is not None:
         lines += ties.lines()
-    if mma_bias:
+    if mma_bias and chained_fp8:
+        lines.append(f"the fp8 MMA's accumulator (measured on an H200): + {FP8_MMA_TRUNCATION:g} u32 n |c| "
+                     "flip-driving truncation in GEMM1 and GEMM2 beside its unit's s-proportional part "
+                     "(FP8_MMA_TRUNCATION)")
+    elif mma_bias:
         lines.append(f"compiled tensor-core dots (measured on an H200): + {_mma_tau(bits):g} u32 n (|c| + s/2) "
                      "flip-driving accumulation bias in GEMM1 and GEMM2 (GPU_MMA_TRUNCATION)")
 
@@ -814,7 +843,7 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
     trunc3 = torch.zeros_like(c3)
     if mma_bias:
         b2 = _route_bias(quant.w2_bias if quant is not None else None, rexp, valid) * wts[..., None]
-        trunc3 = _mma_truncation(I, bits, c3.abs() + b2, s2_eff)
+        trunc3 = _mma_truncation(I, bits, c3.abs() + b2, s2_eff, chained_fp8)
     var_c3_cont = ((k2 * s2_eff) ** 2 + epi2 ** 2 + (trunc3 / _MEAN_ABS) ** 2) * vm
     A3c = (a2 * s2_eff + _MEAN_ABS * epi2 + trunc3) * vm
     if ties is not None:
@@ -1574,7 +1603,9 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
         acc_note = (f"accumulation unit {u_acc:.3g} ("
                     + ("Hopper fp8 MMA, docs/TRITON_FACTS.md" if u_acc != U32 else "fp32") + f"); growth 1+sqrt(n/6): "
                     f"GEMM1 n=K={K} -> {growth1:.3g}, GEMM2 n=I={I} -> {growth2:.3g}"
-                    + _fp8_unit_note(scheme, native_gpu, fp8_accumulation))
+                    + _fp8_unit_note(scheme, native_gpu, fp8_accumulation)
+                    + ("; + the chained accumulator's |c| part (FP8_MMA_TRUNCATION) at the unit's headroom"
+                       if fp8_mma_chained(scheme, native_fp8) else ""))
 
     # --- GEMM scales s = sqrt(sum a^2 b^2) per route element ----------------------------------
     xr = x[:, None, :].expand(M, T, K) if T else x[:, None, :]
@@ -1725,6 +1756,13 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
         sigma_c3_b = _acc_sigma_drifting(u_acc, I, s2, c3.abs() + bias2) * vmask
     else:
         sigma_c1_b, sigma_c3_b = sigma_c1, u_acc * growth2 * s2
+        if fp8_mma_chained(scheme, native_fp8):
+            # the chained fp8 MMA's |c| part (FP8_MMA_TRUNCATION, flip_aware_sigma), at the unit's headroom
+            bias1 = _route_bias(inputs.quant.w1_bias, rexp, valid)
+            bias2 = _route_bias(inputs.quant.w2_bias, rexp, valid) * wts[..., None]
+            room = U_ACC_FP8_NATIVE / U_ACC_FP8_NATIVE_TYPICAL / _MEAN_ABS
+            sigma_c1_b = torch.hypot(sigma_c1, room * _mma_truncation(K, 0, c1.abs() + bias1, s1, True)) * vmask
+            sigma_c3_b = torch.hypot(sigma_c3_b, room * _mma_truncation(I, 0, c3.abs() + bias2, s2, True)) * vmask
     if counted:
         if exact is None:
             import reference  # the harness may import reference

@@ -135,6 +135,7 @@ def load_vllm() -> types.SimpleNamespace:
         import vllm.model_executor.layers.fused_moe.activation as activation_module
         import vllm.model_executor.layers.fused_moe.config as config
         import vllm.model_executor.layers.fused_moe.modular_kernel as mk
+        from vllm.model_executor.layers.fused_moe import override_config
         from vllm.model_executor.layers.fused_moe.experts import triton_moe
         from vllm.model_executor.layers.fused_moe.prepare_finalize import MoEPrepareAndFinalizeNoDPEPModular
         from vllm.model_executor.layers.quantization.utils import fp8_utils, quant_utils
@@ -152,7 +153,7 @@ def load_vllm() -> types.SimpleNamespace:
     _loaded = types.SimpleNamespace(
         version=installed[1], distribution=installed[0], bundle=bundle, substituted_ops=tuple(substituted),
         fp32_dot=fp32_dot,
-        config=config, mk=mk,
+        config=config, mk=mk, override_config=override_config,
         triton_moe=triton_moe, activation=activation_module, quant_utils=quant_utils,
         prepare_finalize=MoEPrepareAndFinalizeNoDPEPModular)
     return _loaded
@@ -237,9 +238,9 @@ class VllmBackend:
         if case.routing == "invalid_ids":
             return ("vLLM requires every topk id in [0, global_num_experts): out-of-range ids index its "
                     "alignment and the tiny-M path unchecked, and moe_sum adds their unwritten rows")
-        if case.config not in ("auto",):
-            return (f"launch config {case.config!r}: vLLM picks its own (try_get_optimal_moe_config); "
-                    f"only 'auto' maps")
+        if case.config != "auto" and vllm_tiles(case.config) is None:
+            return (f"launch config {case.config!r}: vLLM's batch invariance is a process-wide switch; "
+                    f"'auto' (vLLM's own choice) and explicit tiles (through its override_config) map")
         if case.dtype == "fp32" and case.scheme != "none":
             return "vLLM's quantized MoE paths take fp16/bf16 activations only"
         if case.clamp is not None and case.act.value != "silu":
@@ -385,17 +386,25 @@ class VllmBackend:
         w1, w2 = inputs.w1, inputs.w2
         if scheme == "int8_w8a16":
             w1, w2 = _wna16_int8(w1), _wna16_int8(w2)
-        self.last_config_source = self._config_source(inputs, quant_config)
-        self.last_config = {"vllm": vllm.version, "vllm_bundle": vllm.bundle, "experts": experts_class.__name__,
-                            "moe_config": self._launch_config(vllm, inputs, quant_config, M, topk),
-                            "substituted_ops": list(vllm.substituted_ops),
-                            "interpreted_fp32_dot": vllm.fp32_dot}
+        # a case's explicit tiles reach vLLM through its own override_config, which
+        # try_get_optimal_moe_config returns as they are (for both GEMMs)
+        tiles = vllm_tiles(case.config) if case is not None and case.config != "auto" else None
+        def given():
+            return vllm.override_config(tiles) if tiles else contextlib.nullcontext()
+
+        with given():
+            self.last_config_source = ({"kind": "given", "table": None, "device": None} if tiles
+                                       else self._config_source(inputs, quant_config))
+            self.last_config = {"vllm": vllm.version, "vllm_bundle": vllm.bundle, "experts": experts_class.__name__,
+                                "moe_config": self._launch_config(vllm, inputs, quant_config, M, topk),
+                                "substituted_ops": list(vllm.substituted_ops),
+                                "interpreted_fp32_dot": vllm.fp32_dot}
         _ensure_workspace_manager(hidden.device)
         # No backends.ReportsAccumulation from these configs: the warpgroup rule measured on our
         # kernels does not carry over. On the H200 (session 11) vLLM's fp8 cases on BLOCK_SIZE_M 32
         # tiles differed from the mirror in 4-6x the count an fp32 accumulation allows, so its fp8
         # dots keep the wider fp8-MMA model on every tile (docs/VLLM.md)
-        with _recording_launch_configs(vllm.triton_moe) as launched:
+        with given(), _recording_launch_configs(vllm.triton_moe) as launched:
             out = kernel.apply(hidden, w1, w2, inputs.topk_weights, inputs.topk_ids, vllm_activation, G,
                                inputs.expert_map, inputs.apply_router_weight_on_input)
         self.last_config["launched"] = launched
@@ -463,6 +472,20 @@ class VllmBackend:
                                                    block_shape=quant_config.block_shape))
         except Exception as exc:  # recording only: the run itself reports a real failure
             return {"error": repr(exc)}
+
+
+# our KernelConfig fields (matrix.parse_config_token) -> vLLM's launch config keys
+_VLLM_TILE_KEYS = {"BLOCK_M": "BLOCK_SIZE_M", "BLOCK_N": "BLOCK_SIZE_N", "BLOCK_K": "BLOCK_SIZE_K",
+                   "GROUP_M": "GROUP_SIZE_M", "num_warps": "num_warps", "num_stages": "num_stages"}
+
+
+def vllm_tiles(config: str) -> Optional[dict]:
+    """A case's explicit tiles ("BM16BN32BK32GM1W4S2") as vLLM's launch config dict; None for any other
+    config. vLLM clamps BLOCK_SIZE_K to a block-quantized scheme's group itself."""
+    from moe_validate.matrix import parse_config_token
+
+    fields = parse_config_token(config)
+    return None if fields is None else {_VLLM_TILE_KEYS[k]: v for k, v in fields.items()}
 
 
 @contextlib.contextmanager

@@ -12,6 +12,9 @@ on). One JSON line per case run. Runs on a GPU (compiled kernels) or under TRITO
 
     python scripts/gpu_stage_rates.py --suite premerge --suite nightly --reps 0 1 --limit 500 --out rates.jsonl
     python scripts/gpu_stage_rates.py --summary rates.jsonl      (pooled observed / model per stage and class)
+
+For dynamic activation scales it also counts the groups whose amax element of c2 differs (``amax``): the event
+that moves the whole group's scale, whose probability the gate takes as p_c2 at the argmax.
 """
 import argparse
 import dataclasses
@@ -99,6 +102,8 @@ def measure(case, device):
         own_ref["c3"] = fns.c3(upstream, own["c2"] if own["c2"] is not None else mirror["c2"])
     if BINS:
         rec["bins"] = binned(inputs, mirror, own, own_ref, per_stage, valid)
+    if own["c2"] is not None and scheme.act_granularity in ("token", "token_group", "tensor_dynamic"):
+        rec["amax"] = amax_flips(own["c2"], mirror["c2"], per_stage["p_c2"], valid, scheme.act_granularity)
     kout = exposed["out"].to(torch.float64)
     if "c1" in own_ref:
         put("c1", "own", own["c1"], own_ref["c1"], per_stage["p_c1"])
@@ -121,6 +126,32 @@ def measure(case, device):
     rec["count_allowed"] = int(allowed)
     rec["seconds"] = round(time.perf_counter() - t0, 3)
     return rec
+
+
+def amax_flips(kernel_c2, mirror_c2, p_c2, valid, granularity):
+    """A dynamic scale follows its group's amax. The groups whose amax differs between the kernel's c2 and the
+    mirror's (observed), beside the model's sum over groups of p_c2 at the mirror's argmax (the probability the
+    gate gives the scale's move, ``rho_p``); also for the groups where that p is below 0.01 alone."""
+    F64 = torch.float64
+    m3 = valid[..., None].expand_as(mirror_c2)
+    k = torch.where(m3, kernel_c2.to(F64).abs(), torch.zeros((), dtype=F64))
+    m = torch.where(m3, mirror_c2.to(F64).abs(), torch.zeros((), dtype=F64))
+    p = torch.where(m3, p_c2.to(F64), torch.zeros((), dtype=F64))
+    if granularity == "tensor_dynamic":
+        k, m, p = k.reshape(1, -1), m.reshape(1, -1), p.reshape(1, -1)
+    else:
+        width = 128 if granularity == "token_group" else m.shape[-1]
+        cols = m.shape[-1] // width * width
+        k, m, p = (t[..., :cols].reshape(-1, width) for t in (k, m, p))
+    live = m.amax(-1) > 0
+    k, m, p = k[live], m[live], p[live]
+    arg = m.argmax(-1, keepdim=True)
+    flipped = (k.amax(-1) != m.amax(-1)).to(F64)
+    p_arg = torch.gather(p, -1, arg).squeeze(-1)
+    low = p_arg < 0.01
+    return {"groups": int(live.sum()), "observed": int(flipped.sum()), "model": round(float(p_arg.sum()), 4),
+            "observed_low_p": int(flipped[low].sum()), "model_low_p": round(float(p_arg[low].sum()), 4),
+            "groups_low_p": int(low.sum())}
 
 
 BINS = False
@@ -209,6 +240,13 @@ def summary(paths, by=("dtype", "scheme", "activation")):
                     row[3] += 1
                     if v["model"] >= 5:
                         worst[(stage, kind) + key] = max(worst[(stage, kind) + key], v["observed"] / v["model"])
+            if "amax" in rec:
+                for kind, (o, mdl) in {"all": ("observed", "model"), "low p": ("observed_low_p", "model_low_p")}.items():
+                    row = pooled[("amax", kind) + key]
+                    row[0] += rec["amax"][o]
+                    row[1] += rec["amax"][mdl]
+                    row[2] += rec["amax"]["groups"]
+                    row[3] += 1
             if rec.get("count_allowed"):
                 o = rec["stages"]["out"]["total"]["observed"]
                 worst[("used", "of allowed") + key] = max(worst[("used", "of allowed") + key], o / rec["count_allowed"])

@@ -9,7 +9,8 @@
 #                           issue 17: no false FAIL)
 #   vllm                    the vllm backend on smoke and premerge through the carried bundle (.gpu_vllm)
 #   nightly-fresh           nightly with fresh seeds (issue 23: no false alarm), then calibrate --strict --from
-#                           its records
+#                           its records; FRESH_SAVE=REGEX also returns the outputs of the cases it matches
+#                           (outputs.tar.*, for re-deriving z-scores on the CPU)
 #   selftest                independent mutants ($MUTANTS; default the GPU-only ones) against premerge
 #   planted                 the planted skipped-rounding / one-ulp mutants the count test kills
 #                           ($PLANTED), against premerge (issue 23: the count test on a GPU)
@@ -38,8 +39,13 @@ for s in $steps; do
       step $s $? "$(tail -n 3 "$o/r/$s.log" | tr '\n' ' ')";;
     nightly-fresh)
       timeout "$(cap ${FRESH_LIMIT:-200})" python3 -m moe_validate.cli run --suite nightly --repeat ${FRESH_REPEAT:-1} --fresh-seeds --first-repetition ${FRESH_REP:-7} --workers ${FRESH_WORKERS:-1} \
-        --out "$o/r/$s" --no-report > "$o/r/$s.log" 2>&1
+        --out "$o/r/$s" --no-report ${FRESH_SAVE:+--save-outputs "$o/outs"} > "$o/r/$s.log" 2>&1
       step $s $? "$(tail -n 3 "$o/r/$s.log" | tr '\n' ' ')"
+      if [ -n "${FRESH_SAVE:-}" ]; then  # the outputs of the cases matching $FRESH_SAVE, in parts of 15 MB (the device's file limit)
+        for f in "$o/outs"/*.npz; do basename "$f" | grep -qE "$FRESH_SAVE" || rm -f "$f"; done
+        step outputs 0 "$(ls "$o/outs" | grep -c npz) outputs in outputs.tar.*"
+        tar cf - -C "$o" outs | split -b 15M - "$o/outputs.tar." && rm -rf "$o/outs"
+      fi
       # the calibration table of those records (issue 23: calibrate --strict on a GPU nightly)
       python3 -m moe_validate.cli calibrate --strict --from "$o/r/$s/results.jsonl" > "$o/r/$s-calibrate.txt" 2>&1
       step calibrate $? "$(grep -cE '(HIGH|LOW)' "$o/r/$s-calibrate.txt") flagged row(s), table in r/$s-calibrate.txt";;

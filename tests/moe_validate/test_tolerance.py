@@ -146,6 +146,36 @@ def test_a_reported_fp32_accumulation_models_gpu_fp8_dots_as_fp32():
                        derive(bf16, xb, sb, native_gpu=True, fp8_accumulation=Fp8Accumulation.FP32)["gate"].allowed)
 
 
+def test_the_chained_fp8_mma_flips_level_off_where_the_dot_is_large_and_block_scaled_dots_fade():
+    # Measured on an H200 (tolerance.FP8_MMA_TRUNCATION): where the MMA's accumulator carries the running
+    # sum over K, c1's own flips stop fading at |c| >> s (an error relative to |c|); a block-scaled dot
+    # restarts it every scale block, so its flips keep falling as s / |c|.
+    from moe_validate import tolerance as tol
+    from moe_validate.contract.profile import Fp8Accumulation
+
+    def p_c1_by_size(scheme):
+        case = Case(M=64, N=128, K=256, E=4, topk=2, scheme=scheme, seed=3)
+        x = make_inputs(case)
+        st = reference.run_stages(*x.args(), **x.kwargs(), precision="mirror")
+        per_stage = {}
+        tol.flip_aware_sigma(x, st, native_gpu=True, per_stage=per_stage, fp8_accumulation=Fp8Accumulation.FP8_MMA)
+        valid = st["route_valid"].bool()
+        xr = st["x"].double()[:, None, :].expand(*valid.shape, st["x"].shape[1])
+        s1 = tol._per_expert_gemm_scales(xr, st["w1"].double(), st["route_expert"].long(), valid)[0].sqrt()
+        r = st["c1"].double().abs() / s1.clamp_min(1e-300)
+        keep = valid[..., None].expand_as(r)
+        p = per_stage["p_c1"]
+        big, mid = keep & (r >= 1.0), keep & (r >= 0.125) & (r < 0.25)
+        floor = tol.FP8_MMA_TRUNCATION * tol.U32 * 256 * (st["c1"].double().abs() / ulp(st["c1"].double(), torch.bfloat16))
+        return float(p[big].mean()), float(p[mid].mean()), float((p - floor)[big].min())
+
+    big, mid, over_floor = p_c1_by_size("fp8_tensor_token")
+    assert over_floor >= -1e-12  # the |c| part alone: tau u32 n |c| / ulp
+    big_b, mid_b, _ = p_c1_by_size("fp8_block128")
+    assert big_b < mid_b / 4 and big_b < big / 2
+    assert big / mid > 1.5 * big_b / mid_b
+
+
 def test_evaluate_refuses_an_accumulation_that_is_not_the_enum():
     from moe_validate.compare import evaluate
 

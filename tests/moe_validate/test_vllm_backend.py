@@ -320,6 +320,7 @@ def test_the_silu_clamp_reaches_the_cuda_op_stand_in(vllm, monkeypatch):
     (dict(routing="invalid_ids"), "topk id in [0, global_num_experts)"),
     (dict(scheme="fp8_block128"), "I % 128 == 0"),
     (dict(scheme="int4_w4a16", group_size=32, bias=True), "takes no bias"),
+    (dict(config="inv"), "batch invariance is a process-wide switch"),
 ])
 def test_refusals_carry_their_reason(vllm, overrides, reason):
     from moe_validate.matrix import Case
@@ -354,6 +355,29 @@ def test_cases_pass_end_to_end_and_say_what_was_substituted(vllm, case_id):
     launched = record["config"]["launched"]
     assert launched and all("BLOCK_SIZE_M" in c for c in launched), launched
     assert launched[0] == record["config"]["moe_config"]
+
+
+@needs_vllm
+@pytest.mark.parametrize("case_id", [
+    "bf16-fp8_tensor_token-silu-M7N64K64E4k2-cfg_BM16BN32BK32GM1W4S2-s6",
+    "bf16-none-silu-M7N64K64E4k2-cfg_BM64BN64BK64GM8W4S3-s0",
+])
+def test_explicit_tiles_reach_vllm_through_its_override_config(vllm, case_id):
+    # a case's tiles are the launch config vLLM takes for both GEMMs (and what the record says), and
+    # override_config is left as it was
+    from vllm.model_executor.layers.fused_moe import get_config
+
+    from moe_validate.matrix import Case
+    from moe_validate.runner import run_case_inprocess
+
+    case = Case.from_id(case_id)
+    record = run_case_inprocess(case, "vllm").record
+    assert record["outcome"] == "PASS", record.get("reason")
+    tiles = vllm_backend.vllm_tiles(case.config)
+    assert tiles["BLOCK_SIZE_M"] == int(case.config[2:4])
+    assert record["config"]["launched"] and all(c == tiles for c in record["config"]["launched"])
+    assert record["config"]["moe_config"] == tiles and record["config_source"]["kind"] == "given"
+    assert get_config() is None
 
 
 def test_the_vllm_backend_reports_no_fp8_accumulation():
