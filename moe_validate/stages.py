@@ -29,7 +29,7 @@ where it is a standard deviation:
                ``tolerance._acc_growth``, s = sqrt(sum_k a_k^2 b_k^2); in fp32 with the partial sums'
                drift to |c|, ``tolerance._acc_sigma_drifting``, as the budget; u_acc = 2^-24, or the Hopper
                fp8-MMA unit on a native GPU, 0 for int8 x int8 in int32; a chained fp8 MMA adds its
-               |c| part at the unit's headroom, ``tolerance.FP8_MMA_TRUNCATION``) + one fp32 rounding per
+               |c| part, ``tolerance.fp8_mma_truncation_sigma``) + one fp32 rounding per
                epilogue operation (dequantization, bias, router weight) + one ulp of the stored
                value's grid (S, or the profile's GEMM output dtype under quantized activations;
                ``reference.pipeline.gemm_output_dtype``) and, with LoRA, one S ulp for each of the
@@ -61,9 +61,9 @@ from moe_validate.backends import ExposesStages, capability, declared
 from moe_validate.contract.profile import SPEC_PROFILE, Fp8Accumulation, NumericsProfile
 from moe_validate.contract.rules import interpreting
 from moe_validate.contract.spec import MoEInputs, QuantScheme, storage_dtype
-from moe_validate.tolerance import (ACT_FP32_ULPS, ACT_LIPSCHITZ, U32, U_ACC_FP8_NATIVE, U_ACC_FP8_NATIVE_TYPICAL, Z_GATE,
-                                    _acc_growth, _acc_sigma_drifting, _act_sensitivity, fp8_mma, fp8_mma_chained, _gate_up,
-                                    _mma_truncation, _per_expert_gemm_scales, _requant_step, ulp)
+from moe_validate.tolerance import (ACT_FP32_ULPS, ACT_LIPSCHITZ, U32, U_ACC_FP8_NATIVE, Z_GATE, _acc_growth,
+                                    _acc_sigma_drifting, _act_sensitivity, _gate_up, _per_expert_gemm_scales,
+                                    _requant_step, fp8_mma, fp8_mma_chained, fp8_mma_truncation_sigma, ulp)
 
 __all__ = ["STAGES", "ROUTE_STAGES", "CHECK_NAME", "localize", "compare_stages", "no_stages"]
 
@@ -134,8 +134,8 @@ class _Pipeline:
             acc = Z_GATE * _acc_sigma_drifting(U32, a.shape[-1], s, value.abs())
         else:  # the fp8 MMA's unit keeps its own growth
             acc = Z_GATE * self.u_acc * _acc_growth(a.shape[-1]) * s
-        if self.chained_fp8:  # the accumulator's |c| part, at the fp8 unit's headroom (tolerance.FP8_MMA_TRUNCATION)
-            acc = acc + U_ACC_FP8_NATIVE / U_ACC_FP8_NATIVE_TYPICAL * _mma_truncation(a.shape[-1], 0, value.abs(), sq, True)
+        if self.chained_fp8:  # the accumulator's |c| part (tolerance.FP8_MMA_TRUNCATION), as the budget takes it
+            acc = acc + Z_GATE * fp8_mma_truncation_sigma(a.shape[-1], value.abs())
         if self.inputs.lora is not None:
             acc = 2.0 * acc  # the rank-space LoRA product accumulates in fp32 too (bounded like the base)
         return acc + epilogue_ops * U32 * value.abs()

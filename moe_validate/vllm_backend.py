@@ -401,9 +401,9 @@ class VllmBackend:
                                 "interpreted_fp32_dot": vllm.fp32_dot}
         _ensure_workspace_manager(hidden.device)
         # No backends.ReportsAccumulation from these configs: the warpgroup rule measured on our
-        # kernels does not carry over. On the H200 (session 11) vLLM's fp8 cases on BLOCK_SIZE_M 32
-        # tiles differed from the mirror in 4-6x the count an fp32 accumulation allows, so its fp8
-        # dots keep the wider fp8-MMA model on every tile (docs/VLLM.md)
+        # kernels does not carry over. On the H200 (session 12) vLLM's fp8 cases differed from the
+        # mirror in the same counts at BLOCK_SIZE_M 16, 32 and 64, 550-920x what an fp32 accumulation
+        # allows and 0.5-0.66 of the fp8 MMA's model, which its fp8 dots keep on every tile (docs/VLLM.md)
         with given(), _recording_launch_configs(vllm.triton_moe) as launched:
             out = kernel.apply(hidden, w1, w2, inputs.topk_weights, inputs.topk_ids, vllm_activation, G,
                                inputs.expert_map, inputs.apply_router_weight_on_input)
