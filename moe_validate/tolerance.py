@@ -1757,6 +1757,10 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     counted = scheme.act_granularity is not None and not inputs.apply_router_weight_on_input and bool(valid.any())
     # the bound's fp32 accumulation std with the partial sums' drift to the result (the fp8 MMA's unit
     # and exact int8 x int8 dots keep theirs; the gate's flip model is measured, not this worst case)
+    chained1 = chained2 = torch.zeros((), dtype=F64, device=dev)
+    if fp8_mma_chained(scheme, native_fp8):
+        chained1 = fp8_mma_truncation_sigma(K, c1.abs() + _route_bias(inputs.quant.w1_bias, rexp, valid))
+        chained2 = fp8_mma_truncation_sigma(I, c3.abs() + _route_bias(inputs.quant.w2_bias, rexp, valid) * wts[..., None])
     if scheme.act_dtype != torch.int8 and not native_fp8:
         bias1 = _route_bias(inputs.quant.w1_bias if inputs.quant is not None else None, rexp, valid)
         bias2 = _route_bias(inputs.quant.w2_bias if inputs.quant is not None else None, rexp, valid) * wts[..., None]
@@ -1764,12 +1768,8 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
         sigma_c3_b = _acc_sigma_drifting(u_acc, I, s2, c3.abs() + bias2) * vmask
     else:
         sigma_c1_b, sigma_c3_b = sigma_c1, u_acc * growth2 * s2
-        if fp8_mma_chained(scheme, native_fp8):
-            # the chained fp8 MMA's |c| part (FP8_MMA_TRUNCATION, flip_aware_sigma), at the unit's headroom
-            bias1 = _route_bias(inputs.quant.w1_bias, rexp, valid)
-            bias2 = _route_bias(inputs.quant.w2_bias, rexp, valid) * wts[..., None]
-            sigma_c1_b = torch.hypot(sigma_c1, fp8_mma_truncation_sigma(K, c1.abs() + bias1)) * vmask
-            sigma_c3_b = torch.hypot(sigma_c3_b, fp8_mma_truncation_sigma(I, c3.abs() + bias2)) * vmask
+        # the chained fp8 MMA's |c| part (FP8_MMA_TRUNCATION; zero elsewhere), the same sigma in the z-scores
+        sigma_c1_b, sigma_c3_b = torch.hypot(sigma_c1, chained1) * vmask, torch.hypot(sigma_c3_b, chained2) * vmask
     if counted:
         if exact is None:
             import reference  # the harness may import reference
@@ -1889,9 +1889,6 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     # epilogue operation), not the sequential worst case the bound uses
     bits = product_bits(scheme, S)
     typ1, typ2 = acc_error_typical(K, bits, native_fp8)[0], acc_error_typical(I, bits, native_fp8)[0]
-    chained1 = chained2 = torch.zeros((), dtype=F64, device=dev)
-    if fp8_mma_chained(scheme, native_fp8):
-        chained1, chained2 = fp8_mma_truncation_sigma(K, c1.abs()), fp8_mma_truncation_sigma(I, c3.abs())
     var_bz, _, var_flip = budget_terms(((typ1 * s1) ** 2 + (EPILOGUE_OP_SIGMA * U32 * c1) ** 2 + chained1 ** 2
                                         + lora1_z ** 2).sqrt(),
                                        ((typ2 * s2) ** 2 + (EPILOGUE_OP_SIGMA * U32 * c3) ** 2 + chained2 ** 2
