@@ -241,6 +241,9 @@ class VllmBackend:
         if case.config != "auto" and vllm_tiles(case.config) is None:
             return (f"launch config {case.config!r}: vLLM's batch invariance is a process-wide switch; "
                     f"'auto' (vLLM's own choice) and explicit tiles (through its override_config) map")
+        if case.config != "auto" and case.scheme in WEIGHT_ONLY_SCHEMES:
+            return (f"launch config {case.config!r}: vLLM's WNA16 experts fit BLOCK_SIZE_N and BLOCK_SIZE_K to the "
+                    f"weight group themselves (get_moe_wna16_block_config); explicit tiles map for TritonExperts only")
         if case.dtype == "fp32" and case.scheme != "none":
             return "vLLM's quantized MoE paths take fp16/bf16 activations only"
         if case.clamp is not None and case.act.value != "silu":
@@ -485,7 +488,10 @@ def vllm_tiles(config: str) -> Optional[dict]:
     from moe_validate.matrix import parse_config_token
 
     fields = parse_config_token(config)
-    return None if fields is None else {_VLLM_TILE_KEYS[k]: v for k, v in fields.items()}
+    if fields is None:
+        return None
+    # SPLIT_K 1: in every config vLLM writes itself (our kernels do not split K)
+    return {**{_VLLM_TILE_KEYS[k]: v for k, v in fields.items()}, "SPLIT_K": 1}
 
 
 @contextlib.contextmanager

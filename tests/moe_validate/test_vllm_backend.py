@@ -321,6 +321,7 @@ def test_the_silu_clamp_reaches_the_cuda_op_stand_in(vllm, monkeypatch):
     (dict(scheme="fp8_block128"), "I % 128 == 0"),
     (dict(scheme="int4_w4a16", group_size=32, bias=True), "takes no bias"),
     (dict(config="inv"), "batch invariance is a process-wide switch"),
+    (dict(scheme="int4_w4a16", group_size=32, config="BM16BN32BK32GM1W4S2"), "explicit tiles map for TritonExperts only"),
 ])
 def test_refusals_carry_their_reason(vllm, overrides, reason):
     from moe_validate.matrix import Case
