@@ -453,15 +453,20 @@ def acc_error_typical(n: int, bits: Optional[int], native_fp8: bool = False) -> 
     return sigma_k * U32 * math.sqrt(bk + n / bk), flip_k * U32 * math.sqrt(n)
 
 
-def _mma_truncation(n: int, bits: int, size: torch.Tensor, s: torch.Tensor, native_fp8: bool = False
+def _mma_truncation(n: int, bits: int, size: torch.Tensor, s: torch.Tensor, chained_fp8: bool = False
                     ) -> torch.Tensor:
     """E|B| of a compiled tensor-core dot's accumulation bias (GPU_MMA_TRUNCATION) for dots of
     length ``n`` whose results are at most ``size`` in magnitude, with scales ``s`` and products of
-    ``bits`` significant bits. ``native_fp8``: the fp8 MMA's (FP8_MMA_TRUNCATION), whose random-walk
-    part is its unit's (acc_error_typical), so only the |c| part."""
-    if native_fp8:
-        return FP8_MMA_TRUNCATION * U32 * n * size
+    ``bits`` significant bits. ``chained_fp8``: the chained fp8 MMA's (_fp8_mma_truncation) instead."""
+    if chained_fp8:
+        return _fp8_mma_truncation(n, size)
     return _mma_tau(bits) * U32 * n * (size + 0.5 * s)
+
+
+def _fp8_mma_truncation(n: int, size: torch.Tensor) -> torch.Tensor:
+    """E|B| of the chained fp8 MMA's |c| part (FP8_MMA_TRUNCATION) for dots of length ``n`` and results
+    of magnitude ``size``; its random-walk part is its unit's (acc_error_typical), so no s term."""
+    return FP8_MMA_TRUNCATION * U32 * n * size
 
 
 def fp8_mma_truncation_sigma(n: int, size: torch.Tensor) -> torch.Tensor:
@@ -469,7 +474,7 @@ def fp8_mma_truncation_sigma(n: int, size: torch.Tensor) -> torch.Tensor:
     for the budget, its z-scores and stage localization: E|B| / 0.8 at the fitted tau. A bound takes
     Z of it, 7.5 E|B|, and no headroom on tau: it was fitted over 136 GPU records, which it reproduces
     within 0.83-1.39 (FP8_MMA_TRUNCATION), where the unit's 4x (U_ACC_FP8_NATIVE) stands for one probe."""
-    return _mma_truncation(n, 0, size, size, True) / _MEAN_ABS
+    return _fp8_mma_truncation(n, size) / _MEAN_ABS
 
 
 def _mma_tau(bits: int) -> float:
