@@ -47,3 +47,23 @@ def test_stage_rates_count_each_stage_against_its_own_upstream_and_the_recheck_a
     assert again["observed"] == stages["out"]["total"]["observed"]
     assert again["allowed"] >= rec["count_allowed"]  # the GPU's model only adds flips
     rates.summary([str(path)])  # prints its table without failing
+
+
+def test_amax_flips_count_the_groups_whose_dynamic_scale_moves():
+    # a group's scale follows its amax element: a flip there moves it, a flip elsewhere does not
+    import torch
+
+    rates = _load("gpu_stage_rates")
+    mirror = torch.tensor([[[1.0, -4.0, 2.0], [0.5, 0.25, 0.125]], [[3.0, 1.0, 0.0], [0.0, 0.0, 0.0]]])
+    valid = torch.tensor([[True, True], [True, False]])
+    p = torch.full_like(mirror, 0.02)
+    p[0, 1, 0] = 0.5
+    kernel = mirror.clone()
+    kernel[0, 0, 1] = -4.03125  # the amax of route (0, 0) moves
+    kernel[0, 1, 2] = 0.126  # not the amax of route (0, 1)
+    kernel[1, 1, 0] = 9.0  # an invalid route is never compared
+    token = rates.amax_flips(kernel, mirror, p, valid, "token")
+    assert token == {"groups": 3, "observed": 1, "model": 0.54, "observed_low_p": 0, "model_low_p": 0.0,
+                     "groups_low_p": 0}
+    tensor = rates.amax_flips(kernel, mirror, p, valid, "tensor_dynamic")
+    assert tensor["groups"] == 1 and tensor["observed"] == 1 and tensor["model"] == 0.02
