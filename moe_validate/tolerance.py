@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -1100,7 +1100,9 @@ FLIP_ALPHA = 1e-9  # per output element and direction: the one-sided Gaussian ta
 _ACT_CURVATURE = 2.0  # >= |f''| of every activation's gate function (silu 0.5, gelu 0.8, relu2 2)
 _EPILOGUE_OPS_C1 = 4.0  # fp32 operations after GEMM1's accumulation (dequantization, bias, LoRA adds)
 _QUANTIZER_OPS = 4.0  # fp32 roundings in x / s, kernel's and exact's (conversion and division each)
-REQUANT_SHIFT_CELLS = 6  # cells of a dynamic scale's relative error rho, each bounded apart
+REQUANT_SHIFT_CELLS = 6  # cells of a dynamic scale's relative error rho, each bounded apart (at least)
+REQUANT_SHIFT_CELLS_MAX = 12  # at most (the Chernoff sums' cost grows with them)
+REQUANT_SHIFT_PER_CELL = 0.5  # the most a cell's shift may move a code, in its steps (below that: more cells)
 _FLIP_U_RANGE = (math.log(0.05), math.log(500.0))  # ln(theta x the largest jump) searched for x*
 _FLIP_GOLDEN_STEPS = 10  # the last bracket: 0.62^11 of the range, about 4% in theta
 _FLIP_BLOCK_ELEMENTS = 1 << 22  # cells x routes x columns x I per block of the Chernoff sums
@@ -1152,7 +1154,25 @@ def lora_accumulation_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], 
              U32 * (f(n2) ** 2 * shrink2 + f(rank) ** 2 * expand2).clamp_min(0.0).sqrt()) for f in factors]
 
 
-def requant_c1_box(inputs: MoEInputs, exact: Dict[str, torch.Tensor], sigma_acc1: torch.Tensor) -> torch.Tensor:
+class C1Box(NamedTuple):
+    """How far an accurate kernel's c1 may lie from exact's, [M, T, N] each (c1 units): ``box`` bounds
+    it; of that, ``fixed`` is the part taken as a fixed unknown offset (fp32 epilogue operations, the
+    LoRA delta's fp32 products, input codes at ties) and the rest is a sum of independent roundings
+    and the accumulation error, symmetric and unimodal each, whose standard deviation is at most
+    ``sigma`` (a rounding of half-width h: h / sqrt(3), the uniform's, the widest such law)."""
+
+    box: torch.Tensor
+    sigma: torch.Tensor
+    fixed: torch.Tensor
+
+    def widened(self, fixed: torch.Tensor) -> "C1Box":
+        return C1Box(self.box + fixed, self.sigma, self.fixed + fixed)
+
+    def masked(self, mask: torch.Tensor) -> "C1Box":
+        return C1Box(self.box * mask, self.sigma * mask, self.fixed * mask)
+
+
+def requant_c1_box(inputs: MoEInputs, exact: Dict[str, torch.Tensor], sigma_acc1: torch.Tensor) -> C1Box:
     """[M, T, N]: how far an accurate kernel's c1 may lie from exact's (c1 units; see above).
 
     Each rounding to S moves a value by half an ulp of what it rounds: c1 itself, and with LoRA
@@ -1168,6 +1188,7 @@ def requant_c1_box(inputs: MoEInputs, exact: Dict[str, torch.Tensor], sigma_acc1
     extra = REQUANT_EXTRA_ROUNDINGS
     if inputs.lora is None:
         base, stores, lora_fp32 = c1.abs(), (1 + extra) * half_ulp(c1), torch.zeros_like(c1)
+        stores_var = (1 + extra) * half_ulp(c1) ** 2 / 3.0
     else:
         from reference import pipeline as ref  # the harness may import reference
 
@@ -1182,8 +1203,10 @@ def requant_c1_box(inputs: MoEInputs, exact: Dict[str, torch.Tensor], sigma_acc1
         base = (c1 - d13).abs()
         largest = torch.maximum(torch.maximum(base, d13.abs()), c1.abs())
         stores = half_ulp(c1) + half_ulp(base) + half_ulp(d13) + extra * half_ulp(largest)
+        stores_var = (half_ulp(c1) ** 2 + half_ulp(base) ** 2 + half_ulp(d13) ** 2 + extra * half_ulp(largest) ** 2) / 3.0
         lora_fp32 = (x_unq.shape[1] + rank) * U32 * mag
-    return stores + lora_fp32 + Z_BUDGET * sigma_acc1 + _EPILOGUE_OPS_C1 * U32 * base
+    fixed = lora_fp32 + _EPILOGUE_OPS_C1 * U32 * base
+    return C1Box(stores + Z_BUDGET * sigma_acc1 + fixed, (stores_var + sigma_acc1 ** 2).sqrt(), fixed)
 
 
 def input_tie_c1_box(inputs: MoEInputs, w1: torch.Tensor, route_expert: torch.Tensor, valid: torch.Tensor
@@ -1363,9 +1386,14 @@ def _group_max(t: torch.Tensor, valid: torch.Tensor, gran: str) -> torch.Tensor:
     return top.expand_as(t)
 
 
-def _c2_error_bound(inputs: MoEInputs, c1e: torch.Tensor, c2e: torch.Tensor, b_c1: torch.Tensor,
-                    S: torch.dtype) -> torch.Tensor:
-    """[M, T, I]: |kernel's c2 - exact's c2| for an accurate kernel (see above), c2 units."""
+def _c2_error_bound(inputs: MoEInputs, c1e: torch.Tensor, c2e: torch.Tensor, c1_box: C1Box,
+                    S: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """([M, T, I] bound, its random part's std, its fixed part): |kernel's c2 - exact's c2| for an
+    accurate kernel (see above), c2 units. The c1 box reaches c2 through the activation, evaluated at
+    its corners (dev); its random and fixed shares reach it in proportion (the larger of the gate's
+    and the up row's share: sqrt(sum (f' sigma)^2) <= max(sigma / box) sum |f'| box). The curvature
+    margin and the fp32 activation are fixed; c2's own roundings random."""
+    b_c1 = c1_box.box
     from reference.activations import apply_activation  # the harness may import reference
 
     act = inputs.activation
@@ -1394,11 +1422,17 @@ def _c2_error_bound(inputs: MoEInputs, c1e: torch.Tensor, c2e: torch.Tensor, b_c
         act_scale = c2e.abs() + g * u
     uS = unit_roundoff(S)
     n2 = 1 + REQUANT_EXTRA_ROUNDINGS
-    stores = n2 * 0.5 * ulp(c2e.abs() * (1.0 + 2.0 * uS), S)  # the kernel's value may sit one binade up
-    return dev + curvature + ACT_FP32_ULPS * U32 * act_scale + stores
+    half = 0.5 * ulp(c2e.abs() * (1.0 + 2.0 * uS), S)  # the kernel's value may sit one binade up
+    box = b_c1.clamp_min(1e-300)
+    share_random = _gate_up(c1_box.sigma / box, act)
+    share_fixed = _gate_up(c1_box.fixed / box, act)
+    pick = (lambda pair: pair[0] if pair[1] is None else torch.maximum(pair[0], pair[1]))  # noqa: E731
+    fixed = dev * pick(share_fixed) + curvature + ACT_FP32_ULPS * U32 * act_scale
+    sigma = ((dev * pick(share_random)) ** 2 + n2 * half ** 2 / 3.0).sqrt()
+    return dev + curvature + ACT_FP32_ULPS * U32 * act_scale + n2 * half, sigma, fixed
 
 
-def requant_flip_events(inputs: MoEInputs, exact: Dict[str, torch.Tensor], b_c1: torch.Tensor
+def requant_flip_events(inputs: MoEInputs, exact: Dict[str, torch.Tensor], c1_box: C1Box
                         ) -> Dict[str, torch.Tensor]:
     """The requantization flips an accurate kernel may have against ``exact`` (see above).
 
@@ -1406,7 +1440,7 @@ def requant_flip_events(inputs: MoEInputs, exact: Dict[str, torch.Tensor], b_c1:
     error rho in [rho_lo, rho_hi]) and c2_in element [M, T, I]: ``p_up``, ``p_down`` (probability
     bounds), ``jump_up``, ``jump_down`` (the dequantized change, >= 0). Per element: ``b`` (the
     independent error, code units), ``codes`` and ``scale`` (exact's), ``rho_lo``, ``rho_hi``.
-    ``b_c1`` [M, T, N]: how far an accurate kernel's c1 may lie from exact's (c1 units).
+    ``c1_box``: how far an accurate kernel's c1 may lie from exact's (requant_c1_box).
     """
     from reference.quant import expand_act_scale, quantize_activation_codes  # the harness may import reference
 
@@ -1426,7 +1460,7 @@ def requant_flip_events(inputs: MoEInputs, exact: Dict[str, torch.Tensor], b_c1:
         q, s = quantize_activation_codes(flat[rows], scheme, static_scale=a2)  # exact's own requantization
         codes.view(M * T, I)[rows] = q.to(F64)
         scale.view(M * T, I)[rows] = expand_act_scale(s, rows.numel(), I)
-    b_abs = _c2_error_bound(inputs, c1e, c2e, b_c1, S) * vm
+    b_abs, sigma_abs, fixed_abs = (t * vm for t in _c2_error_bound(inputs, c1e, c2e, c1_box, S))
     mag = c2e.abs() * vm
     if gran == "tensor_static":
         rho_lo = rho_hi = torch.zeros_like(c2e)
@@ -1435,37 +1469,81 @@ def requant_flip_events(inputs: MoEInputs, exact: Dict[str, torch.Tensor], b_c1:
         amax = _group_max(mag, valid, gran).clamp_min(1e-300)
         rho_hi = torch.clamp(_group_max(mag + b_abs, valid, gran) / amax - 1.0 + 2.0 * U32, max=0.5)
         rho_lo = torch.clamp(_group_max((mag - b_abs).clamp_min(0.0), valid, gran) / amax - 1.0 - 2.0 * U32, min=-0.5)
-        cells = REQUANT_SHIFT_CELLS
     v = c2e / scale
-    b = b_abs / (scale * (1.0 + rho_lo))
+    kernel_unit = scale * (1.0 + rho_lo)  # the smallest code unit the kernel's scale may have
+    b, sigma, fixed = b_abs / kernel_unit, sigma_abs / kernel_unit, fixed_abs / kernel_unit
     fuzz = _QUANTIZER_OPS * U32 * v.abs()
     grid = _code_grid(scheme.act_dtype, c2e.device)
     mids = 0.5 * (grid[1:] + grid[:-1])
+    if gran != "tensor_static":
+        # enough cells that within one the shift moves no code by more than REQUANT_SHIFT_PER_CELL of its
+        # step: a code the shift carries across a midpoint inside a cell is a flip with p = 1 there
+        # (int8's step is absolute: at |rho| 2.5% the shift reaches 3 codes; fp8's is relative, 1/8-1/16)
+        idx = torch.searchsorted(grid, codes.contiguous()).clamp(1, grid.numel() - 1)
+        step_at = (grid[idx] - grid[idx - 1]).clamp_min(1e-300)
+        moves = (v.abs() * (rho_hi - rho_lo) / (1.0 + rho_lo) / step_at)[valid]
+        widest = float(moves.max()) if moves.numel() else 0.0
+        cells = int(min(REQUANT_SHIFT_CELLS_MAX, max(REQUANT_SHIFT_CELLS, math.ceil(widest / REQUANT_SHIFT_PER_CELL))))
     _, d_up, d_dn = _midpoint_distances(grid, codes, v)
-    bs = b.clamp_min(1e-300)
+    sig = sigma.clamp_min(1e-300)
 
-    def tail(x):  # P(e_ind >= x): symmetric unimodal on [-b, b]; 1 where the common shift alone may cross
-        return torch.where(x <= 0, torch.ones_like(x), torch.clamp((bs - x) / (2.0 * bs), min=0.0))
+    def tail(x, b_e, fixed_e):  # P(e_ind >= x); 1 for x <= 0 (the common shift alone may cross)
+        # symmetric unimodal on [-b, b]: (b - x) / 2b; and Gauss's inequality for the random part
+        # (std sigma) past the fixed part: P(R >= y) <= (1 - y / (sqrt(3) sigma)) / 2 for y <= 2 sigma / sqrt(3),
+        # 2 sigma^2 / (9 y^2) beyond
+        y = x - fixed_e
+        gauss = torch.where(y <= 2.0 * sig / math.sqrt(3.0), 0.5 * (1.0 - y / (math.sqrt(3.0) * sig)),
+                            2.0 * sig ** 2 / (9.0 * y.clamp_min(1e-300) ** 2))
+        gauss = torch.where(y <= 0, torch.ones_like(y), gauss)
+        bs = b_e.clamp_min(1e-300)
+        return torch.where(x <= 0, torch.ones_like(x), torch.minimum(torch.clamp((bs - x) / (2.0 * bs), min=0.0), gauss))
 
     dq = scale * (1.0 + rho_hi.clamp_min(0.0))
-    out = {k: [] for k in ("p_up", "p_down", "jump_up", "jump_down")}
+    # the quantizer's fp32 fuzz is one more fixed error of the kernel's input
+    b_q, fixed_q = b + fuzz, fixed + fuzz
+    out = {k: [] for k in ("p_up", "p_down", "jump_up", "jump_down", "ref", "r0", "r1")}
     for j in range(cells):
         r0 = rho_lo + (rho_hi - rho_lo) * (j / cells)
         r1 = rho_lo + (rho_hi - rho_lo) * ((j + 1) / cells)
         # v moves to v / (1 + rho): by -v rho / (1 + rho), monotone in rho, so the cell's extremes
         s0, s1 = -v * r0 / (1.0 + r0), -v * r1 / (1.0 + r1)
-        s_hi, s_lo = torch.maximum(s0, s1) + fuzz, torch.minimum(s0, s1) - fuzz
-        top = grid[torch.searchsorted(mids, (v + b + s_hi).contiguous(), right=True)]  # farthest codes reached
-        bottom = grid[torch.searchsorted(mids, (v - b + s_lo).contiguous(), right=False)]
-        jump_up = (top - codes).clamp_min(0.0) * dq * vm
-        jump_dn = (codes - bottom).clamp_min(0.0) * dq * vm
-        out["p_up"].append(torch.where(jump_up > 0, tail(d_up - s_hi), torch.zeros_like(v)))
-        out["p_down"].append(torch.where(jump_dn > 0, tail(d_dn + s_lo), torch.zeros_like(v)))
+        s_hi, s_lo = torch.maximum(s0, s1), torch.minimum(s0, s1)
+        # the cell's reference codes: those of v shifted to the cell's middle rho (exact's at rho = 0).
+        # Flips are counted from them; their own moves off exact's codes go to the group's signed term
+        # (_group_shift_term), where the shift's code moves and the dequantized scale's cancel
+        rm = 0.5 * (r0 + r1)
+        ref = torch.where(rm == 0, codes, grid[torch.searchsorted(mids, (v / (1.0 + rm)).contiguous())])
+        _, d_up, d_dn = _midpoint_distances(grid, ref, v)
+        top = grid[torch.searchsorted(mids, (v + b_q + s_hi).contiguous(), right=True)]  # farthest codes reached
+        bottom = grid[torch.searchsorted(mids, (v - b_q + s_lo).contiguous(), right=False)]
+        jump_up = (top - ref).clamp_min(0.0) * dq * vm
+        jump_dn = (ref - bottom).clamp_min(0.0) * dq * vm
+        out["p_up"].append(torch.where(jump_up > 0, tail(d_up - s_hi, b_q, fixed_q), torch.zeros_like(v)))
+        out["p_down"].append(torch.where(jump_dn > 0, tail(d_dn + s_lo, b_q, fixed_q), torch.zeros_like(v)))
         out["jump_up"].append(jump_up)
         out["jump_down"].append(jump_dn)
+        out["ref"].append(ref * vm)
+        out["r0"].append(r0 * vm)
+        out["r1"].append(r1 * vm)
     ev = {k: torch.stack(t) for k, t in out.items()}
     ev.update(b=b * vm, codes=codes, scale=scale, rho_lo=rho_lo * vm, rho_hi=rho_hi * vm)
     return ev
+
+
+def codes_outside_flip_model(ev: Dict[str, torch.Tensor], kernel_codes: torch.Tensor, valid: torch.Tensor
+                             ) -> torch.Tensor:
+    """[valid codes] bool: where an implementation's requantization codes (``kernel_codes`` of the
+    valid rows, read at exact's scale) lie where no rho cell of ``requant_flip_events``' model ``ev``
+    reaches: neither the cell's reference code nor a flip from it that the cell allows (its direction
+    with p > 0 and a jump at least as large). For tests and probes: it must be empty."""
+    scale = ev["scale"][valid]
+    ref = ev["ref"][:, valid]
+    dq = (kernel_codes.to(F64)[None] - ref) * scale[None]
+    slack = 1.0 + 1e-12
+    reached = ((dq == 0)
+               | ((dq > 0) & (ev["p_up"][:, valid] > 0) & (dq <= ev["jump_up"][:, valid] * slack))
+               | ((dq < 0) & (ev["p_down"][:, valid] > 0) & (-dq <= ev["jump_down"][:, valid] * slack)))
+    return ~reached.any(0)
 
 
 def _directed_flips(ev: Dict[str, torch.Tensor], w2_routes: torch.Tensor, w: torch.Tensor, ms: slice,
@@ -1481,6 +1559,25 @@ def _directed_flips(ev: Dict[str, torch.Tensor], w2_routes: torch.Tensor, w: tor
     # a jump that cannot happen must not reach exp (0 * inf)
     a = jump * gain.abs()[None] * (p > 0)
     return p, a
+
+
+def _group_shift_term(ev: Dict[str, torch.Tensor], w2_routes: torch.Tensor, w: torch.Tensor, ms: slice, by_group,
+                      group: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(largest, smallest) [C, tokens, T, cols, G]: per rho cell and scale group, the signed move of the
+    output column that the cell's reference codes make against exact's, read with the kernel's scale
+    s (1 + rho) for rho at either end of the cell: w sum_(i in group) w2[k, i] s ((1 + rho) ref_i - code_i)
+    (linear in rho). A dynamic scale's common shift moves codes by about -v rho and the dequantization
+    back by +v rho: summed here, they cancel to the residuals' difference (at most a step per code);
+    bounded apart, as a flip of each code and a scale term, they added (up to 4 int8 codes per element
+    at |rho| 2.5%). Zero for a static scale (its reference codes are exact's, rho = 0)."""
+    gain = (w2_routes * w[:, :, None, None])[None]  # [1, tokens, T, cols, I]
+    scale = ev["scale"][ms][None, :, :, None, :]
+    ref = by_group(gain * (ev["ref"][:, ms, :, None, :] * scale))  # [C, tokens, T, cols, G]
+    exact = by_group(gain * (ev["codes"][ms][None, :, :, None, :] * scale))
+    r0 = ev["r0"][:, ms, :, None, ::group]  # one rho per group (constant over its columns)
+    r1 = ev["r1"][:, ms, :, None, ::group]
+    at0, at1 = (1.0 + r0) * ref - exact, (1.0 + r1) * ref - exact
+    return torch.maximum(at0, at1), torch.minimum(at0, at1)
 
 
 def _flip_sum_quantile(ev: Dict[str, torch.Tensor], w2: torch.Tensor, route_expert, valid, wts, group: int,
@@ -1521,19 +1618,21 @@ def _flip_sum_quantile(ev: Dict[str, torch.Tensor], w2: torch.Tensor, route_expe
         for k0 in range(0, K, cols):
             ks = slice(k0, min(K, k0 + cols))
             w2_routes = w2[:, ks][experts[ms]].to(F64)  # [tokens, T, cols, I]
+            h_hi, h_lo = _group_shift_term(ev, w2_routes, w_all[ms], ms, by_group, group)
             for raising in (True, False):
                 p, a = _directed_flips(ev, w2_routes, w_all[ms], ms, raising)
+                h = h_hi if raising else -h_lo  # [C, tokens, T, cols, G]: the signed move in this direction
                 J = a.amax(-1).amax(2).amax(0)  # [tokens, cols]: the largest single move
-                c = by_group(a).amax(0).sum(-1).sum(1)
+                c = (by_group(a) + h).amax(0).sum(-1).sum(1)
                 Js = J.clamp_min(1e-300)
 
                 def x_at(u):  # the Chernoff bound at theta = e^u / J, per element
                     theta = u.exp() / Js
                     lg = torch.log1p(p * torch.expm1(theta[None, :, None, :, None] * a))
-                    return (by_group(lg).amax(0).sum(-1).sum(1) + L) / theta
+                    return ((by_group(lg) + theta[None, :, None, :, None] * h).amax(0).sum(-1).sum(1) + L) / theta
 
                 x_star = _golden_section_min(x_at, J.shape, dev)
-                b = torch.where(J > 0, torch.minimum(x_star, c), torch.zeros_like(J))
+                b = torch.where(J > 0, torch.minimum(x_star, c), c)
                 bound[ms, ks] = torch.maximum(bound[ms, ks], b)
                 cap[ms, ks] = torch.maximum(cap[ms, ks], c)
     return bound, cap
@@ -1782,21 +1881,12 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             exact = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="exact")
         exact = {k: v.to(dev) for k, v in exact.items()}
         tie_c1, n_ties = input_tie_c1_box(inputs, w1, rexp, valid)
-        b_c1 = (requant_c1_box(inputs, exact, sigma_c1_b) + tie_c1) * vmask
-        flip_ev = requant_flip_events(inputs, exact, b_c1)
+        c1_box = requant_c1_box(inputs, exact, sigma_c1_b).widened(tie_c1).masked(vmask)
+        b_c1 = c1_box.box
+        flip_ev = requant_flip_events(inputs, exact, c1_box)
         flip_b, flip_cap = _flip_sum_quantile(flip_ev, w2, rexp, valid, wts,
                                               group=128 if scheme.act_granularity == "token_group" else max(I, 1))
-        # the dequantized shift: every code of a group is read with the kernel's scale s (1 + rho), so the
-        # group adds rho w sum_{i in group} w2[k, i] c2_in[i] (signed: exact's partial GEMM2), |rho| <= R
-        rho_abs = torch.maximum(flip_ev["rho_lo"].abs(), flip_ev["rho_hi"].abs())
-        c2_in_e = exact["c2_in"].to(F64).to(dev)
-        width = 128 if scheme.act_granularity == "token_group" else max(I, 1)
-        scale_shift_b = torch.zeros(M, K, dtype=F64, device=dev)
-        for g0 in range(0, I, width):
-            part = torch.zeros_like(c2_in_e)
-            part[..., g0:g0 + width] = c2_in_e[..., g0:g0 + width]
-            partial = _per_expert_matmul(part, w2, rexp, valid).abs()  # [M, T, K]
-            scale_shift_b += (rho_abs[..., g0:g0 + 1] * wts[..., None] * partial * vmask).sum(1)
+        # (the dequantized scale's shift, rho w sum_{i in group} w2 c2_in, is in flip_b: _group_shift_term)
         if budget_detail is not None:
             budget_detail.update(flip_ev, b_c1=b_c1, tie_c1=tie_c1, flip_term=flip_b, flip_cap=flip_cap)
     def budget_terms(sig_acc1, sig_acc2, with_hard: bool):
@@ -1844,10 +1934,9 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             # E|dc2| of a kernel's c2: 0.8 sigma of its continuous error plus its input codes' flips
             mean_abs = _MEAN_ABS * sig_pre + flip_c2
             if counted:
-                # the scale shift R of requant_flip_events (per group); the flips counted per element
-                hard_b = scale_shift_b
+                # the flips counted per element, with the scale's shift per group (_flip_sum_quantile)
                 if with_hard:
-                    hard_b = hard_b + flip_b
+                    hard_b = flip_b
                 var_flip = (flip_ev["p_up"] * flip_ev["jump_up"] ** 2 + flip_ev["p_down"] * flip_ev["jump_down"] ** 2).amax(0)
                 var_c2 = torch.zeros_like(var_c2)
             else:
@@ -1906,8 +1995,10 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     if counted:
         vsel = valid[..., None].expand_as(flip_ev["b"])
         p_any = flip_ev["p_up"] + flip_ev["p_down"]  # [cells, M, T, I]
-        n_codes, n_cand = int(vsel.sum()), int(((p_any > 0).any(0) & vsel).sum())
-        expected = float((p_any * vsel).sum((1, 2, 3)).max())
+        moved = (flip_ev["ref"] != flip_ev["codes"][None]).to(F64)  # a cell's reference codes off exact's
+        n_codes, n_cand = int(vsel.sum()), int((((p_any > 0) | (moved > 0)).any(0) & vsel).sum())
+        # codes that may differ from exact's, in the cell where most may
+        expected = float(((torch.clamp(p_any, max=1.0) * (1.0 - moved) + moved) * vsel).sum((1, 2, 3)).max())
         b_med = float(flip_ev["b"][vsel].median()) if n_codes else 0.0
         rel_max = float(torch.maximum(flip_ev["rho_lo"].abs(), flip_ev["rho_hi"].abs())[vsel].max()) if n_codes else 0.0
         n_cells = flip_ev["p_up"].shape[0]
@@ -1924,7 +2015,9 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             f"(scale error |rho| <= {rel_max:.3g}, from amax in [max(|c2| - b), max(|c2| + b)]; {n_cells} cell(s) of rho) + 4 u32 |v|",
             f"flip p <= (b - x) / 2b, x = d - (the cell's largest shift toward the midpoint at distance d) "
             f"(symmetric unimodal e; 1 if x <= 0): {n_cand} of {n_codes} codes may flip, sum p <= {expected:.3g}",
-            "dequantized scale shift (hard): per group |rho| w |sum_{i in group} w2 c2_in| (exact's partial GEMM2)",
+            "flips are counted from each cell's reference codes (v / (1 + rho_mid)'s); their moves off exact's codes, "
+            "read with the kernel's scale s (1 + rho) at the cell's ends, are one signed term per scale group: "
+            "w sum_(i in group) w2 s ((1 + rho) ref_i - code_i), where the shift's code moves and the scale's cancel",
             f"GEMM1 input codes at ties: {n_ties} x / s within {_QUANTIZER_OPS:g} u32 of a midpoint, where another accurate "
             "quantizer may take the neighbouring code: one step each, through |w1|, added to the c1 box",
             f"flips per output element: X+ (raising) and X- (lowering) sums of w w2 jump_i in known directions; "

@@ -21,6 +21,8 @@ TILES = ("BM16BN64BK128GM1W4S3", "BM32BN64BK128GM1W4S3", "BM64BN64BK128GM1W4S3")
 REPS = tuple(int(r) for r in os.environ.get("VLLM_TILE_REPS", "70 71").split())
 LIMIT = float(os.environ.get("VLLM_TILE_LIMIT", "300"))
 SUITES = tuple(os.environ.get("VLLM_TILE_SUITES", "premerge nightly").split())
+# the fp8 schemes to run (default every one); e.g. "fp8_block128" for more runs of one scheme
+SCHEMES = tuple(os.environ.get("VLLM_TILE_SCHEMES", "").split())
 
 
 def measure(backend, case, device):
@@ -54,7 +56,8 @@ def collect(path):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = VllmBackend()
     bases = {c.id: c for s in SUITES for c in suite_cases(s)
-             if c.scheme.startswith("fp8_") and c.config == "auto" and c.lora == "none"}
+             if c.scheme.startswith("fp8_") and (not SCHEMES or c.scheme in SCHEMES)
+             and c.config == "auto" and c.lora == "none"}
     t0, done = time.time(), 0
     with open(path, "a") as fh:
         for rep in REPS:

@@ -119,12 +119,8 @@ def _outside_model(c2_kernel, valid, scheme, inputs, exact, detail, reciprocal=F
     _, qk, _ = _codes(c2_kernel, valid, scheme, inputs, reciprocal=reciprocal)
     _, qe, _ = _codes(exact["c2"], valid, scheme, inputs)
     qk, qe = qk.to(F64), qe.to(F64)
-    scale = detail["scale"][valid]
-    dq = (qk - qe).abs() * scale
-    ok_up = ((detail["p_up"][:, valid] > 0) & (dq <= detail["jump_up"][:, valid] * (1 + 1e-12))).any(0)
-    ok_dn = ((detail["p_down"][:, valid] > 0) & (dq <= detail["jump_down"][:, valid] * (1 + 1e-12))).any(0)
-    up, dn = qk > qe, qk < qe
-    return int(((up & ~ok_up) | (dn & ~ok_dn)).sum()), int((up | dn).sum())
+    outside = tol.codes_outside_flip_model(detail, qk, valid)
+    return int(outside.sum()), int((qk != qe).sum())
 
 
 @pytest.mark.parametrize("case_id", CASES + LORA_CASES)
@@ -159,14 +155,21 @@ def test_an_implementation_rounding_elsewhere_stays_in_the_budget(case_id):
         assert worst <= 1.0, f"{case.id}: the double-rounding implementation uses {worst:.3g} of the budget"
 
 
-def test_flip_quantile_is_a_tail_bound():
-    # brute force: every subset of a dozen independent flips, P(X+ >= bound) <= alpha
+@pytest.mark.parametrize("rho", [0.0, 0.02])
+def test_flip_quantile_is_a_tail_bound(rho):
+    # brute force: every subset of a dozen independent flips, P(H + X+ >= bound) <= alpha, where H is the
+    # signed move of the cell's reference codes off exact's, read at the kernel's scale s (1 + rho) for the
+    # worst rho of the cell (zero for a static scale: reference codes = exact's, rho = 0)
     torch.manual_seed(0)
     I, K = 12, 3
     p_up = torch.rand(1, 1, 1, I, dtype=F64) * 0.6
     p_dn = torch.rand(1, 1, 1, I, dtype=F64) * 0.6
+    codes = torch.randint(-20, 20, (1, 1, I)).to(F64)
+    ref = codes[None] + (torch.randint(-1, 2, (1, 1, 1, I)).to(F64) if rho else 0.0)
+    scale = torch.full((1, 1, I), 0.1, dtype=F64)
     ev = {"p_up": p_up, "p_down": p_dn, "jump_up": torch.rand(1, 1, 1, I, dtype=F64),
-          "jump_down": torch.rand(1, 1, 1, I, dtype=F64)}
+          "jump_down": torch.rand(1, 1, 1, I, dtype=F64), "codes": codes, "scale": scale, "ref": ref,
+          "r0": torch.full((1, 1, 1, I), -rho, dtype=F64), "r1": torch.full((1, 1, 1, I), rho, dtype=F64)}
     w2 = torch.randn(1, K, I, dtype=F64)
     valid = torch.ones(1, 1, dtype=torch.bool)
     rexp = torch.zeros(1, 1, dtype=torch.long)
@@ -175,7 +178,10 @@ def test_flip_quantile_is_a_tail_bound():
         bound, cap = tol._flip_sum_quantile(ev, w2, rexp, valid, wts, group=I, alpha=alpha)
         assert torch.all(bound <= cap + 1e-12)
         for k in range(K):
+            # the reference codes' move, signed, over the rho cell (linear in rho: its ends)
+            ends = [float((w2[0, k] * scale[0, 0] * ((1 + r) * ref[0, 0, 0] - codes[0, 0])).sum()) for r in (-rho, rho)]
             for raising in (True, False):
+                shift = max(ends) if raising else -min(ends)
                 pos = w2[0, k] > 0 if raising else w2[0, k] < 0
                 # element i moves out up by jump_up |w2| if w2 > 0 (an up flip), by jump_down |w2| if w2 < 0
                 p = torch.where(pos, p_up[0, 0, 0], p_dn[0, 0, 0])
@@ -183,7 +189,7 @@ def test_flip_quantile_is_a_tail_bound():
                 tail = 0.0
                 for bits in itertools.product((0, 1), repeat=I):
                     b = torch.tensor(bits, dtype=F64)
-                    if float((b * a).sum()) >= float(bound[0, k]) - 1e-12:
+                    if shift + float((b * a).sum()) >= float(bound[0, k]) - 1e-12:
                         tail += float(torch.prod(torch.where(b > 0, p, 1 - p)))
                 assert tail <= alpha, (alpha, k, raising, tail)
 
