@@ -1727,9 +1727,17 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     s2 = s2_sq.sqrt() * wts[..., None]
     w2max = w2max * wts[..., None]
 
+    # the chained fp8 MMA's |c| part (FP8_MMA_TRUNCATION; zero elsewhere): one sigma with the
+    # accumulation's, in the gate, the budget and its z-scores
+    chained1 = chained2 = torch.zeros((), dtype=F64, device=dev)
+    if fp8_mma_chained(scheme, native_fp8):
+        chained1 = fp8_mma_truncation_sigma(K, c1.abs() + _route_bias(inputs.quant.w1_bias, rexp, valid))
+        chained2 = fp8_mma_truncation_sigma(I, c3.abs() + _route_bias(inputs.quant.w2_bias, rexp, valid) * wts[..., None])
+    sigma_acc2 = torch.hypot(u_acc * growth2 * s2, chained2)  # GEMM2's continuous discrepancy per c3
+
     # ===================== gate: kernel vs mirror =============================================
     pr = _profile_roundings(inputs, stages, profile)
-    sigma_c1 = u_acc * growth1 * s1  # continuous c1 discrepancy before rounding
+    sigma_c1 = torch.hypot(u_acc * growth1 * s1, chained1)  # continuous c1 discrepancy before rounding
     ulp_c1 = ulp(c1, pr.gemm_grid)
     ulp_c2 = ulp(c2, S)
     sigma_c2_pre = ACT_FP32_ULPS * U32 * c2.abs() + _act_sensitivity(c1, sigma_c1, act)
@@ -1787,7 +1795,7 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     # continuous error when requantized; then only flips matter)
     cont_in = sigma_c2_pre if scheme.act_granularity is None else torch.zeros_like(sigma_c2_pre)
     prop_sq, _ = _per_expert_gemm_scales(cont_in, w2, rexp, valid)
-    var_gate = ((prop_sq * wts[..., None] ** 2 + (u_acc * growth2 * s2) ** 2) * vmask).sum(1)
+    var_gate = ((prop_sq * wts[..., None] ** 2 + sigma_acc2 ** 2) * vmask).sum(1)
     sigma_gate = var_gate.sqrt()
     c3_ulps = (ulp(c3, pr.gemm_grid) * (c3 != 0) * vmask).sum(1) * n_round_c3
     if pr.topk_partials is not None:
@@ -1827,8 +1835,11 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             f"S = {str(S).replace('torch.', '')}, u_S = 2^-{PRECISION_BITS[S]}; {acc_note}",
             f"out: 1 ulp_S(|mirror|) (final rounding may flip) + (topk-1) u32 sum|c3| (fp32 sum of {T} slots)",
             f"c3: {n_round_c3} ulp_S(|c3|) per slot ({'base, LoRA delta and sum roundings' if has_lora else 'one store'})",
-            f"continuous: Z={Z_GATE} x sqrt(sum_slots w^2 sum_i w2^2 sigma_c2^2 + (u_acc g(I) s2)^2), "
-            "s2 = sqrt(sum_i c2_in^2 w2^2)",
+            f"continuous: Z={Z_GATE} x sqrt(sum_slots w^2 sum_i w2^2 sigma_c2^2 + (u_acc g(I) s2)^2"
+            + (" + the chained fp8 MMA's sigma(I, |c3|)^2" if fp8_mma_chained(scheme, native_fp8) else "")
+            + "), s2 = sqrt(sum_i c2_in^2 w2^2)"
+            + ("; sigma_c1 = hypot(u_acc g(K) s1, the chained fp8 MMA's sigma(K, |c1|))"
+               if fp8_mma_chained(scheme, native_fp8) else ""),
             "flip events: p = min(1, "
             f"{FLIP_SIGMAS} sigma_pre / step) for each c1, c2 and requantization rounding",
             "one flip moves one c2_in element i by <= delta_i = ulp_S(c2) + 1.13(|u| ulp(g) + |g| ulp(u))"
@@ -1861,19 +1872,13 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     counted = scheme.act_granularity is not None and not inputs.apply_router_weight_on_input and bool(valid.any())
     # the bound's fp32 accumulation std with the partial sums' drift to the result (the fp8 MMA's unit
     # and exact int8 x int8 dots keep theirs; the gate's flip model is measured, not this worst case)
-    chained1 = chained2 = torch.zeros((), dtype=F64, device=dev)
-    if fp8_mma_chained(scheme, native_fp8):
-        chained1 = fp8_mma_truncation_sigma(K, c1.abs() + _route_bias(inputs.quant.w1_bias, rexp, valid))
-        chained2 = fp8_mma_truncation_sigma(I, c3.abs() + _route_bias(inputs.quant.w2_bias, rexp, valid) * wts[..., None])
     if scheme.act_dtype != torch.int8 and not native_fp8:
         bias1 = _route_bias(inputs.quant.w1_bias if inputs.quant is not None else None, rexp, valid)
         bias2 = _route_bias(inputs.quant.w2_bias if inputs.quant is not None else None, rexp, valid) * wts[..., None]
         sigma_c1_b = _acc_sigma_drifting(u_acc, K, s1, c1.abs() + bias1) * vmask
         sigma_c3_b = _acc_sigma_drifting(u_acc, I, s2, c3.abs() + bias2) * vmask
-    else:
-        sigma_c1_b, sigma_c3_b = sigma_c1, u_acc * growth2 * s2
-        # the chained fp8 MMA's |c| part (FP8_MMA_TRUNCATION; zero elsewhere), the same sigma in the z-scores
-        sigma_c1_b, sigma_c3_b = torch.hypot(sigma_c1, chained1) * vmask, torch.hypot(sigma_c3_b, chained2) * vmask
+    else:  # the gate's sigmas (with the chained fp8 MMA's |c| part)
+        sigma_c1_b, sigma_c3_b = sigma_c1 * vmask, sigma_acc2 * vmask
     if counted:
         if exact is None:
             import reference  # the harness may import reference

@@ -176,6 +176,33 @@ def test_the_chained_fp8_mma_flips_level_off_where_the_dot_is_large_and_block_sc
     assert big / mid > 1.5 * big_b / mid_b
 
 
+def test_the_gate_bound_takes_the_chained_fp8_mma_part_where_its_flip_model_does():
+    # one sigma for gate and budget: hypot(u_acc growth s, fp8_mma_truncation_sigma) on a GPU's chained fp8
+    # MMA; without the |c| part the gate's own bound was narrower than the flips its model counts
+    from unittest import mock
+
+    from moe_validate import tolerance as tol
+    from moe_validate.contract.profile import Fp8Accumulation
+
+    def gates(scheme, native_gpu):
+        case = Case(M=16, N=128, K=256, E=4, topk=2, scheme=scheme, seed=5)
+        x = make_inputs(case)
+        st = reference.run_stages(*x.args(), **x.kwargs(), precision="mirror")
+        acc = Fp8Accumulation.FP8_MMA if native_gpu else None
+        with_term = tol.derive(case, x, st, native_gpu=native_gpu, fp8_accumulation=acc)["gate"]
+        with mock.patch.object(tol, "fp8_mma_truncation_sigma", lambda n, size: torch.zeros_like(size)):
+            without = tol.derive(case, x, st, native_gpu=native_gpu, fp8_accumulation=acc)["gate"]
+        return with_term, without
+
+    with_term, without = gates("fp8_tensor_token", True)
+    assert torch.all(with_term.allowed >= without.allowed * (1 - 1e-12))
+    assert float((with_term.allowed / without.allowed).max()) > 1.01
+    assert any("chained fp8 MMA's sigma(K, |c1|)" in line for line in with_term.derivation)
+    for scheme, native in (("fp8_block128", True), ("fp8_tensor_token", False)):  # restarted dots; the CPU
+        with_term, without = gates(scheme, native)
+        assert torch.equal(with_term.allowed, without.allowed), scheme
+
+
 def test_evaluate_refuses_an_accumulation_that_is_not_the_enum():
     from moe_validate.compare import evaluate
 
