@@ -1194,6 +1194,9 @@ def requant_c1_box(inputs: MoEInputs, exact: Dict[str, torch.Tensor], sigma_acc1
 
         valid, local = exact["route_valid"].to(torch.bool), exact["route_expert"].long()
         x_unq = inputs.hidden_states.to(F64).to(c1.device)
+        rwin = inputs.apply_router_weight_on_input and inputs.hidden_states.dtype not in (FP8_DTYPE, torch.int8)
+        if rwin:  # the delta reads x * w: exact's in float64, the kernel's stored in S (below)
+            x_unq = x_unq * inputs.topk_weights[:, :1].to(F64).to(c1.device)
         zero = torch.zeros_like(c1)
         d13 = ref.lora_w13(zero, x_unq, inputs.lora, valid, local, inputs.activation, lambda v: v)
         absolute = (lambda w: tuple(a.abs() for a in w) if isinstance(w, (tuple, list)) else w.abs())
@@ -1205,6 +1208,8 @@ def requant_c1_box(inputs: MoEInputs, exact: Dict[str, torch.Tensor], sigma_acc1
         stores = half_ulp(c1) + half_ulp(base) + half_ulp(d13) + extra * half_ulp(largest)
         stores_var = (half_ulp(c1) ** 2 + half_ulp(base) ** 2 + half_ulp(d13) ** 2 + extra * half_ulp(largest) ** 2) / 3.0
         lora_fp32 = (x_unq.shape[1] + rank) * U32 * mag
+        if rwin:  # the kernel's x * w is within 2 u_S of exact's (the weight rounded to S, the product)
+            lora_fp32 = lora_fp32 + 2.0 * uS * mag
     fixed = lora_fp32 + _EPILOGUE_OPS_C1 * U32 * base
     return C1Box(stores + Z_BUDGET * sigma_acc1 + fixed, (stores_var + sigma_acc1 ** 2).sqrt(), fixed)
 
@@ -1227,6 +1232,50 @@ def input_tie_c1_box(inputs: MoEInputs, w1: torch.Tensor, route_expert: torch.Te
     M, K = dx.shape
     box = _per_expert_matmul(dx[:, None, :].expand(M, valid.shape[1], K), w1.abs(), route_expert, valid)
     return box, n
+
+
+def router_weighted_input_c1_box(inputs: MoEInputs, w1: torch.Tensor, route_expert: torch.Tensor,
+                                 valid: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """([M, T, N] c1 units, how many input codes at ties): with the router weight on the input, how far
+    an accurate kernel's dequantized GEMM1 input can move its c1 from exact's (whose x * w is float64).
+
+    The kernel stores x * w in S before quantizing it (SPEC step 3), and its codes and dynamic scale
+    follow from that S value. Which S value is a small set: the weight as given (fp32) or rounded to S
+    first (vLLM's ``topk_weights.to(S)``), the product rounded once to S or through fp32 first. For each,
+    the dequantized input differs from exact's by a known vector D (the codes the rounding moved, the
+    scale its amax moved); its c1 moves by D . w1 exactly, and the box takes the largest |D . w1| over
+    them, plus the ties of each (input_tie_c1_box's rule, on the S values: another accurate quantizer
+    may take the other code there)."""
+    from reference.pipeline import router_weight  # the harness may import reference
+    from reference.quant import dequantize_activation, quantize_activation_codes
+    from moe_validate.contract.profile import WeightPrecision
+
+    scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None)
+    S = storage_dtype(inputs.hidden_states.dtype)
+    dev = w1.device
+    x = inputs.hidden_states.to(F64).to(dev)
+    a1 = inputs.quant.a1_scale if scheme.act_granularity == "tensor_static" else None
+    top1 = inputs.topk_weights[:, :1]
+
+    def dequantized(v):
+        q, sc = quantize_activation_codes(v, scheme, static_scale=a1)
+        return dequantize_activation(q, sc).to(dev)
+
+    exact = dequantized(x * top1.to(F64).to(dev))
+    M, K = x.shape
+    T = valid.shape[1]
+    box = torch.zeros(M, T, w1.shape[1], dtype=F64, device=dev)
+    ties = 0
+    for precision in (WeightPrecision.FP32, WeightPrecision.STORAGE):
+        w = router_weight(top1, S, precision).to(dev)
+        for stored in ((x * w).to(S), (x.to(torch.float32) * w.to(torch.float32)).to(S)):  # once, or via fp32
+            x_S = stored.to(F64)
+            D = (dequantized(x_S) - exact)[:, None, :].expand(M, T, K)
+            moved = _per_expert_matmul(D, w1, route_expert, valid).abs()
+            tie, n = _tie_jumps(x_S, scheme, None, _QUANTIZER_OPS, a1)
+            moved = moved + _per_expert_matmul(tie[:, None, :].expand(M, T, K), w1.abs(), route_expert, valid)
+            box, ties = torch.maximum(box, moved), max(ties, n)
+    return box, ties
 
 
 def _tie_jumps(x: torch.Tensor, scheme: QuantScheme, quantizer, fuzz_u32: float, static_scale
@@ -1867,9 +1916,10 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     # Each rounding to nearest leaves a uniform error of std ulp/sqrt(12).
     r12 = 1.0 / math.sqrt(12.0)
     # Requantization flips are counted from exact's codes (requant_flip_events). With the router
-    # weight applied on input, c1 also carries input-code flips (x * w rounded to S, then
-    # quantized), which that c1 box does not bound: those cases keep the one-jump rule below.
-    counted = scheme.act_granularity is not None and not inputs.apply_router_weight_on_input and bool(valid.any())
+    # weight applied on input, c1 also carries the input codes that x * w's rounding to S moved
+    # (router_weighted_input_c1_box, in the c1 box); pre-quantized input has no such rounding.
+    pre_quantized = inputs.hidden_states.dtype in (FP8_DTYPE, torch.int8)
+    counted = scheme.act_granularity is not None and bool(valid.any())
     # the bound's fp32 accumulation std with the partial sums' drift to the result (the fp8 MMA's unit
     # and exact int8 x int8 dots keep theirs; the gate's flip model is measured, not this worst case)
     if scheme.act_dtype != torch.int8 and not native_fp8:
@@ -1885,7 +1935,10 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
 
             exact = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="exact")
         exact = {k: v.to(dev) for k, v in exact.items()}
-        tie_c1, n_ties = input_tie_c1_box(inputs, w1, rexp, valid)
+        if inputs.apply_router_weight_on_input and not pre_quantized:
+            tie_c1, n_ties = router_weighted_input_c1_box(inputs, w1, rexp, valid)
+        else:
+            tie_c1, n_ties = input_tie_c1_box(inputs, w1, rexp, valid)
         c1_box = requant_c1_box(inputs, exact, sigma_c1_b).widened(tie_c1).masked(vmask)
         b_c1 = c1_box.box
         flip_ev = requant_flip_events(inputs, exact, c1_box)
@@ -1897,78 +1950,23 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     def budget_terms(sig_acc1, sig_acc2, with_hard: bool):
         """(var_b, hard_b, var_flip) for given accumulation std of GEMM1 (per c1) and GEMM2 (per c3)."""
         var_c1 = n_round_c1 * (ulp_c1 * r12) ** 2 + sig_acc1 ** 2
-        flip_c2 = torch.zeros_like(c2)  # z-scores: E|dc2| of the input codes' flips (below)
-        if inputs.apply_router_weight_on_input:
+        if inputs.apply_router_weight_on_input and scheme.act_granularity is None:
             # the kernel (and mirror) round x * w to S; exact does not: that error crosses GEMM1
-            xa = x.abs()
-            var_x = (2.0 * uS * xa) ** 2 / 12.0
-            if scheme.act_granularity is not None:
-                # ... and then it can flip an input quantization code (p = 0.8 sigma / step, jump =
-                # step): variance p * step^2 = 0.8 sigma step, step <= 2^-3 |x| (fp8) or amax/127 (int8)
-                step_x = (xa * 2.0 ** -3 if scheme.act_dtype == FP8_DTYPE
-                          else xa.amax(-1, keepdim=True).expand_as(xa) / 127.0)
-                if with_hard:
-                    var_x = 0.8 * var_x.sqrt() * step_x
-                else:
-                    # the z-scores: such a flip is a rare jump (p ~ 1e-2), not a Gaussian of that variance;
-                    # the c2 codes it flips follow the flips' mean size at c1, E|sum_i D_i| <=
-                    # min(sum_i p_i step_i |w1|, sqrt(sum_i p_i step_i^2 w1^2)) (few flips, many of random
-                    # signs), through the activation. As a Gaussian sigma it made c2 flip ~1/sqrt(p) too
-                    # often: budget z RMS 0.11-0.13 on the fp16 rwin fp8 cases (0.34-0.38 without them)
-                    p_x = torch.clamp(0.8 * var_x.sqrt() / step_x.clamp_min(1e-300), max=1.0)
-                    one_sided = _per_expert_matmul((p_x * step_x)[:, None, :].expand(M, T, K), w1.abs(), rexp, valid)
-                    rms = _per_expert_gemm_scales((p_x.sqrt() * step_x)[:, None, :].expand(M, T, K), w1, rexp,
-                                                  valid)[0].sqrt()
-                    flip_c2 = _act_sensitivity(c1, torch.minimum(one_sided, rms), act) * vmask
-            vx = var_x.sqrt()[:, None, :].expand(M, T, K)
+            # (requantized schemes take it in the c1 box: router_weighted_input_c1_box)
+            vx = (2.0 * uS * x.abs() * r12)[:, None, :].expand(M, T, K)
             var_c1 = var_c1 + _per_expert_gemm_scales(vx, w1, rexp, valid)[0]
         var_c2 = (ulp_c2 * r12) ** 2 + _act_sensitivity(c1, var_c1.sqrt(), act) ** 2 + (ACT_FP32_ULPS * U32 * c2) ** 2
         hard_b = torch.zeros_like(out)
-        gran = scheme.act_granularity
-        if gran is not None:
-            # exact requantizes its own c2 too. Two effects remain:
-            # (1) a dynamic scale is max|c2| / QMAX over the group, and the kernel's c2 carries errors,
-            #     so its scale differs by rel <= Z sigma(argmax) / amax: every dequantized element of
-            #     the group moves by rel * |c2_in| in the SAME direction (correlated, so a hard term:
-            #     rel * w * sum_i |c2_in| |w2|);
-            # (2) a code flips where the c2 error or that shift carries a value across a midpoint:
-            #     probability p = (E|dc2| + rel |c2|) / step (E|d| = 0.8 sigma), jump one step:
-            #     variance p * step^2.
-            sig_pre = var_c2.sqrt()
-            amax = c2.abs().amax(-1)
-            # E|dc2| of a kernel's c2: 0.8 sigma of its continuous error plus its input codes' flips
-            mean_abs = _MEAN_ABS * sig_pre + flip_c2
+        var_flip = torch.zeros_like(var_c2)
+        if scheme.act_granularity is not None:
+            # exact requantizes its own c2 too: a kernel's c2 errors reach the output only through the
+            # codes they flip and the scale they shift, counted per element (requant_flip_events,
+            # _flip_sum_quantile; nothing to count without a valid route)
+            var_c2 = torch.zeros_like(var_c2)
             if counted:
-                # the flips counted per element, with the scale's shift per group (_flip_sum_quantile)
                 if with_hard:
                     hard_b = flip_b
                 var_flip = (flip_ev["p_up"] * flip_ev["jump_up"] ** 2 + flip_ev["p_down"] * flip_ev["jump_down"] ** 2).amax(0)
-                var_c2 = torch.zeros_like(var_c2)
-            else:
-                # the bound takes the scale's error at Z sigma of its amax element; the z-scores at its
-                # typical size, E|D| = 0.8 sigma, like the codes' own p (at Z sigma the router-weight-on-input
-                # cases' z RMS read 0.06-0.1 on the H200, fp16 per-tensor fp8)
-                shift = Z_BUDGET * sig_pre if with_hard else mean_abs
-                if gran in ("token", "token_group"):
-                    rel = shift.amax(-1) / amax.clamp_min(1e-300)
-                elif gran == "tensor_dynamic" and valid.any():
-                    rel = (shift[valid].max() / amax[valid].max().clamp_min(1e-300)).expand_as(amax)
-                else:  # a static scale does not move
-                    rel = torch.zeros_like(amax)
-                rel = torch.clamp(rel, max=1.0)
-                mass, _ = _per_expert_gemm_scales(c2_in, w2, rexp, valid, power=1)
-                hard_b = (rel[..., None] * wts[..., None] * mass * vmask).sum(1)
-                p_b = torch.clamp((mean_abs + rel[..., None] * c2.abs()) / step.clamp_min(1e-300), max=1.0)
-                # Flips are rare, large jumps (a big element's step can be 100x the median): a Gaussian
-                # Z sigma misses them. Count them as a Poisson number of jumps instead: per route and
-                # column, J = max_i step_i |w2[e,k,i]| and lambda = sum_i p_i step_i |w2[e,k,i]| / J
-                # (each event worth <= one J); allow ceil(lambda + 4 sqrt(lambda)) jumps of J.
-                if with_hard:
-                    hard_b = hard_b + _flip_jumps(p_b, step, w2, rexp, valid, wts)
-                var_flip = p_b * step ** 2  # kept for the z-scores only (the hard term bounds the flips)
-                var_c2 = torch.zeros_like(var_c2)
-        else:
-            var_flip = torch.zeros_like(var_c2)
         prop_sq_b, _ = _per_expert_gemm_scales(var_c2.sqrt(), w2, rexp, valid)
         var_b = ((prop_sq_b * wts[..., None] ** 2 + sig_acc2 ** 2
                   + n_round_c3 * (ulp(c3, S) * r12) ** 2) * vmask).sum(1)
@@ -2018,27 +2016,23 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             f"(SPEC roundings +{REQUANT_EXTRA_ROUNDINGS}, Z sigma acc, fp32 epilogue) through the activation, curvature, "
             f"fp32 activation, {1 + REQUANT_EXTRA_ROUNDINGS} c2 roundings) + the group's common shift -v rho / (1 + rho) "
             f"(scale error |rho| <= {rel_max:.3g}, from amax in [max(|c2| - b), max(|c2| + b)]; {n_cells} cell(s) of rho) + 4 u32 |v|",
-            f"flip p <= (b - x) / 2b, x = d - (the cell's largest shift toward the midpoint at distance d) "
-            f"(symmetric unimodal e; 1 if x <= 0): {n_cand} of {n_codes} codes may flip, sum p <= {expected:.3g}",
+            f"flip p <= min((b - x) / 2b, Gauss(x - the box's fixed part; sigma of its random part)), x = d - (the "
+            f"cell's largest shift toward the midpoint at distance d) (symmetric unimodal e; 1 if x <= 0): {n_cand} of "
+            f"{n_codes} codes may differ from exact's, {expected:.3g} expected",
             "flips are counted from each cell's reference codes (v / (1 + rho_mid)'s); their moves off exact's codes, "
             "read with the kernel's scale s (1 + rho) at the cell's ends, are one signed term per scale group: "
             "w sum_(i in group) w2 s ((1 + rho) ref_i - code_i), where the shift's code moves and the scale's cancel",
-            f"GEMM1 input codes at ties: {n_ties} x / s within {_QUANTIZER_OPS:g} u32 of a midpoint, where another accurate "
-            "quantizer may take the neighbouring code: one step each, through |w1|, added to the c1 box",
+            (f"router weight on input: x * w stored in S (the weight as fp32 or rounded to S, the product rounded "
+             f"once or via fp32) moves the dequantized input by a known D: the largest |D . w1| over those 4 is "
+             f"added to the c1 box, with {n_ties} input codes at ties (as below) on the stored values"
+             if inputs.apply_router_weight_on_input and not pre_quantized else
+             f"GEMM1 input codes at ties: {n_ties} x / s within {_QUANTIZER_OPS:g} u32 of a midpoint, where another "
+             "accurate quantizer may take the neighbouring code: one step each, through |w1|, added to the c1 box"),
             f"flips per output element: X+ (raising) and X- (lowering) sums of w w2 jump_i in known directions; "
-            f"Chernoff x* = min_t (sum_(route, group) max_cell sum_i log(1 + p (e^(t a) - 1)) + ln(1/{FLIP_ALPHA:g})) / t, "
+            f"Chernoff x* = min_t (sum_(route, group) max_cell (t H + sum_i log(1 + p (e^(t a) - 1))) + ln(1/{FLIP_ALPHA:g})) / t "
+            "(H: the cell's signed term above), "
             "capped by sum a; "
             f"allow max(x*+, x*-): median {float(ratio.median()) if ratio.numel() else 0.0:.3g} of the all-flip cap",
-        ]
-    elif scheme.act_granularity is not None:
-        requant_lines = [
-            f"requantization ({q_note}): exact requantizes too; a dynamic scale shifts by rel = Z sigma(argmax)/amax "
-            "(hard: rel w sum_i |c2_in||w2|), and codes flip with p = (0.8 sigma_c2 + rel |c2|) / step"
-            + (" (router weight on input: the c1 box of the counted rule does not hold, input codes flip too)"
-               if inputs.apply_router_weight_on_input else ""),
-            "flips are rare large jumps: per route and column J = max_i step_i |w2|, lambda = sum_i p_i step_i |w2| / J, "
-            "allow min(ceil(lambda + 4 sqrt(lambda)) J [one-signed, Poisson tail < 1e-4], "
-            "sqrt(2 V ln 1e6) + J ln(1e6)/3 [random signs, Bernstein], V = sum p step^2 |w2|^2) x w",
         ]
     else:
         requant_lines = []
