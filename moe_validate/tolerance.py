@@ -1208,8 +1208,11 @@ def requant_c1_box(inputs: MoEInputs, exact: Dict[str, torch.Tensor], sigma_acc1
         stores = half_ulp(c1) + half_ulp(base) + half_ulp(d13) + extra * half_ulp(largest)
         stores_var = (half_ulp(c1) ** 2 + half_ulp(base) ** 2 + half_ulp(d13) ** 2 + extra * half_ulp(largest) ** 2) / 3.0
         lora_fp32 = (x_unq.shape[1] + rank) * U32 * mag
-        if rwin:  # the kernel's x * w is within 2 u_S of exact's (the weight rounded to S, the product)
-            lora_fp32 = lora_fp32 + 2.0 * uS * mag
+        if rwin:
+            # the kernel's x * w is within 2 u_S of exact's (the weight rounded to S, the product): a sum
+            # of independent roundings through |A| |B|, symmetric, at most 2 u_S mag (random, not fixed)
+            stores = stores + 2.0 * uS * mag
+            stores_var = stores_var + (2.0 * uS * mag) ** 2 / 3.0
     fixed = lora_fp32 + _EPILOGUE_OPS_C1 * U32 * base
     return C1Box(stores + Z_BUDGET * sigma_acc1 + fixed, (stores_var + sigma_acc1 ** 2).sqrt(), fixed)
 
@@ -1235,9 +1238,10 @@ def input_tie_c1_box(inputs: MoEInputs, w1: torch.Tensor, route_expert: torch.Te
 
 
 def router_weighted_input_c1_box(inputs: MoEInputs, w1: torch.Tensor, route_expert: torch.Tensor,
-                                 valid: torch.Tensor) -> Tuple[torch.Tensor, int]:
-    """([M, T, N] c1 units, how many input codes at ties): with the router weight on the input, how far
-    an accurate kernel's dequantized GEMM1 input can move its c1 from exact's (whose x * w is float64).
+                                 valid: torch.Tensor) -> Tuple[torch.Tensor, int, torch.Tensor]:
+    """([M, T, N] c1 units, how many input codes at ties, the SPEC way's [M, T, N]): with the router
+    weight on the input, how far an accurate kernel's dequantized GEMM1 input can move its c1 from
+    exact's (whose x * w is float64).
 
     The kernel stores x * w in S before quantizing it (SPEC step 3), and its codes and dynamic scale
     follow from that S value. Which S value is a small set: the weight as given (fp32) or rounded to S
@@ -1245,7 +1249,8 @@ def router_weighted_input_c1_box(inputs: MoEInputs, w1: torch.Tensor, route_expe
     the dequantized input differs from exact's by a known vector D (the codes the rounding moved, the
     scale its amax moved); its c1 moves by D . w1 exactly, and the box takes the largest |D . w1| over
     them, plus the ties of each (input_tie_c1_box's rule, on the S values: another accurate quantizer
-    may take the other code there)."""
+    may take the other code there). The SPEC's own way (the weight as fp32, the product via fp32) is
+    returned apart: the budget's z-scores take a kernel's typical move, the SPEC's, not the largest."""
     from reference.pipeline import router_weight  # the harness may import reference
     from reference.quant import dequantize_activation, quantize_activation_codes
     from moe_validate.contract.profile import WeightPrecision
@@ -1265,17 +1270,20 @@ def router_weighted_input_c1_box(inputs: MoEInputs, w1: torch.Tensor, route_expe
     M, K = x.shape
     T = valid.shape[1]
     box = torch.zeros(M, T, w1.shape[1], dtype=F64, device=dev)
-    ties = 0
+    ties, spec = 0, box
     for precision in (WeightPrecision.FP32, WeightPrecision.STORAGE):
         w = router_weight(top1, S, precision).to(dev)
-        for stored in ((x * w).to(S), (x.to(torch.float32) * w.to(torch.float32)).to(S)):  # once, or via fp32
+        for via_fp32 in (False, True):  # the product rounded to S once, or through fp32 first
+            stored = (x.to(torch.float32) * w.to(torch.float32)).to(S) if via_fp32 else (x * w).to(S)
             x_S = stored.to(F64)
             D = (dequantized(x_S) - exact)[:, None, :].expand(M, T, K)
             moved = _per_expert_matmul(D, w1, route_expert, valid).abs()
             tie, n = _tie_jumps(x_S, scheme, None, _QUANTIZER_OPS, a1)
             moved = moved + _per_expert_matmul(tie[:, None, :].expand(M, T, K), w1.abs(), route_expert, valid)
             box, ties = torch.maximum(box, moved), max(ties, n)
-    return box, ties
+            if precision is WeightPrecision.FP32 and via_fp32:
+                spec = moved
+    return box, ties, spec
 
 
 def _tie_jumps(x: torch.Tensor, scheme: QuantScheme, quantizer, fuzz_u32: float, static_scale
@@ -1935,13 +1943,16 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
 
             exact = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="exact")
         exact = {k: v.to(dev) for k, v in exact.items()}
+        base_box = requant_c1_box(inputs, exact, sigma_c1_b)
         if inputs.apply_router_weight_on_input and not pre_quantized:
-            tie_c1, n_ties = router_weighted_input_c1_box(inputs, w1, rexp, valid)
+            tie_c1, n_ties, spec_c1 = router_weighted_input_c1_box(inputs, w1, rexp, valid)
         else:
-            tie_c1, n_ties = input_tie_c1_box(inputs, w1, rexp, valid)
-        c1_box = requant_c1_box(inputs, exact, sigma_c1_b).widened(tie_c1).masked(vmask)
+            (tie_c1, n_ties), spec_c1 = input_tie_c1_box(inputs, w1, rexp, valid), None
+        c1_box = base_box.widened(tie_c1).masked(vmask)
         b_c1 = c1_box.box
         flip_ev = requant_flip_events(inputs, exact, c1_box)
+        # the z-scores' flips: a kernel's typical input move, the SPEC's own (the bound takes the largest)
+        flip_ev_z = flip_ev if spec_c1 is None else requant_flip_events(inputs, exact, base_box.widened(spec_c1).masked(vmask))
         flip_b, flip_cap = _flip_sum_quantile(flip_ev, w2, rexp, valid, wts,
                                               group=128 if scheme.act_granularity == "token_group" else max(I, 1))
         # (the dequantized scale's shift, rho w sum_{i in group} w2 c2_in, is in flip_b: _group_shift_term)
@@ -1964,9 +1975,10 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             # _flip_sum_quantile; nothing to count without a valid route)
             var_c2 = torch.zeros_like(var_c2)
             if counted:
+                ev = flip_ev if with_hard else flip_ev_z
                 if with_hard:
                     hard_b = flip_b
-                var_flip = (flip_ev["p_up"] * flip_ev["jump_up"] ** 2 + flip_ev["p_down"] * flip_ev["jump_down"] ** 2).amax(0)
+                var_flip = (ev["p_up"] * ev["jump_up"] ** 2 + ev["p_down"] * ev["jump_down"] ** 2).amax(0)
         prop_sq_b, _ = _per_expert_gemm_scales(var_c2.sqrt(), w2, rexp, valid)
         var_b = ((prop_sq_b * wts[..., None] ** 2 + sig_acc2 ** 2
                   + n_round_c3 * (ulp(c3, S) * r12) ** 2) * vmask).sum(1)

@@ -537,8 +537,8 @@ def test_router_weight_on_input_cases_count_their_requantization_flips():
     assert budget.terms["requant_codes"] > 0
     # the rounding moved input codes: the box holds their c1 move (> 0), and the mirror stays inside
     w1 = mirror["w1"].double()
-    box, _ = tol.router_weighted_input_c1_box(inputs, w1, mirror["route_expert"].long(), mirror["route_valid"].bool())
-    assert float(box.max()) > 0
+    box, _, spec = tol.router_weighted_input_c1_box(inputs, w1, mirror["route_expert"].long(), mirror["route_valid"].bool())
+    assert float(box.max()) > 0 and torch.all(spec <= box)
     assert torch.all(detail["b_c1"] >= box * mirror["route_valid"][..., None] - 1e-300)
     d = (mirror["out"].double() - exact["out"].double()).abs()
     assert float((d / budget.allowed).max()) <= 1.0
