@@ -64,6 +64,8 @@ def main() -> None:
                     without = tol.derive(case, inputs, mirror, native_gpu=native, fp8_accumulation=acc)["gate"].allowed
                 d = (out - mirror["out"].to(F64)).abs()
                 keep = torch.isfinite(d) & (without > 0)
+                if not bool(keep.any()):
+                    continue
                 ratio = (with_term[keep] / without[keep])
                 rec = {"case_id": case.id, "dtype": case.dtype, "scheme": case.scheme,
                        "ratio_median": float(ratio.median()), "ratio_max": float(ratio.max()),
