@@ -303,15 +303,34 @@ def test_a_hung_worker_dies_with_its_sigkilled_parent(tmp_path):
 
 
 # --- Ctrl-C: what finished is kept and reported --------------------------------------------------
+def _as_from_a_terminal():
+    """In the child before exec: SIGINT delivered and at its default, as a shell starts a command. A
+    child inherits its parent thread's signal mask and ignored signals, and the test process's are
+    whatever ran in it before (multiprocessing, for one, blocks SIGINT while it spawns a helper). With
+    SIGINT blocked the run never sees the Ctrl-C and finishes every case with exit 0: what CI saw twice,
+    and what blocking it before Popen reproduces."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _signal_state(pid: int) -> str:
+    try:
+        return " ".join(line.strip() for line in open(f"/proc/{pid}/status") if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+    except OSError:
+        return "unknown"
+
+
 def test_ctrl_c_writes_the_report_of_what_finished_and_prints_its_path(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(_cli("run", "--suite", "smoke", "--filter", CLI_FILTER, "--backend", "fake_backends:Slow",
                                  "--workers", "0", "--out", str(out)),
-                            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_from_a_terminal)
     _wait_for(lambda: _case_lines(out / "results.jsonl") >= 2, 120, "two finished cases")
+    state = _signal_state(proc.pid)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == 130, f"the run's signal state when sent SIGINT: {state}\n{stderr}"
     assert f"report:  {out / 'report.html'}" in stdout and (out / "report.html").stat().st_size > 0
     assert f"results: {out / 'results.jsonl'}" in stdout and "Traceback" not in stderr
     rs = load_results([out / "results.jsonl"])
