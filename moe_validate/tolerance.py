@@ -1079,20 +1079,27 @@ def count_allowance(inputs: MoEInputs, stages: Dict[str, torch.Tensor], per_stag
 # The common shift: a dynamic scale is amax / QMAX over its group, and the kernel's amax lies in
 #   [max(|c2| - b), max(|c2| + b)]: a relative scale error rho in [rho_lo, rho_hi] (+- 2 u32 for
 #   the fp32 division), which moves every v of the group by -v rho / (1 + rho) together. The rho
-#   range is cut into REQUANT_SHIFT_CELLS cells; within a cell each element takes the cell's
-#   largest shift toward its midpoint. Plus _QUANTIZER_OPS u32 |v| for the fp32 divisions (a
+#   range is cut into cells (REQUANT_SHIFT_CELLS, more where the shift is wide: a cell moves no code
+#   by more than REQUANT_SHIFT_PER_CELL of its step); each cell has reference codes, those of
+#   v / (1 + rho_mid), and within it each element takes the cell's largest shift toward a midpoint
+#   of its reference code. The reference codes' own move off exact's, read with the kernel's scale
+#   s (1 + rho), is a signed term per group (_group_shift_term): the shift's code moves and the
+#   dequantized scale's cancel there. Plus _QUANTIZER_OPS u32 |v| for the fp32 divisions (a
 #   reciprocal multiply included). A static scale has one cell of rho = 0.
 # A code flips up only if e >= d_up: with the independent part symmetric and unimodal (a sum of
 # independent uniform rounding errors is), P(e_ind >= x) <= (b - x) / (2 b) for 0 <= x < b and 0
-# for x >= b; so p_up <= (b - x) / (2 b) with x = d_up - shift (1 if x <= 0), the same for down.
-# The jump is the code distance to the farthest code v + b + shift reaches, times s (1 + rho_hi).
+# for x >= b, and by Gauss's inequality on its random part (C1Box.sigma through the activation,
+# and c2's roundings) past its fixed part; p_up is the smaller, with x = d_up - shift (1 if x <= 0),
+# the same for down. The jump is the code distance to the farthest code v + b + shift reaches,
+# times s (1 + rho_hi).
 # Measured (docs/BOUNDS.md): every code where mirror and exact differ is such a flip, and the
 # model's sum p is 4-12x the mirror's flips (its b admits roundings the SPEC does not make).
 # Per output element, the flips of the token's routes add w_r w2[e, k, i] jump_i in a KNOWN
 # direction each (the jump's side times the sign of w2): out rises by X+ = sum of the raising ones
 # and falls by X- = sum of the lowering ones, each a sum of independent Bernoullis for a given rho.
 # Chernoff on each: P(X >= x) <= exp(psi(t) - t x) with psi(t) = sum over (route, scale group) of
-# the cells' largest sum_i log(1 + p (e^{t a} - 1)) (so it holds whatever rho each group has), and
+# the cells' largest t H + sum_i log(1 + p (e^{t a} - 1)) (H: the cell's signed term; so it holds
+# whatever rho each group has), and
 # x* = min_t (psi(t) + ln(1 / FLIP_ALPHA)) / t, never more than sum a (all of them flip). The flip
 # term is max(x*+, x*-): exceeded with probability <= 2 FLIP_ALPHA per element.
 REQUANT_EXTRA_ROUNDINGS = 1  # roundings to S beyond the SPEC's an accurate kernel may add, at c1 and at c2
