@@ -1201,7 +1201,7 @@ def requant_c1_box(inputs: MoEInputs, exact: Dict[str, torch.Tensor], sigma_acc1
 
         valid, local = exact["route_valid"].to(torch.bool), exact["route_expert"].long()
         x_unq = inputs.hidden_states.to(F64).to(c1.device)
-        rwin = inputs.apply_router_weight_on_input and inputs.hidden_states.dtype not in (FP8_DTYPE, torch.int8)
+        rwin = inputs.apply_router_weight_on_input and not _pre_quantized(inputs)
         if rwin:  # the delta reads x * w: exact's in float64, the kernel's stored in S (below)
             x_unq = x_unq * inputs.topk_weights[:, :1].to(F64).to(c1.device)
         zero = torch.zeros_like(c1)
@@ -1224,10 +1224,17 @@ def requant_c1_box(inputs: MoEInputs, exact: Dict[str, torch.Tensor], sigma_acc1
     return C1Box(stores + Z_BUDGET * sigma_acc1 + fixed, (stores_var + sigma_acc1 ** 2).sqrt(), fixed)
 
 
-def input_tie_c1_box(inputs: MoEInputs, w1: torch.Tensor, route_expert: torch.Tensor, valid: torch.Tensor
-                     ) -> Tuple[torch.Tensor, int]:
+def _pre_quantized(inputs: MoEInputs) -> bool:
+    """The hidden states come as fp8 or int8 codes (with a1q_scale): no quantizer of ours runs on them,
+    and with the router weight on the input no x * w is stored in S before GEMM1."""
+    return inputs.hidden_states.dtype in (FP8_DTYPE, torch.int8)
+
+
+def input_tie_c1_box(inputs: MoEInputs, w1: torch.Tensor, route_expert: torch.Tensor, valid: torch.Tensor,
+                     x: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, int]:
     """([M, T, N] c1 units, how many input codes): GEMM1's input codes an accurate kernel may round
-    the other way than exact's, read through |w1| (dequantized, [E, N, K]).
+    the other way than exact's, read through |w1| (dequantized, [E, N, K]). ``x``: the values the
+    kernel quantizes, [M, K] (default the hidden states; router_weighted_input_c1_box: x * w in S).
 
     Where x / s lies within the quantizer's fp32 fuzz (_QUANTIZER_OPS u32 |x / s|) of a midpoint
     between two codes, an exact tie included, another accurate quantizer (x * (1 / s), a tie taken
@@ -1238,7 +1245,8 @@ def input_tie_c1_box(inputs: MoEInputs, w1: torch.Tensor, route_expert: torch.Te
     """
     scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None)
     a1 = inputs.quant.a1_scale if scheme.act_granularity == "tensor_static" else None
-    dx, n = _tie_jumps(inputs.hidden_states.to(F64).to(w1.device), scheme, None, _QUANTIZER_OPS, a1)
+    x = inputs.hidden_states if x is None else x
+    dx, n = _tie_jumps(x.to(F64).to(w1.device), scheme, None, _QUANTIZER_OPS, a1)
     M, K = dx.shape
     box = _per_expert_matmul(dx[:, None, :].expand(M, valid.shape[1], K), w1.abs(), route_expert, valid)
     return box, n
@@ -1284,9 +1292,8 @@ def router_weighted_input_c1_box(inputs: MoEInputs, w1: torch.Tensor, route_expe
             stored = (x.to(torch.float32) * w.to(torch.float32)).to(S) if via_fp32 else (x * w).to(S)
             x_S = stored.to(F64)
             D = (dequantized(x_S) - exact)[:, None, :].expand(M, T, K)
-            moved = _per_expert_matmul(D, w1, route_expert, valid).abs()
-            tie, n = _tie_jumps(x_S, scheme, None, _QUANTIZER_OPS, a1)
-            moved = moved + _per_expert_matmul(tie[:, None, :].expand(M, T, K), w1.abs(), route_expert, valid)
+            tie, n = input_tie_c1_box(inputs, w1, route_expert, valid, x=x_S)
+            moved = _per_expert_matmul(D, w1, route_expert, valid).abs() + tie
             box, ties = torch.maximum(box, moved), max(ties, n)
             if precision is WeightPrecision.FP32 and via_fp32:
                 spec = moved
@@ -1382,7 +1389,7 @@ def division_ties(inputs: MoEInputs, stages: Dict[str, torch.Tensor], profile: N
     clamp_limit = inputs.quant.gemm1_clamp_limit
     fused = fused_silu_fp8_group(inputs.activation, scheme, clamp_limit, inputs.lora is not None)
     q_in, q_re = profile.quantizer(dtype_name, gran), profile.quantizer(dtype_name, gran, fused)
-    pre_quantized = inputs.hidden_states.dtype in (FP8_DTYPE, torch.int8)
+    pre_quantized = _pre_quantized(inputs)
     input_triton = q_in.division is Division.TRITON and not pre_quantized
     requant_triton = q_re.division is Division.TRITON
     if not (input_triton or requant_triton):
@@ -1548,42 +1555,39 @@ def requant_flip_events(inputs: MoEInputs, exact: Dict[str, torch.Tensor], c1_bo
         moves = (v.abs() * (rho_hi - rho_lo) / (1.0 + rho_lo) / step_at)[valid]
         widest = float(moves.max()) if moves.numel() else 0.0
         cells = int(min(REQUANT_SHIFT_CELLS_MAX, max(REQUANT_SHIFT_CELLS, math.ceil(widest / REQUANT_SHIFT_PER_CELL))))
-    _, d_up, d_dn = _midpoint_distances(grid, codes, v)
-    sig = sigma.clamp_min(1e-300)
+    sig, bs = sigma.clamp_min(1e-300), b.clamp_min(1e-300)
 
-    def tail(x, b_e, fixed_e):  # P(e_ind >= x); 1 for x <= 0 (the common shift alone may cross)
+    def tail(x):  # P(e_ind >= x); 1 for x <= 0 (the common shift alone may cross)
         # symmetric unimodal on [-b, b]: (b - x) / 2b; and Gauss's inequality for the random part
         # (std sigma) past the fixed part: P(R >= y) <= (1 - y / (sqrt(3) sigma)) / 2 for y <= 2 sigma / sqrt(3),
         # 2 sigma^2 / (9 y^2) beyond
-        y = x - fixed_e
+        y = x - fixed
         gauss = torch.where(y <= 2.0 * sig / math.sqrt(3.0), 0.5 * (1.0 - y / (math.sqrt(3.0) * sig)),
                             2.0 * sig ** 2 / (9.0 * y.clamp_min(1e-300) ** 2))
         gauss = torch.where(y <= 0, torch.ones_like(y), gauss)
-        bs = b_e.clamp_min(1e-300)
         return torch.where(x <= 0, torch.ones_like(x), torch.minimum(torch.clamp((bs - x) / (2.0 * bs), min=0.0), gauss))
 
     dq = scale * (1.0 + rho_hi.clamp_min(0.0))
-    # the quantizer's fp32 fuzz is one more fixed error of the kernel's input
-    b_q, fixed_q = b + fuzz, fixed + fuzz
     out = {k: [] for k in ("p_up", "p_down", "jump_up", "jump_down", "ref", "r0", "r1")}
     for j in range(cells):
         r0 = rho_lo + (rho_hi - rho_lo) * (j / cells)
         r1 = rho_lo + (rho_hi - rho_lo) * ((j + 1) / cells)
         # v moves to v / (1 + rho): by -v rho / (1 + rho), monotone in rho, so the cell's extremes
         s0, s1 = -v * r0 / (1.0 + r0), -v * r1 / (1.0 + r1)
-        s_hi, s_lo = torch.maximum(s0, s1), torch.minimum(s0, s1)
+        # (the quantizer's fuzz widens the shift: a code within it of its midpoint may flip for sure)
+        s_hi, s_lo = torch.maximum(s0, s1) + fuzz, torch.minimum(s0, s1) - fuzz
         # the cell's reference codes: those of v shifted to the cell's middle rho (exact's at rho = 0).
         # Flips are counted from them; their own moves off exact's codes go to the group's signed term
         # (_group_shift_term), where the shift's code moves and the dequantized scale's cancel
         rm = 0.5 * (r0 + r1)
         ref = torch.where(rm == 0, codes, grid[torch.searchsorted(mids, (v / (1.0 + rm)).contiguous())])
         _, d_up, d_dn = _midpoint_distances(grid, ref, v)
-        top = grid[torch.searchsorted(mids, (v + b_q + s_hi).contiguous(), right=True)]  # farthest codes reached
-        bottom = grid[torch.searchsorted(mids, (v - b_q + s_lo).contiguous(), right=False)]
+        top = grid[torch.searchsorted(mids, (v + b + s_hi).contiguous(), right=True)]  # farthest codes reached
+        bottom = grid[torch.searchsorted(mids, (v - b + s_lo).contiguous(), right=False)]
         jump_up = (top - ref).clamp_min(0.0) * dq * vm
         jump_dn = (ref - bottom).clamp_min(0.0) * dq * vm
-        out["p_up"].append(torch.where(jump_up > 0, tail(d_up - s_hi, b_q, fixed_q), torch.zeros_like(v)))
-        out["p_down"].append(torch.where(jump_dn > 0, tail(d_dn + s_lo, b_q, fixed_q), torch.zeros_like(v)))
+        out["p_up"].append(torch.where(jump_up > 0, tail(d_up - s_hi), torch.zeros_like(v)))
+        out["p_down"].append(torch.where(jump_dn > 0, tail(d_dn + s_lo), torch.zeros_like(v)))
         out["jump_up"].append(jump_up)
         out["jump_down"].append(jump_dn)
         out["ref"].append(ref * vm)
@@ -1769,6 +1773,7 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
 
     # --- accumulation units ------------------------------------------------------------------
     native_fp8 = fp8_mma(scheme, native_gpu, fp8_accumulation)  # the fp8 MMA's unit (bound and z-scores)
+    chained = fp8_mma_chained(scheme, native_fp8)  # and its |c| part (FP8_MMA_TRUNCATION)
     if scheme.act_dtype == torch.int8:
         u_acc = U32  # int8 x int8 -> int32 is exact; only the fp32 dequant multiply rounds
         growth1 = growth2 = 1.0
@@ -1781,7 +1786,7 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
                     f"GEMM1 n=K={K} -> {growth1:.3g}, GEMM2 n=I={I} -> {growth2:.3g}"
                     + _fp8_unit_note(scheme, native_gpu, fp8_accumulation)
                     + ("; + the chained accumulator's |c| part (FP8_MMA_TRUNCATION, fp8_mma_truncation_sigma)"
-                       if fp8_mma_chained(scheme, native_fp8) else ""))
+                       if chained else ""))
 
     # --- GEMM scales s = sqrt(sum a^2 b^2) per route element ----------------------------------
     xr = x[:, None, :].expand(M, T, K) if T else x[:, None, :]
@@ -1794,7 +1799,7 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     # the chained fp8 MMA's |c| part (FP8_MMA_TRUNCATION; zero elsewhere): one sigma with the
     # accumulation's, in the gate, the budget and its z-scores
     chained1 = chained2 = torch.zeros((), dtype=F64, device=dev)
-    if fp8_mma_chained(scheme, native_fp8):
+    if chained:
         chained1 = fp8_mma_truncation_sigma(K, c1.abs() + _route_bias(inputs.quant.w1_bias, rexp, valid))
         chained2 = fp8_mma_truncation_sigma(I, c3.abs() + _route_bias(inputs.quant.w2_bias, rexp, valid) * wts[..., None])
     sigma_acc2 = torch.hypot(u_acc * growth2 * s2, chained2)  # GEMM2's continuous discrepancy per c3
@@ -1900,10 +1905,10 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             f"out: 1 ulp_S(|mirror|) (final rounding may flip) + (topk-1) u32 sum|c3| (fp32 sum of {T} slots)",
             f"c3: {n_round_c3} ulp_S(|c3|) per slot ({'base, LoRA delta and sum roundings' if has_lora else 'one store'})",
             f"continuous: Z={Z_GATE} x sqrt(sum_slots w^2 sum_i w2^2 sigma_c2^2 + (u_acc g(I) s2)^2"
-            + (" + the chained fp8 MMA's sigma(I, |c3|)^2" if fp8_mma_chained(scheme, native_fp8) else "")
+            + (" + the chained fp8 MMA's sigma(I, |c3|)^2" if chained else "")
             + "), s2 = sqrt(sum_i c2_in^2 w2^2)"
             + ("; sigma_c1 = hypot(u_acc g(K) s1, the chained fp8 MMA's sigma(K, |c1|))"
-               if fp8_mma_chained(scheme, native_fp8) else ""),
+               if chained else ""),
             "flip events: p = min(1, "
             f"{FLIP_SIGMAS} sigma_pre / step) for each c1, c2 and requantization rounding",
             "one flip moves one c2_in element i by <= delta_i = ulp_S(c2) + 1.13(|u| ulp(g) + |g| ulp(u))"
@@ -1933,7 +1938,7 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     # Requantization flips are counted from exact's codes (requant_flip_events). With the router
     # weight applied on input, c1 also carries the input codes that x * w's rounding to S moved
     # (router_weighted_input_c1_box, in the c1 box); pre-quantized input has no such rounding.
-    pre_quantized = inputs.hidden_states.dtype in (FP8_DTYPE, torch.int8)
+    pre_quantized = _pre_quantized(inputs)
     counted = scheme.act_granularity is not None and bool(valid.any())
     # the bound's fp32 accumulation std with the partial sums' drift to the result (the fp8 MMA's unit
     # and exact int8 x int8 dots keep theirs; the gate's flip model is measured, not this worst case)
@@ -1967,25 +1972,24 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             budget_detail.update(flip_ev, b_c1=b_c1, tie_c1=tie_c1, flip_term=flip_b, flip_cap=flip_cap)
     def budget_terms(sig_acc1, sig_acc2, with_hard: bool):
         """(var_b, hard_b, var_flip) for given accumulation std of GEMM1 (per c1) and GEMM2 (per c3)."""
-        var_c1 = n_round_c1 * (ulp_c1 * r12) ** 2 + sig_acc1 ** 2
-        if inputs.apply_router_weight_on_input and scheme.act_granularity is None:
-            # the kernel (and mirror) round x * w to S; exact does not: that error crosses GEMM1
-            # (requantized schemes take it in the c1 box: router_weighted_input_c1_box)
-            vx = (2.0 * uS * x.abs() * r12)[:, None, :].expand(M, T, K)
-            var_c1 = var_c1 + _per_expert_gemm_scales(vx, w1, rexp, valid)[0]
-        var_c2 = (ulp_c2 * r12) ** 2 + _act_sensitivity(c1, var_c1.sqrt(), act) ** 2 + (ACT_FP32_ULPS * U32 * c2) ** 2
         hard_b = torch.zeros_like(out)
-        var_flip = torch.zeros_like(var_c2)
-        if scheme.act_granularity is not None:
+        var_c2 = var_flip = torch.zeros_like(c2)
+        if scheme.act_granularity is None:
+            var_c1 = n_round_c1 * (ulp_c1 * r12) ** 2 + sig_acc1 ** 2
+            if inputs.apply_router_weight_on_input:
+                # the kernel (and mirror) round x * w to S; exact does not: that error crosses GEMM1
+                # (requantized schemes take it in the c1 box: router_weighted_input_c1_box)
+                vx = (2.0 * uS * x.abs() * r12)[:, None, :].expand(M, T, K)
+                var_c1 = var_c1 + _per_expert_gemm_scales(vx, w1, rexp, valid)[0]
+            var_c2 = (ulp_c2 * r12) ** 2 + _act_sensitivity(c1, var_c1.sqrt(), act) ** 2 + (ACT_FP32_ULPS * U32 * c2) ** 2
+        elif counted:
             # exact requantizes its own c2 too: a kernel's c2 errors reach the output only through the
             # codes they flip and the scale they shift, counted per element (requant_flip_events,
             # _flip_sum_quantile; nothing to count without a valid route)
-            var_c2 = torch.zeros_like(var_c2)
-            if counted:
-                ev = flip_ev if with_hard else flip_ev_z
-                if with_hard:
-                    hard_b = flip_b
-                var_flip = (ev["p_up"] * ev["jump_up"] ** 2 + ev["p_down"] * ev["jump_down"] ** 2).amax(0)
+            ev = flip_ev if with_hard else flip_ev_z
+            if with_hard:
+                hard_b = flip_b
+            var_flip = (ev["p_up"] * ev["jump_up"] ** 2 + ev["p_down"] * ev["jump_down"] ** 2).amax(0)
         prop_sq_b, _ = _per_expert_gemm_scales(var_c2.sqrt(), w2, rexp, valid)
         var_b = ((prop_sq_b * wts[..., None] ** 2 + sig_acc2 ** 2
                   + n_round_c3 * (ulp(c3, S) * r12) ** 2) * vmask).sum(1)
@@ -2071,7 +2075,7 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             f"({typ1 / U32:.3g} u32 s1, {typ2 / U32:.3g} u32 s2; flip_aware_sigma's constants) plus the flips' variance",
         ],
         terms={"u_S": uS, "u_acc": u_acc, "sigma_max": float(sigma_b.max()) if sigma_b.numel() else 0.0,
-               "scale_shift_max": float(hard_b.max()) if hard_b.numel() else 0.0, **requant_terms},
+               "hard_max": float(hard_b.max()) if hard_b.numel() else 0.0, **requant_terms},
     )
     gate.fp8_accumulation = budget.fp8_accumulation = fp8_unit(scheme, native_gpu, fp8_accumulation)
     return {"gate": gate, "budget": budget}
