@@ -1019,7 +1019,12 @@ def count_allowance(inputs: MoEInputs, stages: Dict[str, torch.Tensor], per_stag
     p_e = per_stage["p_c2_in"] * vm
     carry = torch.clamp(c3_ulp / out_ulp[:, None, :].clamp_min(1e-300), max=1.0)  # a c3 flip reaches out
     p_d = torch.clamp((per_stage["p_c3_direct"] * carry * vm).sum(1), max=1.0)  # [M, K]
-    p_e, m_e = p_e.reshape(-1), m_e.reshape(-1)
+    # C counts finite elements only (compare: a non-finite mirror element must match as a special
+    # value): an event on an overflowed route (an fp16 c2 at inf, a NaN c3) lands on no counted element.
+    # Left in, its NaN made the expected count n (an H200 nightly's fp16 d_outliers case, session 14)
+    p_d = torch.nan_to_num(p_d * torch.isfinite(out.to(F64)), nan=0.0)
+    finite_e = torch.isfinite(p_e) & torch.isfinite(m_e)
+    p_e, m_e = torch.where(finite_e, p_e, 0.0).reshape(-1), torch.where(finite_e, m_e, 0.0).reshape(-1)
     p_tie = per_stage.get("p_c2_in_ties")
     if p_tie is None:
         p_rates = torch.clamp(slack * p_e, max=1.0)
@@ -1161,6 +1166,36 @@ def lora_accumulation_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], 
              U32 * (f(n2) ** 2 * shrink2 + f(rank) ** 2 * expand2).clamp_min(0.0).sqrt()) for f in factors]
 
 
+def _lora_input(inputs: MoEInputs, device) -> torch.Tensor:
+    """[M, K] float64: what the LoRA w13 delta reads (SPEC LoRA): the hidden states, times the router
+    weight where it is applied on the input."""
+    x = inputs.hidden_states.to(F64).to(device)
+    if inputs.apply_router_weight_on_input and not _pre_quantized(inputs):
+        x = x * inputs.topk_weights[:, :1].to(F64).to(device)
+    return x
+
+
+def lora_store_parts(inputs: MoEInputs, stages: Dict[str, torch.Tensor]
+                     ) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(base1, d13, base3, d2) float64, [M, T, N] and [M, T, K]: the operands of the LoRA stores
+    c1 = round_S(base1 + round_S(d13)) and c3 = round_S(base3 + round_S(d2)) (SPEC LoRA), from the
+    mirror's stages; None without LoRA. Where base and delta cancel, each rounds at its own
+    magnitude, far above the ulp of |c1| or |c3| (an H200 nightly, session 14: |base3| 0.254 against
+    |c3| 0.0127, so one flip of the base's rounding was 32 ulps of c3, over a gate that allowed 3)."""
+    if inputs.lora is None:
+        return None
+    from reference import pipeline as ref  # the harness may import reference
+
+    valid, local = stages["route_valid"].to(torch.bool), stages["route_expert"].long()
+    c1, c2, c3 = (stages[k].to(F64) for k in ("c1", "c2", "c3"))
+    ident = lambda v: v  # noqa: E731
+    d13 = ref.lora_w13(torch.zeros_like(c1), _lora_input(inputs, c1.device), inputs.lora, valid, local,
+                       inputs.activation, ident)
+    d2 = ref.lora_w2(torch.zeros_like(c3), c2, inputs.lora, inputs.topk_weights.to(F64).to(c3.device), valid,
+                     local, ident, apply_router_weight_on_input=inputs.apply_router_weight_on_input)
+    return c1 - d13, d13, c3 - d2, d2
+
+
 class C1Box(NamedTuple):
     """How far an accurate kernel's c1 may lie from exact's, [M, T, N] each (c1 units): ``box`` bounds
     it; of that, ``fixed`` is the part taken as a fixed unknown offset (fp32 epilogue operations, the
@@ -1179,20 +1214,21 @@ class C1Box(NamedTuple):
         return C1Box(self.box * mask, self.sigma * mask, self.fixed * mask)
 
 
-def requant_c1_box(inputs: MoEInputs, exact: Dict[str, torch.Tensor], sigma_acc1: torch.Tensor) -> C1Box:
+def requant_c1_box(inputs: MoEInputs, exact: Dict[str, torch.Tensor], sigma_acc1: torch.Tensor,
+                   extra: int = REQUANT_EXTRA_ROUNDINGS) -> C1Box:
     """[M, T, N]: how far an accurate kernel's c1 may lie from exact's (c1 units; see above).
 
     Each rounding to S moves a value by half an ulp of what it rounds: c1 itself, and with LoRA
     the base product and the delta too (``round_S(base + round_S(d13))``, SPEC LoRA), whose
     magnitudes can exceed |c1| where they cancel; the delta's fp32 rank-space products add at
     most (K + r) u32 (|x| |A|^T) |B|^T (the deterministic bound of two fp32 dot products).
-    ``sigma_acc1``: the worst-case std of GEMM1's fp32 accumulation per c1 element.
+    ``sigma_acc1``: the worst-case std of GEMM1's fp32 accumulation per c1 element. ``extra``:
+    roundings to S an accurate kernel may add (the z-scores' typical kernel: 0).
     """
     S = storage_dtype(inputs.hidden_states.dtype)
     uS = unit_roundoff(S)
     c1 = exact["c1"].to(F64)
     half_ulp = lambda v: 0.5 * ulp(v.abs() * (1.0 + 2.0 * uS), S)  # noqa: E731 (the kernel's value may sit a binade up)
-    extra = REQUANT_EXTRA_ROUNDINGS
     if inputs.lora is None:
         base, stores, lora_fp32 = c1.abs(), (1 + extra) * half_ulp(c1), torch.zeros_like(c1)
         stores_var = (1 + extra) * half_ulp(c1) ** 2 / 3.0
@@ -1200,10 +1236,8 @@ def requant_c1_box(inputs: MoEInputs, exact: Dict[str, torch.Tensor], sigma_acc1
         from reference import pipeline as ref  # the harness may import reference
 
         valid, local = exact["route_valid"].to(torch.bool), exact["route_expert"].long()
-        x_unq = inputs.hidden_states.to(F64).to(c1.device)
+        x_unq = _lora_input(inputs, c1.device)  # with rwin x * w: exact's in float64, the kernel's stored in S
         rwin = inputs.apply_router_weight_on_input and not _pre_quantized(inputs)
-        if rwin:  # the delta reads x * w: exact's in float64, the kernel's stored in S (below)
-            x_unq = x_unq * inputs.topk_weights[:, :1].to(F64).to(c1.device)
         zero = torch.zeros_like(c1)
         d13 = ref.lora_w13(zero, x_unq, inputs.lora, valid, local, inputs.activation, lambda v: v)
         absolute = (lambda w: tuple(a.abs() for a in w) if isinstance(w, (tuple, list)) else w.abs())
@@ -1254,7 +1288,7 @@ def input_tie_c1_box(inputs: MoEInputs, w1: torch.Tensor, route_expert: torch.Te
 
 def router_weighted_input_c1_box(inputs: MoEInputs, w1: torch.Tensor, route_expert: torch.Tensor,
                                  valid: torch.Tensor) -> Tuple[torch.Tensor, int, torch.Tensor]:
-    """([M, T, N] c1 units, how many input codes at ties, the SPEC way's [M, T, N]): with the router
+    """([M, T, N] c1 units, how many input codes at ties, the SPEC way's signed move [M, T, N]): with the router
     weight on the input, how far an accurate kernel's dequantized GEMM1 input can move its c1 from
     exact's (whose x * w is float64).
 
@@ -1264,14 +1298,13 @@ def router_weighted_input_c1_box(inputs: MoEInputs, w1: torch.Tensor, route_expe
     the dequantized input differs from exact's by a known vector D (the codes the rounding moved, the
     scale its amax moved); its c1 moves by D . w1 exactly, and the box takes the largest |D . w1| over
     them, plus the ties of each (input_tie_c1_box's rule, on the S values: another accurate quantizer
-    may take the other code there). The SPEC's own way (the weight as fp32, the product via fp32) is
-    returned apart: the budget's z-scores take a kernel's typical move, the SPEC's, not the largest."""
-    from reference.pipeline import router_weight  # the harness may import reference
-    from reference.quant import dequantize_activation, quantize_activation_codes
+    may take the other code there). The SPEC's own way's D . w1 (the weight as fp32, the product via
+    fp32), signed and without ties, is returned apart: the budget's z-scores take it as a typical
+    kernel's mean c1 move (requant_flip_variance_typical), not the largest."""
+    from reference.quant import dequantize_activation, quantize_activation_codes  # the harness may import reference
     from moe_validate.contract.profile import WeightPrecision
 
     scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None)
-    S = storage_dtype(inputs.hidden_states.dtype)
     dev = w1.device
     x = inputs.hidden_states.to(F64).to(dev)
     a1 = inputs.quant.a1_scale if scheme.act_granularity == "tensor_static" else None
@@ -1287,17 +1320,28 @@ def router_weighted_input_c1_box(inputs: MoEInputs, w1: torch.Tensor, route_expe
     box = torch.zeros(M, T, w1.shape[1], dtype=F64, device=dev)
     ties, spec = 0, box
     for precision in (WeightPrecision.FP32, WeightPrecision.STORAGE):
-        w = router_weight(top1, S, precision).to(dev)
         for via_fp32 in (False, True):  # the product rounded to S once, or through fp32 first
-            stored = (x.to(torch.float32) * w.to(torch.float32)).to(S) if via_fp32 else (x * w).to(S)
-            x_S = stored.to(F64)
+            x_S = _router_weighted_stored(inputs, precision, via_fp32).to(dev)
             D = (dequantized(x_S) - exact)[:, None, :].expand(M, T, K)
             tie, n = input_tie_c1_box(inputs, w1, route_expert, valid, x=x_S)
-            moved = _per_expert_matmul(D, w1, route_expert, valid).abs() + tie
-            box, ties = torch.maximum(box, moved), max(ties, n)
+            signed = _per_expert_matmul(D, w1, route_expert, valid)
+            box, ties = torch.maximum(box, signed.abs() + tie), max(ties, n)
             if precision is WeightPrecision.FP32 and via_fp32:
-                spec = moved
+                spec = signed
     return box, ties, spec
+
+
+def _router_weighted_stored(inputs: MoEInputs, precision, via_fp32: bool) -> torch.Tensor:
+    """[M, K] float64: x * w as a kernel stores it in S with the router weight on the input: the
+    weight at ``precision`` (a WeightPrecision), the product rounded to S once or through fp32 first.
+    The SPEC's way: WeightPrecision.FP32, via fp32."""
+    from reference.pipeline import router_weight  # the harness may import reference
+
+    S = storage_dtype(inputs.hidden_states.dtype)
+    x = inputs.hidden_states.to(F64)
+    w = router_weight(inputs.topk_weights[:, :1], S, precision).to(x.device)
+    stored = (x.to(torch.float32) * w.to(torch.float32)).to(S) if via_fp32 else (x * w).to(S)
+    return stored.to(F64)
 
 
 def _tie_jumps(x: torch.Tensor, scheme: QuantScheme, quantizer, fuzz_u32: float, static_scale
@@ -1503,6 +1547,24 @@ def _c2_error_bound(inputs: MoEInputs, c1e: torch.Tensor, c2e: torch.Tensor, c1_
     return dev + curvature + ACT_FP32_ULPS * U32 * act_scale + n2 * half, sigma, fixed
 
 
+def _exact_requant_codes(inputs: MoEInputs, exact: Dict[str, torch.Tensor], scheme: QuantScheme
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scale) [M, T, I] float64: exact's own requantization of its c2 (zeros and ones at invalid
+    routes)."""
+    from reference.quant import expand_act_scale, quantize_activation_codes  # the harness may import reference
+
+    c2e = exact["c2"].to(F64)
+    M, T, I = c2e.shape
+    codes, scale = torch.zeros_like(c2e), torch.ones_like(c2e)
+    rows = torch.nonzero(exact["route_valid"].to(torch.bool).reshape(-1), as_tuple=False).reshape(-1)
+    if rows.numel():
+        a2 = inputs.quant.a2_scale if scheme.act_granularity == "tensor_static" else None
+        q, s = quantize_activation_codes(c2e.reshape(M * T, I)[rows], scheme, static_scale=a2)
+        codes.view(M * T, I)[rows] = q.to(F64)
+        scale.view(M * T, I)[rows] = expand_act_scale(s, rows.numel(), I)
+    return codes, scale
+
+
 def requant_flip_events(inputs: MoEInputs, exact: Dict[str, torch.Tensor], c1_box: C1Box
                         ) -> Dict[str, torch.Tensor]:
     """The requantization flips an accurate kernel may have against ``exact`` (see above).
@@ -1513,24 +1575,13 @@ def requant_flip_events(inputs: MoEInputs, exact: Dict[str, torch.Tensor], c1_bo
     independent error, code units), ``codes`` and ``scale`` (exact's), ``rho_lo``, ``rho_hi``.
     ``c1_box``: how far an accurate kernel's c1 may lie from exact's (requant_c1_box).
     """
-    from reference.quant import expand_act_scale, quantize_activation_codes  # the harness may import reference
-
     scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None)
     gran = scheme.act_granularity
     S = storage_dtype(inputs.hidden_states.dtype)
     valid = exact["route_valid"].to(torch.bool)
     c1e, c2e = exact["c1"].to(F64), exact["c2"].to(F64)
-    M, T, I = c2e.shape
     vm = valid[..., None]
-    codes = torch.zeros_like(c2e)
-    scale = torch.ones_like(c2e)
-    flat = c2e.reshape(M * T, I)
-    rows = torch.nonzero(valid.reshape(-1), as_tuple=False).reshape(-1)
-    if rows.numel():
-        a2 = inputs.quant.a2_scale if gran == "tensor_static" else None
-        q, s = quantize_activation_codes(flat[rows], scheme, static_scale=a2)  # exact's own requantization
-        codes.view(M * T, I)[rows] = q.to(F64)
-        scale.view(M * T, I)[rows] = expand_act_scale(s, rows.numel(), I)
+    codes, scale = _exact_requant_codes(inputs, exact, scheme)
     b_abs, sigma_abs, fixed_abs = (t * vm for t in _c2_error_bound(inputs, c1e, c2e, c1_box, S))
     mag = c2e.abs() * vm
     if gran == "tensor_static":
@@ -1596,6 +1647,112 @@ def requant_flip_events(inputs: MoEInputs, exact: Dict[str, torch.Tensor], c1_bo
     ev = {k: torch.stack(t) for k, t in out.items()}
     ev.update(b=b * vm, codes=codes, scale=scale, rho_lo=rho_lo * vm, rho_hi=rho_hi * vm)
     return ev
+
+
+class TypicalFlips(NamedTuple):
+    """requant_flip_variance_typical's answer: ``var_codes`` [M, T, I] (dequantized units^2, for GEMM2
+    to carry), ``var_scale`` [M, K] (the dynamic scale's share at the output), ``p_up``, ``p_down``
+    [M, T, I] (each code's flip probability, for the record and its tests)."""
+
+    var_codes: torch.Tensor
+    var_scale: torch.Tensor
+    p_up: torch.Tensor
+    p_down: torch.Tensor
+
+
+def requant_flip_variance_typical(inputs: MoEInputs, exact: Dict[str, torch.Tensor], sigma_c1: torch.Tensor,
+                                  w1: torch.Tensor, w2: torch.Tensor, route_expert: torch.Tensor,
+                                  valid: torch.Tensor, wts: torch.Tensor, c1_mean: Optional[torch.Tensor] = None,
+                                  c2_rounds: bool = True) -> TypicalFlips:
+    """For the budget's z-scores: the mean square a *typical* accurate kernel's requantization adds
+    to its output error against exact (TypicalFlips).
+
+    The bound counts flips from a worst-case box (requant_flip_events: Z sigma, extra roundings, the
+    largest scale shift, every tie); its probabilities are bounds, 10-25x the flips correct kernels
+    show (z RMS 0.16-0.3 on smoke, session 14), which left calibration nothing to check. Here the
+    kernel's c2 error is Gaussian instead: c1's at ``sigma_c1`` (the typical accumulation), the
+    SPEC's roundings only and the fp32 epilogue as uniform, carried through the activation by
+    central differences (the gate's and the up row's apart), GEMM1's input codes exact's (at a tie
+    too: the SPEC's quantizer breaks it as exact does), and ``c1_mean`` (the SPEC's x * w move with
+    the router weight on the input) as its mean,
+    through the activation; c2's own rounding to S unless ``c2_rounds`` is False (the fused silu
+    + fp8_block128 path). A dynamic scale takes the error at its group's largest element: rho =
+    e_max / amax, which moves every code by -v rho (one Gaussian per code with its own error) and
+    scales the group's dequantized sum by rho (the second output). A code flips up with
+    P(e > d_up) to the next code, down likewise: E[jump^2] = p_up jump_up^2 + p_down jump_down^2.
+    """
+    from reference.activations import apply_activation  # the harness may import reference
+
+    scheme = QuantScheme.parse(inputs.quant.scheme if inputs.quant is not None else None)
+    gran = scheme.act_granularity
+    S = storage_dtype(inputs.hidden_states.dtype)
+    act = inputs.activation
+    c1e, c2e = exact["c1"].to(F64), exact["c2"].to(F64)
+    M, T, I = c2e.shape
+    vm = valid[..., None]
+    box = requant_c1_box(inputs, exact, sigma_c1, extra=0)
+    var_c1 = box.sigma ** 2 + box.fixed ** 2 / 3.0
+    clamp_limit = inputs.quant.gemm1_clamp_limit if inputs.quant is not None else None
+    mean_c2 = torch.zeros_like(c2e)
+    if c1_mean is not None:
+        mean_c2 = (apply_activation(c1e + c1_mean, act, clamp_limit) - c2e) * vm
+    # c1's spread through the activation: central differences one std wide along the gate and the up
+    # rows apart (independent; a clamp's flat part moves nothing)
+    sd_c1 = var_c1.sqrt()
+    gate = torch.zeros(c1e.shape[-1], dtype=F64, device=c1e.device)
+    if not act.is_gated:
+        gate[:] = 1.0
+    elif act.is_interleaved:
+        gate[0::2] = 1.0
+    else:
+        gate[:c1e.shape[-1] // 2] = 1.0
+    var_c2 = torch.zeros_like(c2e)
+    for row in ((gate, 1.0 - gate) if act.is_gated else (gate,)):
+        step = sd_c1 * row
+        var_c2 = var_c2 + (0.5 * (apply_activation(c1e + step, act, clamp_limit)
+                                  - apply_activation(c1e - step, act, clamp_limit))) ** 2
+    g, u = _gate_up(c1e.abs(), act)
+    act_scale = c2e.abs() + (g if u is None else g * u)
+    var_c2 = var_c2 * vm + (ACT_FP32_ULPS * U32 * act_scale) ** 2 / 3.0
+    if c2_rounds:
+        var_c2 = var_c2 + ulp(c2e, S) ** 2 / 12.0
+    codes, scale = _exact_requant_codes(inputs, exact, scheme)
+    zero = torch.zeros_like(c2e)
+    rho_mean, rho_var = zero, zero
+    if gran != "tensor_static":  # the kernel's amax is its largest element's |c2 + e|
+        mag = c2e.abs() * vm
+        amax = _group_max(mag, valid, gran).clamp_min(1e-300)
+        at_max = (mag == amax) & vm & (mag > 0)
+
+        def at_group_max(t):  # t at the group's largest element (0 for a group of zeros)
+            picked = _group_max(torch.where(at_max, t, torch.full_like(t, -math.inf)), valid, gran)
+            return torch.where(torch.isfinite(picked), picked, zero) * vm
+
+        rho_mean = at_group_max(torch.sign(c2e) * mean_c2 / amax)
+        rho_var = at_group_max(var_c2 / amax ** 2)
+    v = c2e / scale
+    mean = mean_c2 / scale - v * rho_mean
+    sd = (var_c2 / scale ** 2 + v ** 2 * rho_var).sqrt().clamp_min(1e-300)
+    grid = _code_grid(scheme.act_dtype, c2e.device)
+    last = grid.numel() - 1
+    idx, d_up, d_dn = _midpoint_distances(grid, codes, v)
+    r2 = math.sqrt(2.0)
+    p_up = torch.nan_to_num(0.5 * torch.erfc((d_up - mean) / (r2 * sd))) * vm
+    p_dn = torch.nan_to_num(0.5 * torch.erfc((d_dn + mean) / (r2 * sd))) * vm
+    jump_up = (grid[(idx + 1).clamp(max=last)] - grid[idx]) * scale
+    jump_dn = (grid[idx] - grid[(idx - 1).clamp(min=0)]) * scale
+    var_codes = torch.nan_to_num((p_up * jump_up ** 2 + p_dn * jump_dn ** 2) * vm)
+    # the scale's share: rho times each group's dequantized sum through w2 (one rho per group)
+    var_scale = torch.zeros(M, w2.shape[1], dtype=F64, device=c2e.device)
+    if gran != "tensor_static":
+        dq = codes * scale * vm
+        width = 128 if gran == "token_group" else I
+        for g0 in range(0, I, width):
+            grp = slice(g0, g0 + width)
+            part = _per_expert_matmul(dq[..., grp], w2[..., grp], route_expert, valid)  # [M, T, K]
+            e_rho2 = rho_mean[..., g0:g0 + 1] ** 2 + rho_var[..., g0:g0 + 1]
+            var_scale = var_scale + (e_rho2 * part ** 2 * wts[..., None] ** 2).sum(1)
+    return TypicalFlips(var_codes, var_scale, p_up, p_dn)
 
 
 def codes_outside_flip_model(ev: Dict[str, torch.Tensor], kernel_codes: torch.Tensor, valid: torch.Tensor
@@ -1770,6 +1927,10 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     # roundings per stored element: c1 = round(round(acc + b) + round(d13)) with LoRA, else one
     n_round_c1 = 3 if has_lora else 1
     n_round_c3 = 3 if has_lora else 1
+    # what each store rounds, per stage: with LoRA the base, the delta and their sum (lora_store_parts)
+    parts = lora_store_parts(inputs, stages)
+    c1_stores = [c1] if parts is None else [parts[0], parts[1], c1]
+    c3_stores = [c3] if parts is None else [parts[2], parts[3], c3]
 
     # --- accumulation units ------------------------------------------------------------------
     native_fp8 = fp8_mma(scheme, native_gpu, fp8_accumulation)  # the fp8 MMA's unit (bound and z-scores)
@@ -1812,6 +1973,11 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     sigma_c2_pre = ACT_FP32_ULPS * U32 * c2.abs() + _act_sensitivity(c1, sigma_c1, act)
     p_c1 = torch.clamp(n_round_c1 * FLIP_SIGMAS * sigma_c1 / ulp_c1, max=1.0)
     c1_jump = ulp_c1  # how far one c1 flip moves c1
+    # with LoRA a flip of the base's or the delta's store moves c1 by up to that operand's ulp
+    # (lora_store_parts: above ulp_c1 where they cancel; a store finer than c1's moves it through
+    # c1's own rounding, so at least ulp_c1); the rate stays the one of c1's ulp (the larger)
+    coarse1 = [torch.maximum(ulp(v, pr.gemm_grid), ulp_c1) for v in c1_stores]
+    lora_jump1 = torch.stack(coarse1).amax(0) - ulp_c1  # >= 0: what LoRA's stores add to a c1 flip
     ties = division_ties(inputs, stages, profile, native_gpu)
     if ties is not None:
         # near-tie input codes (and a shifted input scale) may move c1 by more than one ulp
@@ -1857,6 +2023,11 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     # with the same Poisson/Bernstein rule as the budget (``_flip_jumps``): J = max_i delta_i
     # |w2[e,k,i]|, lambda = sum_i p_i delta_i |w2[e,k,i]| / J.
     flip_term = _flip_jumps(p_events, delta, w2, rexp, valid, wts)  # [M, K]
+    if bool((lora_jump1 > 0).any()):
+        # the same events with LoRA's larger c1 jumps; the larger of the two (the rule's ceil over a
+        # lambda weighted by J is not monotone in a jump, and a wider jump must not narrow the gate)
+        delta_lora = delta + _act_sensitivity(c1, c1_jump + lora_jump1, act) - _act_sensitivity(c1, c1_jump, act)
+        flip_term = torch.maximum(flip_term, _flip_jumps(p_events, delta_lora, w2, rexp, valid, wts))
     lam = (p_events * vmask).sum(-1)  # expected events per route (reported)
     flips = torch.ceil(lam + 4.0 * lam.sqrt())
 
@@ -1866,7 +2037,11 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     prop_sq, _ = _per_expert_gemm_scales(cont_in, w2, rexp, valid)
     var_gate = ((prop_sq * wts[..., None] ** 2 + sigma_acc2 ** 2) * vmask).sum(1)
     sigma_gate = var_gate.sqrt()
-    c3_ulps = (ulp(c3, pr.gemm_grid) * (c3 != 0) * vmask).sum(1) * n_round_c3
+    ulp_c3 = ulp(c3, pr.gemm_grid)
+    # |round(a) - round(b)| <= |a - b| + ulp(c3): the base's and the delta's flips add their own ulps (at
+    # least c3's each, as before: a finer store still counts one ulp of c3)
+    c3_ulps = (sum(torch.maximum(ulp(v, pr.gemm_grid), ulp_c3) * ((v != 0) | (c3 != 0)) for v in c3_stores)
+               * vmask).sum(1)
     if pr.topk_partials is not None:
         # the profile's top-k sum in S: each of the topk - 1 partial sums may flip by its own S ulp
         out_ulp = (ulp(pr.topk_partials, S) * (pr.topk_partials != 0)).sum(1)
@@ -1903,7 +2078,8 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             "gate = kernel vs mirror: same quantizers and stores, differ by accumulation order and the flips it causes",
             f"S = {str(S).replace('torch.', '')}, u_S = 2^-{PRECISION_BITS[S]}; {acc_note}",
             f"out: 1 ulp_S(|mirror|) (final rounding may flip) + (topk-1) u32 sum|c3| (fp32 sum of {T} slots)",
-            f"c3: {n_round_c3} ulp_S(|c3|) per slot ({'base, LoRA delta and sum roundings' if has_lora else 'one store'})",
+            ("c3: per slot one ulp_S of each store: the base |c3 - d|, the LoRA delta |d| and their sum |c3| "
+             "(base and delta may cancel: their ulps exceed |c3|'s)" if has_lora else "c3: 1 ulp_S(|c3|) per slot (one store)"),
             f"continuous: Z={Z_GATE} x sqrt(sum_slots w^2 sum_i w2^2 sigma_c2^2 + (u_acc g(I) s2)^2"
             + (" + the chained fp8 MMA's sigma(I, |c3|)^2" if chained else "")
             + "), s2 = sqrt(sum_i c2_in^2 w2^2)"
@@ -1963,59 +2139,62 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
         c1_box = base_box.widened(tie_c1).masked(vmask)
         b_c1 = c1_box.box
         flip_ev = requant_flip_events(inputs, exact, c1_box)
-        # the z-scores' flips: a kernel's typical input move, the SPEC's own (the bound takes the largest)
-        flip_ev_z = flip_ev if spec_c1 is None else requant_flip_events(inputs, exact, base_box.widened(spec_c1).masked(vmask))
         flip_b, flip_cap = _flip_sum_quantile(flip_ev, w2, rexp, valid, wts,
                                               group=128 if scheme.act_granularity == "token_group" else max(I, 1))
         # (the dequantized scale's shift, rho w sum_{i in group} w2 c2_in, is in flip_b: _group_shift_term)
         if budget_detail is not None:
             budget_detail.update(flip_ev, b_c1=b_c1, tie_c1=tie_c1, flip_term=flip_b, flip_cap=flip_cap)
     def budget_terms(sig_acc1, sig_acc2, with_hard: bool):
-        """(var_b, hard_b, var_flip) for given accumulation std of GEMM1 (per c1) and GEMM2 (per c3)."""
+        """(var_b, hard_b) for given accumulation std of GEMM1 (per c1) and GEMM2 (per c3)."""
         hard_b = torch.zeros_like(out)
-        var_c2 = var_flip = torch.zeros_like(c2)
+        var_c2 = torch.zeros_like(c2)
         if scheme.act_granularity is None:
-            var_c1 = n_round_c1 * (ulp_c1 * r12) ** 2 + sig_acc1 ** 2
+            var_c1 = sum((u * r12) ** 2 for u in coarse1) + sig_acc1 ** 2
             if inputs.apply_router_weight_on_input:
                 # the kernel (and mirror) round x * w to S; exact does not: that error crosses GEMM1
                 # (requantized schemes take it in the c1 box: router_weighted_input_c1_box)
                 vx = (2.0 * uS * x.abs() * r12)[:, None, :].expand(M, T, K)
                 var_c1 = var_c1 + _per_expert_gemm_scales(vx, w1, rexp, valid)[0]
             var_c2 = (ulp_c2 * r12) ** 2 + _act_sensitivity(c1, var_c1.sqrt(), act) ** 2 + (ACT_FP32_ULPS * U32 * c2) ** 2
-        elif counted:
+        elif counted and with_hard:
             # exact requantizes its own c2 too: a kernel's c2 errors reach the output only through the
             # codes they flip and the scale they shift, counted per element (requant_flip_events,
-            # _flip_sum_quantile; nothing to count without a valid route)
-            ev = flip_ev if with_hard else flip_ev_z
-            if with_hard:
-                hard_b = flip_b
-            var_flip = (ev["p_up"] * ev["jump_up"] ** 2 + ev["p_down"] * ev["jump_down"] ** 2).amax(0)
+            # _flip_sum_quantile; nothing to count without a valid route). The z-scores take
+            # requant_flip_variance_typical's instead (below)
+            hard_b = flip_b
         prop_sq_b, _ = _per_expert_gemm_scales(var_c2.sqrt(), w2, rexp, valid)
         var_b = ((prop_sq_b * wts[..., None] ** 2 + sig_acc2 ** 2
-                  + n_round_c3 * (ulp(c3, S) * r12) ** 2) * vmask).sum(1)
+                  + sum((torch.maximum(ulp(v, S), ulp(c3, S)) * r12) ** 2 for v in c3_stores)) * vmask).sum(1)
         var_b = var_b + (ulp(out, S) * (out != 0) * r12) ** 2 + (sum_err * r12) ** 2
-        return var_b, hard_b, var_flip
+        return var_b, hard_b
 
     # the LoRA deltas' own fp32 dots (fp32 operands: S x S products, never the fp8 MMA), for the bound
     # (the sequential worst case) and the z-scores (typical)
     lora_bits = product_bits(QuantScheme.parse(None), S)
     (lora1_b, lora2_b), (lora1_z, lora2_z) = lora_accumulation_sigma(
         inputs, stages, _acc_growth, lambda n: acc_error_typical(n, lora_bits)[0] / U32)
-    var_b, hard_b, var_flip = budget_terms((sigma_c1_b ** 2 + lora1_b ** 2).sqrt(),
-                                           (sigma_c3_b ** 2 + lora2_b ** 2).sqrt(), True)
+    var_b, hard_b = budget_terms((sigma_c1_b ** 2 + lora1_b ** 2).sqrt(),
+                                 (sigma_c3_b ** 2 + lora2_b ** 2).sqrt(), True)
     sigma_b = var_b.sqrt()
     allowed_b = hard_b + Z_BUDGET * sigma_b
     # z-scores: the same model at the typical accumulation error (acc_error_typical plus one fp32
     # epilogue operation), not the sequential worst case the bound uses
     bits = product_bits(scheme, S)
     typ1, typ2 = acc_error_typical(K, bits, native_fp8)[0], acc_error_typical(I, bits, native_fp8)[0]
-    var_bz, _, var_flip = budget_terms(((typ1 * s1) ** 2 + (EPILOGUE_OP_SIGMA * U32 * c1) ** 2 + chained1 ** 2
-                                        + lora1_z ** 2).sqrt(),
-                                       ((typ2 * s2) ** 2 + (EPILOGUE_OP_SIGMA * U32 * c3) ** 2 + chained2 ** 2
-                                        + lora2_z ** 2).sqrt(),
-                                       False)
-    flip_sq, _ = _per_expert_gemm_scales(var_flip.sqrt(), w2, rexp, valid)
-    sigma_z = (var_bz + (flip_sq * wts[..., None] ** 2 * vmask).sum(1)).sqrt()
+    sigma_c1_z = ((typ1 * s1) ** 2 + (EPILOGUE_OP_SIGMA * U32 * c1) ** 2 + chained1 ** 2 + lora1_z ** 2).sqrt()
+    var_bz, _ = budget_terms(sigma_c1_z,
+                             ((typ2 * s2) ** 2 + (EPILOGUE_OP_SIGMA * U32 * c3) ** 2 + chained2 ** 2
+                              + lora2_z ** 2).sqrt(),
+                             False)
+    var_flip_z = torch.zeros_like(out)
+    if counted:  # a typical kernel's requantization flips and scale error (requant_flip_variance_typical)
+        typical = requant_flip_variance_typical(
+            inputs, exact, sigma_c1_z * vmask, w1, w2, rexp, valid, wts, c1_mean=spec_c1, c2_rounds=not fused_ok)
+        flip_sq, _ = _per_expert_gemm_scales(typical.var_codes.sqrt(), w2, rexp, valid)
+        var_flip_z = (flip_sq * wts[..., None] ** 2 * vmask).sum(1) + typical.var_scale
+    sigma_z = (var_bz + var_flip_z).sqrt()
+    if budget_detail is not None and counted:
+        budget_detail.update(var_z_base=var_bz, var_z_flips=var_flip_z, typical=typical)
     q_note = {None: "none"}.get(scheme.act_granularity, f"{scheme.act_dtype} step (ulp at the value x scale)".replace("torch.", ""))
     requant_terms: Dict[str, float] = {}
     if counted:
@@ -2031,7 +2210,9 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
         ratio = (flip_b / flip_cap.clamp_min(1e-300))[flip_cap > 0]
         requant_terms = {"input_codes_at_ties": float(n_ties),
                          "requant_codes": float(n_codes), "requant_codes_may_flip": float(n_cand),
-                         "requant_flips_expected": expected, "requant_scale_rel_max": rel_max,
+                         "requant_flips_expected": expected,
+                         "requant_flips_typical": float((typical.p_up + typical.p_down).sum()),
+                         "requant_scale_rel_max": rel_max,
                          "requant_flip_term_max": float(flip_b.max())}
         requant_lines = [
             f"requantization ({q_note}): exact requantizes too; its codes flip only where an accurate kernel's input "
