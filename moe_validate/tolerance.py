@@ -2253,7 +2253,10 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             f"{acc_note}",
             f"allowed = scale-shift term + Z={Z_BUDGET} x sigma (sigma with the sequential worst-case accumulation)",
             "z-scores d/sigma (RMS ~1 expected) use the same model at the typical accumulation error "
-            f"({typ1 / U32:.3g} u32 s1, {typ2 / U32:.3g} u32 s2; flip_aware_sigma's constants) plus the flips' variance",
+            f"({typ1 / U32:.3g} u32 s1, {typ2 / U32:.3g} u32 s2; flip_aware_sigma's constants)"
+            + (" plus a typical kernel's requantization flips and scale error (Gaussian c2 errors, the SPEC's "
+               f"roundings only: {float((typical.p_up + typical.p_down).sum()):.3g} flips expected; "
+               "requant_flip_variance_typical)" if counted else ""),
         ],
         terms={"u_S": uS, "u_acc": u_acc, "sigma_max": float(sigma_b.max()) if sigma_b.numel() else 0.0,
                "hard_max": float(hard_b.max()) if hard_b.numel() else 0.0, **requant_terms},
