@@ -216,6 +216,18 @@ def _gate_up(c1: torch.Tensor, act: Activation) -> Tuple[torch.Tensor, Optional[
     return c1[..., :half], c1[..., half:]
 
 
+def _gate_rows(N: int, act: Activation, device) -> torch.Tensor:
+    """[N] float64: 1 on c1's gate rows (every row of an ungated activation), 0 on its up rows."""
+    gate = torch.zeros(N, dtype=F64, device=device)
+    if not act.is_gated:
+        gate[:] = 1.0
+    elif act.is_interleaved:
+        gate[0::2] = 1.0
+    else:
+        gate[:N // 2] = 1.0
+    return gate
+
+
 def _act_sensitivity(c1, dc1, act):
     """Bound on |delta c2| given per-element |delta c1| (same layout as c1)."""
     g, u = _gate_up(c1.abs(), act)
@@ -1513,14 +1525,7 @@ def _c2_error_bound(inputs: MoEInputs, c1e: torch.Tensor, c2e: torch.Tensor, c1_
 
     act = inputs.activation
     clamp_limit = inputs.quant.gemm1_clamp_limit if inputs.quant is not None else None
-    N = c1e.shape[-1]
-    gate = torch.zeros(N, dtype=F64, device=c1e.device)
-    if not act.is_gated:
-        gate[:] = 1.0
-    elif act.is_interleaved:
-        gate[0::2] = 1.0
-    else:
-        gate[:N // 2] = 1.0
+    gate = _gate_rows(c1e.shape[-1], act, c1e.device)
     up = 1.0 - gate
     corners = [(sg, su) for sg in (-1.0, 1.0) for su in ((-1.0, 1.0) if act.is_gated else (0.0,))]
     dev = torch.zeros_like(c2e)
@@ -1672,11 +1677,10 @@ def requant_flip_variance_typical(inputs: MoEInputs, exact: Dict[str, torch.Tens
     show (z RMS 0.16-0.3 on smoke, session 14), which left calibration nothing to check. Here the
     kernel's c2 error is Gaussian instead: c1's at ``sigma_c1`` (the typical accumulation), the
     SPEC's roundings only and the fp32 epilogue as uniform, carried through the activation by
-    central differences (the gate's and the up row's apart), GEMM1's input codes exact's (at a tie
-    too: the SPEC's quantizer breaks it as exact does), and ``c1_mean`` (the SPEC's x * w move with
-    the router weight on the input) as its mean,
-    through the activation; c2's own rounding to S unless ``c2_rounds`` is False (the fused silu
-    + fp8_block128 path). A dynamic scale takes the error at its group's largest element: rho =
+    central differences (the gate's and the up row's apart), with ``c1_mean`` (the SPEC's x * w move
+    with the router weight on the input) as its mean, and GEMM1's input codes exact's (at a tie too:
+    the SPEC's quantizer breaks it as exact does); then c2's own rounding to S unless ``c2_rounds``
+    is False (the fused silu + fp8_block128 path). A dynamic scale takes the error at its group's largest element: rho =
     e_max / amax, which moves every code by -v rho (one Gaussian per code with its own error) and
     scales the group's dequantized sum by rho (the second output). A code flips up with
     P(e > d_up) to the next code, down likewise: E[jump^2] = p_up jump_up^2 + p_down jump_down^2.
@@ -1699,13 +1703,7 @@ def requant_flip_variance_typical(inputs: MoEInputs, exact: Dict[str, torch.Tens
     # c1's spread through the activation: central differences one std wide along the gate and the up
     # rows apart (independent; a clamp's flat part moves nothing)
     sd_c1 = var_c1.sqrt()
-    gate = torch.zeros(c1e.shape[-1], dtype=F64, device=c1e.device)
-    if not act.is_gated:
-        gate[:] = 1.0
-    elif act.is_interleaved:
-        gate[0::2] = 1.0
-    else:
-        gate[:c1e.shape[-1] // 2] = 1.0
+    gate = _gate_rows(c1e.shape[-1], act, c1e.device)
     var_c2 = torch.zeros_like(c2e)
     for row in ((gate, 1.0 - gate) if act.is_gated else (gate,)):
         step = sd_c1 * row
