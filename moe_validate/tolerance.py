@@ -51,7 +51,7 @@ from moe_validate.contract.profile import (
     WeightPrecision,
 )
 from moe_validate.contract.rules import fused_silu_fp8_group
-from moe_validate.contract.spec import FP8_DTYPE, Activation, MoEInputs, QuantScheme, storage_dtype
+from moe_validate.contract.spec import FP8_BLOCK, FP8_DTYPE, Activation, MoEInputs, QuantScheme, storage_dtype
 
 __all__ = ["Bound", "derive", "unit_roundoff", "ulp", "PRECISION_BITS", "Z_GATE", "Z_BUDGET"]
 
@@ -226,6 +226,12 @@ def _gate_rows(N: int, act: Activation, device) -> torch.Tensor:
     else:
         gate[:N // 2] = 1.0
     return gate
+
+
+def _scale_group_width(gran: Optional[str], I: int) -> int:
+    """How many c2 columns share one requantization scale: FP8_BLOCK for per-token groups, else the
+    whole row (a per-token or per-tensor scale; at least 1)."""
+    return FP8_BLOCK if gran == "token_group" else max(I, 1)
 
 
 def _act_sensitivity(c1, dc1, act):
@@ -818,7 +824,7 @@ def flip_aware_sigma(inputs: MoEInputs, stages: Dict[str, torch.Tensor], *, nati
         amax_src = c2.abs() * vm
         rho_var = rho_abs = rho_p = None
         if gran in ("token", "token_group"):
-            width = 128 if gran == "token_group" else max(I, 1)
+            width = _scale_group_width(gran, I)
             coherent = torch.zeros(M, T, K, dtype=F64, device=out.device)
             rho_var, rho_abs, rho_p = (torch.zeros_like(c2) for _ in range(3))
             for g0 in range(0, I, width):
@@ -1182,9 +1188,20 @@ def _lora_input(inputs: MoEInputs, device) -> torch.Tensor:
     """[M, K] float64: what the LoRA w13 delta reads (SPEC LoRA): the hidden states, times the router
     weight where it is applied on the input."""
     x = inputs.hidden_states.to(F64).to(device)
-    if inputs.apply_router_weight_on_input and not _pre_quantized(inputs):
+    if _stores_weighted_input(inputs):
         x = x * inputs.topk_weights[:, :1].to(F64).to(device)
     return x
+
+
+def _lora_w13_delta(inputs: MoEInputs, stages: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """[M, T, N] float64: the LoRA w13 delta d13 unrounded (SPEC LoRA), for the routes of ``stages``
+    (mirror's or exact's: the same inputs give the same delta)."""
+    from reference import pipeline as ref  # the harness may import reference
+
+    c1 = stages["c1"]
+    return ref.lora_w13(torch.zeros_like(c1, dtype=F64), _lora_input(inputs, c1.device), inputs.lora,
+                        stages["route_valid"].to(torch.bool), stages["route_expert"].long(), inputs.activation,
+                        lambda v: v)
 
 
 def lora_store_parts(inputs: MoEInputs, stages: Dict[str, torch.Tensor]
@@ -1200,11 +1217,9 @@ def lora_store_parts(inputs: MoEInputs, stages: Dict[str, torch.Tensor]
 
     valid, local = stages["route_valid"].to(torch.bool), stages["route_expert"].long()
     c1, c2, c3 = (stages[k].to(F64) for k in ("c1", "c2", "c3"))
-    ident = lambda v: v  # noqa: E731
-    d13 = ref.lora_w13(torch.zeros_like(c1), _lora_input(inputs, c1.device), inputs.lora, valid, local,
-                       inputs.activation, ident)
+    d13 = _lora_w13_delta(inputs, stages)
     d2 = ref.lora_w2(torch.zeros_like(c3), c2, inputs.lora, inputs.topk_weights.to(F64).to(c3.device), valid,
-                     local, ident, apply_router_weight_on_input=inputs.apply_router_weight_on_input)
+                     local, lambda v: v, apply_router_weight_on_input=inputs.apply_router_weight_on_input)
     return c1 - d13, d13, c3 - d2, d2
 
 
@@ -1249,9 +1264,9 @@ def requant_c1_box(inputs: MoEInputs, exact: Dict[str, torch.Tensor], sigma_acc1
 
         valid, local = exact["route_valid"].to(torch.bool), exact["route_expert"].long()
         x_unq = _lora_input(inputs, c1.device)  # with rwin x * w: exact's in float64, the kernel's stored in S
-        rwin = inputs.apply_router_weight_on_input and not _pre_quantized(inputs)
+        rwin = _stores_weighted_input(inputs)
         zero = torch.zeros_like(c1)
-        d13 = ref.lora_w13(zero, x_unq, inputs.lora, valid, local, inputs.activation, lambda v: v)
+        d13 = _lora_w13_delta(inputs, exact)
         absolute = (lambda w: tuple(a.abs() for a in w) if isinstance(w, (tuple, list)) else w.abs())
         abs_lora = replace(inputs.lora, w13_a=absolute(inputs.lora.w13_a), w13_b=absolute(inputs.lora.w13_b))
         mag = ref.lora_w13(zero, x_unq.abs(), abs_lora, valid, local, inputs.activation, lambda v: v)
@@ -1274,6 +1289,12 @@ def _pre_quantized(inputs: MoEInputs) -> bool:
     """The hidden states come as fp8 or int8 codes (with a1q_scale): no quantizer of ours runs on them,
     and with the router weight on the input no x * w is stored in S before GEMM1."""
     return inputs.hidden_states.dtype in (FP8_DTYPE, torch.int8)
+
+
+def _stores_weighted_input(inputs: MoEInputs) -> bool:
+    """The router weight is applied on the input and the kernel stores x * w in S (SPEC step 3) before
+    quantizing it: not for pre-quantized hidden states."""
+    return inputs.apply_router_weight_on_input and not _pre_quantized(inputs)
 
 
 def input_tie_c1_box(inputs: MoEInputs, w1: torch.Tensor, route_expert: torch.Tensor, valid: torch.Tensor,
@@ -1505,8 +1526,9 @@ def _group_max(t: torch.Tensor, valid: torch.Tensor, gran: str) -> torch.Tensor:
         return t.amax(-1, keepdim=True).expand_as(t)
     if gran == "token_group":
         out = torch.empty_like(t)
-        for g0 in range(0, t.shape[-1], 128):
-            grp = slice(g0, g0 + 128)
+        width = _scale_group_width(gran, t.shape[-1])
+        for g0 in range(0, t.shape[-1], width):
+            grp = slice(g0, g0 + width)
             out[..., grp] = t[..., grp].amax(-1, keepdim=True)
         return out
     top = t[valid].max() if valid.any() else torch.zeros((), dtype=F64, device=t.device)
@@ -1668,7 +1690,8 @@ class TypicalFlips(NamedTuple):
 def requant_flip_variance_typical(inputs: MoEInputs, exact: Dict[str, torch.Tensor], sigma_c1: torch.Tensor,
                                   w1: torch.Tensor, w2: torch.Tensor, route_expert: torch.Tensor,
                                   valid: torch.Tensor, wts: torch.Tensor, c1_mean: Optional[torch.Tensor] = None,
-                                  c2_rounds: bool = True) -> TypicalFlips:
+                                  c2_rounds: bool = True,
+                                  exact_codes: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> TypicalFlips:
     """For the budget's z-scores: the mean square a *typical* accurate kernel's requantization adds
     to its output error against exact (TypicalFlips).
 
@@ -1680,10 +1703,12 @@ def requant_flip_variance_typical(inputs: MoEInputs, exact: Dict[str, torch.Tens
     central differences (the gate's and the up row's apart), with ``c1_mean`` (the SPEC's x * w move
     with the router weight on the input) as its mean, and GEMM1's input codes exact's (at a tie too:
     the SPEC's quantizer breaks it as exact does); then c2's own rounding to S unless ``c2_rounds``
-    is False (the fused silu + fp8_block128 path). A dynamic scale takes the error at its group's largest element: rho =
-    e_max / amax, which moves every code by -v rho (one Gaussian per code with its own error) and
-    scales the group's dequantized sum by rho (the second output). A code flips up with
-    P(e > d_up) to the next code, down likewise: E[jump^2] = p_up jump_up^2 + p_down jump_down^2.
+    is False (the fused silu + fp8_block128 path). A dynamic scale takes the error at its group's
+    largest element: rho = e_max / amax, which moves every code by -v rho (one Gaussian per code
+    with its own error) and scales the group's dequantized sum by rho (the second output). A code
+    flips up with P(e > d_up) to the next code, down likewise: E[jump^2] = p_up jump_up^2 +
+    p_down jump_down^2. ``exact_codes``: exact's (codes, scale) where the caller has them
+    (requant_flip_events' ``codes`` and ``scale``); computed otherwise.
     """
     from reference.activations import apply_activation  # the harness may import reference
 
@@ -1714,7 +1739,7 @@ def requant_flip_variance_typical(inputs: MoEInputs, exact: Dict[str, torch.Tens
     var_c2 = var_c2 * vm + (ACT_FP32_ULPS * U32 * act_scale) ** 2 / 3.0
     if c2_rounds:
         var_c2 = var_c2 + ulp(c2e, S) ** 2 / 12.0
-    codes, scale = _exact_requant_codes(inputs, exact, scheme)
+    codes, scale = exact_codes if exact_codes is not None else _exact_requant_codes(inputs, exact, scheme)
     zero = torch.zeros_like(c2e)
     rho_mean, rho_var = zero, zero
     if gran != "tensor_static":  # the kernel's amax is its largest element's |c2 + e|
@@ -1744,7 +1769,7 @@ def requant_flip_variance_typical(inputs: MoEInputs, exact: Dict[str, torch.Tens
     var_scale = torch.zeros(M, w2.shape[1], dtype=F64, device=c2e.device)
     if gran != "tensor_static":
         dq = codes * scale * vm
-        width = 128 if gran == "token_group" else I
+        width = _scale_group_width(gran, I)
         for g0 in range(0, I, width):
             grp = slice(g0, g0 + width)
             part = _per_expert_matmul(dq[..., grp], w2[..., grp], route_expert, valid)  # [M, T, K]
@@ -2112,7 +2137,7 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     # Requantization flips are counted from exact's codes (requant_flip_events). With the router
     # weight applied on input, c1 also carries the input codes that x * w's rounding to S moved
     # (router_weighted_input_c1_box, in the c1 box); pre-quantized input has no such rounding.
-    pre_quantized = _pre_quantized(inputs)
+    weighted_input = _stores_weighted_input(inputs)
     counted = scheme.act_granularity is not None and bool(valid.any())
     # the bound's fp32 accumulation std with the partial sums' drift to the result (the fp8 MMA's unit
     # and exact int8 x int8 dots keep theirs; the gate's flip model is measured, not this worst case)
@@ -2130,7 +2155,7 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             exact = reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="exact")
         exact = {k: v.to(dev) for k, v in exact.items()}
         base_box = requant_c1_box(inputs, exact, sigma_c1_b)
-        if inputs.apply_router_weight_on_input and not pre_quantized:
+        if weighted_input:
             tie_c1, n_ties, spec_c1 = router_weighted_input_c1_box(inputs, w1, rexp, valid)
         else:
             (tie_c1, n_ties), spec_c1 = input_tie_c1_box(inputs, w1, rexp, valid), None
@@ -2138,13 +2163,15 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
         b_c1 = c1_box.box
         flip_ev = requant_flip_events(inputs, exact, c1_box)
         flip_b, flip_cap = _flip_sum_quantile(flip_ev, w2, rexp, valid, wts,
-                                              group=128 if scheme.act_granularity == "token_group" else max(I, 1))
+                                              group=_scale_group_width(scheme.act_granularity, I))
         # (the dequantized scale's shift, rho w sum_{i in group} w2 c2_in, is in flip_b: _group_shift_term)
         if budget_detail is not None:
             budget_detail.update(flip_ev, b_c1=b_c1, tie_c1=tie_c1, flip_term=flip_b, flip_cap=flip_cap)
-    def budget_terms(sig_acc1, sig_acc2, with_hard: bool):
-        """(var_b, hard_b) for given accumulation std of GEMM1 (per c1) and GEMM2 (per c3)."""
-        hard_b = torch.zeros_like(out)
+    def budget_variance(sig_acc1, sig_acc2):
+        """var_b [M, K] for given accumulation std of GEMM1 (per c1) and GEMM2 (per c3). Requantized
+        schemes: exact requantizes its own c2 too, so a kernel's c2 errors reach the output only through
+        the codes they flip and the scale they shift: counted in the bound's hard term (flip_b) and the
+        z-scores' typical flips (requant_flip_variance_typical), not here."""
         var_c2 = torch.zeros_like(c2)
         if scheme.act_granularity is None:
             var_c1 = sum((u * r12) ** 2 for u in coarse1) + sig_acc1 ** 2
@@ -2154,25 +2181,21 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
                 vx = (2.0 * uS * x.abs() * r12)[:, None, :].expand(M, T, K)
                 var_c1 = var_c1 + _per_expert_gemm_scales(vx, w1, rexp, valid)[0]
             var_c2 = (ulp_c2 * r12) ** 2 + _act_sensitivity(c1, var_c1.sqrt(), act) ** 2 + (ACT_FP32_ULPS * U32 * c2) ** 2
-        elif counted and with_hard:
-            # exact requantizes its own c2 too: a kernel's c2 errors reach the output only through the
-            # codes they flip and the scale they shift, counted per element (requant_flip_events,
-            # _flip_sum_quantile; nothing to count without a valid route). The z-scores take
-            # requant_flip_variance_typical's instead (below)
-            hard_b = flip_b
         prop_sq_b, _ = _per_expert_gemm_scales(var_c2.sqrt(), w2, rexp, valid)
         var_b = ((prop_sq_b * wts[..., None] ** 2 + sig_acc2 ** 2
                   + sum((torch.maximum(ulp(v, S), ulp(c3, S)) * r12) ** 2 for v in c3_stores)) * vmask).sum(1)
         var_b = var_b + (ulp(out, S) * (out != 0) * r12) ** 2 + (sum_err * r12) ** 2
-        return var_b, hard_b
+        return var_b
 
     # the LoRA deltas' own fp32 dots (fp32 operands: S x S products, never the fp8 MMA), for the bound
     # (the sequential worst case) and the z-scores (typical)
     lora_bits = product_bits(QuantScheme.parse(None), S)
     (lora1_b, lora2_b), (lora1_z, lora2_z) = lora_accumulation_sigma(
         inputs, stages, _acc_growth, lambda n: acc_error_typical(n, lora_bits)[0] / U32)
-    var_b, hard_b = budget_terms((sigma_c1_b ** 2 + lora1_b ** 2).sqrt(),
-                                 (sigma_c3_b ** 2 + lora2_b ** 2).sqrt(), True)
+    var_b = budget_variance((sigma_c1_b ** 2 + lora1_b ** 2).sqrt(), (sigma_c3_b ** 2 + lora2_b ** 2).sqrt())
+    # the requantization flips, counted per element (requant_flip_events, _flip_sum_quantile; nothing
+    # to count without a valid route)
+    hard_b = flip_b if counted else torch.zeros_like(out)
     sigma_b = var_b.sqrt()
     allowed_b = hard_b + Z_BUDGET * sigma_b
     # z-scores: the same model at the typical accumulation error (acc_error_typical plus one fp32
@@ -2180,14 +2203,13 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
     bits = product_bits(scheme, S)
     typ1, typ2 = acc_error_typical(K, bits, native_fp8)[0], acc_error_typical(I, bits, native_fp8)[0]
     sigma_c1_z = ((typ1 * s1) ** 2 + (EPILOGUE_OP_SIGMA * U32 * c1) ** 2 + chained1 ** 2 + lora1_z ** 2).sqrt()
-    var_bz, _ = budget_terms(sigma_c1_z,
-                             ((typ2 * s2) ** 2 + (EPILOGUE_OP_SIGMA * U32 * c3) ** 2 + chained2 ** 2
-                              + lora2_z ** 2).sqrt(),
-                             False)
+    var_bz = budget_variance(sigma_c1_z, ((typ2 * s2) ** 2 + (EPILOGUE_OP_SIGMA * U32 * c3) ** 2 + chained2 ** 2
+                                          + lora2_z ** 2).sqrt())
     var_flip_z = torch.zeros_like(out)
     if counted:  # a typical kernel's requantization flips and scale error (requant_flip_variance_typical)
         typical = requant_flip_variance_typical(
-            inputs, exact, sigma_c1_z * vmask, w1, w2, rexp, valid, wts, c1_mean=spec_c1, c2_rounds=not fused_ok)
+            inputs, exact, sigma_c1_z * vmask, w1, w2, rexp, valid, wts, c1_mean=spec_c1, c2_rounds=not fused_ok,
+            exact_codes=(flip_ev["codes"], flip_ev["scale"]))
         flip_sq, _ = _per_expert_gemm_scales(typical.var_codes.sqrt(), w2, rexp, valid)
         var_flip_z = (flip_sq * wts[..., None] ** 2 * vmask).sum(1) + typical.var_scale
     sigma_z = (var_bz + var_flip_z).sqrt()
@@ -2227,7 +2249,7 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             (f"router weight on input: x * w stored in S (the weight as fp32 or rounded to S, the product rounded "
              f"once or via fp32) moves the dequantized input by a known D: the largest |D . w1| over those 4 is "
              f"added to the c1 box, with {n_ties} input codes at ties (as below) on the stored values"
-             if inputs.apply_router_weight_on_input and not pre_quantized else
+             if weighted_input else
              f"GEMM1 input codes at ties: {n_ties} x / s within {_QUANTIZER_OPS:g} u32 of a midpoint, where another "
              "accurate quantizer may take the neighbouring code: one step each, through |w1|, added to the c1 box"),
             f"flips per output element: X+ (raising) and X- (lowering) sums of w w2 jump_i in known directions; "
