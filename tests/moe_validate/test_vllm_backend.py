@@ -462,3 +462,27 @@ def test_the_profile_is_what_makes_vllm_conform(vllm, case_id):
     assert as_spec["verdicts"]["conformance"]["outcome"] == "FAIL" and as_spec["profile"] == "spec"
     assert as_spec["verdicts"]["accuracy"] == own["verdicts"]["accuracy"]  # accuracy does not depend on a profile
     assert as_spec["outcome"] == "PASS" and "conformance FAIL (not gating)" in as_spec["reason"]
+
+
+@needs_vllm
+@pytest.mark.skipif(not interpreting, reason="under the interpreter vLLM's Triton `/` is exact, so the probe must "
+                    "read no differing code; on a GPU it measures (docs/BOUNDS.md, session 15)")
+def test_the_division_ties_probe_finds_the_near_ties_and_no_difference_where_division_is_exact(vllm):
+    """scripts/gpu_vllm_division_ties.py measures TRITON_DIVISION_P per quantizer on an H200; here it
+    keeps working: the test data's ties are all near ties, and nothing differs."""
+    import importlib.util as iu
+    from pathlib import Path
+
+    spec = iu.spec_from_file_location("division_ties", Path(__file__).resolve().parents[2] / "scripts"
+                                      / "gpu_vllm_division_ties.py")
+    probe = iu.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    torch.manual_seed(0)
+    for name, scheme, quantizer, quantize in probe.quantizers():
+        ties = probe.measure(name, scheme, quantizer, quantize, probe.data("ties", 4, 256, "cpu", scheme))
+        # every entry but each 128-group's absmax column sits exactly on a midpoint
+        assert ties["near_ties"] == 4 * (256 - 2), (name, ties)
+        normal = probe.measure(name, scheme, quantizer, quantize, probe.data("normal", 8, 256, "cpu", scheme))
+        for row in (ties, normal):
+            assert row["differ_at_near_tie"] == 0 and row["differ_elsewhere"] == 0, (name, row)
+            assert row["scale_rows_differ"] == 0, (name, row)
