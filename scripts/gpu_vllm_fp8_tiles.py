@@ -1,9 +1,11 @@
-"""Which accumulator vLLM's fp8 dots use, per BLOCK_SIZE_M (issue 23; docs/VLLM.md). For the fp8 cases of
-premerge and nightly, each run on vLLM with explicit tiles (its override_config: BLOCK_SIZE_M 16, 32, 64)
-at fresh seeds, count the output elements that differ from the mirror (VLLM_PROFILE) beside the gate's
-count model under each accumulator: fp32 (the mma.sync tiles of our kernels) and the fp8 MMA. One JSON line
-per run into $OUT/vllm_fp8_tiles.jsonl (or ./vllm_fp8_tiles.jsonl), then a summary per (dtype, scheme,
-BLOCK_SIZE_M): observed / expected and the worst observed / allowed under each model.
+"""Which accumulator vLLM's fp8 dots use, per launch tile (issue 23; docs/VLLM.md). For the fp8 cases of
+premerge and nightly, each run on vLLM with explicit tiles (its override_config; VLLM_TILE_CONFIGS, by
+default BLOCK_SIZE_M 16, 32, 64 x BLOCK_SIZE_N 64 x BLOCK_SIZE_K 128) at fresh seeds, count the output
+elements that differ from the mirror (VLLM_PROFILE) beside the gate's count model under each
+accumulator: fp32 (the mma.sync tiles of our kernels) and the fp8 MMA; with VLLM_TILE_MARGINS=1 also the
+worst element under each one's per-element gate and budget. One JSON line per run into
+$OUT/vllm_fp8_tiles.jsonl (or ./vllm_fp8_tiles.jsonl), then a summary per (dtype, scheme, tiles):
+observed / expected and the worst observed / allowed under each model.
 
     VLLM_PROBE=scripts/gpu_vllm_fp8_tiles.py bash scripts/gpu_vllm.sh none      (with .gpu_vllm carried)
     python scripts/gpu_vllm_fp8_tiles.py --summary vllm_fp8_tiles.jsonl
@@ -17,12 +19,16 @@ from collections import defaultdict
 
 import torch
 
-TILES = ("BM16BN64BK128GM1W4S3", "BM32BN64BK128GM1W4S3", "BM64BN64BK128GM1W4S3")
+# the explicit tiles each case runs with (VLLM_TILE_CONFIGS: case-id config tokens, space-separated)
+TILES = tuple(os.environ.get("VLLM_TILE_CONFIGS",
+                             "BM16BN64BK128GM1W4S3 BM32BN64BK128GM1W4S3 BM64BN64BK128GM1W4S3").split())
 REPS = tuple(int(r) for r in os.environ.get("VLLM_TILE_REPS", "70 71").split())
 LIMIT = float(os.environ.get("VLLM_TILE_LIMIT", "300"))
 SUITES = tuple(os.environ.get("VLLM_TILE_SUITES", "premerge nightly").split())
 # the fp8 schemes to run (default every one); e.g. "fp8_block128" for more runs of one scheme
 SCHEMES = tuple(os.environ.get("VLLM_TILE_SCHEMES", "").split())
+# VLLM_TILE_MARGINS=1: also each run's worst element under each unit's gate and budget (tolerance.derive)
+MARGINS = os.environ.get("VLLM_TILE_MARGINS", "") == "1"
 
 
 def measure(backend, case, device):
@@ -39,12 +45,20 @@ def measure(backend, case, device):
     rec = {"case_id": case.id, "dtype": case.dtype, "scheme": case.scheme, "tiles": case.config,
            "observed": int(((out != ref) & keep).sum()), "n": int(keep.sum()),
            "launched": backend.last_config.get("launched")}
+    exact = (reference.run_stages(*inputs.args(), **inputs.kwargs(), precision="exact", profile=VLLM_PROFILE)
+             if MARGINS else None)
     for unit in (Fp8Accumulation.FP32, Fp8Accumulation.FP8_MMA):
         per_stage = {}
         tol.flip_aware_sigma(inputs, mirror, native_gpu=device == "cuda", per_stage=per_stage, profile=VLLM_PROFILE,
                              fp8_accumulation=unit)
         allowed, expected, _, _ = tol.count_allowance(inputs, mirror, per_stage, profile=VLLM_PROFILE)
         rec[unit.value] = {"allowed": int(allowed), "expected": round(float(expected), 3)}
+        if MARGINS:  # the per-element gate (vs the mirror) and budget (vs exact) under this unit
+            bounds = tol.derive(case, inputs, mirror, native_gpu=device == "cuda", profile=VLLM_PROFILE,
+                                exact=exact, fp8_accumulation=unit)
+            for name, oracle in (("gate", ref), ("budget", exact["out"].to(torch.float64))):
+                m = ((out - oracle).abs() / bounds[name].allowed.clamp_min(1e-300))[keep]
+                rec[unit.value][name + "_margin"] = round(float(m.max()) if m.numel() else 0.0, 4)
     return rec
 
 
@@ -91,20 +105,29 @@ def summary(paths):
                 errors += 1
                 print("error:", rec["case_id"], rec["error"])
                 continue
-            row = rows[(rec["dtype"], rec["scheme"], rec["tiles"][:4])]
+            row = rows[(rec["dtype"], rec["scheme"], rec["tiles"])]
             row["runs"] += 1
             row["observed"] += rec["observed"]
             for unit in ("fp32", "fp8 mma"):
                 row[unit] += rec[unit]["expected"]
+                for name in ("gate_margin", "budget_margin"):  # VLLM_TILE_MARGINS=1 runs only
+                    if name in rec[unit]:
+                        row[f"{unit} {name}"] = max(row.get(f"{unit} {name}", 0.0), rec[unit][name])
                 if rec[unit]["allowed"] < rec["n"]:
                     row["worst " + unit] = max(row["worst " + unit], rec["observed"] / max(rec[unit]["allowed"], 1))
-    print(f"{'dtype':5} {'scheme':20} {'tile':5} {'runs':>4} {'observed':>9} | {'/fp32 model':>11} {'worst/allowed':>13} | "
+    print(f"{'dtype':5} {'scheme':20} {'tiles':20} {'runs':>4} {'observed':>9} | {'/fp32 model':>11} {'worst/allowed':>13} | "
           f"{'/fp8-mma model':>14} {'worst/allowed':>13}")
     for key in sorted(rows):
         r = rows[key]
-        print(f"{key[0]:5} {key[1]:20} {key[2]:5} {r['runs']:4d} {r['observed']:9d} | "
+        print(f"{key[0]:5} {key[1]:20} {key[2]:20} {r['runs']:4d} {r['observed']:9d} | "
               f"{r['observed'] / max(r['fp32'], 1e-9):11.3g} {r['worst fp32']:13.3g} | "
               f"{r['observed'] / max(r['fp8 mma'], 1e-9):14.3g} {r['worst fp8 mma']:13.3g}")
+    for key in sorted(rows):
+        r = rows[key]
+        if "fp32 gate_margin" in r:
+            print(f"{key[0]:5} {key[1]:20} {key[2]:20} worst element / allowed: gate fp32 {r['fp32 gate_margin']:.3g}, "
+                  f"fp8 mma {r['fp8 mma gate_margin']:.3g}; budget fp32 {r['fp32 budget_margin']:.3g}, "
+                  f"fp8 mma {r['fp8 mma budget_margin']:.3g}")
     print(f"{errors} error(s)")
 
 

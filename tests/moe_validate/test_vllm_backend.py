@@ -486,3 +486,31 @@ def test_the_division_ties_probe_finds_the_near_ties_and_no_difference_where_div
         for row in (ties, normal):
             assert row["differ_at_near_tie"] == 0 and row["differ_elsewhere"] == 0, (name, row)
             assert row["scale_rows_differ"] == 0, (name, row)
+
+
+@needs_vllm
+def test_the_fp8_tiles_probe_measures_a_case_under_both_accumulators(vllm, tmp_path):
+    """scripts/gpu_vllm_fp8_tiles.py (docs/VLLM.md, sessions 12 and 15) keeps working: one run with
+    explicit tiles, its count model and per-element margins under each accumulator, and the summary."""
+    import dataclasses
+    import importlib.util as iu
+    import json
+    from pathlib import Path
+
+    from moe_validate.matrix import Case
+
+    spec = iu.spec_from_file_location("fp8_tiles", Path(__file__).resolve().parents[2] / "scripts"
+                                      / "gpu_vllm_fp8_tiles.py")
+    probe = iu.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    probe.MARGINS = True
+    case = dataclasses.replace(Case.from_id("bf16-fp8_tensor_token-silu-M7N64K64E4k2-s6"), config="BM16BN32BK32GM1W4S2")
+    rec = probe.measure(vllm_backend.VllmBackend(), case, "cpu")
+    assert rec["launched"][0]["BLOCK_SIZE_N"] == 32 and rec["tiles"] == "BM16BN32BK32GM1W4S2"
+    assert 0 <= rec["observed"] <= rec["n"]
+    for unit in ("fp32", "fp8 mma"):
+        assert 0 <= rec[unit]["allowed"] <= rec["n"] and rec[unit]["expected"] >= 0
+        assert 0 <= rec[unit]["gate_margin"] <= 1 and 0 <= rec[unit]["budget_margin"] <= 1, rec
+    path = tmp_path / "vllm_fp8_tiles.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    probe.summary([str(path)])
