@@ -2222,6 +2222,7 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
         typical = requant_flip_variance_typical(
             inputs, exact, sigma_c1_z * vmask, w1, w2, rexp, valid, wts, c1_mean=spec_c1, c2_rounds=not fused_ok,
             exact_codes=(flip_ev["codes"], flip_ev["scale"]))
+        typical_flips = float((typical.p_up + typical.p_down).sum())
         flip_sq, _ = _per_expert_gemm_scales(typical.var_codes.sqrt(), w2, rexp, valid)
         var_flip_z = (flip_sq * wts[..., None] ** 2 * vmask).sum(1) + typical.var_scale
     sigma_z = (var_bz + var_flip_z).sqrt()
@@ -2243,7 +2244,7 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
         requant_terms = {"input_codes_at_ties": float(n_ties),
                          "requant_codes": float(n_codes), "requant_codes_may_flip": float(n_cand),
                          "requant_flips_expected": expected,
-                         "requant_flips_typical": float((typical.p_up + typical.p_down).sum()),
+                         "requant_flips_typical": typical_flips,
                          "requant_scale_rel_max": rel_max,
                          "requant_flip_term_max": float(flip_b.max())}
         requant_lines = [
@@ -2287,7 +2288,7 @@ def derive(case, inputs: MoEInputs, stages: Dict[str, torch.Tensor], native_gpu:
             "z-scores d/sigma (RMS ~1 expected) use the same model at the typical accumulation error "
             f"({typ1 / U32:.3g} u32 s1, {typ2 / U32:.3g} u32 s2; flip_aware_sigma's constants)"
             + (" plus a typical kernel's requantization flips and scale error (Gaussian c2 errors, the SPEC's "
-               f"roundings only: {float((typical.p_up + typical.p_down).sum()):.3g} flips expected; "
+               f"roundings only: {typical_flips:.3g} flips expected; "
                "requant_flip_variance_typical)" if counted else ""),
         ],
         terms={"u_S": uS, "u_acc": u_acc, "sigma_max": float(sigma_b.max()) if sigma_b.numel() else 0.0,

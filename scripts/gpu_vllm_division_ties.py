@@ -16,6 +16,7 @@ On a CPU (TRITON_INTERPRET=1) the division is exact, so every count of differenc
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -27,7 +28,7 @@ from moe_validate.contract.profile import VLLM_PROFILE
 from moe_validate.contract.spec import QuantScheme
 from reference.quant import quantize_activation_codes
 
-ROWS = int(__import__("os").environ.get("PROBE_ROWS", "4096"))
+ROWS = int(os.environ.get("PROBE_ROWS", "4096"))  # per data set; small to check the script on a CPU
 
 
 def data(kind: str, rows: int, width: int, dev: str, scheme: str) -> torch.Tensor:
@@ -85,7 +86,8 @@ def main() -> int:
                 row = measure(name, scheme, quantizer, quantize, data(kind, ROWS, width, dev, scheme))
                 row.update(data=kind, width=width)
                 print(json.dumps(row), flush=True)
-                t = total.setdefault((name, "ties" if kind == "ties" else "ordinary"), {"near_ties": 0, "differ_at_near_tie": 0, "differ_elsewhere": 0})
+                t = total.setdefault((name, "ties" if kind == "ties" else "ordinary"),
+                                     dict.fromkeys(("near_ties", "differ_at_near_tie", "differ_elsewhere"), 0))
                 for k in t:
                     t[k] += row[k]
     for (name, kinds), t in total.items():  # the test data's exact ties apart from ordinary data

@@ -14,7 +14,6 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
 
 from moe_validate.backends import get_backend
 from moe_validate.matrix import Case
